@@ -1,0 +1,167 @@
+package rebound
+
+import "time"
+
+// Site is one Rebound site appliance, enrolled with the server.
+type Site struct {
+	Name      string    `json:"name"`
+	Status    string    `json:"status"` // SiteOnline or SiteOffline
+	NBDAddr   string    `json:"nbdAddr,omitempty"`
+	ReplAddr  string    `json:"replAddr,omitempty"`
+	FreeBytes int64     `json:"freeBytes,omitempty"`
+	LastSeen  time.Time `json:"lastSeen,omitempty"`
+	Version   string    `json:"version,omitempty"`
+}
+
+const (
+	SiteOnline  = "online"
+	SiteOffline = "offline"
+)
+
+// Machine states. The protection state and the replication health are
+// separate fields: a protected machine can be in critical health.
+const (
+	MachineUnprotected = "unprotected"  // active at ActiveSite, not replicated
+	MachineSyncing     = "syncing"      // initial replication running
+	MachineProtected   = "protected"    // replicating, recovery points exist
+	MachineFailingOver = "failing-over" // a failover job is running
+	MachineFailedOver  = "failed-over"  // active at the recovery site, not committed
+)
+
+// Replication health.
+const (
+	HealthNormal   = "normal"
+	HealthWarning  = "warning"  // lag above the policy's RPO threshold
+	HealthCritical = "critical" // replication stopped or overflowed
+)
+
+// Machine is what users protect: a set of disks active at one site.
+type Machine struct {
+	Name       string `json:"name"`
+	Driver     string `json:"driver"` // "none" for now
+	State      string `json:"state"`
+	ActiveSite string `json:"activeSite"`
+	// HomeSite is where the machine was created.
+	HomeSite     string        `json:"homeSite"`
+	Health       string        `json:"health"`
+	HealthReason string        `json:"healthReason,omitempty"`
+	Disks        []Disk        `json:"disks"`
+	Protection   *Protection   `json:"protection,omitempty"`
+	Failover     *FailoverInfo `json:"failover,omitempty"`
+	TestFailover *TestFailover `json:"testFailover,omitempty"`
+	CreatedAt    time.Time     `json:"createdAt"`
+}
+
+// Disk is one disk of a machine. NBD is an NBD URI at the active site.
+type Disk struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+	NBD  string `json:"nbd,omitempty"`
+}
+
+// Policy says how a protection replicates and what it keeps.
+type Policy struct {
+	Name string `json:"name"`
+	// RPOThreshold: health turns warning when lag passes it.
+	RPOThreshold Duration `json:"rpoThreshold"`
+	// Retention: how far back any point in time can be recovered.
+	Retention Duration `json:"retention"`
+	// CrashInterval: a crash-consistent point is cut this often.
+	CrashInterval Duration `json:"crashInterval"`
+	// AppInterval: an app-consistent point is cut this often; 0 is never.
+	AppInterval Duration `json:"appInterval"`
+}
+
+// DefaultPolicy is the policy named "default".
+func DefaultPolicy() Policy {
+	return Policy{
+		Name:          "default",
+		RPOThreshold:  Duration(30 * time.Second),
+		Retention:     Duration(24 * time.Hour),
+		CrashInterval: Duration(5 * time.Second),
+	}
+}
+
+// Protection is the replication of a machine from its active site to a
+// target site.
+type Protection struct {
+	SourceSite string `json:"sourceSite"`
+	TargetSite string `json:"targetSite"`
+	Policy     string `json:"policy"`
+	// Replication state as the source site reports it: "syncing",
+	// "streaming", "spooling" (peer unreachable, spool below its bound),
+	// "overflow" (spool full, only a dirty-region map kept) or "resyncing".
+	ReplState     string    `json:"replState,omitempty"`
+	SyncProgress  float64   `json:"syncProgress,omitempty"` // 0..1 during initial copy
+	LagSeconds    float64   `json:"lagSeconds"`
+	BacklogBytes  int64     `json:"backlogBytes"`
+	DirtyBytes    int64     `json:"dirtyBytes,omitempty"`
+	ThroughputBps float64   `json:"throughputBps"`
+	LastPointTime time.Time `json:"lastPointTime,omitempty"`
+	ReportedAt    time.Time `json:"reportedAt,omitempty"`
+}
+
+// FailoverInfo describes an uncommitted failover.
+type FailoverInfo struct {
+	FromSite string        `json:"fromSite"`
+	ToSite   string        `json:"toSite"`
+	Point    RecoveryPoint `json:"point"`
+	Planned  bool          `json:"planned"`
+}
+
+// TestFailover describes a running test failover.
+type TestFailover struct {
+	Site  string        `json:"site"`
+	Point RecoveryPoint `json:"point"`
+	Disks []Disk        `json:"disks"`
+}
+
+// RecoveryPoint is a position in a machine's replicated history.
+type RecoveryPoint struct {
+	ID   string    `json:"id"`
+	Time time.Time `json:"time"`
+	Kind PointKind `json:"kind"`
+	Seq  uint64    `json:"seq"`
+}
+
+// Job states.
+const (
+	JobQueued    = "queued"
+	JobRunning   = "running"
+	JobSucceeded = "succeeded"
+	JobFailed    = "failed"
+	JobCancelled = "cancelled"
+)
+
+// Job is one operation with steps and progress.
+type Job struct {
+	ID        string     `json:"id"`
+	Type      string     `json:"type"` // protect, failover, commit, ...
+	Machine   string     `json:"machine,omitempty"`
+	State     string     `json:"state"`
+	Progress  float64    `json:"progress"` // 0..1
+	Step      string     `json:"step,omitempty"`
+	Steps     []JobStep  `json:"steps"`
+	Error     string     `json:"error,omitempty"`
+	Result    any        `json:"result,omitempty"`
+	CreatedAt time.Time  `json:"createdAt"`
+	UpdatedAt time.Time  `json:"updatedAt"`
+	EndedAt   *time.Time `json:"endedAt,omitempty"`
+}
+
+// JobStep is one step of a job.
+type JobStep struct {
+	Name    string `json:"name"`
+	State   string `json:"state"` // job states
+	Message string `json:"message,omitempty"`
+}
+
+// Event is an entry of the audit and health history.
+type Event struct {
+	ID      int64     `json:"id"`
+	Time    time.Time `json:"time"`
+	Machine string    `json:"machine,omitempty"`
+	Site    string    `json:"site,omitempty"`
+	Kind    string    `json:"kind"`
+	Message string    `json:"message"`
+}

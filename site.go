@@ -1,0 +1,159 @@
+package rebound
+
+import (
+	"context"
+	"time"
+)
+
+// SiteService is what the server asks of a site appliance. The site
+// implements it locally; the server reaches it through the control channel
+// the site opened outbound (grpc.ControlServer hands the server one
+// SiteService per connected site). Methods are idempotent: repeating a call
+// whose effect already holds succeeds and changes nothing.
+type SiteService interface {
+	// Status reports the site and the machines it holds.
+	Status(ctx context.Context) (*SiteStatus, error)
+
+	// CreateMachine creates the machine's disks (empty, sparse) and serves
+	// them over NBD. The machine is then active at this site.
+	CreateMachine(ctx context.Context, m SiteMachine) error
+	// DeleteMachine stops serving and removes everything the site holds
+	// for the machine.
+	DeleteMachine(ctx context.Context, name string) error
+
+	// StartReplication makes this site the source or the target of a
+	// machine's replication stream. A source captures every write and
+	// ships it to PeerAddr; a fresh source first copies its disks (initial
+	// replication). A target opens a journal the source's stream lands in.
+	StartReplication(ctx context.Context, spec ReplicationSpec) error
+	// StopReplication stops the stream on this side and drops its spool or
+	// journal. The machine's active disks are kept.
+	StopReplication(ctx context.Context, machine string) error
+
+	// CutPoint appends a recovery point mark to the source stream. For
+	// PointApp it runs the freeze hook first and the thaw hook always.
+	CutPoint(ctx context.Context, machine string, kind PointKind) (RecoveryPoint, error)
+	// ListPoints returns the target journal's recovery points, oldest first.
+	ListPoints(ctx context.Context, machine string) (*PointList, error)
+	// ResolvePoint turns a selector ("latest", "latest-processed",
+	// "latest-app-consistent", a point ID, an RFC 3339 time) into a point
+	// of the target journal.
+	ResolvePoint(ctx context.Context, machine, selector string) (RecoveryPoint, error)
+
+	// Fence stops I/O on the source's exports (clients are disconnected and
+	// new ones refused), flushes, and returns the stream's head sequence.
+	Fence(ctx context.Context, machine string) (uint64, error)
+	// Unfence serves the machine's exports again.
+	Unfence(ctx context.Context, machine string) error
+	// Replicated returns the highest sequence the target holds durably.
+	Replicated(ctx context.Context, machine string) (uint64, error)
+
+	// Activate exports the target journal's state at a point over NBD, at
+	// once, without copying the disk. Writes go to a new active copy. A
+	// test activation uses separate export names and leaves replication
+	// running. Activating again at another point replaces the previous one.
+	Activate(ctx context.Context, spec ActivateSpec) ([]Disk, error)
+	// Deactivate drops an activation and everything written to it.
+	Deactivate(ctx context.Context, machine string, test bool) error
+	// Commit makes the (non-test) activation the machine's active disks at
+	// this site: the point view plus the writes are flattened into plain
+	// disks, progress is reported through the callback, and the journal is
+	// dropped.
+	Commit(ctx context.Context, machine string, progress func(done, total int64)) error
+	// Release is sent to the old source after commit: it stops serving and
+	// capturing the machine but keeps its disks, the seed for reprotect.
+	Release(ctx context.Context, machine string) error
+}
+
+// SiteStatus is a site's report.
+type SiteStatus struct {
+	Site      string          `json:"site"`
+	Version   string          `json:"version"`
+	NBDAddr   string          `json:"nbdAddr"`
+	ReplAddr  string          `json:"replAddr"`
+	FreeBytes int64           `json:"freeBytes"`
+	Machines  []MachineStatus `json:"machines"`
+	Time      time.Time       `json:"time"`
+}
+
+// MachineStatus is a site's view of one machine.
+type MachineStatus struct {
+	Name string `json:"name"`
+	// Role: "active" (served, not replicated), "source" or "target".
+	Role   string `json:"role"`
+	Disks  []Disk `json:"disks,omitempty"`
+	Fenced bool   `json:"fenced,omitempty"`
+
+	// Source side.
+	ReplState     string  `json:"replState,omitempty"`
+	SyncDone      int64   `json:"syncDone,omitempty"`  // bytes of initial copy done
+	SyncTotal     int64   `json:"syncTotal,omitempty"` // bytes to copy
+	HeadSeq       uint64  `json:"headSeq,omitempty"`
+	AckedSeq      uint64  `json:"ackedSeq,omitempty"`
+	BacklogBytes  int64   `json:"backlogBytes,omitempty"`
+	DirtyBytes    int64   `json:"dirtyBytes,omitempty"`
+	LagSeconds    float64 `json:"lagSeconds,omitempty"`
+	ThroughputBps float64 `json:"throughputBps,omitempty"`
+
+	// Target side.
+	DurableSeq    uint64    `json:"durableSeq,omitempty"`
+	Consistent    bool      `json:"consistent,omitempty"` // a point exists
+	LastPointTime time.Time `json:"lastPointTime,omitempty"`
+	Activated     bool      `json:"activated,omitempty"`
+	TestActivated bool      `json:"testActivated,omitempty"`
+}
+
+// SiteMachine is a machine as a site holds it.
+type SiteMachine struct {
+	Name  string `json:"name"`
+	Disks []Disk `json:"disks"` // Name and Size
+}
+
+// ReplicationSpec sets up one side of a machine's stream.
+type ReplicationSpec struct {
+	Machine  string `json:"machine"`
+	Role     string `json:"role"` // "source" or "target"
+	StreamID string `json:"streamId"`
+	Disks    []Disk `json:"disks"`
+	PeerSite string `json:"peerSite"`
+	PeerAddr string `json:"peerAddr,omitempty"` // the target's replication address, for a source
+	Policy   Policy `json:"policy"`
+}
+
+// ActivateSpec asks a target to export a point.
+type ActivateSpec struct {
+	Machine string `json:"machine"`
+	PointID string `json:"pointId"` // a resolved point: its ID
+	Seq     uint64 `json:"seq"`     // and its position
+	Test    bool   `json:"test"`
+}
+
+// PointList is a journal's points and its any-point-in-time window.
+type PointList struct {
+	Points []RecoveryPoint `json:"points"`
+	// Any second in [Oldest, Newest] can be recovered.
+	Oldest time.Time `json:"oldest"`
+	Newest time.Time `json:"newest"`
+}
+
+// ReplSource is the sending side of a stream (capture.Stream).
+type ReplSource interface {
+	// Read blocks until a record with Seq >= from exists or ctx is done, and
+	// returns consecutive records starting at from, about maxBytes of
+	// payload at most (at least one record). Records are not modified by
+	// the caller.
+	Read(ctx context.Context, from uint64, maxBytes int) ([]*Record, error)
+	// Acked tells the source the peer holds every record <= seq durably, so
+	// its spool may drop them.
+	Acked(seq uint64)
+}
+
+// ReplSink is the receiving side of a stream (journal.Journal).
+type ReplSink interface {
+	// Durable returns the highest sequence held durably (0 if none).
+	Durable() uint64
+	// Append writes records that continue Durable() without a gap and
+	// returns once they are durable (fsynced). Records at or below
+	// Durable() are ignored, so a resent batch does no harm.
+	Append(recs []*Record) error
+}
