@@ -1,0 +1,193 @@
+package pki_test
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/pki"
+)
+
+func TestCA_LoadOrCreate(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := pki.LoadOrCreateCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, "ca.key"))
+	if err != nil {
+		t.Fatal(err)
+	} else if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("ca.key mode %v, want 0600", fi.Mode().Perm())
+	}
+	again, err := pki.LoadOrCreateCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ca.Fingerprint() != again.Fingerprint() {
+		t.Fatal("reloaded CA has another fingerprint")
+	}
+	if fp, _ := pki.Fingerprint(ca.CertPEM()); fp != ca.Fingerprint() || len(fp) != 64 {
+		t.Fatalf("fingerprint %q", fp)
+	}
+	other, err := pki.LoadOrCreateCA(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if other.Fingerprint() == ca.Fingerprint() {
+		t.Fatal("two CAs share a fingerprint")
+	}
+}
+
+func TestCA_IssueVerify(t *testing.T) {
+	ca := newCA(t)
+	other := newCA(t)
+	certPEM, _, err := ca.Issue("site-a", []string{"127.0.0.1", "site-a.example"}, pki.Site)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := pki.ParseCert(certPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
+		if _, err := cert.Verify(x509.VerifyOptions{Roots: ca.Pool(), DNSName: "site-a", KeyUsages: []x509.ExtKeyUsage{u}}); err != nil {
+			t.Fatalf("verify usage %v: %v", u, err)
+		}
+	}
+	if err := cert.VerifyHostname("127.0.0.1"); err != nil {
+		t.Fatal(err)
+	}
+	if !pki.IsSite(cert) {
+		t.Fatal("site cert not marked as site")
+	}
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: other.Pool()}); err == nil {
+		t.Fatal("verified against another CA")
+	}
+
+	srvPEM, _, err := ca.Issue("server", nil, pki.ServerAuth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, _ := pki.ParseCert(srvPEM)
+	if pki.IsSite(srv) {
+		t.Fatal("server cert marked as site")
+	}
+	if _, err := srv.Verify(x509.VerifyOptions{Roots: ca.Pool(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err == nil {
+		t.Fatal("server-only cert verified for client auth")
+	}
+}
+
+func TestCA_SignCSRForcesCN(t *testing.T) {
+	ca := newCA(t)
+	_, csr, err := pki.NewKeyAndCSR("evil-admin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM, err := ca.SignCSR(csr, "site-b", pki.Site)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := pki.ParseCert(certPEM)
+	if cert.Subject.CommonName != "site-b" || len(cert.DNSNames) != 1 || cert.DNSNames[0] != "site-b" {
+		t.Fatalf("CN %q DNS %v, want site-b", cert.Subject.CommonName, cert.DNSNames)
+	}
+	if _, err := ca.SignCSR([]byte("garbage"), "x", pki.Site); rebound.ErrorCode(err) != rebound.EINVALID {
+		t.Fatalf("garbage CSR: %v", err)
+	}
+}
+
+func TestJoinToken(t *testing.T) {
+	ca := newCA(t)
+	tok := pki.FormatJoinToken("s3cret", ca.Fingerprint())
+	if !strings.HasPrefix(tok, "rbd1.") {
+		t.Fatal(tok)
+	}
+	secret, fp, err := pki.ParseJoinToken(tok)
+	if err != nil || secret != "s3cret" || fp != ca.Fingerprint() {
+		t.Fatalf("%q %q %v", secret, fp, err)
+	}
+	for _, bad := range []string{"", "rbd1.x", "rbd2.s." + ca.Fingerprint(), "rbd1..x" + ca.Fingerprint(), "rbd1.s.abcd", "rbd1.s." + ca.Fingerprint() + ".x"} {
+		if _, _, err := pki.ParseJoinToken(bad); rebound.ErrorCode(err) != rebound.EINVALID {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+}
+
+func TestTLS_PinnedAndMutual(t *testing.T) {
+	ca := newCA(t)
+	other := newCA(t)
+	srvCert, srvKey, _ := ca.Issue("server", []string{"127.0.0.1"}, pki.ServerAuth)
+	srvConf, err := pki.ServerTLS(srvCert, srvKey, ca.CertPEM(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", srvConf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	names := make(chan string, 10)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			tc := c.(*tls.Conn)
+			if tc.Handshake() == nil {
+				n, _ := pki.PeerName(tc.ConnectionState())
+				names <- n
+			}
+			tc.Close()
+		}
+	}()
+	dial := func(conf *tls.Config) error {
+		c, err := tls.Dial("tcp", ln.Addr().String(), conf)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return c.Handshake()
+	}
+
+	if err := dial(pki.PinnedTLS(ca.Fingerprint())); err != nil {
+		t.Fatalf("pinned to the right CA: %v", err)
+	}
+	if n := <-names; n != "" {
+		t.Fatalf("anonymous peer name %q", n)
+	}
+	if err := dial(pki.PinnedTLS(other.Fingerprint())); err == nil {
+		t.Fatal("pinned to another CA: handshake succeeded")
+	}
+
+	siteCert, siteKey, _ := ca.Issue("site-a", nil, pki.Site)
+	cli, err := pki.ClientTLS(siteCert, siteKey, ca.CertPEM(), "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dial(cli); err != nil {
+		t.Fatal(err)
+	}
+	if n := <-names; n != "site-a" {
+		t.Fatalf("peer name %q, want site-a", n)
+	}
+	// A client trusting another CA refuses the server.
+	cli2, _ := pki.ClientTLS(nil, nil, other.CertPEM(), "127.0.0.1")
+	if err := dial(cli2); err == nil {
+		t.Fatal("client trusting another CA connected")
+	}
+}
+
+func newCA(t *testing.T) *pki.CA {
+	t.Helper()
+	ca, err := pki.LoadOrCreateCA(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
+}
