@@ -1,0 +1,460 @@
+package sqlite
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/rebound-dr/rebound"
+)
+
+func marshal(v any) (string, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return "", fmt.Errorf("encode %T: %w", v, err)
+	}
+	return string(b), nil
+}
+
+func unmarshal(doc string, v any) error {
+	if err := json.Unmarshal([]byte(doc), v); err != nil {
+		return fmt.Errorf("decode %T: %w", v, err)
+	}
+	return nil
+}
+
+// isUniqueViolation reports a PRIMARY KEY/UNIQUE constraint failure.
+// modernc reports it in the message; matching text avoids importing lib.
+func isUniqueViolation(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "UNIQUE constraint failed")
+}
+
+// Sites
+
+// PutSite creates or replaces a site.
+func (db *DB) PutSite(ctx context.Context, s rebound.Site) error {
+	if s.Name == "" {
+		return rebound.Errorf(rebound.EINVALID, "site name is empty")
+	}
+	doc, err := marshal(s)
+	if err != nil {
+		return err
+	}
+	if _, err := db.db.ExecContext(ctx, `INSERT INTO sites (name, doc) VALUES (?, ?)
+		ON CONFLICT (name) DO UPDATE SET doc = excluded.doc`, s.Name, doc); err != nil {
+		return fmt.Errorf("put site %q: %w", s.Name, err)
+	}
+	return nil
+}
+
+// GetSite returns a site or ENOTFOUND.
+func (db *DB) GetSite(ctx context.Context, name string) (*rebound.Site, error) {
+	var s rebound.Site
+	if err := db.getDoc(ctx, `SELECT doc FROM sites WHERE name = ?`, name, &s); errors.Is(err, sql.ErrNoRows) {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "site %q not found", name)
+	} else if err != nil {
+		return nil, fmt.Errorf("get site %q: %w", name, err)
+	}
+	return &s, nil
+}
+
+// ListSites returns all sites by name.
+func (db *DB) ListSites(ctx context.Context) ([]rebound.Site, error) {
+	out := []rebound.Site{}
+	err := db.listDocs(ctx, `SELECT doc FROM sites ORDER BY name`, nil, func(doc string) error {
+		var s rebound.Site
+		if err := unmarshal(doc, &s); err != nil {
+			return err
+		}
+		out = append(out, s)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list sites: %w", err)
+	}
+	return out, nil
+}
+
+// Machines
+
+// CreateMachine inserts a machine; ECONFLICT if the name is taken. A zero
+// CreatedAt is set to now.
+func (db *DB) CreateMachine(ctx context.Context, m *rebound.Machine) error {
+	if m.Name == "" {
+		return rebound.Errorf(rebound.EINVALID, "machine name is empty")
+	}
+	if m.CreatedAt.IsZero() {
+		m.CreatedAt = db.now().UTC()
+	}
+	doc, err := marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = db.db.ExecContext(ctx, `INSERT INTO machines (name, created_at, doc) VALUES (?, ?, ?)`,
+		m.Name, m.CreatedAt.UnixNano(), doc)
+	if isUniqueViolation(err) {
+		return rebound.Errorf(rebound.ECONFLICT, "machine %q already exists", m.Name)
+	} else if err != nil {
+		return fmt.Errorf("create machine %q: %w", m.Name, err)
+	}
+	return nil
+}
+
+// GetMachine returns a machine or ENOTFOUND.
+func (db *DB) GetMachine(ctx context.Context, name string) (*rebound.Machine, error) {
+	var m rebound.Machine
+	if err := db.getDoc(ctx, `SELECT doc FROM machines WHERE name = ?`, name, &m); errors.Is(err, sql.ErrNoRows) {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "machine %q not found", name)
+	} else if err != nil {
+		return nil, fmt.Errorf("get machine %q: %w", name, err)
+	}
+	return &m, nil
+}
+
+// ListMachines returns all machines by name.
+func (db *DB) ListMachines(ctx context.Context) ([]rebound.Machine, error) {
+	out := []rebound.Machine{}
+	err := db.listDocs(ctx, `SELECT doc FROM machines ORDER BY name`, nil, func(doc string) error {
+		var m rebound.Machine
+		if err := unmarshal(doc, &m); err != nil {
+			return err
+		}
+		out = append(out, m)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list machines: %w", err)
+	}
+	return out, nil
+}
+
+// UpdateMachine replaces a stored machine; ENOTFOUND if it does not exist.
+func (db *DB) UpdateMachine(ctx context.Context, m *rebound.Machine) error {
+	doc, err := marshal(m)
+	if err != nil {
+		return err
+	}
+	res, err := db.db.ExecContext(ctx, `UPDATE machines SET doc = ? WHERE name = ?`, doc, m.Name)
+	if err != nil {
+		return fmt.Errorf("update machine %q: %w", m.Name, err)
+	}
+	return notFoundIfNone(res, "machine %q not found", m.Name)
+}
+
+// DeleteMachine removes a machine; ENOTFOUND if it does not exist. Its jobs
+// and events are kept as history.
+func (db *DB) DeleteMachine(ctx context.Context, name string) error {
+	res, err := db.db.ExecContext(ctx, `DELETE FROM machines WHERE name = ?`, name)
+	if err != nil {
+		return fmt.Errorf("delete machine %q: %w", name, err)
+	}
+	return notFoundIfNone(res, "machine %q not found", name)
+}
+
+// Policies
+
+// PutPolicy creates or replaces a policy.
+func (db *DB) PutPolicy(ctx context.Context, p rebound.Policy) error {
+	if p.Name == "" {
+		return rebound.Errorf(rebound.EINVALID, "policy name is empty")
+	}
+	doc, err := marshal(p)
+	if err != nil {
+		return err
+	}
+	if _, err := db.db.ExecContext(ctx, `INSERT INTO policies (name, doc) VALUES (?, ?)
+		ON CONFLICT (name) DO UPDATE SET doc = excluded.doc`, p.Name, doc); err != nil {
+		return fmt.Errorf("put policy %q: %w", p.Name, err)
+	}
+	return nil
+}
+
+// GetPolicy returns a policy or ENOTFOUND.
+func (db *DB) GetPolicy(ctx context.Context, name string) (*rebound.Policy, error) {
+	var p rebound.Policy
+	if err := db.getDoc(ctx, `SELECT doc FROM policies WHERE name = ?`, name, &p); errors.Is(err, sql.ErrNoRows) {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "policy %q not found", name)
+	} else if err != nil {
+		return nil, fmt.Errorf("get policy %q: %w", name, err)
+	}
+	return &p, nil
+}
+
+// ListPolicies returns all policies by name.
+func (db *DB) ListPolicies(ctx context.Context) ([]rebound.Policy, error) {
+	out := []rebound.Policy{}
+	err := db.listDocs(ctx, `SELECT doc FROM policies ORDER BY name`, nil, func(doc string) error {
+		var p rebound.Policy
+		if err := unmarshal(doc, &p); err != nil {
+			return err
+		}
+		out = append(out, p)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list policies: %w", err)
+	}
+	return out, nil
+}
+
+// Jobs
+
+// CreateJob inserts a job. An empty ID is set to "j-" and 8 random hex
+// digits; CreatedAt (if zero) and UpdatedAt are set to now.
+func (db *DB) CreateJob(ctx context.Context, j *rebound.Job) error {
+	if j.ID == "" {
+		var b [4]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return fmt.Errorf("job id: %w", err)
+		}
+		j.ID = "j-" + hex.EncodeToString(b[:])
+	}
+	now := db.now().UTC()
+	if j.CreatedAt.IsZero() {
+		j.CreatedAt = now
+	}
+	j.UpdatedAt = now
+	if j.State == "" {
+		j.State = rebound.JobQueued
+	}
+	if j.Steps == nil {
+		j.Steps = []rebound.JobStep{}
+	}
+	doc, err := marshal(j)
+	if err != nil {
+		return err
+	}
+	_, err = db.db.ExecContext(ctx, `INSERT INTO jobs (id, machine, state, created_at, doc) VALUES (?, ?, ?, ?, ?)`,
+		j.ID, j.Machine, j.State, j.CreatedAt.UnixNano(), doc)
+	if isUniqueViolation(err) {
+		return rebound.Errorf(rebound.ECONFLICT, "job %q already exists", j.ID)
+	} else if err != nil {
+		return fmt.Errorf("create job %q: %w", j.ID, err)
+	}
+	return nil
+}
+
+// UpdateJob replaces a stored job and sets UpdatedAt; ENOTFOUND if the job
+// does not exist. Concurrent updates of one job: the last one wins.
+func (db *DB) UpdateJob(ctx context.Context, j *rebound.Job) error {
+	j.UpdatedAt = db.now().UTC()
+	doc, err := marshal(j)
+	if err != nil {
+		return err
+	}
+	res, err := db.db.ExecContext(ctx, `UPDATE jobs SET machine = ?, state = ?, doc = ? WHERE id = ?`,
+		j.Machine, j.State, doc, j.ID)
+	if err != nil {
+		return fmt.Errorf("update job %q: %w", j.ID, err)
+	}
+	return notFoundIfNone(res, "job %q not found", j.ID)
+}
+
+// GetJob returns a job or ENOTFOUND.
+func (db *DB) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
+	var j rebound.Job
+	if err := db.getDoc(ctx, `SELECT doc FROM jobs WHERE id = ?`, id, &j); errors.Is(err, sql.ErrNoRows) {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "job %q not found", id)
+	} else if err != nil {
+		return nil, fmt.Errorf("get job %q: %w", id, err)
+	}
+	return &j, nil
+}
+
+// ListJobs returns jobs newest first, only those of machine unless it is
+// empty, at most limit unless limit <= 0.
+func (db *DB) ListJobs(ctx context.Context, machine string, limit int) ([]rebound.Job, error) {
+	q, args := `SELECT doc FROM jobs`, []any{}
+	if machine != "" {
+		q += ` WHERE machine = ?`
+		args = append(args, machine)
+	}
+	q += ` ORDER BY seq DESC`
+	if limit > 0 {
+		q += ` LIMIT ?`
+		args = append(args, limit)
+	}
+	out := []rebound.Job{}
+	err := db.listDocs(ctx, q, args, func(doc string) error {
+		var j rebound.Job
+		if err := unmarshal(doc, &j); err != nil {
+			return err
+		}
+		out = append(out, j)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list jobs: %w", err)
+	}
+	return out, nil
+}
+
+// FailInterruptedJobs marks every queued or running job failed with reason
+// (their running steps too). The server calls it at start: no job survives
+// a restart. It returns how many jobs it failed.
+func (db *DB) FailInterruptedJobs(ctx context.Context, reason string) (int, error) {
+	n := 0
+	err := db.tx(ctx, func(tx *sql.Tx) error {
+		rows, err := tx.QueryContext(ctx, `SELECT doc FROM jobs WHERE state IN (?, ?)`, rebound.JobQueued, rebound.JobRunning)
+		if err != nil {
+			return err
+		}
+		var jobs []rebound.Job
+		for rows.Next() {
+			var doc string
+			if err := rows.Scan(&doc); err != nil {
+				rows.Close()
+				return err
+			}
+			var j rebound.Job
+			if err := unmarshal(doc, &j); err != nil {
+				rows.Close()
+				return err
+			}
+			jobs = append(jobs, j)
+		}
+		if err := rows.Close(); err != nil {
+			return err
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		now := db.now().UTC()
+		for _, j := range jobs {
+			j.State, j.Error, j.UpdatedAt, j.EndedAt = rebound.JobFailed, reason, now, &now
+			for i := range j.Steps {
+				if s := j.Steps[i].State; s == rebound.JobRunning || s == rebound.JobQueued {
+					j.Steps[i].State = rebound.JobFailed
+				}
+			}
+			doc, err := marshal(j)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, `UPDATE jobs SET state = ?, doc = ? WHERE id = ?`, j.State, doc, j.ID); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("fail interrupted jobs: %w", err)
+	}
+	return n, nil
+}
+
+// Events
+
+// AddEvent appends an event. The ID is assigned; a zero Time is now.
+func (db *DB) AddEvent(ctx context.Context, e rebound.Event) error {
+	if e.Time.IsZero() {
+		e.Time = db.now().UTC()
+	}
+	if _, err := db.db.ExecContext(ctx, `INSERT INTO events (time, machine, site, kind, message) VALUES (?, ?, ?, ?, ?)`,
+		e.Time.UnixNano(), e.Machine, e.Site, e.Kind, e.Message); err != nil {
+		return fmt.Errorf("add event: %w", err)
+	}
+	return nil
+}
+
+// ListEvents returns events newest first, only those of machine unless it
+// is empty, at most limit unless limit <= 0.
+func (db *DB) ListEvents(ctx context.Context, machine string, limit int) ([]rebound.Event, error) {
+	q, args := `SELECT id, time, machine, site, kind, message FROM events`, []any{}
+	if machine != "" {
+		q += ` WHERE machine = ?`
+		args = append(args, machine)
+	}
+	q += ` ORDER BY id DESC`
+	if limit > 0 {
+		q += ` LIMIT ?`
+		args = append(args, limit)
+	}
+	rows, err := db.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list events: %w", err)
+	}
+	defer rows.Close()
+	out := []rebound.Event{}
+	for rows.Next() {
+		var e rebound.Event
+		var t int64
+		if err := rows.Scan(&e.ID, &t, &e.Machine, &e.Site, &e.Kind, &e.Message); err != nil {
+			return nil, fmt.Errorf("list events: %w", err)
+		}
+		e.Time = unixNano(t)
+		out = append(out, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list events: %w", err)
+	}
+	return out, nil
+}
+
+// Settings
+
+// GetSetting returns a server setting and whether it is set.
+func (db *DB) GetSetting(ctx context.Context, key string) (string, bool, error) {
+	var v string
+	err := db.db.QueryRowContext(ctx, `SELECT value FROM settings WHERE key = ?`, key).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", false, nil
+	} else if err != nil {
+		return "", false, fmt.Errorf("get setting %q: %w", key, err)
+	}
+	return v, true, nil
+}
+
+// PutSetting sets a server setting.
+func (db *DB) PutSetting(ctx context.Context, key, value string) error {
+	if _, err := db.db.ExecContext(ctx, `INSERT INTO settings (key, value) VALUES (?, ?)
+		ON CONFLICT (key) DO UPDATE SET value = excluded.value`, key, value); err != nil {
+		return fmt.Errorf("put setting %q: %w", key, err)
+	}
+	return nil
+}
+
+// helpers
+
+func (db *DB) getDoc(ctx context.Context, q, key string, v any) error {
+	var doc string
+	if err := db.db.QueryRowContext(ctx, q, key).Scan(&doc); err != nil {
+		return err
+	}
+	return unmarshal(doc, v)
+}
+
+func (db *DB) listDocs(ctx context.Context, q string, args []any, fn func(doc string) error) error {
+	rows, err := db.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var doc string
+		if err := rows.Scan(&doc); err != nil {
+			return err
+		}
+		if err := fn(doc); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+func notFoundIfNone(res sql.Result, format string, args ...any) error {
+	n, err := res.RowsAffected()
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return rebound.Errorf(rebound.ENOTFOUND, format, args...)
+	}
+	return nil
+}

@@ -1,0 +1,175 @@
+// Package sqlite persists the control plane's state (sites, machines,
+// policies, jobs, events, tokens, settings) in one SQLite file.
+//
+// Objects are stored as a JSON document column next to the key columns that
+// queries filter and sort on, so adding a field to a domain type needs no
+// migration. The schema itself is versioned (see migrations).
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	_ "modernc.org/sqlite" // driver "sqlite"
+)
+
+// DB is the control plane's store. It is safe for concurrent use.
+type DB struct {
+	db   *sql.DB
+	path string
+
+	// now is the clock; tests replace it.
+	now func() time.Time
+}
+
+// migrations are applied in order; schema_version holds how many ran.
+// Never edit a shipped migration: append a new one.
+var migrations = []string{
+	// 1: initial schema.
+	`CREATE TABLE sites (
+		name TEXT PRIMARY KEY,
+		doc  TEXT NOT NULL
+	);
+	CREATE TABLE machines (
+		name       TEXT PRIMARY KEY,
+		created_at INTEGER NOT NULL,
+		doc        TEXT NOT NULL
+	);
+	CREATE TABLE policies (
+		name TEXT PRIMARY KEY,
+		doc  TEXT NOT NULL
+	);
+	CREATE TABLE jobs (
+		seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+		id         TEXT NOT NULL UNIQUE,
+		machine    TEXT NOT NULL DEFAULT '',
+		state      TEXT NOT NULL,
+		created_at INTEGER NOT NULL,
+		doc        TEXT NOT NULL
+	);
+	CREATE INDEX jobs_machine ON jobs (machine, seq);
+	CREATE INDEX jobs_state ON jobs (state);
+	CREATE TABLE events (
+		id      INTEGER PRIMARY KEY AUTOINCREMENT,
+		time    INTEGER NOT NULL,
+		machine TEXT NOT NULL DEFAULT '',
+		site    TEXT NOT NULL DEFAULT '',
+		kind    TEXT NOT NULL,
+		message TEXT NOT NULL
+	);
+	CREATE INDEX events_machine ON events (machine, id);
+	CREATE TABLE api_tokens (
+		hash       TEXT PRIMARY KEY,
+		name       TEXT NOT NULL,
+		created_at INTEGER NOT NULL
+	);
+	CREATE TABLE enroll_tokens (
+		hash       TEXT PRIMARY KEY,
+		site       TEXT NOT NULL,
+		expires_at INTEGER NOT NULL,
+		used_at    INTEGER
+	);
+	CREATE TABLE settings (
+		key   TEXT PRIMARY KEY,
+		value TEXT NOT NULL
+	);`,
+}
+
+// Open opens (creating if needed) the database at path, applies pending
+// migrations and makes sure the "default" policy exists.
+func Open(path string) (*DB, error) {
+	if path == "" {
+		return nil, rebound.Errorf(rebound.EINVALID, "database path is empty")
+	}
+	// WAL lets readers run while one writer commits; busy_timeout makes a
+	// second writer wait instead of failing; BEGIN IMMEDIATE takes the write
+	// lock up front so read-then-write transactions cannot deadlock.
+	q := url.Values{}
+	q.Add("_pragma", "busy_timeout(10000)")
+	q.Add("_pragma", "journal_mode(WAL)")
+	q.Add("_pragma", "foreign_keys(1)")
+	q.Add("_pragma", "synchronous(NORMAL)")
+	q.Set("_txlock", "immediate")
+	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() + "?" + q.Encode()
+
+	sqldb, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("open database %s: %w", path, err)
+	}
+	db := &DB{db: sqldb, path: path, now: time.Now}
+	if err := db.migrate(context.Background()); err != nil {
+		sqldb.Close()
+		return nil, fmt.Errorf("open database %s: %w", path, err)
+	}
+	if err := db.ensureDefaultPolicy(context.Background()); err != nil {
+		sqldb.Close()
+		return nil, fmt.Errorf("open database %s: %w", path, err)
+	}
+	return db, nil
+}
+
+// Close closes the database.
+func (db *DB) Close() error { return db.db.Close() }
+
+// SchemaVersion returns the number of migrations applied.
+func (db *DB) SchemaVersion(ctx context.Context) (int, error) {
+	var v int
+	err := db.db.QueryRowContext(ctx, `SELECT version FROM schema_version`).Scan(&v)
+	return v, err
+}
+
+func (db *DB) migrate(ctx context.Context) error {
+	return db.tx(ctx, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
+			return fmt.Errorf("create schema_version: %w", err)
+		}
+		var v int
+		err := tx.QueryRowContext(ctx, `SELECT version FROM schema_version`).Scan(&v)
+		if errors.Is(err, sql.ErrNoRows) {
+			if _, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version) VALUES (0)`); err != nil {
+				return fmt.Errorf("init schema_version: %w", err)
+			}
+		} else if err != nil {
+			return fmt.Errorf("read schema_version: %w", err)
+		}
+		if v > len(migrations) {
+			return fmt.Errorf("database schema version %d is newer than this binary (%d)", v, len(migrations))
+		}
+		for i := v; i < len(migrations); i++ {
+			if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
+				return fmt.Errorf("migration %d: %w", i+1, err)
+			}
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE schema_version SET version = ?`, len(migrations)); err != nil {
+			return fmt.Errorf("update schema_version: %w", err)
+		}
+		return nil
+	})
+}
+
+func (db *DB) ensureDefaultPolicy(ctx context.Context) error {
+	doc, err := marshal(rebound.DefaultPolicy())
+	if err != nil {
+		return err
+	}
+	_, err = db.db.ExecContext(ctx, `INSERT OR IGNORE INTO policies (name, doc) VALUES ('default', ?)`, doc)
+	return err
+}
+
+// tx runs fn in a write transaction, committing if fn returns nil.
+func (db *DB) tx(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	tx, err := db.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}

@@ -1,0 +1,126 @@
+package sqlite
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// Token prefixes make a leaked secret recognizable (and greppable).
+const (
+	APITokenPrefix    = "rbt_"
+	EnrollTokenPrefix = "rbe_"
+)
+
+func newSecret(prefix string) (string, error) {
+	var b [32]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("random token: %w", err)
+	}
+	return prefix + base64.RawURLEncoding.EncodeToString(b[:]), nil
+}
+
+// hashToken is what is stored: a database leak does not leak usable tokens.
+// The tokens carry 256 random bits, so an unsalted hash is enough.
+func hashToken(tok string) string {
+	h := sha256.Sum256([]byte(tok))
+	return hex.EncodeToString(h[:])
+}
+
+func unixNano(n int64) time.Time { return time.Unix(0, n).UTC() }
+
+// CreateAPIToken creates an API token for name and returns it. Only its
+// hash is stored, so this is the only time it can be read.
+func (db *DB) CreateAPIToken(ctx context.Context, name string) (string, error) {
+	if name == "" {
+		return "", rebound.Errorf(rebound.EINVALID, "token name is empty")
+	}
+	tok, err := newSecret(APITokenPrefix)
+	if err != nil {
+		return "", err
+	}
+	if _, err := db.db.ExecContext(ctx, `INSERT INTO api_tokens (hash, name, created_at) VALUES (?, ?, ?)`,
+		hashToken(tok), name, db.now().UnixNano()); err != nil {
+		return "", fmt.Errorf("create API token: %w", err)
+	}
+	return tok, nil
+}
+
+// CheckAPIToken returns the name of the token's owner, or EUNAUTHORIZED.
+func (db *DB) CheckAPIToken(ctx context.Context, token string) (string, error) {
+	var name string
+	err := db.db.QueryRowContext(ctx, `SELECT name FROM api_tokens WHERE hash = ?`, hashToken(token)).Scan(&name)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")
+	} else if err != nil {
+		return "", fmt.Errorf("check API token: %w", err)
+	}
+	return name, nil
+}
+
+// CreateEnrollToken creates a one-time token that enrolls site within ttl.
+func (db *DB) CreateEnrollToken(ctx context.Context, site string, ttl time.Duration) (string, error) {
+	if site == "" {
+		return "", rebound.Errorf(rebound.EINVALID, "site name is empty")
+	}
+	if ttl <= 0 {
+		return "", rebound.Errorf(rebound.EINVALID, "enrollment token lifetime must be positive")
+	}
+	tok, err := newSecret(EnrollTokenPrefix)
+	if err != nil {
+		return "", err
+	}
+	if _, err := db.db.ExecContext(ctx, `INSERT INTO enroll_tokens (hash, site, expires_at) VALUES (?, ?, ?)`,
+		hashToken(tok), site, db.now().Add(ttl).UnixNano()); err != nil {
+		return "", fmt.Errorf("create enrollment token: %w", err)
+	}
+	return tok, nil
+}
+
+// UseEnrollToken consumes an enrollment token for site. It succeeds once:
+// an unknown, used, expired or other-site token is EUNAUTHORIZED. A failed
+// attempt does not consume the token.
+func (db *DB) UseEnrollToken(ctx context.Context, secret, site string) error {
+	h := hashToken(secret)
+	return db.tx(ctx, func(tx *sql.Tx) error {
+		var tokSite string
+		var expires int64
+		var used sql.NullInt64
+		err := tx.QueryRowContext(ctx, `SELECT site, expires_at, used_at FROM enroll_tokens WHERE hash = ?`, h).
+			Scan(&tokSite, &expires, &used)
+		if errors.Is(err, sql.ErrNoRows) {
+			return rebound.Errorf(rebound.EUNAUTHORIZED, "invalid enrollment token")
+		} else if err != nil {
+			return fmt.Errorf("use enrollment token: %w", err)
+		}
+		now := db.now()
+		switch {
+		case used.Valid:
+			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token was already used at %s", unixNano(used.Int64).Format(time.RFC3339))
+		case now.UnixNano() >= expires:
+			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token expired at %s", unixNano(expires).Format(time.RFC3339))
+		case tokSite != site:
+			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token is for site %q, not %q", tokSite, site)
+		}
+		// The used_at guard keeps this one-time even without the
+		// transaction's write lock.
+		res, err := tx.ExecContext(ctx, `UPDATE enroll_tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL`, now.UnixNano(), h)
+		if err != nil {
+			return fmt.Errorf("use enrollment token: %w", err)
+		}
+		if n, err := res.RowsAffected(); err != nil {
+			return fmt.Errorf("use enrollment token: %w", err)
+		} else if n != 1 {
+			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token was already used")
+		}
+		return nil
+	})
+}
