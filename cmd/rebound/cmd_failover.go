@@ -1,0 +1,130 @@
+package main
+
+import (
+	"context"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/spf13/cobra"
+)
+
+const pointHelp = `point: latest, latest-processed, latest-app-consistent, a point ID or an RFC 3339 time`
+
+func (c *CLI) failoverCommand() *cobra.Command {
+	var (
+		point         string
+		planned, wait bool
+	)
+	cmd := &cobra.Command{
+		Use:   "failover NAME [--point P] [--planned] [--wait]",
+		Short: "Fail a machine over to its recovery site at a point",
+		Long: `Fail a machine over to its protection's recovery site: the point's state is
+exported over NBD there at once. A planned failover first fences the source
+and waits until every write is replicated, so nothing is lost. Then commit,
+change the point, or cancel.`,
+		Example: `  rebound failover web1 --wait
+  rebound failover web1 --point latest-app-consistent
+  rebound failover web1 --point 2026-11-27T13:00:00Z
+  rebound failover web1 --planned --wait`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if point == "" {
+				return usagef("failover: --point must not be empty")
+			}
+			return c.startJob(cmd, wait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+				return svc.Failover(ctx, rebound.FailoverRequest{Machine: args[0], Point: point, Planned: planned})
+			})
+		},
+	}
+	cmd.Flags().StringVar(&point, "point", rebound.PointLatest, pointHelp)
+	cmd.Flags().BoolVar(&planned, "planned", false, "fence the source and replicate everything first (no data loss)")
+	addWaitFlag(cmd, &wait)
+
+	var cpPoint string
+	var cpWait bool
+	cp := &cobra.Command{
+		Use:   "change-point NAME --point P [--wait]",
+		Short: "Export another point of an uncommitted failover (drops writes made since)",
+		Args:  argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if cpPoint == "" {
+				return usagef("failover change-point: --point is required")
+			}
+			return c.startJob(cmd, cpWait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+				return svc.ChangePoint(ctx, args[0], cpPoint)
+			})
+		},
+	}
+	cp.Flags().StringVar(&cpPoint, "point", "", pointHelp+" (required)")
+	addWaitFlag(cp, &cpWait)
+
+	var cancelWait bool
+	cancel := &cobra.Command{
+		Use:   "cancel NAME [--wait]",
+		Short: "Cancel an uncommitted failover: the machine is active at its source again",
+		Args:  argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.startJob(cmd, cancelWait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+				return svc.CancelFailover(ctx, args[0])
+			})
+		},
+	}
+	addWaitFlag(cancel, &cancelWait)
+	cmd.AddCommand(cp, cancel)
+	return cmd
+}
+
+func (c *CLI) commitCommand() *cobra.Command {
+	var wait bool
+	cmd := &cobra.Command{
+		Use:   "commit NAME [--wait]",
+		Short: "Commit a failover: the recovery site's disks become the machine's disks",
+		Args:  argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.startJob(cmd, wait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+				return svc.Commit(ctx, args[0])
+			})
+		},
+	}
+	addWaitFlag(cmd, &wait)
+	return cmd
+}
+
+func (c *CLI) testFailoverCommand() *cobra.Command {
+	var (
+		point string
+		wait  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "test-failover NAME [--point P] [--wait]",
+		Short: "Export a point at the recovery site on test exports; replication keeps running",
+		Example: `  rebound test-failover web1 --wait
+  rebound machine show web1 -o json   # testFailover.disks[].nbd
+  rebound test-failover cleanup web1 --wait`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if point == "" {
+				return usagef("test-failover: --point must not be empty")
+			}
+			return c.startJob(cmd, wait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+				return svc.TestFailover(ctx, args[0], point)
+			})
+		},
+	}
+	cmd.Flags().StringVar(&point, "point", rebound.PointLatest, pointHelp)
+	addWaitFlag(cmd, &wait)
+
+	var cleanupWait bool
+	cleanup := &cobra.Command{
+		Use:   "cleanup NAME [--wait]",
+		Short: "Drop a test failover and everything written to it",
+		Args:  argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.startJob(cmd, cleanupWait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+				return svc.TestFailoverCleanup(ctx, args[0])
+			})
+		},
+	}
+	addWaitFlag(cleanup, &cleanupWait)
+	cmd.AddCommand(cleanup)
+	return cmd
+}

@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"io"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/spf13/cobra"
+)
+
+func (c *CLI) protectCommand() *cobra.Command {
+	var (
+		to, policy string
+		wait       bool
+	)
+	cmd := &cobra.Command{
+		Use:   "protect NAME --to SITE [--policy P] [--wait]",
+		Short: "Start replicating a machine to a recovery site",
+		Example: `  rebound protect web1 --to b --wait
+  rebound protect db --to b --policy gold`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if to == "" {
+				return usagef("protect: --to SITE is required")
+			}
+			return c.startJob(cmd, wait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+				return svc.Protect(ctx, rebound.ProtectRequest{Machine: args[0], To: to, Policy: policy})
+			})
+		},
+	}
+	cmd.Flags().StringVar(&to, "to", "", "recovery site (required)")
+	cmd.Flags().StringVar(&policy, "policy", "", "policy name (default \"default\")")
+	addWaitFlag(cmd, &wait)
+	return cmd
+}
+
+func addWaitFlag(cmd *cobra.Command, wait *bool) {
+	cmd.Flags().BoolVar(wait, "wait", false, "follow the job until it ends; exit 1 unless it succeeded")
+}
+
+func (c *CLI) pointsCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "points NAME",
+		Short: "List a protected machine's recovery points, oldest first",
+		Args:  argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			svc, err := c.Service()
+			if err != nil {
+				return err
+			}
+			ps, err := svc.ListPoints(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if ps == nil {
+				ps = []rebound.RecoveryPoint{}
+			}
+			return c.print(ps, func(w io.Writer) { writePoints(w, ps) })
+		},
+	}
+}
+
+func (c *CLI) pointCommand() *cobra.Command {
+	cmd := groupCommand("point", "Recovery points: cut one now")
+	var app bool
+	create := &cobra.Command{
+		Use:   "create NAME [--app-consistent]",
+		Short: "Cut a recovery point now; returns once the recovery site holds it",
+		Args:  argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			svc, err := c.Service()
+			if err != nil {
+				return err
+			}
+			p, err := svc.CreatePoint(cmd.Context(), args[0], app)
+			if err != nil {
+				return err
+			}
+			return c.print(p, func(w io.Writer) { writePoints(w, []rebound.RecoveryPoint{*p}) })
+		},
+	}
+	create.Flags().BoolVar(&app, "app-consistent", false, "run the freeze/thaw hooks around the point")
+	cmd.AddCommand(create)
+	return cmd
+}

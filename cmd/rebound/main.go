@@ -1,0 +1,339 @@
+// Command rebound is Rebound's command-line interface: the control-plane
+// verbs (this file and cmd_*.go) plus the server, site and up commands the
+// lead registers through extraCommands.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/spf13/cobra"
+)
+
+// Version is the CLI's version, set at build time with
+// -ldflags "-X main.Version=v1.2.3".
+var Version = "dev"
+
+// Exit codes. They are part of the CLI's public contract (docs/cli.md).
+const (
+	ExitOK           = 0 // success
+	ExitFailed       = 1 // the operation failed: job failed or cancelled, or internal error
+	ExitUsage        = 2 // bad flags or arguments, invalid input (rebound.EINVALID)
+	ExitNotFound     = 3 // rebound.ENOTFOUND
+	ExitConflict     = 4 // rebound.ECONFLICT: the state does not allow it
+	ExitUnavailable  = 5 // rebound.EUNAVAILABLE: server or site unreachable
+	ExitUnauthorized = 6 // rebound.EUNAUTHORIZED
+)
+
+const exitCodesHelp = `Exit codes:
+  0  ok
+  1  operation failed (job failed or cancelled, or internal error)
+  2  usage error (bad flags or arguments, invalid input)
+  3  not found
+  4  conflict (the current state does not allow the operation)
+  5  unavailable (server or site unreachable)
+  6  unauthorized`
+
+// extraCommands are root subcommands registered by other files of this
+// package (server.go, site.go, up.go) from their init functions. A command
+// whose name matches an existing one (e.g. "site") has its subcommands
+// merged into it.
+var extraCommands []func(*CLI) *cobra.Command
+
+// DefaultPollInterval is how often --wait polls the job.
+const DefaultPollInterval = 300 * time.Millisecond
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := Run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// Run runs the CLI with args (without the program name) and returns the
+// process exit code.
+func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	return NewCLI(stdin, stdout, stderr).Run(ctx, args)
+}
+
+// CLI holds what the commands share: streams, the Service factory and the
+// global flags. Tests build one with a fake NewService and call Run.
+type CLI struct {
+	Stdin  io.Reader
+	Stdout io.Writer
+	Stderr io.Writer
+
+	// NewService returns the Service the verbs talk to. The default dials
+	// the server over HTTPS with the resolved client config.
+	NewService func(cfg *ClientConfig) (rebound.Service, error)
+	// PollInterval is how often --wait polls a job.
+	PollInterval time.Duration
+	// IsTerminal reports whether w is a terminal (progress bars vs lines).
+	IsTerminal func(w io.Writer) bool
+
+	// Global flags.
+	server, token, caFile, output string
+
+	svc rebound.Service
+	// ran is set once a command's hooks start running: errors before it
+	// come from cobra's parsing (usage errors).
+	ran bool
+}
+
+// NewCLI returns a CLI with the default Service factory.
+func NewCLI(stdin io.Reader, stdout, stderr io.Writer) *CLI {
+	return &CLI{
+		Stdin:        stdin,
+		Stdout:       stdout,
+		Stderr:       stderr,
+		NewService:   defaultNewService,
+		PollInterval: DefaultPollInterval,
+		IsTerminal:   isTerminal,
+	}
+}
+
+// Run executes the command line and returns the exit code. Errors are
+// printed as "rebound: <message>" on stderr and, with -o json, as
+// {"error":{"code":..., "message":...}} on stdout.
+func (c *CLI) Run(ctx context.Context, args []string) int {
+	root := c.Command()
+	root.SetArgs(args)
+	root.SetIn(c.Stdin)
+	root.SetOut(c.Stdout)
+	root.SetErr(c.Stderr)
+	cmd, err := root.ExecuteContextC(ctx)
+	if err == nil {
+		return ExitOK
+	}
+	code := c.exitCode(err)
+	var je *jobError
+	if errors.As(err, &je) {
+		// The job itself was already printed; its JSON carries the error.
+		fmt.Fprintf(c.Stderr, "rebound: %s\n", je.Error())
+		return code
+	}
+	msg := rebound.ErrorMessage(err)
+	fmt.Fprintf(c.Stderr, "rebound: %s\n", msg)
+	if code == ExitUsage && !c.ran {
+		path := "rebound"
+		if cmd != nil {
+			path = cmd.CommandPath()
+		}
+		fmt.Fprintf(c.Stderr, "Run '%s --help' for usage.\n", path)
+	}
+	if c.output == "json" || !c.ran && wantsJSON(args) {
+		errCode := rebound.ErrorCode(err)
+		if !c.ran {
+			errCode = rebound.EINVALID
+		}
+		b, _ := json.Marshal(map[string]any{"error": map[string]string{"code": errCode, "message": msg}})
+		fmt.Fprintf(c.Stdout, "%s\n", b)
+	}
+	return code
+}
+
+// wantsJSON spots -o json in args cobra could not parse.
+func wantsJSON(args []string) bool {
+	for i, a := range args {
+		switch a {
+		case "-ojson", "-o=json", "--output=json":
+			return true
+		case "-o", "--output":
+			if i+1 < len(args) && args[i+1] == "json" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (c *CLI) exitCode(err error) int {
+	var je *jobError
+	if errors.As(err, &je) {
+		return ExitFailed
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return ExitFailed
+	}
+	var re *rebound.Error
+	if !c.ran && !errors.As(err, &re) {
+		return ExitUsage // cobra: unknown command, bad flag, wrong args
+	}
+	if !errors.As(err, &re) && strings.HasPrefix(err.Error(), "required flag") {
+		return ExitUsage
+	}
+	return ExitCode(err)
+}
+
+// ExitCode maps an error's rebound code to the CLI exit code.
+func ExitCode(err error) int {
+	switch rebound.ErrorCode(err) {
+	case "":
+		return ExitOK
+	case rebound.EINVALID:
+		return ExitUsage
+	case rebound.ENOTFOUND:
+		return ExitNotFound
+	case rebound.ECONFLICT:
+		return ExitConflict
+	case rebound.EUNAVAILABLE:
+		return ExitUnavailable
+	case rebound.EUNAUTHORIZED:
+		return ExitUnauthorized
+	}
+	return ExitFailed
+}
+
+// Command returns the root command with every verb.
+func (c *CLI) Command() *cobra.Command {
+	cobra.EnableTraverseRunHooks = true
+	root := &cobra.Command{
+		Use:   "rebound",
+		Short: "Rebound site recovery",
+		Long: `Rebound replicates machines' disks between sites and fails them over.
+
+The verbs talk to the Rebound server configured by 'rebound up'
+($XDG_CONFIG_HOME/rebound/config), by REBOUND_SERVER, REBOUND_TOKEN and
+REBOUND_CA, or by --server, --token and --ca (later ones win).
+
+` + exitCodesHelp,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			if c.output != "table" && c.output != "json" {
+				return usagef("-o must be json or table, not %q", c.output)
+			}
+			c.ran = true
+			return nil
+		},
+	}
+	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
+		return usagef("%s", err)
+	})
+	pf := root.PersistentFlags()
+	pf.StringVarP(&c.output, "output", "o", "table", "output format: table or json")
+	pf.StringVar(&c.server, "server", "", "server URL (overrides REBOUND_SERVER and the config file)")
+	pf.StringVar(&c.token, "token", "", "API token (overrides REBOUND_TOKEN and the config file)")
+	pf.StringVar(&c.caFile, "ca", "", "CA certificate file (overrides REBOUND_CA and the config file)")
+
+	root.AddCommand(
+		c.siteCommand(),
+		c.machineCommand(),
+		c.policyCommand(),
+		c.protectCommand(),
+		c.pointsCommand(),
+		c.pointCommand(),
+		c.failoverCommand(),
+		c.commitCommand(),
+		c.testFailoverCommand(),
+		c.jobCommand(),
+		c.eventsCommand(),
+		c.versionCommand(),
+	)
+	for _, fn := range extraCommands {
+		addOrMerge(root, fn(c))
+	}
+	return root
+}
+
+// addOrMerge adds cmd to parent, or moves cmd's subcommands into parent's
+// existing command of the same name.
+func addOrMerge(parent, cmd *cobra.Command) {
+	for _, existing := range parent.Commands() {
+		if existing.Name() != cmd.Name() {
+			continue
+		}
+		for _, sub := range cmd.Commands() {
+			cmd.RemoveCommand(sub)
+			addOrMerge(existing, sub)
+		}
+		if cmd.Runnable() && !existing.Runnable() {
+			existing.RunE, existing.Run = cmd.RunE, cmd.Run
+		}
+		return
+	}
+	parent.AddCommand(cmd)
+}
+
+// Service returns the Service for the resolved client config, creating it
+// on first use.
+func (c *CLI) Service() (rebound.Service, error) {
+	if c.svc != nil {
+		return c.svc, nil
+	}
+	cfg, err := c.Config()
+	if err != nil {
+		return nil, err
+	}
+	svc, err := c.NewService(&cfg)
+	if err != nil {
+		return nil, err
+	}
+	c.svc = svc
+	return svc, nil
+}
+
+// JSON reports whether -o json was given.
+func (c *CLI) JSON() bool { return c.output == "json" }
+
+// groupCommand is a command that only holds subcommands: bare it prints
+// help, with an unknown subcommand it is a usage error.
+func groupCommand(use, short string) *cobra.Command {
+	return &cobra.Command{
+		Use:   use,
+		Short: short,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usagef("unknown command %q for %q", args[0], cmd.CommandPath())
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
+	}
+}
+
+// usagef returns an EINVALID error (exit code 2).
+func usagef(format string, args ...any) error {
+	return rebound.Errorf(rebound.EINVALID, format, args...)
+}
+
+// argNames returns an Args validator that wants exactly the named args.
+func argNames(names ...string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) < len(names) {
+			return usagef("%s: missing %s", cmdPath(cmd), strings.Join(names[len(args):], " "))
+		} else if len(args) > len(names) {
+			return usagef("%s: unexpected argument %q", cmdPath(cmd), args[len(names)])
+		}
+		for i, a := range args {
+			if a == "" {
+				return usagef("%s: %s must not be empty", cmdPath(cmd), names[i])
+			}
+		}
+		return nil
+	}
+}
+
+// cmdPath is the command's path without the program name.
+func cmdPath(cmd *cobra.Command) string {
+	return strings.TrimPrefix(cmd.CommandPath(), cmd.Root().Name()+" ")
+}
+
+// isTerminal reports whether w is a character device (a TTY).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}

@@ -1,0 +1,175 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// print writes v as indented JSON with -o json, else lets table write
+// through a tabwriter.
+func (c *CLI) print(v any, table func(w io.Writer)) error {
+	if c.JSON() {
+		b, err := json.MarshalIndent(v, "", "  ")
+		if err != nil {
+			return fmt.Errorf("encode output: %w", err)
+		}
+		_, err = fmt.Fprintf(c.Stdout, "%s\n", b)
+		return err
+	}
+	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
+	table(tw)
+	return tw.Flush()
+}
+
+// row writes tab-separated cells and a newline.
+func row(w io.Writer, cells ...any) {
+	s := make([]string, len(cells))
+	for i, c := range cells {
+		s[i] = fmt.Sprint(c)
+	}
+	fmt.Fprintln(w, strings.Join(s, "\t"))
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func fmtTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Format(time.RFC3339)
+}
+
+func fmtPercent(f float64) string { return fmt.Sprintf("%.0f%%", f*100) }
+
+func fmtSeconds(s float64) string {
+	return (time.Duration(s * float64(time.Second))).Round(100 * time.Millisecond).String()
+}
+
+func fmtLag(m *rebound.Machine) string {
+	if m.Protection == nil {
+		return "-"
+	}
+	return fmtSeconds(m.Protection.LagSeconds)
+}
+
+func fmtDisks(disks []rebound.Disk) string {
+	if len(disks) == 0 {
+		return "-"
+	}
+	s := make([]string, len(disks))
+	for i, d := range disks {
+		s[i] = formatSize(d.Size)
+	}
+	return strings.Join(s, ",")
+}
+
+func fmtPoint(p rebound.RecoveryPoint) string {
+	return fmt.Sprintf("%s (%s, %s)", p.ID, p.Kind, fmtTime(p.Time))
+}
+
+func writeMachine(w io.Writer, m *rebound.Machine) {
+	row(w, "Name:", m.Name)
+	row(w, "State:", m.State)
+	row(w, "Active site:", orDash(m.ActiveSite))
+	row(w, "Home site:", orDash(m.HomeSite))
+	health := orDash(m.Health)
+	if m.HealthReason != "" {
+		health += " (" + m.HealthReason + ")"
+	}
+	row(w, "Health:", health)
+	row(w, "Driver:", orDash(m.Driver))
+	row(w, "Created:", fmtTime(m.CreatedAt))
+	if p := m.Protection; p != nil {
+		row(w, "Protection:", fmt.Sprintf("%s -> %s, policy %s", p.SourceSite, p.TargetSite, orDash(p.Policy)))
+		repl := orDash(p.ReplState)
+		if p.ReplState == "syncing" || p.ReplState == "resyncing" {
+			repl += " " + fmtPercent(p.SyncProgress)
+		}
+		row(w, "Replication:", fmt.Sprintf("%s, lag %s, backlog %s, %s/s", repl,
+			fmtSeconds(p.LagSeconds), formatSize(p.BacklogBytes), formatSize(int64(p.ThroughputBps))))
+		row(w, "Last point:", fmtTime(p.LastPointTime))
+	}
+	if f := m.Failover; f != nil {
+		kind := "unplanned"
+		if f.Planned {
+			kind = "planned"
+		}
+		row(w, "Failover:", fmt.Sprintf("%s -> %s, %s, point %s", f.FromSite, f.ToSite, kind, fmtPoint(f.Point)))
+	}
+	row(w, "Disks:")
+	row(w, "  NAME", "SIZE", "NBD")
+	for _, d := range m.Disks {
+		row(w, "  "+d.Name, formatSize(d.Size), orDash(d.NBD))
+	}
+	if t := m.TestFailover; t != nil {
+		row(w, "Test failover:", fmt.Sprintf("at %s, point %s", t.Site, fmtPoint(t.Point)))
+		row(w, "  NAME", "SIZE", "NBD")
+		for _, d := range t.Disks {
+			row(w, "  "+d.Name, formatSize(d.Size), orDash(d.NBD))
+		}
+	}
+}
+
+func writeJob(w io.Writer, j *rebound.Job) {
+	row(w, "ID:", j.ID)
+	row(w, "Type:", j.Type)
+	row(w, "Machine:", orDash(j.Machine))
+	row(w, "State:", j.State)
+	row(w, "Progress:", fmtPercent(j.Progress))
+	row(w, "Step:", orDash(j.Step))
+	if j.Error != "" {
+		row(w, "Error:", j.Error)
+	}
+	if j.Result != nil {
+		b, _ := json.Marshal(j.Result)
+		row(w, "Result:", string(b))
+	}
+	row(w, "Created:", fmtTime(j.CreatedAt))
+	row(w, "Updated:", fmtTime(j.UpdatedAt))
+	if j.EndedAt != nil {
+		row(w, "Ended:", fmtTime(*j.EndedAt))
+	}
+	if len(j.Steps) > 0 {
+		row(w, "Steps:")
+		row(w, "  NAME", "STATE", "MESSAGE")
+		for _, s := range j.Steps {
+			row(w, "  "+s.Name, s.State, s.Message)
+		}
+	}
+}
+
+func writeJobs(w io.Writer, jobs []rebound.Job) {
+	row(w, "ID", "TYPE", "MACHINE", "STATE", "PROGRESS", "STEP", "CREATED")
+	for _, j := range jobs {
+		row(w, j.ID, j.Type, orDash(j.Machine), j.State, fmtPercent(j.Progress), orDash(j.Step), fmtTime(j.CreatedAt))
+	}
+}
+
+func writePoints(w io.Writer, points []rebound.RecoveryPoint) {
+	row(w, "ID", "TIME", "KIND", "SEQ")
+	for _, p := range points {
+		row(w, p.ID, fmtTime(p.Time), p.Kind, p.Seq)
+	}
+}
+
+func writePolicies(w io.Writer, policies []rebound.Policy) {
+	row(w, "NAME", "RPO", "RETENTION", "CRASH-INTERVAL", "APP-INTERVAL")
+	for _, p := range policies {
+		app := p.AppInterval.String()
+		if p.AppInterval == 0 {
+			app = "never"
+		}
+		row(w, p.Name, p.RPOThreshold, p.Retention, p.CrashInterval, app)
+	}
+}
