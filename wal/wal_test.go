@@ -1,0 +1,444 @@
+package wal
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/rebound-dr/rebound"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+func mkRec(seq uint64, rng *rand.Rand) *rebound.Record {
+	r := &rebound.Record{Seq: seq, Time: int64(seq) * 1000, Disk: uint32(seq % 3), Offset: int64(seq) * 4096}
+	switch seq % 5 {
+	case 0:
+		r.Kind = rebound.RecordMark
+		r.PointKind = rebound.PointApp
+	case 1:
+		r.Kind = rebound.RecordZero
+		r.Length = 8192
+	default:
+		r.Kind = rebound.RecordWrite
+		r.Data = make([]byte, 1+rng.IntN(3000))
+		for i := range r.Data {
+			r.Data[i] = byte(rng.Uint32())
+		}
+		r.Length = int64(len(r.Data))
+	}
+	return r
+}
+
+func equalRec(a, b *rebound.Record) bool {
+	return a.Seq == b.Seq && a.Time == b.Time && a.Kind == b.Kind && a.Disk == b.Disk &&
+		a.Offset == b.Offset && a.Length == b.Length && a.PointKind == b.PointKind && bytes.Equal(a.Data, b.Data)
+}
+
+// fill appends n records starting at seq from in batches of up to 7.
+func fill(t *testing.T, l *Log, from uint64, n int, rng *rand.Rand) []*rebound.Record {
+	t.Helper()
+	var all []*rebound.Record
+	for seq := from; seq < from+uint64(n); {
+		k := min(1+rng.IntN(7), int(from+uint64(n)-seq))
+		var batch []*rebound.Record
+		for i := 0; i < k; i++ {
+			batch = append(batch, mkRec(seq, rng))
+			seq++
+		}
+		locs, err := l.Append(batch...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, r := range batch {
+			if len(r.Data) > 0 {
+				got := make([]byte, len(r.Data))
+				if err := l.ReadData(locs[i], got); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, r.Data) {
+					t.Fatalf("ReadData seq %d mismatch", r.Seq)
+				}
+			}
+		}
+		all = append(all, batch...)
+	}
+	return all
+}
+
+func readAll(t *testing.T, l *Log, from uint64) ([]*rebound.Record, error) {
+	t.Helper()
+	r, err := l.NewReader(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	var out []*rebound.Record
+	for {
+		rec, loc, err := r.Next()
+		if err == io.EOF {
+			return out, nil
+		} else if err != nil {
+			return out, err
+		}
+		if len(rec.Data) > 0 {
+			got := make([]byte, len(rec.Data))
+			if err := l.ReadData(loc, got); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, rec.Data) {
+				t.Fatalf("loc of seq %d does not point at its data", rec.Seq)
+			}
+		}
+		out = append(out, rec)
+	}
+}
+
+func checkRecs(t *testing.T, got, want []*rebound.Record) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("got %d records, want %d", len(got), len(want))
+	}
+	for i := range got {
+		if !equalRec(got[i], want[i]) {
+			t.Fatalf("record %d: got seq %d %+v, want seq %d", i, got[i].Seq, got[i].Kind, want[i].Seq)
+		}
+	}
+}
+
+func segFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(dir, "*.wal"))
+	return m
+}
+
+func TestRoundTripAndReopen(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(1, 2))
+	l, err := Open(dir, Options{SegmentSize: 16 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.FirstSeq() != 0 || l.LastSeq() != 0 {
+		t.Fatal("empty log has seqs")
+	}
+	want := fill(t, l, 10, 300, rng)
+	if err := l.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if l.FirstSeq() != 10 || l.LastSeq() != 309 {
+		t.Fatalf("first/last %d/%d", l.FirstSeq(), l.LastSeq())
+	}
+	if n := len(segFiles(t, dir)); n < 5 {
+		t.Fatalf("only %d segments", n)
+	}
+	got, err := readAll(t, l, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRecs(t, got, want)
+	got, _ = readAll(t, l, 150)
+	checkRecs(t, got, want[140:])
+	// Wrong seqs are refused.
+	if _, err := l.Append(&rebound.Record{Seq: 311}); !errors.Is(err, ErrSeq) {
+		t.Fatalf("gap accepted: %v", err)
+	}
+	if _, err := l.Append(&rebound.Record{Seq: 310}, &rebound.Record{Seq: 310}); !errors.Is(err, ErrSeq) {
+		t.Fatalf("repeat accepted: %v", err)
+	}
+	size := l.Size()
+	l.Close()
+
+	l, err = Open(dir, Options{SegmentSize: 16 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if l.Corrupt() != nil || l.FirstSeq() != 10 || l.LastSeq() != 309 || l.Size() != size {
+		t.Fatalf("reopen: corrupt=%v first=%d last=%d size=%d/%d", l.Corrupt(), l.FirstSeq(), l.LastSeq(), l.Size(), size)
+	}
+	want = append(want, fill(t, l, 310, 50, rng)...)
+	got, _ = readAll(t, l, 0)
+	checkRecs(t, got, want)
+	var total int64
+	for _, f := range segFiles(t, dir) {
+		st, _ := os.Stat(f)
+		total += st.Size()
+	}
+	if total != l.Size() {
+		t.Fatalf("Size %d, files %d", l.Size(), total)
+	}
+}
+
+func TestTornTail(t *testing.T) {
+	// 8 KiB: the last record starts a new segment; 1 MiB: it follows
+	// others in the same segment.
+	for _, segSize := range []int64{8 << 10, 1 << 20} {
+		t.Run(fmt.Sprint(segSize), func(t *testing.T) { testTornTail(t, segSize) })
+	}
+}
+
+func testTornTail(t *testing.T, segSize int64) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(3, 4))
+	l, err := Open(dir, Options{SegmentSize: segSize, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fill(t, l, 1, 40, rng)
+	l.Sync()
+	// The last record goes alone into the last segment's tail.
+	last := mkRec(41, rng)
+	last.Kind, last.Data, last.Length = rebound.RecordWrite, bytes.Repeat([]byte{7}, 700), 700
+	if _, err := l.Append(last); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	files := segFiles(t, dir)
+	lastFile := files[len(files)-1]
+	full, _ := os.ReadFile(lastFile)
+	recSize := frameSize + fixedSize + 700
+	start := len(full) - recSize
+	for cut := start; cut < len(full); cut++ {
+		if err := os.WriteFile(lastFile, full[:cut], 0o644); err != nil {
+			t.Fatal(err)
+		}
+		l, err := Open(dir, Options{SegmentSize: segSize, Logger: quiet})
+		if err != nil {
+			t.Fatalf("cut %d: %v", cut, err)
+		}
+		if l.Corrupt() != nil || l.LastSeq() != 40 {
+			t.Fatalf("cut %d: corrupt=%v last=%d", cut, l.Corrupt(), l.LastSeq())
+		}
+		got, err := readAll(t, l, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkRecs(t, got, want)
+		if st, _ := os.Stat(lastFile); st != nil && st.Size() != int64(start) {
+			t.Fatalf("cut %d: file not truncated to %d: %d", cut, start, st.Size())
+		}
+		// The log continues after the truncation.
+		if _, err := l.Append(last); err != nil {
+			t.Fatal(err)
+		}
+		l.Close()
+		os.WriteFile(lastFile, full[:cut], 0o644)
+	}
+	// A checksum failure at the tail is a torn write too.
+	bad := append([]byte(nil), full...)
+	bad[len(bad)-5] ^= 0x10
+	os.WriteFile(lastFile, bad, 0o644)
+	l, err = Open(dir, Options{SegmentSize: segSize, Logger: quiet})
+	if err != nil || l.Corrupt() != nil || l.LastSeq() != 40 {
+		t.Fatalf("flipped tail: %v %v %d", err, l.Corrupt(), l.LastSeq())
+	}
+	l.Close()
+}
+
+func TestTornNewSegment(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(5, 6))
+	l, _ := Open(dir, Options{})
+	fill(t, l, 1, 10, rng)
+	l.Close()
+	// A segment created but with no record (crash after rename).
+	os.WriteFile(filepath.Join(dir, segName(11)), []byte(magic), 0o644)
+	os.WriteFile(filepath.Join(dir, tmpPrefix+segName(12)), []byte("junk"), 0o644)
+	l, err := Open(dir, Options{})
+	if err != nil || l.Corrupt() != nil || l.LastSeq() != 10 {
+		t.Fatalf("%v %v %d", err, l.Corrupt(), l.LastSeq())
+	}
+	if _, err := l.Append(mkRec(11, rng)); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	if n := len(segFiles(t, dir)); n != 1 {
+		t.Fatalf("%d segments", n)
+	}
+}
+
+func TestBitFlipMiddle(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(7, 8))
+	l, _ := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	want := fill(t, l, 1, 100, rng)
+	l.Close()
+	files := segFiles(t, dir)
+	if len(files) < 3 {
+		t.Fatalf("%d segments", len(files))
+	}
+	// Flip a byte in the middle of the second segment.
+	victim := files[1]
+	b, _ := os.ReadFile(victim)
+	b[len(b)/2] ^= 0x01
+	os.WriteFile(victim, b, 0o644)
+
+	l, err := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if !errors.Is(l.Corrupt(), ErrCorrupt) {
+		t.Fatalf("Corrupt() = %v", l.Corrupt())
+	}
+	t.Log(l.Corrupt())
+	if l.LastSeq() != 100 {
+		t.Fatalf("LastSeq %d", l.LastSeq())
+	}
+	got, err := readAll(t, l, 0)
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("reader err %v", err)
+	}
+	// Everything before the bad record, nothing from it on.
+	if len(got) == 0 || len(got) >= 100 {
+		t.Fatalf("read %d records", len(got))
+	}
+	checkRecs(t, got, want[:len(got)])
+	if got[len(got)-1].Seq >= want[len(want)-1].Seq {
+		t.Fatal("served past the corruption")
+	}
+	// The victim segment's good prefix was not truncated.
+	if st, _ := os.Stat(victim); st.Size() != int64(len(b)) {
+		t.Fatal("corrupt middle segment was truncated")
+	}
+}
+
+func TestTruncateFront(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(9, 10))
+	l, _ := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	want := fill(t, l, 1, 200, rng)
+	nseg := len(segFiles(t, dir))
+	// A reader positioned at the start keeps working across truncation.
+	r, _ := l.NewReader(1)
+	first, _, err := r.Next()
+	if err != nil || first.Seq != 1 {
+		t.Fatal(err)
+	}
+	sizeBefore := l.Size()
+	if err := l.TruncateFront(100); err != nil {
+		t.Fatal(err)
+	}
+	fs := l.FirstSeq()
+	if fs > 101 || fs <= 1 {
+		t.Fatalf("FirstSeq %d after TruncateFront(100)", fs)
+	}
+	if len(segFiles(t, dir)) >= nseg || l.Size() >= sizeBefore {
+		t.Fatal("nothing removed")
+	}
+	// It finishes its (removed) segment, then reports the gap.
+	for i := 1; ; i++ {
+		rec, _, err := r.Next()
+		if errors.Is(err, ErrTruncated) {
+			if i >= int(fs) {
+				t.Fatalf("gap reported at %d, first retained %d", i, fs)
+			}
+			break
+		}
+		if err != nil || !equalRec(rec, want[i]) {
+			t.Fatalf("reader across truncation at %d: %v", i, err)
+		}
+	}
+	r.Close()
+	// A reader on a retained segment continues through to the end.
+	r, _ = l.NewReader(fs)
+	rec, _, _ := r.Next()
+	l.TruncateFront(fs)
+	for i := int(fs); i < 200; i++ {
+		if rec, _, err = r.Next(); err != nil || !equalRec(rec, want[i]) {
+			t.Fatalf("reader at %d: %v", i, err)
+		}
+	}
+	r.Close()
+	fs = l.FirstSeq()
+	got, _ := readAll(t, l, 0)
+	checkRecs(t, got, want[fs-1:])
+	if err := l.ReadData(Location{Segment: 1, Offset: segHeaderSize}, make([]byte, 1)); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("read of removed segment: %v", err)
+	}
+	// Truncating everything keeps the last segment.
+	l.TruncateFront(1000)
+	if l.LastSeq() != 200 || len(segFiles(t, dir)) != 1 {
+		t.Fatal("last segment removed")
+	}
+	fill(t, l, 201, 5, rng)
+	l.Close()
+	l, _ = Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	defer l.Close()
+	if l.LastSeq() != 205 || l.FirstSeq() == 0 {
+		t.Fatalf("reopen after truncate: %d %d", l.FirstSeq(), l.LastSeq())
+	}
+}
+
+func TestConcurrentReader(t *testing.T) {
+	dir := t.TempDir()
+	l, _ := Open(dir, Options{SegmentSize: 32 << 10})
+	defer l.Close()
+	const n = 2000
+	var wg sync.WaitGroup
+	errc := make(chan error, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		r, _ := l.NewReader(1)
+		defer r.Close()
+		next := uint64(1)
+		for next <= n {
+			rec, _, err := r.Next()
+			if err == io.EOF {
+				continue
+			} else if err != nil {
+				errc <- err
+				return
+			}
+			want := mkRec(next, rand.New(rand.NewPCG(next, 0)))
+			if !equalRec(rec, want) {
+				errc <- fmt.Errorf("reader got seq %d, want %d", rec.Seq, next)
+				return
+			}
+			next++
+		}
+		errc <- nil
+	}()
+	for seq := uint64(1); seq <= n; seq++ {
+		if _, err := l.Append(mkRec(seq, rand.New(rand.NewPCG(seq, 0)))); err != nil {
+			t.Fatal(err)
+		}
+		if seq%100 == 0 {
+			l.Sync()
+		}
+	}
+	wg.Wait()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func BenchmarkAppend(b *testing.B) {
+	l, _ := Open(b.TempDir(), Options{})
+	defer l.Close()
+	data := make([]byte, 64<<10)
+	batch := make([]*rebound.Record, 16)
+	b.SetBytes(int64(len(data) * len(batch)))
+	seq := uint64(1)
+	for i := 0; i < b.N; i++ {
+		for j := range batch {
+			batch[j] = &rebound.Record{Seq: seq, Kind: rebound.RecordWrite, Length: int64(len(data)), Data: data}
+			seq++
+		}
+		if _, err := l.Append(batch...); err != nil {
+			b.Fatal(err)
+		}
+		if err := l.Sync(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
