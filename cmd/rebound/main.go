@@ -257,7 +257,11 @@ func addOrMerge(parent, cmd *cobra.Command) {
 			addOrMerge(existing, sub)
 		}
 		if cmd.Runnable() && !existing.Runnable() {
-			existing.RunE, existing.Run = cmd.RunE, cmd.Run
+			existing.RunE, existing.Run, existing.Args = cmd.RunE, cmd.Run, cmd.Args
+			existing.Flags().AddFlagSet(cmd.Flags())
+			if cmd.Short != "" {
+				existing.Short = cmd.Short
+			}
 		}
 		return
 	}

@@ -1,0 +1,229 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// fakeService is a rebound.Service whose methods record their call and
+// defer to an optional function; a method without one fails the call.
+type fakeService struct {
+	mu    sync.Mutex
+	calls []string
+
+	ListSitesFn           func() ([]rebound.Site, error)
+	CreateEnrollTokenFn   func(site string) (string, error)
+	CreateMachineFn       func(req rebound.CreateMachineRequest) (*rebound.Machine, error)
+	ListMachinesFn        func() ([]rebound.Machine, error)
+	GetMachineFn          func(name string) (*rebound.Machine, error)
+	DeleteMachineFn       func(name string) error
+	ListPoliciesFn        func() ([]rebound.Policy, error)
+	PutPolicyFn           func(p rebound.Policy) (*rebound.Policy, error)
+	ProtectFn             func(req rebound.ProtectRequest) (*rebound.Job, error)
+	ListPointsFn          func(machine string) ([]rebound.RecoveryPoint, error)
+	CreatePointFn         func(machine string, app bool) (*rebound.RecoveryPoint, error)
+	FailoverFn            func(req rebound.FailoverRequest) (*rebound.Job, error)
+	ChangePointFn         func(machine, point string) (*rebound.Job, error)
+	CancelFailoverFn      func(machine string) (*rebound.Job, error)
+	CommitFn              func(machine string) (*rebound.Job, error)
+	TestFailoverFn        func(machine, point string) (*rebound.Job, error)
+	TestFailoverCleanupFn func(machine string) (*rebound.Job, error)
+	ListJobsFn            func() ([]rebound.Job, error)
+	GetJobFn              func(id string) (*rebound.Job, error)
+	CancelJobFn           func(id string) (*rebound.Job, error)
+	ListEventsFn          func(machine string) ([]rebound.Event, error)
+}
+
+var _ rebound.Service = (*fakeService)(nil)
+
+func (f *fakeService) record(format string, args ...any) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, fmt.Sprintf(format, args...))
+}
+
+func (f *fakeService) Calls() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.calls...)
+}
+
+func unexpected(name string) error {
+	return rebound.Errorf(rebound.EINTERNAL, "fake: unexpected call %s", name)
+}
+
+// jobFn returns a job-starting func that returns a running job of type typ.
+func jobFn(typ, machine string) *rebound.Job {
+	return &rebound.Job{ID: "j1", Type: typ, Machine: machine, State: rebound.JobRunning, Steps: []rebound.JobStep{}}
+}
+
+func (f *fakeService) ListSites(ctx context.Context) ([]rebound.Site, error) {
+	f.record("ListSites")
+	if f.ListSitesFn == nil {
+		return nil, unexpected("ListSites")
+	}
+	return f.ListSitesFn()
+}
+
+func (f *fakeService) CreateEnrollToken(ctx context.Context, site string) (string, error) {
+	f.record("CreateEnrollToken %s", site)
+	if f.CreateEnrollTokenFn == nil {
+		return "", unexpected("CreateEnrollToken")
+	}
+	return f.CreateEnrollTokenFn(site)
+}
+
+func (f *fakeService) CreateMachine(ctx context.Context, req rebound.CreateMachineRequest) (*rebound.Machine, error) {
+	f.record("CreateMachine %+v", req)
+	if f.CreateMachineFn == nil {
+		return nil, unexpected("CreateMachine")
+	}
+	return f.CreateMachineFn(req)
+}
+
+func (f *fakeService) ListMachines(ctx context.Context) ([]rebound.Machine, error) {
+	f.record("ListMachines")
+	if f.ListMachinesFn == nil {
+		return nil, unexpected("ListMachines")
+	}
+	return f.ListMachinesFn()
+}
+
+func (f *fakeService) GetMachine(ctx context.Context, name string) (*rebound.Machine, error) {
+	f.record("GetMachine %s", name)
+	if f.GetMachineFn == nil {
+		return nil, unexpected("GetMachine")
+	}
+	return f.GetMachineFn(name)
+}
+
+func (f *fakeService) DeleteMachine(ctx context.Context, name string) error {
+	f.record("DeleteMachine %s", name)
+	if f.DeleteMachineFn == nil {
+		return unexpected("DeleteMachine")
+	}
+	return f.DeleteMachineFn(name)
+}
+
+func (f *fakeService) ListPolicies(ctx context.Context) ([]rebound.Policy, error) {
+	f.record("ListPolicies")
+	if f.ListPoliciesFn == nil {
+		return nil, unexpected("ListPolicies")
+	}
+	return f.ListPoliciesFn()
+}
+
+func (f *fakeService) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Policy, error) {
+	f.record("PutPolicy %s rpo=%s retention=%s crash=%s app=%s", p.Name, p.RPOThreshold, p.Retention, p.CrashInterval, p.AppInterval)
+	if f.PutPolicyFn == nil {
+		return nil, unexpected("PutPolicy")
+	}
+	return f.PutPolicyFn(p)
+}
+
+func (f *fakeService) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebound.Job, error) {
+	f.record("Protect %+v", req)
+	if f.ProtectFn == nil {
+		return nil, unexpected("Protect")
+	}
+	return f.ProtectFn(req)
+}
+
+func (f *fakeService) ListPoints(ctx context.Context, machine string) ([]rebound.RecoveryPoint, error) {
+	f.record("ListPoints %s", machine)
+	if f.ListPointsFn == nil {
+		return nil, unexpected("ListPoints")
+	}
+	return f.ListPointsFn(machine)
+}
+
+func (f *fakeService) CreatePoint(ctx context.Context, machine string, app bool) (*rebound.RecoveryPoint, error) {
+	f.record("CreatePoint %s app=%v", machine, app)
+	if f.CreatePointFn == nil {
+		return nil, unexpected("CreatePoint")
+	}
+	return f.CreatePointFn(machine, app)
+}
+
+func (f *fakeService) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	f.record("Failover %+v", req)
+	if f.FailoverFn == nil {
+		return nil, unexpected("Failover")
+	}
+	return f.FailoverFn(req)
+}
+
+func (f *fakeService) ChangePoint(ctx context.Context, machine, point string) (*rebound.Job, error) {
+	f.record("ChangePoint %s %s", machine, point)
+	if f.ChangePointFn == nil {
+		return nil, unexpected("ChangePoint")
+	}
+	return f.ChangePointFn(machine, point)
+}
+
+func (f *fakeService) CancelFailover(ctx context.Context, machine string) (*rebound.Job, error) {
+	f.record("CancelFailover %s", machine)
+	if f.CancelFailoverFn == nil {
+		return nil, unexpected("CancelFailover")
+	}
+	return f.CancelFailoverFn(machine)
+}
+
+func (f *fakeService) Commit(ctx context.Context, machine string) (*rebound.Job, error) {
+	f.record("Commit %s", machine)
+	if f.CommitFn == nil {
+		return nil, unexpected("Commit")
+	}
+	return f.CommitFn(machine)
+}
+
+func (f *fakeService) TestFailover(ctx context.Context, machine, point string) (*rebound.Job, error) {
+	f.record("TestFailover %s %s", machine, point)
+	if f.TestFailoverFn == nil {
+		return nil, unexpected("TestFailover")
+	}
+	return f.TestFailoverFn(machine, point)
+}
+
+func (f *fakeService) TestFailoverCleanup(ctx context.Context, machine string) (*rebound.Job, error) {
+	f.record("TestFailoverCleanup %s", machine)
+	if f.TestFailoverCleanupFn == nil {
+		return nil, unexpected("TestFailoverCleanup")
+	}
+	return f.TestFailoverCleanupFn(machine)
+}
+
+func (f *fakeService) ListJobs(ctx context.Context) ([]rebound.Job, error) {
+	f.record("ListJobs")
+	if f.ListJobsFn == nil {
+		return nil, unexpected("ListJobs")
+	}
+	return f.ListJobsFn()
+}
+
+func (f *fakeService) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
+	f.record("GetJob %s", id)
+	if f.GetJobFn == nil {
+		return nil, unexpected("GetJob")
+	}
+	return f.GetJobFn(id)
+}
+
+func (f *fakeService) CancelJob(ctx context.Context, id string) (*rebound.Job, error) {
+	f.record("CancelJob %s", id)
+	if f.CancelJobFn == nil {
+		return nil, unexpected("CancelJob")
+	}
+	return f.CancelJobFn(id)
+}
+
+func (f *fakeService) ListEvents(ctx context.Context, machine string) ([]rebound.Event, error) {
+	f.record("ListEvents %s", machine)
+	if f.ListEventsFn == nil {
+		return nil, unexpected("ListEvents")
+	}
+	return f.ListEventsFn(machine)
+}
