@@ -1,0 +1,146 @@
+package capture
+
+import (
+	"fmt"
+	"math/bits"
+	"os"
+)
+
+// dirtyMap is a per-disk bitmap of regions whose content the peer may lack.
+// It lives in memory and in a file of the same bytes; a bit is persisted
+// (pwrite of its byte) before the disk write it covers, so a killed process
+// never forgets a dirty region. Not safe for concurrent use: the stream
+// mutex guards it.
+type dirtyMap struct {
+	f          *os.File
+	bits       []byte
+	regionSize int64
+	regions    int64
+	count      int64 // bits set
+}
+
+func openDirtyMap(path string, diskSize, regionSize int64) (*dirtyMap, error) {
+	regions := (diskSize + regionSize - 1) / regionSize
+	n := (regions + 7) / 8
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open dirty map: %w", err)
+	}
+	m := &dirtyMap{f: f, bits: make([]byte, n), regionSize: regionSize, regions: regions}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if fi.Size() != 0 {
+		if fi.Size() != n {
+			f.Close()
+			return nil, fmt.Errorf("dirty map %s has %d bytes, want %d", path, fi.Size(), n)
+		}
+		if _, err := f.ReadAt(m.bits, 0); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("read dirty map: %w", err)
+		}
+	} else if _, err := f.WriteAt(m.bits, 0); err != nil {
+		// Written, not truncated: a sparse map could hit ENOSPC later.
+		f.Close()
+		return nil, fmt.Errorf("create dirty map: %w", err)
+	}
+	// Bits past the last region are never used; clear them in case.
+	if r := regions % 8; r != 0 {
+		m.bits[n-1] &= byte(1)<<r - 1
+	}
+	for _, b := range m.bits {
+		m.count += int64(bits.OnesCount8(b))
+	}
+	return m, nil
+}
+
+func (m *dirtyMap) isDirty(r int64) bool { return m.bits[r/8]&(1<<(r%8)) != 0 }
+
+// markRange sets the bits of every region overlapping [off, off+length) and
+// persists each changed byte.
+func (m *dirtyMap) markRange(off, length int64) error {
+	if length == 0 {
+		return nil
+	}
+	first, last := off/m.regionSize, (off+length-1)/m.regionSize
+	var err error
+	for i := first / 8; i <= last/8; i++ {
+		old := m.bits[i]
+		b := old
+		for r := max(first, i*8); r <= min(last, i*8+7); r++ {
+			b |= 1 << (r % 8)
+		}
+		if b == old {
+			continue
+		}
+		m.bits[i] = b
+		m.count += int64(bits.OnesCount8(b &^ old))
+		if _, werr := m.f.WriteAt(m.bits[i:i+1], i); werr != nil && err == nil {
+			err = fmt.Errorf("persist dirty map: %w", werr)
+		}
+	}
+	return err
+}
+
+// markAll sets every bit and persists the whole map.
+func (m *dirtyMap) markAll() error {
+	for i := range m.bits {
+		m.bits[i] = 0xff
+	}
+	if r := m.regions % 8; r != 0 {
+		m.bits[len(m.bits)-1] = byte(1)<<r - 1
+	}
+	m.count = m.regions
+	if _, err := m.f.WriteAt(m.bits, 0); err != nil {
+		return fmt.Errorf("persist dirty map: %w", err)
+	}
+	return nil
+}
+
+// clear clears region r's bit and persists its byte.
+func (m *dirtyMap) clear(r int64) error {
+	if !m.isDirty(r) {
+		return nil
+	}
+	m.bits[r/8] &^= 1 << (r % 8)
+	m.count--
+	if _, err := m.f.WriteAt(m.bits[r/8:r/8+1], r/8); err != nil {
+		return fmt.Errorf("persist dirty map: %w", err)
+	}
+	return nil
+}
+
+// next returns the first dirty region >= r, or -1.
+func (m *dirtyMap) next(r int64) int64 {
+	for ; r < m.regions; r++ {
+		if r%8 == 0 && m.bits[r/8] == 0 {
+			r += 7
+			continue
+		}
+		if m.isDirty(r) {
+			return r
+		}
+	}
+	return -1
+}
+
+func (m *dirtyMap) sync() error  { return m.f.Sync() }
+func (m *dirtyMap) close() error { return m.f.Close() }
+
+// clearRange clears regions [first, last] and persists the changed bytes
+// with one write.
+func (m *dirtyMap) clearRange(first, last int64) error {
+	for r := first; r <= last; r++ {
+		if m.isDirty(r) {
+			m.bits[r/8] &^= 1 << (r % 8)
+			m.count--
+		}
+	}
+	lo, hi := first/8, last/8+1
+	if _, err := m.f.WriteAt(m.bits[lo:hi], lo); err != nil {
+		return fmt.Errorf("persist dirty map: %w", err)
+	}
+	return nil
+}

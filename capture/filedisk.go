@@ -1,0 +1,138 @@
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// fallocate modes (linux/falloc.h); syscall has Fallocate but not the flags.
+const (
+	fallocKeepSize  = 0x01
+	fallocPunchHole = 0x02
+)
+
+// zeroChunk is the buffer written when the file system cannot punch holes.
+var zeroChunk = make([]byte, 1<<20)
+
+// FileDisk is a plain, unreplicated disk backed by a raw file. It implements
+// the NBD backend methods and is safe for concurrent use (pread/pwrite).
+type FileDisk struct {
+	f      *os.File
+	size   int64
+	nohole atomic.Bool // punching holes is not supported; write zeroes instead
+}
+
+// OpenFileDisk opens the raw disk file at path, creating it sparse with the
+// given size if it is missing. An existing file must have exactly that size.
+func OpenFileDisk(path string, size int64) (*FileDisk, error) {
+	if size <= 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "disk %s: size must be positive, got %d", path, size)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open disk: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat disk: %w", err)
+	}
+	switch {
+	case fi.Size() == 0:
+		if err := f.Truncate(size); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("size disk: %w", err)
+		}
+	case fi.Size() != size:
+		f.Close()
+		return nil, rebound.Errorf(rebound.ECONFLICT, "disk %s has %d bytes, want %d", path, fi.Size(), size)
+	}
+	return &FileDisk{f: f, size: size}, nil
+}
+
+// Size returns the disk size in bytes.
+func (d *FileDisk) Size() int64 { return d.size }
+
+// ReadAt reads len(p) bytes at off.
+func (d *FileDisk) ReadAt(p []byte, off int64) (int, error) {
+	if err := checkRange(d.size, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	n, err := d.f.ReadAt(p, off)
+	if err == io.EOF && n == len(p) {
+		err = nil
+	}
+	return n, err
+}
+
+// WriteAt writes p at off.
+func (d *FileDisk) WriteAt(p []byte, off int64) (int, error) {
+	if err := checkRange(d.size, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	return d.f.WriteAt(p, off)
+}
+
+// WriteZeroes sets length bytes at off to zero.
+func (d *FileDisk) WriteZeroes(off, length int64) error {
+	if err := checkRange(d.size, off, length); err != nil {
+		return err
+	}
+	return d.zero(off, length)
+}
+
+// Trim discards length bytes at off; they read back as zeroes.
+func (d *FileDisk) Trim(off, length int64) error {
+	if err := checkRange(d.size, off, length); err != nil {
+		return err
+	}
+	return d.zero(off, length)
+}
+
+// Flush makes every completed write durable.
+func (d *FileDisk) Flush() error { return d.f.Sync() }
+
+// Close closes the file.
+func (d *FileDisk) Close() error { return d.f.Close() }
+
+// zero punches a hole so zeroed ranges stay sparse (the initial copy of a
+// sparse disk then finds all-zero regions cheaply), and falls back to
+// writing zeroes where the file system cannot.
+func (d *FileDisk) zero(off, length int64) error {
+	if length == 0 {
+		return nil
+	}
+	if !d.nohole.Load() {
+		err := syscall.Fallocate(int(d.f.Fd()), fallocPunchHole|fallocKeepSize, off, length)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, syscall.ENOSYS) {
+			return fmt.Errorf("punch hole: %w", err)
+		}
+		d.nohole.Store(true)
+	}
+	for length > 0 {
+		n := min(length, int64(len(zeroChunk)))
+		if _, err := d.f.WriteAt(zeroChunk[:n], off); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+// checkRange rejects I/O that does not fit the disk.
+func checkRange(size, off, length int64) error {
+	if off < 0 || length < 0 || off > size || length > size-off {
+		return rebound.Errorf(rebound.EINVALID, "I/O out of range: offset %d length %d on a %d-byte disk", off, length, size)
+	}
+	return nil
+}

@@ -1,0 +1,239 @@
+package capture
+
+import (
+	"bytes"
+	"errors"
+	"syscall"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// seekData is lseek's SEEK_DATA whence.
+const seekData = 3
+
+// StartInitialCopy marks every region of every disk dirty and starts a
+// resync: the first protection of a machine sends the whole disks.
+func (s *Stream) StartInitialCopy() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	for _, d := range s.disks {
+		if err := d.dirty.markAll(); err != nil {
+			s.mu.Unlock()
+			return err
+		}
+	}
+	s.initial = true
+	if s.resyncing {
+		s.syncTotal = s.syncDone + s.dirtyBytesLocked()
+	} else {
+		s.startResyncLocked()
+	}
+	s.mu.Unlock()
+	return s.saveMeta()
+}
+
+// startResyncLocked starts the resync goroutine. Called with s.mu held.
+func (s *Stream) startResyncLocked() {
+	if s.closed || s.resyncing {
+		return
+	}
+	s.resyncing = true
+	s.syncDone = 0
+	s.syncTotal = s.dirtyBytesLocked()
+	// Open the window now, under the same lock that saw the dirty
+	// regions, so no record lands between them and the window. If the
+	// spool fails, the goroutine retries.
+	begun := s.appendLocked(&rebound.Record{Kind: rebound.RecordResyncBegin}) == nil
+	s.wg.Add(1)
+	go s.resync(begun)
+}
+
+// resync sends every dirty region, inside a ResyncBegin/ResyncEnd window,
+// until no region is dirty. Each region is read and appended under the
+// stream mutex, so it lands in the stream at the position where the disk
+// had exactly that content.
+func (s *Stream) resync(begun bool) {
+	defer s.wg.Done()
+	if !begun && !s.appendMarker(rebound.RecordResyncBegin) {
+		return
+	}
+	if err := s.saveMeta(); err != nil {
+		s.logger.Error("saving stream state failed", "err", err)
+	}
+	s.logger.Info("resync started", "initial", s.initial, "bytes", s.syncTotal)
+	scratch := make([]byte, s.opts.RegionSize)
+	for {
+		for _, d := range s.disks {
+			for r := int64(0); ; {
+				s.mu.Lock()
+				if r = d.dirty.next(r); r < 0 {
+					s.mu.Unlock()
+					break
+				}
+				if !s.waitSpaceLocked(s.opts.RegionSize + recOverhead) {
+					s.mu.Unlock()
+					return
+				}
+				if !d.dirty.isDirty(r) { // cleared meanwhile? only by us; cheap check
+					s.mu.Unlock()
+					continue
+				}
+				next, err := s.copyRegionLocked(d, r, scratch)
+				s.mu.Unlock()
+				if err != nil {
+					s.logger.Error("resync: copying region failed; retrying", "disk", d.idx, "region", r, "err", err)
+					if !s.sleep(time.Second) {
+						return
+					}
+					continue
+				}
+				r = next
+			}
+		}
+		// End the window only if nothing was dirtied meanwhile, atomically.
+		s.mu.Lock()
+		if !s.waitSpaceLocked(recOverhead) {
+			s.mu.Unlock()
+			return
+		}
+		if s.dirtyBytesLocked() > 0 {
+			s.mu.Unlock()
+			continue
+		}
+		if err := s.appendLocked(&rebound.Record{Kind: rebound.RecordResyncEnd}); err != nil {
+			s.mu.Unlock()
+			s.logger.Error("resync: appending end marker failed; retrying", "err", err)
+			if !s.sleep(time.Second) {
+				return
+			}
+			continue
+		}
+		initial := s.initial
+		s.resyncing = false
+		s.initial = false
+		s.mu.Unlock()
+		if err := s.saveMeta(); err != nil {
+			s.logger.Error("saving stream state failed", "err", err)
+		}
+		s.logger.Info("resync done", "initial", initial)
+		return
+	}
+}
+
+// appendMarker appends a resync marker, waiting for spool space and
+// retrying failed appends. It returns false if the stream closed.
+func (s *Stream) appendMarker(kind rebound.RecordKind) bool {
+	for {
+		s.mu.Lock()
+		if !s.waitSpaceLocked(recOverhead) {
+			s.mu.Unlock()
+			return false
+		}
+		err := s.appendLocked(&rebound.Record{Kind: kind})
+		s.mu.Unlock()
+		if err == nil {
+			return true
+		}
+		s.logger.Error("resync: appending marker failed; retrying", "kind", kind, "err", err)
+		if !s.sleep(time.Second) {
+			return false
+		}
+	}
+}
+
+// waitSpaceLocked waits until n more bytes keep the spool within half its
+// limit, leaving the other half to live writes so they need not overflow.
+// It returns false if the stream closed. Called with s.mu held; may unlock.
+func (s *Stream) waitSpaceLocked(n int64) bool {
+	for !s.closed && s.spoolBytes > 0 && s.spoolBytes+n > s.opts.SpoolLimit/2 {
+		if s.ackCh == nil {
+			s.ackCh = make(chan struct{})
+		}
+		ch := s.ackCh
+		s.mu.Unlock()
+		select {
+		case <-ch:
+		case <-s.done:
+		}
+		s.mu.Lock()
+	}
+	return !s.closed
+}
+
+// sleep waits d or until the stream closes (false).
+func (s *Stream) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.done:
+		return false
+	}
+}
+
+// copyRegionLocked appends dirty region r of d (and, when it is a hole, the
+// dirty holes right after it as one Zero record) and clears their bits. It
+// returns the region to look at next. Called with s.mu held.
+func (s *Stream) copyRegionLocked(d *Disk, r int64, scratch []byte) (int64, error) {
+	rs := s.opts.RegionSize
+	size := d.fd.size
+	off := r * rs
+	n := min(rs, size-off)
+	last := r
+	var rec *rebound.Record
+	if dataOff := d.fd.nextData(off); dataOff >= off+n {
+		// A hole: extend over the following dirty regions inside it.
+		for last+1 < d.dirty.regions && d.dirty.isDirty(last+1) && min((last+2)*rs, size) <= dataOff {
+			last++
+		}
+		rec = &rebound.Record{Kind: rebound.RecordZero, Disk: d.idx, Offset: off, Length: min((last+1)*rs, size) - off}
+	} else {
+		buf := scratch[:n]
+		if _, err := d.fd.ReadAt(buf, off); err != nil {
+			return r, err
+		}
+		if allZero(buf) {
+			rec = &rebound.Record{Kind: rebound.RecordZero, Disk: d.idx, Offset: off, Length: n}
+		} else {
+			rec = &rebound.Record{Kind: rebound.RecordWrite, Disk: d.idx, Offset: off, Length: n, Data: append([]byte(nil), buf...)}
+		}
+	}
+	if err := s.appendLocked(rec); err != nil {
+		return r, err
+	}
+	if err := d.dirty.clearRange(r, last); err != nil {
+		// In memory the bits are clear; a restart would only copy again.
+		s.logger.Error("persisting dirty map failed", "disk", d.idx, "err", err)
+	}
+	s.syncDone += rec.Length
+	return last + 1, nil
+}
+
+// nextData returns the offset of the first data (non-hole) byte at or after
+// off, the disk size if there is none, or off if the file system cannot say.
+func (d *FileDisk) nextData(off int64) int64 {
+	n, err := syscall.Seek(int(d.f.Fd()), off, seekData)
+	switch {
+	case errors.Is(err, syscall.ENXIO):
+		return d.size
+	case err != nil:
+		return off
+	}
+	return min(n, d.size)
+}
+
+func allZero(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), len(zeroChunk))
+		if !bytes.Equal(b[:n], zeroChunk[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}

@@ -1,0 +1,821 @@
+// Package capture is the source side of replication: it serves a machine's
+// disks to the NBD server, turns every change into a record of one ordered
+// stream, spools the records on local disk until the peer acks them, and
+// falls back to a persisted dirty-region map (then a resync) when the spool
+// is full. See docs/design/capture.md.
+package capture
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/wal"
+)
+
+// Defaults for Options.
+const (
+	DefaultSpoolLimit  = 1 << 30
+	DefaultRegionSize  = 64 << 10
+	DefaultSegmentSize = 16 << 20
+
+	// recOverhead is the spool bytes of a record besides its data (frame
+	// and fixed fields of the wal encoding).
+	recOverhead = 46
+	// maxCacheBytes bounds the in-memory cache of recent records.
+	maxCacheBytes = 64 << 20
+	// metaInterval is how often the acked seq is persisted and the spool
+	// truncated.
+	metaInterval = 100 * time.Millisecond
+)
+
+// Stream states reported by Stats.
+const (
+	StateSyncing   = "syncing"   // initial copy running
+	StateResyncing = "resyncing" // dirty-region resync running
+	StateStreaming = "streaming" // every write is in the stream
+	StateOverflow  = "overflow"  // spool full: only dirty regions are kept
+)
+
+// ErrClosed is returned by I/O on a closed stream.
+var ErrClosed = rebound.Errorf(rebound.EUNAVAILABLE, "capture stream is closed")
+
+// DiskSpec names a raw disk file of a stream. It is created sparse with
+// Size bytes if missing.
+type DiskSpec struct {
+	Path string
+	Size int64
+}
+
+// Options configure a Stream.
+type Options struct {
+	SpoolLimit  int64            // bytes of unacked records kept on local disk; default 1 GiB
+	RegionSize  int64            // dirty-map granularity; default 64 KiB
+	SegmentSize int64            // spool wal segment size; default 16 MiB
+	Now         func() time.Time // clock, for tests; default time.Now
+	Logger      *slog.Logger     // default slog.Default()
+}
+
+// Stats is a snapshot of a stream's replication state.
+type Stats struct {
+	State         string
+	HeadSeq       uint64
+	AckedSeq      uint64
+	BacklogBytes  int64 // unacked payload bytes
+	DirtyBytes    int64 // bytes of regions marked dirty
+	SyncDone      int64 // bytes copied by the running (or last) resync
+	SyncTotal     int64 // bytes the running (or last) resync has to copy
+	LagSeconds    float64
+	ThroughputBps float64 // acked payload bytes/s over the last ~10 s
+}
+
+// pending is an unacked record, for backlog, lag and spool accounting.
+type pending struct {
+	seq   uint64
+	bytes int64 // payload
+	time  int64
+}
+
+// meta is the stream's small state file (dir/meta.json).
+type meta struct {
+	Version    int     `json:"version"`
+	RegionSize int64   `json:"regionSize"`
+	Disks      []int64 `json:"disks"`   // sizes, in stream order
+	Acked      uint64  `json:"acked"`   // the peer holds every record <= Acked
+	Resync     bool    `json:"resync"`  // a resync window is open
+	Initial    bool    `json:"initial"` // the open resync is the initial copy
+}
+
+// Stream is the ordered outbound stream of a set of disks. Disk indexes are
+// global to the stream. It implements rebound.ReplSource.
+type Stream struct {
+	dir    string
+	opts   Options
+	logger *slog.Logger
+	spool  *wal.Log
+	disks  []*Disk
+
+	// mu orders the stream: a change is appended to the spool and applied
+	// to its disk file under mu, so stream order is disk order.
+	mu         sync.Mutex
+	closed     bool
+	head       uint64
+	acked      uint64
+	lastTime   int64
+	unacked    []pending // records > acked, in order
+	spoolBytes int64     // wal bytes of unacked records
+	backlog    int64     // payload bytes of unacked records
+	cache      []*rebound.Record
+	cacheBytes int64
+	cacheLimit int64
+	overflow   bool
+	resyncing  bool // resync goroutine running
+	initial    bool // the resync is the initial copy
+	syncDone   int64
+	syncTotal  int64
+	ackedBytes int64         // cumulative acked payload, for throughput
+	readCh     chan struct{} // closed when a record is appended; nil if nobody waits
+	ackCh      chan struct{} // closed on Acked; nil if nobody waits
+	rd         *wal.Reader   // spool reader positioned at rdNext, reused by Read
+	rdNext     uint64
+	rdMu       sync.Mutex // guards rd, rdNext
+
+	samples [12]sample // throughput samples, one per second, ring
+	nsample int
+
+	metaMu   sync.Mutex // serializes meta writes
+	lastMeta meta       // as last persisted
+
+	done chan struct{}
+	wg   sync.WaitGroup
+}
+
+type sample struct {
+	t     time.Time
+	acked int64
+}
+
+// Open opens (creating if needed) the stream state in dir for the given
+// disks. It replays every record retained in the spool onto the disk files,
+// so a disk write lost by a killed process is redone, restores the acked
+// seq and the dirty maps, and resumes an interrupted resync.
+func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
+	if len(disks) == 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "capture: a stream needs at least one disk")
+	}
+	if opts.SpoolLimit <= 0 {
+		opts.SpoolLimit = DefaultSpoolLimit
+	}
+	if opts.RegionSize <= 0 {
+		opts.RegionSize = DefaultRegionSize
+	}
+	if opts.SegmentSize <= 0 {
+		opts.SegmentSize = DefaultSegmentSize
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("capture: %w", err)
+	}
+	s := &Stream{
+		dir:        dir,
+		opts:       opts,
+		logger:     opts.Logger.With("stream", dir),
+		cacheLimit: min(opts.SpoolLimit, maxCacheBytes),
+		done:       make(chan struct{}),
+	}
+	m, err := s.readMeta()
+	if err != nil {
+		return nil, err
+	}
+	fresh := m == nil
+	if fresh {
+		m = &meta{Version: 1, RegionSize: opts.RegionSize}
+		for _, d := range disks {
+			m.Disks = append(m.Disks, d.Size)
+		}
+	} else {
+		if m.RegionSize != opts.RegionSize {
+			return nil, rebound.Errorf(rebound.ECONFLICT, "capture: stream %s has region size %d, not %d", dir, m.RegionSize, opts.RegionSize)
+		}
+		if len(m.Disks) != len(disks) {
+			return nil, rebound.Errorf(rebound.ECONFLICT, "capture: stream %s has %d disks, not %d", dir, len(m.Disks), len(disks))
+		}
+		for i, d := range disks {
+			if m.Disks[i] != d.Size {
+				return nil, rebound.Errorf(rebound.ECONFLICT, "capture: disk %d of stream %s has %d bytes, not %d", i, dir, m.Disks[i], d.Size)
+			}
+		}
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			s.closeFiles()
+		}
+	}()
+	for i, spec := range disks {
+		fd, err := OpenFileDisk(spec.Path, spec.Size)
+		if err != nil {
+			return nil, err
+		}
+		d := &Disk{s: s, idx: uint32(i), fd: fd}
+		s.disks = append(s.disks, d)
+		if d.dirty, err = openDirtyMap(filepath.Join(dir, fmt.Sprintf("dirty.%d", i)), spec.Size, opts.RegionSize); err != nil {
+			return nil, fmt.Errorf("capture: %w", err)
+		}
+	}
+	if s.spool, err = wal.Open(filepath.Join(dir, "spool"), wal.Options{SegmentSize: opts.SegmentSize, Logger: s.logger}); err != nil {
+		return nil, fmt.Errorf("capture: open spool: %w", err)
+	}
+	if err := s.spool.Corrupt(); err != nil && !fresh {
+		// Records past the bad one are unreadable: the peer must resync.
+		s.logger.Error("spool is corrupt; disks will be resynced", "err", err)
+		for _, d := range s.disks {
+			d.dirty.markAll()
+		}
+	}
+	s.acked = m.Acked
+	if fresh {
+		if err := s.writeMeta(m); err != nil {
+			return nil, err
+		}
+	} else {
+		s.lastMeta = *m
+	}
+	s.initial = m.Initial
+	open, err := s.replay()
+	if err != nil {
+		return nil, err
+	}
+	s.head = max(s.spool.LastSeq(), s.acked)
+	if s.acked > s.head {
+		s.acked = s.head
+	}
+	if s.lastTime == 0 {
+		s.lastTime = opts.Now().UnixNano()
+	}
+	// An open window or dirty regions mean a resync is due: at once if it
+	// was running, else (overflow) once the backlog has drained.
+	dirty := s.dirtyBytesLocked() > 0
+	switch {
+	case m.Resync || open:
+		s.startResyncLocked()
+	case dirty && s.spoolBytes >= s.opts.SpoolLimit/2:
+		s.overflow = true
+	case dirty:
+		s.startResyncLocked()
+	}
+	s.wg.Add(1)
+	go s.housekeep()
+	ok = true
+	return s, nil
+}
+
+// replay applies every spooled record to the disks in order and rebuilds
+// the unacked accounting. It reports whether the spool ends inside a resync
+// window.
+func (s *Stream) replay() (open bool, err error) {
+	first := s.spool.FirstSeq()
+	if first == 0 {
+		return false, nil
+	}
+	r, err := s.spool.NewReader(first)
+	if err != nil {
+		return false, fmt.Errorf("capture: replay spool: %w", err)
+	}
+	defer r.Close()
+	n := 0
+	for {
+		rec, _, err := r.Next()
+		if err == io.EOF {
+			break
+		} else if errors.Is(err, wal.ErrCorrupt) {
+			break // reported by Open via Corrupt
+		} else if err != nil {
+			return false, fmt.Errorf("capture: replay spool: %w", err)
+		}
+		switch rec.Kind {
+		case rebound.RecordResyncBegin:
+			open = true
+		case rebound.RecordResyncEnd:
+			open = false
+		case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
+			if int(rec.Disk) >= len(s.disks) {
+				return false, rebound.Errorf(rebound.ECONFLICT, "capture: spooled record %d is for disk %d of %d", rec.Seq, rec.Disk, len(s.disks))
+			}
+			if err := s.disks[rec.Disk].replay(rec); err != nil {
+				return false, fmt.Errorf("capture: replay record %d: %w", rec.Seq, err)
+			}
+			n++
+		}
+		s.lastTime = max(s.lastTime, rec.Time)
+		if rec.Seq > s.acked {
+			s.unacked = append(s.unacked, pending{seq: rec.Seq, bytes: int64(len(rec.Data)), time: rec.Time})
+			s.spoolBytes += int64(len(rec.Data)) + recOverhead
+			s.backlog += int64(len(rec.Data))
+		}
+	}
+	if n > 0 {
+		s.logger.Info("replayed spool onto disks", "records", n, "from", first)
+	}
+	return open, nil
+}
+
+// Disk returns disk i of the stream, the backend the NBD server serves.
+func (s *Stream) Disk(i int) *Disk {
+	if i < 0 || i >= len(s.disks) {
+		return nil
+	}
+	return s.disks[i]
+}
+
+// now returns the record time: the clock, but never going back.
+func (s *Stream) nowLocked() int64 {
+	t := s.opts.Now().UnixNano()
+	if t < s.lastTime {
+		t = s.lastTime
+	}
+	s.lastTime = t
+	return t
+}
+
+// appendLocked gives rec the next seq and time and appends it to the spool
+// and the cache. Called with s.mu held.
+func (s *Stream) appendLocked(rec *rebound.Record) error {
+	rec.Seq = s.head + 1
+	rec.Time = s.nowLocked()
+	if _, err := s.spool.Append(rec); err != nil {
+		return err
+	}
+	s.head = rec.Seq
+	n := int64(len(rec.Data))
+	s.unacked = append(s.unacked, pending{seq: rec.Seq, bytes: n, time: rec.Time})
+	s.spoolBytes += n + recOverhead
+	s.backlog += n
+	s.cache = append(s.cache, rec)
+	s.cacheBytes += n + recOverhead
+	for s.cacheBytes > s.cacheLimit && len(s.cache) > 1 {
+		s.cacheBytes -= int64(len(s.cache[0].Data)) + recOverhead
+		s.cache[0] = nil
+		s.cache = s.cache[1:]
+	}
+	if s.readCh != nil {
+		close(s.readCh)
+		s.readCh = nil
+	}
+	return nil
+}
+
+// fitsLocked reports whether n more spool bytes stay within SpoolLimit. A
+// record larger than the limit fits an empty spool.
+func (s *Stream) fitsLocked(n int64) bool {
+	return s.spoolBytes == 0 || s.spoolBytes+n <= s.opts.SpoolLimit
+}
+
+// change records one change of disk d and applies it with op, under the
+// stream mutex. rec is nil-Seq'd; it is appended unless the stream is in
+// overflow, in which case the regions are marked dirty instead.
+func (s *Stream) change(d *Disk, rec *rebound.Record, op func() error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	logged := false
+	if !s.overflow {
+		if !s.fitsLocked(int64(len(rec.Data)) + recOverhead) {
+			s.overflow = true
+			s.logger.Warn("spool full: tracking dirty regions until the peer catches up", "limit", s.opts.SpoolLimit, "backlog", s.backlog)
+		} else if err := s.appendLocked(rec); err != nil {
+			// ENOSPC or an I/O error: keep the write as a dirty region.
+			s.overflow = true
+			s.logger.Error("spool append failed: tracking dirty regions", "err", err)
+		} else {
+			logged = true
+		}
+	}
+	if !logged {
+		s.markLocked(d, rec.Offset, rec.Length)
+	}
+	if err := op(); err != nil {
+		// The disk may or may not hold the change; resync whatever it has.
+		s.markLocked(d, rec.Offset, rec.Length)
+		return err
+	}
+	return nil
+}
+
+// markLocked marks a range dirty, persisting the map before the disk write.
+func (s *Stream) markLocked(d *Disk, off, length int64) {
+	before := d.dirty.count
+	if err := d.dirty.markRange(off, length); err != nil {
+		s.logger.Error("persisting dirty map failed", "disk", d.idx, "err", err)
+	}
+	if s.resyncing {
+		s.syncTotal += (d.dirty.count - before) * s.opts.RegionSize
+	}
+}
+
+// dirtyBytesLocked returns the bytes of all dirty regions.
+func (s *Stream) dirtyBytesLocked() int64 {
+	var n int64
+	for _, d := range s.disks {
+		n += d.dirtyBytes()
+	}
+	return n
+}
+
+// Read blocks until a record with Seq >= from exists or ctx is done, and
+// returns consecutive records starting at from, about maxBytes of payload
+// at most (at least one record). from below the oldest retained record is
+// an error: the peer lost data the source no longer has and must resync.
+func (s *Stream) Read(ctx context.Context, from uint64, maxBytes int) ([]*rebound.Record, error) {
+	if from == 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "capture: read from seq 0; seqs start at 1")
+	}
+	s.mu.Lock()
+	for from > s.head {
+		if s.closed {
+			s.mu.Unlock()
+			return nil, ErrClosed
+		}
+		if s.readCh == nil {
+			s.readCh = make(chan struct{})
+		}
+		ch := s.readCh
+		s.mu.Unlock()
+		select {
+		case <-ch:
+		case <-s.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		s.mu.Lock()
+	}
+	if len(s.cache) > 0 && from >= s.cache[0].Seq {
+		i := int(from - s.cache[0].Seq)
+		recs := batch(s.cache[i:], maxBytes)
+		s.mu.Unlock()
+		return recs, nil
+	}
+	s.mu.Unlock()
+	return s.readSpool(from, maxBytes)
+}
+
+// batch returns a prefix of recs with about maxBytes of payload, at least
+// one record. The slice is a copy.
+func batch(recs []*rebound.Record, maxBytes int) []*rebound.Record {
+	n, size := 0, 0
+	for n < len(recs) {
+		size += len(recs[n].Data)
+		if n > 0 && size > maxBytes {
+			break
+		}
+		n++
+	}
+	return append([]*rebound.Record(nil), recs[:n]...)
+}
+
+// readSpool serves a Read the cache cannot.
+func (s *Stream) readSpool(from uint64, maxBytes int) ([]*rebound.Record, error) {
+	s.rdMu.Lock()
+	defer s.rdMu.Unlock()
+	if first := s.spool.FirstSeq(); first == 0 || from < first {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "capture: record %d is no longer spooled (oldest is %d); the peer must resync", from, first)
+	}
+	if s.rd == nil || s.rdNext != from {
+		if s.rd != nil {
+			s.rd.Close()
+		}
+		rd, err := s.spool.NewReader(from)
+		if err != nil {
+			s.rd = nil
+			return nil, fmt.Errorf("capture: read spool: %w", err)
+		}
+		s.rd, s.rdNext = rd, from
+	}
+	var recs []*rebound.Record
+	size := 0
+	for {
+		rec, _, err := s.rd.Next()
+		if err == io.EOF && len(recs) > 0 {
+			break
+		} else if err != nil {
+			s.rd.Close()
+			s.rd = nil
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, fmt.Errorf("capture: read spool at %d: %w", s.rdNext, err)
+		}
+		if rec.Seq != s.rdNext {
+			s.rd.Close()
+			s.rd = nil
+			return nil, rebound.Errorf(rebound.ECONFLICT, "capture: spool has record %d where %d was expected; the peer must resync", rec.Seq, s.rdNext)
+		}
+		recs = append(recs, rec)
+		s.rdNext++
+		size += len(rec.Data)
+		if size >= maxBytes {
+			break
+		}
+	}
+	return recs, nil
+}
+
+// Acked tells the stream the peer holds every record <= seq durably. The
+// acked seq is persisted and the spool truncated in the background.
+func (s *Stream) Acked(seq uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seq = min(seq, s.head)
+	if seq <= s.acked {
+		return
+	}
+	s.acked = seq
+	i := 0
+	for ; i < len(s.unacked) && s.unacked[i].seq <= seq; i++ {
+		p := s.unacked[i]
+		s.spoolBytes -= p.bytes + recOverhead
+		s.backlog -= p.bytes
+		s.ackedBytes += p.bytes
+	}
+	s.unacked = s.unacked[i:]
+	if len(s.unacked) == 0 {
+		s.unacked = s.unacked[:0:0] // let the backing array go
+	}
+	s.maybeLeaveOverflowLocked()
+	if s.ackCh != nil {
+		close(s.ackCh)
+		s.ackCh = nil
+	}
+}
+
+// maybeLeaveOverflowLocked ends overflow once the backlog is below half
+// the limit, and starts the resync of the regions written meanwhile.
+func (s *Stream) maybeLeaveOverflowLocked() {
+	if !s.overflow || s.spoolBytes >= s.opts.SpoolLimit/2 {
+		return
+	}
+	s.overflow = false
+	if s.dirtyBytesLocked() > 0 && !s.resyncing {
+		s.startResyncLocked()
+	}
+}
+
+// Mark appends a recovery point mark. A point can only be cut when the
+// stream holds every write (not in overflow) and no resync window is open.
+func (s *Stream) Mark(kind rebound.PointKind) (rebound.RecoveryPoint, error) {
+	if kind != rebound.PointCrash && kind != rebound.PointApp {
+		return rebound.RecoveryPoint{}, rebound.Errorf(rebound.EINVALID, "capture: unknown point kind %q", kind)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.closed:
+		return rebound.RecoveryPoint{}, ErrClosed
+	case s.resyncing:
+		return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "capture: cannot cut a point during a resync")
+	case s.overflow || s.dirtyBytesLocked() > 0:
+		return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "capture: cannot cut a point while the spool is in overflow")
+	}
+	rec := &rebound.Record{Kind: rebound.RecordMark, PointKind: kind}
+	if err := s.appendLocked(rec); err != nil {
+		return rebound.RecoveryPoint{}, fmt.Errorf("capture: append mark: %w", err)
+	}
+	return rebound.RecoveryPoint{
+		ID:   fmt.Sprintf("p%d", rec.Seq),
+		Time: time.Unix(0, rec.Time).UTC(),
+		Kind: kind,
+		Seq:  rec.Seq,
+	}, nil
+}
+
+// Head returns the seq of the last record appended.
+func (s *Stream) Head() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.head
+}
+
+// Flush makes every completed change durable: the spool, then the dirty
+// maps, then the disks (so a synced disk never holds a change the synced
+// spool and map do not account for).
+func (s *Stream) Flush() error {
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	if err := s.spool.Sync(); err != nil {
+		return fmt.Errorf("capture: sync spool: %w", err)
+	}
+	for _, d := range s.disks {
+		if err := d.dirty.sync(); err != nil {
+			return fmt.Errorf("capture: sync dirty map: %w", err)
+		}
+	}
+	for _, d := range s.disks {
+		if err := d.fd.Flush(); err != nil {
+			return fmt.Errorf("capture: sync disk %d: %w", d.idx, err)
+		}
+	}
+	return nil
+}
+
+// Stats returns a snapshot of the stream's state.
+func (s *Stream) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.opts.Now()
+	st := Stats{
+		HeadSeq:      s.head,
+		AckedSeq:     s.acked,
+		BacklogBytes: s.backlog,
+		DirtyBytes:   s.dirtyBytesLocked(),
+		SyncDone:     s.syncDone,
+		SyncTotal:    s.syncTotal,
+	}
+	switch {
+	case s.resyncing && s.initial:
+		st.State = StateSyncing
+	case s.resyncing:
+		st.State = StateResyncing
+	case s.overflow || st.DirtyBytes > 0:
+		st.State = StateOverflow
+	default:
+		st.State = StateStreaming
+	}
+	if len(s.unacked) > 0 {
+		st.LagSeconds = max(0, now.Sub(time.Unix(0, s.unacked[0].time)).Seconds())
+	}
+	// Throughput over the oldest sample within ~10 s.
+	for i := range min(s.nsample, len(s.samples)) {
+		sm := s.samples[(s.nsample-1-i)%len(s.samples)]
+		if now.Sub(sm.t) > 11*time.Second {
+			break
+		}
+		if dt := now.Sub(sm.t).Seconds(); dt >= 0.5 {
+			st.ThroughputBps = float64(s.ackedBytes-sm.acked) / dt
+		}
+	}
+	return st
+}
+
+// housekeep persists the acked seq, truncates the spool, samples
+// throughput and leaves an overflow no ack would end (failed spool).
+func (s *Stream) housekeep() {
+	defer s.wg.Done()
+	t := time.NewTicker(metaInterval)
+	defer t.Stop()
+	var lastSample time.Time
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		now := s.opts.Now()
+		if now.Sub(lastSample) >= time.Second || now.Before(lastSample) {
+			s.samples[s.nsample%len(s.samples)] = sample{t: now, acked: s.ackedBytes}
+			s.nsample++
+			lastSample = now
+		}
+		s.maybeLeaveOverflowLocked()
+		acked := s.acked
+		s.mu.Unlock()
+		if err := s.saveMeta(); err != nil {
+			s.logger.Error("saving stream state failed", "err", err)
+			continue
+		}
+		if err := s.spool.TruncateFront(acked); err != nil {
+			s.logger.Error("truncating spool failed", "err", err)
+		}
+	}
+}
+
+// saveMeta persists the stream state if it changed (write temp, rename).
+func (s *Stream) saveMeta() error {
+	s.metaMu.Lock()
+	defer s.metaMu.Unlock()
+	s.mu.Lock()
+	m := meta{Version: 1, RegionSize: s.opts.RegionSize, Acked: s.acked, Resync: s.resyncing, Initial: s.initial && s.resyncing}
+	for _, d := range s.disks {
+		m.Disks = append(m.Disks, d.fd.Size())
+	}
+	s.mu.Unlock()
+	if m.Acked == s.lastMeta.Acked && m.Resync == s.lastMeta.Resync && m.Initial == s.lastMeta.Initial && len(s.lastMeta.Disks) > 0 {
+		return nil
+	}
+	return s.writeMeta(&m)
+}
+
+func (s *Stream) writeMeta(m *meta) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(s.dir, "meta.json")
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("capture: write meta: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("capture: write meta: %w", err)
+	}
+	s.lastMeta = *m
+	return nil
+}
+
+func (s *Stream) readMeta() (*meta, error) {
+	b, err := os.ReadFile(filepath.Join(s.dir, "meta.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, fmt.Errorf("capture: read meta: %w", err)
+	}
+	var m meta
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, rebound.Errorf(rebound.EINTERNAL, "capture: bad meta file in %s: %v", s.dir, err)
+	}
+	return &m, nil
+}
+
+// Close stops the stream's goroutines, persists its state and closes its
+// files. Blocked Reads return ErrClosed.
+func (s *Stream) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	close(s.done)
+	s.mu.Unlock()
+	s.wg.Wait()
+	err := s.saveMeta()
+	if ferr := s.flushAll(); err == nil {
+		err = ferr
+	}
+	if cerr := s.closeFiles(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (s *Stream) flushAll() error {
+	var err error
+	if s.spool != nil {
+		err = s.spool.Sync()
+	}
+	for _, d := range s.disks {
+		if e := d.dirty.sync(); err == nil {
+			err = e
+		}
+		if e := d.fd.Flush(); err == nil {
+			err = e
+		}
+	}
+	return err
+}
+
+func (s *Stream) closeFiles() error {
+	var err error
+	s.rdMu.Lock()
+	if s.rd != nil {
+		s.rd.Close()
+		s.rd = nil
+	}
+	s.rdMu.Unlock()
+	if s.spool != nil {
+		err = s.spool.Close()
+	}
+	for _, d := range s.disks {
+		if d.dirty != nil {
+			if e := d.dirty.close(); err == nil {
+				err = e
+			}
+		}
+		if e := d.fd.Close(); err == nil {
+			err = e
+		}
+	}
+	return err
+}
+
+// Remove deletes a stream's state in dir (spool, meta, dirty maps). Disk
+// files are left alone even if they live in dir.
+func Remove(dir string) error {
+	if err := os.RemoveAll(filepath.Join(dir, "spool")); err != nil {
+		return fmt.Errorf("capture: remove: %w", err)
+	}
+	names, _ := filepath.Glob(filepath.Join(dir, "dirty.*"))
+	names = append(names, filepath.Join(dir, "meta.json"), filepath.Join(dir, "meta.json.tmp"))
+	for _, n := range names {
+		if err := os.Remove(n); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("capture: remove: %w", err)
+		}
+	}
+	// Only if nothing else lives there.
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if ents, rerr := os.ReadDir(dir); rerr == nil && len(ents) > 0 {
+			return nil
+		}
+		return fmt.Errorf("capture: remove: %w", err)
+	}
+	return nil
+}
