@@ -93,7 +93,8 @@ func (c *CLI) WaitJob(ctx context.Context, svc rebound.Service, job *rebound.Job
 // progressBar draws the job's progress and step on stderr.
 func (c *CLI) progressBar(ctx context.Context, job *rebound.Job) (show, stop func(*rebound.Job)) {
 	const total = 1000
-	p := mpb.NewWithContext(ctx, mpb.WithOutput(c.Stderr), mpb.WithWidth(40))
+	p := mpb.NewWithContext(ctx, mpb.WithOutput(c.Stderr), mpb.WithWidth(40),
+		mpb.WithAutoRefresh()) // render even when IsTerminal was overridden
 	var step atomic.Pointer[string] // written by show, read by mpb's goroutine
 	first := job.Step
 	step.Store(&first)
