@@ -1,0 +1,573 @@
+package grpc
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/grpc/pb"
+	ggrpc "google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// ControlServer serves the control channels sites open to the server and
+// hands out a rebound.SiteService per connected site.
+type ControlServer struct {
+	// OnReport receives each status a site pushes (its hello included).
+	OnReport func(site string, st *rebound.SiteStatus)
+	// OnConnect and OnDisconnect fire as a site's channel opens and closes.
+	OnConnect, OnDisconnect func(site string)
+
+	mu       sync.Mutex
+	sessions map[string]*session
+
+	pb.UnimplementedControlServer
+}
+
+// Register adds the Control service to s.
+func (c *ControlServer) Register(s *ggrpc.Server) { pb.RegisterControlServer(s, c) }
+
+// Connected returns the names of the connected sites, sorted.
+func (c *ControlServer) Connected() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	names := make([]string, 0, len(c.sessions))
+	for n := range c.sessions {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Site returns a SiteService that calls the named site over its control
+// channel, and whether the site is connected now. The proxy stays usable:
+// each call goes to the site's current channel, and fails with
+// EUNAVAILABLE while it has none.
+func (c *ControlServer) Site(name string) (rebound.SiteService, bool) {
+	c.mu.Lock()
+	_, ok := c.sessions[name]
+	c.mu.Unlock()
+	return &siteProxy{c: c, site: name}, ok
+}
+
+func (c *ControlServer) session(name string) *session {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.sessions[name]
+}
+
+// session is one open control channel.
+type session struct {
+	site   string
+	stream pb.Control_ConnectServer
+	sendMu sync.Mutex
+	nextID atomic.Uint64
+
+	mu      sync.Mutex
+	pending map[uint64]*pendingCall
+	closed  error // set once the channel is gone
+}
+
+type pendingCall struct {
+	done     chan *pb.SiteMessage // result or error, cap 1
+	progress chan *pb.Progress    // latest progress only, cap 1
+}
+
+func (s *session) send(m *pb.ServerMessage) error {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	return s.stream.Send(m)
+}
+
+// Connect serves one site's control channel until it closes.
+func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
+	name, err := peerIsSite(stream.Context())
+	if err != nil {
+		return err
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	hello := first.GetHello()
+	if hello == nil {
+		return status.Error(codes.InvalidArgument, "control: first message must be a hello")
+	}
+	if err := checkVersion("control", hello.Version); err != nil {
+		return err
+	}
+	if hello.Site != name {
+		return status.Errorf(codes.PermissionDenied, "control: certificate is for site %q, hello says %q", name, hello.Site)
+	}
+	st, err := decodeStatus(hello.Status)
+	if err != nil {
+		return err
+	}
+
+	s := &session{site: name, stream: stream, pending: make(map[uint64]*pendingCall)}
+	if err := s.send(&pb.ServerMessage{Body: &pb.ServerMessage_Welcome{Welcome: &pb.Welcome{Version: ProtocolVersion}}}); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	if c.sessions == nil {
+		c.sessions = make(map[string]*session)
+	}
+	// A newer channel replaces an older one (the old one is probably a
+	// dead connection keepalive has not caught yet).
+	c.sessions[name] = s
+	c.mu.Unlock()
+	if c.OnConnect != nil {
+		c.OnConnect(name)
+	}
+	if c.OnReport != nil {
+		c.OnReport(name, st)
+	}
+
+	err = c.serve(s)
+
+	s.mu.Lock()
+	s.closed = rebound.Errorf(rebound.EUNAVAILABLE, "site %s disconnected", name)
+	for id, p := range s.pending {
+		delete(s.pending, id)
+		p.done <- &pb.SiteMessage{Id: id, Body: &pb.SiteMessage_Error{Error: &pb.CallError{Code: rebound.EUNAVAILABLE, Message: s.closed.Error()}}}
+	}
+	s.mu.Unlock()
+	c.mu.Lock()
+	current := c.sessions[name] == s
+	if current {
+		delete(c.sessions, name)
+	}
+	c.mu.Unlock()
+	if current && c.OnDisconnect != nil {
+		c.OnDisconnect(name)
+	}
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+func (c *ControlServer) serve(s *session) error {
+	for {
+		m, err := s.stream.Recv()
+		if err != nil {
+			return err
+		}
+		switch b := m.Body.(type) {
+		case *pb.SiteMessage_Report:
+			st, err := decodeStatus(b.Report.Status)
+			if err != nil {
+				return err
+			}
+			if c.OnReport != nil {
+				c.OnReport(s.site, st)
+			}
+		case *pb.SiteMessage_Progress:
+			s.mu.Lock()
+			p := s.pending[m.Id]
+			s.mu.Unlock()
+			if p != nil {
+				// Keep only the latest: a slow callback must not stall
+				// the channel. This goroutine is the only sender.
+				select {
+				case p.progress <- b.Progress:
+				default:
+					select {
+					case <-p.progress:
+					default:
+					}
+					p.progress <- b.Progress
+				}
+			}
+		case *pb.SiteMessage_Result, *pb.SiteMessage_Error:
+			s.mu.Lock()
+			p := s.pending[m.Id]
+			delete(s.pending, m.Id)
+			s.mu.Unlock()
+			if p != nil {
+				p.done <- m
+			}
+		default:
+			return status.Errorf(codes.InvalidArgument, "control: unexpected message %T from site %s", m.Body, s.site)
+		}
+	}
+}
+
+func decodeStatus(b []byte) (*rebound.SiteStatus, error) {
+	var st rebound.SiteStatus
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "control: bad site status: %v", err)
+	}
+	return &st, nil
+}
+
+// call runs method on the site with args and decodes the answer into
+// result (may be nil). progress, if set, receives Commit progress.
+func (c *ControlServer) call(ctx context.Context, site, method string, args, result any, progress func(done, total int64)) error {
+	s := c.session(site)
+	if s == nil {
+		return rebound.Errorf(rebound.EUNAVAILABLE, "site %s is not connected", site)
+	}
+	argb, err := json.Marshal(args)
+	if err != nil {
+		return fmt.Errorf("%s: encode arguments: %w", method, err)
+	}
+	id := s.nextID.Add(1)
+	p := &pendingCall{done: make(chan *pb.SiteMessage, 1), progress: make(chan *pb.Progress, 1)}
+	s.mu.Lock()
+	if s.closed != nil {
+		s.mu.Unlock()
+		return rebound.Errorf(rebound.EUNAVAILABLE, "site %s is not connected", site)
+	}
+	s.pending[id] = p
+	s.mu.Unlock()
+
+	if err := s.send(&pb.ServerMessage{Id: id, Body: &pb.ServerMessage_Call{Call: &pb.Call{Method: method, Args: argb}}}); err != nil {
+		s.mu.Lock()
+		delete(s.pending, id)
+		s.mu.Unlock()
+		return rebound.Errorf(rebound.EUNAVAILABLE, "site %s: send %s: %v", site, method, err)
+	}
+	for {
+		select {
+		case pr := <-p.progress:
+			if progress != nil {
+				progress(pr.Done, pr.Total)
+			}
+		case m := <-p.done:
+			// Deliver a progress update that raced the answer first.
+			select {
+			case pr := <-p.progress:
+				if progress != nil {
+					progress(pr.Done, pr.Total)
+				}
+			default:
+			}
+			if e := m.GetError(); e != nil {
+				return rebound.Errorf(e.Code, "site %s: %s", site, e.Message)
+			}
+			if result != nil {
+				if err := json.Unmarshal(m.GetResult(), result); err != nil {
+					return rebound.Errorf(rebound.EINTERNAL, "site %s: %s: bad result: %v", site, method, err)
+				}
+			}
+			return nil
+		case <-ctx.Done():
+			s.mu.Lock()
+			_, live := s.pending[id]
+			delete(s.pending, id)
+			s.mu.Unlock()
+			if live {
+				// Best effort: the site stops working on it; its late
+				// answer is dropped above.
+				_ = s.send(&pb.ServerMessage{Id: id, Body: &pb.ServerMessage_Cancel{Cancel: true}})
+			}
+			return fmt.Errorf("site %s: %s: %w", site, method, ctx.Err())
+		}
+	}
+}
+
+// Method arguments. Struct arguments (SiteMachine, ReplicationSpec,
+// ActivateSpec) travel as themselves.
+type machineArgs struct {
+	Machine  string            `json:"machine"`
+	Kind     rebound.PointKind `json:"kind,omitempty"`
+	Selector string            `json:"selector,omitempty"`
+	Test     bool              `json:"test,omitempty"`
+}
+
+// siteProxy is the server's view of one site's SiteService.
+type siteProxy struct {
+	c    *ControlServer
+	site string
+}
+
+func (p *siteProxy) Status(ctx context.Context) (*rebound.SiteStatus, error) {
+	var st rebound.SiteStatus
+	if err := p.c.call(ctx, p.site, "Status", nil, &st, nil); err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+func (p *siteProxy) CreateMachine(ctx context.Context, m rebound.SiteMachine) error {
+	return p.c.call(ctx, p.site, "CreateMachine", m, nil, nil)
+}
+
+func (p *siteProxy) DeleteMachine(ctx context.Context, name string) error {
+	return p.c.call(ctx, p.site, "DeleteMachine", machineArgs{Machine: name}, nil, nil)
+}
+
+func (p *siteProxy) StartReplication(ctx context.Context, spec rebound.ReplicationSpec) error {
+	return p.c.call(ctx, p.site, "StartReplication", spec, nil, nil)
+}
+
+func (p *siteProxy) StopReplication(ctx context.Context, machine string) error {
+	return p.c.call(ctx, p.site, "StopReplication", machineArgs{Machine: machine}, nil, nil)
+}
+
+func (p *siteProxy) CutPoint(ctx context.Context, machine string, kind rebound.PointKind) (rebound.RecoveryPoint, error) {
+	var rp rebound.RecoveryPoint
+	err := p.c.call(ctx, p.site, "CutPoint", machineArgs{Machine: machine, Kind: kind}, &rp, nil)
+	return rp, err
+}
+
+func (p *siteProxy) ListPoints(ctx context.Context, machine string) (*rebound.PointList, error) {
+	var pl rebound.PointList
+	if err := p.c.call(ctx, p.site, "ListPoints", machineArgs{Machine: machine}, &pl, nil); err != nil {
+		return nil, err
+	}
+	return &pl, nil
+}
+
+func (p *siteProxy) ResolvePoint(ctx context.Context, machine, selector string) (rebound.RecoveryPoint, error) {
+	var rp rebound.RecoveryPoint
+	err := p.c.call(ctx, p.site, "ResolvePoint", machineArgs{Machine: machine, Selector: selector}, &rp, nil)
+	return rp, err
+}
+
+func (p *siteProxy) Fence(ctx context.Context, machine string) (uint64, error) {
+	var seq uint64
+	err := p.c.call(ctx, p.site, "Fence", machineArgs{Machine: machine}, &seq, nil)
+	return seq, err
+}
+
+func (p *siteProxy) Unfence(ctx context.Context, machine string) error {
+	return p.c.call(ctx, p.site, "Unfence", machineArgs{Machine: machine}, nil, nil)
+}
+
+func (p *siteProxy) Replicated(ctx context.Context, machine string) (uint64, error) {
+	var seq uint64
+	err := p.c.call(ctx, p.site, "Replicated", machineArgs{Machine: machine}, &seq, nil)
+	return seq, err
+}
+
+func (p *siteProxy) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebound.Disk, error) {
+	var disks []rebound.Disk
+	err := p.c.call(ctx, p.site, "Activate", spec, &disks, nil)
+	return disks, err
+}
+
+func (p *siteProxy) Deactivate(ctx context.Context, machine string, test bool) error {
+	return p.c.call(ctx, p.site, "Deactivate", machineArgs{Machine: machine, Test: test}, nil, nil)
+}
+
+func (p *siteProxy) Commit(ctx context.Context, machine string, progress func(done, total int64)) error {
+	return p.c.call(ctx, p.site, "Commit", machineArgs{Machine: machine}, nil, progress)
+}
+
+func (p *siteProxy) Release(ctx context.Context, machine string) error {
+	return p.c.call(ctx, p.site, "Release", machineArgs{Machine: machine}, nil, nil)
+}
+
+var _ rebound.SiteService = (*siteProxy)(nil)
+
+// dispatch runs one call on the site's local SiteService and returns its
+// JSON result. send delivers progress messages.
+func dispatch(ctx context.Context, local rebound.SiteService, method string, args []byte, progress func(done, total int64)) (any, error) {
+	decode := func(v any) error {
+		if err := json.Unmarshal(args, v); err != nil {
+			return rebound.Errorf(rebound.EINVALID, "%s: bad arguments: %v", method, err)
+		}
+		return nil
+	}
+	var a machineArgs
+	switch method {
+	case "Status":
+		return local.Status(ctx)
+	case "CreateMachine":
+		var m rebound.SiteMachine
+		if err := decode(&m); err != nil {
+			return nil, err
+		}
+		return nil, local.CreateMachine(ctx, m)
+	case "StartReplication":
+		var spec rebound.ReplicationSpec
+		if err := decode(&spec); err != nil {
+			return nil, err
+		}
+		return nil, local.StartReplication(ctx, spec)
+	case "Activate":
+		var spec rebound.ActivateSpec
+		if err := decode(&spec); err != nil {
+			return nil, err
+		}
+		return local.Activate(ctx, spec)
+	}
+	if err := decode(&a); err != nil {
+		return nil, err
+	}
+	switch method {
+	case "DeleteMachine":
+		return nil, local.DeleteMachine(ctx, a.Machine)
+	case "StopReplication":
+		return nil, local.StopReplication(ctx, a.Machine)
+	case "CutPoint":
+		return local.CutPoint(ctx, a.Machine, a.Kind)
+	case "ListPoints":
+		return local.ListPoints(ctx, a.Machine)
+	case "ResolvePoint":
+		return local.ResolvePoint(ctx, a.Machine, a.Selector)
+	case "Fence":
+		return local.Fence(ctx, a.Machine)
+	case "Unfence":
+		return nil, local.Unfence(ctx, a.Machine)
+	case "Replicated":
+		return local.Replicated(ctx, a.Machine)
+	case "Deactivate":
+		return nil, local.Deactivate(ctx, a.Machine, a.Test)
+	case "Commit":
+		return nil, local.Commit(ctx, a.Machine, progress)
+	case "Release":
+		return nil, local.Release(ctx, a.Machine)
+	}
+	return nil, rebound.Errorf(rebound.EINVALID, "unknown site method %q (site speaks protocol %d)", method, ProtocolVersion)
+}
+
+// controlMaxBackoff bounds the wait between reconnects; a var for tests.
+var controlMaxBackoff = 5 * time.Second
+
+// RunControl keeps this site's control channel to the server at addr open
+// until ctx is done, reconnecting with backoff. It serves the server's
+// calls concurrently on local and pushes local.Status every reportEvery.
+// It returns ctx's error.
+func RunControl(ctx context.Context, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration) error {
+	for attempt := 0; ; attempt++ {
+		welcomed, err := runControlOnce(ctx, addr, tlsConf, local, reportEvery)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if welcomed {
+			attempt = 0
+		}
+		slog.Warn("control channel to server closed; reconnecting", "addr", addr, "err", err)
+		if err := sleepCtx(ctx, backoff(attempt, controlMaxBackoff)); err != nil {
+			return err
+		}
+	}
+}
+
+// runControlOnce serves one channel; welcomed reports whether the server
+// accepted the hello.
+func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration) (welcomed bool, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	st, err := local.Status(ctx)
+	if err != nil {
+		return false, fmt.Errorf("local status: %w", err)
+	}
+	stb, err := json.Marshal(st)
+	if err != nil {
+		return false, err
+	}
+	cc, err := Dial(addr, tlsConf)
+	if err != nil {
+		return false, err
+	}
+	defer cc.Close()
+	stream, err := pb.NewControlClient(cc).Connect(ctx)
+	if err != nil {
+		return false, fromStatus("control", err)
+	}
+	var sendMu sync.Mutex
+	send := func(m *pb.SiteMessage) error {
+		sendMu.Lock()
+		defer sendMu.Unlock()
+		return stream.Send(m)
+	}
+	if err := send(&pb.SiteMessage{Body: &pb.SiteMessage_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Site: st.Site, Status: stb}}}); err != nil {
+		return false, fromStatus("control", err)
+	}
+	m, err := stream.Recv()
+	if err != nil {
+		return false, fromStatus("control", err)
+	}
+	if m.GetWelcome() == nil {
+		return false, fmt.Errorf("control: server answered the hello with %T", m.Body)
+	}
+
+	var wg sync.WaitGroup
+	defer wg.Wait() // after cancel (deferred earlier, runs later): calls stop
+	defer cancel()
+
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(reportEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			st, err := local.Status(ctx)
+			if err != nil {
+				slog.Warn("site status for report", "err", err)
+				continue
+			}
+			b, _ := json.Marshal(st)
+			if err := send(&pb.SiteMessage{Body: &pb.SiteMessage_Report{Report: &pb.Report{Status: b}}}); err != nil {
+				return // Recv below sees the broken stream
+			}
+		}
+	}()
+
+	var mu sync.Mutex
+	calls := make(map[uint64]context.CancelFunc)
+	for {
+		m, err := stream.Recv()
+		if err != nil {
+			return true, fromStatus("control", err)
+		}
+		switch b := m.Body.(type) {
+		case *pb.ServerMessage_Cancel:
+			mu.Lock()
+			if cancelCall := calls[m.Id]; cancelCall != nil {
+				cancelCall()
+			}
+			mu.Unlock()
+		case *pb.ServerMessage_Call:
+			cctx, cancelCall := context.WithCancel(ctx)
+			mu.Lock()
+			calls[m.Id] = cancelCall
+			mu.Unlock()
+			wg.Add(1)
+			go func(id uint64, call *pb.Call) {
+				defer wg.Done()
+				defer func() {
+					mu.Lock()
+					delete(calls, id)
+					mu.Unlock()
+					cancelCall()
+				}()
+				progress := func(done, total int64) {
+					_ = send(&pb.SiteMessage{Id: id, Body: &pb.SiteMessage_Progress{Progress: &pb.Progress{Done: done, Total: total}}})
+				}
+				res, err := dispatch(cctx, local, call.Method, call.Args, progress)
+				var reply *pb.SiteMessage
+				if err != nil {
+					reply = &pb.SiteMessage{Id: id, Body: &pb.SiteMessage_Error{Error: &pb.CallError{Code: rebound.ErrorCode(err), Message: rebound.ErrorMessage(err)}}}
+				} else if b, err := json.Marshal(res); err != nil {
+					reply = &pb.SiteMessage{Id: id, Body: &pb.SiteMessage_Error{Error: &pb.CallError{Code: rebound.EINTERNAL, Message: "encode result: " + err.Error()}}}
+				} else {
+					reply = &pb.SiteMessage{Id: id, Body: &pb.SiteMessage_Result{Result: b}}
+				}
+				_ = send(reply)
+			}(m.Id, b.Call)
+		default:
+			slog.Warn("control: unexpected message from server", "type", fmt.Sprintf("%T", m.Body))
+		}
+	}
+}

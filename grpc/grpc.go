@@ -1,0 +1,218 @@
+// Package grpc is Rebound's wire: enrollment and the control channel
+// between the server and its sites, and replication between sites, all
+// over gRPC with mutual TLS and zstd. See docs/design/wire.md.
+package grpc
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/grpc/pb"
+	"github.com/rebound-dr/rebound/pki"
+	ggrpc "google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+)
+
+// ProtocolVersion is carried in every hello. Peers with another version are
+// refused with FailedPrecondition.
+const ProtocolVersion = 1
+
+// MaxMessageSize bounds one gRPC message either way.
+const MaxMessageSize = 64 << 20
+
+// Keepalive: a ping every 5 s, dropped after 5 s more without an answer, so
+// a dead peer is noticed within ~10 s even on an idle stream.
+const (
+	keepaliveTime    = 5 * time.Second
+	keepaliveTimeout = 5 * time.Second
+)
+
+// NewServer returns a gRPC server with Rebound's TLS, keepalive, message
+// size and authentication settings. Every method but Enroll requires a
+// client certificate verified against the CA (tlsConf's ClientCAs); callers
+// without one get Unauthenticated. opts are appended.
+func NewServer(tlsConf *tls.Config, opts ...ggrpc.ServerOption) *ggrpc.Server {
+	o := []ggrpc.ServerOption{
+		ggrpc.Creds(credentials.NewTLS(tlsConf)),
+		ggrpc.MaxRecvMsgSize(MaxMessageSize),
+		ggrpc.MaxSendMsgSize(MaxMessageSize),
+		ggrpc.KeepaliveParams(keepalive.ServerParameters{Time: keepaliveTime, Timeout: keepaliveTimeout}),
+		ggrpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveTime / 2, PermitWithoutStream: true}),
+		ggrpc.ConnectionTimeout(10 * time.Second),
+		ggrpc.ChainUnaryInterceptor(authUnary),
+		ggrpc.ChainStreamInterceptor(authStream),
+	}
+	return ggrpc.NewServer(append(o, opts...)...)
+}
+
+// Dial returns a client connection with Rebound's settings: zstd on every
+// call, keepalive and message size limits. It does not connect yet.
+func Dial(addr string, tlsConf *tls.Config) (*ggrpc.ClientConn, error) {
+	return ggrpc.NewClient(addr,
+		ggrpc.WithTransportCredentials(credentials.NewTLS(tlsConf)),
+		ggrpc.WithDefaultCallOptions(
+			ggrpc.UseCompressor(Compressor),
+			ggrpc.MaxCallRecvMsgSize(MaxMessageSize),
+			ggrpc.MaxCallSendMsgSize(MaxMessageSize),
+		),
+		ggrpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: keepaliveTimeout, PermitWithoutStream: true}),
+	)
+}
+
+// unauthenticated lists the methods callable without a client certificate.
+var unauthenticated = map[string]bool{
+	pb.Enrollment_Enroll_FullMethodName: true,
+}
+
+func authUnary(ctx context.Context, req any, info *ggrpc.UnaryServerInfo, h ggrpc.UnaryHandler) (any, error) {
+	if !unauthenticated[info.FullMethod] {
+		if _, err := PeerSite(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return h(ctx, req)
+}
+
+func authStream(srv any, ss ggrpc.ServerStream, info *ggrpc.StreamServerInfo, h ggrpc.StreamHandler) error {
+	if !unauthenticated[info.FullMethod] {
+		if _, err := PeerSite(ss.Context()); err != nil {
+			return err
+		}
+	}
+	return h(srv, ss)
+}
+
+// PeerSite returns the common name of the caller's verified client
+// certificate, or an Unauthenticated status error.
+func PeerSite(ctx context.Context) (string, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return "", status.Error(codes.Unauthenticated, "no peer information")
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return "", status.Error(codes.Unauthenticated, "connection is not TLS")
+	}
+	name, ok := pki.PeerName(ti.State)
+	if !ok {
+		return "", status.Error(codes.Unauthenticated, "a client certificate issued by the Rebound CA is required (enroll first)")
+	}
+	return name, nil
+}
+
+// peerIsSite checks that the caller holds a site certificate.
+func peerIsSite(ctx context.Context) (string, error) {
+	name, err := PeerSite(ctx)
+	if err != nil {
+		return "", err
+	}
+	p, _ := peer.FromContext(ctx)
+	ti := p.AuthInfo.(credentials.TLSInfo)
+	if !pki.IsSite(ti.State.VerifiedChains[0][0]) {
+		return "", status.Errorf(codes.PermissionDenied, "%q does not hold a site certificate", name)
+	}
+	return name, nil
+}
+
+func checkVersion(what string, v uint32) error {
+	if v != ProtocolVersion {
+		return status.Errorf(codes.FailedPrecondition, "%s: peer speaks protocol version %d, this side speaks %d; upgrade the older side", what, v, ProtocolVersion)
+	}
+	return nil
+}
+
+var codeToGRPC = map[string]codes.Code{
+	rebound.EINVALID:      codes.InvalidArgument,
+	rebound.ENOTFOUND:     codes.NotFound,
+	rebound.ECONFLICT:     codes.FailedPrecondition,
+	rebound.EUNAVAILABLE:  codes.Unavailable,
+	rebound.EUNAUTHORIZED: codes.Unauthenticated,
+	rebound.EINTERNAL:     codes.Internal,
+}
+
+// toStatus turns a rebound error into a gRPC status error.
+func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	if errors.Is(err, context.Canceled) {
+		return status.Error(codes.Canceled, err.Error())
+	} else if errors.Is(err, context.DeadlineExceeded) {
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	}
+	return status.Error(codeToGRPC[rebound.ErrorCode(err)], rebound.ErrorMessage(err))
+}
+
+// fromStatus turns a gRPC error into a rebound error, prefixing what.
+func fromStatus(what string, err error) error {
+	st, ok := status.FromError(err)
+	if !ok || err == nil {
+		return err
+	}
+	code := rebound.EINTERNAL
+	switch st.Code() {
+	case codes.InvalidArgument, codes.OutOfRange:
+		code = rebound.EINVALID
+	case codes.NotFound:
+		code = rebound.ENOTFOUND
+	case codes.FailedPrecondition, codes.AlreadyExists, codes.Aborted:
+		code = rebound.ECONFLICT
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
+		code = rebound.EUNAVAILABLE
+	case codes.Unauthenticated, codes.PermissionDenied:
+		code = rebound.EUNAUTHORIZED
+	}
+	return &wireError{err: rebound.Errorf(code, "%s: %s", what, st.Message()), st: st}
+}
+
+// wireError keeps the gRPC status next to the rebound error so callers can
+// use either status.Code or rebound.ErrorCode.
+type wireError struct {
+	err *rebound.Error
+	st  *status.Status
+}
+
+func (e *wireError) Error() string              { return e.err.Message }
+func (e *wireError) GRPCStatus() *status.Status { return e.st }
+func (e *wireError) Unwrap() error              { return e.err }
+
+// backoff returns the wait before reconnect attempt n (0-based): 100 ms
+// doubling to max, with jitter so sites do not reconnect in lockstep.
+func backoff(n int, max time.Duration) time.Duration {
+	d := 100 * time.Millisecond
+	for i := 0; i < n && d < max; i++ {
+		d *= 2
+	}
+	d = min(d, max)
+	return d/2 + rand.N(d/2+1)
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return fmt.Sprint(err)
+}
