@@ -1,0 +1,267 @@
+package http
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// Client implements rebound.Service over the REST API. Errors come back as
+// *rebound.Error with the server's code; a server that cannot be reached is
+// EUNAVAILABLE.
+type Client struct {
+	BaseURL    string // "https://host:port", no trailing slash
+	Token      string // bearer token
+	HTTPClient *http.Client
+}
+
+var _ rebound.Service = (*Client)(nil)
+
+// maxResponseBytes bounds what the client reads of an answer.
+const maxResponseBytes = 64 << 20
+
+// NewClient returns a client of the server at baseURL. If caPEM is given,
+// TLS trusts only the certificates in it (the Rebound CA); otherwise the
+// system roots.
+func NewClient(baseURL, token string, caPEM []byte) (*Client, error) {
+	u, err := url.Parse(baseURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, rebound.Errorf(rebound.EINVALID, "server URL %q must look like https://host:port", baseURL)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	if len(caPEM) > 0 {
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(caPEM) {
+			return nil, rebound.Errorf(rebound.EINVALID, "the CA file holds no PEM certificate")
+		}
+		tr.TLSClientConfig.RootCAs = pool
+	}
+	return &Client{
+		BaseURL: strings.TrimRight(baseURL, "/"),
+		Token:   token,
+		// A generous bound so a hung server does not hang the CLI; job
+		// verbs answer at once and CreatePoint waits only for one point.
+		HTTPClient: &http.Client{Transport: tr, Timeout: 2 * time.Minute},
+	}, nil
+}
+
+// do sends a request with an optional JSON body and decodes a JSON answer
+// into out (if not nil).
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	if strings.Contains(path, "//") || strings.HasSuffix(path, "/") {
+		return rebound.Errorf(rebound.EINVALID, "a name in %s %s is empty", method, path)
+	}
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return fmt.Errorf("encode request: %w", err)
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
+	if err != nil {
+		return rebound.Errorf(rebound.EINVALID, "bad request %s %s: %v", method, path, err)
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Accept", "application/json")
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
+	hc := c.HTTPClient
+	if hc == nil {
+		hc = http.DefaultClient
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return rebound.Errorf(rebound.EUNAVAILABLE, "cannot reach the Rebound server at %s: %v", c.BaseURL, unwrapURLError(err))
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBytes))
+	if err != nil {
+		return rebound.Errorf(rebound.EUNAVAILABLE, "reading the answer of the Rebound server at %s: %v", c.BaseURL, err)
+	}
+	if resp.StatusCode >= 300 {
+		var e errorResponse
+		if json.Unmarshal(b, &e) == nil && e.Error.Code != "" {
+			return &rebound.Error{Code: e.Error.Code, Message: e.Error.Message}
+		}
+		return rebound.Errorf(codeOf(resp.StatusCode), "the Rebound server at %s answered %s", c.BaseURL, resp.Status)
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		return rebound.Errorf(rebound.EINTERNAL, "cannot decode the answer to %s %s: %v", method, path, err)
+	}
+	return nil
+}
+
+// unwrapURLError drops url.Error's "Get \"https://...\":" prefix, which
+// repeats what the message already says.
+func unwrapURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+func seg(s string) string { return url.PathEscape(s) }
+
+func (c *Client) ListSites(ctx context.Context) ([]rebound.Site, error) {
+	var v []rebound.Site
+	return v, c.do(ctx, "GET", "/api/v1/sites", nil, &v)
+}
+
+func (c *Client) CreateEnrollToken(ctx context.Context, site string) (string, error) {
+	var v tokenBody
+	err := c.do(ctx, "POST", "/api/v1/sites/"+seg(site)+"/enroll-tokens", nil, &v)
+	return v.Token, err
+}
+
+func (c *Client) CreateMachine(ctx context.Context, req rebound.CreateMachineRequest) (*rebound.Machine, error) {
+	var v rebound.Machine
+	if err := c.do(ctx, "POST", "/api/v1/machines", req, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) ListMachines(ctx context.Context) ([]rebound.Machine, error) {
+	var v []rebound.Machine
+	return v, c.do(ctx, "GET", "/api/v1/machines", nil, &v)
+}
+
+func (c *Client) GetMachine(ctx context.Context, name string) (*rebound.Machine, error) {
+	var v rebound.Machine
+	if err := c.do(ctx, "GET", "/api/v1/machines/"+seg(name), nil, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) DeleteMachine(ctx context.Context, name string) error {
+	return c.do(ctx, "DELETE", "/api/v1/machines/"+seg(name), nil, nil)
+}
+
+func (c *Client) ListPolicies(ctx context.Context) ([]rebound.Policy, error) {
+	var v []rebound.Policy
+	return v, c.do(ctx, "GET", "/api/v1/policies", nil, &v)
+}
+
+func (c *Client) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Policy, error) {
+	if p.Name == "" {
+		return nil, rebound.Errorf(rebound.EINVALID, "policy name is empty")
+	}
+	var v rebound.Policy
+	if err := c.do(ctx, "PUT", "/api/v1/policies/"+seg(p.Name), p, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/protect", protectBody{To: req.To, Policy: req.Policy})
+}
+
+func (c *Client) ListPoints(ctx context.Context, machine string) ([]rebound.RecoveryPoint, error) {
+	var v []rebound.RecoveryPoint
+	return v, c.do(ctx, "GET", "/api/v1/machines/"+seg(machine)+"/points", nil, &v)
+}
+
+func (c *Client) CreatePoint(ctx context.Context, machine string, app bool) (*rebound.RecoveryPoint, error) {
+	var v rebound.RecoveryPoint
+	if err := c.do(ctx, "POST", "/api/v1/machines/"+seg(machine)+"/points", pointBody{AppConsistent: app}, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/failover", failoverBody{Point: req.Point, Planned: req.Planned})
+}
+
+func (c *Client) ChangePoint(ctx context.Context, machine, point string) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(machine)+"/failover/change-point", changePointBody{Point: point})
+}
+
+func (c *Client) CancelFailover(ctx context.Context, machine string) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(machine)+"/failover/cancel", nil)
+}
+
+func (c *Client) Commit(ctx context.Context, machine string) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(machine)+"/commit", nil)
+}
+
+func (c *Client) TestFailover(ctx context.Context, machine, point string) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(machine)+"/test-failover", testFailoverBody{Point: point})
+}
+
+func (c *Client) TestFailoverCleanup(ctx context.Context, machine string) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(machine)+"/test-failover/cleanup", nil)
+}
+
+func (c *Client) job(ctx context.Context, path string, body any) (*rebound.Job, error) {
+	var v rebound.Job
+	if err := c.do(ctx, "POST", path, body, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) ListJobs(ctx context.Context) ([]rebound.Job, error) {
+	return c.ListMachineJobs(ctx, "")
+}
+
+// ListMachineJobs lists the jobs of one machine (all if machine is empty).
+func (c *Client) ListMachineJobs(ctx context.Context, machine string) ([]rebound.Job, error) {
+	path := "/api/v1/jobs"
+	if machine != "" {
+		path += "?machine=" + url.QueryEscape(machine)
+	}
+	var v []rebound.Job
+	return v, c.do(ctx, "GET", path, nil, &v)
+}
+
+func (c *Client) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
+	var v rebound.Job
+	if err := c.do(ctx, "GET", "/api/v1/jobs/"+seg(id), nil, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) CancelJob(ctx context.Context, id string) (*rebound.Job, error) {
+	var v rebound.Job
+	if err := c.do(ctx, "POST", "/api/v1/jobs/"+seg(id)+"/cancel", nil, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) ListEvents(ctx context.Context, machine string) ([]rebound.Event, error) {
+	path := "/api/v1/events"
+	if machine != "" {
+		path += "?machine=" + url.QueryEscape(machine)
+	}
+	var v []rebound.Event
+	return v, c.do(ctx, "GET", path, nil, &v)
+}

@@ -1,0 +1,130 @@
+package http
+
+import (
+	"context"
+	"sync"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// fakeService records the last call's arguments and answers with canned
+// values, or with err when set.
+type fakeService struct {
+	mu   sync.Mutex
+	call string
+	args []any
+	err  error
+
+	sites    []rebound.Site
+	machine  *rebound.Machine
+	machines []rebound.Machine
+	policies []rebound.Policy
+	points   []rebound.RecoveryPoint
+	point    *rebound.RecoveryPoint
+	job      *rebound.Job
+	jobs     []rebound.Job
+	events   []rebound.Event
+	token    string
+	panicky  bool
+}
+
+var _ rebound.Service = (*fakeService)(nil)
+
+func (f *fakeService) rec(call string, args ...any) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.panicky {
+		panic("boom")
+	}
+	f.call, f.args = call, args
+	return f.err
+}
+
+func (f *fakeService) last() (string, []any) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.call, f.args
+}
+
+func (f *fakeService) ListSites(ctx context.Context) ([]rebound.Site, error) {
+	return f.sites, f.rec("ListSites")
+}
+func (f *fakeService) CreateEnrollToken(ctx context.Context, site string) (string, error) {
+	return f.token, f.rec("CreateEnrollToken", site)
+}
+func (f *fakeService) CreateMachine(ctx context.Context, req rebound.CreateMachineRequest) (*rebound.Machine, error) {
+	if err := f.rec("CreateMachine", req); err != nil {
+		return nil, err
+	}
+	return f.machine, nil
+}
+func (f *fakeService) ListMachines(ctx context.Context) ([]rebound.Machine, error) {
+	return f.machines, f.rec("ListMachines")
+}
+func (f *fakeService) GetMachine(ctx context.Context, name string) (*rebound.Machine, error) {
+	if err := f.rec("GetMachine", name); err != nil {
+		return nil, err
+	}
+	return f.machine, nil
+}
+func (f *fakeService) DeleteMachine(ctx context.Context, name string) error {
+	return f.rec("DeleteMachine", name)
+}
+func (f *fakeService) ListPolicies(ctx context.Context) ([]rebound.Policy, error) {
+	return f.policies, f.rec("ListPolicies")
+}
+func (f *fakeService) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Policy, error) {
+	if err := f.rec("PutPolicy", p); err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+func (f *fakeService) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebound.Job, error) {
+	return f.jobOrErr("Protect", req)
+}
+func (f *fakeService) ListPoints(ctx context.Context, machine string) ([]rebound.RecoveryPoint, error) {
+	return f.points, f.rec("ListPoints", machine)
+}
+func (f *fakeService) CreatePoint(ctx context.Context, machine string, app bool) (*rebound.RecoveryPoint, error) {
+	if err := f.rec("CreatePoint", machine, app); err != nil {
+		return nil, err
+	}
+	return f.point, nil
+}
+func (f *fakeService) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	return f.jobOrErr("Failover", req)
+}
+func (f *fakeService) ChangePoint(ctx context.Context, machine, point string) (*rebound.Job, error) {
+	return f.jobOrErr("ChangePoint", machine, point)
+}
+func (f *fakeService) CancelFailover(ctx context.Context, machine string) (*rebound.Job, error) {
+	return f.jobOrErr("CancelFailover", machine)
+}
+func (f *fakeService) Commit(ctx context.Context, machine string) (*rebound.Job, error) {
+	return f.jobOrErr("Commit", machine)
+}
+func (f *fakeService) TestFailover(ctx context.Context, machine, point string) (*rebound.Job, error) {
+	return f.jobOrErr("TestFailover", machine, point)
+}
+func (f *fakeService) TestFailoverCleanup(ctx context.Context, machine string) (*rebound.Job, error) {
+	return f.jobOrErr("TestFailoverCleanup", machine)
+}
+func (f *fakeService) ListJobs(ctx context.Context) ([]rebound.Job, error) {
+	return f.jobs, f.rec("ListJobs")
+}
+func (f *fakeService) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
+	return f.jobOrErr("GetJob", id)
+}
+func (f *fakeService) CancelJob(ctx context.Context, id string) (*rebound.Job, error) {
+	return f.jobOrErr("CancelJob", id)
+}
+func (f *fakeService) ListEvents(ctx context.Context, machine string) ([]rebound.Event, error) {
+	return f.events, f.rec("ListEvents", machine)
+}
+
+func (f *fakeService) jobOrErr(call string, args ...any) (*rebound.Job, error) {
+	if err := f.rec(call, args...); err != nil {
+		return nil, err
+	}
+	return f.job, nil
+}

@@ -1,0 +1,261 @@
+package http
+
+import (
+	"net/http"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// Request bodies of the machine verbs. The machine comes from the path, so
+// it is not a body field (a body naming another machine would be ambiguous).
+type (
+	protectBody struct {
+		To     string `json:"to"`
+		Policy string `json:"policy,omitempty"`
+	}
+	pointBody struct {
+		AppConsistent bool `json:"appConsistent"`
+	}
+	failoverBody struct {
+		Point   string `json:"point,omitempty"`
+		Planned bool   `json:"planned,omitempty"`
+	}
+	changePointBody struct {
+		Point string `json:"point"`
+	}
+	testFailoverBody struct {
+		Point string `json:"point,omitempty"`
+	}
+	tokenBody struct {
+		Token string `json:"token"`
+	}
+	healthBody struct {
+		Status string `json:"status"`
+	}
+)
+
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) error {
+	writeJSON(w, http.StatusOK, healthBody{Status: "ok"})
+	return nil
+}
+
+func (s *Server) openAPI(w http.ResponseWriter, r *http.Request) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(openAPI)
+	return nil
+}
+
+func (s *Server) listSites(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.Service.ListSites(r.Context())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, nonNil(v))
+	return nil
+}
+
+func (s *Server) createEnrollToken(w http.ResponseWriter, r *http.Request) error {
+	tok, err := s.Service.CreateEnrollToken(r.Context(), r.PathValue("name"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, tokenBody{Token: tok})
+	return nil
+}
+
+func (s *Server) createMachine(w http.ResponseWriter, r *http.Request) error {
+	var req rebound.CreateMachineRequest
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	m, err := s.Service.CreateMachine(r.Context(), req)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, m)
+	return nil
+}
+
+func (s *Server) listMachines(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.Service.ListMachines(r.Context())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, nonNil(v))
+	return nil
+}
+
+func (s *Server) getMachine(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.Service.GetMachine(r.Context(), r.PathValue("name"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, m)
+	return nil
+}
+
+func (s *Server) deleteMachine(w http.ResponseWriter, r *http.Request) error {
+	if err := s.Service.DeleteMachine(r.Context(), r.PathValue("name")); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) listPolicies(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.Service.ListPolicies(r.Context())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, nonNil(v))
+	return nil
+}
+
+func (s *Server) putPolicy(w http.ResponseWriter, r *http.Request) error {
+	var p rebound.Policy
+	if err := decode(w, r, &p, false); err != nil {
+		return err
+	}
+	name := r.PathValue("name")
+	if p.Name != "" && p.Name != name {
+		return rebound.Errorf(rebound.EINVALID, "policy name %q in the body does not match %q in the path", p.Name, name)
+	}
+	p.Name = name
+	out, err := s.Service.PutPolicy(r.Context(), p)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) protect(w http.ResponseWriter, r *http.Request) error {
+	var b protectBody
+	if err := decode(w, r, &b, false); err != nil {
+		return err
+	}
+	return s.job(w)(s.Service.Protect(r.Context(), rebound.ProtectRequest{Machine: r.PathValue("name"), To: b.To, Policy: b.Policy}))
+}
+
+func (s *Server) listPoints(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.Service.ListPoints(r.Context(), r.PathValue("name"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, nonNil(v))
+	return nil
+}
+
+func (s *Server) createPoint(w http.ResponseWriter, r *http.Request) error {
+	var b pointBody
+	if err := decode(w, r, &b, true); err != nil {
+		return err
+	}
+	p, err := s.Service.CreatePoint(r.Context(), r.PathValue("name"), b.AppConsistent)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, p)
+	return nil
+}
+
+func (s *Server) failover(w http.ResponseWriter, r *http.Request) error {
+	var b failoverBody
+	if err := decode(w, r, &b, true); err != nil {
+		return err
+	}
+	return s.job(w)(s.Service.Failover(r.Context(), rebound.FailoverRequest{Machine: r.PathValue("name"), Point: b.Point, Planned: b.Planned}))
+}
+
+func (s *Server) changePoint(w http.ResponseWriter, r *http.Request) error {
+	var b changePointBody
+	if err := decode(w, r, &b, false); err != nil {
+		return err
+	}
+	return s.job(w)(s.Service.ChangePoint(r.Context(), r.PathValue("name"), b.Point))
+}
+
+func (s *Server) cancelFailover(w http.ResponseWriter, r *http.Request) error {
+	return s.job(w)(s.Service.CancelFailover(r.Context(), r.PathValue("name")))
+}
+
+func (s *Server) commit(w http.ResponseWriter, r *http.Request) error {
+	return s.job(w)(s.Service.Commit(r.Context(), r.PathValue("name")))
+}
+
+func (s *Server) testFailover(w http.ResponseWriter, r *http.Request) error {
+	var b testFailoverBody
+	if err := decode(w, r, &b, true); err != nil {
+		return err
+	}
+	return s.job(w)(s.Service.TestFailover(r.Context(), r.PathValue("name"), b.Point))
+}
+
+func (s *Server) testFailoverCleanup(w http.ResponseWriter, r *http.Request) error {
+	return s.job(w)(s.Service.TestFailoverCleanup(r.Context(), r.PathValue("name")))
+}
+
+// job answers a job-starting verb: 202 and the job.
+func (s *Server) job(w http.ResponseWriter) func(*rebound.Job, error) error {
+	return func(j *rebound.Job, err error) error {
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusAccepted, j)
+		return nil
+	}
+}
+
+func (s *Server) listJobs(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.Service.ListJobs(r.Context())
+	if err != nil {
+		return err
+	}
+	// Service.ListJobs has no filter; the edge applies ?machine=.
+	if m := r.URL.Query().Get("machine"); m != "" {
+		out := v[:0:0]
+		for _, j := range v {
+			if j.Machine == m {
+				out = append(out, j)
+			}
+		}
+		v = out
+	}
+	writeJSON(w, http.StatusOK, nonNil(v))
+	return nil
+}
+
+func (s *Server) getJob(w http.ResponseWriter, r *http.Request) error {
+	j, err := s.Service.GetJob(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, j)
+	return nil
+}
+
+func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request) error {
+	j, err := s.Service.CancelJob(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, j)
+	return nil
+}
+
+func (s *Server) listEvents(w http.ResponseWriter, r *http.Request) error {
+	v, err := s.Service.ListEvents(r.Context(), r.URL.Query().Get("machine"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, nonNil(v))
+	return nil
+}
+
+// nonNil makes an empty list encode as [] rather than null.
+func nonNil[T any](v []T) []T {
+	if v == nil {
+		return []T{}
+	}
+	return v
+}

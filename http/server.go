@@ -1,0 +1,379 @@
+// Package http is Rebound's REST edge: Server exposes a rebound.Service as
+// JSON over HTTP, Client implements rebound.Service against such a server.
+// The routes, bodies and error format are in docs/design/api.md and in the
+// OpenAPI document served at /api/v1/openapi.json.
+package http
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	_ "embed"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// MaxBodyBytes bounds a request body.
+const MaxBodyBytes = 1 << 20
+
+//go:embed openapi.json
+var openAPI []byte
+
+// Server serves a rebound.Service over HTTP. Set the fields, then call
+// Handler once.
+type Server struct {
+	Service rebound.Service
+	// Authenticate checks a bearer token; it is called for every route
+	// but /healthz, /metrics and /api/v1/openapi.json. An error with code
+	// EUNAUTHORIZED is answered 401 with its message. A nil Authenticate
+	// refuses every request: there is no unauthenticated mode.
+	Authenticate func(ctx context.Context, token string) error
+	Logger       *slog.Logger
+	Metrics      http.Handler // optional, served at /metrics without auth
+}
+
+// route is one API route. The table drives both the mux and the test that
+// checks the OpenAPI document covers every route.
+type route struct {
+	method, path string
+	public       bool
+	handle       func(w http.ResponseWriter, r *http.Request) error
+}
+
+func (s *Server) routes() []route {
+	return []route{
+		{"GET", "/healthz", true, s.healthz},
+		{"GET", "/api/v1/openapi.json", true, s.openAPI},
+
+		{"GET", "/api/v1/sites", false, s.listSites},
+		{"POST", "/api/v1/sites/{name}/enroll-tokens", false, s.createEnrollToken},
+
+		{"POST", "/api/v1/machines", false, s.createMachine},
+		{"GET", "/api/v1/machines", false, s.listMachines},
+		{"GET", "/api/v1/machines/{name}", false, s.getMachine},
+		{"DELETE", "/api/v1/machines/{name}", false, s.deleteMachine},
+
+		{"GET", "/api/v1/policies", false, s.listPolicies},
+		{"PUT", "/api/v1/policies/{name}", false, s.putPolicy},
+
+		{"POST", "/api/v1/machines/{name}/protect", false, s.protect},
+		{"GET", "/api/v1/machines/{name}/points", false, s.listPoints},
+		{"POST", "/api/v1/machines/{name}/points", false, s.createPoint},
+		{"POST", "/api/v1/machines/{name}/failover", false, s.failover},
+		{"POST", "/api/v1/machines/{name}/failover/change-point", false, s.changePoint},
+		{"POST", "/api/v1/machines/{name}/failover/cancel", false, s.cancelFailover},
+		{"POST", "/api/v1/machines/{name}/commit", false, s.commit},
+		{"POST", "/api/v1/machines/{name}/test-failover", false, s.testFailover},
+		{"POST", "/api/v1/machines/{name}/test-failover/cleanup", false, s.testFailoverCleanup},
+
+		{"GET", "/api/v1/jobs", false, s.listJobs},
+		{"GET", "/api/v1/jobs/{id}", false, s.getJob},
+		{"POST", "/api/v1/jobs/{id}/cancel", false, s.cancelJob},
+
+		{"GET", "/api/v1/events", false, s.listEvents},
+	}
+}
+
+// Handler returns the HTTP handler: routing, authentication, request IDs,
+// panic recovery and request logging.
+func (s *Server) Handler() http.Handler {
+	if s.Logger == nil {
+		s.Logger = slog.New(slog.DiscardHandler)
+	}
+	mux := http.NewServeMux()
+	for _, rt := range s.routes() {
+		h := s.wrap(rt)
+		mux.Handle(rt.method+" "+rt.path, h)
+	}
+	if s.Metrics != nil {
+		mux.Handle("GET /metrics", s.Metrics)
+	}
+	return s.logRequests(s.notFound(mux))
+}
+
+// wrap turns a route's error-returning handler into an http.Handler with
+// authentication in front of it.
+func (s *Server) wrap(rt route) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !rt.public {
+			if err := s.authenticate(r); err != nil {
+				s.writeError(w, r, err)
+				return
+			}
+		}
+		if err := rt.handle(w, r); err != nil {
+			s.writeError(w, r, err)
+		}
+	})
+}
+
+func (s *Server) authenticate(r *http.Request) error {
+	h := strings.TrimSpace(r.Header.Get("Authorization"))
+	if h == "" || strings.EqualFold(h, "Bearer") {
+		return rebound.Errorf(rebound.EUNAUTHORIZED, "missing bearer token")
+	}
+	scheme, tok, ok := strings.Cut(h, " ")
+	tok = strings.TrimSpace(tok)
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return rebound.Errorf(rebound.EUNAUTHORIZED, `authorization header must be "Bearer <token>"`)
+	}
+	if tok == "" {
+		return rebound.Errorf(rebound.EUNAUTHORIZED, "missing bearer token")
+	}
+	if s.Authenticate == nil {
+		return rebound.Errorf(rebound.EUNAUTHORIZED, "authentication is not configured on this server")
+	}
+	return s.Authenticate(r.Context(), tok)
+}
+
+// notFound answers the mux's own 404 and 405 with the JSON error format.
+func (s *Server) notFound(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern != "" {
+			mux.ServeHTTP(w, r)
+			return
+		}
+		// No pattern: the mux would answer 404, 405 (with Allow) or a
+		// redirect. Let it decide the status, then replace the body.
+		rec := &statusOnly{header: http.Header{}}
+		mux.ServeHTTP(rec, r)
+		switch rec.status {
+		case http.StatusNotFound:
+			s.writeError(w, r, rebound.Errorf(rebound.ENOTFOUND, "no route %s %s", r.Method, r.URL.Path))
+		case http.StatusMethodNotAllowed:
+			w.Header().Set("Allow", rec.header.Get("Allow"))
+			writeJSON(w, http.StatusMethodNotAllowed, errorBody(rebound.EINVALID,
+				fmt.Sprintf("method %s is not allowed on %s (allowed: %s)", r.Method, r.URL.Path, rec.header.Get("Allow"))))
+		default:
+			mux.ServeHTTP(w, r)
+		}
+	})
+}
+
+type statusOnly struct {
+	header http.Header
+	status int
+}
+
+func (s *statusOnly) Header() http.Header         { return s.header }
+func (s *statusOnly) Write(b []byte) (int, error) { return len(b), nil }
+func (s *statusOnly) WriteHeader(code int) {
+	if s.status == 0 {
+		s.status = code
+	}
+}
+
+type ctxKey int
+
+const requestIDKey ctxKey = 0
+
+func requestID(ctx context.Context) string {
+	id, _ := ctx.Value(requestIDKey).(string)
+	return id
+}
+
+// logRequests assigns a request ID, recovers panics and logs one line per
+// request. It never logs headers, so the bearer token stays out of logs.
+func (s *Server) logRequests(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		var b [8]byte
+		rand.Read(b[:])
+		id := hex.EncodeToString(b[:])
+		r = r.WithContext(context.WithValue(r.Context(), requestIDKey, id))
+		w.Header().Set("X-Request-ID", id)
+		sw := &statusWriter{ResponseWriter: w}
+		defer func() {
+			if p := recover(); p != nil {
+				if p == http.ErrAbortHandler {
+					panic(p)
+				}
+				s.Logger.Error("http handler panic", "requestID", id, "panic", fmt.Sprint(p))
+				if sw.status == 0 {
+					s.writeError(sw, r, fmt.Errorf("panic: %v", p))
+				}
+			}
+			s.Logger.Info("http request", "method", r.Method, "path", r.URL.Path,
+				"status", sw.statusCode(), "duration", time.Since(start), "requestID", id)
+		}()
+		next.ServeHTTP(sw, r)
+	})
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) statusCode() int {
+	if w.status == 0 {
+		return http.StatusOK
+	}
+	return w.status
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// Errors
+
+// errorResponse is the body of every error answer.
+type errorResponse struct {
+	Error errorDetail `json:"error"`
+}
+
+type errorDetail struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func errorBody(code, msg string) errorResponse {
+	return errorResponse{Error: errorDetail{Code: code, Message: msg}}
+}
+
+// statusOf maps a rebound error code to an HTTP status.
+func statusOf(code string) int {
+	switch code {
+	case rebound.EINVALID:
+		return http.StatusBadRequest
+	case rebound.EUNAUTHORIZED:
+		return http.StatusUnauthorized
+	case rebound.ENOTFOUND:
+		return http.StatusNotFound
+	case rebound.ECONFLICT:
+		return http.StatusConflict
+	case rebound.EUNAVAILABLE:
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
+}
+
+// codeOf maps an HTTP status back to a rebound code, for answers that carry
+// no error body (a proxy's, say).
+func codeOf(status int) string {
+	switch {
+	case status == http.StatusUnauthorized || status == http.StatusForbidden:
+		return rebound.EUNAUTHORIZED
+	case status == http.StatusNotFound:
+		return rebound.ENOTFOUND
+	case status == http.StatusConflict:
+		return rebound.ECONFLICT
+	case status == http.StatusBadGateway || status == http.StatusServiceUnavailable || status == http.StatusGatewayTimeout:
+		return rebound.EUNAVAILABLE
+	case status >= 400 && status < 500:
+		return rebound.EINVALID
+	}
+	return rebound.EINTERNAL
+}
+
+// writeError answers err. Internal errors are logged with the request ID
+// and answered without their text, which may hold paths or SQL.
+func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	code := rebound.ErrorCode(err)
+	msg := rebound.ErrorMessage(err)
+	status := statusOf(code)
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		code, status = rebound.EINVALID, http.StatusRequestEntityTooLarge
+		msg = fmt.Sprintf("request body is larger than %d bytes", tooBig.Limit)
+	}
+	if status == http.StatusInternalServerError {
+		id := requestID(r.Context())
+		s.Logger.Error("internal error", "method", r.Method, "path", r.URL.Path, "requestID", id, "err", err)
+		code, msg = rebound.EINTERNAL, "internal error (request ID "+id+")"
+	}
+	writeJSON(w, status, errorBody(code, msg))
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // messages quote "<token>"; this is not HTML
+	if err := enc.Encode(v); err != nil {
+		status = http.StatusInternalServerError
+		buf.Reset()
+		enc.Encode(errorBody(rebound.EINTERNAL, "internal error: cannot encode response"))
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	w.Write(buf.Bytes())
+}
+
+// decode reads a JSON request body into v strictly: JSON content type (if
+// any is given), at most MaxBodyBytes, no unknown fields, one value. An
+// empty body leaves v as it is when optional, else is an error.
+func decode(w http.ResponseWriter, r *http.Request, v any, optional bool) error {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || mt != "application/json" {
+			return rebound.Errorf(rebound.EINVALID, "Content-Type must be application/json, not %q", ct)
+		}
+	}
+	body := http.MaxBytesReader(w, r.Body, MaxBodyBytes)
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err == io.EOF {
+		if optional {
+			return nil
+		}
+		return rebound.Errorf(rebound.EINVALID, "request body is empty; a JSON object is required")
+	} else if err != nil {
+		return decodeError(err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return err
+		}
+		return rebound.Errorf(rebound.EINVALID, "request body must hold a single JSON value")
+	}
+	return nil
+}
+
+func decodeError(err error) error {
+	var syntax *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	var tooBig *http.MaxBytesError
+	var rerr *rebound.Error
+	switch {
+	case errors.As(err, &tooBig):
+		return err
+	case errors.As(err, &rerr):
+		return rebound.Errorf(rebound.EINVALID, "invalid request body: %s", rerr.Message)
+	case errors.As(err, &syntax):
+		return rebound.Errorf(rebound.EINVALID, "invalid JSON at byte %d: %s", syntax.Offset, strings.TrimPrefix(syntax.Error(), "json: "))
+	case errors.As(err, &typ):
+		if typ.Field != "" {
+			return rebound.Errorf(rebound.EINVALID, "invalid request body: field %q must be %s, not %s", typ.Field, typ.Type, typ.Value)
+		}
+		return rebound.Errorf(rebound.EINVALID, "invalid request body: must be %s, not %s", typ.Type, typ.Value)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return rebound.Errorf(rebound.EINVALID, "invalid JSON: body ends early")
+	}
+	return rebound.Errorf(rebound.EINVALID, "invalid request body: %s", strings.TrimPrefix(err.Error(), "json: "))
+}
