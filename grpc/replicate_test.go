@@ -2,8 +2,8 @@ package grpc
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
