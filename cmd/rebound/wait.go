@@ -102,7 +102,7 @@ func (c *CLI) progressBar(ctx context.Context, job *rebound.Job) (show, stop fun
 		mpb.PrependDecorators(decor.Name(job.Type+" "+job.Machine, decor.WCSyncSpaceR)),
 		mpb.AppendDecorators(
 			decor.Percentage(decor.WCSyncSpace),
-			decor.Any(func(decor.Statistics) string { return *step.Load() }),
+			decor.Any(func(decor.Statistics) string { return " " + *step.Load() }),
 		),
 	)
 	show = func(j *rebound.Job) {
