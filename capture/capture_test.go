@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -13,6 +14,13 @@ import (
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
+)
+
+var (
+	_ nbd.Backend        = (*Disk)(nil)
+	_ nbd.Backend        = (*FileDisk)(nil)
+	_ rebound.ReplSource = (*Stream)(nil)
 )
 
 // harness is a stream over n disks in a temp dir.
@@ -27,6 +35,9 @@ type harness struct {
 func newHarness(t *testing.T, n int, size int64, opts Options) *harness {
 	t.Helper()
 	dir := t.TempDir()
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
 	h := &harness{t: t, dir: dir, opts: opts}
 	for i := range n {
 		h.specs = append(h.specs, DiskSpec{Path: filepath.Join(dir, "disk"+string(rune('0'+i))), Size: size})
@@ -295,7 +306,7 @@ func TestInitialCopy(t *testing.T) {
 		f.WriteAt(p, rng.Int64N(size/2-int64(len(p))))
 	}
 	f.Close()
-	h := &harness{t: t, dir: dir, specs: []DiskSpec{{Path: path, Size: size}}, opts: Options{SpoolLimit: 1 << 20}}
+	h := &harness{t: t, dir: dir, specs: []DiskSpec{{Path: path, Size: size}}, opts: Options{SpoolLimit: 1 << 20, Logger: slog.New(slog.DiscardHandler)}}
 	h.open()
 	defer h.s.Close()
 	if err := h.s.StartInitialCopy(); err != nil {
@@ -588,4 +599,101 @@ func TestFileDisk(t *testing.T) {
 	if _, err := OpenFileDisk(path, 2<<20); rebound.ErrorCode(err) != rebound.ECONFLICT {
 		t.Fatalf("reopen with another size: %v", err)
 	}
+}
+
+func TestLagAndThroughput(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	h := newHarness(t, 1, 4<<20, Options{Now: clock})
+	time.Sleep(2 * metaInterval) // first throughput sample, 0 bytes acked
+	if _, err := h.s.Disk(0).WriteAt(make([]byte, 1<<20), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.s.Disk(0).WriteAt(make([]byte, 1<<20), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	advance(2 * time.Second)
+	if st := h.s.Stats(); st.LagSeconds != 2 || st.BacklogBytes != 2<<20 || st.ThroughputBps != 0 {
+		t.Fatalf("before ack: %+v", st)
+	}
+	h.s.Acked(2)
+	st := h.s.Stats()
+	if st.LagSeconds != 0 || st.BacklogBytes != 0 || st.ThroughputBps != float64(2<<20)/2 {
+		t.Fatalf("after ack: %+v", st)
+	}
+	advance(30 * time.Second)
+	time.Sleep(2 * metaInterval)
+	if st := h.s.Stats(); st.ThroughputBps != 0 {
+		t.Fatalf("throughput 30 s later: %+v", st)
+	}
+}
+
+func TestClockGoesBack(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	h := newHarness(t, 1, 1<<20, Options{Now: clock})
+	h.s.Disk(0).WriteAt([]byte("a"), 0)
+	mu.Lock()
+	now = now.Add(-time.Hour)
+	mu.Unlock()
+	h.s.Disk(0).WriteAt([]byte("b"), 0)
+	recs := readRange(t, h.s, 1, 2)
+	if recs[1].Time != recs[0].Time {
+		t.Fatalf("record time went back: %d then %d", recs[0].Time, recs[1].Time)
+	}
+}
+
+// Benchmarks: the cost of capture on the write path against a plain file.
+
+func benchWrite(b *testing.B, size int, stream bool) {
+	dir := b.TempDir()
+	const diskSize = 1 << 30
+	var w interface {
+		WriteAt([]byte, int64) (int, error)
+	}
+	var s *Stream
+	if stream {
+		var err error
+		s, err = Open(filepath.Join(dir, "stream"), []DiskSpec{{Path: filepath.Join(dir, "disk"), Size: diskSize}}, Options{Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer s.Close()
+		w = s.Disk(0)
+	} else {
+		d, err := OpenFileDisk(filepath.Join(dir, "disk"), diskSize)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer d.Close()
+		w = d
+	}
+	p := make([]byte, size)
+	for i := range p {
+		p[i] = byte(i * 7)
+	}
+	b.SetBytes(int64(size))
+	b.ResetTimer()
+	for i := range b.N {
+		off := int64(i*size) % (diskSize - int64(size))
+		if _, err := w.WriteAt(p, off); err != nil {
+			b.Fatal(err)
+		}
+		if s != nil && i%64 == 63 {
+			s.Acked(s.Head()) // a peer keeping up, so the spool stays small
+		}
+	}
+}
+
+func BenchmarkWrite4K(b *testing.B) {
+	b.Run("stream", func(b *testing.B) { benchWrite(b, 4<<10, true) })
+	b.Run("filedisk", func(b *testing.B) { benchWrite(b, 4<<10, false) })
+}
+
+func BenchmarkWrite1M(b *testing.B) {
+	b.Run("stream", func(b *testing.B) { benchWrite(b, 1<<20, true) })
+	b.Run("filedisk", func(b *testing.B) { benchWrite(b, 1<<20, false) })
 }

@@ -544,13 +544,16 @@ func (s *Stream) Acked(seq uint64) {
 }
 
 // maybeLeaveOverflowLocked ends overflow once the backlog is below half
-// the limit, and starts the resync of the regions written meanwhile.
+// the limit, and starts a resync of the dirty regions (written during the
+// overflow, or whose disk write failed) if none is running.
 func (s *Stream) maybeLeaveOverflowLocked() {
-	if !s.overflow || s.spoolBytes >= s.opts.SpoolLimit/2 {
-		return
+	if s.overflow {
+		if s.spoolBytes >= s.opts.SpoolLimit/2 {
+			return
+		}
+		s.overflow = false
 	}
-	s.overflow = false
-	if s.dirtyBytesLocked() > 0 && !s.resyncing {
+	if !s.resyncing && s.dirtyBytesLocked() > 0 {
 		s.startResyncLocked()
 	}
 }
