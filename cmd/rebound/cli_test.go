@@ -620,8 +620,14 @@ func TestExtraCommands(t *testing.T) {
 	t.Cleanup(func() { extraCommands = saved })
 	var ran []string
 	extraCommands = append(extraCommands,
+		// Like site.go: a runnable "site" with flags and its own subcommand.
 		func(c *CLI) *cobra.Command {
-			site := &cobra.Command{Use: "site"}
+			var name string
+			site := &cobra.Command{Use: "site", Args: cobra.NoArgs, RunE: func(*cobra.Command, []string) error {
+				ran = append(ran, "site --name "+name)
+				return nil
+			}}
+			site.Flags().StringVar(&name, "name", "", "")
 			site.AddCommand(&cobra.Command{Use: "run", RunE: func(*cobra.Command, []string) error {
 				ran = append(ran, "site run")
 				return nil
@@ -634,12 +640,28 @@ func TestExtraCommands(t *testing.T) {
 				return rebound.Errorf(rebound.EUNAVAILABLE, "port busy")
 			}}
 		},
+		// A runnable command merging into one of ours that is not a group
+		// keeps ours and gains the subcommand.
+		func(c *CLI) *cobra.Command {
+			cmd := &cobra.Command{Use: "commit", RunE: func(*cobra.Command, []string) error { return nil }}
+			cmd.AddCommand(&cobra.Command{Use: "status", RunE: func(*cobra.Command, []string) error {
+				ran = append(ran, "commit status")
+				return nil
+			}})
+			return cmd
+		},
 	)
 	f := &fakeService{ListSitesFn: func() ([]rebound.Site, error) { return nil, nil }}
+	wantCode(t, runCLI(t, f, "site", "--name", "a"), 0)
 	wantCode(t, runCLI(t, f, "site", "run"), 0)
-	wantCode(t, runCLI(t, f, "site", "list"), 0) // the merged group keeps its own verbs
+	wantCode(t, runCLI(t, f, "site", "list"), 0) // our verbs stay under the merged command
+	wantCalls(t, f, "ListSites")
 	wantCode(t, runCLI(t, f, "up"), ExitUnavailable)
-	if !reflect.DeepEqual(ran, []string{"site run", "up"}) {
+	wantCode(t, runCLI(t, f, "commit", "status"), 0)
+	wantCode(t, runCLI(t, f, "site", "bogus"), ExitUsage)
+	f.CommitFn = func(string) (*rebound.Job, error) { return jobFn("commit", "web1"), nil }
+	wantCode(t, runCLI(t, f, "commit", "web1"), 0)
+	if !reflect.DeepEqual(ran, []string{"site --name a", "site run", "up", "commit status"}) {
 		t.Fatalf("ran %q", ran)
 	}
 }

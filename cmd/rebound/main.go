@@ -245,23 +245,24 @@ REBOUND_CA, or by --server, --token and --ca (later ones win).
 	return root
 }
 
-// addOrMerge adds cmd to parent, or moves cmd's subcommands into parent's
-// existing command of the same name.
+// addOrMerge adds cmd to parent. If parent already has a command of that
+// name, the two are merged: a runnable cmd replaces a group command of ours
+// and adopts its subcommands (so "rebound site --name a" runs the lead's
+// site appliance while "rebound site list" stays); otherwise cmd's
+// subcommands move into the existing command.
 func addOrMerge(parent, cmd *cobra.Command) {
 	for _, existing := range parent.Commands() {
 		if existing.Name() != cmd.Name() {
 			continue
 		}
+		if existing.Annotations[groupAnnotation] != "" && cmd.Runnable() {
+			existing, cmd = cmd, existing
+			parent.RemoveCommand(cmd)
+			parent.AddCommand(existing)
+		}
 		for _, sub := range cmd.Commands() {
 			cmd.RemoveCommand(sub)
 			addOrMerge(existing, sub)
-		}
-		if cmd.Runnable() && !existing.Runnable() {
-			existing.RunE, existing.Run, existing.Args = cmd.RunE, cmd.Run, cmd.Args
-			existing.Flags().AddFlagSet(cmd.Flags())
-			if cmd.Short != "" {
-				existing.Short = cmd.Short
-			}
 		}
 		return
 	}
@@ -293,8 +294,9 @@ func (c *CLI) JSON() bool { return c.output == "json" }
 // help, with an unknown subcommand it is a usage error.
 func groupCommand(use, short string) *cobra.Command {
 	return &cobra.Command{
-		Use:   use,
-		Short: short,
+		Use:         use,
+		Short:       short,
+		Annotations: map[string]string{groupAnnotation: "true"},
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) > 0 {
 				return usagef("unknown command %q for %q", args[0], cmd.CommandPath())
@@ -304,6 +306,9 @@ func groupCommand(use, short string) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
 }
+
+// groupAnnotation marks a command that only groups subcommands.
+const groupAnnotation = "rebound-group"
 
 // usagef returns an EINVALID error (exit code 2).
 func usagef(format string, args ...any) error {
