@@ -1,0 +1,494 @@
+// Package journal is the receiving site's journal of one replication
+// stream: base files holding every disk at a base position, a wal of the
+// records after it, and an in-memory index that turns any consistent
+// position into a read-only view of all disks without copying them.
+// See docs/design/journal.md.
+package journal
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/wal"
+)
+
+// checkpointEvery is how many records apart index snapshots are kept. A
+// view of an older position replays at most this many records' metadata.
+const checkpointEvery = 1024
+
+const (
+	metaFile   = "meta.json"
+	walDir     = "wal"
+	metaFormat = 1
+)
+
+// Options configure a Journal.
+type Options struct {
+	SegmentSize int64 // wal segment size; default wal's
+	Logger      *slog.Logger
+}
+
+// DiskReader reads one disk of a view.
+type DiskReader interface {
+	Size() int64
+	ReadAt(p []byte, off int64) (int, error)
+}
+
+// recMeta is what the index keeps of a record: everything but its data.
+type recMeta struct {
+	seq    uint64
+	time   int64
+	off    int64
+	length int64
+	loc    wal.Location
+	disk   uint32
+	kind   rebound.RecordKind
+	pk     rebound.PointKind
+}
+
+type checkpoint struct {
+	seq   uint64
+	roots []*node
+}
+
+// window is a run [lo, hi] of positions inside a resync window; open
+// windows have not seen their ResyncEnd yet and extend to Durable.
+type window struct {
+	lo, hi uint64
+	open   bool
+}
+
+type meta struct {
+	Format   int               `json:"format"`
+	Disks    []rebound.Disk    `json:"disks"`
+	Base     uint64            `json:"base"`               // base position B
+	BaseTime int64             `json:"baseTime"`           // time of the record at B
+	BaseKind rebound.PointKind `json:"baseKind,omitempty"` // set if the record at B was a mark
+	FoldTo   uint64            `json:"foldTo,omitempty"`   // a fold to this position was in progress
+}
+
+// Journal is one stream's journal. It implements rebound.ReplSink. Methods
+// are safe for concurrent use.
+type Journal struct {
+	dir    string
+	disks  []rebound.Disk
+	bases  []*os.File
+	log    *wal.Log
+	logger *slog.Logger
+
+	durable atomic.Uint64
+
+	appendMu sync.Mutex // serializes Append
+	foldMu   sync.Mutex // serializes Expire
+
+	// baseMu: readers hold it shared while they decide between base and
+	// wal and read; a fold holds it exclusively to move the base position.
+	baseMu sync.RWMutex
+	base   uint64 // B; written under baseMu and mu
+
+	mu          sync.Mutex
+	meta        meta
+	recs        []recMeta // records (B, Durable], recs[i].seq == B+1+i
+	live        []*node   // index roots at Durable, one per disk
+	epoch       uint64    // epoch of the live tree's private nodes
+	checkpoints []checkpoint
+	windows     []window
+	marks       []uint64 // seqs of marks at consistent positions
+	pins        map[uint64]int
+	folding     uint64 // target of a fold in progress, 0 if none
+	corrupt     error
+	err         error // sticky: an append failed in a way that leaves the wal unknown
+	closed      bool
+
+	crashAt int // tests: stop a fold at this step
+}
+
+var epochs atomic.Uint64
+
+func newEpoch() uint64 { return epochs.Add(1) }
+
+// Open opens the journal in dir, creating it (and sparse zero base files
+// of the disks' sizes) on first use. It rebuilds the index from the wal,
+// finishing a fold a crash interrupted. A torn wal tail is truncated; a
+// corrupt record makes Corrupt() non-nil and the journal ends before it.
+func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
+	if len(disks) == 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "journal needs at least one disk")
+	}
+	for i, d := range disks {
+		if d.Size <= 0 {
+			return nil, rebound.Errorf(rebound.EINVALID, "disk %d (%s): invalid size %d", i, d.Name, d.Size)
+		}
+	}
+	j := &Journal{dir: dir, logger: opts.Logger, pins: map[uint64]int{}}
+	if j.logger == nil {
+		j.logger = slog.Default()
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	m, err := readMeta(dir)
+	fresh := errors.Is(err, os.ErrNotExist)
+	if err != nil && !fresh {
+		return nil, err
+	}
+	if fresh {
+		m = meta{Format: metaFormat, Disks: disks}
+	} else if err := sameDisks(m.Disks, disks); err != nil {
+		return nil, err
+	}
+	j.disks = m.Disks
+	j.meta = m
+	for i, d := range j.disks {
+		f, err := os.OpenFile(filepath.Join(dir, baseName(i)), os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			j.closeFiles()
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+		j.bases = append(j.bases, f)
+		if fresh {
+			if err := f.Truncate(d.Size); err != nil {
+				j.closeFiles()
+				return nil, fmt.Errorf("journal: create base: %w", err)
+			}
+			if err := f.Sync(); err != nil {
+				j.closeFiles()
+				return nil, fmt.Errorf("journal: create base: %w", err)
+			}
+		}
+	}
+	if fresh {
+		// meta.json's existence marks the base files as complete.
+		if err := writeMeta(dir, m); err != nil {
+			j.closeFiles()
+			return nil, err
+		}
+	}
+	j.log, err = wal.Open(filepath.Join(dir, walDir), wal.Options{SegmentSize: opts.SegmentSize, Logger: j.logger})
+	if err != nil {
+		j.closeFiles()
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	if err := j.rebuild(); err != nil {
+		j.log.Close()
+		j.closeFiles()
+		return nil, err
+	}
+	if j.meta.FoldTo != 0 {
+		// A fold was interrupted: redo it; applying its records again is
+		// idempotent.
+		j.logger.Warn("journal: finishing interrupted fold", "dir", dir, "base", j.base, "to", j.meta.FoldTo)
+		if err := j.fold(j.meta.FoldTo); err != nil {
+			j.log.Close()
+			j.closeFiles()
+			return nil, err
+		}
+	}
+	return j, nil
+}
+
+func baseName(i int) string { return fmt.Sprintf("base-%03d.img", i) }
+
+func sameDisks(have, want []rebound.Disk) error {
+	if len(have) != len(want) {
+		return rebound.Errorf(rebound.EINVALID, "journal holds %d disks, asked to open with %d", len(have), len(want))
+	}
+	for i := range have {
+		if have[i].Size != want[i].Size {
+			return rebound.Errorf(rebound.EINVALID, "journal disk %d is %d bytes, asked to open with %d", i, have[i].Size, want[i].Size)
+		}
+	}
+	return nil
+}
+
+func readMeta(dir string) (meta, error) {
+	var m meta
+	b, err := os.ReadFile(filepath.Join(dir, metaFile))
+	if err != nil {
+		return m, err
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, fmt.Errorf("journal: %s: %w", metaFile, err)
+	}
+	if m.Format != metaFormat {
+		return m, fmt.Errorf("journal: %s: unknown format %d", metaFile, m.Format)
+	}
+	return m, nil
+}
+
+// writeMeta replaces meta.json atomically and durably.
+func writeMeta(dir string, m meta) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, metaFile+".tmp")
+	f, err := os.Create(tmp)
+	if err != nil {
+		return fmt.Errorf("journal: write meta: %w", err)
+	}
+	if _, err := f.Write(b); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(dir, metaFile))
+	}
+	if err == nil {
+		err = syncDir(dir)
+	}
+	if err != nil {
+		return fmt.Errorf("journal: write meta: %w", err)
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func (j *Journal) closeFiles() {
+	for _, f := range j.bases {
+		f.Close()
+	}
+}
+
+// rebuild loads the index from meta and the wal.
+func (j *Journal) rebuild() error {
+	j.base = j.meta.Base
+	j.durable.Store(j.base)
+	j.epoch = newEpoch()
+	j.live = make([]*node, len(j.disks))
+	j.checkpoints = []checkpoint{{seq: j.base, roots: make([]*node, len(j.disks))}}
+	if j.base == 0 {
+		// The stream starts with its initial copy: nothing is consistent
+		// before the first ResyncEnd.
+		j.windows = []window{{lo: 1, open: true}}
+	}
+	if first := j.log.FirstSeq(); first > j.base+1 {
+		j.corrupt = fmt.Errorf("journal: wal starts at seq %d but the base is at %d: records are missing", first, j.base)
+		j.logger.Error("journal: corrupt", "dir", j.dir, "err", j.corrupt)
+		return nil
+	}
+	r, err := j.log.NewReader(j.base + 1)
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	defer r.Close()
+	for {
+		rec, loc, err := r.Next()
+		if err == io.EOF {
+			break
+		} else if err != nil {
+			if errors.Is(err, wal.ErrCorrupt) {
+				j.corrupt = fmt.Errorf("journal: records after seq %d are unreadable: %w", j.durable.Load(), err)
+				j.logger.Error("journal: corrupt", "dir", j.dir, "err", j.corrupt)
+				break
+			}
+			return fmt.Errorf("journal: %w", err)
+		}
+		if rec.Seq != j.durable.Load()+1 {
+			j.corrupt = fmt.Errorf("journal: wal seq %d does not follow %d", rec.Seq, j.durable.Load())
+			break
+		}
+		if err := j.validate(rec); err != nil {
+			j.corrupt = fmt.Errorf("journal: wal record %d: %w", rec.Seq, err)
+			break
+		}
+		j.index(rec, loc)
+	}
+	return nil
+}
+
+// Corrupt returns a non-nil error if the journal found records it cannot
+// serve. The journal then ends before them and refuses appends.
+func (j *Journal) Corrupt() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.corrupt
+}
+
+// Durable returns the highest sequence held durably, 0 if none.
+func (j *Journal) Durable() uint64 { return j.durable.Load() }
+
+// Disks returns the journal's disk table.
+func (j *Journal) Disks() []rebound.Disk { return append([]rebound.Disk(nil), j.disks...) }
+
+// Size returns the bytes the journal's wal holds on disk.
+func (j *Journal) Size() int64 { return j.log.Size() }
+
+func (j *Journal) validate(r *rebound.Record) error {
+	switch r.Kind {
+	case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
+		if int(r.Disk) >= len(j.disks) {
+			return rebound.Errorf(rebound.EINVALID, "record %d: disk %d does not exist (stream has %d disks)", r.Seq, r.Disk, len(j.disks))
+		}
+		size := j.disks[r.Disk].Size
+		if r.Offset < 0 || r.Length < 0 || r.Offset > size || r.Length > size-r.Offset {
+			return rebound.Errorf(rebound.EINVALID, "record %d: range %d+%d is outside disk %d (%d bytes)", r.Seq, r.Offset, r.Length, r.Disk, size)
+		}
+		if r.Kind == rebound.RecordWrite && int64(len(r.Data)) != r.Length {
+			return rebound.Errorf(rebound.EINVALID, "record %d: write of %d bytes carries %d", r.Seq, r.Length, len(r.Data))
+		}
+		if r.Kind != rebound.RecordWrite && len(r.Data) != 0 {
+			return rebound.Errorf(rebound.EINVALID, "record %d: %s carries data", r.Seq, r.Kind)
+		}
+	case rebound.RecordMark:
+		if r.PointKind != "" && r.PointKind != rebound.PointCrash && r.PointKind != rebound.PointApp {
+			return rebound.Errorf(rebound.EINVALID, "record %d: unknown point kind %q", r.Seq, r.PointKind)
+		}
+	case rebound.RecordResyncBegin, rebound.RecordResyncEnd:
+	default:
+		return rebound.Errorf(rebound.EINVALID, "record %d: unknown kind %d", r.Seq, r.Kind)
+	}
+	return nil
+}
+
+// Append writes records that continue Durable() and returns once they are
+// fsynced. Records at or below Durable() are ignored; a gap or an invalid
+// record is an EINVALID error and nothing is written.
+func (j *Journal) Append(recs []*rebound.Record) error {
+	j.appendMu.Lock()
+	defer j.appendMu.Unlock()
+	j.mu.Lock()
+	closed, corrupt, serr := j.closed, j.corrupt, j.err
+	j.mu.Unlock()
+	switch {
+	case closed:
+		return rebound.Errorf(rebound.ECONFLICT, "journal is closed")
+	case corrupt != nil:
+		return rebound.Errorf(rebound.EINTERNAL, "journal is corrupt and needs a resync: %v", corrupt)
+	case serr != nil:
+		return rebound.Errorf(rebound.EINTERNAL, "journal failed an earlier write and must be reopened: %v", serr)
+	}
+	durable := j.durable.Load()
+	i := 0
+	for i < len(recs) && recs[i].Seq <= durable {
+		i++
+	}
+	recs = recs[i:]
+	if len(recs) == 0 {
+		return nil
+	}
+	next := durable + 1
+	for _, r := range recs {
+		if r.Seq != next {
+			return rebound.Errorf(rebound.EINVALID, "journal expects seq %d, got %d (records must continue durable seq %d without a gap)", next, r.Seq, durable)
+		}
+		if err := j.validate(r); err != nil {
+			return err
+		}
+		next++
+	}
+	locs, err := j.log.Append(recs...)
+	if err == nil {
+		err = j.log.Sync()
+		if err != nil {
+			// The records may or may not be on disk; only a reopen can tell.
+			j.mu.Lock()
+			j.err = err
+			j.mu.Unlock()
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("journal: append: %w", err)
+	}
+	j.mu.Lock()
+	for k, r := range recs {
+		j.index(r, locs[k])
+	}
+	j.mu.Unlock()
+	return nil
+}
+
+// index adds a durable record to the in-memory state. Called with j.mu
+// held (or during Open).
+func (j *Journal) index(r *rebound.Record, loc wal.Location) {
+	m := recMeta{seq: r.Seq, time: r.Time, off: r.Offset, length: r.Length, loc: loc, disk: r.Disk, kind: r.Kind, pk: r.PointKind}
+	j.recs = append(j.recs, m)
+	open := len(j.windows) > 0 && j.windows[len(j.windows)-1].open
+	switch r.Kind {
+	case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
+		if r.Length > 0 {
+			j.live[r.Disk] = insert(j.live[r.Disk], extent(&m), j.epoch)
+		}
+	case rebound.RecordMark:
+		if !open {
+			j.marks = append(j.marks, r.Seq)
+		}
+	case rebound.RecordResyncBegin:
+		if !open {
+			j.windows = append(j.windows, window{lo: r.Seq + 1, open: true})
+		}
+	case rebound.RecordResyncEnd:
+		if open {
+			w := &j.windows[len(j.windows)-1]
+			w.open = false
+			w.hi = r.Seq - 1
+			if w.hi < w.lo {
+				j.windows = j.windows[:len(j.windows)-1]
+			}
+		}
+	}
+	j.durable.Store(r.Seq)
+	if r.Seq-j.checkpoints[len(j.checkpoints)-1].seq >= checkpointEvery {
+		j.checkpoints = append(j.checkpoints, checkpoint{seq: r.Seq, roots: append([]*node(nil), j.live...)})
+		j.epoch = newEpoch() // the live tree's nodes are now shared
+	}
+}
+
+func extent(m *recMeta) *node {
+	return &node{start: m.off, end: m.off + m.length, seq: m.seq, zero: m.kind != rebound.RecordWrite, loc: m.loc}
+}
+
+// Close closes the journal. Open views fail their reads afterwards.
+func (j *Journal) Close() error {
+	j.foldMu.Lock()
+	defer j.foldMu.Unlock()
+	j.appendMu.Lock()
+	defer j.appendMu.Unlock()
+	j.baseMu.Lock()
+	defer j.baseMu.Unlock()
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return nil
+	}
+	j.closed = true
+	err := j.log.Close()
+	for _, f := range j.bases {
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	return err
+}
+
+// Remove deletes the journal in dir. The journal must be closed.
+func Remove(dir string) error {
+	if _, err := os.Stat(filepath.Join(dir, metaFile)); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+				return nil
+			}
+			return rebound.Errorf(rebound.EINVALID, "%s does not look like a journal (no %s)", dir, metaFile)
+		}
+		return err
+	}
+	return os.RemoveAll(dir)
+}
