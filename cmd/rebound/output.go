@@ -36,6 +36,13 @@ func row(w io.Writer, cells ...any) {
 	fmt.Fprintln(w, strings.Join(s, "\t"))
 }
 
+// flush ends a tabwriter section so the next one aligns independently.
+func flush(w io.Writer) {
+	if tw, ok := w.(*tabwriter.Writer); ok {
+		tw.Flush()
+	}
+}
+
 func orDash(s string) string {
 	if s == "" {
 		return "-"
@@ -107,13 +114,16 @@ func writeMachine(w io.Writer, m *rebound.Machine) {
 		}
 		row(w, "Failover:", fmt.Sprintf("%s -> %s, %s, point %s", f.FromSite, f.ToSite, kind, fmtPoint(f.Point)))
 	}
+	flush(w) // the disk table aligns on its own
 	row(w, "Disks:")
 	row(w, "  NAME", "SIZE", "NBD")
 	for _, d := range m.Disks {
 		row(w, "  "+d.Name, formatSize(d.Size), orDash(d.NBD))
 	}
 	if t := m.TestFailover; t != nil {
+		flush(w)
 		row(w, "Test failover:", fmt.Sprintf("at %s, point %s", t.Site, fmtPoint(t.Point)))
+		flush(w)
 		row(w, "  NAME", "SIZE", "NBD")
 		for _, d := range t.Disks {
 			row(w, "  "+d.Name, formatSize(d.Size), orDash(d.NBD))
@@ -141,6 +151,7 @@ func writeJob(w io.Writer, j *rebound.Job) {
 		row(w, "Ended:", fmtTime(*j.EndedAt))
 	}
 	if len(j.Steps) > 0 {
+		flush(w)
 		row(w, "Steps:")
 		row(w, "  NAME", "STATE", "MESSAGE")
 		for _, s := range j.Steps {
