@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"runtime"
@@ -8,6 +9,12 @@ import (
 	"github.com/rebound-dr/rebound"
 	"github.com/spf13/cobra"
 )
+
+// machineJobLister is implemented by Services that filter jobs by machine
+// server-side (http.Client); others are filtered here.
+type machineJobLister interface {
+	ListMachineJobs(ctx context.Context, machine string) ([]rebound.Job, error)
+}
 
 func (c *CLI) jobCommand() *cobra.Command {
 	cmd := groupCommand("job", "Jobs: list, show, wait for, cancel")
@@ -21,7 +28,12 @@ func (c *CLI) jobCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			all, err := svc.ListJobs(cmd.Context())
+			var all []rebound.Job
+			if mj, ok := svc.(machineJobLister); ok && machine != "" {
+				all, err = mj.ListMachineJobs(cmd.Context(), machine)
+			} else {
+				all, err = svc.ListJobs(cmd.Context())
+			}
 			if err != nil {
 				return err
 			}

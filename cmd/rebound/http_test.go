@@ -39,6 +39,9 @@ func TestOverHTTP(t *testing.T) {
 			}
 			return &rebound.Job{ID: "j1", Type: "failover", Machine: "web1", State: rebound.JobQueued}, nil
 		},
+		ListJobsFn: func() ([]rebound.Job, error) {
+			return []rebound.Job{{ID: "j1", Machine: "web1"}, {ID: "j2", Machine: "db"}}, nil
+		},
 		GetJobFn: jobScript(
 			rebound.Job{Type: "failover", Machine: "web1", State: rebound.JobRunning, Step: "activate", Progress: 0.5},
 			rebound.Job{Type: "failover", Machine: "web1", State: rebound.JobSucceeded, Progress: 1},
@@ -79,6 +82,11 @@ func TestOverHTTP(t *testing.T) {
 	wantCode(t, r, 0)
 	if j := decode[rebound.Job](t, r.stdout); j.State != rebound.JobSucceeded {
 		t.Fatalf("json %+v", j)
+	}
+	r = run("job", "list", "--machine", "db", "-o", "json")
+	wantCode(t, r, 0)
+	if js := decode[[]rebound.Job](t, r.stdout); len(js) != 1 || js[0].ID != "j2" {
+		t.Fatalf("json %+v", js)
 	}
 	r = run("machine", "show", "web1", "--token", "bad")
 	wantCode(t, r, ExitUnauthorized)
