@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"os"
 	"reflect"
 	"strings"
 	"testing"
@@ -663,5 +664,47 @@ func TestExtraCommands(t *testing.T) {
 	wantCode(t, runCLI(t, f, "commit", "web1"), 0)
 	if !reflect.DeepEqual(ran, []string{"site --name a", "site run", "up", "commit status"}) {
 		t.Fatalf("ran %q", ran)
+	}
+}
+
+func TestRunAndHelp(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := Run(context.Background(), []string{"version"}, nil, &out, &errb); code != 0 || !strings.HasPrefix(out.String(), "rebound ") {
+		t.Fatalf("code %d out %q err %q", code, out.String(), errb.String())
+	}
+	// A bare group prints its verbs.
+	r := runCLI(t, &fakeService{}, "machine")
+	wantCode(t, r, 0)
+	for _, verb := range []string{"create", "list", "show", "delete"} {
+		if !strings.Contains(r.stdout, verb) {
+			t.Fatalf("help lacks %s:\n%s", verb, r.stdout)
+		}
+	}
+	// A pipe is not a terminal: --wait prints lines, not a bar.
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	defer pw.Close()
+	if isTerminal(pw) || isTerminal(&out) {
+		t.Fatal("pipe or buffer taken for a terminal")
+	}
+}
+
+func TestMachineShowFailedOver(t *testing.T) {
+	m := sampleMachine()
+	m.State, m.ActiveSite, m.TestFailover = rebound.MachineFailedOver, "b", nil
+	m.Failover = &rebound.FailoverInfo{FromSite: "a", ToSite: "b", Planned: true,
+		Point: rebound.RecoveryPoint{ID: "p9", Time: t0, Kind: rebound.PointApp, Seq: 90}}
+	f := &fakeService{GetMachineFn: func(string) (*rebound.Machine, error) { return m, nil }}
+	r := runCLI(t, f, "machine", "show", "web1")
+	wantCode(t, r, 0)
+	if !strings.Contains(r.stdout, "a -> b, planned, point p9 (app, 2026-11-27T13:00:00Z)") || strings.Contains(r.stdout, "Test failover") {
+		t.Fatalf("table:\n%s", r.stdout)
+	}
+	r = runCLI(t, f, "machine", "show", "web1", "-o", "json")
+	if got := decode[rebound.Machine](t, r.stdout); got.Failover == nil || got.Failover.Point.ID != "p9" || !got.Failover.Planned {
+		t.Fatalf("json %+v", got)
 	}
 }
