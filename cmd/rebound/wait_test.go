@@ -116,7 +116,9 @@ func TestWaitRetriesUnavailable(t *testing.T) {
 	r = runCLI(t, f, "protect", "web1", "--to", "b", "--wait")
 	wantCode(t, r, ExitUnavailable)
 	// Other errors end it at once.
-	f.GetJobFn = func(id string) (*rebound.Job, error) { return nil, rebound.Errorf(rebound.ENOTFOUND, "job %s not found", id) }
+	f.GetJobFn = func(id string) (*rebound.Job, error) {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "job %s not found", id)
+	}
 	r = runCLI(t, f, "protect", "web1", "--to", "b", "--wait")
 	wantCode(t, r, ExitNotFound)
 }
@@ -127,7 +129,9 @@ func TestWaitInterrupted(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	polls := 0
 	f := &fakeService{
-		CommitFn: func(string) (*rebound.Job, error) { return &rebound.Job{ID: "j9", Type: "commit", State: rebound.JobRunning}, nil },
+		CommitFn: func(string) (*rebound.Job, error) {
+			return &rebound.Job{ID: "j9", Type: "commit", State: rebound.JobRunning}, nil
+		},
 		GetJobFn: func(id string) (*rebound.Job, error) {
 			if polls++; polls == 3 {
 				cancel()
