@@ -68,7 +68,7 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 	sink, err := r.Sink(hello.StreamId)
 	if err != nil {
 		if rebound.ErrorCode(err) == rebound.ENOTFOUND {
-			return status.Errorf(codes.NotFound, "replicate: this site holds no stream %q (%s)", hello.StreamId, rebound.ErrorMessage(err))
+			return status.Errorf(codes.NotFound, "replicate: this site holds no stream %q", hello.StreamId)
 		}
 		return toStatus(err)
 	}

@@ -395,3 +395,65 @@ func BenchmarkReplicate(b *testing.B) {
 	cancel()
 	<-done
 }
+
+// failingSink fails its first appends, like a full disk that frees up.
+type failingSink struct {
+	*memSink
+	mu    sync.Mutex
+	fails int
+}
+
+func (f *failingSink) Append(recs []*rebound.Record) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fails > 0 {
+		f.fails--
+		return rebound.Errorf(rebound.EUNAVAILABLE, "journal disk is full")
+	}
+	return f.memSink.Append(recs)
+}
+
+func TestSender_Errors(t *testing.T) {
+	e := newEnv(t)
+	sink := &failingSink{memSink: newMemSink(), fails: 3}
+	ts, _ := newReplServer(t, e, sink)
+	_, cli := e.site(t, "site-a", "site-b")
+	src := newMemSource()
+	for i := 0; i < 50; i++ {
+		src.add(testRecord(i))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	// An unknown stream: the sender keeps trying and says why.
+	bad := &Sender{Addr: ts.addr, TLS: cli, StreamID: "vm9", SourceSite: "site-a", Source: src}
+	go bad.Run(ctx)
+	waitFor(t, 10*time.Second, "unknown stream error", func() bool {
+		return strings.Contains(bad.Stats().LastError, `holds no stream "vm9"`)
+	})
+	if bad.Stats().Connected {
+		t.Fatal("connected to an unknown stream")
+	}
+
+	// Append failures: the error reaches the sender, then it recovers.
+	s := &Sender{Addr: ts.addr, TLS: cli, StreamID: "vm1", SourceSite: "site-a", Source: src, BatchBytes: 4096}
+	go s.Run(ctx)
+	waitFor(t, 20*time.Second, "all acked", func() bool {
+		st := s.Stats()
+		return st.AckedSeq == 50 && st.Connected
+	})
+	checkSink(t, sink.memSink, src, 50)
+	if sink.fails != 0 {
+		t.Fatalf("%d failures left", sink.fails)
+	}
+
+	// The wrong peer name: the target's certificate is for site-b.
+	_, wrongName := e.site(t, "site-a", "site-c")
+	w := &Sender{Addr: ts.addr, TLS: wrongName, StreamID: "vm1", SourceSite: "site-a", Source: src}
+	go w.Run(ctx)
+	waitFor(t, 10*time.Second, "certificate name error", func() bool {
+		return strings.Contains(w.Stats().LastError, "site-c")
+	})
+	t.Logf("unknown stream: %s", bad.Stats().LastError)
+	t.Logf("wrong name: %s", w.Stats().LastError)
+}
