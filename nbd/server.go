@@ -56,8 +56,13 @@ type Server struct {
 	wg        sync.WaitGroup
 }
 
-// handshakeTimeout bounds how long a client may take to pick an export.
-const handshakeTimeout = 30 * time.Second
+// handshakeTimeout bounds how long a client may take to pick an export;
+// stopWriteTimeout bounds how long a stopping connection waits for its
+// client to read the last replies.
+const (
+	handshakeTimeout = 30 * time.Second
+	stopWriteTimeout = 10 * time.Second
+)
 
 // Limits on one connection's in-flight work.
 const (
@@ -222,6 +227,8 @@ func newConn(s *Server, nc net.Conn) *conn {
 func (c *conn) stop() {
 	c.stopping.Store(true)
 	c.nc.SetReadDeadline(time.Now())
+	// A client that stopped reading must not hold Disconnect up forever.
+	c.nc.SetWriteDeadline(time.Now().Add(stopWriteTimeout))
 	c.bmu.Lock()
 	c.bcond.Broadcast()
 	c.bmu.Unlock()
