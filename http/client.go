@@ -265,3 +265,15 @@ func (c *Client) ListEvents(ctx context.Context, machine string) ([]rebound.Even
 	var v []rebound.Event
 	return v, c.do(ctx, "GET", path, nil, &v)
 }
+
+// Health checks the server answers /healthz (no token needed).
+func (c *Client) Health(ctx context.Context) error {
+	var v healthBody
+	if err := c.do(ctx, "GET", "/healthz", nil, &v); err != nil {
+		return err
+	}
+	if v.Status != "ok" {
+		return rebound.Errorf(rebound.EUNAVAILABLE, "the Rebound server at %s reports status %q", c.BaseURL, v.Status)
+	}
+	return nil
+}

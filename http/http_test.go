@@ -381,6 +381,10 @@ func TestAuth(t *testing.T) {
 		t.Fatalf("no token: %v", err)
 	}
 
+	if err := bad.Health(context.Background()); err != nil {
+		t.Fatalf("health without token: %v", err)
+	}
+
 	// Public routes need no token.
 	for _, p := range []string{"/healthz", "/api/v1/openapi.json", "/metrics"} {
 		if st, _, _, body := e.raw(t, "GET", p, "", "", nil); st != 200 || len(body) == 0 {
