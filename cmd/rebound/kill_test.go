@@ -1,0 +1,329 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/nbd"
+	"github.com/rebound-dr/rebound/workload"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// reboundBinary builds the real binary once per test run.
+func reboundBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "rebound-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "rebound")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// proc is a real rebound process that can be killed and restarted.
+type proc struct {
+	t    *testing.T
+	name string
+	args []string
+	log  *os.File
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func startProc(t *testing.T, dir, name string, args ...string) *proc {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(dir, name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{t: t, name: name, args: args, log: f}
+	p.start()
+	t.Cleanup(func() { p.kill(); f.Close() })
+	return p
+}
+
+func (p *proc) start() {
+	p.t.Helper()
+	p.cmd = exec.Command(reboundBinary(p.t), p.args...)
+	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
+	if err := p.cmd.Start(); err != nil {
+		p.t.Fatalf("start %s: %v", p.name, err)
+	}
+	done := make(chan struct{})
+	p.done = done
+	cmd := p.cmd
+	go func() { cmd.Wait(); close(done) }()
+}
+
+// kill sends SIGKILL: no clean shutdown, no flush.
+func (p *proc) kill() {
+	if p.cmd != nil && p.cmd.Process != nil {
+		p.cmd.Process.Signal(syscall.SIGKILL)
+		<-p.done
+	}
+}
+
+// cluster is a server and two sites as separate processes.
+type cluster struct {
+	t     *testing.T
+	dir   string
+	svc   rebound.Service
+	srv   *proc
+	sites map[string]*proc
+}
+
+func startCluster(t *testing.T) *cluster {
+	t.Helper()
+	dir := t.TempDir()
+	api, grpcAddr := freePort(t), freePort(t)
+	c := &cluster{t: t, dir: dir, sites: map[string]*proc{}}
+	tokenFile := filepath.Join(dir, "admin-token")
+	c.srv = startProc(t, dir, "server", "server", "--data", filepath.Join(dir, "server"),
+		"--api-addr", api, "--grpc-addr", grpcAddr, "--admin-token-file", tokenFile)
+	var token, ca []byte
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		token, _ = os.ReadFile(tokenFile)
+		ca, _ = os.ReadFile(filepath.Join(dir, "server", "ca", "ca.crt"))
+		if len(token) > 0 && len(ca) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("server did not start")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	svc, err := rhttp.NewClient("https://"+api, strings.TrimSpace(string(token)), ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.svc = svc
+	for _, name := range []string{"primary", "recovery"} {
+		var tok string
+		for {
+			tok, err = svc.CreateEnrollToken(context.Background(), name)
+			if err == nil || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.sites[name] = startProc(t, dir, name, "site", "--name", name, "--data", filepath.Join(dir, name),
+			"--server-addr", grpcAddr, "--token", tok, "--nbd-addr", freePort(t), "--repl-addr", freePort(t))
+	}
+	c.waitOnline("primary", "recovery")
+	return c
+}
+
+func (c *cluster) waitOnline(names ...string) {
+	c.t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		sites, err := c.svc.ListSites(context.Background())
+		online := 0
+		for _, s := range sites {
+			for _, n := range names {
+				if s.Name == n && s.Status == rebound.SiteOnline && time.Since(s.LastSeen) < 3*time.Second {
+					online++
+				}
+			}
+		}
+		if err == nil && online == len(names) {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	c.t.Fatalf("sites %v did not come online", names)
+}
+
+// retry runs fn until it succeeds or a minute passes: the cluster is being
+// killed and restarted underneath it.
+func retry(t *testing.T, what string, fn func() error) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	var err error
+	for time.Now().Before(deadline) {
+		if err = fn(); err == nil {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("%s: %v", what, err)
+}
+
+// resilientWrite applies ops through uri, reconnecting and repeating the
+// same op after a failure: an unacknowledged write may or may not have
+// landed, and repeating it makes the outcome certain.
+func resilientWrite(t *testing.T, uri string, o *oracle, n int) {
+	t.Helper()
+	var cl *nbd.Client
+	defer func() {
+		if cl != nil {
+			cl.Close()
+		}
+	}()
+	for i := 0; i < n; i++ {
+		op := o.gen.Next()
+		retry(t, "write", func() error {
+			if cl == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				c, err := nbd.Dial(ctx, uri)
+				if err != nil {
+					return err
+				}
+				cl = c
+			}
+			if err := workload.Apply(cl, op); err != nil {
+				cl.Close()
+				cl = nil
+				return err
+			}
+			return nil
+		})
+		o.model.Apply(op)
+	}
+	retry(t, "flush", func() error {
+		if cl == nil {
+			return nil // reconnecting flushes nothing we need: kill -9 keeps the page cache
+		}
+		return cl.Flush()
+	})
+}
+
+// TestOracleWithKills runs the real binaries, kills the sending and the
+// receiving site with SIGKILL at random moments while a workload writes
+// and points are cut, and then checks every recorded point byte for byte.
+func TestOracleWithKills(t *testing.T) {
+	c := startCluster(t)
+	svc, ctx := c.svc, context.Background()
+	const size = 16 << 20
+	m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := m.Disks[0].NBD
+	o := newOracle(t, size, 7)
+	resilientWrite(t, src, o, 100)
+	waitJob(t, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+
+	// The killer: SIGKILL one site at a random moment, restart it shortly after.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	kills := 0
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		rng := rand.New(rand.NewPCG(1, 2))
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Duration(700+rng.IntN(1500)) * time.Millisecond):
+			}
+			name := []string{"primary", "recovery"}[rng.IntN(2)]
+			p := c.sites[name]
+			p.kill()
+			kills++
+			time.Sleep(time.Duration(100+rng.IntN(600)) * time.Millisecond)
+			p.start()
+		}
+	}()
+	for i := 0; i < 10; i++ {
+		resilientWrite(t, src, o, 30)
+		retry(t, "cut point", func() error {
+			p, err := svc.CreatePoint(ctx, "vm1", false)
+			if err != nil {
+				return err
+			}
+			o.points[p.ID] = o.model.Sum()
+			o.order = append(o.order, p.ID)
+			return nil
+		})
+	}
+	close(stop)
+	wg.Wait()
+	c.waitOnline("primary", "recovery")
+	if kills < 3 {
+		t.Fatalf("only %d kills happened; the test did not exercise restarts", kills)
+	}
+	t.Logf("%d site kills during the run", kills)
+
+	for _, id := range o.order {
+		retry(t, "test failover "+id, func() error {
+			j, err := svc.TestFailover(ctx, "vm1", id)
+			if err != nil {
+				return err
+			}
+			return jobErr(svc, j)
+		})
+		mm := getMachine(t, svc, "vm1")
+		if got := diskSum(t, mm.TestFailover.Disks[0].NBD); got != o.points[id] {
+			t.Fatalf("point %s after kills: hash %s, want %s", id, got, o.points[id])
+		}
+		waitJob(t, svc)(svc.TestFailoverCleanup(ctx, "vm1"))
+	}
+	// Latest drains the source: every acknowledged write is there.
+	final := o.model.Sum()
+	waitJob(t, svc)(svc.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Point: "latest"}))
+	mm := getMachine(t, svc, "vm1")
+	if got := diskSum(t, mm.Disks[0].NBD); got != final {
+		t.Fatalf("failover to latest after kills: hash %s, want %s", got, final)
+	}
+}
+
+// jobErr waits for a job and returns its error, if any.
+func jobErr(svc rebound.Service, j *rebound.Job) error {
+	for {
+		j, err := svc.GetJob(context.Background(), j.ID)
+		if err != nil {
+			return err
+		}
+		switch j.State {
+		case rebound.JobSucceeded:
+			return nil
+		case rebound.JobFailed, rebound.JobCancelled:
+			return fmt.Errorf("job %s %s: %s", j.ID, j.State, j.Error)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -1,0 +1,238 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	nethttp "net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	ggrpc "google.golang.org/grpc"
+
+	"github.com/rebound-dr/rebound"
+	rgrpc "github.com/rebound-dr/rebound/grpc"
+	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/pki"
+	"github.com/rebound-dr/rebound/server"
+	"github.com/rebound-dr/rebound/sqlite"
+)
+
+func init() { extraCommands = append(extraCommands, newServerCommand) }
+
+// ServerConfig configures the control plane.
+type ServerConfig struct {
+	DataDir  string
+	APIAddr  string // HTTPS REST API
+	GRPCAddr string // enrollment and control channel for sites
+	// Hosts are extra names and IPs the server certificate covers.
+	Hosts []string
+}
+
+// ServerMain runs the control plane: store, CA, job engine, REST API and
+// the sites' control channel. Tests run it in-process.
+type ServerMain struct {
+	Config ServerConfig
+	Logger *slog.Logger
+
+	DB       *sqlite.DB
+	CA       *pki.CA
+	Service  *server.Server
+	Control  *rgrpc.ControlServer
+	APIURL   string // https://host:port after Run
+	GRPCAddr string // host:port after Run
+
+	http  *nethttp.Server
+	grpc  *ggrpc.Server
+	wg    sync.WaitGroup
+	close sync.Once
+}
+
+// Run opens everything and starts serving; it returns once listening.
+func (m *ServerMain) Run(ctx context.Context) (err error) {
+	if m.Logger == nil {
+		m.Logger = slog.Default()
+	}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+	cfg := m.Config
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return err
+	}
+	if m.DB, err = sqlite.Open(filepath.Join(cfg.DataDir, "rebound.db")); err != nil {
+		return fmt.Errorf("open database: %w", err)
+	}
+	if m.CA, err = pki.LoadOrCreateCA(filepath.Join(cfg.DataDir, "ca")); err != nil {
+		return fmt.Errorf("load CA: %w", err)
+	}
+	hosts := append([]string{"127.0.0.1", "::1", "localhost"}, cfg.Hosts...)
+	for _, a := range []string{cfg.APIAddr, cfg.GRPCAddr} {
+		if h, _, err := net.SplitHostPort(a); err == nil && h != "" {
+			hosts = append(hosts, h)
+		}
+	}
+	certPEM, keyPEM, err := m.CA.Issue(serverCertName, hosts, pki.ServerAuth)
+	if err != nil {
+		return err
+	}
+	tlsConf, err := pki.ServerTLS(certPEM, keyPEM, m.CA.CertPEM(), false)
+	if err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.Control = &rgrpc.ControlServer{}
+	m.Service = &server.Server{DB: m.DB, Site: m.Control.Site, Logger: m.Logger, CAFingerprint: m.CA.Fingerprint()}
+	m.Control.OnReport = m.Service.SiteReport
+	m.Control.OnConnect = func(site string) { go m.Service.SiteConnected(site) }
+	m.Control.OnDisconnect = m.Service.SiteDisconnected
+	if err := m.Service.Open(reg); err != nil {
+		return err
+	}
+
+	gl, err := net.Listen("tcp", cfg.GRPCAddr)
+	if err != nil {
+		return fmt.Errorf("listen for sites on %s: %w", cfg.GRPCAddr, err)
+	}
+	m.GRPCAddr = gl.Addr().String()
+	m.grpc = rgrpc.NewServer(tlsConf)
+	m.Control.Register(m.grpc)
+	(&rgrpc.EnrollServer{CA: m.CA, Validate: m.DB.UseEnrollToken}).Register(m.grpc)
+
+	al, err := net.Listen("tcp", cfg.APIAddr)
+	if err != nil {
+		gl.Close()
+		return fmt.Errorf("listen for the API on %s: %w", cfg.APIAddr, err)
+	}
+	m.APIURL = "https://" + al.Addr().String()
+	api := &rhttp.Server{
+		Service: m.Service,
+		Authenticate: func(ctx context.Context, token string) error {
+			_, err := m.DB.CheckAPIToken(ctx, token)
+			return err
+		},
+		Logger:  m.Logger,
+		Metrics: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
+	}
+	m.http = &nethttp.Server{Handler: api.Handler(), TLSConfig: tlsConf.Clone(), ReadHeaderTimeout: 10 * time.Second}
+	m.http.TLSConfig.ClientAuth = 0 // the API authenticates with bearer tokens
+
+	m.wg.Add(2)
+	go func() {
+		defer m.wg.Done()
+		if err := m.grpc.Serve(gl); err != nil && !errors.Is(err, ggrpc.ErrServerStopped) {
+			m.Logger.Error("grpc server", "err", err)
+		}
+	}()
+	go func() {
+		defer m.wg.Done()
+		if err := m.http.ServeTLS(al, "", ""); err != nil && !errors.Is(err, nethttp.ErrServerClosed) {
+			m.Logger.Error("api server", "err", err)
+		}
+	}()
+	m.Logger.Info("server listening", "api", m.APIURL, "sites", m.GRPCAddr, "data", cfg.DataDir)
+	return nil
+}
+
+// serverCertName is the name sites verify the server's certificate for.
+const serverCertName = "rebound-server"
+
+// JoinToken creates a one-time enrollment token for a site.
+func (m *ServerMain) JoinToken(ctx context.Context, site string) (string, error) {
+	return m.Service.CreateEnrollToken(ctx, site)
+}
+
+// Close stops serving and closes the store.
+func (m *ServerMain) Close() error {
+	var errs []error
+	m.close.Do(func() {
+		if m.http != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			errs = append(errs, m.http.Shutdown(ctx))
+			cancel()
+		}
+		if m.grpc != nil {
+			m.grpc.Stop()
+		}
+		m.wg.Wait()
+		if m.Service != nil {
+			errs = append(errs, m.Service.Close())
+		}
+		if m.DB != nil {
+			errs = append(errs, m.DB.Close())
+		}
+	})
+	return errors.Join(errs...)
+}
+
+func newServerCommand(c *CLI) *cobra.Command {
+	cfg := ServerConfig{}
+	var tokenFile string
+	cmd := &cobra.Command{
+		Use:   "server",
+		Short: "Run the control plane (the vault): REST API, job engine, site enrollment",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
+			m := &ServerMain{Config: cfg, Logger: newLogger(c.Stderr)}
+			if err := m.Run(ctx); err != nil {
+				return err
+			}
+			defer m.Close()
+			if tokenFile != "" {
+				if err := ensureAdminToken(ctx, m.DB, tokenFile); err != nil {
+					return err
+				}
+			}
+			<-ctx.Done()
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.DataDir, "data", "./rebound-data/server", "data directory (database, CA)")
+	f.StringVar(&cfg.APIAddr, "api-addr", "127.0.0.1:8440", "HTTPS REST API listen address")
+	f.StringVar(&cfg.GRPCAddr, "grpc-addr", "127.0.0.1:8441", "listen address for sites (enrollment and control)")
+	f.StringSliceVar(&cfg.Hosts, "host", nil, "extra host names or IPs for the server certificate")
+	f.StringVar(&tokenFile, "admin-token-file", "", "create an admin API token if this file does not exist and write it there (0600)")
+	return cmd
+}
+
+// ensureAdminToken writes a new admin token to path unless path holds a
+// valid one.
+func ensureAdminToken(ctx context.Context, db *sqlite.DB, path string) error {
+	if b, err := os.ReadFile(path); err == nil {
+		if _, err := db.CheckAPIToken(ctx, string(trimSpace(b))); err == nil {
+			return nil
+		}
+	}
+	tok, err := db.CreateAPIToken(ctx, "admin")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(tok+"\n"), 0o600)
+}
+
+func trimSpace(b []byte) []byte {
+	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == ' ' || b[len(b)-1] == '\r') {
+		b = b[:len(b)-1]
+	}
+	return b
+}
+
+var _ rebound.Service = (*server.Server)(nil)

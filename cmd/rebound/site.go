@@ -1,0 +1,277 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	ggrpc "google.golang.org/grpc"
+
+	"github.com/rebound-dr/rebound"
+	rgrpc "github.com/rebound-dr/rebound/grpc"
+	"github.com/rebound-dr/rebound/pki"
+	"github.com/rebound-dr/rebound/site"
+)
+
+func init() { extraCommands = append(extraCommands, newSiteCommand) }
+
+// SiteConfig configures a site appliance.
+type SiteConfig struct {
+	Name        string
+	DataDir     string
+	Server      string // the server's gRPC address
+	JoinToken   string // needed only for the first start
+	NBDAddr     string
+	NBDSocket   string
+	ReplAddr    string
+	NBDHost     string
+	FreezeHook  string
+	ThawHook    string
+	SpoolLimit  int64
+	ReportEvery time.Duration
+}
+
+// SiteMain runs one site: enrollment, NBD, replication and the control
+// channel to the server. Tests run it in-process.
+type SiteMain struct {
+	Config SiteConfig
+	Logger *slog.Logger
+
+	Site     *site.Site
+	NBDAddr  string
+	ReplAddr string
+
+	grpc   *ggrpc.Server
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	close  sync.Once
+}
+
+// Run enrolls if needed, opens the site and starts serving; it returns once
+// listening.
+func (m *SiteMain) Run(ctx context.Context) (err error) {
+	if m.Logger == nil {
+		m.Logger = slog.Default()
+	}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+	cfg := m.Config
+	if cfg.Name == "" {
+		return rebound.Errorf(rebound.EINVALID, "a site needs a name (--name)")
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return err
+	}
+	certPEM, keyPEM, caPEM, err := m.credentials(ctx)
+	if err != nil {
+		return err
+	}
+	serverTLS, err := pki.ServerTLS(certPEM, keyPEM, caPEM, true)
+	if err != nil {
+		return err
+	}
+	peerTLS, err := pki.ClientTLS(certPEM, keyPEM, caPEM, "")
+	if err != nil {
+		return err
+	}
+	controlTLS, err := pki.ClientTLS(certPEM, keyPEM, caPEM, serverCertName)
+	if err != nil {
+		return err
+	}
+
+	m.Site = site.New(site.Config{
+		Name: cfg.Name, DataDir: cfg.DataDir, PeerTLS: peerTLS, NBDHost: cfg.NBDHost,
+		FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook, SpoolLimit: cfg.SpoolLimit,
+		Logger: m.Logger,
+	})
+	if err := m.Site.Open(); err != nil {
+		return fmt.Errorf("open site %s: %w", cfg.Name, err)
+	}
+
+	nl, err := net.Listen("tcp", cfg.NBDAddr)
+	if err != nil {
+		return fmt.Errorf("listen for NBD on %s: %w", cfg.NBDAddr, err)
+	}
+	m.NBDAddr = nl.Addr().String()
+	var ul net.Listener
+	if cfg.NBDSocket != "" {
+		_ = os.Remove(cfg.NBDSocket)
+		if ul, err = net.Listen("unix", cfg.NBDSocket); err != nil {
+			nl.Close()
+			return fmt.Errorf("listen for NBD on %s: %w", cfg.NBDSocket, err)
+		}
+	}
+	rl, err := net.Listen("tcp", cfg.ReplAddr)
+	if err != nil {
+		nl.Close()
+		return fmt.Errorf("listen for replication on %s: %w", cfg.ReplAddr, err)
+	}
+	m.ReplAddr = rl.Addr().String()
+	m.Site.SetAddrs(m.NBDAddr, m.ReplAddr)
+	m.grpc = rgrpc.NewServer(serverTLS)
+	m.Site.Repl.Register(m.grpc)
+
+	rctx, cancel := context.WithCancel(context.Background())
+	m.cancel = cancel
+	serve := func(name string, fn func() error) {
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			if err := fn(); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, ggrpc.ErrServerStopped) && rctx.Err() == nil {
+				m.Logger.Error(name+" stopped", "site", cfg.Name, "err", err)
+			}
+		}()
+	}
+	serve("nbd", func() error { return m.Site.NBD.Serve(nl) })
+	if ul != nil {
+		serve("nbd unix", func() error { return m.Site.NBD.Serve(ul) })
+	}
+	serve("replication", func() error { return m.grpc.Serve(rl) })
+	every := cfg.ReportEvery
+	if every == 0 {
+		every = 2 * time.Second
+	}
+	serve("control", func() error {
+		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, m.Site, every)
+		if errors.Is(err, context.Canceled) {
+			return nil
+		}
+		return err
+	})
+	m.Logger.Info("site listening", "site", cfg.Name, "nbd", m.NBDAddr, "replication", m.ReplAddr, "server", cfg.Server)
+	return nil
+}
+
+// credentials loads the site's certificate, enrolling first if it has none.
+func (m *SiteMain) credentials(ctx context.Context) (certPEM, keyPEM, caPEM []byte, err error) {
+	dir := filepath.Join(m.Config.DataDir, "tls")
+	certPath, keyPath, caPath := filepath.Join(dir, "site.crt"), filepath.Join(dir, "site.key"), filepath.Join(dir, "ca.crt")
+	if certPEM, err = os.ReadFile(certPath); err == nil {
+		if keyPEM, err = os.ReadFile(keyPath); err != nil {
+			return nil, nil, nil, err
+		}
+		if caPEM, err = os.ReadFile(caPath); err != nil {
+			return nil, nil, nil, err
+		}
+		return certPEM, keyPEM, caPEM, nil
+	}
+	if m.Config.JoinToken == "" {
+		return nil, nil, nil, rebound.Errorf(rebound.EINVALID, "site %s is not enrolled: pass --token with a one-time token from `rebound site token %s`", m.Config.Name, m.Config.Name)
+	}
+	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	certPEM, keyPEM, caPEM, err = rgrpc.Enroll(ectx, m.Config.Server, m.Config.JoinToken, m.Config.Name)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("enroll site %s with %s: %w", m.Config.Name, m.Config.Server, err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, nil, nil, err
+	}
+	for _, f := range []struct {
+		path string
+		b    []byte
+	}{{keyPath, keyPEM}, {caPath, caPEM}, {certPath, certPEM}} {
+		if err := os.WriteFile(f.path, f.b, 0o600); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	m.Logger.Info("site enrolled", "site", m.Config.Name)
+	return certPEM, keyPEM, caPEM, nil
+}
+
+// Close stops serving and closes the site.
+func (m *SiteMain) Close() error {
+	var err error
+	m.close.Do(func() {
+		if m.cancel != nil {
+			m.cancel()
+		}
+		if m.grpc != nil {
+			m.grpc.Stop()
+		}
+		if m.Site != nil {
+			m.Site.NBD.Close()
+		}
+		m.wg.Wait()
+		if m.Site != nil {
+			err = m.Site.Close()
+		}
+	})
+	return err
+}
+
+func newSiteCommand(c *CLI) *cobra.Command {
+	cfg := SiteConfig{}
+	var spool string
+	cmd := &cobra.Command{
+		Use:   "site",
+		Short: "Run a site appliance, or manage sites",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if cfg.Name == "" {
+				return cmd.Help()
+			}
+			n, err := ParseSize(spool)
+			if err != nil {
+				return err
+			}
+			cfg.SpoolLimit = n
+			if cfg.DataDir == "" {
+				cfg.DataDir = filepath.Join("rebound-data", "sites", cfg.Name)
+			}
+			if cfg.NBDSocket == "" {
+				cfg.NBDSocket = filepath.Join(cfg.DataDir, "nbd.sock")
+			}
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
+			m := &SiteMain{Config: cfg, Logger: newLogger(c.Stderr)}
+			if err := m.Run(ctx); err != nil {
+				return err
+			}
+			defer m.Close()
+			<-ctx.Done()
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.Name, "name", "", "site name (runs the appliance)")
+	f.StringVar(&cfg.DataDir, "data", "", "data directory (default ./rebound-data/sites/NAME)")
+	f.StringVar(&cfg.Server, "server-addr", "127.0.0.1:8441", "the server's address for sites")
+	f.StringVar(&cfg.JoinToken, "token", os.Getenv("REBOUND_JOIN_TOKEN"), "one-time enrollment token (first start only)")
+	f.StringVar(&cfg.NBDAddr, "nbd-addr", "127.0.0.1:10809", "NBD listen address")
+	f.StringVar(&cfg.NBDSocket, "nbd-socket", "", "NBD unix socket (default DATA/nbd.sock)")
+	f.StringVar(&cfg.ReplAddr, "repl-addr", "127.0.0.1:8451", "replication listen address (peer sites connect here)")
+	f.StringVar(&cfg.NBDHost, "nbd-host", "", "host written into NBD URIs (default: the listen address)")
+	f.StringVar(&cfg.FreezeHook, "freeze-hook", "", "script run before an app-consistent point (argument: machine name)")
+	f.StringVar(&cfg.ThawHook, "thaw-hook", "", "script run after an app-consistent point, always")
+	f.StringVar(&spool, "spool-limit", "1GiB", "local spool bound per machine before only a dirty-region map is kept")
+	return cmd
+}
+
+// signalContext is cancelled on SIGINT or SIGTERM.
+func signalContext(parent context.Context) (context.Context, context.CancelFunc) {
+	if parent == nil {
+		parent = context.Background()
+	}
+	return signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
+}
+
+func newLogger(w interface{ Write([]byte) (int, error) }) *slog.Logger {
+	level := slog.LevelInfo
+	if os.Getenv("REBOUND_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+}

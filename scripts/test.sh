@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs Rebound's whole test suite. It installs the real tools the tests use
+# (qemu-utils, libnbd-bin, nbdkit, fio, rsync) when it runs as root on
+# Debian, and otherwise checks they are there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/local/go/bin:$HOME/go/bin:$PATH"
+
+tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdkit fio rsync)
+packages=(qemu-utils libnbd-bin nbdkit fio rsync)
+missing=()
+for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing: ${packages[*]} (missing: ${missing[*]})"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${packages[@]}" >/dev/null
+  else
+    echo "missing tools: ${missing[*]}; install the Debian packages: ${packages[*]}" >&2
+    exit 1
+  fi
+fi
+command -v go >/dev/null || { echo "Go 1.26 is needed (https://go.dev/dl/)" >&2; exit 1; }
+
+go vet ./...
+go test -count=1 -timeout 20m "$@" ./...

@@ -1,0 +1,207 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rebound-dr/rebound"
+)
+
+type metrics struct {
+	lag        *prometheus.GaugeVec
+	backlog    *prometheus.GaugeVec
+	dirty      *prometheus.GaugeVec
+	throughput *prometheus.GaugeVec
+	health     *prometheus.GaugeVec
+	siteUp     *prometheus.GaugeVec
+	jobs       *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		lag: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_replication_lag_seconds",
+			Help: "Age of the oldest write the target does not hold yet."}, []string{"machine"}),
+		backlog: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_replication_backlog_bytes",
+			Help: "Bytes captured at the source and not yet acknowledged by the target."}, []string{"machine"}),
+		dirty: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_replication_dirty_bytes",
+			Help: "Bytes only tracked in the dirty-region map (spool overflowed)."}, []string{"machine"}),
+		throughput: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_replication_throughput_bytes_per_second",
+			Help: "Acknowledged replication throughput."}, []string{"machine"}),
+		health: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_machine_health",
+			Help: "0 normal, 1 warning, 2 critical."}, []string{"machine"}),
+		siteUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_site_up",
+			Help: "1 when the site is connected."}, []string{"site"}),
+		jobs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rebound_jobs_total",
+			Help: "Jobs ended, by type and state."}, []string{"type", "state"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.lag, m.backlog, m.dirty, m.throughput, m.health, m.siteUp, m.jobs)
+	}
+	return m
+}
+
+// SiteConnected is called when a site opens its control channel. It
+// records the site and finishes work that waited for it.
+func (s *Server) SiteConnected(name string) {
+	ctx := context.Background()
+	s.event("", name, "site.connected", "site "+name+" connected")
+	s.metrics.siteUp.WithLabelValues(name).Set(1)
+	keys, err := s.pendingReleases(ctx, name)
+	if err != nil {
+		return
+	}
+	site, err := s.site(name)
+	if err != nil {
+		return
+	}
+	for _, machine := range keys {
+		if err := site.Release(ctx, machine); err != nil {
+			s.Logger.Warn("release after reconnect", "site", name, "machine", machine, "err", err)
+			continue
+		}
+		_ = s.DB.PutSetting(ctx, "pending-release/"+name+"/"+machine, "")
+		s.event(machine, name, "source.released", "old source released after reconnecting")
+	}
+}
+
+func (s *Server) pendingReleases(ctx context.Context, site string) ([]string, error) {
+	var out []string
+	ms, err := s.DB.ListMachines(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range ms {
+		v, ok, err := s.DB.GetSetting(ctx, "pending-release/"+site+"/"+m.Name)
+		if err == nil && ok && v == "1" {
+			out = append(out, m.Name)
+		}
+	}
+	return out, nil
+}
+
+// SiteDisconnected is called when a site's control channel closes.
+func (s *Server) SiteDisconnected(name string) {
+	s.event("", name, "site.disconnected", "site "+name+" disconnected")
+	s.metrics.siteUp.WithLabelValues(name).Set(0)
+}
+
+// SiteReport takes a site's periodic status: it updates the site and the
+// replication figures and health of its machines.
+func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
+	ctx := context.Background()
+	s.mu.Lock()
+	s.statuses[name] = st
+	s.mu.Unlock()
+	site := rebound.Site{
+		Name: name, Status: rebound.SiteOnline, NBDAddr: st.NBDAddr, ReplAddr: st.ReplAddr,
+		FreeBytes: st.FreeBytes, LastSeen: time.Now().UTC(), Version: st.Version,
+	}
+	if err := s.DB.PutSite(ctx, site); err != nil {
+		s.Logger.Error("store site report", "site", name, "err", err)
+		return
+	}
+	for _, ms := range st.Machines {
+		ms := ms
+		err := s.updateMachine(ctx, ms.Name, func(m *rebound.Machine) {
+			p := m.Protection
+			if p == nil {
+				return
+			}
+			if ms.Role == "source" && p.SourceSite == name {
+				p.ReplState, p.LagSeconds, p.BacklogBytes = ms.ReplState, ms.LagSeconds, ms.BacklogBytes
+				p.DirtyBytes, p.ThroughputBps, p.ReportedAt = ms.DirtyBytes, ms.ThroughputBps, st.Time
+				if ms.SyncTotal > 0 && m.State == rebound.MachineSyncing {
+					p.SyncProgress = float64(ms.SyncDone) / float64(ms.SyncTotal)
+				}
+				s.metrics.lag.WithLabelValues(m.Name).Set(ms.LagSeconds)
+				s.metrics.backlog.WithLabelValues(m.Name).Set(float64(ms.BacklogBytes))
+				s.metrics.dirty.WithLabelValues(m.Name).Set(float64(ms.DirtyBytes))
+				s.metrics.throughput.WithLabelValues(m.Name).Set(ms.ThroughputBps)
+			}
+			if ms.Role == "target" && p.TargetSite == name && !ms.LastPointTime.IsZero() {
+				p.LastPointTime = ms.LastPointTime
+			}
+			s.setHealth(ctx, m)
+		})
+		if err != nil && rebound.ErrorCode(err) != rebound.ENOTFOUND {
+			s.Logger.Error("store machine report", "machine", ms.Name, "err", err)
+		}
+	}
+}
+
+// setHealth derives a machine's health from its replication figures.
+func (s *Server) setHealth(ctx context.Context, m *rebound.Machine) {
+	health, reason := rebound.HealthNormal, ""
+	if p := m.Protection; p != nil && (m.State == rebound.MachineProtected || m.State == rebound.MachineSyncing) {
+		pol, err := s.DB.GetPolicy(ctx, p.Policy)
+		threshold := 30 * time.Second
+		if err == nil && pol.RPOThreshold > 0 {
+			threshold = time.Duration(pol.RPOThreshold)
+		}
+		lag := time.Duration(p.LagSeconds * float64(time.Second))
+		switch {
+		case s.siteOffline(ctx, p.SourceSite):
+			health, reason = rebound.HealthCritical, fmt.Sprintf("source site %s is offline", p.SourceSite)
+		case p.ReplState == "overflow":
+			health, reason = rebound.HealthCritical, "spool full: only changed regions are tracked; they resync when the link returns"
+		case lag > threshold:
+			health, reason = rebound.HealthWarning, fmt.Sprintf("lag %s is above the RPO threshold %s", lag.Round(time.Second), threshold)
+		case p.ReplState == "spooling":
+			health, reason = rebound.HealthWarning, fmt.Sprintf("target site %s is unreachable; writes spool at %s", p.TargetSite, p.SourceSite)
+		case s.siteOffline(ctx, p.TargetSite):
+			health, reason = rebound.HealthWarning, fmt.Sprintf("target site %s is offline", p.TargetSite)
+		}
+	}
+	if health != m.Health {
+		s.event(m.Name, "", "health."+health, strings.TrimSpace("health "+health+" "+reason))
+	}
+	m.Health, m.HealthReason = health, reason
+	s.metrics.health.WithLabelValues(m.Name).Set(map[string]float64{rebound.HealthNormal: 0, rebound.HealthWarning: 1, rebound.HealthCritical: 2}[health])
+}
+
+func (s *Server) siteOffline(ctx context.Context, name string) bool {
+	if _, ok := s.Site(name); ok {
+		st, err := s.DB.GetSite(ctx, name)
+		return err != nil || time.Since(st.LastSeen) > SiteOfflineAfter
+	}
+	return true
+}
+
+// watchdog marks silent sites offline and re-derives health.
+func (s *Server) watchdog() {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		ctx := s.ctx
+		sites, err := s.DB.ListSites(ctx)
+		if err != nil {
+			continue
+		}
+		for _, st := range sites {
+			if st.Status == rebound.SiteOnline && s.siteOffline(ctx, st.Name) {
+				st.Status = rebound.SiteOffline
+				_ = s.DB.PutSite(ctx, st)
+				s.metrics.siteUp.WithLabelValues(st.Name).Set(0)
+				s.event("", st.Name, "site.offline", "site "+st.Name+" went offline")
+			}
+		}
+		ms, err := s.DB.ListMachines(ctx)
+		if err != nil {
+			continue
+		}
+		for _, m := range ms {
+			if err := s.updateMachine(ctx, m.Name, func(m *rebound.Machine) { s.setHealth(ctx, m) }); err != nil {
+				s.Logger.Warn("store health", "machine", m.Name, "err", err)
+			}
+		}
+	}
+}

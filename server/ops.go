@@ -1,0 +1,681 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+	"strconv"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_.]*(?:-[a-z0-9_.]+)*$`)
+
+func validName(name string) error {
+	if len(name) == 0 || len(name) > 63 || !nameRE.MatchString(name) {
+		return rebound.Errorf(rebound.EINVALID, "invalid name %q: use 1-63 lower-case letters, digits, '.', '_' and single '-'", name)
+	}
+	return nil
+}
+
+// CreateMachine creates a machine with empty disks at a site.
+func (s *Server) CreateMachine(ctx context.Context, req rebound.CreateMachineRequest) (*rebound.Machine, error) {
+	if err := validName(req.Name); err != nil {
+		return nil, err
+	}
+	if req.Driver == "" {
+		req.Driver = "none"
+	}
+	if req.Driver != "none" {
+		return nil, rebound.Errorf(rebound.EINVALID, "unknown driver %q: this version supports \"none\"", req.Driver)
+	}
+	if len(req.Disks) == 0 || len(req.Disks) > 16 {
+		return nil, rebound.Errorf(rebound.EINVALID, "a machine needs 1 to 16 disks")
+	}
+	m := &rebound.Machine{
+		Name: req.Name, Driver: req.Driver, State: rebound.MachineUnprotected,
+		ActiveSite: req.Site, HomeSite: req.Site, Health: rebound.HealthNormal,
+		CreatedAt: time.Now().UTC(),
+	}
+	for i, size := range req.Disks {
+		if size <= 0 || size%512 != 0 || size > 1<<44 {
+			return nil, rebound.Errorf(rebound.EINVALID, "disk %d: size %d must be a positive multiple of 512 bytes up to 16 TiB", i, size)
+		}
+		m.Disks = append(m.Disks, rebound.Disk{Name: fmt.Sprintf("disk%d", i), Size: size})
+	}
+	site, err := s.site(req.Site)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.DB.CreateMachine(ctx, m); err != nil {
+		return nil, err
+	}
+	if err := site.CreateMachine(ctx, rebound.SiteMachine{Name: m.Name, Disks: m.Disks}); err != nil {
+		_ = s.DB.DeleteMachine(context.Background(), m.Name)
+		return nil, err
+	}
+	s.refreshDisks(ctx, m, site)
+	if err := s.DB.UpdateMachine(ctx, m); err != nil {
+		return nil, err
+	}
+	s.event(m.Name, req.Site, "machine.created", fmt.Sprintf("machine %s created at %s with %d disk(s)", m.Name, req.Site, len(m.Disks)))
+	return m, nil
+}
+
+// refreshDisks copies the NBD URIs the active site reports into m.
+func (s *Server) refreshDisks(ctx context.Context, m *rebound.Machine, site rebound.SiteService) {
+	st, err := site.Status(ctx)
+	if err != nil {
+		return
+	}
+	for _, ms := range st.Machines {
+		if ms.Name == m.Name && len(ms.Disks) == len(m.Disks) {
+			for i := range m.Disks {
+				m.Disks[i].NBD = ms.Disks[i].NBD
+			}
+		}
+	}
+}
+
+// ListMachines returns every machine.
+func (s *Server) ListMachines(ctx context.Context) ([]rebound.Machine, error) {
+	return s.DB.ListMachines(ctx)
+}
+
+// GetMachine returns a machine.
+func (s *Server) GetMachine(ctx context.Context, name string) (*rebound.Machine, error) {
+	return s.DB.GetMachine(ctx, name)
+}
+
+// DeleteMachine removes an unprotected machine and its disks.
+func (s *Server) DeleteMachine(ctx context.Context, name string) error {
+	m, err := s.DB.GetMachine(ctx, name)
+	if err != nil {
+		return err
+	}
+	if m.State != rebound.MachineUnprotected {
+		return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; only an unprotected machine can be deleted", name, m.State)
+	}
+	if err := s.lockMachine(name); err != nil {
+		return err
+	}
+	defer s.unlockMachine(name)
+	sites := []string{m.ActiveSite}
+	if m.HomeSite != m.ActiveSite {
+		sites = append(sites, m.HomeSite)
+	}
+	for _, sn := range sites {
+		site, err := s.site(sn)
+		if err != nil {
+			return err
+		}
+		if err := site.DeleteMachine(ctx, name); err != nil {
+			return err
+		}
+	}
+	if err := s.DB.DeleteMachine(ctx, name); err != nil {
+		return err
+	}
+	s.event(name, "", "machine.deleted", "machine "+name+" deleted")
+	return nil
+}
+
+func (s *Server) lockMachine(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if id, ok := s.busy[name]; ok {
+		return rebound.Errorf(rebound.ECONFLICT, "machine %q has job %s running", name, id)
+	}
+	s.busy[name] = "(api)"
+	return nil
+}
+
+func (s *Server) unlockMachine(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.busy, name)
+}
+
+// Protect starts replication of a machine to a site.
+func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebound.Job, error) {
+	m, err := s.DB.GetMachine(ctx, req.Machine)
+	if err != nil {
+		return nil, err
+	}
+	if req.Policy == "" {
+		req.Policy = "default"
+	}
+	pol, err := s.DB.GetPolicy(ctx, req.Policy)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case req.To == "":
+		return nil, rebound.Errorf(rebound.EINVALID, "protect needs a target site (--to)")
+	case m.Protection != nil && m.Protection.TargetSite == req.To && m.State == rebound.MachineProtected:
+		return s.doneJob(ctx, "protect", m.Name, fmt.Sprintf("machine %s is already protected to %s", m.Name, req.To))
+	case m.State != rebound.MachineUnprotected:
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; only an unprotected machine can be protected", m.Name, m.State)
+	case req.To == m.ActiveSite:
+		return nil, rebound.Errorf(rebound.EINVALID, "machine %q is active at %s; protect it to another site", m.Name, req.To)
+	}
+	src, err := s.site(m.ActiveSite)
+	if err != nil {
+		return nil, err
+	}
+	dst, err := s.site(req.To)
+	if err != nil {
+		return nil, err
+	}
+	dstSite, err := s.DB.GetSite(ctx, req.To)
+	if err != nil {
+		return nil, err
+	}
+	if dstSite.ReplAddr == "" {
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "site %q has not reported its replication address yet; retry in a few seconds", req.To)
+	}
+	var need int64
+	for _, d := range m.Disks {
+		need += d.Size
+	}
+	if dstSite.FreeBytes > 0 && dstSite.FreeBytes < need {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "site %q has %d bytes free; machine %q needs at least %d", req.To, dstSite.FreeBytes, m.Name, need)
+	}
+	streamID := fmt.Sprintf("%s.%d", m.Name, time.Now().UnixNano())
+	return s.startJob(ctx, "protect", m.Name, []string{"prepare target", "start source", "initial copy"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("prepare target")
+		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: m.Disks, Policy: *pol}
+		tspec := spec
+		tspec.Role, tspec.PeerSite = "target", m.ActiveSite
+		if err := dst.StartReplication(ctx, tspec); err != nil {
+			return err
+		}
+		r.Step("start source")
+		sspec := spec
+		sspec.Role, sspec.PeerSite, sspec.PeerAddr = "source", req.To, dstSite.ReplAddr
+		if err := src.StartReplication(ctx, sspec); err != nil {
+			return err
+		}
+		if err := s.updateMachine(ctx, m.Name, func(m *rebound.Machine) {
+			m.State = rebound.MachineSyncing
+			m.Protection = &rebound.Protection{SourceSite: m.ActiveSite, TargetSite: req.To, Policy: pol.Name, ReplState: "syncing"}
+		}); err != nil {
+			return err
+		}
+		s.event(m.Name, req.To, "protection.started", fmt.Sprintf("protecting %s from %s to %s", m.Name, m.ActiveSite, req.To))
+		r.Step("initial copy")
+		err := s.waitFirstPoint(ctx, r, m.Name, src, dst)
+		if err != nil {
+			return err
+		}
+		if err := s.updateMachine(ctx, m.Name, func(m *rebound.Machine) {
+			m.State = rebound.MachineProtected
+			if m.Protection != nil {
+				m.Protection.SyncProgress = 1
+			}
+		}); err != nil {
+			return err
+		}
+		s.event(m.Name, req.To, "protection.protected", "initial replication complete; recovery points are available")
+		return nil
+	})
+}
+
+// waitFirstPoint follows the initial copy until the target has a point.
+func (s *Server) waitFirstPoint(ctx context.Context, r *jobRun, name string, src, dst rebound.SiteService) error {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if st, err := src.Status(ctx); err == nil {
+			for _, ms := range st.Machines {
+				if ms.Name == name && ms.SyncTotal > 0 {
+					r.Progress(float64(ms.SyncDone) / float64(ms.SyncTotal) * 0.99)
+					r.Message("%s of %s copied", humanBytes(ms.SyncDone), humanBytes(ms.SyncTotal))
+				}
+			}
+		}
+		if pl, err := dst.ListPoints(ctx, name); err == nil && len(pl.Points) > 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return strconv.FormatInt(n, 10) + " B"
+	}
+	div, exp := int64(unit), 0
+	for x := n / unit; x >= unit; x /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// updateMachine reads, changes and writes a machine. It is the only
+// read-modify-write path, so reports and jobs do not lose each other's updates.
+func (s *Server) updateMachine(ctx context.Context, name string, fn func(m *rebound.Machine)) error {
+	s.machMu.Lock()
+	defer s.machMu.Unlock()
+	m, err := s.DB.GetMachine(ctx, name)
+	if err != nil {
+		return err
+	}
+	fn(m)
+	return s.DB.UpdateMachine(ctx, m)
+}
+
+// protectedSites returns a protected machine with its source and target.
+func (s *Server) protection(ctx context.Context, name string) (*rebound.Machine, error) {
+	m, err := s.DB.GetMachine(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if m.Protection == nil {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is not protected", name)
+	}
+	return m, nil
+}
+
+// ListPoints returns the recovery points the target site holds.
+func (s *Server) ListPoints(ctx context.Context, name string) ([]rebound.RecoveryPoint, error) {
+	m, err := s.protection(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	dst, err := s.site(m.Protection.TargetSite)
+	if err != nil {
+		return nil, err
+	}
+	pl, err := dst.ListPoints(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if pl.Points == nil {
+		return []rebound.RecoveryPoint{}, nil
+	}
+	return pl.Points, nil
+}
+
+// CreatePoint cuts a point at the source and returns it once the target
+// holds it durably.
+func (s *Server) CreatePoint(ctx context.Context, name string, app bool) (*rebound.RecoveryPoint, error) {
+	m, err := s.protection(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if m.State != rebound.MachineProtected {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; points are cut while it is protected", name, m.State)
+	}
+	src, err := s.site(m.Protection.SourceSite)
+	if err != nil {
+		return nil, err
+	}
+	dst, err := s.site(m.Protection.TargetSite)
+	if err != nil {
+		return nil, err
+	}
+	kind := rebound.PointCrash
+	if app {
+		kind = rebound.PointApp
+	}
+	p, err := src.CutPoint(ctx, name, kind)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.WaitTimeout)
+	defer cancel()
+	if err := waitReplicated(ctx, dst, name, p.Seq, nil); err != nil {
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "point %s was cut at %s but has not reached %s yet: %v", p.ID, m.Protection.SourceSite, m.Protection.TargetSite, rebound.ErrorMessage(err))
+	}
+	s.event(name, "", "point.created", fmt.Sprintf("%s point %s cut", kind, p.ID))
+	return &p, nil
+}
+
+// waitReplicated waits until the target holds seq durably.
+func waitReplicated(ctx context.Context, dst rebound.SiteService, name string, seq uint64, progress func(got uint64)) error {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		got, err := dst.Replicated(ctx, name)
+		if err == nil && got >= seq {
+			return nil
+		}
+		if progress != nil && err == nil {
+			progress(got)
+		}
+		select {
+		case <-ctx.Done():
+			if err != nil {
+				return err
+			}
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// Failover fails a protected machine over to its target site.
+func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	m, err := s.protection(ctx, req.Machine)
+	if err != nil {
+		return nil, err
+	}
+	if req.Point == "" {
+		req.Point = rebound.PointLatest
+	}
+	if req.Planned && req.Point != rebound.PointLatest {
+		return nil, rebound.Errorf(rebound.EINVALID, "a planned failover always goes to the latest state; drop --point")
+	}
+	switch m.State {
+	case rebound.MachineFailedOver:
+		return s.doneJob(ctx, "failover", m.Name, fmt.Sprintf("machine %s is already failed over to %s at point %s", m.Name, m.Failover.ToSite, m.Failover.Point.ID))
+	case rebound.MachineProtected:
+	default:
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; only a protected machine can fail over", m.Name, m.State)
+	}
+	if m.TestFailover != nil {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q has a test failover; clean it up first (rebound test-failover cleanup %s)", m.Name, m.Name)
+	}
+	from, to := m.Protection.SourceSite, m.Protection.TargetSite
+	dst, err := s.site(to)
+	if err != nil {
+		return nil, err
+	}
+	var src rebound.SiteService
+	if req.Planned {
+		if src, err = s.site(from); err != nil {
+			return nil, rebound.Errorf(rebound.EUNAVAILABLE, "planned failover needs the source site %q, which is not connected; run an unplanned failover instead (rebound failover %s --point latest)", from, m.Name)
+		}
+	} else {
+		src, _ = s.site(from)
+	}
+	return s.startJob(ctx, "failover", m.Name, []string{"preflight", "drain", "activate"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("preflight")
+		pl, err := dst.ListPoints(ctx, m.Name)
+		if err != nil {
+			return err
+		}
+		if len(pl.Points) == 0 {
+			return rebound.Errorf(rebound.ECONFLICT, "machine %q has no recovery point at %s yet", m.Name, to)
+		}
+		if err := s.setState(ctx, m.Name, rebound.MachineFailingOver); err != nil {
+			return err
+		}
+		point, err := s.drainAndResolve(ctx, r, m.Name, req, src, dst)
+		if err != nil {
+			_ = s.setState(context.Background(), m.Name, rebound.MachineProtected)
+			if src != nil {
+				_ = src.Unfence(context.Background(), m.Name)
+			}
+			return err
+		}
+		r.Step("activate")
+		disks, err := dst.Activate(ctx, rebound.ActivateSpec{Machine: m.Name, PointID: point.ID, Seq: point.Seq})
+		if err != nil {
+			_ = s.setState(context.Background(), m.Name, rebound.MachineProtected)
+			if src != nil {
+				_ = src.Unfence(context.Background(), m.Name)
+			}
+			return err
+		}
+		r.SetResult(point)
+		r.Message("machine active at %s on point %s (%s)", to, point.ID, point.Time.Format(time.RFC3339Nano))
+		s.event(m.Name, to, "failover", fmt.Sprintf("failed over to %s at point %s", to, point.ID))
+		return s.updateMachine(ctx, m.Name, func(m *rebound.Machine) {
+			m.State, m.ActiveSite = rebound.MachineFailedOver, to
+			m.Failover = &rebound.FailoverInfo{FromSite: from, ToSite: to, Point: point, Planned: req.Planned}
+			setDisks(m, disks)
+		})
+	})
+}
+
+func setDisks(m *rebound.Machine, disks []rebound.Disk) {
+	for i := range m.Disks {
+		if i < len(disks) {
+			m.Disks[i].NBD = disks[i].NBD
+		}
+	}
+}
+
+func (s *Server) setState(ctx context.Context, name, state string) error {
+	return s.updateMachine(ctx, name, func(m *rebound.Machine) { m.State = state })
+}
+
+// drainAndResolve fences the source where it can, waits until the target
+// has what the source holds, and resolves the point.
+func (s *Server) drainAndResolve(ctx context.Context, r *jobRun, name string, req rebound.FailoverRequest, src, dst rebound.SiteService) (rebound.RecoveryPoint, error) {
+	r.Step("drain")
+	sel := req.Point
+	if src == nil {
+		r.Message("source site unreachable: failing over to what the recovery site holds")
+		return dst.ResolvePoint(ctx, name, sel)
+	}
+	fctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	head, err := src.Fence(fctx, name)
+	cancel()
+	if err != nil {
+		if req.Planned {
+			return rebound.RecoveryPoint{}, fmt.Errorf("stop I/O at the source: %w", err)
+		}
+		r.Message("source did not answer (%s): failing over to what the recovery site holds", rebound.ErrorMessage(err))
+		return dst.ResolvePoint(ctx, name, sel)
+	}
+	if sel == rebound.PointLatest {
+		start, _ := dst.Replicated(ctx, name)
+		wctx, cancel := context.WithTimeout(ctx, s.WaitTimeout)
+		err := waitReplicated(wctx, dst, name, head, func(got uint64) {
+			if head > start {
+				r.Progress(float64(got-start) / float64(head-start) * 0.9)
+			}
+			r.Message("received %d of %d records", got, head)
+		})
+		cancel()
+		if err != nil {
+			if req.Planned {
+				return rebound.RecoveryPoint{}, fmt.Errorf("drain the stream to the recovery site: %w", err)
+			}
+			r.Message("drain incomplete (%v): failing over to what the recovery site holds", err)
+		} else if req.Planned {
+			return dst.ResolvePoint(ctx, name, "p"+strconv.FormatUint(head, 10))
+		}
+	}
+	return dst.ResolvePoint(ctx, name, sel)
+}
+
+// ChangePoint moves an uncommitted failover to another point. Writes made
+// to the failed-over disks since the failover are discarded.
+func (s *Server) ChangePoint(ctx context.Context, name, point string) (*rebound.Job, error) {
+	m, err := s.protection(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if m.State != rebound.MachineFailedOver || m.Failover == nil {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; change-point needs an uncommitted failover", name, m.State)
+	}
+	if point == "" {
+		return nil, rebound.Errorf(rebound.EINVALID, "change-point needs --point")
+	}
+	dst, err := s.site(m.Failover.ToSite)
+	if err != nil {
+		return nil, err
+	}
+	return s.startJob(ctx, "change-point", name, []string{"resolve", "activate"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("resolve")
+		p, err := dst.ResolvePoint(ctx, name, point)
+		if err != nil {
+			return err
+		}
+		r.Step("activate")
+		disks, err := dst.Activate(ctx, rebound.ActivateSpec{Machine: name, PointID: p.ID, Seq: p.Seq})
+		if err != nil {
+			return err
+		}
+		r.SetResult(p)
+		s.event(name, m.Failover.ToSite, "failover.change-point", "failover moved to point "+p.ID)
+		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
+			m.Failover.Point = p
+			setDisks(m, disks)
+		})
+	})
+}
+
+// CancelFailover drops an uncommitted failover and resumes the machine at
+// its source, which lost nothing it wrote.
+func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job, error) {
+	m, err := s.protection(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if m.State == rebound.MachineProtected && m.Failover == nil {
+		return s.doneJob(ctx, "failover-cancel", name, fmt.Sprintf("machine %s has no failover to cancel; it is protected at %s", name, m.ActiveSite))
+	}
+	if m.State != rebound.MachineFailedOver || m.Failover == nil {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; cancel needs an uncommitted failover", name, m.State)
+	}
+	src, err := s.site(m.Failover.FromSite)
+	if err != nil {
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "cancel needs the source site %q to resume the machine, and it is not connected: %s", m.Failover.FromSite, rebound.ErrorMessage(err))
+	}
+	dst, err := s.site(m.Failover.ToSite)
+	if err != nil {
+		return nil, err
+	}
+	return s.startJob(ctx, "failover-cancel", name, []string{"deactivate", "resume source"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("deactivate")
+		if err := dst.Deactivate(ctx, name, false); err != nil {
+			return err
+		}
+		r.Step("resume source")
+		if err := src.Unfence(ctx, name); err != nil {
+			return err
+		}
+		from := m.Failover.FromSite
+		s.event(name, from, "failover.cancelled", "failover cancelled; machine active at "+from+" again")
+		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
+			m.State, m.ActiveSite, m.Failover = rebound.MachineProtected, from, nil
+			s.refreshDisks(ctx, m, src)
+		})
+	})
+}
+
+// Commit makes a failover final.
+func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) {
+	m, err := s.DB.GetMachine(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if m.State == rebound.MachineUnprotected && m.Protection == nil {
+		return s.doneJob(ctx, "commit", name, fmt.Sprintf("nothing to commit: machine %s is active at %s", name, m.ActiveSite))
+	}
+	if m.State != rebound.MachineFailedOver || m.Failover == nil {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; commit needs a failover", name, m.State)
+	}
+	dst, err := s.site(m.Failover.ToSite)
+	if err != nil {
+		return nil, err
+	}
+	fo := *m.Failover
+	return s.startJob(ctx, "commit", name, []string{"flatten", "release source"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("flatten")
+		err := dst.Commit(ctx, name, func(done, total int64) {
+			if total > 0 {
+				r.Progress(float64(done) / float64(total) * 0.95)
+				r.Message("%s of %s", humanBytes(done), humanBytes(total))
+			}
+		})
+		if err != nil {
+			return err
+		}
+		if err := s.updateMachine(ctx, name, func(m *rebound.Machine) {
+			m.State, m.ActiveSite, m.Protection, m.Failover = rebound.MachineUnprotected, fo.ToSite, nil, nil
+			m.Health, m.HealthReason = rebound.HealthNormal, ""
+			s.refreshDisks(ctx, m, dst)
+		}); err != nil {
+			return err
+		}
+		r.Step("release source")
+		if src, err := s.site(fo.FromSite); err == nil {
+			if err := src.Release(ctx, name); err != nil {
+				r.Message("source not released yet (%s); it will be when it reconnects", rebound.ErrorMessage(err))
+				s.markPendingRelease(ctx, name, fo.FromSite)
+			}
+		} else {
+			r.Message("source site %s is not connected; it will be released when it reconnects", fo.FromSite)
+			s.markPendingRelease(ctx, name, fo.FromSite)
+		}
+		s.event(name, fo.ToSite, "failover.committed", fmt.Sprintf("failover to %s committed at point %s", fo.ToSite, fo.Point.ID))
+		return nil
+	})
+}
+
+func (s *Server) markPendingRelease(ctx context.Context, machine, site string) {
+	if err := s.DB.PutSetting(ctx, "pending-release/"+site+"/"+machine, "1"); err != nil {
+		s.Logger.Error("record pending release", "err", err)
+	}
+}
+
+// TestFailover exports a scratch copy of a point while replication goes on.
+func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound.Job, error) {
+	m, err := s.protection(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if point == "" {
+		point = rebound.PointLatestProcessed
+	}
+	if m.State != rebound.MachineProtected {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; a test failover needs a protected machine", name, m.State)
+	}
+	dst, err := s.site(m.Protection.TargetSite)
+	if err != nil {
+		return nil, err
+	}
+	return s.startJob(ctx, "test-failover", name, []string{"resolve", "activate"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("resolve")
+		p, err := dst.ResolvePoint(ctx, name, point)
+		if err != nil {
+			return err
+		}
+		r.Step("activate")
+		disks, err := dst.Activate(ctx, rebound.ActivateSpec{Machine: name, PointID: p.ID, Seq: p.Seq, Test: true})
+		if err != nil {
+			return err
+		}
+		r.SetResult(p)
+		s.event(name, m.Protection.TargetSite, "test-failover", "test failover at point "+p.ID)
+		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
+			m.TestFailover = &rebound.TestFailover{Site: m.Protection.TargetSite, Point: p, Disks: disks}
+		})
+	})
+}
+
+// TestFailoverCleanup removes a test failover.
+func (s *Server) TestFailoverCleanup(ctx context.Context, name string) (*rebound.Job, error) {
+	m, err := s.DB.GetMachine(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if m.TestFailover == nil {
+		return s.doneJob(ctx, "test-failover-cleanup", name, "machine "+name+" has no test failover")
+	}
+	dst, err := s.site(m.TestFailover.Site)
+	if err != nil {
+		return nil, err
+	}
+	return s.startJob(ctx, "test-failover-cleanup", name, []string{"deactivate"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("deactivate")
+		if err := dst.Deactivate(ctx, name, true); err != nil {
+			return err
+		}
+		s.event(name, m.TestFailover.Site, "test-failover.cleanup", "test failover removed")
+		return s.updateMachine(ctx, name, func(m *rebound.Machine) { m.TestFailover = nil })
+	})
+}

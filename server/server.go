@@ -1,0 +1,352 @@
+// Package server is the control plane: it implements rebound.Service on top
+// of the store, runs operations as jobs, and drives the sites through the
+// rebound.SiteService each connected site offers.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/pki"
+	"github.com/rebound-dr/rebound/sqlite"
+)
+
+// SiteOfflineAfter is how long a site may stay silent before it counts as
+// offline and its machines' health turns critical.
+const SiteOfflineAfter = 15 * time.Second
+
+// Server implements rebound.Service.
+type Server struct {
+	DB *sqlite.DB
+	// Site returns the connected site's service.
+	Site   func(name string) (rebound.SiteService, bool)
+	Logger *slog.Logger
+	// CAFingerprint goes into join tokens so enrolling sites can pin the CA.
+	CAFingerprint string
+	// WaitTimeout bounds how long a failover waits for the target to
+	// receive what the source still holds.
+	WaitTimeout time.Duration
+
+	metrics *metrics
+
+	machMu sync.Mutex // serialises machine read-modify-writes
+
+	mu       sync.Mutex
+	busy     map[string]string // machine -> running job ID
+	cancels  map[string]context.CancelFunc
+	statuses map[string]*rebound.SiteStatus // last report per site
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+}
+
+var _ rebound.Service = (*Server)(nil)
+
+// Open prepares the server: jobs left running by a previous process are
+// failed, and the health watchdog starts.
+func (s *Server) Open(reg prometheus.Registerer) error {
+	if s.Logger == nil {
+		s.Logger = slog.Default()
+	}
+	if s.WaitTimeout == 0 {
+		s.WaitTimeout = 2 * time.Minute
+	}
+	s.busy = map[string]string{}
+	s.cancels = map[string]context.CancelFunc{}
+	s.statuses = map[string]*rebound.SiteStatus{}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.metrics = newMetrics(reg)
+	n, err := s.DB.FailInterruptedJobs(s.ctx, "interrupted: the server restarted while the job ran; run the command again")
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		s.Logger.Warn("failed jobs interrupted by a restart", "count", n)
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.watchdog()
+	}()
+	return nil
+}
+
+// Close cancels running jobs and waits for them.
+func (s *Server) Close() error {
+	if s.cancel != nil {
+		s.cancel()
+	}
+	s.wg.Wait()
+	return nil
+}
+
+// site returns a connected site or an unavailable error that says how to fix it.
+func (s *Server) site(name string) (rebound.SiteService, error) {
+	if s.Site != nil {
+		if svc, ok := s.Site(name); ok {
+			return svc, nil
+		}
+	}
+	return nil, rebound.Errorf(rebound.EUNAVAILABLE, "site %q is not connected to the server: start it (rebound site --name %s ...) and retry", name, name)
+}
+
+// jobRun is the handle a running job's function reports through.
+type jobRun struct {
+	s        *Server
+	mu       sync.Mutex
+	job      rebound.Job
+	lastSave time.Time
+}
+
+// Step marks the current step done and starts the named one.
+func (r *jobRun) Step(name string) {
+	r.mu.Lock()
+	for i := range r.job.Steps {
+		if r.job.Steps[i].State == rebound.JobRunning {
+			r.job.Steps[i].State = rebound.JobSucceeded
+		}
+	}
+	found := false
+	for i := range r.job.Steps {
+		if r.job.Steps[i].Name == name {
+			r.job.Steps[i].State, found = rebound.JobRunning, true
+		}
+	}
+	if !found {
+		r.job.Steps = append(r.job.Steps, rebound.JobStep{Name: name, State: rebound.JobRunning})
+	}
+	r.job.Step = name
+	r.mu.Unlock()
+	r.save(true)
+}
+
+// Message sets the message of the current step.
+func (r *jobRun) Message(format string, args ...any) {
+	r.mu.Lock()
+	for i := range r.job.Steps {
+		if r.job.Steps[i].State == rebound.JobRunning {
+			r.job.Steps[i].Message = fmt.Sprintf(format, args...)
+		}
+	}
+	r.mu.Unlock()
+	r.save(true)
+}
+
+// Progress sets the job's progress, 0..1; saves are rate-limited.
+func (r *jobRun) Progress(f float64) {
+	r.mu.Lock()
+	r.job.Progress = f
+	r.mu.Unlock()
+	r.save(false)
+}
+
+// SetResult records the job's result.
+func (r *jobRun) SetResult(v any) {
+	r.mu.Lock()
+	r.job.Result = v
+	r.mu.Unlock()
+}
+
+func (r *jobRun) save(force bool) {
+	r.mu.Lock()
+	if !force && time.Since(r.lastSave) < 300*time.Millisecond {
+		r.mu.Unlock()
+		return
+	}
+	r.lastSave = time.Now()
+	r.job.UpdatedAt = time.Now().UTC()
+	j := r.job
+	j.Steps = append([]rebound.JobStep(nil), r.job.Steps...)
+	r.mu.Unlock()
+	if err := r.s.DB.UpdateJob(context.Background(), &j); err != nil {
+		r.s.Logger.Error("save job", "job", j.ID, "err", err)
+	}
+}
+
+// startJob creates a job, reserves its machine and runs fn in the
+// background. Only one job runs per machine at a time.
+func (s *Server) startJob(ctx context.Context, typ, machine string, steps []string, fn func(ctx context.Context, r *jobRun) error) (*rebound.Job, error) {
+	now := time.Now().UTC()
+	job := rebound.Job{Type: typ, Machine: machine, State: rebound.JobRunning, CreatedAt: now, UpdatedAt: now}
+	for _, name := range steps {
+		job.Steps = append(job.Steps, rebound.JobStep{Name: name, State: rebound.JobQueued})
+	}
+	s.mu.Lock()
+	if id, ok := s.busy[machine]; ok && machine != "" {
+		s.mu.Unlock()
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q has job %s running; wait for it (rebound job wait %s) or cancel it", machine, id, id)
+	}
+	if err := s.DB.CreateJob(ctx, &job); err != nil {
+		s.mu.Unlock()
+		return nil, err
+	}
+	jctx, cancel := context.WithCancel(s.ctx)
+	if machine != "" {
+		s.busy[machine] = job.ID
+	}
+	s.cancels[job.ID] = cancel
+	s.mu.Unlock()
+
+	r := &jobRun{s: s, job: job}
+	s.event(machine, "", "job."+typ, fmt.Sprintf("job %s (%s) started", job.ID, typ))
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer cancel()
+		err := fn(jctx, r)
+		s.finishJob(r, err, jctx.Err())
+		s.mu.Lock()
+		delete(s.busy, machine)
+		delete(s.cancels, job.ID)
+		s.mu.Unlock()
+	}()
+	out := job
+	return &out, nil
+}
+
+func (s *Server) finishJob(r *jobRun, err, ctxErr error) {
+	r.mu.Lock()
+	now := time.Now().UTC()
+	r.job.EndedAt = &now
+	state := rebound.JobSucceeded
+	switch {
+	case err == nil:
+		r.job.Progress = 1
+	case ctxErr != nil && errors.Is(err, context.Canceled):
+		state, r.job.Error = rebound.JobCancelled, "cancelled"
+	default:
+		state, r.job.Error = rebound.JobFailed, rebound.ErrorMessage(err)
+	}
+	r.job.State = state
+	for i := range r.job.Steps {
+		if r.job.Steps[i].State == rebound.JobRunning {
+			r.job.Steps[i].State = state
+		}
+	}
+	typ, machine, id := r.job.Type, r.job.Machine, r.job.ID
+	r.mu.Unlock()
+	r.save(true)
+	s.metrics.jobs.WithLabelValues(typ, state).Inc()
+	msg := fmt.Sprintf("job %s (%s) %s", id, typ, state)
+	if err != nil {
+		msg += ": " + rebound.ErrorMessage(err)
+		s.Logger.Warn("job ended", "job", id, "type", typ, "state", state, "err", err)
+	}
+	s.event(machine, "", "job."+typ, msg)
+}
+
+// doneJob records a job that had nothing to do: the step already holds.
+func (s *Server) doneJob(ctx context.Context, typ, machine, msg string) (*rebound.Job, error) {
+	now := time.Now().UTC()
+	job := rebound.Job{
+		Type: typ, Machine: machine, State: rebound.JobSucceeded, Progress: 1,
+		Steps:     []rebound.JobStep{{Name: "check", State: rebound.JobSucceeded, Message: msg}},
+		Step:      "check",
+		CreatedAt: now, UpdatedAt: now, EndedAt: &now,
+	}
+	if err := s.DB.CreateJob(ctx, &job); err != nil {
+		return nil, err
+	}
+	return &job, nil
+}
+
+func (s *Server) event(machine, site, kind, msg string) {
+	e := rebound.Event{Time: time.Now().UTC(), Machine: machine, Site: site, Kind: kind, Message: msg}
+	if err := s.DB.AddEvent(context.Background(), e); err != nil {
+		s.Logger.Error("add event", "err", err)
+	}
+}
+
+// ListJobs returns recent jobs, newest first.
+func (s *Server) ListJobs(ctx context.Context) ([]rebound.Job, error) {
+	return s.DB.ListJobs(ctx, "", 200)
+}
+
+// GetJob returns a job.
+func (s *Server) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
+	return s.DB.GetJob(ctx, id)
+}
+
+// CancelJob cancels a running job; an ended job is returned unchanged.
+func (s *Server) CancelJob(ctx context.Context, id string) (*rebound.Job, error) {
+	s.mu.Lock()
+	cancel, ok := s.cancels[id]
+	s.mu.Unlock()
+	if ok {
+		cancel()
+		for i := 0; i < 100; i++ {
+			s.mu.Lock()
+			_, running := s.cancels[id]
+			s.mu.Unlock()
+			if !running {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return s.DB.GetJob(ctx, id)
+}
+
+// ListEvents returns recent events.
+func (s *Server) ListEvents(ctx context.Context, machine string) ([]rebound.Event, error) {
+	return s.DB.ListEvents(ctx, machine, 500)
+}
+
+// ListSites returns the enrolled sites.
+func (s *Server) ListSites(ctx context.Context) ([]rebound.Site, error) {
+	return s.DB.ListSites(ctx)
+}
+
+// CreateEnrollToken returns a one-time token a site enrolls with.
+func (s *Server) CreateEnrollToken(ctx context.Context, site string) (string, error) {
+	if err := validName(site); err != nil {
+		return "", err
+	}
+	secret, err := s.DB.CreateEnrollToken(ctx, site, time.Hour)
+	if err != nil {
+		return "", err
+	}
+	s.event("", site, "site.token", "one-time enrollment token created for site "+site)
+	return pki.FormatJoinToken(secret, s.CAFingerprint), nil
+}
+
+// ListPolicies returns the policies.
+func (s *Server) ListPolicies(ctx context.Context) ([]rebound.Policy, error) {
+	return s.DB.ListPolicies(ctx)
+}
+
+// PutPolicy creates or replaces a policy.
+func (s *Server) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Policy, error) {
+	if err := validName(p.Name); err != nil {
+		return nil, err
+	}
+	def := rebound.DefaultPolicy()
+	if p.CrashInterval == 0 {
+		p.CrashInterval = def.CrashInterval
+	}
+	if p.RPOThreshold == 0 {
+		p.RPOThreshold = def.RPOThreshold
+	}
+	if p.Retention == 0 {
+		p.Retention = def.Retention
+	}
+	switch {
+	case p.CrashInterval < rebound.Duration(time.Second):
+		return nil, rebound.Errorf(rebound.EINVALID, "crashInterval must be at least 1s")
+	case p.Retention < p.CrashInterval:
+		return nil, rebound.Errorf(rebound.EINVALID, "retention must be at least the crash interval")
+	case p.AppInterval < 0 || p.RPOThreshold < 0:
+		return nil, rebound.Errorf(rebound.EINVALID, "durations must not be negative")
+	}
+	if err := s.DB.PutPolicy(ctx, p); err != nil {
+		return nil, err
+	}
+	return &p, nil
+}

@@ -1,0 +1,534 @@
+// Package site is the site appliance: it serves the disks of the machines
+// active at its site over NBD, captures their writes into ordered streams,
+// ships them to peer sites, receives peers' streams into journals, and
+// exports recovery points on failover. It implements rebound.SiteService;
+// the server reaches it through the control channel the site opens.
+package site
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/capture"
+	rgrpc "github.com/rebound-dr/rebound/grpc"
+	"github.com/rebound-dr/rebound/journal"
+	"github.com/rebound-dr/rebound/nbd"
+	"github.com/rebound-dr/rebound/overlay"
+)
+
+// Version is the site appliance's version string.
+const Version = "0.1.0"
+
+// Machine roles at a site.
+const (
+	RoleActive   = "active"   // served, not replicated
+	RoleSource   = "source"   // served, captured and shipped
+	RoleTarget   = "target"   // receiving a peer's stream
+	RoleReleased = "released" // failed over elsewhere and committed: disks kept, not served
+)
+
+// Config configures a Site.
+type Config struct {
+	Name    string
+	DataDir string
+	// PeerTLS is the mTLS config used to dial peers' replication listeners.
+	PeerTLS *tls.Config
+	// NBDHost is the host written into NBD URIs (the TCP listener's address
+	// when empty).
+	NBDHost string
+	// FreezeHook and ThawHook run around app-consistent points with the
+	// machine name as their argument and in REBOUND_MACHINE.
+	FreezeHook, ThawHook string
+	HookTimeout          time.Duration
+	SpoolLimit           int64
+	// ExpireEvery is how often journals fold expired records into their base.
+	ExpireEvery time.Duration
+	Logger      *slog.Logger
+}
+
+// Site is one site appliance.
+type Site struct {
+	cfg    Config
+	logger *slog.Logger
+	NBD    *nbd.Server
+	Repl   *rgrpc.ReplicationServer
+
+	addrMu   sync.Mutex // guards nbdAddr and replAddr, read under mu too
+	nbdAddr  string     // TCP address NBD listens on
+	replAddr string
+
+	mu       sync.Mutex
+	machines map[string]*machine
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+}
+
+// machine is a machine as this site holds it. Fields are guarded by Site.mu.
+type machine struct {
+	state machineState
+
+	files  []*capture.FileDisk // RoleActive
+	stream *capture.Stream     // RoleSource
+	stop   context.CancelFunc  // stops the source's sender and tickers
+	sender *rgrpc.Sender
+
+	journal *journal.Journal // RoleTarget
+	act     *activation      // failover activation
+	test    *activation      // test failover activation
+}
+
+// machineState is what survives a restart (state.json).
+type machineState struct {
+	Name   string                  `json:"name"`
+	Disks  []rebound.Disk          `json:"disks"`
+	Role   string                  `json:"role"`
+	Fenced bool                    `json:"fenced,omitempty"`
+	Spec   *rebound.ReplicationSpec `json:"spec,omitempty"`
+	Act    *rebound.ActivateSpec   `json:"act,omitempty"`
+	Test   *rebound.ActivateSpec   `json:"test,omitempty"`
+}
+
+type activation struct {
+	spec  rebound.ActivateSpec
+	view  *journal.View
+	disks []*overlay.Disk
+}
+
+// New returns a site. Call Open to load its state and Serve* to listen.
+func New(cfg Config) *Site {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.HookTimeout == 0 {
+		cfg.HookTimeout = 30 * time.Second
+	}
+	if cfg.ExpireEvery == 0 {
+		cfg.ExpireEvery = 10 * time.Second
+	}
+	s := &Site{cfg: cfg, logger: cfg.Logger.With("site", cfg.Name), machines: map[string]*machine{}}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.NBD = &nbd.Server{Lookup: s.lookupExport, List: s.listExports, Logger: s.logger}
+	s.Repl = &rgrpc.ReplicationServer{Sink: s.sink}
+	return s
+}
+
+// SetAddrs records the listeners' addresses, reported to the server.
+func (s *Site) SetAddrs(nbdAddr, replAddr string) {
+	s.addrMu.Lock()
+	defer s.addrMu.Unlock()
+	s.nbdAddr, s.replAddr = nbdAddr, replAddr
+}
+
+// Open loads the site's state from its data directory and reopens every
+// machine's disks, streams and journals.
+func (s *Site) Open() error {
+	if err := os.MkdirAll(filepath.Join(s.cfg.DataDir, "machines"), 0o755); err != nil {
+		return err
+	}
+	var states []machineState
+	b, err := os.ReadFile(s.statePath())
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	} else if err == nil {
+		if err := json.Unmarshal(b, &states); err != nil {
+			return fmt.Errorf("read site state: %w", err)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, st := range states {
+		m := &machine{state: st}
+		if err := s.openMachine(m); err != nil {
+			return fmt.Errorf("open machine %s: %w", st.Name, err)
+		}
+		s.machines[st.Name] = m
+	}
+	return nil
+}
+
+// Close stops every goroutine and closes every file. NBD and gRPC servers
+// are owned by the caller.
+func (s *Site) Close() error {
+	s.cancel()
+	s.wg.Wait()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var errs []error
+	for _, m := range s.machines {
+		errs = append(errs, s.closeMachine(m))
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Site) statePath() string { return filepath.Join(s.cfg.DataDir, "state.json") }
+
+func (s *Site) machineDir(name string) string {
+	return filepath.Join(s.cfg.DataDir, "machines", name)
+}
+
+func (s *Site) diskPath(name string, i int) string {
+	return filepath.Join(s.machineDir(name), fmt.Sprintf("disk%d.raw", i))
+}
+
+// saveLocked writes state.json atomically: temp file, fsync, rename, fsync dir.
+func (s *Site) saveLocked() error {
+	states := make([]machineState, 0, len(s.machines))
+	for _, m := range s.machines {
+		states = append(states, m.state)
+	}
+	sort.Slice(states, func(i, j int) bool { return states[i].Name < states[j].Name })
+	b, err := json.MarshalIndent(states, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(s.statePath(), b)
+}
+
+func writeFileAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// openMachine opens the files of m according to its persisted role.
+func (s *Site) openMachine(m *machine) error {
+	st := &m.state
+	switch st.Role {
+	case RoleActive:
+		return s.openFiles(m)
+	case RoleSource:
+		return s.startSource(m, false)
+	case RoleTarget:
+		j, err := journal.Open(filepath.Join(s.machineDir(st.Name), "journal"), st.Disks, journal.Options{})
+		if err != nil {
+			return err
+		}
+		m.journal = j
+		if st.Act != nil {
+			if m.act, err = s.activate(m, *st.Act); err != nil {
+				return err
+			}
+		}
+		if st.Test != nil {
+			if m.test, err = s.activate(m, *st.Test); err != nil {
+				return err
+			}
+		}
+		return nil
+	case RoleReleased:
+		return nil
+	}
+	return fmt.Errorf("unknown role %q", st.Role)
+}
+
+func (s *Site) openFiles(m *machine) error {
+	for i, d := range m.state.Disks {
+		f, err := capture.OpenFileDisk(s.diskPath(m.state.Name, i), d.Size)
+		if err != nil {
+			return err
+		}
+		m.files = append(m.files, f)
+	}
+	return nil
+}
+
+func (s *Site) closeFiles(m *machine) error {
+	var errs []error
+	for _, f := range m.files {
+		errs = append(errs, f.Close())
+	}
+	m.files = nil
+	return errors.Join(errs...)
+}
+
+// startSource opens the capture stream over the machine's disks and starts
+// shipping it. A new stream begins with the initial copy.
+func (s *Site) startSource(m *machine, initial bool) error {
+	st := &m.state
+	specs := make([]capture.DiskSpec, len(st.Disks))
+	for i, d := range st.Disks {
+		specs[i] = capture.DiskSpec{Path: s.diskPath(st.Name, i), Size: d.Size}
+	}
+	stream, err := capture.Open(filepath.Join(s.machineDir(st.Name), "stream"), specs,
+		capture.Options{SpoolLimit: s.cfg.SpoolLimit, Logger: s.logger.With("machine", st.Name)})
+	if err != nil {
+		return err
+	}
+	if initial {
+		if err := stream.StartInitialCopy(); err != nil {
+			stream.Close()
+			return err
+		}
+	}
+	m.stream = stream
+	ctx, cancel := context.WithCancel(s.ctx)
+	m.stop = cancel
+	spec := *st.Spec
+	// Site certificates name the site, not its address.
+	peerTLS := s.cfg.PeerTLS.Clone()
+	peerTLS.ServerName = spec.PeerSite
+	m.sender = &rgrpc.Sender{
+		Addr: spec.PeerAddr, TLS: peerTLS, StreamID: spec.StreamID,
+		SourceSite: s.cfg.Name, Source: stream,
+	}
+	sender := m.sender
+	s.wg.Add(2)
+	go func() {
+		defer s.wg.Done()
+		if err := sender.Run(ctx); err != nil && ctx.Err() == nil {
+			s.logger.Error("replication sender stopped", "machine", st.Name, "err", err)
+		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		s.cutPoints(ctx, st.Name, stream, spec.Policy)
+	}()
+	return nil
+}
+
+// cutPoints cuts a crash-consistent point every CrashInterval and an
+// app-consistent one every AppInterval, while the stream is consistent.
+func (s *Site) cutPoints(ctx context.Context, name string, stream *capture.Stream, p rebound.Policy) {
+	crash := time.Duration(p.CrashInterval)
+	if crash <= 0 {
+		crash = 5 * time.Second
+	}
+	tc := time.NewTicker(crash)
+	defer tc.Stop()
+	var appC <-chan time.Time
+	if app := time.Duration(p.AppInterval); app > 0 {
+		ta := time.NewTicker(app)
+		defer ta.Stop()
+		appC = ta.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tc.C:
+			st := stream.Stats()
+			if st.State == "syncing" || st.State == "resyncing" || st.State == "overflow" {
+				continue
+			}
+			if _, err := stream.Mark(rebound.PointCrash); err != nil {
+				s.logger.Warn("cut crash-consistent point", "machine", name, "err", err)
+			}
+		case <-appC:
+			if _, err := s.CutPoint(ctx, name, rebound.PointApp); err != nil {
+				s.logger.Warn("cut app-consistent point", "machine", name, "err", err)
+			}
+		}
+	}
+}
+
+// stopSource stops the sender and tickers and closes the stream.
+func (s *Site) stopSource(m *machine) error {
+	if m.stop != nil {
+		m.stop()
+		m.stop = nil
+	}
+	var err error
+	if m.stream != nil {
+		err = m.stream.Close()
+		m.stream = nil
+	}
+	m.sender = nil
+	return err
+}
+
+func (s *Site) closeMachine(m *machine) error {
+	var errs []error
+	errs = append(errs, s.closeFiles(m), s.stopSource(m))
+	for _, a := range []*activation{m.act, m.test} {
+		if a != nil {
+			errs = append(errs, a.close())
+		}
+	}
+	m.act, m.test = nil, nil
+	if m.journal != nil {
+		errs = append(errs, m.journal.Close())
+		m.journal = nil
+	}
+	return errors.Join(errs...)
+}
+
+func (a *activation) close() error {
+	var errs []error
+	for _, d := range a.disks {
+		errs = append(errs, d.Close())
+	}
+	if a.view != nil {
+		errs = append(errs, a.view.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// exportName is the NBD export name of a machine's disk.
+func exportName(machine string, disk int, test bool) string {
+	if test {
+		return fmt.Sprintf("%s-disk%d-test", machine, disk)
+	}
+	return fmt.Sprintf("%s-disk%d", machine, disk)
+}
+
+// nbdURI builds the URI of an export that qemu-io and nbdcopy accept.
+func (s *Site) nbdURI(export string) string {
+	s.addrMu.Lock()
+	addr := s.nbdAddr
+	s.addrMu.Unlock()
+	if s.cfg.NBDHost != "" {
+		if _, port, err := net.SplitHostPort(addr); err == nil {
+			addr = net.JoinHostPort(s.cfg.NBDHost, port)
+		}
+	}
+	return nbd.URI("tcp", addr, export)
+}
+
+func (s *Site) disksWithURIs(name string, disks []rebound.Disk, test bool) []rebound.Disk {
+	out := make([]rebound.Disk, len(disks))
+	for i, d := range disks {
+		out[i] = rebound.Disk{Name: d.Name, Size: d.Size, NBD: s.nbdURI(exportName(name, i, test))}
+	}
+	return out
+}
+
+// lookupExport resolves an NBD export name to the disk behind it.
+func (s *Site) lookupExport(name string) (*nbd.Export, error) {
+	test := strings.HasSuffix(name, "-test")
+	base := strings.TrimSuffix(name, "-test")
+	i := strings.LastIndex(base, "-disk")
+	if i < 0 {
+		return nil, fmt.Errorf("unknown export %q", name)
+	}
+	var idx int
+	if _, err := fmt.Sscanf(base[i+len("-disk"):], "%d", &idx); err != nil {
+		return nil, fmt.Errorf("unknown export %q", name)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.machines[base[:i]]
+	if !ok || idx < 0 || idx >= len(m.state.Disks) || exportName(m.state.Name, idx, test) != name {
+		return nil, fmt.Errorf("unknown export %q", name)
+	}
+	var b nbd.Backend
+	switch {
+	case test:
+		if m.test != nil {
+			b = m.test.disks[idx]
+		}
+	case m.state.Fenced:
+		return nil, fmt.Errorf("export %q is fenced: machine %s is failing over", name, m.state.Name)
+	case m.state.Role == RoleActive:
+		b = m.files[idx]
+	case m.state.Role == RoleSource:
+		b = m.stream.Disk(idx)
+	case m.state.Role == RoleTarget && m.act != nil:
+		b = m.act.disks[idx]
+	}
+	if b == nil {
+		return nil, fmt.Errorf("export %q is not active at site %s", name, s.cfg.Name)
+	}
+	return &nbd.Export{Name: name, Description: m.state.Disks[idx].Name, Backend: b}, nil
+}
+
+func (s *Site) listExports() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var names []string
+	for _, m := range s.machines {
+		served := (m.state.Role == RoleActive || m.state.Role == RoleSource) && !m.state.Fenced ||
+			m.state.Role == RoleTarget && m.act != nil
+		for i := range m.state.Disks {
+			if served {
+				names = append(names, exportName(m.state.Name, i, false))
+			}
+			if m.test != nil {
+				names = append(names, exportName(m.state.Name, i, true))
+			}
+		}
+	}
+	sort.Strings(names)
+	return names
+}
+
+// sink finds the journal a peer's stream lands in.
+func (s *Site) sink(streamID string) (rebound.ReplSink, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range s.machines {
+		if m.state.Role == RoleTarget && m.state.Spec != nil && m.state.Spec.StreamID == streamID && m.journal != nil {
+			return m.journal, nil
+		}
+	}
+	return nil, rebound.Errorf(rebound.ENOTFOUND, "site %s receives no stream %q", s.cfg.Name, streamID)
+}
+
+// getLocked returns the machine or a not-found error.
+func (s *Site) getLocked(name string) (*machine, error) {
+	m, ok := s.machines[name]
+	if !ok {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "machine %q is not held at site %s", name, s.cfg.Name)
+	}
+	return m, nil
+}
+
+func (s *Site) freeBytes() int64 {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(s.cfg.DataDir, &st); err != nil {
+		return 0
+	}
+	return int64(st.Bavail) * int64(st.Bsize)
+}
+
+// runHook runs a freeze or thaw hook with a timeout.
+func (s *Site) runHook(ctx context.Context, hook, machine string) error {
+	if hook == "" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.HookTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, hook, machine)
+	cmd.Env = append(os.Environ(), "REBOUND_MACHINE="+machine, "REBOUND_SITE="+s.cfg.Name)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("hook %s: %w: %s", hook, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
