@@ -95,7 +95,7 @@ func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
 	if err != nil {
 		return err
 	}
-	first, err := stream.Recv()
+	first, err := recvFirst(stream.Recv)
 	if err != nil {
 		return err
 	}

@@ -294,7 +294,10 @@ func TestControl_Reconnect(t *testing.T) {
 func TestControl_BadHello(t *testing.T) {
 	e := newEnv(t)
 	ctl := &ControlServer{}
-	ts := startServer(t, e.serverTLS, ctl.Register)
+	ts := startServer(t, e.serverTLS, func(s *ggrpc.Server) {
+		ctl.Register(s)
+		(&ReplicationServer{Sink: func(string) (rebound.ReplSink, error) { return newMemSink(), nil }}).Register(s)
+	})
 	_, cli := e.site(t, "site-a", "127.0.0.1")
 	cc, err := Dial(ts.addr, cli)
 	if err != nil {
@@ -329,6 +332,21 @@ func TestControl_BadHello(t *testing.T) {
 	err = try(&pb.SiteMessage{Body: &pb.SiteMessage_Hello{Hello: &pb.Hello{Version: 1, Site: "site-a", Status: []byte("{bad")}}})
 	if status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("bad status json: %v", err)
+	}
+	// Silence: the server gives up waiting for the hello.
+	cs, err := pb.NewControlClient(cc).Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cs.Recv(); status.Code(err) != codes.DeadlineExceeded || !strings.Contains(err.Error(), "no hello") {
+		t.Fatalf("silent client: %v", err)
+	}
+	rs, err := pb.NewReplicationClient(cc).Replicate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rs.Recv(); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("silent replication client: %v", err)
 	}
 	if len(ctl.Connected()) != 0 {
 		t.Fatalf("connected: %v", ctl.Connected())

@@ -16,6 +16,7 @@ import (
 func init() {
 	controlMaxBackoff = 200 * time.Millisecond
 	senderMaxBackoff = 200 * time.Millisecond
+	helloTimeout = 500 * time.Millisecond
 }
 
 // env is a CA with a server certificate and helpers to get site configs.

@@ -216,3 +216,31 @@ func errString(err error) string {
 	}
 	return fmt.Sprint(err)
 }
+
+// helloTimeout bounds the wait for a peer's first message, so a connection
+// that never says hello does not hold a handler forever.
+var helloTimeout = 10 * time.Second
+
+// recvFirst receives a stream's first message within helloTimeout. On
+// timeout the handler must return: that ends the stream and the pending
+// Recv with it.
+func recvFirst[T any](recv func() (T, error)) (T, error) {
+	type result struct {
+		m   T
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		m, err := recv()
+		ch <- result{m, err}
+	}()
+	t := time.NewTimer(helloTimeout)
+	defer t.Stop()
+	select {
+	case r := <-ch:
+		return r.m, r.err
+	case <-t.C:
+		var zero T
+		return zero, status.Errorf(codes.DeadlineExceeded, "no hello within %v", helloTimeout)
+	}
+}

@@ -54,7 +54,7 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 	if err != nil {
 		return err
 	}
-	first, err := stream.Recv()
+	first, err := recvFirst(stream.Recv)
 	if err != nil {
 		return err
 	}
