@@ -496,6 +496,9 @@ func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local
 	if m.GetWelcome() == nil {
 		return false, fmt.Errorf("control: server answered the hello with %T", m.Body)
 	}
+	if err := checkVersion("control", m.GetWelcome().Version); err != nil {
+		return false, err
+	}
 
 	var wg sync.WaitGroup
 	defer wg.Wait() // after cancel (deferred earlier, runs later): calls stop
