@@ -13,9 +13,11 @@ import (
 // View is the read-only state of every disk at one consistent position.
 // It pins the position: Expire never folds past an open view.
 type View struct {
-	j     *Journal
-	seq   uint64
-	roots []*node
+	j   *Journal
+	seq uint64
+	// layers of index roots, newest first: an extent in an earlier layer
+	// hides the later ones; bytes no layer covers come from the base.
+	layers [][]*node
 
 	mu     sync.Mutex
 	closed bool
@@ -33,7 +35,7 @@ func (j *Journal) View(seq uint64) (*View, error) {
 	if err := j.checkPosition(seq); err != nil {
 		return nil, err
 	}
-	v := &View{j: j, seq: seq, roots: j.rootsAt(seq)}
+	v := &View{j: j, seq: seq, layers: j.layersAt(seq)}
 	j.pins[seq]++
 	return v, nil
 }
@@ -54,6 +56,30 @@ func (j *Journal) checkPosition(seq uint64) error {
 		return rebound.Errorf(rebound.EINVALID, "position %d is inside a resync window and is not consistent", seq)
 	}
 	return nil
+}
+
+// layersAt returns index layers at position seq for a view. For an older
+// position it is the nearest checkpoint below plus a small private tree of
+// the records since, which is much cheaper to build than path-copying
+// them into the checkpoint's large tree. Called with j.mu held.
+func (j *Journal) layersAt(seq uint64) [][]*node {
+	if seq == j.durable.Load() {
+		return [][]*node{j.rootsAt(seq)}
+	}
+	i := sort.Search(len(j.checkpoints), func(i int) bool { return j.checkpoints[i].seq > seq }) - 1
+	cp := j.checkpoints[i]
+	delta := make([]*node, len(j.disks))
+	ep := newEpoch()
+	for s := max(cp.seq, j.base) + 1; s <= seq; s++ {
+		m := &j.recs[s-j.base-1]
+		switch m.kind {
+		case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
+			if m.length > 0 {
+				delta[m.disk] = insert(delta[m.disk], extent(m), ep)
+			}
+		}
+	}
+	return [][]*node{delta, cp.roots}
 }
 
 // rootsAt returns index roots at position seq (B <= seq <= Durable) that
@@ -163,14 +189,7 @@ func (d *diskView) ReadAt(p []byte, off int64) (int, error) {
 		}
 		return nil
 	}
-	hi := off + int64(len(p))
-	pos := off
-	err := visit(v.roots[d.i], off, hi, func(n *node) error {
-		a, b := max(n.start, off), min(n.end, hi)
-		if err := readBase(pos, a); err != nil {
-			return err
-		}
-		pos = b
+	readExtent := func(n *node, a, b int64) error {
 		switch {
 		case n.seq <= j.base:
 			// Folded: the base holds exactly these bytes now (no later
@@ -186,10 +205,31 @@ func (d *diskView) ReadAt(p []byte, off int64) (int, error) {
 			return fmt.Errorf("journal: read disk %d at %d: data of record %d is unavailable: %w", d.i, a, n.seq, err)
 		}
 		return nil
-	})
-	if err == nil {
-		err = readBase(pos, hi)
 	}
+	// read fills [lo, hi) from layers[k:], gaps from the base.
+	var read func(k int, lo, hi int64) error
+	read = func(k int, lo, hi int64) error {
+		if lo >= hi {
+			return nil
+		}
+		if k == len(v.layers) {
+			return readBase(lo, hi)
+		}
+		pos := lo
+		err := visit(v.layers[k][d.i], lo, hi, func(n *node) error {
+			a, b := max(n.start, lo), min(n.end, hi)
+			if err := read(k+1, pos, a); err != nil {
+				return err
+			}
+			pos = b
+			return readExtent(n, a, b)
+		})
+		if err != nil {
+			return err
+		}
+		return read(k+1, pos, hi)
+	}
+	err := read(0, off, off+int64(len(p)))
 	if err != nil {
 		return 0, err
 	}
