@@ -620,7 +620,8 @@ func TestExtraCommands(t *testing.T) {
 	saved := extraCommands
 	t.Cleanup(func() { extraCommands = saved })
 	var ran []string
-	extraCommands = append(extraCommands,
+	extraCommands = append([]func(*CLI) *cobra.Command(nil), // without server.go, site.go, up.go
+
 		// Like site.go: a runnable "site" with flags and its own subcommand.
 		func(c *CLI) *cobra.Command {
 			var name string
@@ -707,4 +708,20 @@ func TestMachineShowFailedOver(t *testing.T) {
 	if got := decode[rebound.Machine](t, r.stdout); got.Failover == nil || got.Failover.Point.ID != "p9" || !got.Failover.Planned {
 		t.Fatalf("json %+v", got)
 	}
+}
+
+// TestRegisteredCommands: with the package's real server, site and up
+// commands registered, our verbs under "site" still work.
+func TestRegisteredCommands(t *testing.T) {
+	f := &fakeService{
+		ListSitesFn:         func() ([]rebound.Site, error) { return []rebound.Site{{Name: "a"}}, nil },
+		CreateEnrollTokenFn: func(site string) (string, error) { return "tok-" + site, nil },
+	}
+	wantCode(t, runCLI(t, f, "site", "list"), 0)
+	r := runCLI(t, f, "site", "token", "edge", "--token", "api-token")
+	wantCode(t, r, 0)
+	if r.stdout != "tok-edge\n" {
+		t.Fatalf("stdout %q", r.stdout)
+	}
+	wantCalls(t, f, "ListSites", "CreateEnrollToken edge")
 }
