@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -249,7 +250,7 @@ func TestOracleWithKills(t *testing.T) {
 	// The killer: SIGKILL one site at a random moment, restart it shortly after.
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	kills := 0
+	var kills atomic.Int32
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -263,12 +264,13 @@ func TestOracleWithKills(t *testing.T) {
 			name := []string{"primary", "recovery"}[rng.IntN(2)]
 			p := c.sites[name]
 			p.kill()
-			kills++
+			kills.Add(1)
 			time.Sleep(time.Duration(100+rng.IntN(600)) * time.Millisecond)
 			p.start()
 		}
 	}()
-	for i := 0; i < 10; i++ {
+	// Keep writing and cutting points until several kills have happened.
+	for i := 0; i < 10 || kills.Load() < 5; i++ {
 		resilientWrite(t, src, o, 30)
 		retry(t, "cut point", func() error {
 			p, err := svc.CreatePoint(ctx, "vm1", false)
@@ -283,10 +285,7 @@ func TestOracleWithKills(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	c.waitOnline("primary", "recovery")
-	if kills < 3 {
-		t.Fatalf("only %d kills happened; the test did not exercise restarts", kills)
-	}
-	t.Logf("%d site kills during the run", kills)
+	t.Logf("%d site kills during the run, %d points recorded", kills.Load(), len(o.order))
 
 	for _, id := range o.order {
 		retry(t, "test failover "+id, func() error {
