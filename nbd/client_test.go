@@ -188,6 +188,7 @@ func TestParseURI(t *testing.T) {
 		{"nbd://host/disk", "tcp", "host:10809", "disk"},
 		{"nbd://[::1]:99/", "tcp", "[::1]:99", ""},
 		{"nbd+unix:///d%20x?socket=/run/s.sock", "unix", "/run/s.sock", "d x"},
+		{"nbd+unix:///d?socket=%2Ftmp%2Fa+b%26c", "unix", "/tmp/a b&c", "d"},
 	} {
 		n, a, e, err := ParseURI(tc.uri)
 		if err != nil || n != tc.network || a != tc.addr || e != tc.export {

@@ -49,6 +49,9 @@ func ParseURI(uri string) (network, addr, export string, err error) {
 func URI(network, addr, export string) string {
 	path := "/" + url.PathEscape(export)
 	if strings.HasPrefix(network, "unix") {
+		if strings.ContainsAny(addr, "?&#%+ ;=") {
+			addr = url.QueryEscape(addr) // plain paths stay readable
+		}
 		return "nbd+unix://" + path + "?socket=" + addr
 	}
 	return fmt.Sprintf("nbd://%s%s", addr, path)
