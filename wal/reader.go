@@ -80,7 +80,7 @@ func (r *Reader) Next() (*rebound.Record, Location, error) {
 		}
 		l.mu.Unlock()
 		r.br.limit = limit
-		rec, loc, n, bad := r.br.record(r.seg.first, r.off)
+		rec, loc, n, bad := r.br.record(r.seg.first, r.off, true)
 		if bad != nil {
 			return nil, Location{}, fmt.Errorf("%w: segment %s offset %d: %v", ErrCorrupt, segName(r.seg.first), r.off, bad)
 		}

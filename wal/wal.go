@@ -62,6 +62,11 @@ type Options struct {
 	// Logger receives warnings such as a truncated torn tail. Default
 	// slog.Default().
 	Logger *slog.Logger
+	// Visit, if set, is called by Open for every good record in log
+	// order, up to (not including) the first corrupt or torn one, so a
+	// caller can build its state from the same pass that verifies the
+	// log. rec.Data is only valid during the call. An error fails Open.
+	Visit func(rec *rebound.Record, loc Location) error
 }
 
 // Location is where a record's Data starts in its segment file.
@@ -104,6 +109,7 @@ type Log struct {
 	err      error // sticky error after a failed write that could not be undone
 	dirDirty bool  // a segment was created or removed since the last dir fsync
 	closed   bool
+	visiting bool // Open is calling opts.Visit
 }
 
 // Open opens (creating if needed) the log in dir. It verifies every
@@ -114,7 +120,7 @@ func Open(dir string, opts Options) (*Log, error) {
 	if opts.SegmentSize <= 0 {
 		opts.SegmentSize = defaultSegSize
 	}
-	l := &Log{dir: dir, opts: opts, logger: opts.Logger}
+	l := &Log{dir: dir, opts: opts, logger: opts.Logger, visiting: opts.Visit != nil}
 	if l.logger == nil {
 		l.logger = slog.Default()
 	}
@@ -135,8 +141,8 @@ func Open(dir string, opts Options) (*Log, error) {
 		if seg == nil {
 			continue // empty last segment removed
 		}
-		if seg.last != 0 && l.last != 0 && seg.first <= l.last && l.corrupt == nil {
-			l.setCorrupt(seg, segHeaderSize, fmt.Errorf("%w: segment %d starts at seq %d, not after %d", ErrCorrupt, seg.first, seg.first, l.last))
+		if seg.corrupt != nil {
+			l.visiting = false // nothing after a bad record is visited
 		}
 		if n := len(l.segs); n > 0 {
 			l.segs[n-1].next = seg.first
@@ -147,6 +153,7 @@ func Open(dir string, opts Options) (*Log, error) {
 			l.last = seg.last
 		}
 	}
+	l.visiting = false
 	return l, nil
 }
 
@@ -196,10 +203,19 @@ func (l *Log) openSegment(first uint64, isLast bool) (*segment, error) {
 		return nil, fmt.Errorf("wal: %w", err)
 	}
 	seg := &segment{first: first, path: path, f: f, refs: 1}
-	end, badErr, err := scanSegment(f, first, func(rec *rebound.Record, _ Location, _ int64) error {
+	if l.last != 0 && first <= l.last {
+		// Out of order with the previous segment: serve nothing of it.
+		seg.size = segHeaderSize
+		l.setCorrupt(seg, segHeaderSize, fmt.Errorf("%w: segment %s starts at or before seq %d of the previous one", ErrCorrupt, segName(first), l.last))
+		return seg, nil
+	}
+	end, badErr, err := scanSegment(f, first, func(rec *rebound.Record, loc Location, _ int64) error {
 		seg.last = rec.Seq
+		if l.visiting {
+			return l.opts.Visit(rec, loc)
+		}
 		return nil
-	}, true)
+	})
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -250,8 +266,8 @@ func (l *Log) openSegment(first uint64, isLast bool) (*segment, error) {
 // scanSegment reads records from the start of f and calls fn for each good
 // one (with the record's start offset). It returns the end of the last
 // good record and, if scanning stopped early, why (badErr). err is an I/O
-// failure. With withData false fn's records have nil Data.
-func scanSegment(f *os.File, first uint64, fn func(*rebound.Record, Location, int64) error, withData bool) (end int64, badErr, err error) {
+// failure. fn's record's Data aliases a buffer valid only during the call.
+func scanSegment(f *os.File, first uint64, fn func(*rebound.Record, Location, int64) error) (end int64, badErr, err error) {
 	st, err := f.Stat()
 	if err != nil {
 		return 0, nil, fmt.Errorf("wal: %w", err)
@@ -265,7 +281,7 @@ func scanSegment(f *os.File, first uint64, fn func(*rebound.Record, Location, in
 	off := segHeaderSize
 	prev := uint64(0)
 	for off < fileSize {
-		rec, loc, n, bad := r.record(first, off)
+		rec, loc, n, bad := r.record(first, off, false)
 		if bad != nil {
 			return off, bad, nil
 		}
@@ -276,9 +292,6 @@ func scanSegment(f *os.File, first uint64, fn func(*rebound.Record, Location, in
 			return off, fmt.Errorf("seq %d does not follow %d", rec.Seq, prev), nil
 		}
 		prev = rec.Seq
-		if !withData {
-			rec.Data = nil
-		}
 		if err := fn(rec, loc, off); err != nil {
 			return off, nil, err
 		}
@@ -331,7 +344,7 @@ func (r *bufReader) bytes(off int64, n int) ([]byte, error) {
 
 // record decodes the record at off. bad is non-nil when the bytes there do
 // not form a good record; n is the record's size on disk.
-func (r *bufReader) record(segFirst uint64, off int64) (rec *rebound.Record, loc Location, n int64, bad error) {
+func (r *bufReader) record(segFirst uint64, off int64, copyData bool) (rec *rebound.Record, loc Location, n int64, bad error) {
 	h, err := r.bytes(off, frameSize)
 	if err != nil {
 		return nil, loc, 0, err
@@ -364,8 +377,10 @@ func (r *bufReader) record(segFirst uint64, off int64) (rec *rebound.Record, loc
 		return nil, loc, 0, fmt.Errorf("bad point kind length at offset %d", off)
 	}
 	rec.PointKind = rebound.PointKind(p[fixedSize : fixedSize+pk])
-	if d := p[fixedSize+pk:]; len(d) > 0 {
+	if d := p[fixedSize+pk:]; len(d) > 0 && copyData {
 		rec.Data = append([]byte(nil), d...)
+	} else if len(d) > 0 {
+		rec.Data = d
 	}
 	loc = Location{Segment: segFirst, Offset: off + frameSize + int64(fixedSize+pk)}
 	return rec, loc, frameSize + int64(plen), nil

@@ -156,11 +156,19 @@ func TestRoundTripAndReopen(t *testing.T) {
 	size := l.Size()
 	l.Close()
 
-	l, err = Open(dir, Options{SegmentSize: 16 << 10})
+	var visited []*rebound.Record
+	visit := func(r *rebound.Record, loc Location) error {
+		c := *r
+		c.Data = append([]byte(nil), r.Data...)
+		visited = append(visited, &c)
+		return nil
+	}
+	l, err = Open(dir, Options{SegmentSize: 16 << 10, Visit: visit})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.Close()
+	checkRecs(t, visited, want)
 	if l.Corrupt() != nil || l.FirstSeq() != 10 || l.LastSeq() != 309 || l.Size() != size {
 		t.Fatalf("reopen: corrupt=%v first=%d last=%d size=%d/%d", l.Corrupt(), l.FirstSeq(), l.LastSeq(), l.Size(), size)
 	}
@@ -281,7 +289,14 @@ func TestBitFlipMiddle(t *testing.T) {
 	b[len(b)/2] ^= 0x01
 	os.WriteFile(victim, b, 0o644)
 
-	l, err := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	visited := 0
+	l, err := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet, Visit: func(r *rebound.Record, _ Location) error {
+		if !equalRec(r, want[visited]) {
+			return fmt.Errorf("visited seq %d, want %d", r.Seq, want[visited].Seq)
+		}
+		visited++
+		return nil
+	}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -302,6 +317,9 @@ func TestBitFlipMiddle(t *testing.T) {
 		t.Fatalf("read %d records", len(got))
 	}
 	checkRecs(t, got, want[:len(got)])
+	if visited != len(got) {
+		t.Fatalf("visited %d records, readers serve %d", visited, len(got))
+	}
 	if got[len(got)-1].Seq >= want[len(want)-1].Seq {
 		t.Fatal("served past the corruption")
 	}
