@@ -20,35 +20,56 @@ const maxDecoded = 128 << 20
 func init() { encoding.RegisterCompressor(&zstdCompressor{}) }
 
 type zstdCompressor struct {
-	encoders sync.Pool // *zstdWriter
-	decoders sync.Pool // *zstdReader
+	encOnce sync.Once
+	enc     *zstd.Encoder // EncodeAll is safe for concurrent use
+	encErr  error
+
+	writers  sync.Pool // *zstdWriter
+	decoders sync.Pool // *zstd.Decoder
 }
 
 func (c *zstdCompressor) Name() string { return Compressor }
 
+// zstdWriter collects a whole message and compresses it on Close with
+// EncodeAll, writing the result to gRPC in one piece: gRPC's buffer pool
+// clears a whole pooled buffer per Write, so many small block writes cost
+// more than the compression itself.
 type zstdWriter struct {
-	*zstd.Encoder
-	c *zstdCompressor
+	w   io.Writer
+	src []byte
+	dst []byte
+	c   *zstdCompressor
+}
+
+func (w *zstdWriter) Write(p []byte) (int, error) {
+	w.src = append(w.src, p...)
+	return len(p), nil
 }
 
 func (w *zstdWriter) Close() error {
-	err := w.Encoder.Close()
-	w.c.encoders.Put(w)
+	w.dst = w.c.enc.EncodeAll(w.src, w.dst[:0])
+	_, err := w.w.Write(w.dst)
+	w.w, w.src = nil, w.src[:0]
+	if cap(w.src) <= 4<<20 { // do not pin huge buffers in the pool
+		w.c.writers.Put(w)
+	}
 	return err
 }
 
 func (c *zstdCompressor) Compress(w io.Writer) (io.WriteCloser, error) {
-	if zw, ok := c.encoders.Get().(*zstdWriter); ok {
-		zw.Reset(w)
+	c.encOnce.Do(func() {
+		// Fastest keeps up with a fast link on one core for typical disk
+		// data; replication is bound by the link more often than by ratio.
+		c.enc, c.encErr = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest))
+	})
+	if c.encErr != nil {
+		return nil, c.encErr
+	}
+	if zw, ok := c.writers.Get().(*zstdWriter); ok {
+		zw.w = w
 		return zw, nil
 	}
-	// Fastest keeps up with a 10 GbE link on one core for typical disk
-	// data; replication is bound by the link more often than by ratio.
-	enc, err := zstd.NewWriter(w, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
-	if err != nil {
-		return nil, err
-	}
-	return &zstdWriter{Encoder: enc, c: c}, nil
+	return &zstdWriter{w: w, c: c}, nil
 }
 
 type zstdReader struct {
