@@ -127,6 +127,8 @@ type Stream struct {
 	rd         *wal.Reader   // spool reader positioned at rdNext, reused by Read
 	rdNext     uint64
 	rdMu       sync.Mutex // guards rd, rdNext
+	unsynced   int64         // spool bytes appended since the last background sync kick
+	syncKick   chan struct{} // wakes the background spool syncer
 
 	samples [12]sample // throughput samples, one per second, ring
 	nsample int
@@ -175,6 +177,7 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 		logger:     opts.Logger.With("stream", dir),
 		cacheLimit: min(opts.SpoolLimit, maxCacheBytes),
 		done:       make(chan struct{}),
+		syncKick:   make(chan struct{}, 1),
 	}
 	m, err := s.readMeta()
 	if err != nil {
@@ -257,8 +260,9 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 	case dirty:
 		s.startResyncLocked()
 	}
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.housekeep()
+	go s.syncer()
 	ok = true
 	return s, nil
 }
@@ -344,6 +348,13 @@ func (s *Stream) appendLocked(rec *rebound.Record) error {
 	s.unacked = append(s.unacked, pending{seq: rec.Seq, bytes: n, time: rec.Time})
 	s.spoolBytes += n + recOverhead
 	s.backlog += n
+	if s.unsynced += n + recOverhead; s.unsynced >= s.opts.SegmentSize/4 {
+		s.unsynced = 0
+		select {
+		case s.syncKick <- struct{}{}:
+		default:
+		}
+	}
 	s.cache = append(s.cache, rec)
 	s.cacheBytes += n + recOverhead
 	for s.cacheBytes > s.cacheLimit && len(s.cache) > 1 {
@@ -687,6 +698,23 @@ func (s *Stream) housekeep() {
 		}
 		if err := s.spool.TruncateFront(acked); err != nil {
 			s.logger.Error("truncating spool failed", "err", err)
+		}
+	}
+}
+
+// syncer fsyncs the spool in the background every quarter segment. The wal
+// fsyncs a segment when it cuts the next one, inside Append and so inside
+// the stream mutex; syncing ahead keeps that fsync short.
+func (s *Stream) syncer() {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-s.syncKick:
+		}
+		if err := s.spool.Sync(); err != nil {
+			s.logger.Error("background spool sync failed", "err", err)
 		}
 	}
 }
