@@ -9,10 +9,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -85,6 +85,7 @@ type Journal struct {
 	logger *slog.Logger
 
 	durable atomic.Uint64
+	shut    atomic.Bool // closed, for readers that avoid mu; set under baseMu
 
 	appendMu sync.Mutex // serializes Append
 	foldMu   sync.Mutex // serializes Expire
@@ -172,15 +173,15 @@ func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
 			return nil, err
 		}
 	}
-	j.log, err = wal.Open(filepath.Join(dir, walDir), wal.Options{SegmentSize: opts.SegmentSize, Logger: j.logger})
+	// The wal's verifying pass at open also rebuilds the index.
+	j.prepare()
+	j.log, err = wal.Open(filepath.Join(dir, walDir), wal.Options{SegmentSize: opts.SegmentSize, Logger: j.logger, Visit: j.visit})
 	if err != nil {
 		j.closeFiles()
 		return nil, fmt.Errorf("journal: %w", err)
 	}
-	if err := j.rebuild(); err != nil {
-		j.log.Close()
-		j.closeFiles()
-		return nil, err
+	if err := j.log.Corrupt(); err != nil && j.corrupt == nil {
+		j.setCorrupt(fmt.Errorf("journal: records after seq %d are unreadable: %w", j.durable.Load(), err))
 	}
 	if j.meta.FoldTo != 0 {
 		// A fold was interrupted: redo it; applying its records again is
@@ -268,8 +269,9 @@ func (j *Journal) closeFiles() {
 	}
 }
 
-// rebuild loads the index from meta and the wal.
-func (j *Journal) rebuild() error {
+// prepare sets up the in-memory state at the base position, before the
+// wal's records are visited.
+func (j *Journal) prepare() {
 	j.base = j.meta.Base
 	j.durable.Store(j.base)
 	j.epoch = newEpoch()
@@ -280,39 +282,31 @@ func (j *Journal) rebuild() error {
 		// before the first ResyncEnd.
 		j.windows = []window{{lo: 1, open: true}}
 	}
-	if first := j.log.FirstSeq(); first > j.base+1 {
-		j.corrupt = fmt.Errorf("journal: wal starts at seq %d but the base is at %d: records are missing", first, j.base)
-		j.logger.Error("journal: corrupt", "dir", j.dir, "err", j.corrupt)
+}
+
+// visit indexes one record of the wal during Open. Records at or below the
+// base are already folded (a crash came between moving the base and
+// truncating the wal). Indexing stops at the first record that does not
+// fit: the journal is then corrupt and ends before it.
+func (j *Journal) visit(rec *rebound.Record, loc wal.Location) error {
+	if rec.Seq <= j.base || j.corrupt != nil {
 		return nil
 	}
-	r, err := j.log.NewReader(j.base + 1)
-	if err != nil {
-		return fmt.Errorf("journal: %w", err)
+	if d := j.durable.Load(); rec.Seq != d+1 {
+		j.setCorrupt(fmt.Errorf("journal: wal record %d does not follow seq %d: records are missing", rec.Seq, d))
+		return nil
 	}
-	defer r.Close()
-	for {
-		rec, loc, err := r.Next()
-		if err == io.EOF {
-			break
-		} else if err != nil {
-			if errors.Is(err, wal.ErrCorrupt) {
-				j.corrupt = fmt.Errorf("journal: records after seq %d are unreadable: %w", j.durable.Load(), err)
-				j.logger.Error("journal: corrupt", "dir", j.dir, "err", j.corrupt)
-				break
-			}
-			return fmt.Errorf("journal: %w", err)
-		}
-		if rec.Seq != j.durable.Load()+1 {
-			j.corrupt = fmt.Errorf("journal: wal seq %d does not follow %d", rec.Seq, j.durable.Load())
-			break
-		}
-		if err := j.validate(rec); err != nil {
-			j.corrupt = fmt.Errorf("journal: wal record %d: %w", rec.Seq, err)
-			break
-		}
-		j.index(rec, loc)
+	if err := j.validate(rec); err != nil {
+		j.setCorrupt(fmt.Errorf("journal: wal record %d: %w", rec.Seq, err))
+		return nil
 	}
+	j.index(rec, loc)
 	return nil
+}
+
+func (j *Journal) setCorrupt(err error) {
+	j.corrupt = err
+	j.logger.Error("journal: corrupt", "dir", j.dir, "err", err)
 }
 
 // Corrupt returns a non-nil error if the journal found records it cannot
@@ -470,6 +464,7 @@ func (j *Journal) Close() error {
 		return nil
 	}
 	j.closed = true
+	j.shut.Store(true)
 	err := j.log.Close()
 	for _, f := range j.bases {
 		if cerr := f.Close(); err == nil {
@@ -479,16 +474,24 @@ func (j *Journal) Close() error {
 	return err
 }
 
-// Remove deletes the journal in dir. The journal must be closed.
+// Remove deletes the journal in dir (which must be closed), also one whose
+// creation a crash interrupted. It refuses a directory holding anything
+// else, and succeeds if dir does not exist.
 func Remove(dir string) error {
-	if _, err := os.Stat(filepath.Join(dir, metaFile)); err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-				return nil
-			}
-			return rebound.Errorf(rebound.EINVALID, "%s does not look like a journal (no %s)", dir, metaFile)
-		}
-		return err
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("journal: remove: %w", err)
 	}
-	return os.RemoveAll(dir)
+	for _, e := range ents {
+		n := e.Name()
+		if n != metaFile && n != metaFile+".tmp" && n != walDir && !(strings.HasPrefix(n, "base-") && strings.HasSuffix(n, ".img")) {
+			return rebound.Errorf(rebound.EINVALID, "%s does not look like a journal (it holds %s); not removing it", dir, n)
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("journal: remove: %w", err)
+	}
+	return nil
 }

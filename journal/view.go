@@ -173,10 +173,7 @@ func (d *diskView) ReadAt(p []byte, off int64) (int, error) {
 	// Shared: a fold cannot move B (and truncate the wal) mid-read.
 	j.baseMu.RLock()
 	defer j.baseMu.RUnlock()
-	j.mu.Lock()
-	jclosed := j.closed
-	j.mu.Unlock()
-	if jclosed {
+	if j.shut.Load() {
 		return 0, rebound.Errorf(rebound.ECONFLICT, "journal is closed")
 	}
 	base := j.bases[d.i]
