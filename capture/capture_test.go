@@ -701,3 +701,35 @@ func BenchmarkWrite1M(b *testing.B) {
 	b.Run("stream", func(b *testing.B) { benchWrite(b, 1<<20, true) })
 	b.Run("filedisk", func(b *testing.B) { benchWrite(b, 1<<20, false) })
 }
+
+func TestRemove(t *testing.T) {
+	h := newHarness(t, 1, 1<<20, Options{})
+	h.s.Disk(0).WriteAt([]byte("x"), 0)
+	h.s.Close()
+	h.s = nil
+	dir := filepath.Join(h.dir, "stream")
+	if err := Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("stream dir still there: %v", err)
+	}
+	if _, err := os.Stat(h.specs[0].Path); err != nil {
+		t.Fatalf("disk removed: %v", err)
+	}
+	// A stream dir that holds a disk file keeps the disk.
+	dir2 := t.TempDir()
+	disk := filepath.Join(dir2, "disk")
+	s, err := Open(dir2, []DiskSpec{{Path: disk, Size: 1 << 20}}, Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if err := Remove(dir2); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir(dir2)
+	if len(ents) != 1 || ents[0].Name() != "disk" {
+		t.Fatalf("left %v", ents)
+	}
+}

@@ -531,7 +531,12 @@ func (s *Stream) readSpool(from uint64, maxBytes int) ([]*rebound.Record, error)
 func (s *Stream) Acked(seq uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	seq = min(seq, s.head)
+	if seq > s.head {
+		// The peer holds records this source does not (power loss here
+		// after the peer got them): the caller must resync.
+		s.logger.Warn("peer acked records beyond the head", "acked", seq, "head", s.head)
+		seq = s.head
+	}
 	if seq <= s.acked {
 		return
 	}
