@@ -126,7 +126,7 @@ type Stream struct {
 	ackCh      chan struct{} // closed on Acked; nil if nobody waits
 	rd         *wal.Reader   // spool reader positioned at rdNext, reused by Read
 	rdNext     uint64
-	rdMu       sync.Mutex // guards rd, rdNext
+	rdMu       sync.Mutex    // guards rd, rdNext
 	unsynced   int64         // spool bytes appended since the last background sync kick
 	syncKick   chan struct{} // wakes the background spool syncer
 
