@@ -418,6 +418,9 @@ func TestOverflowAndResync(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("resync did not finish: %+v", h.s.Stats())
 		}
+		if st := h.s.Stats(); st.BacklogBytes > h.opts.SpoolLimit {
+			t.Fatalf("spool above its limit: %+v", st)
+		}
 		if i < 100 {
 			randomIO(t, rng, h.s.Disk(rng.IntN(2)), size)
 		} else if st := h.s.Stats(); st.State == StateStreaming && st.HeadSeq == next-1 {
@@ -548,6 +551,28 @@ func TestKillAndReopen(t *testing.T) {
 	if st := h.s.Stats(); st.State != StateSyncing {
 		t.Fatalf("after kill during initial copy: %+v", st)
 	}
+	// The peer goes on from where it was; the copy resumes and completes.
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		if time.Now().After(deadline) {
+			t.Fatalf("initial copy did not finish after restart: %+v", h.s.Stats())
+		}
+		if st := h.s.Stats(); st.State == StateStreaming && st.HeadSeq == next-1 {
+			break
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		got, err := h.s.Read(ctx, next, 128<<10)
+		cancel()
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatal(err)
+		}
+		recs = append(recs, got...)
+		next += uint64(len(got))
+		h.s.Acked(next - 1)
+	}
+	m = newModel(2, size)
+	m.apply(t, recs)
+	m.check(t, h)
 }
 
 func TestSpoolFailureFallsBackToDirty(t *testing.T) {
