@@ -540,6 +540,39 @@ func TestFoldCrash(t *testing.T) {
 	}
 }
 
+// TestFoldFailure: a fold that fails part way keeps views below its target
+// refused, and the next Expire finishes it before anything else.
+func TestFoldFailure(t *testing.T) {
+	m := newModel(20, 128<<10)
+	m.stream(1500)
+	j := openJ(t, t.TempDir(), m)
+	defer j.Close()
+	m.feed(t, j, 1, m.seq)
+	first := m.consistentSeqs()[0]
+	if n, err := j.Expire(t0); err != nil || n != 0 {
+		t.Fatalf("expire before everything folded %d: %v", n, err)
+	}
+	j.crashAt = 1
+	if _, err := j.Expire(time.Unix(0, m.recs[len(m.recs)/2].Time)); err != errCrash {
+		t.Fatal(err)
+	}
+	target := j.folding
+	if target == 0 || j.base != 0 {
+		t.Fatalf("folding %d base %d", target, j.base)
+	}
+	if _, err := j.View(first); rebound.ErrorCode(err) != rebound.ENOTFOUND {
+		t.Fatalf("view below a failed fold's target: %v", err)
+	}
+	j.crashAt = 0
+	if _, err := j.Expire(t0); err != nil {
+		t.Fatal(err)
+	}
+	if j.base != target || j.folding != 0 {
+		t.Fatalf("base %d, want %d", j.base, target)
+	}
+	m.checkViews(t, j, target, 8)
+}
+
 func TestResolve(t *testing.T) {
 	m := newModel(6, 64<<10)
 	j := openJ(t, t.TempDir(), m)
