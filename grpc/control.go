@@ -22,6 +22,10 @@ import (
 
 // ControlServer serves the control channels sites open to the server and
 // hands out a rebound.SiteService per connected site.
+//
+// The callbacks run on the site's channel goroutine (calls to other sites
+// are not held up) and should return quickly: the site's answers wait
+// behind them. Any of them may be nil.
 type ControlServer struct {
 	// OnReport receives each status a site pushes (its hello included).
 	OnReport func(site string, st *rebound.SiteStatus)

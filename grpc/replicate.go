@@ -65,6 +65,9 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 	if err := checkVersion("replicate", hello.Version); err != nil {
 		return err
 	}
+	if hello.SourceSite != site {
+		return status.Errorf(codes.PermissionDenied, "replicate: certificate is for site %q, hello says %q", site, hello.SourceSite)
+	}
 	sink, err := r.Sink(hello.StreamId)
 	if err != nil {
 		if rebound.ErrorCode(err) == rebound.ENOTFOUND {
@@ -217,7 +220,10 @@ func validateRecord(r *rebound.Record, kind uint32) error {
 // Sender ships a stream from its source to the target site's
 // ReplicationServer, reconnecting until its context ends.
 type Sender struct {
-	Addr       string
+	Addr string
+	// TLS is this site's client config naming the target site, e.g.
+	// pki.ClientTLS(cert, key, ca, targetSiteName): the target is
+	// verified by its site name, whatever address it has.
 	TLS        *tls.Config
 	StreamID   string
 	SourceSite string

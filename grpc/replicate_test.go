@@ -301,6 +301,14 @@ func TestReplicate_BadInput(t *testing.T) {
 	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "version 9") {
 		t.Fatalf("wrong version: %v", err)
 	}
+	st, err := rc.Replicate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Send(&pb.ReplicateRequest{Body: &pb.ReplicateRequest_Hello{Hello: &pb.ReplHello{Version: 1, StreamId: "vm1", SourceSite: "site-c"}}})
+	if _, err := st.Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("impersonating source: %v", err)
+	}
 	_, _, err = hello(1, "nope")
 	if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), `"nope"`) {
 		t.Fatalf("unknown stream: %v", err)
