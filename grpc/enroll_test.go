@@ -3,6 +3,7 @@ package grpc
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"net"
 	"strings"
 	"sync"
@@ -169,6 +170,21 @@ func TestBadInput_Garbage(t *testing.T) {
 		}
 		c.SetDeadline(time.Now().Add(2 * time.Second))
 		c.Write(junk[:1<<(i*3)])
+		c.Read(make([]byte, 1024))
+		c.Close()
+	}
+	// Garbage inside a good TLS session (a broken HTTP/2 preface and a
+	// frame header announcing a huge frame).
+	_, cli := e.site(t, "site-x", "127.0.0.1")
+	cli = cli.Clone()
+	cli.NextProtos = []string{"h2"}
+	for _, msg := range [][]byte{junk[:100], []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\x00\x00\x00\x00\x00\x01")} {
+		c, err := tls.Dial("tcp", ts.addr, cli)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		c.Write(msg)
 		c.Read(make([]byte, 1024))
 		c.Close()
 	}
