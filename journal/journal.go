@@ -24,6 +24,12 @@ import (
 // view of an older position replays at most this many records' metadata.
 const checkpointEvery = 1024
 
+// checkpointRatio: older checkpoints are thinned to gaps of about
+// age/checkpointRatio records.
+const checkpointRatio = 8
+
+var testCheckpointEvery uint64 // tests: checkpoint more often
+
 const (
 	metaFile   = "meta.json"
 	walDir     = "wal"
@@ -109,7 +115,8 @@ type Journal struct {
 	err         error // sticky: an append failed in a way that leaves the wal unknown
 	closed      bool
 
-	crashAt int // tests: stop a fold at this step
+	crashAt int    // tests: stop a fold at this step
+	cpEvery uint64 // checkpointEvery; tests lower it
 }
 
 var epochs atomic.Uint64
@@ -129,7 +136,10 @@ func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
 			return nil, rebound.Errorf(rebound.EINVALID, "disk %d (%s): invalid size %d", i, d.Name, d.Size)
 		}
 	}
-	j := &Journal{dir: dir, logger: opts.Logger, pins: map[uint64]int{}}
+	j := &Journal{dir: dir, logger: opts.Logger, pins: map[uint64]int{}, cpEvery: checkpointEvery}
+	if testCheckpointEvery != 0 {
+		j.cpEvery = testCheckpointEvery
+	}
 	if j.logger == nil {
 		j.logger = slog.Default()
 	}
@@ -440,10 +450,32 @@ func (j *Journal) index(r *rebound.Record, loc wal.Location) {
 		}
 	}
 	j.durable.Store(r.Seq)
-	if r.Seq-j.checkpoints[len(j.checkpoints)-1].seq >= checkpointEvery {
+	if r.Seq-j.checkpoints[len(j.checkpoints)-1].seq >= j.cpEvery {
 		j.checkpoints = append(j.checkpoints, checkpoint{seq: r.Seq, roots: append([]*node(nil), j.live...)})
 		j.epoch = newEpoch() // the live tree's nodes are now shared
+		j.thinCheckpoints()
 	}
+}
+
+// thinCheckpoints drops checkpoints so that the gap around a dropped one
+// stays at most 1/checkpointRatio of its age: recent positions keep one
+// every checkpointEvery records, old ones fewer (O(log) in all), which
+// bounds the memory of nodes held only by checkpoints. A view of an old
+// position replays at most ~age/checkpointRatio records. The first
+// checkpoint (at or below B) is always kept.
+func (j *Journal) thinCheckpoints() {
+	cps := j.checkpoints
+	now := j.durable.Load()
+	out := cps[:1]
+	for i := 1; i < len(cps)-1; i++ {
+		prev, next := out[len(out)-1].seq, cps[i+1].seq
+		if (next-prev)*checkpointRatio > now-next {
+			out = append(out, cps[i])
+		}
+	}
+	out = append(out, cps[len(cps)-1])
+	clear(cps[len(out):])
+	j.checkpoints = out
 }
 
 func extent(m *recMeta) *node {

@@ -293,6 +293,35 @@ func TestOracle(t *testing.T) {
 	m.checkViews(t, j, m.seq-300, 5)
 }
 
+// TestOracleDenseCheckpoints reruns the oracle with a checkpoint every 16
+// records, so views replay from thinned checkpoints of every age.
+func TestOracleDenseCheckpoints(t *testing.T) {
+	testCheckpointEvery = 16
+	defer func() { testCheckpointEvery = 0 }()
+	m := newModel(30, 200<<10)
+	m.stream(4000)
+	dir := t.TempDir()
+	j := openJ(t, dir, m)
+	defer j.Close()
+	m.feed(t, j, 1, m.seq)
+	n := len(j.checkpoints)
+	if n < 10 || n > 200 {
+		t.Fatalf("%d checkpoints for %d records", n, m.seq)
+	}
+	for i := 1; i < n; i++ {
+		gap, age := j.checkpoints[i].seq-j.checkpoints[i-1].seq, j.Durable()-j.checkpoints[i].seq
+		if gap > 16 && gap > 2*(age/checkpointRatio)+32 {
+			t.Fatalf("checkpoint gap %d at age %d", gap, age)
+		}
+	}
+	t.Logf("%d checkpoints for %d records", n, m.seq)
+	m.checkViews(t, j, 0, 30)
+	if _, err := j.Expire(time.Unix(0, m.recs[m.seq*2/3].Time)); err != nil {
+		t.Fatal(err)
+	}
+	m.checkViews(t, j, j.base, 10)
+}
+
 func TestAppendErrors(t *testing.T) {
 	m := newModel(2, 64<<10)
 	m.stream(50)
