@@ -34,11 +34,12 @@ trap cleanup EXIT
 need() { command -v "$1" >/dev/null || { echo "bench_nbd: $1 is required" >&2; exit 1; }; }
 need qemu-nbd
 need qemu-img
+need qemu-io
+need python3
 
 use_fio=0
 if command -v fio >/dev/null && fio --enghelp=nbd 2>/dev/null | grep -q uri; then
 	use_fio=1
-	need python3
 fi
 
 wait_uri() { # wait until an NBD URI answers
@@ -66,16 +67,21 @@ bench_run() {
 	python3 -c "import sys; s=float('$secs'); n=$3; b=int('$4'); print(int(n*b/s), n/s)"
 }
 
+# settle URI: flush the export so one measurement's dirty data is not
+# written back during the next one.
+settle() { qemu-io -f raw -c flush "$1" >/dev/null; }
+
 measure() { # measure NAME URI
 	local name="$1" u="$2" seq rnd bytes
 	bytes=$(qemu-img info -f raw --output=json "$u" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
 	if [ "$use_fio" = 1 ]; then
-		seq=$(fio_run "$u" write 1M "$bytes")
-		rnd=$(fio_run "$u" randwrite 4k "$bytes")
+		settle "$u"; seq=$(fio_run "$u" write 1M "$bytes")
+		settle "$u"; rnd=$(fio_run "$u" randwrite 4k "$bytes")
 	else
-		seq=$(bench_run "$u" 1M $((bytes >> 20)) 1048576)
-		rnd=$(bench_run "$u" 4k 200000 4096)
+		settle "$u"; seq=$(bench_run "$u" 1M $((bytes >> 20)) 1048576)
+		settle "$u"; rnd=$(bench_run "$u" 4k 200000 4096)
 	fi
+	settle "$u"
 	python3 -c "print('| %s | %.0f | %.0f |' % ('$name', ${seq% *}/1e6, ${rnd#* }))"
 }
 
