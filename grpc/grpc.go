@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"time"
 
@@ -208,13 +207,6 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-}
-
-func errString(err error) string {
-	if err == nil {
-		return ""
-	}
-	return fmt.Sprint(err)
 }
 
 // helloTimeout bounds the wait for a peer's first message, so a connection
