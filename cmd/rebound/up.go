@@ -27,6 +27,8 @@ type UpConfig struct {
 	// Sites maps a site name to its NBD and replication addresses.
 	Sites      []UpSite
 	SpoolLimit int64
+	// FreezeHook and ThawHook are given to every site (app-consistent points).
+	FreezeHook, ThawHook string
 	// WriteConfig writes the CLI's connection settings.
 	WriteConfig bool
 }
@@ -91,6 +93,7 @@ func (m *UpMain) Run(ctx context.Context) (err error) {
 		sc := SiteConfig{
 			Name: s.Name, DataDir: dir, Server: m.Server.GRPCAddr, NBDAddr: s.NBDAddr,
 			NBDSocket: filepath.Join(dir, "nbd.sock"), ReplAddr: s.ReplAddr, SpoolLimit: cfg.SpoolLimit,
+			FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook,
 		}
 		if _, err := os.Stat(filepath.Join(dir, "tls", "site.crt")); err != nil {
 			if sc.JoinToken, err = m.Server.JoinToken(ctx, s.Name); err != nil {
@@ -200,6 +203,10 @@ func newUpCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.APIAddr, "api-addr", cfg.APIAddr, "HTTPS REST API listen address")
 	f.StringVar(&cfg.GRPCAddr, "grpc-addr", cfg.GRPCAddr, "listen address for sites")
 	f.StringVar(&spool, "spool-limit", "1GiB", "spool bound per machine")
+	f.StringVar(&cfg.Sites[0].NBDAddr, "primary-nbd-addr", cfg.Sites[0].NBDAddr, "primary site's NBD listen address")
+	f.StringVar(&cfg.Sites[0].ReplAddr, "primary-repl-addr", cfg.Sites[0].ReplAddr, "primary site's replication listen address")
+	f.StringVar(&cfg.Sites[1].NBDAddr, "recovery-nbd-addr", cfg.Sites[1].NBDAddr, "recovery site's NBD listen address")
+	f.StringVar(&cfg.Sites[1].ReplAddr, "recovery-repl-addr", cfg.Sites[1].ReplAddr, "recovery site's replication listen address")
 	return cmd
 }
 

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# bench.sh measures Rebound against its targets on this machine and writes
+# docs/benchmarks.md (or the file given with --out):
+#   1. NBD write throughput and 4 KiB IOPS through a Rebound export with
+#      replication on, against qemu-nbd on the same kind of raw file, with
+#      the same client (scripts/bench_nbd.sh);
+#   2. replication throughput and lag under churn (go test -bench Replication).
+#
+#   scripts/bench.sh [--out docs/benchmarks.md] [--runtime 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/local/go/bin:$PATH"
+out=docs/benchmarks.md runtime=10
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--out) out="$2"; shift 2 ;;
+	--runtime) runtime="$2"; shift 2 ;;
+	*) echo "unknown argument $1" >&2; exit 2 ;;
+	esac
+done
+
+tmp=$(mktemp -d)
+pid=""
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+go build -o "$tmp/rebound" ./cmd/rebound
+export XDG_CONFIG_HOME="$tmp/config"
+rb() { "$tmp/rebound" "$@"; }
+
+# 1. NBD through a protected machine's export.
+rb up --data "$tmp/data" --api-addr 127.0.0.1:18440 --grpc-addr 127.0.0.1:18441 \
+	--primary-nbd-addr 127.0.0.1:18809 --primary-repl-addr 127.0.0.1:18451 \
+	--recovery-nbd-addr 127.0.0.1:18810 --recovery-repl-addr 127.0.0.1:18452 >"$tmp/up.log" 2>&1 &
+pid=$!
+for _ in $(seq 300); do [ -s "$XDG_CONFIG_HOME/rebound/config" ] && break; sleep 0.1; done
+rb machine create bench --site primary --disk 4G >/dev/null
+rb protect bench --to recovery --wait >/dev/null
+uri="nbd+unix:///bench-disk0?socket=$tmp/data/sites/primary/nbd.sock"
+scripts/bench_nbd.sh --uri "$uri" --size 4G --runtime "$runtime" 2>"$tmp/nbd.err" | sed 's/| rebound (.*) |/| rebound export, replication on |/' >"$tmp/nbd.md"
+nbd_tool=$(cat "$tmp/nbd.err")
+rb machine show bench -o json >"$tmp/bench.json"
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+
+# 2. Replication throughput and lag.
+: >"$tmp/repl.md"
+REBOUND_BENCH_OUT="$tmp/repl.md" go test ./cmd/rebound -run '^$' -bench 'Replication' -benchtime 1x -count=1 >"$tmp/gobench.txt" 2>&1 || { cat "$tmp/gobench.txt" >&2; exit 1; }
+
+ratio() { python3 - "$tmp/nbd.md" <<'PY'
+import sys
+rows=[l.strip().strip('|').split('|') for l in open(sys.argv[1]) if l.startswith('| ') and 'server' not in l]
+q=[float(x) for x in rows[0][1:3]]; r=[float(x) for x in rows[1][1:3]]
+print("Rebound reaches %.0f%% of qemu-nbd's sequential write throughput (target ≥ 90%%) and %.0f%% of its 4 KiB random-write IOPS (target ≥ 80%%)." % (100*r[0]/q[0], 100*r[1]/q[1]))
+PY
+}
+
+{
+	echo "# Benchmarks"
+	echo
+	echo "Written by \`scripts/bench.sh\` on $(date -u +%Y-%m-%dT%H:%MZ)."
+	echo
+	echo "Machine: $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p' | head -1)), $(free -g | awk '/Mem:/{print $2}') GiB memory, $(uname -sr), $(go version | cut -d' ' -f3), load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)."
+	echo
+	echo "## NBD writes through a protected machine's export"
+	echo
+	echo "$nbd_tool. Both servers on a unix socket; Rebound's export is the disk of a machine protected to a second site in the same process, so every write is also captured, spooled and replicated."
+	echo
+	cat "$tmp/nbd.md"
+	echo
+	ratio
+	echo
+	echo "## Replication"
+	echo
+	echo "\`go test ./cmd/rebound -run '^\$' -bench Replication -benchtime 1x\`: a server and two sites in one process on loopback (mTLS, zstd), writes through NBD."
+	echo
+	echo "| measurement | result | target |"
+	echo "|---|---|---|"
+	cat "$tmp/repl.md"
+	echo
+	echo "Raw output:"
+	echo
+	echo '```'
+	grep -E '^(Benchmark|cpu|ok)' "$tmp/gobench.txt"
+	echo '```'
+} >"$out"
+echo "wrote $out" >&2
