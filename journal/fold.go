@@ -65,6 +65,8 @@ func (j *Journal) foldTarget(before int64) (uint64, bool) {
 	// newest consistent position.
 	if n := len(j.marks); n > 0 {
 		limit = min(limit, j.marks[n-1])
+	} else if j.meta.BaseKind != "" {
+		return 0, false // the only point is the base itself
 	} else if s, ok := j.consistentAtOrBefore(limit); ok {
 		limit = s
 	} else {

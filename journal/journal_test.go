@@ -537,6 +537,18 @@ func TestExpireWithViews(t *testing.T) {
 		t.Fatalf("newest point lost: %+v", pl.Points)
 	}
 	m.checkViews(t, j, lastMark, 5)
+	// The base is now the only point: more records without a mark must
+	// not fold it away.
+	for i := 0; i < 50; i++ {
+		m.add(&rebound.Record{Kind: rebound.RecordWrite, Offset: int64(i), Length: 1, Data: []byte{byte(i)}})
+	}
+	m.feed(t, j, j.Durable()+1, m.seq)
+	if n, err := j.Expire(time.Unix(0, m.recs[len(m.recs)-1].Time+1)); err != nil || n != 0 || j.base != lastMark {
+		t.Fatalf("folded %d past the only point (base %d): %v", n, j.base, err)
+	}
+	if pl := j.Points(); len(pl.Points) != 1 || pl.Points[0].Seq != lastMark {
+		t.Fatalf("points %+v", pl.Points)
+	}
 	j.Close()
 	j = openJ(t, dir, m)
 	defer j.Close()
