@@ -41,6 +41,21 @@ func TestCA_LoadOrCreate(t *testing.T) {
 	if other.Fingerprint() == ca.Fingerprint() {
 		t.Fatal("two CAs share a fingerprint")
 	}
+
+	// A key that does not belong to the certificate is refused.
+	otherDir := t.TempDir()
+	if _, err := pki.LoadOrCreateCA(otherDir); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := os.ReadFile(filepath.Join(otherDir, "ca.key"))
+	os.WriteFile(filepath.Join(dir, "ca.key"), key, 0o600)
+	if _, err := pki.LoadOrCreateCA(dir); err == nil || !strings.Contains(err.Error(), "does not match") {
+		t.Fatalf("mismatched key: %v", err)
+	}
+	os.Remove(filepath.Join(dir, "ca.key"))
+	if _, err := pki.LoadOrCreateCA(dir); err == nil {
+		t.Fatal("loaded a CA without its key")
+	}
 }
 
 func TestCA_IssueVerify(t *testing.T) {
@@ -176,6 +191,34 @@ func TestTLS_PinnedAndMutual(t *testing.T) {
 	if n := <-names; n != "site-a" {
 		t.Fatalf("peer name %q, want site-a", n)
 	}
+	// A server requiring client certs refuses a client without one.
+	reqConf, _ := pki.ServerTLS(srvCert, srvKey, ca.CertPEM(), true)
+	ln2, err := tls.Listen("tcp", "127.0.0.1:0", reqConf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln2.Close()
+	go func() {
+		for {
+			c, err := ln2.Accept()
+			if err != nil {
+				return
+			}
+			c.(*tls.Conn).Handshake()
+			c.Close()
+		}
+	}()
+	anon, _ := pki.ClientTLS(nil, nil, ca.CertPEM(), "127.0.0.1")
+	c, err := tls.Dial("tcp", ln2.Addr().String(), anon)
+	if err == nil {
+		// TLS 1.3: the client learns of the refusal on its first read.
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+	}
+	if err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("anonymous client to a cert-requiring server: %v", err)
+	}
+
 	// A client trusting another CA refuses the server.
 	cli2, _ := pki.ClientTLS(nil, nil, other.CertPEM(), "127.0.0.1")
 	if err := dial(cli2); err == nil {
