@@ -7,6 +7,7 @@
 # qemu-img bench, and prints a markdown table.
 #
 #   scripts/bench_nbd.sh [--uri NBD_URI] [--size 1G] [--runtime 10] [--depth 32]
+#   (BENCH_NBD_TOOL=qemu-img forces the qemu-img bench fallback)
 set -euo pipefail
 
 uri="" size="1G" runtime=10 depth=32
@@ -16,7 +17,7 @@ while [ $# -gt 0 ]; do
 	--size) size="$2"; shift 2 ;;
 	--runtime) runtime="$2"; shift 2 ;;
 	--depth) depth="$2"; shift 2 ;;
-	-h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,12p' "$0"; exit 0 ;;
 	*) echo "unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -38,7 +39,7 @@ need qemu-io
 need python3
 
 use_fio=0
-if command -v fio >/dev/null && fio --enghelp=nbd 2>/dev/null | grep -q uri; then
+if [ "${BENCH_NBD_TOOL:-}" != qemu-img ] && command -v fio >/dev/null && fio --enghelp=nbd 2>/dev/null | grep -q uri; then
 	use_fio=1
 fi
 
@@ -59,7 +60,7 @@ fio_run() {
 	python3 -c 'import json,sys; w=json.load(open(sys.argv[1]))["jobs"][0]["write"]; print(w["bw_bytes"], w["iops"])' "$tmp/fio.json"
 }
 
-# bench_run URI BS COUNT -> prints "bw_bytes iops" (qemu-img bench fallback)
+# bench_run URI BS COUNT BYTES -> prints "bw_bytes iops" (qemu-img bench fallback)
 bench_run() {
 	local out secs
 	out=$(qemu-img bench -w -t none -f raw -d "$depth" -s "$2" -c "$3" "$1")
@@ -79,7 +80,7 @@ measure() { # measure NAME URI
 		settle "$u"; rnd=$(fio_run "$u" randwrite 4k "$bytes")
 	else
 		settle "$u"; seq=$(bench_run "$u" 1M $((bytes >> 20)) 1048576)
-		settle "$u"; rnd=$(bench_run "$u" 4k 200000 4096)
+		settle "$u"; rnd=$(bench_run "$u" 4k 100000 4096)
 	fi
 	settle "$u"
 	python3 -c "print('| %s | %.0f | %.0f |' % ('$name', ${seq% *}/1e6, ${rnd#* }))"
@@ -104,7 +105,7 @@ else
 	name="rebound ($uri)"
 fi
 
-tool=$([ "$use_fio" = 1 ] && echo "fio nbd engine, iodepth $depth" || echo "qemu-img bench, depth $depth")
+tool=$([ "$use_fio" = 1 ] && echo "fio nbd engine, iodepth $depth" || echo "qemu-img bench, depth $depth, fixed request counts")
 echo "NBD write benchmark: $tool, ${runtime}s per measurement, $size disk" >&2
 echo "| server | seq write 1 MiB (MB/s) | random write 4 KiB (IOPS) |"
 echo "|---|---|---|"
