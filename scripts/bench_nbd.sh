@@ -105,8 +105,8 @@ else
 	name="rebound ($uri)"
 fi
 
-tool=$([ "$use_fio" = 1 ] && echo "fio nbd engine, iodepth $depth" || echo "qemu-img bench, depth $depth, fixed request counts")
-echo "NBD write benchmark: $tool, ${runtime}s per measurement, $size disk" >&2
+tool=$([ "$use_fio" = 1 ] && echo "fio nbd engine, iodepth $depth, ${runtime}s per measurement" || echo "qemu-img bench, depth $depth, fixed request counts")
+echo "NBD write benchmark: $tool, $size disk" >&2
 echo "| server | seq write 1 MiB (MB/s) | random write 4 KiB (IOPS) |"
 echo "|---|---|---|"
 measure "qemu-nbd" "$quri"
