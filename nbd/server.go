@@ -215,7 +215,11 @@ type conn struct {
 
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{s: s, nc: nc, br: bufio.NewReaderSize(nc, 128<<10), done: make(chan struct{})}
-	c.log = s.logger().With("remote", nc.RemoteAddr().String())
+	remote := "unknown"
+	if a := nc.RemoteAddr(); a != nil {
+		remote = a.String()
+	}
+	c.log = s.logger().With("remote", remote)
 	c.out.w = nc
 	c.bcond = sync.NewCond(&c.bmu)
 	return c
