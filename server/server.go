@@ -49,6 +49,10 @@ type Server struct {
 
 var _ rebound.Service = (*Server)(nil)
 
+// interruptedMsg is the error of a job the server stopped under, whether it
+// closed cleanly or was killed.
+const interruptedMsg = "interrupted: the server restarted while the job ran; run the command again"
+
 // Open prepares the server: jobs left running by a previous process are
 // failed, and the health watchdog starts.
 func (s *Server) Open(reg prometheus.Registerer) error {
@@ -63,7 +67,7 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 	s.statuses = map[string]*rebound.SiteStatus{}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.metrics = newMetrics(reg)
-	n, err := s.DB.FailInterruptedJobs(s.ctx, "interrupted: the server restarted while the job ran; run the command again")
+	n, err := s.DB.FailInterruptedJobs(s.ctx, interruptedMsg)
 	if err != nil {
 		return err
 	}
@@ -219,6 +223,10 @@ func (s *Server) finishJob(r *jobRun, err, ctxErr error) {
 	switch {
 	case err == nil:
 		r.job.Progress = 1
+	case s.ctx.Err() != nil:
+		// The server is closing, not the operator cancelling: the same
+		// outcome as a kill, which Open reports at the next start.
+		state, r.job.Error = rebound.JobFailed, interruptedMsg
 	case ctxErr != nil && errors.Is(err, context.Canceled):
 		state, r.job.Error = rebound.JobCancelled, "cancelled"
 	default:
