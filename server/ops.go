@@ -121,6 +121,17 @@ func (s *Server) DeleteMachine(ctx context.Context, name string) error {
 	return nil
 }
 
+// checkIdle refuses a verb while a job runs on the machine, naming the job,
+// before any state check could give a less helpful answer.
+func (s *Server) checkIdle(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if id, ok := s.busy[name]; ok {
+		return rebound.Errorf(rebound.ECONFLICT, "machine %q has job %s running; wait for it (rebound job wait %s) or cancel it", name, id, id)
+	}
+	return nil
+}
+
 func (s *Server) lockMachine(name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -143,6 +154,9 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 	if err != nil {
 		return nil, err
 	}
+	if err := s.checkIdle(m.Name); err != nil {
+		return nil, err
+	}
 	if req.Policy == "" {
 		req.Policy = "default"
 	}
@@ -155,6 +169,8 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 		return nil, rebound.Errorf(rebound.EINVALID, "protect needs a target site (--to)")
 	case m.Protection != nil && m.Protection.TargetSite == req.To && m.State == rebound.MachineProtected:
 		return s.doneJob(ctx, "protect", m.Name, fmt.Sprintf("machine %s is already protected to %s", m.Name, req.To))
+	case m.Protection != nil && m.Protection.TargetSite == req.To && m.State == rebound.MachineSyncing:
+		return s.resumeProtect(ctx, m)
 	case m.State != rebound.MachineUnprotected:
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; only an unprotected machine can be protected", m.Name, m.State)
 	case req.To == m.ActiveSite:
@@ -205,21 +221,44 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 		}
 		s.event(m.Name, req.To, "protection.started", fmt.Sprintf("protecting %s from %s to %s", m.Name, m.ActiveSite, req.To))
 		r.Step("initial copy")
-		err := s.waitFirstPoint(ctx, r, m.Name, src, dst)
-		if err != nil {
-			return err
-		}
-		if err := s.updateMachine(ctx, m.Name, func(m *rebound.Machine) {
-			m.State = rebound.MachineProtected
-			if m.Protection != nil {
-				m.Protection.SyncProgress = 1
-			}
-		}); err != nil {
-			return err
-		}
-		s.event(m.Name, req.To, "protection.protected", "initial replication complete; recovery points are available")
-		return nil
+		return s.finishProtect(ctx, r, m.Name, req.To, src, dst)
 	})
+}
+
+// resumeProtect follows an initial copy whose protect job ended early (a
+// server restart, a cancel): the sites went on replicating, so running the
+// command again waits for the first point.
+func (s *Server) resumeProtect(ctx context.Context, m *rebound.Machine) (*rebound.Job, error) {
+	p := m.Protection
+	src, err := s.site(p.SourceSite)
+	if err != nil {
+		return nil, err
+	}
+	dst, err := s.site(p.TargetSite)
+	if err != nil {
+		return nil, err
+	}
+	return s.startJob(ctx, "protect", m.Name, []string{"initial copy"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("initial copy")
+		return s.finishProtect(ctx, r, m.Name, p.TargetSite, src, dst)
+	})
+}
+
+// finishProtect waits for the first point and marks the machine protected.
+func (s *Server) finishProtect(ctx context.Context, r *jobRun, name, to string, src, dst rebound.SiteService) error {
+	if err := s.waitFirstPoint(ctx, r, name, src, dst); err != nil {
+		return err
+	}
+	if err := s.updateMachine(ctx, name, func(m *rebound.Machine) {
+		m.State = rebound.MachineProtected
+		if m.Protection != nil {
+			m.Protection.SyncProgress = 1
+		}
+	}); err != nil {
+		return err
+	}
+	s.event(name, to, "protection.protected", "initial replication complete; recovery points are available")
+	return nil
 }
 
 // waitFirstPoint follows the initial copy until the target has a point.
@@ -282,6 +321,27 @@ func (s *Server) protection(ctx context.Context, name string) (*rebound.Machine,
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is not protected", name)
 	}
 	return m, nil
+}
+
+// idleProtection is protection for a verb that starts a job: it also
+// refuses while another job runs on the machine.
+func (s *Server) idleProtection(ctx context.Context, name string) (*rebound.Machine, error) {
+	m, err := s.protection(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.checkIdle(name); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// checkSelector resolves a point selector at the recovery site before a job
+// starts, so a bad or unknown selector is refused at once with the reason
+// (and the retained window).
+func checkSelector(ctx context.Context, dst rebound.SiteService, name, sel string) error {
+	_, err := dst.ResolvePoint(ctx, name, sel)
+	return err
 }
 
 // ListPoints returns the recovery points the target site holds.
@@ -364,7 +424,7 @@ func waitReplicated(ctx context.Context, dst rebound.SiteService, name string, s
 
 // Failover fails a protected machine over to its target site.
 func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
-	m, err := s.protection(ctx, req.Machine)
+	m, err := s.idleProtection(ctx, req.Machine)
 	if err != nil {
 		return nil, err
 	}
@@ -387,6 +447,9 @@ func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*re
 	from, to := m.Protection.SourceSite, m.Protection.TargetSite
 	dst, err := s.site(to)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkSelector(ctx, dst, m.Name, req.Point); err != nil {
 		return nil, err
 	}
 	var src rebound.SiteService
@@ -493,7 +556,7 @@ func (s *Server) drainAndResolve(ctx context.Context, r *jobRun, name string, re
 // ChangePoint moves an uncommitted failover to another point. Writes made
 // to the failed-over disks since the failover are discarded.
 func (s *Server) ChangePoint(ctx context.Context, name, point string) (*rebound.Job, error) {
-	m, err := s.protection(ctx, name)
+	m, err := s.idleProtection(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -505,6 +568,9 @@ func (s *Server) ChangePoint(ctx context.Context, name, point string) (*rebound.
 	}
 	dst, err := s.site(m.Failover.ToSite)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkSelector(ctx, dst, name, point); err != nil {
 		return nil, err
 	}
 	return s.startJob(ctx, "change-point", name, []string{"resolve", "activate"}, func(ctx context.Context, r *jobRun) error {
@@ -530,7 +596,7 @@ func (s *Server) ChangePoint(ctx context.Context, name, point string) (*rebound.
 // CancelFailover drops an uncommitted failover and resumes the machine at
 // its source, which lost nothing it wrote.
 func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job, error) {
-	m, err := s.protection(ctx, name)
+	m, err := s.idleProtection(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -570,6 +636,9 @@ func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job,
 func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) {
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.checkIdle(name); err != nil {
 		return nil, err
 	}
 	if m.State == rebound.MachineUnprotected && m.Protection == nil {
@@ -624,7 +693,7 @@ func (s *Server) markPendingRelease(ctx context.Context, machine, site string) {
 
 // TestFailover exports a scratch copy of a point while replication goes on.
 func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound.Job, error) {
-	m, err := s.protection(ctx, name)
+	m, err := s.idleProtection(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -636,6 +705,9 @@ func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound
 	}
 	dst, err := s.site(m.Protection.TargetSite)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkSelector(ctx, dst, name, point); err != nil {
 		return nil, err
 	}
 	return s.startJob(ctx, "test-failover", name, []string{"resolve", "activate"}, func(ctx context.Context, r *jobRun) error {
@@ -661,6 +733,9 @@ func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound
 func (s *Server) TestFailoverCleanup(ctx context.Context, name string) (*rebound.Job, error) {
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.checkIdle(name); err != nil {
 		return nil, err
 	}
 	if m.TestFailover == nil {
