@@ -50,11 +50,12 @@ func (s *Server) SiteConnected(name string) {
 	ctx := context.Background()
 	s.event("", name, "site.connected", "site "+name+" connected")
 	s.metrics.siteUp.WithLabelValues(name).Set(1)
-	keys, err := s.pendingReleases(ctx, name)
+	site, err := s.site(name)
 	if err != nil {
 		return
 	}
-	site, err := s.site(name)
+	s.fenceReturnedSource(ctx, name, site)
+	keys, err := s.pendingReleases(ctx, name)
 	if err != nil {
 		return
 	}
@@ -65,6 +66,28 @@ func (s *Server) SiteConnected(name string) {
 		}
 		_ = s.DB.PutSetting(ctx, "pending-release/"+name+"/"+machine, "")
 		s.event(machine, name, "source.released", "old source released after reconnecting")
+	}
+}
+
+// fenceReturnedSource fences the machines that failed over away from a
+// site while it was unreachable (I9): the machine runs at the recovery site
+// now, and the returning source must not serve its old disks until a
+// cancel unfences them.
+func (s *Server) fenceReturnedSource(ctx context.Context, name string, site rebound.SiteService) {
+	ms, err := s.DB.ListMachines(ctx)
+	if err != nil {
+		s.Logger.Warn("list machines after reconnect", "site", name, "err", err)
+		return
+	}
+	for _, m := range ms {
+		if m.State != rebound.MachineFailedOver || m.Failover == nil || m.Failover.FromSite != name {
+			continue
+		}
+		if _, err := site.Fence(ctx, m.Name); err != nil {
+			s.Logger.Warn("fence returned source", "site", name, "machine", m.Name, "err", err)
+			continue
+		}
+		s.event(m.Name, name, "source.fenced", "old source fenced after reconnecting: the machine is failed over to "+m.Failover.ToSite)
 	}
 }
 
