@@ -94,13 +94,13 @@ type machine struct {
 
 // machineState is what survives a restart (state.json).
 type machineState struct {
-	Name   string                  `json:"name"`
-	Disks  []rebound.Disk          `json:"disks"`
-	Role   string                  `json:"role"`
-	Fenced bool                    `json:"fenced,omitempty"`
+	Name   string                   `json:"name"`
+	Disks  []rebound.Disk           `json:"disks"`
+	Role   string                   `json:"role"`
+	Fenced bool                     `json:"fenced,omitempty"`
 	Spec   *rebound.ReplicationSpec `json:"spec,omitempty"`
-	Act    *rebound.ActivateSpec   `json:"act,omitempty"`
-	Test   *rebound.ActivateSpec   `json:"test,omitempty"`
+	Act    *rebound.ActivateSpec    `json:"act,omitempty"`
+	Test   *rebound.ActivateSpec    `json:"test,omitempty"`
 }
 
 type activation struct {
