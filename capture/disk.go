@@ -29,10 +29,9 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	// The record owns a copy: the caller reuses p once we return.
-	data := make([]byte, len(p))
-	copy(data, p)
-	rec := &rebound.Record{Kind: rebound.RecordWrite, Disk: d.idx, Offset: off, Length: int64(len(p)), Data: data}
+	// p is only borrowed: the spool writes it and the cache copies it
+	// before change returns.
+	rec := &rebound.Record{Kind: rebound.RecordWrite, Disk: d.idx, Offset: off, Length: int64(len(p)), Data: p}
 	var n int
 	err := d.s.change(d, rec, func() (err error) {
 		n, err = d.fd.f.WriteAt(p, off)

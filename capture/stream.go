@@ -113,9 +113,7 @@ type Stream struct {
 	unacked    []pending // records > acked, in order
 	spoolBytes int64     // wal bytes of unacked records
 	backlog    int64     // payload bytes of unacked records
-	cache      []*rebound.Record
-	cacheBytes int64
-	cacheLimit int64
+	cache      *ring
 	overflow   bool
 	resyncing  bool // resync goroutine running
 	initial    bool // the resync is the initial copy
@@ -175,7 +173,7 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 		dir:        dir,
 		opts:       opts,
 		logger:     opts.Logger.With("stream", dir),
-		cacheLimit: min(opts.SpoolLimit, maxCacheBytes),
+		cache:      newRing(min(opts.SpoolLimit, maxCacheBytes)),
 		done:       make(chan struct{}),
 		syncKick:   make(chan struct{}, 1),
 	}
@@ -355,13 +353,7 @@ func (s *Stream) appendLocked(rec *rebound.Record) error {
 		default:
 		}
 	}
-	s.cache = append(s.cache, rec)
-	s.cacheBytes += n + recOverhead
-	for s.cacheBytes > s.cacheLimit && len(s.cache) > 1 {
-		s.cacheBytes -= int64(len(s.cache[0].Data)) + recOverhead
-		s.cache[0] = nil
-		s.cache = s.cache[1:]
-	}
+	s.cache.add(rec)
 	if s.readCh != nil {
 		close(s.readCh)
 		s.readCh = nil
@@ -455,28 +447,13 @@ func (s *Stream) Read(ctx context.Context, from uint64, maxBytes int) ([]*reboun
 		}
 		s.mu.Lock()
 	}
-	if len(s.cache) > 0 && from >= s.cache[0].Seq {
-		i := int(from - s.cache[0].Seq)
-		recs := batch(s.cache[i:], maxBytes)
+	if first := s.cache.first(); first != 0 && from >= first {
+		recs := s.cache.batch(from, maxBytes)
 		s.mu.Unlock()
 		return recs, nil
 	}
 	s.mu.Unlock()
 	return s.readSpool(from, maxBytes)
-}
-
-// batch returns a prefix of recs with about maxBytes of payload, at least
-// one record. The slice is a copy.
-func batch(recs []*rebound.Record, maxBytes int) []*rebound.Record {
-	n, size := 0, 0
-	for n < len(recs) {
-		size += len(recs[n].Data)
-		if n > 0 && size > maxBytes {
-			break
-		}
-		n++
-	}
-	return append([]*rebound.Record(nil), recs[:n]...)
 }
 
 // readSpool serves a Read the cache cannot.
