@@ -198,6 +198,9 @@ func (s *Server) startJob(ctx context.Context, typ, machine string, steps []stri
 	s.cancels[job.ID] = cancel
 	s.mu.Unlock()
 
+	// The job goroutine owns r.job.Steps; the caller gets its own copy.
+	out := job
+	out.Steps = append([]rebound.JobStep(nil), job.Steps...)
 	r := &jobRun{s: s, job: job}
 	s.event(machine, "", "job."+typ, fmt.Sprintf("job %s (%s) started", job.ID, typ))
 	s.wg.Add(1)
@@ -211,7 +214,6 @@ func (s *Server) startJob(ctx context.Context, typ, machine string, steps []stri
 		delete(s.cancels, job.ID)
 		s.mu.Unlock()
 	}()
-	out := job
 	return &out, nil
 }
 
