@@ -492,11 +492,21 @@ func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*re
 		r.SetResult(point)
 		r.Message("machine active at %s on point %s (%s)", to, point.ID, point.Time.Format(time.RFC3339Nano))
 		s.event(m.Name, to, "failover", fmt.Sprintf("failed over to %s at point %s", to, point.ID))
-		return s.updateMachine(ctx, m.Name, func(m *rebound.Machine) {
+		if err := s.updateMachine(ctx, m.Name, func(m *rebound.Machine) {
 			m.State, m.ActiveSite = rebound.MachineFailedOver, to
 			m.Failover = &rebound.FailoverInfo{FromSite: from, ToSite: to, Point: point, Planned: req.Planned}
 			setDisks(m, disks)
-		})
+		}); err != nil {
+			return err
+		}
+		// A source that was down and came back while this job ran was seen
+		// by SiteConnected before the machine was failed over: fence it now.
+		if site, err := s.site(from); err == nil && src == nil {
+			if _, err := site.Fence(ctx, m.Name); err != nil {
+				s.Logger.Warn("fence returned source", "site", from, "machine", m.Name, "err", err)
+			}
+		}
+		return nil
 	})
 }
 
