@@ -358,11 +358,21 @@ func TestFailoverSourceDown(t *testing.T) {
 
 	for round, sel := range []string{rebound.PointLatestProcessed, rebound.PointLatest} {
 		pcfg := stopSite(t, up, "primary")
+		m := waitMachine(t, svc, "vm1", 15*time.Second, "critical health with the source down", func(m *rebound.Machine) bool {
+			return m.Health == rebound.HealthCritical
+		})
+		if !strings.Contains(m.HealthReason, "primary is offline") {
+			t.Fatalf("critical reason %q does not say the source is offline", m.HealthReason)
+		}
+		start := time.Now()
 		_, err := svc.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
 		wantErr(t, "planned failover with the source down", err, rebound.EUNAVAILABLE, `"primary"`)
+		if d := time.Since(start); d > 3*time.Second {
+			t.Fatalf("planned failover took %s to be refused", d)
+		}
 
 		waitJob(t, svc)(svc.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Point: sel}))
-		m := getMachine(t, svc, "vm1")
+		m = getMachine(t, svc, "vm1")
 		if m.State != rebound.MachineFailedOver || m.ActiveSite != "recovery" || m.Failover == nil {
 			t.Fatalf("round %d: after failover to %s: state %s at %s", round, sel, m.State, m.ActiveSite)
 		}
