@@ -438,6 +438,9 @@ func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*re
 	case rebound.MachineFailedOver:
 		return s.doneJob(ctx, "failover", m.Name, fmt.Sprintf("machine %s is already failed over to %s at point %s", m.Name, m.Failover.ToSite, m.Failover.Point.ID))
 	case rebound.MachineProtected:
+	case rebound.MachineFailingOver:
+		// No job runs (idleProtection): a server restart interrupted the
+		// failover. Fence and activate are idempotent, so it runs again.
 	default:
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; only a protected machine can fail over", m.Name, m.State)
 	}
@@ -613,14 +616,22 @@ func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job,
 	if m.State == rebound.MachineProtected && m.Failover == nil {
 		return s.doneJob(ctx, "failover-cancel", name, fmt.Sprintf("machine %s has no failover to cancel; it is protected at %s", name, m.ActiveSite))
 	}
-	if m.State != rebound.MachineFailedOver || m.Failover == nil {
+	// A machine left failing-over (checkIdle: no job runs) had its failover
+	// job interrupted by a server restart: the source may be fenced and the
+	// target activated; cancel undoes both like the failed job would have.
+	from, to := m.Protection.SourceSite, m.Protection.TargetSite
+	switch {
+	case m.State == rebound.MachineFailedOver && m.Failover != nil:
+		from, to = m.Failover.FromSite, m.Failover.ToSite
+	case m.State == rebound.MachineFailingOver:
+	default:
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; cancel needs an uncommitted failover", name, m.State)
 	}
-	src, err := s.site(m.Failover.FromSite)
+	src, err := s.site(from)
 	if err != nil {
-		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "cancel needs the source site %q to resume the machine, and it is not connected: %s", m.Failover.FromSite, rebound.ErrorMessage(err))
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "cancel needs the source site %q to resume the machine, and it is not connected: %s", from, rebound.ErrorMessage(err))
 	}
-	dst, err := s.site(m.Failover.ToSite)
+	dst, err := s.site(to)
 	if err != nil {
 		return nil, err
 	}
@@ -633,7 +644,6 @@ func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job,
 		if err := src.Unfence(ctx, name); err != nil {
 			return err
 		}
-		from := m.Failover.FromSite
 		s.event(name, from, "failover.cancelled", "failover cancelled; machine active at "+from+" again")
 		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
 			m.State, m.ActiveSite, m.Failover = rebound.MachineProtected, from, nil
