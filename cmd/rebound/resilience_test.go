@@ -14,6 +14,7 @@ import (
 	"github.com/rebound-dr/rebound"
 	rhttp "github.com/rebound-dr/rebound/http"
 	"github.com/rebound-dr/rebound/nbd"
+	"github.com/rebound-dr/rebound/sqlite"
 	"github.com/rebound-dr/rebound/workload"
 )
 
@@ -171,6 +172,7 @@ func lastPoint(t *testing.T, svc rebound.Service, name string) rebound.RecoveryP
 // spool bound is passed; when the site returns the dirty regions resync,
 // health returns to normal, points appear again and hold the right bytes.
 func TestSpoolOverflowAndResync(t *testing.T) {
+	ctx := context.Background()
 	const spool = 2 << 20
 	up, svc := fixedUp(t, func(c *UpConfig) { c.SpoolLimit = spool })
 	const size = 16 << 20
@@ -207,6 +209,8 @@ func TestSpoolOverflowAndResync(t *testing.T) {
 	if got := diskSum(t, src); got != o.model.Sum() {
 		t.Fatalf("source disk during overflow: hash %s, want %s", got, o.model.Sum())
 	}
+	_, err := svc.CreatePoint(ctx, "vm1", false)
+	wantErr(t, "a point with the recovery site down", err, rebound.EUNAVAILABLE, `"recovery"`)
 
 	startSite(t, up, rcfg)
 	waitMachine(t, svc, "vm1", 30*time.Second, "streaming, normal", func(m *rebound.Machine) bool {
@@ -540,14 +544,7 @@ func TestServerRestartFailsRunningJobs(t *testing.T) {
 		return err == nil && j.Step == "initial copy" && j.State == rebound.JobRunning
 	})
 
-	cfg := up.Server.Config
-	if err := up.Server.Close(); err != nil {
-		t.Fatalf("close server: %v", err)
-	}
-	up.Server = &ServerMain{Config: cfg, Logger: up.Logger}
-	if err := up.Server.Run(ctx); err != nil {
-		t.Fatalf("restart server: %v", err)
-	}
+	restartServer(t, up, nil)
 	j, err := svc.GetJob(ctx, job.ID)
 	if err != nil {
 		t.Fatal(err)
@@ -571,11 +568,6 @@ func TestServerRestartFailsRunningJobs(t *testing.T) {
 	}
 
 	// Running the command again finishes the protection.
-	waitUntil(t, 20*time.Second, "sites reconnect", func() bool {
-		_, a := up.Server.Control.Site("primary")
-		_, b := up.Server.Control.Site("recovery")
-		return a && b
-	})
 	waitJob(t, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery", Policy: "late"}))
 	if m := getMachine(t, svc, "vm1"); m.State != rebound.MachineProtected {
 		t.Fatalf("after protecting again: %s", m.State)
@@ -648,5 +640,122 @@ func TestTestFailoverIsolation(t *testing.T) {
 		if got, sum := testFailoverSum(t, svc, "vm1", p.ID); got.ID != p.ID || sum != o.points[p.ID] {
 			t.Fatalf("test failover to %s after cleanup: hash %s, want %s", p.ID, sum, o.points[p.ID])
 		}
+	}
+}
+
+// restartServer closes the server of up, lets edit change its store while
+// it is down (nil: no change), and starts it again on the same addresses.
+func restartServer(t *testing.T, up *UpMain, edit func(db *sqlite.DB)) {
+	t.Helper()
+	ctx := context.Background()
+	cfg := up.Server.Config
+	if err := up.Server.Close(); err != nil {
+		t.Fatalf("close server: %v", err)
+	}
+	if edit != nil {
+		db, err := sqlite.Open(filepath.Join(cfg.DataDir, "rebound.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		edit(db)
+		if err := db.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	up.Server = &ServerMain{Config: cfg, Logger: up.Logger}
+	if err := up.Server.Run(ctx); err != nil {
+		t.Fatalf("restart server: %v", err)
+	}
+	waitUntil(t, 20*time.Second, "sites reconnect", func() bool {
+		_, a := up.Server.Control.Site("primary")
+		_, b := up.Server.Control.Site("recovery")
+		return a && b
+	})
+}
+
+// TestServerKilledDuringFailover: the store a server killed in the middle
+// of a failover leaves behind (machine failing-over, job running, source
+// fenced, maybe the target activated) is not a dead end: after the restart
+// the job is failed as interrupted, cancel resumes the source with nothing
+// lost, and running the failover again completes it.
+func TestServerKilledDuringFailover(t *testing.T) {
+	ctx := context.Background()
+	up, svc := fixedUp(t, nil)
+	const size = 8 << 20
+	o := newOracle(t, size, 71)
+	src := createProtected(t, svc, "vm1", size, o)
+	o.write(src, 30)
+	p := o.point(svc, "vm1", false)
+	o.write(src, 20)
+	full := o.model.Sum()
+	waitReplicatedAll(t, up, "vm1")
+
+	// killMidFailover leaves what a failover job does up to its drain (and,
+	// with activate, its activation) and a store as a kill leaves it.
+	killMidFailover := func(activate bool) string {
+		t.Helper()
+		if _, err := up.Sites["primary"].Site.Fence(ctx, "vm1"); err != nil {
+			t.Fatal(err)
+		}
+		if activate {
+			if _, err := up.Sites["recovery"].Site.Activate(ctx, rebound.ActivateSpec{Machine: "vm1", PointID: p.ID, Seq: p.Seq}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var id string
+		restartServer(t, up, func(db *sqlite.DB) {
+			m, err := db.GetMachine(ctx, "vm1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			m.State = rebound.MachineFailingOver
+			if err := db.UpdateMachine(ctx, m); err != nil {
+				t.Fatal(err)
+			}
+			now := time.Now().UTC()
+			j := rebound.Job{Type: "failover", Machine: "vm1", State: rebound.JobRunning, Step: "drain", CreatedAt: now, UpdatedAt: now,
+				Steps: []rebound.JobStep{{Name: "preflight", State: rebound.JobSucceeded}, {Name: "drain", State: rebound.JobRunning}, {Name: "activate", State: rebound.JobQueued}}}
+			if err := db.CreateJob(ctx, &j); err != nil {
+				t.Fatal(err)
+			}
+			id = j.ID
+		})
+		j, err := svc.GetJob(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if j.State != rebound.JobFailed || !strings.Contains(j.Error, "interrupted") {
+			t.Fatalf("failover job after restart: %s %q", j.State, j.Error)
+		}
+		return id
+	}
+
+	// Cancel: the source serves again with every write.
+	killMidFailover(false)
+	if _, err := nbd.Dial(ctx, src); err == nil {
+		t.Fatal("source export served while fenced")
+	}
+	waitJob(t, svc)(svc.CancelFailover(ctx, "vm1"))
+	m := getMachine(t, svc, "vm1")
+	if m.State != rebound.MachineProtected || m.ActiveSite != "primary" || m.Failover != nil {
+		t.Fatalf("after cancelling the interrupted failover: %s at %s", m.State, m.ActiveSite)
+	}
+	if got := diskSum(t, src); got != full {
+		t.Fatalf("source after cancel: hash %s, want %s", got, full)
+	}
+
+	// Failover again: it completes on the point.
+	killMidFailover(true)
+	waitJob(t, svc)(svc.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Point: p.ID}))
+	m = getMachine(t, svc, "vm1")
+	if m.State != rebound.MachineFailedOver || m.ActiveSite != "recovery" || m.Failover == nil || m.Failover.Point.ID != p.ID {
+		t.Fatalf("after running the failover again: %s at %s (%+v)", m.State, m.ActiveSite, m.Failover)
+	}
+	if got := diskSum(t, m.Disks[0].NBD); got != o.points[p.ID] {
+		t.Fatalf("failover disk: hash %s, want %s", got, o.points[p.ID])
+	}
+	waitJob(t, svc)(svc.CancelFailover(ctx, "vm1"))
+	if got := diskSum(t, src); got != full {
+		t.Fatalf("source after the second cancel: hash %s, want %s", got, full)
 	}
 }
