@@ -476,6 +476,25 @@ func TestInvalidAPICalls(t *testing.T) {
 		t.Fatalf("refused create left machine vm2: %v", err)
 	}
 
+	_, err = svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm0", To: "primary"})
+	wantErr(t, "protect to its own site", err, rebound.EINVALID, "primary")
+	_, err = svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm0", To: "nowhere"})
+	wantErr(t, "protect to an unknown site", err, rebound.EUNAVAILABLE, "nowhere")
+	_, err = svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm0", To: "recovery", Policy: "nope"})
+	wantErr(t, "protect with an unknown policy", err, rebound.ENOTFOUND, "nope")
+	_, err = svc.ChangePoint(ctx, "vm1", p.ID)
+	wantErr(t, "change-point without a failover", err, rebound.ECONFLICT, "vm1")
+	_, err = svc.Commit(ctx, "vm1")
+	wantErr(t, "commit without a failover", err, rebound.ECONFLICT, "vm1")
+	err = svc.DeleteMachine(ctx, "vm1")
+	wantErr(t, "delete a protected machine", err, rebound.ECONFLICT, "vm1")
+	_, err = svc.GetJob(ctx, "j-nope")
+	wantErr(t, "an unknown job", err, rebound.ENOTFOUND)
+	_, err = svc.PutPolicy(ctx, rebound.Policy{Name: "fast", CrashInterval: rebound.Duration(10 * time.Millisecond)})
+	wantErr(t, "a policy cutting points every 10ms", err, rebound.EINVALID, "crashInterval")
+	_, err = svc.CreateEnrollToken(ctx, "Bad Site")
+	wantErr(t, "a token for a bad site name", err, rebound.EINVALID, "Bad Site")
+
 	bad, err := rhttp.NewClient(up.Server.APIURL, "not-a-token", up.Server.CA.CertPEM())
 	if err != nil {
 		t.Fatal(err)
