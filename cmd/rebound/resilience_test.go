@@ -601,7 +601,7 @@ func TestServerRestartFailsRunningJobs(t *testing.T) {
 // writes nor leaks its own writes to the source or the journal.
 func TestTestFailoverIsolation(t *testing.T) {
 	ctx := context.Background()
-	_, svc := fixedUp(t, nil)
+	up, svc := fixedUp(t, nil)
 	const size = 8 << 20
 	o := newOracle(t, size, 61)
 	src := createProtected(t, svc, "vm1", size, o)
@@ -648,6 +648,13 @@ func TestTestFailoverIsolation(t *testing.T) {
 	if m := getMachine(t, svc, "vm1"); m.State != rebound.MachineProtected || m.ActiveSite != "primary" {
 		t.Fatalf("machine during the test failover: %s at %s", m.State, m.ActiveSite)
 	}
+	// A restart of the recovery site keeps the test disk and its writes.
+	startSite(t, up, stopSite(t, up, "recovery"))
+	if got := diskSum(t, test); got != scratch.model.Sum() {
+		t.Fatalf("test disk after a recovery site restart: hash %s, want %s", got, scratch.model.Sum())
+	}
+	o.write(src, 10)
+	p3 = o.point(svc, "vm1", false)
 	waitJob(t, svc)(svc.TestFailoverCleanup(ctx, "vm1"))
 	if _, err := nbd.Dial(ctx, test); err == nil {
 		t.Fatalf("test export %s still served after cleanup", test)
