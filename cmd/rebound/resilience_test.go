@@ -390,6 +390,16 @@ func TestFailoverSourceDown(t *testing.T) {
 		if got := diskSum(t, m.Disks[0].NBD); got != want {
 			t.Fatalf("failover to %s with the source down: hash %s, want %s", sel, got, want)
 		}
+		if sel == rebound.PointLatest {
+			// Writes at recovery survive a restart of the recovery site.
+			scratch := newOracle(t, size, 32)
+			scratch.model = &workload.Model{Data: append([]byte(nil), o.model.Data...)}
+			scratch.write(m.Disks[0].NBD, 30)
+			startSite(t, up, stopSite(t, up, "recovery"))
+			if got := diskSum(t, m.Disks[0].NBD); got != scratch.model.Sum() {
+				t.Fatalf("failed-over disk after a recovery site restart: hash %s, want %s", got, scratch.model.Sum())
+			}
+		}
 
 		_, err = svc.CancelFailover(ctx, "vm1")
 		wantErr(t, "cancel with the source down", err, rebound.EUNAVAILABLE, `"primary"`)
