@@ -431,6 +431,37 @@ func TestFailoverSourceDown(t *testing.T) {
 	if got, sum := testFailoverSum(t, svc, "vm1", q.ID); got.ID != q.ID || sum != o.points[q.ID] {
 		t.Fatalf("point %s after the cancels: hash %s, want %s", q.ID, sum, o.points[q.ID])
 	}
+
+	// Commit with the source down: the source is released when it returns.
+	pcfg := stopSite(t, up, "primary")
+	waitJob(t, svc)(svc.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Point: q.ID}))
+	j := waitJob(t, svc)(svc.Commit(ctx, "vm1"))
+	if msg := j.Steps[len(j.Steps)-1].Message; !strings.Contains(msg, "released when it reconnects") {
+		t.Fatalf("commit with the source down: last step message %q", msg)
+	}
+	m := getMachine(t, svc, "vm1")
+	if m.State != rebound.MachineUnprotected || m.ActiveSite != "recovery" || m.Protection != nil {
+		t.Fatalf("after commit: %s at %s", m.State, m.ActiveSite)
+	}
+	startSite(t, up, pcfg)
+	waitUntil(t, 10*time.Second, "the returning primary is released", func() bool {
+		st, err := up.Sites["primary"].Site.Status(ctx)
+		if err != nil {
+			return false
+		}
+		for _, ms := range st.Machines {
+			if ms.Name == "vm1" {
+				return ms.Role == "released"
+			}
+		}
+		return false
+	})
+	if _, err := nbd.Dial(ctx, src); err == nil {
+		t.Fatalf("released source export %s still served", src)
+	}
+	if got := diskSum(t, m.Disks[0].NBD); got != o.points[q.ID] {
+		t.Fatalf("committed disk: hash %s, want %s", got, o.points[q.ID])
+	}
 }
 
 // TestInvalidAPICalls sends bad requests through the REST client: each gets
