@@ -105,8 +105,15 @@ type Stream struct {
 
 	// mu orders the stream: a change is appended to the spool and applied
 	// to its disk file under mu, so stream order is disk order.
-	mu         sync.Mutex
-	closed     bool
+	mu     sync.Mutex
+	closed bool
+
+	// qmu guards the queue of changes waiting for the leader (see change).
+	qmu     sync.Mutex
+	queue   []*change
+	spare   []*change
+	leading bool
+
 	head       uint64
 	acked      uint64
 	lastTime   int64
@@ -170,12 +177,12 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 		return nil, fmt.Errorf("capture: %w", err)
 	}
 	s := &Stream{
-		dir:        dir,
-		opts:       opts,
-		logger:     opts.Logger.With("stream", dir),
-		cache:      newRing(min(opts.SpoolLimit, maxCacheBytes)),
-		done:       make(chan struct{}),
-		syncKick:   make(chan struct{}, 1),
+		dir:      dir,
+		opts:     opts,
+		logger:   opts.Logger.With("stream", dir),
+		cache:    newRing(min(opts.SpoolLimit, maxCacheBytes)),
+		done:     make(chan struct{}),
+		syncKick: make(chan struct{}, 1),
 	}
 	m, err := s.readMeta()
 	if err != nil {
@@ -336,24 +343,35 @@ func (s *Stream) nowLocked() int64 {
 // appendLocked gives rec the next seq and time and appends it to the spool
 // and the cache. Called with s.mu held.
 func (s *Stream) appendLocked(rec *rebound.Record) error {
-	rec.Seq = s.head + 1
-	rec.Time = s.nowLocked()
-	if _, err := s.spool.Append(rec); err != nil {
+	return s.appendBatchLocked([]*rebound.Record{rec})
+}
+
+// appendBatchLocked appends recs with one write to the spool; on error
+// none of them is appended. Called with s.mu held.
+func (s *Stream) appendBatchLocked(recs []*rebound.Record) error {
+	for i, rec := range recs {
+		rec.Seq = s.head + 1 + uint64(i)
+		rec.Time = s.nowLocked()
+	}
+	if _, err := s.spool.Append(recs...); err != nil {
 		return err
 	}
-	s.head = rec.Seq
-	n := int64(len(rec.Data))
-	s.unacked = append(s.unacked, pending{seq: rec.Seq, bytes: n, time: rec.Time})
-	s.spoolBytes += n + recOverhead
-	s.backlog += n
-	if s.unsynced += n + recOverhead; s.unsynced >= s.opts.SegmentSize/4 {
+	for _, rec := range recs {
+		s.head = rec.Seq
+		n := int64(len(rec.Data))
+		s.unacked = append(s.unacked, pending{seq: rec.Seq, bytes: n, time: rec.Time})
+		s.spoolBytes += n + recOverhead
+		s.backlog += n
+		s.unsynced += n + recOverhead
+		s.cache.add(rec)
+	}
+	if s.unsynced >= s.opts.SegmentSize/4 {
 		s.unsynced = 0
 		select {
 		case s.syncKick <- struct{}{}:
 		default:
 		}
 	}
-	s.cache.add(rec)
 	if s.readCh != nil {
 		close(s.readCh)
 		s.readCh = nil
@@ -367,37 +385,102 @@ func (s *Stream) fitsLocked(n int64) bool {
 	return s.spoolBytes == 0 || s.spoolBytes+n <= s.opts.SpoolLimit
 }
 
-// change records one change of disk d and applies it with op, under the
-// stream mutex. rec is nil-Seq'd; it is appended unless the stream is in
-// overflow, in which case the regions are marked dirty instead.
-func (s *Stream) change(d *Disk, rec *rebound.Record, op func() error) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return ErrClosed
+// change is one change of a disk waiting to be recorded and applied.
+type change struct {
+	d      *Disk
+	rec    *rebound.Record
+	apply  func() error
+	logged bool
+	err    error
+	done   chan struct{}
+}
+
+// change records one change of disk d and applies it with apply. Changes
+// arriving together are combined: one goroutine appends all their records
+// to the spool with a single write, then applies them to the disks in the
+// same order, all under the stream mutex, so stream order stays disk order
+// while concurrent writers share the spool's syscall.
+func (s *Stream) change(d *Disk, rec *rebound.Record, apply func() error) error {
+	c := &change{d: d, rec: rec, apply: apply}
+	s.qmu.Lock()
+	s.queue = append(s.queue, c)
+	if s.leading {
+		c.done = make(chan struct{})
+		s.qmu.Unlock()
+		<-c.done
+		return c.err
 	}
-	logged := false
+	s.leading = true
+	for {
+		batch := s.queue
+		s.queue = s.spare[:0]
+		s.qmu.Unlock()
+
+		s.mu.Lock()
+		s.commitLocked(batch)
+		s.mu.Unlock()
+		for i, x := range batch {
+			if x.done != nil {
+				close(x.done)
+			}
+			batch[i] = nil
+		}
+
+		s.qmu.Lock()
+		s.spare = batch[:0]
+		if len(s.queue) == 0 {
+			s.leading = false
+			s.qmu.Unlock()
+			return c.err
+		}
+	}
+}
+
+// commitLocked appends the records of a batch of changes to the spool, or
+// marks their regions dirty in overflow, then applies them in order.
+func (s *Stream) commitLocked(batch []*change) {
+	if s.closed {
+		for _, c := range batch {
+			c.err = ErrClosed
+		}
+		return
+	}
+	var recs []*rebound.Record
+	var logged []*change
 	if !s.overflow {
-		if !s.fitsLocked(int64(len(rec.Data)) + recOverhead) {
-			s.overflow = true
-			s.logger.Warn("spool full: tracking dirty regions until the peer catches up", "limit", s.opts.SpoolLimit, "backlog", s.backlog)
-		} else if err := s.appendLocked(rec); err != nil {
-			// ENOSPC or an I/O error: keep the write as a dirty region.
+		var need int64
+		for _, c := range batch {
+			n := int64(len(c.rec.Data)) + recOverhead
+			if !s.fitsLocked(need + n) {
+				s.overflow = true
+				s.logger.Warn("spool full: tracking dirty regions until the peer catches up", "limit", s.opts.SpoolLimit, "backlog", s.backlog)
+				break
+			}
+			need += n
+			recs, logged = append(recs, c.rec), append(logged, c)
+		}
+	}
+	if len(recs) > 0 {
+		if err := s.appendBatchLocked(recs); err != nil {
+			// ENOSPC or an I/O error: keep the writes as dirty regions.
 			s.overflow = true
 			s.logger.Error("spool append failed: tracking dirty regions", "err", err)
 		} else {
-			logged = true
+			for _, c := range logged {
+				c.logged = true
+			}
 		}
 	}
-	if !logged {
-		s.markLocked(d, rec.Offset, rec.Length)
+	for _, c := range batch {
+		if !c.logged {
+			s.markLocked(c.d, c.rec.Offset, c.rec.Length)
+		}
+		if err := c.apply(); err != nil {
+			// The disk may or may not hold the change; resync whatever it has.
+			s.markLocked(c.d, c.rec.Offset, c.rec.Length)
+			c.err = err
+		}
 	}
-	if err := op(); err != nil {
-		// The disk may or may not hold the change; resync whatever it has.
-		s.markLocked(d, rec.Offset, rec.Length)
-		return err
-	}
-	return nil
 }
 
 // markLocked marks a range dirty, persisting the map before the disk write.
