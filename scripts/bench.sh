@@ -29,7 +29,7 @@ export XDG_CONFIG_HOME="$tmp/config"
 rb() { "$tmp/rebound" "$@"; }
 
 # 1. NBD through a protected machine's export.
-rb up --data "$tmp/data" --api-addr 127.0.0.1:18440 --grpc-addr 127.0.0.1:18441 \
+"$tmp/rebound" up --data "$tmp/data" --api-addr 127.0.0.1:18440 --grpc-addr 127.0.0.1:18441 \
 	--primary-nbd-addr 127.0.0.1:18809 --primary-repl-addr 127.0.0.1:18451 \
 	--recovery-nbd-addr 127.0.0.1:18810 --recovery-repl-addr 127.0.0.1:18452 >"$tmp/up.log" 2>&1 &
 pid=$!
