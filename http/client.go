@@ -26,7 +26,10 @@ type Client struct {
 	HTTPClient *http.Client
 }
 
-var _ rebound.Service = (*Client)(nil)
+var (
+	_ rebound.Service     = (*Client)(nil)
+	_ rebound.LoopService = (*Client)(nil)
+)
 
 // maxResponseBytes bounds what the client reads of an answer.
 const maxResponseBytes = 64 << 20
@@ -217,6 +220,27 @@ func (c *Client) TestFailover(ctx context.Context, machine, point string) (*rebo
 
 func (c *Client) TestFailoverCleanup(ctx context.Context, machine string) (*rebound.Job, error) {
 	return c.job(ctx, "/api/v1/machines/"+seg(machine)+"/test-failover/cleanup", nil)
+}
+
+func (c *Client) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/reprotect", reprotectBody{
+		To: req.To, Policy: req.Policy, Verify: req.Verify, WaitReady: req.WaitReady, Keep: req.Keep})
+}
+
+func (c *Client) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/failback", failbackBody{Point: req.Point, Planned: req.Planned})
+}
+
+func (c *Client) Preflight(ctx context.Context, machine, operation string) (*rebound.PreflightReport, error) {
+	path := "/api/v1/machines/" + seg(machine) + "/preflight"
+	if operation != "" {
+		path += "?operation=" + url.QueryEscape(operation)
+	}
+	var v rebound.PreflightReport
+	if err := c.do(ctx, "GET", path, nil, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
 }
 
 func (c *Client) job(ctx context.Context, path string, body any) (*rebound.Job, error) {

@@ -25,6 +25,7 @@ type fakeService struct {
 	jobs     []rebound.Job
 	events   []rebound.Event
 	token    string
+	report   *rebound.PreflightReport
 	panicky  bool
 }
 
@@ -127,4 +128,19 @@ func (f *fakeService) jobOrErr(call string, args ...any) (*rebound.Job, error) {
 		return nil, err
 	}
 	return f.job, nil
+}
+
+var _ rebound.LoopService = (*fakeService)(nil)
+
+func (f *fakeService) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*rebound.Job, error) {
+	return f.jobOrErr("Reprotect", req)
+}
+func (f *fakeService) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	return f.jobOrErr("Failback", req)
+}
+func (f *fakeService) Preflight(ctx context.Context, machine, operation string) (*rebound.PreflightReport, error) {
+	if err := f.rec("Preflight", machine, operation); err != nil {
+		return nil, err
+	}
+	return f.report, nil
 }

@@ -259,3 +259,76 @@ func nonNil[T any](v []T) []T {
 	}
 	return v
 }
+
+// Bodies of the loop verbs (rebound.LoopService).
+type (
+	reprotectBody struct {
+		To        string           `json:"to,omitempty"`
+		Policy    string           `json:"policy,omitempty"`
+		Verify    bool             `json:"verify,omitempty"`
+		WaitReady rebound.Duration `json:"waitReady,omitempty"`
+		Keep      string           `json:"keep,omitempty"`
+	}
+	failbackBody struct {
+		Point   string `json:"point,omitempty"`
+		Planned bool   `json:"planned,omitempty"`
+	}
+)
+
+// Preflight operations a client may ask for; "" lets the server choose.
+var preflightOps = map[string]bool{"": true, "failover": true, "failback": true, "reprotect": true}
+
+func (s *Server) loop(what string) (rebound.LoopService, error) {
+	if s.Loop == nil {
+		return nil, &errNotImplemented{what}
+	}
+	return s.Loop, nil
+}
+
+func (s *Server) reprotect(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.loop("reprotect")
+	if err != nil {
+		return err
+	}
+	var b reprotectBody
+	if err := decode(w, r, &b, true); err != nil {
+		return err
+	}
+	if b.WaitReady < 0 {
+		return rebound.Errorf(rebound.EINVALID, "waitReady must not be negative, not %s", b.WaitReady)
+	}
+	return s.job(w)(l.Reprotect(r.Context(), rebound.ReprotectRequest{Machine: r.PathValue("name"),
+		To: b.To, Policy: b.Policy, Verify: b.Verify, WaitReady: b.WaitReady, Keep: b.Keep}))
+}
+
+func (s *Server) failback(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.loop("failback")
+	if err != nil {
+		return err
+	}
+	var b failbackBody
+	if err := decode(w, r, &b, true); err != nil {
+		return err
+	}
+	return s.job(w)(l.Failback(r.Context(), rebound.FailoverRequest{Machine: r.PathValue("name"), Point: b.Point, Planned: b.Planned}))
+}
+
+func (s *Server) preflight(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.loop("preflight")
+	if err != nil {
+		return err
+	}
+	op := r.URL.Query().Get("operation")
+	if !preflightOps[op] {
+		return rebound.Errorf(rebound.EINVALID, "operation must be failover, failback or reprotect, not %q", op)
+	}
+	rep, err := l.Preflight(r.Context(), r.PathValue("name"), op)
+	if err != nil {
+		return err
+	}
+	if rep.Checks == nil {
+		rep.Checks = []rebound.PreflightCheck{}
+	}
+	writeJSON(w, http.StatusOK, rep)
+	return nil
+}

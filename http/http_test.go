@@ -60,6 +60,7 @@ func newEnv(t *testing.T) *env {
 	e := &env{fake: &fakeService{}, logs: &syncBuffer{}}
 	s := &Server{
 		Service: e.fake,
+		Loop:    e.fake,
 		Authenticate: func(ctx context.Context, tok string) error {
 			if tok != testToken {
 				return rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")

@@ -109,6 +109,8 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"TestFailover": rebound.TestFailover{}, "CreateMachineRequest": rebound.CreateMachineRequest{},
 		"ProtectRequest": protectBody{}, "CreatePointRequest": pointBody{}, "FailoverRequest": failoverBody{},
 		"ChangePointRequest": changePointBody{}, "TestFailoverRequest": testFailoverBody{},
+		"ReprotectRequest": reprotectBody{}, "FailbackRequest": failbackBody{},
+		"PreflightReport": rebound.PreflightReport{}, "PreflightCheck": rebound.PreflightCheck{},
 		"TokenResponse": tokenBody{}, "Error": errorResponse{}, "Health": healthBody{},
 	} {
 		s, ok := doc.Components.Schemas[name]

@@ -40,6 +40,20 @@ type Server struct {
 	Authenticate func(ctx context.Context, token string) error
 	Logger       *slog.Logger
 	Metrics      http.Handler // optional, served at /metrics without auth
+	// Loop serves reprotect, failback and preflight. When nil those routes
+	// answer 501 with code CodeNotImplemented.
+	Loop rebound.LoopService
+}
+
+// CodeNotImplemented is the error code of a 501 answer: the server has no
+// LoopService. It is not a rebound code; the CLI exits 1 on it.
+const CodeNotImplemented = "not_implemented"
+
+// errNotImplemented is answered 501 by writeError.
+type errNotImplemented struct{ what string }
+
+func (e *errNotImplemented) Error() string {
+	return e.what + " is not implemented by this server (it serves no reprotect, failback or preflight)"
 }
 
 // route is one API route. The table drives both the mux and the test that
@@ -75,6 +89,9 @@ func (s *Server) routes() []route {
 		{"POST", "/api/v1/machines/{name}/commit", false, s.commit},
 		{"POST", "/api/v1/machines/{name}/test-failover", false, s.testFailover},
 		{"POST", "/api/v1/machines/{name}/test-failover/cleanup", false, s.testFailoverCleanup},
+		{"POST", "/api/v1/machines/{name}/reprotect", false, s.reprotect},
+		{"POST", "/api/v1/machines/{name}/failback", false, s.failback},
+		{"GET", "/api/v1/machines/{name}/preflight", false, s.preflight},
 
 		{"GET", "/api/v1/jobs", false, s.listJobs},
 		{"GET", "/api/v1/jobs/{id}", false, s.getJob},
@@ -297,9 +314,12 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	msg := rebound.ErrorMessage(err)
 	status := statusOf(code)
 	var tooBig *http.MaxBytesError
+	var notImpl *errNotImplemented
 	if errors.As(err, &tooBig) {
 		code, status = rebound.EINVALID, http.StatusRequestEntityTooLarge
 		msg = fmt.Sprintf("request body is larger than %d bytes", tooBig.Limit)
+	} else if errors.As(err, &notImpl) {
+		code, status, msg = CodeNotImplemented, http.StatusNotImplemented, notImpl.Error()
 	}
 	if status == http.StatusInternalServerError {
 		id := requestID(r.Context())
