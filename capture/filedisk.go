@@ -26,6 +26,21 @@ type FileDisk struct {
 	f      *os.File
 	size   int64
 	nohole atomic.Bool // punching holes is not supported; write zeroes instead
+	track  atomic.Pointer[Tracker]
+}
+
+// SetTracker makes WriteAt, WriteZeroes and Trim mark their range in t
+// before they touch the file (a change the tracker failed to record is
+// refused), so t holds every region changed from now on. nil stops
+// tracking. The Disk of a Stream does not go through these methods.
+func (d *FileDisk) SetTracker(t *Tracker) { d.track.Store(t) }
+
+// mark records a change in the tracker, if any.
+func (d *FileDisk) mark(off, length int64) error {
+	if t := d.track.Load(); t != nil {
+		return t.Mark(off, length)
+	}
+	return nil
 }
 
 // OpenFileDisk opens the raw disk file at path, creating it sparse with the
@@ -76,6 +91,9 @@ func (d *FileDisk) WriteAt(p []byte, off int64) (int, error) {
 	if err := checkRange(d.size, off, int64(len(p))); err != nil {
 		return 0, err
 	}
+	if err := d.mark(off, int64(len(p))); err != nil {
+		return 0, err
+	}
 	return d.f.WriteAt(p, off)
 }
 
@@ -84,12 +102,18 @@ func (d *FileDisk) WriteZeroes(off, length int64) error {
 	if err := checkRange(d.size, off, length); err != nil {
 		return err
 	}
+	if err := d.mark(off, length); err != nil {
+		return err
+	}
 	return d.zero(off, length)
 }
 
 // Trim discards length bytes at off; they read back as zeroes.
 func (d *FileDisk) Trim(off, length int64) error {
 	if err := checkRange(d.size, off, length); err != nil {
+		return err
+	}
+	if err := d.mark(off, length); err != nil {
 		return err
 	}
 	return d.zero(off, length)
