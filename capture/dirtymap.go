@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math/bits"
 	"os"
@@ -59,29 +60,40 @@ func openDirtyMap(path string, diskSize, regionSize int64) (*dirtyMap, error) {
 func (m *dirtyMap) isDirty(r int64) bool { return m.bits[r/8]&(1<<(r%8)) != 0 }
 
 // markRange sets the bits of every region overlapping [off, off+length) and
-// persists each changed byte.
+// persists the changed bytes with one write.
 func (m *dirtyMap) markRange(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
 	first, last := off/m.regionSize, (off+length-1)/m.regionSize
-	var err error
+	lo, hi := int64(-1), int64(-1)
 	for i := first / 8; i <= last/8; i++ {
 		old := m.bits[i]
 		b := old
-		for r := max(first, i*8); r <= min(last, i*8+7); r++ {
-			b |= 1 << (r % 8)
+		if i > first/8 && i < last/8 {
+			b = 0xff
+		} else {
+			for r := max(first, i*8); r <= min(last, i*8+7); r++ {
+				b |= 1 << (r % 8)
+			}
 		}
 		if b == old {
 			continue
 		}
 		m.bits[i] = b
 		m.count += int64(bits.OnesCount8(b &^ old))
-		if _, werr := m.f.WriteAt(m.bits[i:i+1], i); werr != nil && err == nil {
-			err = fmt.Errorf("persist dirty map: %w", werr)
+		if lo < 0 {
+			lo = i
 		}
+		hi = i
 	}
-	return err
+	if lo < 0 {
+		return nil
+	}
+	if _, err := m.f.WriteAt(m.bits[lo:hi+1], lo); err != nil {
+		return fmt.Errorf("persist dirty map: %w", err)
+	}
+	return nil
 }
 
 // markAll sets every bit and persists the whole map.
@@ -112,9 +124,14 @@ func (m *dirtyMap) clear(r int64) error {
 	return nil
 }
 
-// next returns the first dirty region >= r, or -1.
+// next returns the first dirty region >= r, or -1. Clean stretches are
+// skipped eight bytes at a time (fine-grained maps are large).
 func (m *dirtyMap) next(r int64) int64 {
 	for ; r < m.regions; r++ {
+		if r%64 == 0 && r/8+8 <= int64(len(m.bits)) && binary.LittleEndian.Uint64(m.bits[r/8:]) == 0 {
+			r += 63
+			continue
+		}
 		if r%8 == 0 && m.bits[r/8] == 0 {
 			r += 7
 			continue

@@ -3,6 +3,7 @@ package capture
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"syscall"
 	"time"
 
@@ -24,6 +25,47 @@ func (s *Stream) StartInitialCopy() error {
 		if err := d.dirty.markAll(); err != nil {
 			s.mu.Unlock()
 			return err
+		}
+	}
+	s.initial = true
+	if s.resyncing {
+		s.syncTotal = s.syncDone + s.dirtyBytesLocked()
+	} else {
+		s.startResyncLocked()
+	}
+	s.mu.Unlock()
+	return s.saveMeta()
+}
+
+// StartResync starts a resync of only the given regions, per disk: the
+// seed of a delta reprotect, whose target already holds the rest. The
+// regions, rounded out to RegionSize, become dirty and a window opens as
+// with StartInitialCopy (the state reports syncing). With no regions at
+// all the window still opens and closes (ResyncBegin, ResyncEnd), so the
+// target gets a consistent position, its first point. regions has one
+// entry per disk, or is empty.
+func (s *Stream) StartResync(regions [][]rebound.Region) error {
+	if len(regions) != 0 && len(regions) != len(s.disks) {
+		return rebound.Errorf(rebound.EINVALID, "capture: resync regions for %d disks, stream has %d", len(regions), len(s.disks))
+	}
+	for i, rs := range regions {
+		for _, r := range rs {
+			if err := checkRange(s.disks[i].fd.size, r.Offset, r.Length); err != nil {
+				return rebound.Errorf(rebound.EINVALID, "capture: resync region of disk %d: %v", i, err)
+			}
+		}
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	for i, rs := range regions {
+		for _, r := range rs {
+			if err := s.disks[i].dirty.markRange(r.Offset, r.Length); err != nil {
+				s.mu.Unlock()
+				return fmt.Errorf("capture: %w", err)
+			}
 		}
 	}
 	s.initial = true
@@ -65,7 +107,7 @@ func (s *Stream) resync(begun bool) {
 		s.logger.Error("saving stream state failed", "err", err)
 	}
 	s.logger.Info("resync started", "initial", s.initial, "bytes", s.syncTotal)
-	scratch := make([]byte, s.opts.RegionSize)
+	scratch := make([]byte, s.copyLen())
 	for {
 		for _, d := range s.disks {
 			for r := int64(0); ; {
@@ -74,7 +116,7 @@ func (s *Stream) resync(begun bool) {
 					s.mu.Unlock()
 					break
 				}
-				if !s.waitSpaceLocked(s.opts.RegionSize + recOverhead) {
+				if !s.waitSpaceLocked(int64(len(scratch)) + recOverhead) {
 					s.mu.Unlock()
 					return
 				}
@@ -176,31 +218,51 @@ func (s *Stream) sleep(d time.Duration) bool {
 	}
 }
 
-// copyRegionLocked appends dirty region r of d (and, when it is a hole, the
-// dirty holes right after it as one Zero record) and clears their bits. It
-// returns the region to look at next. Called with s.mu held.
+// maxCopy bounds the bytes of one resync record: runs of dirty regions are
+// coalesced up to it, so a fine-grained map (4 KiB) still copies in large
+// records.
+const maxCopy = 1 << 20
+
+// copyLen is the most bytes one copy appends: maxCopy, but at most a
+// quarter of the spool (the copy half is SpoolLimit/2) and at least one
+// region.
+func (s *Stream) copyLen() int64 {
+	rs := s.opts.RegionSize
+	n := min(int64(maxCopy), s.opts.SpoolLimit/4) / rs * rs
+	return max(n, rs)
+}
+
+// copyRegionLocked appends dirty region r of d and the dirty regions right
+// after it, as one record, and clears their bits. A run inside a file hole
+// (found with SEEK_DATA) becomes one Zero record of any length without
+// reading; a run holding data, of at most len(scratch) bytes, is read and
+// appended as a Write (or a Zero if it reads all zero). It returns the
+// region to look at next. Called with s.mu held.
 func (s *Stream) copyRegionLocked(d *Disk, r int64, scratch []byte) (int64, error) {
 	rs := s.opts.RegionSize
 	size := d.fd.size
 	off := r * rs
-	n := min(rs, size-off)
 	last := r
 	var rec *rebound.Record
-	if dataOff := d.fd.nextData(off); dataOff >= off+n {
-		// A hole: extend over the following dirty regions inside it.
-		for last+1 < d.dirty.regions && d.dirty.isDirty(last+1) && min((last+2)*rs, size) <= dataOff {
+	inHole := func(k, dataOff int64) bool { return min((k+1)*rs, size) <= dataOff }
+	if dataOff := d.fd.nextData(off); inHole(r, dataOff) {
+		for last+1 < d.dirty.regions && d.dirty.isDirty(last+1) && inHole(last+1, dataOff) {
 			last++
 		}
 		rec = &rebound.Record{Kind: rebound.RecordZero, Disk: d.idx, Offset: off, Length: min((last+1)*rs, size) - off}
 	} else {
-		buf := scratch[:n]
+		maxRun := max(int64(len(scratch))/rs, 1)
+		for last+1 < d.dirty.regions && last+1-r < maxRun && d.dirty.isDirty(last+1) {
+			last++
+		}
+		buf := scratch[:min((last+1)*rs, size)-off]
 		if _, err := d.fd.ReadAt(buf, off); err != nil {
 			return r, err
 		}
 		if allZero(buf) {
-			rec = &rebound.Record{Kind: rebound.RecordZero, Disk: d.idx, Offset: off, Length: n}
+			rec = &rebound.Record{Kind: rebound.RecordZero, Disk: d.idx, Offset: off, Length: int64(len(buf))}
 		} else {
-			rec = &rebound.Record{Kind: rebound.RecordWrite, Disk: d.idx, Offset: off, Length: n, Data: append([]byte(nil), buf...)}
+			rec = &rebound.Record{Kind: rebound.RecordWrite, Disk: d.idx, Offset: off, Length: int64(len(buf)), Data: append([]byte(nil), buf...)}
 		}
 	}
 	if err := s.appendLocked(rec); err != nil {
