@@ -42,7 +42,10 @@ type Machine struct {
 	State      string `json:"state"`
 	ActiveSite string `json:"activeSite"`
 	// HomeSite is where the machine was created.
-	HomeSite     string        `json:"homeSite"`
+	HomeSite string `json:"homeSite"`
+	// PreviousSite is where the machine was active before its last
+	// committed failover: the default target of a reprotect.
+	PreviousSite string        `json:"previousSite,omitempty"`
 	Health       string        `json:"health"`
 	HealthReason string        `json:"healthReason,omitempty"`
 	Disks        []Disk        `json:"disks"`
@@ -107,6 +110,10 @@ type FailoverInfo struct {
 	ToSite   string        `json:"toSite"`
 	Point    RecoveryPoint `json:"point"`
 	Planned  bool          `json:"planned"`
+	// Time is when the failover activated the point; SourceFenced says
+	// whether the source's I/O was stopped then.
+	Time         time.Time `json:"time"`
+	SourceFenced bool      `json:"sourceFenced"`
 }
 
 // TestFailover describes a running test failover.
@@ -135,18 +142,24 @@ const (
 
 // Job is one operation with steps and progress.
 type Job struct {
-	ID        string     `json:"id"`
-	Type      string     `json:"type"` // protect, failover, commit, ...
-	Machine   string     `json:"machine,omitempty"`
-	State     string     `json:"state"`
-	Progress  float64    `json:"progress"` // 0..1
-	Step      string     `json:"step,omitempty"`
-	Steps     []JobStep  `json:"steps"`
-	Error     string     `json:"error,omitempty"`
-	Result    any        `json:"result,omitempty"`
-	CreatedAt time.Time  `json:"createdAt"`
-	UpdatedAt time.Time  `json:"updatedAt"`
-	EndedAt   *time.Time `json:"endedAt,omitempty"`
+	ID       string    `json:"id"`
+	Type     string    `json:"type"` // protect, failover, commit, ...
+	Machine  string    `json:"machine,omitempty"`
+	State    string    `json:"state"`
+	Progress float64   `json:"progress"` // 0..1
+	Step     string    `json:"step,omitempty"`
+	Steps    []JobStep `json:"steps"`
+	Error    string    `json:"error,omitempty"`
+	Result   any       `json:"result,omitempty"`
+	// Resync figures, for reprotect: bytes whose digests were compared,
+	// bytes sent, and the estimated seconds left.
+	BytesCompared int64      `json:"bytesCompared,omitempty"`
+	BytesSent     int64      `json:"bytesSent,omitempty"`
+	BytesTotal    int64      `json:"bytesTotal,omitempty"`
+	ETASeconds    float64    `json:"etaSeconds,omitempty"`
+	CreatedAt     time.Time  `json:"createdAt"`
+	UpdatedAt     time.Time  `json:"updatedAt"`
+	EndedAt       *time.Time `json:"endedAt,omitempty"`
 }
 
 // JobStep is one step of a job.

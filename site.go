@@ -62,7 +62,18 @@ type SiteService interface {
 	Commit(ctx context.Context, machine string, progress func(done, total int64)) error
 	// Release is sent to the old source after commit: it stops serving and
 	// capturing the machine but keeps its disks, the seed for reprotect.
-	Release(ctx context.Context, machine string) error
+	// failoverTime is when the failover happened: a copy that took writes
+	// after it diverged (split brain) and gets a new generation.
+	Release(ctx context.Context, machine string, failoverTime time.Time) error
+
+	// CopyInfo describes the site's copy of a machine for a reprotect.
+	CopyInfo(ctx context.Context, machine string) (*CopyInfo, error)
+	// Digests returns block digests of the site's copy of each disk of a
+	// machine. Both sites of a reprotect compute them at the same time.
+	Digests(ctx context.Context, machine string, blockSize int64) ([]BlockDigests, error)
+	// Activate makes a released copy the active one again (reprotect with
+	// Keep naming this site); it gets a new generation.
+	Reactivate(ctx context.Context, machine string) error
 }
 
 // SiteStatus is a site's report.
@@ -118,6 +129,17 @@ type ReplicationSpec struct {
 	PeerSite string `json:"peerSite"`
 	PeerAddr string `json:"peerAddr,omitempty"` // the target's replication address, for a source
 	Policy   Policy `json:"policy"`
+	// Seed, for a source: SeedFull (default) or SeedDelta.
+	Seed string `json:"seed,omitempty"`
+	// Regions, for a delta source: per disk, regions to send besides what
+	// its own change tracking holds (the target's changes, digest mismatches).
+	Regions [][]Region `json:"regions,omitempty"`
+	// Generation is the source copy's generation; the target's copy
+	// follows it.
+	Generation string `json:"generation,omitempty"`
+	// AdoptDisks, for a target: use the disks this site already holds for
+	// the machine as the journal's base instead of empty ones.
+	AdoptDisks bool `json:"adoptDisks,omitempty"`
 }
 
 // ActivateSpec asks a target to export a point.

@@ -284,10 +284,12 @@ func (c *ControlServer) call(ctx context.Context, site, method string, args, res
 // Method arguments. Struct arguments (SiteMachine, ReplicationSpec,
 // ActivateSpec) travel as themselves.
 type machineArgs struct {
-	Machine  string            `json:"machine"`
-	Kind     rebound.PointKind `json:"kind,omitempty"`
-	Selector string            `json:"selector,omitempty"`
-	Test     bool              `json:"test,omitempty"`
+	Machine   string            `json:"machine"`
+	Kind      rebound.PointKind `json:"kind,omitempty"`
+	Selector  string            `json:"selector,omitempty"`
+	Test      bool              `json:"test,omitempty"`
+	Time      time.Time         `json:"time,omitempty"`
+	BlockSize int64             `json:"blockSize,omitempty"`
 }
 
 // siteProxy is the server's view of one site's SiteService.
@@ -370,8 +372,26 @@ func (p *siteProxy) Commit(ctx context.Context, machine string, progress func(do
 	return p.c.call(ctx, p.site, "Commit", machineArgs{Machine: machine}, nil, progress)
 }
 
-func (p *siteProxy) Release(ctx context.Context, machine string) error {
-	return p.c.call(ctx, p.site, "Release", machineArgs{Machine: machine}, nil, nil)
+func (p *siteProxy) Release(ctx context.Context, machine string, failoverTime time.Time) error {
+	return p.c.call(ctx, p.site, "Release", machineArgs{Machine: machine, Time: failoverTime}, nil, nil)
+}
+
+func (p *siteProxy) CopyInfo(ctx context.Context, machine string) (*rebound.CopyInfo, error) {
+	var ci rebound.CopyInfo
+	if err := p.c.call(ctx, p.site, "CopyInfo", machineArgs{Machine: machine}, &ci, nil); err != nil {
+		return nil, err
+	}
+	return &ci, nil
+}
+
+func (p *siteProxy) Digests(ctx context.Context, machine string, blockSize int64) ([]rebound.BlockDigests, error) {
+	var d []rebound.BlockDigests
+	err := p.c.call(ctx, p.site, "Digests", machineArgs{Machine: machine, BlockSize: blockSize}, &d, nil)
+	return d, err
+}
+
+func (p *siteProxy) Reactivate(ctx context.Context, machine string) error {
+	return p.c.call(ctx, p.site, "Reactivate", machineArgs{Machine: machine}, nil, nil)
 }
 
 var _ rebound.SiteService = (*siteProxy)(nil)
@@ -433,7 +453,13 @@ func dispatch(ctx context.Context, local rebound.SiteService, method string, arg
 	case "Commit":
 		return nil, local.Commit(ctx, a.Machine, progress)
 	case "Release":
-		return nil, local.Release(ctx, a.Machine)
+		return nil, local.Release(ctx, a.Machine, a.Time)
+	case "CopyInfo":
+		return local.CopyInfo(ctx, a.Machine)
+	case "Digests":
+		return local.Digests(ctx, a.Machine, a.BlockSize)
+	case "Reactivate":
+		return nil, local.Reactivate(ctx, a.Machine)
 	}
 	return nil, rebound.Errorf(rebound.EINVALID, "unknown site method %q (site speaks protocol %d)", method, ProtocolVersion)
 }

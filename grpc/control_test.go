@@ -91,7 +91,17 @@ func (f *fakeSite) Commit(_ context.Context, m string, progress func(done, total
 }
 
 // Release blocks until its context ends: it is the cancel probe.
-func (f *fakeSite) Release(ctx context.Context, m string) error {
+func (f *fakeSite) CopyInfo(_ context.Context, m string) (*rebound.CopyInfo, error) {
+	return &rebound.CopyInfo{Machine: m, Generation: "g1", Changed: [][]rebound.Region{{{Offset: 4096, Length: 512}}}}, f.rec("CopyInfo:"+m, m)
+}
+func (f *fakeSite) Digests(_ context.Context, m string, bs int64) ([]rebound.BlockDigests, error) {
+	return []rebound.BlockDigests{{BlockSize: bs, Size: bs, Sums: [][]byte{{1, 2, 3}}}}, f.rec("Digests:"+m, m)
+}
+func (f *fakeSite) Reactivate(_ context.Context, m string) error {
+	return f.rec("Reactivate:"+m, m)
+}
+
+func (f *fakeSite) Release(ctx context.Context, m string, _ time.Time) error {
 	if f.blocking != nil {
 		close(f.blocking)
 	}
@@ -200,12 +210,23 @@ func TestControl_AllMethods(t *testing.T) {
 	if len(prog) == 0 || prog[len(prog)-1] != [2]int64{3, 3} {
 		t.Fatalf("progress %v, want ending at 3/3", prog)
 	}
+	ci, err := s.CopyInfo(ctx, "vm1")
+	must(err)
+	if ci.Generation != "g1" || len(ci.Changed) != 1 || ci.Changed[0][0] != (rebound.Region{Offset: 4096, Length: 512}) {
+		t.Fatalf("CopyInfo = %+v", ci)
+	}
+	dg, err := s.Digests(ctx, "vm1", 65536)
+	must(err)
+	if len(dg) != 1 || dg[0].BlockSize != 65536 || string(dg[0].Sums[0]) != "\x01\x02\x03" {
+		t.Fatalf("Digests = %+v", dg)
+	}
+	must(s.Reactivate(ctx, "vm1"))
 	must(s.StopReplication(ctx, "vm1"))
 	must(s.DeleteMachine(ctx, "vm1"))
 
 	want := []string{"CreateMachine:vm1:d0", "StartReplication:vm1:source:default", "CutPoint:vm1", "ListPoints:vm1",
 		"ResolvePoint:vm1", "Fence:vm1", "Unfence:vm1", "Replicated:vm1", "Activate:vm1", "Deactivate:test:vm1",
-		"Commit:vm1", "StopReplication:vm1", "DeleteMachine:vm1"}
+		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "StopReplication:vm1", "DeleteMachine:vm1"}
 	h.site.mu.Lock()
 	got := append([]string(nil), h.site.calls...)
 	h.site.mu.Unlock()
@@ -249,7 +270,7 @@ func TestControl_Cancel(t *testing.T) {
 	h.site.blocking = make(chan struct{})
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error)
-	go func() { errc <- s.Release(ctx, "vm1") }()
+	go func() { errc <- s.Release(ctx, "vm1", time.Time{}) }()
 	<-h.site.blocking
 	cancel()
 	if err := <-errc; !errors.Is(err, context.Canceled) {
@@ -261,7 +282,7 @@ func TestControl_Cancel(t *testing.T) {
 	h.site.blocking = make(chan struct{})
 	ctx, cancel = context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	if err := s.Release(ctx, "vm1"); !errors.Is(err, context.DeadlineExceeded) {
+	if err := s.Release(ctx, "vm1", time.Time{}); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("deadline: %v", err)
 	}
 	waitFor(t, 5*time.Second, "site to see the deadline", func() bool { return h.site.cancelled.Load() == 2 })

@@ -60,7 +60,7 @@ func (s *Server) SiteConnected(name string) {
 		return
 	}
 	for _, machine := range keys {
-		if err := site.Release(ctx, machine); err != nil {
+		if err := site.Release(ctx, machine, s.failoverTime(ctx, machine)); err != nil {
 			s.Logger.Warn("release after reconnect", "site", name, "machine", machine, "err", err)
 			continue
 		}
@@ -227,4 +227,15 @@ func (s *Server) watchdog() {
 			}
 		}
 	}
+}
+
+// failoverTime is when the machine's last committed failover happened, for
+// a release that waited for its site to reconnect.
+func (s *Server) failoverTime(ctx context.Context, machine string) time.Time {
+	v, ok, err := s.DB.GetSetting(ctx, "failover-time/"+machine)
+	if err != nil || !ok {
+		return time.Time{}
+	}
+	t, _ := time.Parse(time.RFC3339Nano, v)
+	return t
 }

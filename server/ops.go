@@ -424,6 +424,11 @@ func waitReplicated(ctx context.Context, dst rebound.SiteService, name string, s
 
 // Failover fails a protected machine over to its target site.
 func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	return s.failover(ctx, req, "failover")
+}
+
+// failover runs a failover job of type typ ("failover" or "failback").
+func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ string) (*rebound.Job, error) {
 	m, err := s.idleProtection(ctx, req.Machine)
 	if err != nil {
 		return nil, err
@@ -463,7 +468,7 @@ func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*re
 	} else {
 		src, _ = s.site(from)
 	}
-	return s.startJob(ctx, "failover", m.Name, []string{"preflight", "drain", "activate"}, func(ctx context.Context, r *jobRun) error {
+	return s.startJob(ctx, typ, m.Name, []string{"preflight", "drain", "activate"}, func(ctx context.Context, r *jobRun) error {
 		r.Step("preflight")
 		pl, err := dst.ListPoints(ctx, m.Name)
 		if err != nil {
@@ -475,7 +480,8 @@ func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*re
 		if err := s.setState(ctx, m.Name, rebound.MachineFailingOver); err != nil {
 			return err
 		}
-		point, err := s.drainAndResolve(ctx, r, m.Name, req, src, dst)
+		var fenced bool
+		point, err := s.drainAndResolve(ctx, r, m.Name, req, src, dst, &fenced)
 		if err != nil {
 			_ = s.setState(context.Background(), m.Name, rebound.MachineProtected)
 			if src != nil {
@@ -497,7 +503,8 @@ func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*re
 		s.event(m.Name, to, "failover", fmt.Sprintf("failed over to %s at point %s", to, point.ID))
 		if err := s.updateMachine(ctx, m.Name, func(m *rebound.Machine) {
 			m.State, m.ActiveSite = rebound.MachineFailedOver, to
-			m.Failover = &rebound.FailoverInfo{FromSite: from, ToSite: to, Point: point, Planned: req.Planned}
+			m.Failover = &rebound.FailoverInfo{FromSite: from, ToSite: to, Point: point, Planned: req.Planned,
+				Time: time.Now().UTC(), SourceFenced: fenced}
 			setDisks(m, disks)
 		}); err != nil {
 			return err
@@ -527,7 +534,7 @@ func (s *Server) setState(ctx context.Context, name, state string) error {
 
 // drainAndResolve fences the source where it can, waits until the target
 // has what the source holds, and resolves the point.
-func (s *Server) drainAndResolve(ctx context.Context, r *jobRun, name string, req rebound.FailoverRequest, src, dst rebound.SiteService) (rebound.RecoveryPoint, error) {
+func (s *Server) drainAndResolve(ctx context.Context, r *jobRun, name string, req rebound.FailoverRequest, src, dst rebound.SiteService, fenced *bool) (rebound.RecoveryPoint, error) {
 	r.Step("drain")
 	sel := req.Point
 	if src == nil {
@@ -544,6 +551,7 @@ func (s *Server) drainAndResolve(ctx context.Context, r *jobRun, name string, re
 		r.Message("source did not answer (%s): failing over to what the recovery site holds", rebound.ErrorMessage(err))
 		return dst.ResolvePoint(ctx, name, sel)
 	}
+	*fenced = true
 	if sel == rebound.PointLatest {
 		start, _ := dst.Replicated(ctx, name)
 		wctx, cancel := context.WithTimeout(ctx, s.WaitTimeout)
@@ -685,14 +693,18 @@ func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) 
 		}
 		if err := s.updateMachine(ctx, name, func(m *rebound.Machine) {
 			m.State, m.ActiveSite, m.Protection, m.Failover = rebound.MachineUnprotected, fo.ToSite, nil, nil
+			m.PreviousSite = fo.FromSite
 			m.Health, m.HealthReason = rebound.HealthNormal, ""
 			s.refreshDisks(ctx, m, dst)
 		}); err != nil {
 			return err
 		}
 		r.Step("release source")
+		if err := s.DB.PutSetting(ctx, "failover-time/"+name, fo.Time.Format(time.RFC3339Nano)); err != nil {
+			return err
+		}
 		if src, err := s.site(fo.FromSite); err == nil {
-			if err := src.Release(ctx, name); err != nil {
+			if err := src.Release(ctx, name, fo.Time); err != nil {
 				r.Message("source not released yet (%s); it will be when it reconnects", rebound.ErrorMessage(err))
 				s.markPendingRelease(ctx, name, fo.FromSite)
 			}

@@ -79,7 +79,7 @@ func (s *Site) CreateMachine(ctx context.Context, req rebound.SiteMachine) error
 	if err := os.MkdirAll(s.machineDir(req.Name), 0o755); err != nil {
 		return err
 	}
-	m := &machine{state: machineState{Name: req.Name, Disks: req.Disks, Role: RoleActive}}
+	m := &machine{state: machineState{Name: req.Name, Disks: req.Disks, Role: RoleActive, Generation: newGeneration()}}
 	if err := s.openFiles(m); err != nil {
 		s.closeFiles(m)
 		return err
@@ -177,7 +177,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 			return err
 		}
 		sp := spec
-		m := &machine{state: machineState{Name: spec.Machine, Disks: spec.Disks, Role: RoleTarget, Spec: &sp}, journal: j}
+		m := &machine{state: machineState{Name: spec.Machine, Disks: spec.Disks, Role: RoleTarget, Spec: &sp, Generation: spec.Generation}, journal: j}
 		s.machines[spec.Machine] = m
 		s.startExpiry(m.state.Name, j, time.Duration(spec.Policy.Retention))
 		return s.saveLocked()
@@ -563,6 +563,9 @@ func (s *Site) Commit(ctx context.Context, name string, progress func(done, tota
 	}
 	m.journal = nil
 	m.state.Role, m.state.Spec, m.state.Act, m.state.Test, m.state.Fenced = RoleActive, nil, nil, nil, false
+	// The committed copy starts a new history that descends from the one it
+	// replicated.
+	m.state.Parent, m.state.Generation = m.state.Generation, newGeneration()
 	if err := s.openFiles(m); err != nil {
 		return err
 	}
@@ -576,7 +579,7 @@ func (s *Site) Commit(ctx context.Context, name string, progress func(done, tota
 
 // Release stops serving and capturing a machine that was failed over
 // elsewhere and committed. Its disks and stream stay, the seed for reprotect.
-func (s *Site) Release(ctx context.Context, name string) error {
+func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time) error {
 	s.mu.Lock()
 	m, err := s.getLocked(name)
 	if err != nil {
@@ -598,5 +601,11 @@ func (s *Site) Release(ctx context.Context, name string) error {
 	defer s.mu.Unlock()
 	err = errors.Join(s.closeFiles(m), s.stopSource(m))
 	m.state.Role = RoleReleased
+	// A copy written after the failover diverged from the one that took
+	// over: it is a new history, and reprotect must not trust it blindly.
+	if last := s.lastWriteLocked(m); !failoverTime.IsZero() && last.After(failoverTime) {
+		m.state.Parent, m.state.Generation, m.state.Diverged = m.state.Generation, newGeneration(), true
+		s.logger.Warn("released copy took writes after the failover: split brain", "machine", name, "lastWrite", last, "failover", failoverTime)
+	}
 	return errors.Join(err, s.saveLocked())
 }

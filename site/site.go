@@ -101,6 +101,13 @@ type machineState struct {
 	Spec   *rebound.ReplicationSpec `json:"spec,omitempty"`
 	Act    *rebound.ActivateSpec    `json:"act,omitempty"`
 	Test   *rebound.ActivateSpec    `json:"test,omitempty"`
+
+	// Generation identifies this copy's history; Parent is the generation
+	// it came from (see rebound.CopyInfo). Diverged marks a released copy
+	// that took writes after the failover that released it.
+	Generation string `json:"generation,omitempty"`
+	Parent     string `json:"parent,omitempty"`
+	Diverged   bool   `json:"diverged,omitempty"`
 }
 
 type activation struct {
@@ -152,6 +159,9 @@ func (s *Site) Open() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, st := range states {
+		if st.Generation == "" {
+			st.Generation = newGeneration()
+		}
 		m := &machine{state: st}
 		if err := s.openMachine(m); err != nil {
 			return fmt.Errorf("open machine %s: %w", st.Name, err)

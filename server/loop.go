@@ -1,0 +1,537 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+var _ rebound.LoopService = (*Server)(nil)
+
+// DigestBlockSize is the block size of a verifying (digest) resync: the
+// block size rsync picks for a disk of a few GiB, so a verify never sends
+// more than rsync would.
+const DigestBlockSize = 64 << 10
+
+// Resync modes of a reprotect.
+const (
+	resyncFull    = "full"    // the target holds nothing: copy everything
+	resyncTracked = "tracked" // union of both sides' change tracking
+	resyncVerify  = "verify"  // compare block digests of both copies
+)
+
+// Failback fails a reprotected machine over back to the site it came from.
+// Without a point it is planned: zero data loss.
+func (s *Server) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	if req.Point == "" {
+		req.Planned = true
+	}
+	m, err := s.protection(ctx, req.Machine)
+	if err != nil {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is not protected back to another site: run rebound reprotect %s first", req.Machine, req.Machine)
+	}
+	if m.State == rebound.MachineFailedOver && m.Failover != nil {
+		return s.doneJob(ctx, "failback", m.Name, fmt.Sprintf("machine %s is already failed over to %s at point %s; commit it", m.Name, m.Failover.ToSite, m.Failover.Point.ID))
+	}
+	return s.failover(ctx, req, "failback")
+}
+
+// readiness checks that the machine's active site, the capture side of a
+// reprotect, is connected and reporting. It waits up to wait.
+func (s *Server) readiness(ctx context.Context, site string, wait time.Duration) (rebound.SiteService, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		svc, err := s.site(site)
+		if err == nil && !s.siteOffline(ctx, site) {
+			return svc, nil
+		}
+		if !time.Now().Before(deadline) {
+			how := "retry when it is back, or pass --wait-ready 15m to wait for it"
+			if wait > 0 {
+				how = fmt.Sprintf("waited %s; retry when it is back", wait)
+			}
+			return nil, rebound.Errorf(rebound.EUNAVAILABLE,
+				"reprotect needs the capture side of the machine at site %q (its site appliance, or the agent for a server), and it is not connected: start it (rebound site --name %s ...) and make sure it reaches the server; %s",
+				site, site, how)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// Reprotect replicates a committed machine from its active site back to
+// the site that still holds its old disks (or to any site, with a full copy).
+func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*rebound.Job, error) {
+	m, err := s.DB.GetMachine(ctx, req.Machine)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.checkIdle(m.Name); err != nil {
+		return nil, err
+	}
+	target := req.To
+	if target == "" {
+		target = m.PreviousSite
+	}
+	if target == "" && m.HomeSite != m.ActiveSite {
+		target = m.HomeSite
+	}
+	if m.Protection != nil && (m.State == rebound.MachineProtected || m.State == rebound.MachineSyncing) && (target == "" || m.Protection.TargetSite == target) {
+		return s.doneJob(ctx, "reprotect", m.Name, fmt.Sprintf("machine %s is already protected from %s to %s", m.Name, m.Protection.SourceSite, m.Protection.TargetSite))
+	}
+	switch {
+	case m.State == rebound.MachineFailedOver:
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is failed over but not committed: commit it first (rebound commit %s), or cancel the failover", m.Name, m.Name)
+	case m.State != rebound.MachineUnprotected:
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; reprotect needs a machine active at one site and not protected", m.Name, m.State)
+	case target == "":
+		return nil, rebound.Errorf(rebound.EINVALID, "machine %q has no previous site: name the target with --to", m.Name)
+	case target == m.ActiveSite:
+		return nil, rebound.Errorf(rebound.EINVALID, "machine %q is active at %s; reprotect it to another site", m.Name, target)
+	case req.Keep != "" && req.Keep != target && req.Keep != m.ActiveSite:
+		return nil, rebound.Errorf(rebound.EINVALID, "--keep must name %s or %s", m.ActiveSite, target)
+	}
+	if req.Policy == "" {
+		req.Policy = "default"
+	}
+	pol, err := s.DB.GetPolicy(ctx, req.Policy)
+	if err != nil {
+		return nil, err
+	}
+	wait := time.Duration(req.WaitReady)
+	if wait <= 0 {
+		// Without --wait-ready the command fails at once.
+		if _, err := s.readiness(ctx, m.ActiveSite, 0); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := s.site(target); err != nil && wait <= 0 {
+		return nil, err
+	}
+	steps := []string{"readiness", "preflight", "compare", "prepare target", "start source", "resync"}
+	return s.startJob(ctx, "reprotect", m.Name, steps, func(ctx context.Context, r *jobRun) error {
+		r.Step("readiness")
+		active := m.ActiveSite
+		src, err := s.readiness(ctx, active, wait)
+		if err != nil {
+			return err
+		}
+		dst, err := s.readiness(ctx, target, wait)
+		if err != nil {
+			return rebound.Errorf(rebound.EUNAVAILABLE, "the target site %q is not connected: %s", target, rebound.ErrorMessage(err))
+		}
+
+		r.Step("preflight")
+		report, plan, err := s.reprotectPlan(ctx, m, active, target, req, src, dst)
+		if err != nil {
+			return err
+		}
+		if !report.OK {
+			return rebound.Errorf(rebound.ECONFLICT, "preflight failed: %s", failedChecks(report))
+		}
+		if plan.keepTarget {
+			// The target's copy wins a split brain: it becomes active, the
+			// current active copy is released and becomes the seed.
+			r.Message("keeping the copy at %s: it becomes the active copy", target)
+			if err := dst.Reactivate(ctx, m.Name); err != nil {
+				return err
+			}
+			if err := src.Release(ctx, m.Name, time.Time{}); err != nil {
+				return err
+			}
+			active, target, src, dst = target, active, dst, src
+			if err := s.updateMachine(ctx, m.Name, func(x *rebound.Machine) {
+				x.ActiveSite, x.PreviousSite = active, target
+				s.refreshDisks(ctx, x, src)
+			}); err != nil {
+				return err
+			}
+		}
+		r.Message("%s", plan.why)
+
+		r.Step("compare")
+		regions, compared, err := s.compare(ctx, r, m, plan, src, dst)
+		if err != nil {
+			return err
+		}
+		r.setBytes(compared, 0, regionBytes(regions))
+
+		dstSite, err := s.DB.GetSite(ctx, target)
+		if err != nil {
+			return err
+		}
+		srcInfo, err := src.CopyInfo(ctx, m.Name)
+		if err != nil {
+			return err
+		}
+		streamID := fmt.Sprintf("%s.%d", m.Name, time.Now().UnixNano())
+		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: srcInfo.Generation}
+
+		r.Step("prepare target")
+		tspec := spec
+		tspec.Role, tspec.PeerSite, tspec.AdoptDisks = "target", active, plan.mode != resyncFull
+		if err := dst.StartReplication(ctx, tspec); err != nil {
+			return err
+		}
+		r.Step("start source")
+		sspec := spec
+		sspec.Role, sspec.PeerSite, sspec.PeerAddr = "source", target, dstSite.ReplAddr
+		sspec.Seed = rebound.SeedFull
+		if plan.mode != resyncFull {
+			sspec.Seed, sspec.Regions = rebound.SeedDelta, regions
+		}
+		if err := src.StartReplication(ctx, sspec); err != nil {
+			return err
+		}
+		if err := s.updateMachine(ctx, m.Name, func(x *rebound.Machine) {
+			x.State = rebound.MachineSyncing
+			x.Protection = &rebound.Protection{SourceSite: active, TargetSite: target, Policy: pol.Name, ReplState: "resyncing"}
+		}); err != nil {
+			return err
+		}
+		s.event(m.Name, target, "reprotect.started", fmt.Sprintf("reprotecting %s from %s to %s (%s)", m.Name, active, target, plan.why))
+
+		r.Step("resync")
+		if err := s.waitResync(ctx, r, m.Name, src, dst); err != nil {
+			return err
+		}
+		if err := s.updateMachine(ctx, m.Name, func(x *rebound.Machine) {
+			x.State = rebound.MachineProtected
+			if x.Protection != nil {
+				x.Protection.SyncProgress = 1
+			}
+		}); err != nil {
+			return err
+		}
+		s.event(m.Name, target, "protection.protected", fmt.Sprintf("reprotect complete: %s protected from %s to %s", m.Name, active, target))
+		return nil
+	})
+}
+
+// diskShapes returns the disks without their NBD URIs.
+func diskShapes(disks []rebound.Disk) []rebound.Disk {
+	out := make([]rebound.Disk, len(disks))
+	for i, d := range disks {
+		out[i] = rebound.Disk{Name: d.Name, Size: d.Size}
+	}
+	return out
+}
+
+// resyncPlan is how a reprotect brings the target up to date.
+type resyncPlan struct {
+	mode       string
+	why        string
+	keepTarget bool
+	src, dst   *rebound.CopyInfo
+}
+
+// reprotectPlan runs the reprotect preflight and chooses the resync mode.
+func (s *Server) reprotectPlan(ctx context.Context, m *rebound.Machine, active, target string, req rebound.ReprotectRequest, src, dst rebound.SiteService) (*rebound.PreflightReport, *resyncPlan, error) {
+	rep := &rebound.PreflightReport{Machine: m.Name, Operation: "reprotect", OK: true}
+	add := func(name string, ok bool, format string, args ...any) {
+		rep.Checks = append(rep.Checks, rebound.PreflightCheck{Name: name, OK: ok, Message: fmt.Sprintf(format, args...)})
+		rep.OK = rep.OK && ok
+	}
+	add("capture side", true, "site %s is connected and reporting", active)
+	add("peer reachable", true, "site %s is connected", target)
+	si, err := src.CopyInfo(ctx, m.Name)
+	if err != nil {
+		return nil, nil, err
+	}
+	di, err := dst.CopyInfo(ctx, m.Name)
+	if err != nil {
+		return nil, nil, err
+	}
+	plan := &resyncPlan{src: si, dst: di}
+	var need int64
+	for _, d := range m.Disks {
+		need += d.Size
+	}
+	switch {
+	case di.Role == "":
+		plan.mode = resyncFull
+		plan.why = fmt.Sprintf("full copy to new disks at %s: it holds no copy of %s", target, m.Name)
+		add("generations", true, "%s holds no copy: nothing to reconcile", target)
+	case di.Role != "released":
+		add("generations", false, "site %s holds %s as %s, not as a released copy; stop that first", target, m.Name, di.Role)
+	case si.Parent != "" && di.Generation == si.Parent:
+		plan.mode = resyncTracked
+		plan.why = fmt.Sprintf("delta resync to the disks still held at %s (generation %s is the parent of %s)", target, di.Generation, si.Generation)
+		if req.Verify {
+			plan.mode, plan.why = resyncVerify, plan.why+"; --verify: block digests are compared"
+		} else if !si.Tracked || !di.Tracked {
+			why := si.Untrusted
+			if why == "" {
+				why = di.Untrusted
+			}
+			plan.mode, plan.why = resyncVerify, plan.why+"; change tracking unavailable ("+why+"): block digests are compared"
+		}
+		add("generations", true, "%s (%s) descends from %s (%s)", active, si.Generation, target, di.Generation)
+	default:
+		// Both copies changed since they parted, or they are unrelated.
+		msg := fmt.Sprintf("split brain: the copies at %s (generation %s, from %s) and %s (generation %s, from %s) both changed since they parted; a reprotect would lose the changes of one",
+			active, si.Generation, orNone(si.Parent), target, di.Generation, orNone(di.Parent))
+		if req.Keep == "" {
+			add("generations", false, "%s; name the copy to keep with --keep %s (overwrites %s's changes) or --keep %s", msg, active, target, target)
+			break
+		}
+		plan.mode, plan.keepTarget = resyncVerify, req.Keep == target
+		plan.why = fmt.Sprintf("%s; keeping %s's copy as asked: block digests are compared", msg, req.Keep)
+		add("generations", true, "%s; --keep %s", msg, req.Keep)
+	}
+	if st, err := s.DB.GetSite(ctx, target); err == nil && st.FreeBytes > 0 {
+		want := int64(0)
+		if plan.mode == resyncFull {
+			want = need
+		}
+		add("target space", st.FreeBytes >= want, "%s free at %s, %s needed", humanBytes(st.FreeBytes), target, humanBytes(want))
+	}
+	return rep, plan, nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
+}
+
+func failedChecks(r *rebound.PreflightReport) string {
+	var out string
+	for _, c := range r.Checks {
+		if !c.OK {
+			if out != "" {
+				out += "; "
+			}
+			out += c.Name + ": " + c.Message
+		}
+	}
+	return out
+}
+
+// compare returns the regions to send and the bytes compared.
+func (s *Server) compare(ctx context.Context, r *jobRun, m *rebound.Machine, plan *resyncPlan, src, dst rebound.SiteService) ([][]rebound.Region, int64, error) {
+	switch plan.mode {
+	case resyncFull:
+		return nil, 0, nil
+	case resyncTracked:
+		out := make([][]rebound.Region, len(m.Disks))
+		for i := range out {
+			var rs []rebound.Region
+			if i < len(plan.src.Changed) {
+				rs = append(rs, plan.src.Changed[i]...)
+			}
+			if i < len(plan.dst.Changed) {
+				rs = append(rs, plan.dst.Changed[i]...)
+			}
+			out[i] = mergeRegions(rs)
+		}
+		r.Message("tracked changes: %s at the active copy, %s at the old one", humanBytes(plan.src.ChangedBytes), humanBytes(plan.dst.ChangedBytes))
+		return out, 0, nil
+	}
+	// Both sides read and hash at the same time.
+	var wg sync.WaitGroup
+	var sd, dd []rebound.BlockDigests
+	var serr, derr error
+	wg.Add(2)
+	go func() { defer wg.Done(); sd, serr = src.Digests(ctx, m.Name, DigestBlockSize) }()
+	go func() { defer wg.Done(); dd, derr = dst.Digests(ctx, m.Name, DigestBlockSize) }()
+	wg.Wait()
+	if serr != nil {
+		return nil, 0, fmt.Errorf("digests at the active site: %w", serr)
+	}
+	if derr != nil {
+		return nil, 0, fmt.Errorf("digests at the target: %w", derr)
+	}
+	if len(sd) != len(m.Disks) || len(dd) != len(m.Disks) {
+		return nil, 0, rebound.Errorf(rebound.EINTERNAL, "digests cover %d and %d disks, machine has %d", len(sd), len(dd), len(m.Disks))
+	}
+	out := make([][]rebound.Region, len(m.Disks))
+	var compared int64
+	for i := range m.Disks {
+		out[i] = diffDigests(sd[i].Sums, dd[i].Sums, DigestBlockSize, m.Disks[i].Size)
+		compared += m.Disks[i].Size
+	}
+	r.Message("compared %s of block digests on both sides: %s differ", humanBytes(compared), humanBytes(regionBytes(out)))
+	return out, compared, nil
+}
+
+func regionBytes(rs [][]rebound.Region) int64 {
+	var n int64
+	for _, d := range rs {
+		for _, r := range d {
+			n += r.Length
+		}
+	}
+	return n
+}
+
+// mergeRegions sorts regions and merges overlapping or adjacent ones.
+func mergeRegions(rs []rebound.Region) []rebound.Region {
+	if len(rs) == 0 {
+		return nil
+	}
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
+	out := []rebound.Region{rs[0]}
+	for _, r := range rs[1:] {
+		last := &out[len(out)-1]
+		if r.Offset <= last.Offset+last.Length {
+			last.Length = max(last.Length, r.Offset+r.Length-last.Offset)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// waitResync follows the resync until the target has its first point,
+// reporting bytes sent and an ETA.
+func (s *Server) waitResync(ctx context.Context, r *jobRun, name string, src, dst rebound.SiteService) error {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	start := time.Now()
+	for {
+		if st, err := src.Status(ctx); err == nil {
+			for _, ms := range st.Machines {
+				if ms.Name != name {
+					continue
+				}
+				r.mu.Lock()
+				r.job.BytesSent, r.job.BytesTotal = ms.SyncDone, max(ms.SyncTotal, r.job.BytesTotal)
+				if el := time.Since(start).Seconds(); ms.SyncDone > 0 && el > 0 {
+					r.job.ETASeconds = float64(ms.SyncTotal-ms.SyncDone) / (float64(ms.SyncDone) / el)
+				}
+				r.mu.Unlock()
+				if ms.SyncTotal > 0 {
+					r.Progress(float64(ms.SyncDone) / float64(ms.SyncTotal) * 0.99)
+				}
+				r.Message("sent %s of %s", humanBytes(ms.SyncDone), humanBytes(ms.SyncTotal))
+			}
+		}
+		if pl, err := dst.ListPoints(ctx, name); err == nil && len(pl.Points) > 0 {
+			r.mu.Lock()
+			r.job.ETASeconds = 0
+			r.mu.Unlock()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// setBytes records resync figures on the job.
+func (r *jobRun) setBytes(compared, sent, total int64) {
+	r.mu.Lock()
+	r.job.BytesCompared, r.job.BytesSent, r.job.BytesTotal = compared, sent, total
+	r.mu.Unlock()
+	r.save(true)
+}
+
+// Preflight runs the checks of an operation without changing anything.
+func (s *Server) Preflight(ctx context.Context, name, op string) (*rebound.PreflightReport, error) {
+	m, err := s.DB.GetMachine(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if op == "" {
+		switch {
+		case m.State == rebound.MachineUnprotected:
+			op = "reprotect"
+		case m.ActiveSite != m.HomeSite:
+			op = "failback"
+		default:
+			op = "failover"
+		}
+	}
+	switch op {
+	case "reprotect":
+		if m.State != rebound.MachineUnprotected {
+			return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; reprotect needs an unprotected machine", name, m.State)
+		}
+		target := m.PreviousSite
+		if target == "" {
+			return nil, rebound.Errorf(rebound.EINVALID, "machine %q has no previous site to reprotect to", name)
+		}
+		rep := &rebound.PreflightReport{Machine: name, Operation: op, OK: true}
+		src, serr := s.site(m.ActiveSite)
+		dst, derr := s.site(target)
+		if serr != nil || derr != nil {
+			rep.OK = false
+			rep.Checks = append(rep.Checks,
+				rebound.PreflightCheck{Name: "capture side", OK: serr == nil, Message: msgOr(serr, "site "+m.ActiveSite+" is connected")},
+				rebound.PreflightCheck{Name: "peer reachable", OK: derr == nil, Message: msgOr(derr, "site "+target+" is connected")})
+			return rep, nil
+		}
+		rep, _, err := s.reprotectPlan(ctx, m, m.ActiveSite, target, rebound.ReprotectRequest{Machine: name}, src, dst)
+		return rep, err
+	case "failover", "failback":
+		rep := &rebound.PreflightReport{Machine: name, Operation: op, OK: true}
+		add := func(n string, ok bool, msg string) {
+			rep.Checks = append(rep.Checks, rebound.PreflightCheck{Name: n, OK: ok, Message: msg})
+			rep.OK = rep.OK && ok
+		}
+		if m.Protection == nil || m.State != rebound.MachineProtected {
+			add("protected", false, fmt.Sprintf("machine %s is %s; %s needs a protected machine", name, m.State, op))
+			return rep, nil
+		}
+		from, to := m.Protection.SourceSite, m.Protection.TargetSite
+		dst, err := s.site(to)
+		add("peer reachable", err == nil, msgOr(err, "recovery site "+to+" is connected"))
+		if _, err := s.site(from); err != nil {
+			add("source reachable", true, "source site "+from+" is not connected: only an unplanned "+op+" is possible")
+		} else {
+			add("source reachable", true, "source site "+from+" is connected: a planned "+op+" loses no data")
+		}
+		if dst != nil {
+			pl, err := dst.ListPoints(ctx, name)
+			ok := err == nil && len(pl.Points) > 0
+			msg := msgOr(err, "")
+			if ok {
+				msg = fmt.Sprintf("%d points, newest %s", len(pl.Points), pl.Points[len(pl.Points)-1].Time.Format(time.RFC3339))
+			} else if err == nil {
+				msg = "no recovery point yet"
+			}
+			add("recovery points", ok, msg)
+		}
+		var need int64
+		for _, d := range m.Disks {
+			need += d.Size
+		}
+		if st, err := s.DB.GetSite(ctx, to); err == nil && st.FreeBytes > 0 {
+			add("target space", st.FreeBytes >= need, fmt.Sprintf("%s free at %s, %s needed to commit", humanBytes(st.FreeBytes), to, humanBytes(need)))
+		}
+		return rep, nil
+	}
+	return nil, rebound.Errorf(rebound.EINVALID, "unknown operation %q: use failover, failback or reprotect", op)
+}
+
+func msgOr(err error, ok string) string {
+	if err != nil {
+		return rebound.ErrorMessage(err)
+	}
+	return ok
+}
+
+// diffDigests returns the merged regions whose block digests differ.
+// TODO(lead): use digest.Diff once it lands.
+func diffDigests(a, b [][]byte, blockSize, size int64) []rebound.Region {
+	var out []rebound.Region
+	for i := 0; i < max(len(a), len(b)); i++ {
+		if i < len(a) && i < len(b) && string(a[i]) == string(b[i]) {
+			continue
+		}
+		off := int64(i) * blockSize
+		out = append(out, rebound.Region{Offset: off, Length: min(blockSize, size-off)})
+	}
+	return mergeRegions(out)
+}

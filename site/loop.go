@@ -1,0 +1,128 @@
+package site
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// newGeneration returns a fresh generation ID.
+func newGeneration() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return "g-" + hex.EncodeToString(b[:])
+}
+
+// lastWriteLocked returns the time of the newest write the machine's
+// stream recorded, or the zero time.
+func (s *Site) lastWriteLocked(m *machine) time.Time {
+	var last time.Time
+	for i := range m.state.Disks {
+		if fi, err := os.Stat(s.diskPath(m.state.Name, i)); err == nil && fi.ModTime().After(last) {
+			last = fi.ModTime()
+		}
+	}
+	return last
+}
+
+// CopyInfo describes this site's copy of a machine.
+func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ci := &rebound.CopyInfo{Machine: name, Site: s.cfg.Name}
+	m, ok := s.machines[name]
+	if !ok {
+		return ci, nil
+	}
+	ci.Role, ci.Disks = m.state.Role, m.state.Disks
+	ci.Generation, ci.Parent = m.state.Generation, m.state.Parent
+	ci.LastWrite = s.lastWriteLocked(m)
+	ci.Untrusted = "change tracking is not available for this copy"
+	return ci, nil
+}
+
+// Digests returns block digests of the site's copy of each disk.
+func (s *Site) Digests(ctx context.Context, name string, blockSize int64) ([]rebound.BlockDigests, error) {
+	if blockSize <= 0 || blockSize%512 != 0 || blockSize > 16<<20 {
+		return nil, rebound.Errorf(rebound.EINVALID, "block size %d must be a multiple of 512 up to 16 MiB", blockSize)
+	}
+	s.mu.Lock()
+	m, err := s.getLocked(name)
+	var paths []string
+	var disks []rebound.Disk
+	if err == nil {
+		if m.state.Role != RoleActive && m.state.Role != RoleReleased {
+			err = rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; digests are taken of active or released copies", name, m.state.Role, s.cfg.Name)
+		}
+		disks = m.state.Disks
+		for i := range disks {
+			paths = append(paths, s.diskPath(name, i))
+		}
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]rebound.BlockDigests, len(disks))
+	for i, d := range disks {
+		sums, err := fileDigests(ctx, paths[i], d.Size, blockSize)
+		if err != nil {
+			return nil, fmt.Errorf("digest disk %d of %s: %w", i, name, err)
+		}
+		out[i] = rebound.BlockDigests{BlockSize: blockSize, Size: d.Size, Sums: sums}
+	}
+	return out, nil
+}
+
+func fileDigests(ctx context.Context, path string, size, blockSize int64) ([][]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	buf := make([]byte, blockSize)
+	var sums [][]byte
+	for off := int64(0); off < size; off += blockSize {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n := min(blockSize, size-off)
+		if _, err := f.ReadAt(buf[:n], off); err != nil && err != io.EOF {
+			return nil, err
+		}
+		h := sha256.Sum256(buf[:n])
+		sums = append(sums, h[:16])
+	}
+	return sums, nil
+}
+
+// Reactivate makes a released copy the active one again, as a new
+// generation: reprotect keeping this site's copy after a split brain.
+func (s *Site) Reactivate(ctx context.Context, name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, err := s.getLocked(name)
+	if err != nil {
+		return err
+	}
+	switch m.state.Role {
+	case RoleActive:
+		return nil
+	case RoleReleased:
+	default:
+		return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; only a released copy can be reactivated", name, m.state.Role, s.cfg.Name)
+	}
+	if err := s.openFiles(m); err != nil {
+		return err
+	}
+	m.state.Role, m.state.Fenced, m.state.Spec = RoleActive, false, nil
+	m.state.Parent, m.state.Generation, m.state.Diverged = m.state.Generation, newGeneration(), false
+	return s.saveLocked()
+}
