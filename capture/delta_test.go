@@ -31,7 +31,7 @@ func randBytes(rng *rand.Rand, n int64) []byte {
 // copy at the target (the common state plus changes of its own).
 type deltaSetup struct {
 	path    string
-	target  []byte          // the target's old copy
+	target  []byte           // the target's old copy
 	regions []rebound.Region // tracked changes ∪ target changes
 	union   *blockModel      // the same, as 4 KiB blocks
 }

@@ -1,0 +1,216 @@
+package capture
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// PendingRegions returns, per disk, the regions of a closed (released or
+// killed) stream in dir that its peer may lack: every region touched by a
+// write, zero or trim record still in the spool, and every dirty-map
+// region. lastWrite is the time of the newest such record (zero if the
+// spool holds none). It only reads: neither dir nor the disks change (a
+// torn spool tail is skipped, not truncated), so it is safe on the seed of
+// a reprotect. A spool corrupt before its tail is an EINTERNAL error: the
+// regions are then unknown and the caller must compare digests.
+func PendingRegions(dir string, disks []DiskSpec) (regions [][]rebound.Region, lastWrite time.Time, err error) {
+	b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, time.Time{}, rebound.Errorf(rebound.ENOTFOUND, "capture: no stream in %s", dir)
+	} else if err != nil {
+		return nil, time.Time{}, fmt.Errorf("capture: %w", err)
+	}
+	var m meta
+	if err := json.Unmarshal(b, &m); err != nil || m.RegionSize <= 0 {
+		return nil, time.Time{}, rebound.Errorf(rebound.EINTERNAL, "capture: bad meta file in %s: %v", dir, err)
+	}
+	if len(m.Disks) != len(disks) {
+		return nil, time.Time{}, rebound.Errorf(rebound.ECONFLICT, "capture: stream %s has %d disks, not %d", dir, len(m.Disks), len(disks))
+	}
+	for i, d := range disks {
+		if m.Disks[i] != d.Size {
+			return nil, time.Time{}, rebound.Errorf(rebound.ECONFLICT, "capture: disk %d of stream %s has %d bytes, not %d", i, dir, m.Disks[i], d.Size)
+		}
+	}
+	regions = make([][]rebound.Region, len(disks))
+	for i, d := range disks {
+		rs, err := dirtyRegions(filepath.Join(dir, fmt.Sprintf("dirty.%d", i)), d.Size, m.RegionSize)
+		if err != nil {
+			return nil, time.Time{}, err
+		}
+		regions[i] = rs
+	}
+	var last int64
+	err = scanSpool(filepath.Join(dir, "spool"), func(seq uint64, t int64, kind rebound.RecordKind, disk uint32, off, length int64) error {
+		switch kind {
+		case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
+		default:
+			return nil
+		}
+		if int(disk) >= len(disks) || checkRange(disks[disk].Size, off, length) != nil {
+			return rebound.Errorf(rebound.EINTERNAL, "capture: spooled record %d (disk %d, %d+%d) does not fit the disks", seq, disk, off, length)
+		}
+		if length > 0 {
+			regions[disk] = append(regions[disk], rebound.Region{Offset: off, Length: length})
+		}
+		last = max(last, t)
+		return nil
+	})
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	for i := range regions {
+		regions[i] = MergeRegions(regions[i])
+	}
+	if last != 0 {
+		lastWrite = time.Unix(0, last).UTC()
+	}
+	return regions, lastWrite, nil
+}
+
+// MergeRegions sorts rs and merges overlapping and adjacent regions. Empty
+// regions are dropped. rs is reordered in place.
+func MergeRegions(rs []rebound.Region) []rebound.Region {
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
+	out := rs[:0]
+	for _, r := range rs {
+		if r.Length <= 0 {
+			continue
+		}
+		if n := len(out); n > 0 && r.Offset <= out[n-1].Offset+out[n-1].Length {
+			out[n-1].Length = max(out[n-1].Offset+out[n-1].Length, r.Offset+r.Length) - out[n-1].Offset
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// dirtyRegions reads a dirty map file without changing it; a missing map
+// has no dirty region.
+func dirtyRegions(path string, diskSize, regionSize int64) ([]rebound.Region, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, fmt.Errorf("capture: %w", err)
+	}
+	n := (diskSize + regionSize - 1) / regionSize
+	if len(b) == 0 {
+		return nil, nil
+	}
+	if int64(len(b)) != (n+7)/8 {
+		return nil, rebound.Errorf(rebound.EINTERNAL, "capture: dirty map %s has %d bytes, want %d", path, len(b), (n+7)/8)
+	}
+	return bitRegions(b, n, regionSize, diskSize), nil
+}
+
+// The spool's wal format (see docs/design/journal.md, wal): segments
+// %020d.wal of an 8-byte magic and frames
+// u32 len | u32 crc32c(len bytes || payload) | payload, payload = u64 seq |
+// i64 time | u8 kind | u32 disk | i64 offset | i64 length | u8 len(pk) |
+// pk | data. It is parsed here, read-only, because wal.Open repairs a torn
+// tail in place. TestPendingRegions writes the spool through wal, so a
+// format change fails it.
+const (
+	spoolMagic      = "RBWAL\x00\x01\n"
+	spoolFixed      = 38
+	spoolMaxPayload = 256 << 20
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// scanSpool calls fn for every intact record of the spool in dir, in
+// order. A bad frame ends the scan if it is in the last segment (a torn
+// tail) and is an EINTERNAL error elsewhere.
+func scanSpool(dir string, fn func(seq uint64, t int64, kind rebound.RecordKind, disk uint32, off, length int64) error) error {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("capture: read spool: %w", err)
+	}
+	var segs []uint64
+	for _, e := range ents {
+		name := e.Name()
+		if !strings.HasSuffix(name, ".wal") || strings.HasPrefix(name, ".") {
+			continue
+		}
+		v, err := strconv.ParseUint(strings.TrimSuffix(name, ".wal"), 10, 64)
+		if err == nil {
+			segs = append(segs, v)
+		}
+	}
+	sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
+	prev := uint64(0)
+	for i, first := range segs {
+		isLast := i == len(segs)-1
+		bad, err := scanSegmentFile(filepath.Join(dir, fmt.Sprintf("%020d.wal", first)), &prev, fn)
+		if err != nil {
+			return err
+		}
+		if bad != nil && !isLast {
+			return rebound.Errorf(rebound.EINTERNAL, "capture: spool segment %d is corrupt (%v); pending regions are unknown", first, bad)
+		}
+	}
+	return nil
+}
+
+func scanSegmentFile(path string, prev *uint64, fn func(uint64, int64, rebound.RecordKind, uint32, int64, int64) error) (bad error, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("capture: read spool: %w", err)
+	}
+	defer f.Close()
+	r := bufio.NewReaderSize(f, 1<<20)
+	var hdr [8]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil || string(hdr[:]) != spoolMagic {
+		return fmt.Errorf("bad segment header"), nil
+	}
+	var payload []byte
+	for {
+		var h [8]byte
+		if _, err := io.ReadFull(r, h[:]); err == io.EOF {
+			return nil, nil
+		} else if err != nil {
+			return fmt.Errorf("short frame: %v", err), nil
+		}
+		plen := binary.LittleEndian.Uint32(h[0:])
+		if plen < spoolFixed || plen > spoolMaxPayload {
+			return fmt.Errorf("bad record length %d", plen), nil
+		}
+		if cap(payload) < int(plen) {
+			payload = make([]byte, plen)
+		}
+		p := payload[:plen]
+		if _, err := io.ReadFull(r, p); err != nil {
+			return fmt.Errorf("short record: %v", err), nil
+		}
+		crc := crc32.Update(0, castagnoli, h[0:4])
+		if crc32.Update(crc, castagnoli, p) != binary.LittleEndian.Uint32(h[4:]) {
+			return fmt.Errorf("checksum mismatch"), nil
+		}
+		seq := binary.LittleEndian.Uint64(p[0:])
+		if seq <= *prev {
+			return fmt.Errorf("seq %d does not follow %d", seq, *prev), nil
+		}
+		*prev = seq
+		if err := fn(seq, int64(binary.LittleEndian.Uint64(p[8:])), rebound.RecordKind(p[16]),
+			binary.LittleEndian.Uint32(p[17:]), int64(binary.LittleEndian.Uint64(p[21:])), int64(binary.LittleEndian.Uint64(p[29:]))); err != nil {
+			return nil, err
+		}
+	}
+}
