@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/capture"
 )
 
 // newGeneration returns a fresh generation ID.
@@ -44,7 +46,18 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 	ci.Role, ci.Disks = m.state.Role, m.state.Disks
 	ci.Generation, ci.Parent = m.state.Generation, m.state.Parent
 	ci.LastWrite = s.lastWriteLocked(m)
-	ci.Untrusted = "change tracking is not available for this copy"
+	switch {
+	case m.state.Role == RoleActive && len(m.trackers) == len(m.state.Disks):
+		ci.Tracked = true
+		for _, t := range m.trackers {
+			ci.Changed = append(ci.Changed, t.Regions())
+			ci.ChangedBytes += t.Bytes()
+		}
+	case m.state.Role == RoleActive:
+		ci.Untrusted = fmt.Sprintf("site %s tracks no changes for this copy (it did not become active through a failover)", s.cfg.Name)
+	default:
+		ci.Untrusted = fmt.Sprintf("the %s copy at site %s has no change tracking", m.state.Role, s.cfg.Name)
+	}
 	return ci, nil
 }
 
@@ -125,4 +138,52 @@ func (s *Site) Reactivate(ctx context.Context, name string) error {
 	m.state.Role, m.state.Fenced, m.state.Spec = RoleActive, false, nil
 	m.state.Parent, m.state.Generation, m.state.Diverged = m.state.Generation, newGeneration(), false
 	return s.saveLocked()
+}
+
+// trackerPath is the change map of a disk of an active copy.
+func (s *Site) trackerPath(name string, i int) string {
+	return filepath.Join(s.machineDir(name), fmt.Sprintf("changed-%d.map", i))
+}
+
+// openTrackers attaches the change maps a copy has (after a failover) to
+// its disks. A copy has maps for all disks or none.
+func (s *Site) openTrackers(m *machine) error {
+	for i := range m.state.Disks {
+		if _, err := os.Stat(s.trackerPath(m.state.Name, i)); err != nil {
+			return nil
+		}
+	}
+	for i, d := range m.state.Disks {
+		t, err := capture.OpenTracker(s.trackerPath(m.state.Name, i), d.Size, 4096)
+		if err != nil {
+			return err
+		}
+		m.trackers = append(m.trackers, t)
+		m.files[i].SetTracker(t)
+	}
+	return nil
+}
+
+func (s *Site) removeTrackers(name string, disks int) {
+	for i := 0; i < disks; i++ {
+		_ = capture.RemoveTracker(s.trackerPath(name, i))
+	}
+}
+
+// deltaSeed returns the regions a delta resync sends: those asked for plus
+// every write tracked at this copy. Called with s.mu held.
+func (s *Site) deltaSeed(m *machine, extra [][]rebound.Region) [][]rebound.Region {
+	seed := make([][]rebound.Region, len(m.state.Disks))
+	for i := range seed {
+		if i < len(extra) {
+			seed[i] = append(seed[i], extra[i]...)
+		}
+		if i < len(m.trackers) {
+			seed[i] = append(seed[i], m.trackers[i].Regions()...)
+		}
+		if seed[i] == nil {
+			seed[i] = []rebound.Region{}
+		}
+	}
+	return seed
 }

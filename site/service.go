@@ -147,7 +147,12 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		if spec.PeerAddr == "" {
 			return rebound.Errorf(rebound.EINVALID, "a source needs the peer's replication address")
 		}
-		// A fresh stream directory means the target has nothing: copy it all.
+		// A fresh stream starts with a full copy, or for a delta seed with
+		// the given regions plus every write tracked since the failover.
+		seed := allDisks
+		if spec.Seed == rebound.SeedDelta {
+			seed = s.deltaSeed(m, spec.Regions)
+		}
 		streamDir := filepath.Join(s.machineDir(spec.Machine), "stream")
 		_ = capture.Remove(streamDir)
 		if err := s.closeFiles(m); err != nil {
@@ -155,11 +160,16 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		}
 		sp := spec
 		m.state.Role, m.state.Spec = RoleSource, &sp
-		if err := s.startSource(m, true); err != nil {
+		if err := s.startSourceSeed(m, seed); err != nil {
 			m.state.Role, m.state.Spec = RoleActive, nil
 			return errors.Join(err, s.openFiles(m))
 		}
-		return s.saveLocked()
+		if err := s.saveLocked(); err != nil {
+			return err
+		}
+		// The stream's dirty map holds the regions now.
+		s.removeTrackers(m.state.Name, len(m.state.Disks))
+		return nil
 	case RoleTarget:
 		if m, ok := s.machines[spec.Machine]; ok {
 			if m.state.Role == RoleTarget && m.state.Spec != nil && m.state.Spec.StreamID == spec.StreamID {

@@ -82,7 +82,8 @@ type Site struct {
 type machine struct {
 	state machineState
 
-	files  []*capture.FileDisk // RoleActive
+	files    []*capture.FileDisk // RoleActive
+	trackers []*capture.Tracker  // RoleActive after a failover: writes since the point
 	stream *capture.Stream     // RoleSource
 	stop   context.CancelFunc  // stops the source's sender and tickers
 	sender *rgrpc.Sender
@@ -276,36 +277,61 @@ func (s *Site) openFiles(m *machine) error {
 		}
 		m.files = append(m.files, f)
 	}
-	return nil
+	return s.openTrackers(m)
 }
 
 func (s *Site) closeFiles(m *machine) error {
 	var errs []error
 	for _, f := range m.files {
+		f.SetTracker(nil)
 		errs = append(errs, f.Close())
 	}
 	m.files = nil
+	for _, t := range m.trackers {
+		errs = append(errs, t.Close())
+	}
+	m.trackers = nil
 	return errors.Join(errs...)
 }
 
 // startSource opens the capture stream over the machine's disks and starts
 // shipping it. A new stream begins with the initial copy.
 func (s *Site) startSource(m *machine, initial bool) error {
+	var seed [][]rebound.Region
+	if initial {
+		seed = allDisks
+	}
+	return s.startSourceSeed(m, seed)
+}
+
+// allDisks asks startSourceSeed for a full initial copy.
+var allDisks = [][]rebound.Region{}
+
+// startSourceSeed opens the capture stream and starts shipping it. A nil
+// seed reopens an existing stream; allDisks starts with a full copy; other
+// regions start with a delta resync of just those regions.
+func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 	st := &m.state
 	specs := make([]capture.DiskSpec, len(st.Disks))
 	for i, d := range st.Disks {
 		specs[i] = capture.DiskSpec{Path: s.diskPath(st.Name, i), Size: d.Size}
 	}
+	// 4 KiB regions: a delta resync sends what changed, not 64 KiB around it.
 	stream, err := capture.Open(filepath.Join(s.machineDir(st.Name), "stream"), specs,
-		capture.Options{SpoolLimit: s.cfg.SpoolLimit, Logger: s.logger.With("machine", st.Name)})
+		capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, Logger: s.logger.With("machine", st.Name)})
 	if err != nil {
 		return err
 	}
-	if initial {
-		if err := stream.StartInitialCopy(); err != nil {
-			stream.Close()
-			return err
-		}
+	switch {
+	case seed == nil:
+	case len(seed) == 0:
+		err = stream.StartInitialCopy()
+	default:
+		err = stream.StartResync(seed)
+	}
+	if err != nil {
+		stream.Close()
+		return err
 	}
 	m.stream = stream
 	ctx, cancel := context.WithCancel(s.ctx)
