@@ -378,6 +378,39 @@ func (d *Disk) Present() int64 {
 	return min(n, d.size)
 }
 
+// Written returns the merged regions of the blocks the data file holds
+// because of writes (WriteAt, WriteZeroes, Trim), in whole 4 KiB blocks,
+// the last clipped to the disk size: the regions that differ from the base
+// view. Call it before Flatten: Flatten makes every block present, after
+// which Written returns the whole disk. Writes racing the call may or may
+// not be included.
+func (d *Disk) Written() []rebound.Region {
+	var out []rebound.Region
+	nblocks := (d.size + BlockSize - 1) / BlockSize
+	start := int64(-1)
+	for w := range d.words {
+		word := d.words[w].Load()
+		base := int64(w) * 64
+		if start < 0 && word == 0 || start >= 0 && word == ^uint64(0) {
+			continue
+		}
+		for b := base; b < min(base+64, nblocks); b++ {
+			set := word&(1<<(b%64)) != 0
+			switch {
+			case set && start < 0:
+				start = b
+			case !set && start >= 0:
+				out = append(out, rebound.Region{Offset: start * BlockSize, Length: (b - start) * BlockSize})
+				start = -1
+			}
+		}
+	}
+	if start >= 0 {
+		out = append(out, rebound.Region{Offset: start * BlockSize, Length: d.size - start*BlockSize})
+	}
+	return out
+}
+
 // Flatten copies every block not written here from base into the data
 // file, so that the data file alone is the disk. It runs while I/O goes
 // on: each map word's blocks are copied under that word's stripe. It ends
