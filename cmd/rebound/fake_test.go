@@ -35,9 +35,16 @@ type fakeService struct {
 	GetJobFn              func(id string) (*rebound.Job, error)
 	CancelJobFn           func(id string) (*rebound.Job, error)
 	ListEventsFn          func(machine string) ([]rebound.Event, error)
+
+	ReprotectFn func(req rebound.ReprotectRequest) (*rebound.Job, error)
+	FailbackFn  func(req rebound.FailoverRequest) (*rebound.Job, error)
+	PreflightFn func(machine, operation string) (*rebound.PreflightReport, error)
 }
 
-var _ rebound.Service = (*fakeService)(nil)
+var (
+	_ rebound.Service     = (*fakeService)(nil)
+	_ rebound.LoopService = (*fakeService)(nil)
+)
 
 func (f *fakeService) record(format string, args ...any) {
 	f.mu.Lock()
@@ -226,4 +233,28 @@ func (f *fakeService) ListEvents(ctx context.Context, machine string) ([]rebound
 		return nil, unexpected("ListEvents")
 	}
 	return f.ListEventsFn(machine)
+}
+
+func (f *fakeService) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*rebound.Job, error) {
+	f.record("Reprotect %+v", req)
+	if f.ReprotectFn == nil {
+		return nil, unexpected("Reprotect")
+	}
+	return f.ReprotectFn(req)
+}
+
+func (f *fakeService) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
+	f.record("Failback %+v", req)
+	if f.FailbackFn == nil {
+		return nil, unexpected("Failback")
+	}
+	return f.FailbackFn(req)
+}
+
+func (f *fakeService) Preflight(ctx context.Context, machine, operation string) (*rebound.PreflightReport, error) {
+	f.record("Preflight %s %s", machine, operation)
+	if f.PreflightFn == nil {
+		return nil, unexpected("Preflight")
+	}
+	return f.PreflightFn(machine, operation)
 }

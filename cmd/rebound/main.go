@@ -26,7 +26,7 @@ var Version = "dev"
 // Exit codes. They are part of the CLI's public contract (docs/cli.md).
 const (
 	ExitOK           = 0 // success
-	ExitFailed       = 1 // the operation failed: job failed or cancelled, or internal error
+	ExitFailed       = 1 // the operation failed: job failed or cancelled, preflight check failed, or internal error
 	ExitUsage        = 2 // bad flags or arguments, invalid input (rebound.EINVALID)
 	ExitNotFound     = 3 // rebound.ENOTFOUND
 	ExitConflict     = 4 // rebound.ECONFLICT: the state does not allow it
@@ -36,7 +36,8 @@ const (
 
 const exitCodesHelp = `Exit codes:
   0  ok
-  1  operation failed (job failed or cancelled, or internal error)
+  1  operation failed (job failed or cancelled, a preflight check failed,
+     or internal error)
   2  usage error (bad flags or arguments, invalid input)
   3  not found
   4  conflict (the current state does not allow the operation)
@@ -116,9 +117,16 @@ func (c *CLI) Run(ctx context.Context, args []string) int {
 	}
 	code := c.exitCode(err)
 	var je *jobError
-	if errors.As(err, &je) {
-		// The job itself was already printed; its JSON carries the error.
-		fmt.Fprintf(c.Stderr, "rebound: %s\n", je.Error())
+	var cf *checksFailed
+	if errors.As(err, &je) || errors.As(err, &cf) {
+		// The job or report was already printed; its JSON carries the failure.
+		msg := err.Error()
+		if je != nil {
+			msg = je.Error()
+		} else {
+			msg = cf.Error()
+		}
+		fmt.Fprintf(c.Stderr, "rebound: %s\n", msg)
 		return code
 	}
 	msg := rebound.ErrorMessage(err)
@@ -158,7 +166,8 @@ func wantsJSON(args []string) bool {
 
 func (c *CLI) exitCode(err error) int {
 	var je *jobError
-	if errors.As(err, &je) {
+	var cf *checksFailed
+	if errors.As(err, &je) || errors.As(err, &cf) {
 		return ExitFailed
 	}
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
@@ -234,6 +243,9 @@ REBOUND_CA, or by --server, --token and --ca (later ones win).
 		c.pointCommand(),
 		c.failoverCommand(),
 		c.commitCommand(),
+		c.reprotectCommand(),
+		c.failbackCommand(),
+		c.preflightCommand(),
 		c.testFailoverCommand(),
 		c.jobCommand(),
 		c.eventsCommand(),

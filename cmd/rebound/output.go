@@ -138,6 +138,9 @@ func writeJob(w io.Writer, j *rebound.Job) {
 	row(w, "State:", j.State)
 	row(w, "Progress:", fmtPercent(j.Progress))
 	row(w, "Step:", orDash(j.Step))
+	if r := fmtResync(j); r != "" {
+		row(w, "Resync:", r)
+	}
 	if j.Error != "" {
 		row(w, "Error:", j.Error)
 	}
@@ -183,4 +186,33 @@ func writePolicies(w io.Writer, policies []rebound.Policy) {
 		}
 		row(w, p.Name, p.RPOThreshold, p.Retention, p.CrashInterval, app)
 	}
+}
+
+// fmtResync describes a job's resync figures ("sent 40MiB of 41.2MiB,
+// compared 4GiB, ETA 3s"), or "" when it has none.
+func fmtResync(j *rebound.Job) string {
+	var parts []string
+	if j.BytesSent > 0 || j.BytesTotal > 0 {
+		s := "sent " + formatSize(j.BytesSent)
+		if j.BytesTotal > 0 {
+			s += " of " + formatSize(j.BytesTotal)
+		}
+		parts = append(parts, s)
+	}
+	if j.BytesCompared > 0 {
+		parts = append(parts, "compared "+formatSize(j.BytesCompared))
+	}
+	if j.ETASeconds > 0 && !jobDone(j) {
+		parts = append(parts, "ETA "+fmtETA(j.ETASeconds))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// fmtETA rounds to whole seconds; an ETA under a second is "<1s".
+func fmtETA(s float64) string {
+	d := time.Duration(s * float64(time.Second)).Round(time.Second)
+	if d < time.Second {
+		return "<1s"
+	}
+	return d.String()
 }

@@ -53,7 +53,11 @@ func (c *CLI) WaitJob(ctx context.Context, svc rebound.Service, job *rebound.Job
 				line += ": " + j.Step
 			}
 			if line != last {
-				fmt.Fprintf(c.Stderr, "job %s %s (%s)\n", j.ID, line, fmtPercent(j.Progress))
+				extra := ""
+				if r := fmtResync(j); r != "" {
+					extra = ", " + r
+				}
+				fmt.Fprintf(c.Stderr, "job %s %s (%s%s)\n", j.ID, line, fmtPercent(j.Progress), extra)
 				last = line
 			}
 		}
@@ -93,12 +97,14 @@ func (c *CLI) WaitJob(ctx context.Context, svc rebound.Service, job *rebound.Job
 // progressBar draws the job's progress and step on stderr.
 func (c *CLI) progressBar(ctx context.Context, job *rebound.Job) (show, stop func(*rebound.Job)) {
 	const total = 1000
-	p := mpb.NewWithContext(ctx, mpb.WithOutput(c.Stderr), mpb.WithWidth(40),
+	// The line is as wide as the terminal; 120 is its width when mpb
+	// cannot tell (IsTerminal overridden). The bar itself is 40 wide.
+	p := mpb.NewWithContext(ctx, mpb.WithOutput(c.Stderr), mpb.WithWidth(120),
 		mpb.WithAutoRefresh()) // render even when IsTerminal was overridden
 	var step atomic.Pointer[string] // written by show, read by mpb's goroutine
-	first := job.Step
+	first := barStep(job)
 	step.Store(&first)
-	bar := p.AddBar(total,
+	bar := p.AddBar(total, mpb.BarWidth(40),
 		mpb.PrependDecorators(decor.Name(job.Type+" "+job.Machine, decor.WCSyncSpaceR)),
 		mpb.AppendDecorators(
 			decor.Percentage(decor.WCSyncSpace),
@@ -106,7 +112,7 @@ func (c *CLI) progressBar(ctx context.Context, job *rebound.Job) (show, stop fun
 		),
 	)
 	show = func(j *rebound.Job) {
-		s := j.Step
+		s := barStep(j)
 		step.Store(&s)
 		cur := int64(j.Progress * total)
 		cur = max(0, min(cur, total-1)) // reaching total would complete the bar early
@@ -121,6 +127,18 @@ func (c *CLI) progressBar(ctx context.Context, job *rebound.Job) (show, stop fun
 		p.Wait()
 	}
 	return show, stop
+}
+
+// barStep is the text after the bar: the step, and for a resync the bytes
+// sent and the ETA.
+func barStep(j *rebound.Job) string {
+	if r := fmtResync(j); r != "" {
+		if j.Step == "" {
+			return r
+		}
+		return j.Step + " (" + r + ")"
+	}
+	return j.Step
 }
 
 // startJob runs a job-starting call and prints the job; with --wait it

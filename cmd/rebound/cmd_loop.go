@@ -1,0 +1,208 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/spf13/cobra"
+)
+
+// DefaultWaitReady is what a bare --wait-ready waits for the capture side.
+const DefaultWaitReady = 15 * time.Minute
+
+// Preflight operations.
+var preflightOps = []string{"failover", "failback", "reprotect"}
+
+// Loop returns the Service's LoopService (reprotect, failback, preflight).
+func (c *CLI) Loop() (rebound.LoopService, error) {
+	svc, err := c.Service()
+	if err != nil {
+		return nil, err
+	}
+	l, ok := svc.(rebound.LoopService)
+	if !ok {
+		return nil, rebound.Errorf(rebound.EINTERNAL, "this client cannot reprotect, fail back or run preflight checks")
+	}
+	return l, nil
+}
+
+// startLoopJob is startJob for the LoopService verbs.
+func (c *CLI) startLoopJob(cmd *cobra.Command, wait bool, start func(ctx context.Context, l rebound.LoopService) (*rebound.Job, error)) error {
+	l, err := c.Loop()
+	if err != nil {
+		return err
+	}
+	return c.startJob(cmd, wait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+		return start(ctx, l)
+	})
+}
+
+func (c *CLI) reprotectCommand() *cobra.Command {
+	var (
+		req  rebound.ReprotectRequest
+		wr   time.Duration
+		wait bool
+	)
+	cmd := &cobra.Command{
+		Use:   "reprotect NAME [--to SITE] [--policy P] [--verify] [--wait-ready[=DURATION]] [--keep SITE] [--wait]",
+		Short: "Replicate a failed-over, committed machine back to the site it came from",
+		Long: `Start replicating a committed, failed-over machine from its active site back to
+the site it came from (or --to another). The target keeps the disks it holds:
+only the regions that differ are sent (a delta resync). --verify compares
+block digests of both copies instead of trusting change tracking.
+
+When the copies diverged (both sides were written after the failover point,
+a split brain) the reprotect is refused unless --keep names the site whose
+copy wins; the other copy's divergent writes are overwritten.
+
+Without --wait-ready the reprotect fails at once when the active site's
+capture side is not ready; --wait-ready waits up to 15m for it, and
+--wait-ready=DURATION up to DURATION (the = is required).`,
+		Example: `  rebound reprotect web1 --wait
+  rebound reprotect web1 --to a --verify --wait-ready=5m --wait
+  rebound reprotect web1 --keep b   # after a split brain: b's copy wins`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			for _, f := range []string{"to", "policy", "keep"} {
+				if cmd.Flags().Changed(f) && cmd.Flags().Lookup(f).Value.String() == "" {
+					return usagef("reprotect: --%s must not be empty", f)
+				}
+			}
+			if wr < 0 {
+				return usagef("reprotect: --wait-ready must not be negative, not %s", wr)
+			}
+			req.Machine, req.WaitReady = args[0], rebound.Duration(wr)
+			return c.startLoopJob(cmd, wait, func(ctx context.Context, l rebound.LoopService) (*rebound.Job, error) {
+				return l.Reprotect(ctx, req)
+			})
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&req.To, "to", "", "target site (default: the site the machine came from)")
+	fl.StringVar(&req.Policy, "policy", "", "policy name (default \"default\")")
+	fl.BoolVar(&req.Verify, "verify", false, "compare block digests of both copies instead of trusting change tracking")
+	fl.DurationVar(&wr, "wait-ready", 0, "wait up to DURATION for the active site's capture side (bare: 15m; absent: fail at once)")
+	fl.Lookup("wait-ready").NoOptDefVal = DefaultWaitReady.String()
+	fl.StringVar(&req.Keep, "keep", "", "after a split brain, the site whose copy wins")
+	addWaitFlag(cmd, &wait)
+	return cmd
+}
+
+func (c *CLI) failbackCommand() *cobra.Command {
+	var (
+		point         string
+		planned, wait bool
+	)
+	cmd := &cobra.Command{
+		Use:   "failback NAME [--planned | --point P] [--wait]",
+		Short: "Fail a reprotected machine over back to the site it came from",
+		Long: `Fail a reprotected machine over back to the site it came from. By default the
+failback is planned: the active site is fenced and everything it wrote is
+replicated first, so nothing is lost. --point fails back to a recovery point
+instead (unplanned). Then commit it, as after a failover.`,
+		Example: `  rebound failback web1 --wait
+  rebound failback web1 --point latest-app-consistent`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			pointSet := cmd.Flags().Changed("point")
+			if pointSet && cmd.Flags().Changed("planned") {
+				return usagef("failback: --planned and --point exclude each other (a planned failback replicates everything)")
+			}
+			if pointSet && point == "" {
+				return usagef("failback: --point must not be empty")
+			}
+			req := rebound.FailoverRequest{Machine: args[0], Point: point, Planned: !pointSet}
+			return c.startLoopJob(cmd, wait, func(ctx context.Context, l rebound.LoopService) (*rebound.Job, error) {
+				return l.Failback(ctx, req)
+			})
+		},
+	}
+	cmd.Flags().BoolVar(&planned, "planned", false, "fence the active site and replicate everything first (the default)")
+	cmd.Flags().StringVar(&point, "point", "", pointHelp+" (unplanned)")
+	addWaitFlag(cmd, &wait)
+	return cmd
+}
+
+// checksFailed is returned when preflight checks failed (exit 1); the
+// report has already been printed.
+type checksFailed struct{ rep *rebound.PreflightReport }
+
+func (e *checksFailed) Error() string {
+	n := 0
+	for _, ch := range e.rep.Checks {
+		if !ch.OK {
+			n++
+		}
+	}
+	return fmt.Sprintf("preflight %s %s: %d of %d checks failed", e.rep.Operation, e.rep.Machine, n, len(e.rep.Checks))
+}
+
+func (c *CLI) preflightCommand() *cobra.Command {
+	var op string
+	cmd := &cobra.Command{
+		Use:   "preflight NAME [--operation failover|failback|reprotect]",
+		Short: "Check whether a failover, failback or reprotect would succeed now; exit 1 if not",
+		Long: `Run the checks an operation makes before it starts, without starting it.
+Without --operation the server checks the next operation the machine's state
+allows. Exit code 0 when every check passed, 1 when any failed.`,
+		Example: `  rebound preflight web1
+  rebound preflight web1 --operation failback -o json`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if cmd.Flags().Changed("operation") && !contains(preflightOps, op) {
+				return usagef("preflight: --operation must be failover, failback or reprotect, not %q", op)
+			}
+			l, err := c.Loop()
+			if err != nil {
+				return err
+			}
+			rep, err := l.Preflight(cmd.Context(), args[0], op)
+			if err != nil {
+				return err
+			}
+			if rep.Checks == nil {
+				rep.Checks = []rebound.PreflightCheck{}
+			}
+			if err := c.print(rep, func(w io.Writer) { writePreflight(w, rep) }); err != nil {
+				return err
+			}
+			if !rep.OK {
+				return &checksFailed{rep}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&op, "operation", "", "failover, failback or reprotect (default: the next one the machine's state allows)")
+	return cmd
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+func writePreflight(w io.Writer, r *rebound.PreflightReport) {
+	result := "ok"
+	if !r.OK {
+		result = "FAILED"
+	}
+	row(w, "Machine:", r.Machine)
+	row(w, "Operation:", orDash(r.Operation))
+	row(w, "Result:", result)
+	flush(w)
+	row(w, "NAME", "OK", "MESSAGE")
+	for _, ch := range r.Checks {
+		ok := "ok"
+		if !ch.OK {
+			ok = "FAIL"
+		}
+		row(w, ch.Name, ok, ch.Message)
+	}
+}
