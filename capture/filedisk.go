@@ -119,8 +119,16 @@ func (d *FileDisk) Trim(off, length int64) error {
 	return d.zero(off, length)
 }
 
-// Flush makes every completed write durable.
-func (d *FileDisk) Flush() error { return d.f.Sync() }
+// Flush makes every completed write durable, the tracker's marks first, so
+// a flushed change is never durable without its mark.
+func (d *FileDisk) Flush() error {
+	if t := d.track.Load(); t != nil {
+		if err := t.Sync(); err != nil {
+			return err
+		}
+	}
+	return d.f.Sync()
+}
 
 // Close closes the file.
 func (d *FileDisk) Close() error { return d.f.Close() }
