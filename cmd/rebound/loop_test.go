@@ -281,3 +281,22 @@ func TestLoopOverHTTP(t *testing.T) {
 	}
 	wantCalls(t, f)
 }
+
+func TestMachineShowPreviousSite(t *testing.T) {
+	m := sampleMachine()
+	m.ActiveSite, m.PreviousSite, m.TestFailover = "b", "a", nil
+	f := &fakeService{GetMachineFn: func(string) (*rebound.Machine, error) { return m, nil }}
+	r := runCLI(t, f, "machine", "show", "web1")
+	wantCode(t, r, 0)
+	if !strings.Contains(r.stdout, "Previous site:  a\n") {
+		t.Fatalf("table:\n%s", r.stdout)
+	}
+	r = runCLI(t, f, "machine", "show", "web1", "-o", "json")
+	if got := decode[rebound.Machine](t, r.stdout); got.PreviousSite != "a" {
+		t.Fatalf("json %+v", got)
+	}
+	m.PreviousSite = ""
+	if r := runCLI(t, f, "machine", "show", "web1"); strings.Contains(r.stdout, "Previous site") {
+		t.Fatalf("table:\n%s", r.stdout)
+	}
+}

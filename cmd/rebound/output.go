@@ -90,6 +90,9 @@ func writeMachine(w io.Writer, m *rebound.Machine) {
 	row(w, "State:", m.State)
 	row(w, "Active site:", orDash(m.ActiveSite))
 	row(w, "Home site:", orDash(m.HomeSite))
+	if m.PreviousSite != "" {
+		row(w, "Previous site:", m.PreviousSite)
+	}
 	health := orDash(m.Health)
 	if m.HealthReason != "" {
 		health += " (" + m.HealthReason + ")"
