@@ -1,5 +1,6 @@
-// Package http is Rebound's REST edge: Server exposes a rebound.Service as
-// JSON over HTTP, Client implements rebound.Service against such a server.
+// Package http is Rebound's REST edge: Server exposes a rebound.Service (and
+// optionally a rebound.LoopService) as JSON over HTTP, Client implements
+// both against such a server.
 // The routes, bodies and error format are in docs/design/api.md and in the
 // OpenAPI document served at /api/v1/openapi.json.
 package http
