@@ -2,6 +2,7 @@ package rebound
 
 import (
 	"context"
+	"sort"
 	"time"
 )
 
@@ -101,4 +102,22 @@ type LoopService interface {
 	// Preflight runs the checks of an operation ("failover", "failback",
 	// "reprotect"; default: the next one the machine's state allows).
 	Preflight(ctx context.Context, machine, operation string) (*PreflightReport, error)
+}
+
+// MergeRegions sorts regions by offset and merges overlapping or adjacent
+// ones, dropping empty ones. It reuses rs.
+func MergeRegions(rs []Region) []Region {
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
+	out := rs[:0]
+	for _, r := range rs {
+		if r.Length <= 0 {
+			continue
+		}
+		if n := len(out); n > 0 && r.Offset <= out[n-1].Offset+out[n-1].Length {
+			out[n-1].Length = max(out[n-1].Offset+out[n-1].Length, r.Offset+r.Length) - out[n-1].Offset
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
 }

@@ -20,8 +20,8 @@ import (
 
 // PendingRegions returns, per disk, the regions of a closed (released or
 // killed) stream in dir that its peer may lack: every region touched by a
-// write, zero or trim record still in the spool, and every dirty-map
-// region. lastWrite is the time of the newest such record (zero if the
+// write, zero or trim record in the spool that the peer has not
+// acknowledged, and every dirty-map region. lastWrite is the time of the newest such record (zero if the
 // spool holds none). It only reads: neither dir nor the disks change (a
 // torn spool tail is skipped, not truncated), so it is safe on the seed of
 // a reprotect. A spool corrupt before its tail is an EINTERNAL error: the
@@ -63,7 +63,8 @@ func PendingRegions(dir string, disks []DiskSpec) (regions [][]rebound.Region, l
 		if int(disk) >= len(disks) || checkRange(disks[disk].Size, off, length) != nil {
 			return rebound.Errorf(rebound.EINTERNAL, "capture: spooled record %d (disk %d, %d+%d) does not fit the disks", seq, disk, off, length)
 		}
-		if length > 0 {
+		// Records the peer acknowledged are in its journal: it knows them.
+		if length > 0 && seq > m.Acked {
 			regions[disk] = append(regions[disk], rebound.Region{Offset: off, Length: length})
 		}
 		last = max(last, t)

@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"fmt"
-	"sort"
 	"sync"
 	"time"
 
@@ -331,7 +330,7 @@ func (s *Server) compare(ctx context.Context, r *jobRun, m *rebound.Machine, pla
 			if i < len(plan.dst.Changed) {
 				rs = append(rs, plan.dst.Changed[i]...)
 			}
-			out[i] = mergeRegions(rs)
+			out[i] = rebound.MergeRegions(rs)
 		}
 		r.Message("tracked changes: %s at the active copy, %s at the old one", humanBytes(plan.src.ChangedBytes), humanBytes(plan.dst.ChangedBytes))
 		return out, 0, nil
@@ -371,24 +370,6 @@ func regionBytes(rs [][]rebound.Region) int64 {
 		}
 	}
 	return n
-}
-
-// mergeRegions sorts regions and merges overlapping or adjacent ones.
-func mergeRegions(rs []rebound.Region) []rebound.Region {
-	if len(rs) == 0 {
-		return nil
-	}
-	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
-	out := []rebound.Region{rs[0]}
-	for _, r := range rs[1:] {
-		last := &out[len(out)-1]
-		if r.Offset <= last.Offset+last.Length {
-			last.Length = max(last.Length, r.Offset+r.Length-last.Offset)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
 }
 
 // waitResync follows the resync until the target has its first point,
@@ -533,5 +514,5 @@ func diffDigests(a, b [][]byte, blockSize, size int64) []rebound.Region {
 		off := int64(i) * blockSize
 		out = append(out, rebound.Region{Offset: off, Length: min(blockSize, size-off)})
 	}
-	return mergeRegions(out)
+	return rebound.MergeRegions(out)
 }

@@ -201,7 +201,11 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 	streamID := fmt.Sprintf("%s.%d", m.Name, time.Now().UnixNano())
 	return s.startJob(ctx, "protect", m.Name, []string{"prepare target", "start source", "initial copy"}, func(ctx context.Context, r *jobRun) error {
 		r.Step("prepare target")
-		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: m.Disks, Policy: *pol}
+		ci, err := src.CopyInfo(ctx, m.Name)
+		if err != nil {
+			return err
+		}
+		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: ci.Generation}
 		tspec := spec
 		tspec.Role, tspec.PeerSite = "target", m.ActiveSite
 		if err := dst.StartReplication(ctx, tspec); err != nil {

@@ -9,10 +9,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/capture"
+	"github.com/rebound-dr/rebound/nbd"
+	"github.com/rebound-dr/rebound/overlay"
 )
 
 // newGeneration returns a fresh generation ID.
@@ -22,16 +23,18 @@ func newGeneration() string {
 	return "g-" + hex.EncodeToString(b[:])
 }
 
-// lastWriteLocked returns the time of the newest write the machine's
-// stream recorded, or the zero time.
-func (s *Site) lastWriteLocked(m *machine) time.Time {
-	var last time.Time
-	for i := range m.state.Disks {
-		if fi, err := os.Stat(s.diskPath(m.state.Name, i)); err == nil && fi.ModTime().After(last) {
-			last = fi.ModTime()
-		}
+// streamDir is where a machine's capture stream lives.
+func (s *Site) streamDir(name string) string {
+	return filepath.Join(s.machineDir(name), "stream")
+}
+
+// diskSpecs returns the capture specs of a machine's disks.
+func (s *Site) diskSpecs(m *machine) []capture.DiskSpec {
+	specs := make([]capture.DiskSpec, len(m.state.Disks))
+	for i, d := range m.state.Disks {
+		specs[i] = capture.DiskSpec{Path: s.diskPath(m.state.Name, i), Size: d.Size}
 	}
-	return last
+	return specs
 }
 
 // CopyInfo describes this site's copy of a machine.
@@ -45,7 +48,6 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 	}
 	ci.Role, ci.Disks = m.state.Role, m.state.Disks
 	ci.Generation, ci.Parent = m.state.Generation, m.state.Parent
-	ci.LastWrite = s.lastWriteLocked(m)
 	switch {
 	case m.state.Role == RoleActive && len(m.trackers) == len(m.state.Disks):
 		ci.Tracked = true
@@ -55,6 +57,23 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 		}
 	case m.state.Role == RoleActive:
 		ci.Untrusted = fmt.Sprintf("site %s tracks no changes for this copy (it did not become active through a failover)", s.cfg.Name)
+	case m.state.Role == RoleReleased:
+		// The old source: what it wrote that its peer may lack is in its
+		// closed stream (spool and dirty maps).
+		regions, last, err := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
+		if err != nil {
+			ci.Untrusted = fmt.Sprintf("the released copy's stream at site %s cannot be read: %s", s.cfg.Name, rebound.ErrorMessage(err))
+			break
+		}
+		ci.Tracked, ci.Changed, ci.LastWrite = !m.state.Diverged, regions, last
+		if m.state.Diverged {
+			ci.Untrusted = "the copy took writes after the failover"
+		}
+		for _, rs := range regions {
+			for _, r := range rs {
+				ci.ChangedBytes += r.Length
+			}
+		}
 	default:
 		ci.Untrusted = fmt.Sprintf("the %s copy at site %s has no change tracking", m.state.Role, s.cfg.Name)
 	}
@@ -186,4 +205,41 @@ func (s *Site) deltaSeed(m *machine, extra [][]rebound.Region) [][]rebound.Regio
 		}
 	}
 	return seed
+}
+
+// backend is what the NBD server serves for disk i of an activation: the
+// overlay, with every change marked in the tracker first.
+func (a *activation) backend(i int) nbd.Backend {
+	if i < len(a.trackers) {
+		return trackedDisk{a.disks[i], a.trackers[i]}
+	}
+	return a.disks[i]
+}
+
+// trackedDisk marks a change in its tracker before applying it, so a kill
+// never leaves a change untracked.
+type trackedDisk struct {
+	*overlay.Disk
+	t *capture.Tracker
+}
+
+func (d trackedDisk) WriteAt(p []byte, off int64) (int, error) {
+	if err := d.t.Mark(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	return d.Disk.WriteAt(p, off)
+}
+
+func (d trackedDisk) WriteZeroes(off, length int64) error {
+	if err := d.t.Mark(off, length); err != nil {
+		return err
+	}
+	return d.Disk.WriteZeroes(off, length)
+}
+
+func (d trackedDisk) Trim(off, length int64) error {
+	if err := d.t.Mark(off, length); err != nil {
+		return err
+	}
+	return d.Disk.Trim(off, length)
 }

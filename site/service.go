@@ -171,14 +171,30 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		s.removeTrackers(m.state.Name, len(m.state.Disks))
 		return nil
 	case RoleTarget:
+		dir := filepath.Join(s.machineDir(spec.Machine), "journal")
 		if m, ok := s.machines[spec.Machine]; ok {
 			if m.state.Role == RoleTarget && m.state.Spec != nil && m.state.Spec.StreamID == spec.StreamID {
 				return nil
 			}
-			return rebound.Errorf(rebound.ECONFLICT, "site %s already holds machine %q as %s", s.cfg.Name, spec.Machine, m.state.Role)
+			if !spec.AdoptDisks || m.state.Role != RoleReleased {
+				return rebound.Errorf(rebound.ECONFLICT, "site %s already holds machine %q as %s", s.cfg.Name, spec.Machine, m.state.Role)
+			}
+			// The old disks become the journal's base: the delta resync
+			// lands on top of them.
+			_ = journal.Remove(dir)
+			paths := make([]string, len(m.state.Disks))
+			for i := range paths {
+				paths[i] = s.diskPath(spec.Machine, i)
+			}
+			if err := journal.Adopt(dir, spec.Disks, paths); err != nil {
+				return err
+			}
+			delete(s.machines, spec.Machine)
+		} else if spec.AdoptDisks {
+			return rebound.Errorf(rebound.ECONFLICT, "site %s holds no disks of machine %q to adopt", s.cfg.Name, spec.Machine)
+		} else {
+			_ = journal.Remove(dir)
 		}
-		dir := filepath.Join(s.machineDir(spec.Machine), "journal")
-		_ = journal.Remove(dir)
 		if err := os.MkdirAll(s.machineDir(spec.Machine), 0o755); err != nil {
 			return err
 		}
@@ -427,6 +443,11 @@ func (s *Site) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebou
 	if _, err := s.getLocked(spec.Machine); err != nil {
 		return nil, err
 	}
+	if !spec.Test {
+		// A new point: writes made on the previous one are gone, and so is
+		// their tracking.
+		s.removeTrackers(m.state.Name, len(m.state.Disks))
+	}
 	a, err := s.activate(m, spec)
 	if err != nil {
 		return nil, err
@@ -470,6 +491,14 @@ func (s *Site) activate(m *machine, spec rebound.ActivateSpec) (*activation, err
 			return nil, err
 		}
 		a.disks = append(a.disks, o)
+		if !spec.Test {
+			t, err := capture.OpenTracker(s.trackerPath(m.state.Name, i), d.Size, 4096)
+			if err != nil {
+				a.close()
+				return nil, err
+			}
+			a.trackers = append(a.trackers, t)
+		}
 	}
 	return a, nil
 }
@@ -521,7 +550,20 @@ func (s *Site) Commit(ctx context.Context, name string, progress func(done, tota
 		return rebound.Errorf(rebound.ECONFLICT, "machine %q is not failed over to site %s", name, s.cfg.Name)
 	}
 	a := m.act
+	// What the old source wrote after the point (and the journal holds)
+	// differs from this copy too: a reprotect must send it back.
+	after := m.journal.RegionsAfter(a.spec.Seq)
 	s.mu.Unlock()
+	for i, t := range a.trackers {
+		if i < len(after) {
+			if err := t.MarkRegions(after[i]); err != nil {
+				return err
+			}
+		}
+		if err := t.Sync(); err != nil {
+			return err
+		}
+	}
 
 	var total int64
 	for _, d := range m.state.Disks {
@@ -613,7 +655,7 @@ func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time)
 	m.state.Role = RoleReleased
 	// A copy written after the failover diverged from the one that took
 	// over: it is a new history, and reprotect must not trust it blindly.
-	if last := s.lastWriteLocked(m); !failoverTime.IsZero() && last.After(failoverTime) {
+	if _, last, perr := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m)); perr == nil && !failoverTime.IsZero() && last.After(failoverTime) {
 		m.state.Parent, m.state.Generation, m.state.Diverged = m.state.Generation, newGeneration(), true
 		s.logger.Warn("released copy took writes after the failover: split brain", "machine", name, "lastWrite", last, "failover", failoverTime)
 	}

@@ -115,6 +115,9 @@ type activation struct {
 	spec  rebound.ActivateSpec
 	view  *journal.View
 	disks []*overlay.Disk
+	// trackers (failover, not test) record every write since the point:
+	// after commit they seed the delta of a reprotect.
+	trackers []*capture.Tracker
 }
 
 // New returns a site. Call Open to load its state and Serve* to listen.
@@ -430,6 +433,9 @@ func (a *activation) close() error {
 	for _, d := range a.disks {
 		errs = append(errs, d.Close())
 	}
+	for _, t := range a.trackers {
+		errs = append(errs, t.Close())
+	}
 	if a.view != nil {
 		errs = append(errs, a.view.Close())
 	}
@@ -496,7 +502,7 @@ func (s *Site) lookupExport(name string) (*nbd.Export, error) {
 	case m.state.Role == RoleSource:
 		b = m.stream.Disk(idx)
 	case m.state.Role == RoleTarget && m.act != nil:
-		b = m.act.disks[idx]
+		b = m.act.backend(idx)
 	}
 	if b == nil {
 		return nil, fmt.Errorf("export %q is not active at site %s", name, s.cfg.Name)

@@ -110,6 +110,7 @@ type oracle struct {
 	times  map[time.Time]string // instant -> hash
 	order  []string             // point IDs in order
 	tlist  []time.Time
+	track  changeSet // if set, blocks written are added to it
 }
 
 func newOracle(t *testing.T, size int64, seed int64) *oracle {
@@ -133,6 +134,9 @@ func (o *oracle) write(uri string, n int) {
 			o.t.Fatalf("write through %s: %v", uri, err)
 		}
 		o.model.Apply(op)
+		if o.track != nil {
+			o.track.add(op)
+		}
 	}
 	if err := cl.Flush(); err != nil {
 		o.t.Fatal(err)
