@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -249,3 +250,44 @@ func TestStartResyncEmpty(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// benchFullResync copies a 64 MiB disk of data through StartResync with a
+// reader that acks at once: the cost of the copy at a region size.
+func benchFullResync(b *testing.B, regionSize int64) {
+	const size = 64 << 20
+	dir := b.TempDir()
+	path := filepath.Join(dir, "disk0")
+	rng := rand.New(rand.NewPCG(1, 1))
+	if err := os.WriteFile(path, randBytes(rng, size), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(size)
+	for i := range b.N {
+		sdir := filepath.Join(dir, fmt.Sprintf("stream%d", i))
+		s, err := Open(sdir, []DiskSpec{{Path: path, Size: size}}, Options{RegionSize: regionSize, SpoolLimit: 256 << 20, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := s.StartResync([][]rebound.Region{{{Offset: 0, Length: size}}}); err != nil {
+			b.Fatal(err)
+		}
+		recs := 0
+		for next := uint64(1); ; {
+			got, err := s.Read(context.Background(), next, 4<<20)
+			if err != nil {
+				b.Fatal(err)
+			}
+			next += uint64(len(got))
+			recs += len(got)
+			s.Acked(next - 1)
+			if got[len(got)-1].Kind == rebound.RecordResyncEnd {
+				break
+			}
+		}
+		s.Close()
+		b.ReportMetric(float64(recs), "records")
+	}
+}
+
+func BenchmarkFullResync4K(b *testing.B)  { benchFullResync(b, 4096) }
+func BenchmarkFullResync64K(b *testing.B) { benchFullResync(b, 64<<10) }
