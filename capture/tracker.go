@@ -231,6 +231,13 @@ func bitRegions(b []byte, blocks, blockSize, size int64) []rebound.Region {
 	var out []rebound.Region
 	start := int64(-1)
 	for i := int64(0); i < blocks; i++ {
+		// Whole words, then whole bytes, that do not end or start a run.
+		if i%64 == 0 && i+64 <= blocks {
+			if w := binary.LittleEndian.Uint64(b[i/8:]); start < 0 && w == 0 || start >= 0 && w == ^uint64(0) {
+				i += 63
+				continue
+			}
+		}
 		if i%8 == 0 && start < 0 && b[i/8] == 0 {
 			i += 7
 			continue
