@@ -130,7 +130,9 @@ func TestReprotectDelta(t *testing.T) {
 		t.Fatal(err)
 	}
 	randomWrites(t, rng, ps.Disk(0), size, 50)
-	pump(t, ps, rj, func(*rebound.Record) bool { return ps.Stats().State == capture.StateStreaming && rj.Durable() == ps.Head() })
+	pump(t, ps, rj, func(*rebound.Record) bool {
+		return ps.Stats().State == capture.StateStreaming && rj.Durable() == ps.Head()
+	})
 	randomWrites(t, rng, ps.Disk(0), size, 30)
 	pt, err := ps.Mark(rebound.PointCrash)
 	if err != nil {
