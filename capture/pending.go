@@ -21,11 +21,18 @@ import (
 // PendingRegions returns, per disk, the regions of a closed (released or
 // killed) stream in dir that its peer may lack: every region touched by a
 // write, zero or trim record in the spool that the peer has not
-// acknowledged, and every dirty-map region. lastWrite is the time of the newest such record (zero if the
-// spool holds none). It only reads: neither dir nor the disks change (a
-// torn spool tail is skipped, not truncated), so it is safe on the seed of
-// a reprotect. A spool corrupt before its tail is an EINTERNAL error: the
-// regions are then unknown and the caller must compare digests.
+// acknowledged (as meta.json says: the persisted acked seq lags the real
+// one, which only adds regions), and every dirty-map region. Acknowledged
+// records are in the peer's journal (journal.RegionsAfter covers them).
+//
+// lastWrite is the time of the newest write, zero or trim record in the
+// spool, acknowledged or not, or of the newest change kept only in the
+// dirty map (overflow; persisted within 100 ms of it), zero if none.
+//
+// It only reads: neither dir nor the disks change (a torn spool tail is
+// skipped, not truncated), so it is safe on the seed of a reprotect. A
+// spool corrupt before its tail is an EINTERNAL error: the regions are
+// then unknown and the caller must compare digests.
 func PendingRegions(dir string, disks []DiskSpec) (regions [][]rebound.Region, lastWrite time.Time, err error) {
 	b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
 	if errors.Is(err, os.ErrNotExist) {
@@ -76,6 +83,9 @@ func PendingRegions(dir string, disks []DiskSpec) (regions [][]rebound.Region, l
 	for i := range regions {
 		regions[i] = MergeRegions(regions[i])
 	}
+	// Changes kept only in the dirty map have no record; the stream kept
+	// the newest one's time.
+	last = max(last, m.DirtyTime)
 	if last != 0 {
 		lastWrite = time.Unix(0, last).UTC()
 	}

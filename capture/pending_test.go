@@ -81,6 +81,16 @@ func TestPendingRegions(t *testing.T) {
 		want[i] = MergeRegions(want[i])
 	}
 	h.s.mu.Unlock()
+	// Overflow writes have no record: their time comes from the meta,
+	// which the housekeeper saves within 100 ms.
+	if err := h.s.saveMeta(); err != nil {
+		t.Fatal(err)
+	}
+	dirtyTime := h.s.dirtyTime
+	if dirtyTime <= wantLast {
+		t.Fatalf("overflow time %d is not after the last record %d", dirtyTime, wantLast)
+	}
+	wantLast = dirtyTime
 	h.kill() // dropped without Close
 
 	dir := filepath.Join(h.dir, "stream")
@@ -157,5 +167,37 @@ func TestMergeRegions(t *testing.T) {
 	want := []rebound.Region{{Offset: 0, Length: 5}, {Offset: 10, Length: 12}, {Offset: 30, Length: 1}}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %v", got)
+	}
+}
+
+// TestPendingRegionsAcked: records the peer acknowledged are in its
+// journal and not pending; the newest write's time still counts.
+func TestPendingRegionsAcked(t *testing.T) {
+	h := newHarness(t, 1, 1<<20, Options{RegionSize: 4096})
+	for i := range 10 {
+		if _, err := h.s.Disk(0).WriteAt([]byte{1, 2, 3}, int64(i)*8192); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.s.Acked(6)
+	head := h.s.Head()
+	recs := readRange(t, h.s, 7, head)
+	if err := h.s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	h.s = nil
+	got, last, err := PendingRegions(filepath.Join(h.dir, "stream"), h.specs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []rebound.Region
+	for _, r := range recs {
+		want = append(want, rebound.Region{Offset: r.Offset, Length: r.Length})
+	}
+	if !reflect.DeepEqual(got, [][]rebound.Region{want}) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	if !last.Equal(time.Unix(0, recs[len(recs)-1].Time)) {
+		t.Fatalf("last write %v", last)
 	}
 }

@@ -92,6 +92,10 @@ type meta struct {
 	Acked      uint64  `json:"acked"`   // the peer holds every record <= Acked
 	Resync     bool    `json:"resync"`  // a resync window is open
 	Initial    bool    `json:"initial"` // the open resync is the initial copy
+	// DirtyTime is the time of the newest change kept only as a dirty
+	// region (overflow): such changes have no record, so PendingRegions
+	// reports their time from here. Persisted within metaInterval.
+	DirtyTime int64 `json:"dirtyTime,omitempty"`
 }
 
 // Stream is the ordered outbound stream of a set of disks. Disk indexes are
@@ -122,8 +126,9 @@ type Stream struct {
 	backlog    int64     // payload bytes of unacked records
 	cache      *ring
 	overflow   bool
-	resyncing  bool // resync goroutine running
-	initial    bool // the resync is the initial copy
+	resyncing  bool  // resync goroutine running
+	initial    bool  // the resync is the initial copy
+	dirtyTime  int64 // time of the newest change marked dirty instead of spooled
 	syncDone   int64
 	syncTotal  int64
 	ackedBytes int64         // cumulative acked payload, for throughput
@@ -243,6 +248,7 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 		s.lastMeta = *m
 	}
 	s.initial = m.Initial
+	s.dirtyTime = m.DirtyTime
 	open, err := s.replay()
 	if err != nil {
 		return nil, err
@@ -485,6 +491,7 @@ func (s *Stream) commitLocked(batch []*change) {
 
 // markLocked marks a range dirty, persisting the map before the disk write.
 func (s *Stream) markLocked(d *Disk, off, length int64) {
+	s.dirtyTime = s.nowLocked()
 	before := d.dirty.count
 	if err := d.dirty.markRange(off, length); err != nil {
 		s.logger.Error("persisting dirty map failed", "disk", d.idx, "err", err)
@@ -789,12 +796,12 @@ func (s *Stream) saveMeta() error {
 	s.metaMu.Lock()
 	defer s.metaMu.Unlock()
 	s.mu.Lock()
-	m := meta{Version: 1, RegionSize: s.opts.RegionSize, Acked: s.acked, Resync: s.resyncing, Initial: s.initial && s.resyncing}
+	m := meta{Version: 1, RegionSize: s.opts.RegionSize, Acked: s.acked, Resync: s.resyncing, Initial: s.initial && s.resyncing, DirtyTime: s.dirtyTime}
 	for _, d := range s.disks {
 		m.Disks = append(m.Disks, d.fd.Size())
 	}
 	s.mu.Unlock()
-	if m.Acked == s.lastMeta.Acked && m.Resync == s.lastMeta.Resync && m.Initial == s.lastMeta.Initial && len(s.lastMeta.Disks) > 0 {
+	if m.Acked == s.lastMeta.Acked && m.Resync == s.lastMeta.Resync && m.Initial == s.lastMeta.Initial && m.DirtyTime == s.lastMeta.DirtyTime && len(s.lastMeta.Disks) > 0 {
 		return nil
 	}
 	return s.writeMeta(&m)
