@@ -84,9 +84,9 @@ type machine struct {
 
 	files    []*capture.FileDisk // RoleActive
 	trackers []*capture.Tracker  // RoleActive after a failover: writes since the point
-	stream *capture.Stream     // RoleSource
-	stop   context.CancelFunc  // stops the source's sender and tickers
-	sender *rgrpc.Sender
+	stream   *capture.Stream     // RoleSource
+	stop     context.CancelFunc  // stops the source's sender and tickers
+	sender   *rgrpc.Sender
 
 	journal *journal.Journal // RoleTarget
 	act     *activation      // failover activation
