@@ -81,7 +81,7 @@ func PendingRegions(dir string, disks []DiskSpec) (regions [][]rebound.Region, l
 		return nil, time.Time{}, err
 	}
 	for i := range regions {
-		regions[i] = MergeRegions(regions[i])
+		regions[i] = rebound.MergeRegions(regions[i])
 	}
 	// Changes kept only in the dirty map have no record; the stream kept
 	// the newest one's time.
@@ -90,24 +90,6 @@ func PendingRegions(dir string, disks []DiskSpec) (regions [][]rebound.Region, l
 		lastWrite = time.Unix(0, last).UTC()
 	}
 	return regions, lastWrite, nil
-}
-
-// MergeRegions sorts rs and merges overlapping and adjacent regions. Empty
-// regions are dropped. rs is reordered in place.
-func MergeRegions(rs []rebound.Region) []rebound.Region {
-	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
-	out := rs[:0]
-	for _, r := range rs {
-		if r.Length <= 0 {
-			continue
-		}
-		if n := len(out); n > 0 && r.Offset <= out[n-1].Offset+out[n-1].Length {
-			out[n-1].Length = max(out[n-1].Offset+out[n-1].Length, r.Offset+r.Length) - out[n-1].Offset
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
 }
 
 // dirtyRegions reads a dirty map file without changing it; a missing map

@@ -208,7 +208,7 @@ func TestReprotectDelta(t *testing.T) {
 			t.Fatalf("the test does not need %s: make it write more", name)
 		}
 	}
-	d := capture.MergeRegions(append(append(append(append([]rebound.Region(nil), tracked...), written...), after...), pending[0]...))
+	d := rebound.MergeRegions(append(append(append(append([]rebound.Region(nil), tracked...), written...), after...), pending[0]...))
 	var dBytes int64
 	for _, r := range d {
 		dBytes += r.Length
@@ -270,7 +270,7 @@ func TestReprotectDelta(t *testing.T) {
 		blocks = append(blocks, rebound.Region{Offset: lo, Length: hi - lo})
 	}
 	var want int64
-	for _, r := range capture.MergeRegions(blocks) {
+	for _, r := range rebound.MergeRegions(blocks) {
 		want += r.Length
 	}
 	if st.SyncDone != want || st.SyncTotal != want {

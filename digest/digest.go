@@ -25,8 +25,12 @@ import (
 // plenty against accidental collisions for any disk size.
 const Size = 16
 
-// chunkSize is how much one worker reads with one pread.
+// chunkSize is how much one worker reads with one pread (or one block,
+// if blocks are larger).
 const chunkSize = 4 << 20
+
+// MaxBlockSize bounds the block size (a worker's buffer holds a block).
+const MaxBlockSize = 64 << 20
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b }}
 
@@ -68,8 +72,8 @@ func ReaderAt(ctx context.Context, r io.ReaderAt, size, blockSize int64, workers
 // in order from a counter, so reads stay mostly sequential. hole, if set,
 // reports that [off, end) is a file hole (reads as zeroes).
 func digest(ctx context.Context, r io.ReaderAt, size, blockSize int64, workers int, hole func(off, end int64) bool) ([][]byte, error) {
-	if blockSize <= 0 || blockSize > chunkSize {
-		return nil, rebound.Errorf(rebound.EINVALID, "digest: block size %d is not in 1..%d", blockSize, chunkSize)
+	if blockSize <= 0 || blockSize > MaxBlockSize {
+		return nil, rebound.Errorf(rebound.EINVALID, "digest: block size %d is not in 1..%d", blockSize, MaxBlockSize)
 	}
 	if size < 0 {
 		return nil, rebound.Errorf(rebound.EINVALID, "digest: invalid size %d", size)
@@ -87,7 +91,7 @@ func digest(ctx context.Context, r io.ReaderAt, size, blockSize int64, workers i
 		return sums, nil
 	}
 	zero := zeroSum(blockSize)
-	chunk := chunkSize / blockSize * blockSize
+	chunk := max(chunkSize/blockSize, 1) * blockSize
 	nchunks := (size + chunk - 1) / chunk
 	workers = int(min(int64(workers), nchunks))
 
@@ -104,8 +108,14 @@ func digest(ctx context.Context, r io.ReaderAt, size, blockSize int64, workers i
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			bp := bufPool.Get().(*[]byte)
-			defer bufPool.Put(bp)
+			var bp *[]byte
+			if chunk <= chunkSize {
+				bp = bufPool.Get().(*[]byte)
+				defer bufPool.Put(bp)
+			} else {
+				b := make([]byte, chunk)
+				bp = &b
+			}
 			for {
 				c := next.Add(1) - 1
 				if c >= nchunks {

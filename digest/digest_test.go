@@ -64,7 +64,7 @@ func TestDigests(t *testing.T) {
 	clear(data[10<<20 : 10<<20+8192]) // zero blocks amid data
 	path := sparseFile(t, data)
 	ctx := context.Background()
-	for _, bs := range []int64{4096, 65536, 1000, 4 << 20} {
+	for _, bs := range []int64{4096, 65536, 1000, 4 << 20, 5 << 20} {
 		want := naive(data, bs)
 		for _, w := range []int{0, 1, 3} {
 			got, err := ReaderAt(ctx, bytes.NewReader(data), size, bs, w)
@@ -103,7 +103,7 @@ func TestDigestErrors(t *testing.T) {
 	if _, err := File(ctx, filepath.Join(t.TempDir(), "none"), 1, 4096, 0); err == nil {
 		t.Fatal("missing file")
 	}
-	for _, bs := range []int64{0, -1, 8 << 20} {
+	for _, bs := range []int64{0, -1, MaxBlockSize + 1} {
 		if _, err := ReaderAt(ctx, bytes.NewReader(data), 1<<20, bs, 0); rebound.ErrorCode(err) != rebound.EINVALID {
 			t.Fatalf("block size %d: %v", bs, err)
 		}
@@ -181,6 +181,24 @@ func benchFile(b *testing.B, sparse bool) {
 	for range b.N {
 		if _, err := File(context.Background(), p, size, 4096, 0); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// TestHoleTail: a file ending in a hole with a short last block; the hole
+// chunks are digested without reading and must match the reference.
+func TestHoleTail(t *testing.T) {
+	const size = 9<<20 + 100
+	data := make([]byte, size)
+	copy(data, randData(5, 3<<20))
+	path := sparseFile(t, data)
+	for _, bs := range []int64{4096, 1 << 20, 3000} {
+		got, err := File(context.Background(), path, size, bs, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, naive(data, bs)) {
+			t.Fatalf("block %d: digests of a hole tail differ from the reference", bs)
 		}
 	}
 }

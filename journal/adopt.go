@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"syscall"
 
 	"github.com/rebound-dr/rebound"
@@ -113,20 +112,7 @@ func (j *Journal) RegionsAfter(seq uint64) [][]rebound.Region {
 		}
 	}
 	for i := range out {
-		out[i] = mergeRegions(out[i])
-	}
-	return out
-}
-
-func mergeRegions(rs []rebound.Region) []rebound.Region {
-	sort.Slice(rs, func(a, b int) bool { return rs[a].Offset < rs[b].Offset })
-	out := rs[:0]
-	for _, r := range rs {
-		if n := len(out); n > 0 && r.Offset <= out[n-1].Offset+out[n-1].Length {
-			out[n-1].Length = max(out[n-1].Offset+out[n-1].Length, r.Offset+r.Length) - out[n-1].Offset
-			continue
-		}
-		out = append(out, r)
+		out[i] = rebound.MergeRegions(out[i])
 	}
 	return out
 }

@@ -76,7 +76,7 @@ func TestAdopt(t *testing.T) {
 			}
 		}
 		for i := range want {
-			want[i] = mergeRegions(want[i])
+			want[i] = rebound.MergeRegions(want[i])
 		}
 		if got := j.RegionsAfter(s); !reflect.DeepEqual(got, want) {
 			t.Fatalf("RegionsAfter(%d):\n got %v\nwant %v", s, got, want)
