@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/digest"
 )
 
 var _ rebound.LoopService = (*Server)(nil)
@@ -355,7 +356,7 @@ func (s *Server) compare(ctx context.Context, r *jobRun, m *rebound.Machine, pla
 	out := make([][]rebound.Region, len(m.Disks))
 	var compared int64
 	for i := range m.Disks {
-		out[i] = diffDigests(sd[i].Sums, dd[i].Sums, DigestBlockSize, m.Disks[i].Size)
+		out[i] = digest.Diff(sd[i].Sums, dd[i].Sums, DigestBlockSize, m.Disks[i].Size)
 		compared += m.Disks[i].Size
 	}
 	r.Message("compared %s of block digests on both sides: %s differ", humanBytes(compared), humanBytes(regionBytes(out)))
@@ -501,18 +502,4 @@ func msgOr(err error, ok string) string {
 		return rebound.ErrorMessage(err)
 	}
 	return ok
-}
-
-// diffDigests returns the merged regions whose block digests differ.
-// TODO(lead): use digest.Diff once it lands.
-func diffDigests(a, b [][]byte, blockSize, size int64) []rebound.Region {
-	var out []rebound.Region
-	for i := 0; i < max(len(a), len(b)); i++ {
-		if i < len(a) && i < len(b) && string(a[i]) == string(b[i]) {
-			continue
-		}
-		off := int64(i) * blockSize
-		out = append(out, rebound.Region{Offset: off, Length: min(blockSize, size-off)})
-	}
-	return rebound.MergeRegions(out)
 }

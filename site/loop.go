@@ -3,15 +3,14 @@ package site
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/capture"
+	"github.com/rebound-dr/rebound/digest"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/overlay"
 )
@@ -113,26 +112,10 @@ func (s *Site) Digests(ctx context.Context, name string, blockSize int64) ([]reb
 	return out, nil
 }
 
+// fileDigests hashes a disk with parallel workers and large preads; holes
+// and zero blocks cost no hashing (digest.File).
 func fileDigests(ctx context.Context, path string, size, blockSize int64) ([][]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	buf := make([]byte, blockSize)
-	var sums [][]byte
-	for off := int64(0); off < size; off += blockSize {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		n := min(blockSize, size-off)
-		if _, err := f.ReadAt(buf[:n], off); err != nil && err != io.EOF {
-			return nil, err
-		}
-		h := sha256.Sum256(buf[:n])
-		sums = append(sums, h[:16])
-	}
-	return sums, nil
+	return digest.File(ctx, path, size, blockSize, 0)
 }
 
 // Reactivate makes a released copy the active one again, as a new
