@@ -38,7 +38,7 @@ const (
 // Machine is what users protect: a set of disks active at one site.
 type Machine struct {
 	Name       string `json:"name"`
-	Driver     string `json:"driver"` // "none" for now
+	Driver     string `json:"driver"` // DriverNone or DriverQEMU
 	State      string `json:"state"`
 	ActiveSite string `json:"activeSite"`
 	// HomeSite is where the machine was created.
@@ -49,6 +49,8 @@ type Machine struct {
 	Health       string        `json:"health"`
 	HealthReason string        `json:"healthReason,omitempty"`
 	Disks        []Disk        `json:"disks"`
+	VM           *VMSpec       `json:"vm,omitempty"`
+	VMStatus     *VMStatus     `json:"vmStatus,omitempty"`
 	Protection   *Protection   `json:"protection,omitempty"`
 	Failover     *FailoverInfo `json:"failover,omitempty"`
 	TestFailover *TestFailover `json:"testFailover,omitempty"`

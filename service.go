@@ -44,7 +44,12 @@ type CreateMachineRequest struct {
 	Name   string  `json:"name"`
 	Site   string  `json:"site"`
 	Driver string  `json:"driver,omitempty"` // default "none"
-	Disks  []int64 `json:"disks"`            // sizes in bytes
+	Disks  []int64 `json:"disks"`            // sizes in bytes; 0 with an Import takes the image's size
+	// Import, per disk, is a raw or qcow2 image at the site converted into
+	// the disk (--import FILE).
+	Import []string `json:"import,omitempty"`
+	// VM settings for the qemu driver.
+	VM *VMSpec `json:"vm,omitempty"`
 }
 
 // ProtectRequest protects a machine to a target site.

@@ -74,7 +74,23 @@ type SiteService interface {
 	// Activate makes a released copy the active one again (reprotect with
 	// Keep naming this site); it gets a new generation.
 	Reactivate(ctx context.Context, machine string) error
+
+	// Power sets the VM of a qemu machine at this site: PowerOn starts it on
+	// the machine's exports here (or the activation's, or the test
+	// activation's on the isolated network), PowerOff shuts it down cleanly
+	// (guest agent, else ACPI) and PowerKill stops it at once. A machine
+	// without a VM answers with no error and no effect.
+	Power(ctx context.Context, machine, state string, test bool) error
+	// Console returns up to tail bytes of the end of the VM's serial log.
+	Console(ctx context.Context, machine string, tail int, test bool) ([]byte, error)
 }
+
+// Power states.
+const (
+	PowerOn   = "on"
+	PowerOff  = "off"
+	PowerKill = "kill"
+)
 
 // SiteStatus is a site's report.
 type SiteStatus struct {
@@ -91,9 +107,11 @@ type SiteStatus struct {
 type MachineStatus struct {
 	Name string `json:"name"`
 	// Role: "active" (served, not replicated), "source" or "target".
-	Role   string `json:"role"`
-	Disks  []Disk `json:"disks,omitempty"`
-	Fenced bool   `json:"fenced,omitempty"`
+	Role   string    `json:"role"`
+	Disks  []Disk    `json:"disks,omitempty"`
+	Fenced bool      `json:"fenced,omitempty"`
+	VM     *VMStatus `json:"vm,omitempty"`
+	TestVM *VMStatus `json:"testVm,omitempty"`
 
 	// Source side.
 	ReplState     string  `json:"replState,omitempty"`
@@ -118,17 +136,23 @@ type MachineStatus struct {
 type SiteMachine struct {
 	Name  string `json:"name"`
 	Disks []Disk `json:"disks"` // Name and Size
+	// VM runs the machine under QEMU (driver qemu).
+	VM *VMSpec `json:"vm,omitempty"`
+	// Import, per disk, is a raw or qcow2 image (a path at the site) the
+	// disk is converted from; empty for an empty disk.
+	Import []string `json:"import,omitempty"`
 }
 
 // ReplicationSpec sets up one side of a machine's stream.
 type ReplicationSpec struct {
-	Machine  string `json:"machine"`
-	Role     string `json:"role"` // "source" or "target"
-	StreamID string `json:"streamId"`
-	Disks    []Disk `json:"disks"`
-	PeerSite string `json:"peerSite"`
-	PeerAddr string `json:"peerAddr,omitempty"` // the target's replication address, for a source
-	Policy   Policy `json:"policy"`
+	Machine  string  `json:"machine"`
+	Role     string  `json:"role"` // "source" or "target"
+	StreamID string  `json:"streamId"`
+	Disks    []Disk  `json:"disks"`
+	VM       *VMSpec `json:"vm,omitempty"` // the target runs it on failover
+	PeerSite string  `json:"peerSite"`
+	PeerAddr string  `json:"peerAddr,omitempty"` // the target's replication address, for a source
+	Policy   Policy  `json:"policy"`
 	// Seed, for a source: SeedFull (default) or SeedDelta.
 	Seed string `json:"seed,omitempty"`
 	// Regions, for a delta source: per disk, regions to send besides what

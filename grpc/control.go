@@ -290,6 +290,8 @@ type machineArgs struct {
 	Test      bool              `json:"test,omitempty"`
 	Time      time.Time         `json:"time,omitempty"`
 	BlockSize int64             `json:"blockSize,omitempty"`
+	State     string            `json:"state,omitempty"`
+	Tail      int               `json:"tail,omitempty"`
 }
 
 // siteProxy is the server's view of one site's SiteService.
@@ -394,6 +396,16 @@ func (p *siteProxy) Reactivate(ctx context.Context, machine string) error {
 	return p.c.call(ctx, p.site, "Reactivate", machineArgs{Machine: machine}, nil, nil)
 }
 
+func (p *siteProxy) Power(ctx context.Context, machine, state string, test bool) error {
+	return p.c.call(ctx, p.site, "Power", machineArgs{Machine: machine, State: state, Test: test}, nil, nil)
+}
+
+func (p *siteProxy) Console(ctx context.Context, machine string, tail int, test bool) ([]byte, error) {
+	var b []byte
+	err := p.c.call(ctx, p.site, "Console", machineArgs{Machine: machine, Tail: tail, Test: test}, &b, nil)
+	return b, err
+}
+
 var _ rebound.SiteService = (*siteProxy)(nil)
 
 // dispatch runs one call on the site's local SiteService and returns its
@@ -460,6 +472,10 @@ func dispatch(ctx context.Context, local rebound.SiteService, method string, arg
 		return local.Digests(ctx, a.Machine, a.BlockSize)
 	case "Reactivate":
 		return nil, local.Reactivate(ctx, a.Machine)
+	case "Power":
+		return nil, local.Power(ctx, a.Machine, a.State, a.Test)
+	case "Console":
+		return local.Console(ctx, a.Machine, a.Tail, a.Test)
 	}
 	return nil, rebound.Errorf(rebound.EINVALID, "unknown site method %q (site speaks protocol %d)", method, ProtocolVersion)
 }

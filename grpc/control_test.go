@@ -3,6 +3,7 @@ package grpc
 import (
 	"context"
 	"errors"
+	"fmt"
 	"reflect"
 	"strings"
 	"sync"
@@ -99,6 +100,12 @@ func (f *fakeSite) Digests(_ context.Context, m string, bs int64) ([]rebound.Blo
 }
 func (f *fakeSite) Reactivate(_ context.Context, m string) error {
 	return f.rec("Reactivate:"+m, m)
+}
+func (f *fakeSite) Power(_ context.Context, m, state string, test bool) error {
+	return f.rec(fmt.Sprintf("Power:%s:%s:%v", m, state, test), m)
+}
+func (f *fakeSite) Console(_ context.Context, m string, tail int, test bool) ([]byte, error) {
+	return []byte(fmt.Sprintf("console of %s tail %d test %v", m, tail, test)), f.rec("Console:"+m, m)
 }
 
 func (f *fakeSite) Release(ctx context.Context, m string, _ time.Time) error {
@@ -221,12 +228,18 @@ func TestControl_AllMethods(t *testing.T) {
 		t.Fatalf("Digests = %+v", dg)
 	}
 	must(s.Reactivate(ctx, "vm1"))
+	must(s.Power(ctx, "vm1", rebound.PowerOff, true))
+	con, err := s.Console(ctx, "vm1", 4096, true)
+	must(err)
+	if string(con) != "console of vm1 tail 4096 test true" {
+		t.Fatalf("Console = %q", con)
+	}
 	must(s.StopReplication(ctx, "vm1"))
 	must(s.DeleteMachine(ctx, "vm1"))
 
 	want := []string{"CreateMachine:vm1:d0", "StartReplication:vm1:source:default", "CutPoint:vm1", "ListPoints:vm1",
 		"ResolvePoint:vm1", "Fence:vm1", "Unfence:vm1", "Replicated:vm1", "Activate:vm1", "Deactivate:test:vm1",
-		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "StopReplication:vm1", "DeleteMachine:vm1"}
+		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "Power:vm1:off:true", "Console:vm1", "StopReplication:vm1", "DeleteMachine:vm1"}
 	h.site.mu.Lock()
 	got := append([]string(nil), h.site.calls...)
 	h.site.mu.Unlock()
