@@ -130,6 +130,9 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 	for _, ms := range st.Machines {
 		ms := ms
 		err := s.updateMachine(ctx, ms.Name, func(m *rebound.Machine) {
+			if m.VM != nil && m.ActiveSite == name {
+				m.VMStatus = ms.VM
+			}
 			p := m.Protection
 			if p == nil {
 				return

@@ -24,25 +24,9 @@ func (s *Server) CreateMachine(ctx context.Context, req rebound.CreateMachineReq
 	if err := validName(req.Name); err != nil {
 		return nil, err
 	}
-	if req.Driver == "" {
-		req.Driver = "none"
-	}
-	if req.Driver != "none" {
-		return nil, rebound.Errorf(rebound.EINVALID, "unknown driver %q: this version supports \"none\"", req.Driver)
-	}
-	if len(req.Disks) == 0 || len(req.Disks) > 16 {
-		return nil, rebound.Errorf(rebound.EINVALID, "a machine needs 1 to 16 disks")
-	}
-	m := &rebound.Machine{
-		Name: req.Name, Driver: req.Driver, State: rebound.MachineUnprotected,
-		ActiveSite: req.Site, HomeSite: req.Site, Health: rebound.HealthNormal,
-		CreatedAt: time.Now().UTC(),
-	}
-	for i, size := range req.Disks {
-		if size <= 0 || size%512 != 0 || size > 1<<44 {
-			return nil, rebound.Errorf(rebound.EINVALID, "disk %d: size %d must be a positive multiple of 512 bytes up to 16 TiB", i, size)
-		}
-		m.Disks = append(m.Disks, rebound.Disk{Name: fmt.Sprintf("disk%d", i), Size: size})
+	m, err := newMachine(req)
+	if err != nil {
+		return nil, err
 	}
 	site, err := s.site(req.Site)
 	if err != nil {
@@ -51,7 +35,7 @@ func (s *Server) CreateMachine(ctx context.Context, req rebound.CreateMachineReq
 	if err := s.DB.CreateMachine(ctx, m); err != nil {
 		return nil, err
 	}
-	if err := site.CreateMachine(ctx, rebound.SiteMachine{Name: m.Name, Disks: m.Disks}); err != nil {
+	if err := site.CreateMachine(ctx, rebound.SiteMachine{Name: m.Name, Disks: m.Disks, VM: m.VM, Import: req.Import}); err != nil {
 		_ = s.DB.DeleteMachine(context.Background(), m.Name)
 		return nil, err
 	}
@@ -73,6 +57,9 @@ func (s *Server) refreshDisks(ctx context.Context, m *rebound.Machine, site rebo
 		if ms.Name == m.Name && len(ms.Disks) == len(m.Disks) {
 			for i := range m.Disks {
 				m.Disks[i].NBD = ms.Disks[i].NBD
+				if m.Disks[i].Size == 0 { // imported: the image's size
+					m.Disks[i].Size = ms.Disks[i].Size
+				}
 			}
 		}
 	}
