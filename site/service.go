@@ -79,7 +79,12 @@ func (s *Site) CreateMachine(ctx context.Context, req rebound.SiteMachine) error
 	if err := os.MkdirAll(s.machineDir(req.Name), 0o755); err != nil {
 		return err
 	}
-	m := &machine{state: machineState{Name: req.Name, Disks: req.Disks, Role: RoleActive, Generation: newGeneration()}}
+	disks, err := s.importDisks(ctx, req)
+	if err != nil {
+		_ = os.RemoveAll(s.machineDir(req.Name))
+		return err
+	}
+	m := &machine{state: machineState{Name: req.Name, Disks: disks, Role: RoleActive, Generation: newGeneration(), VM: req.VM}}
 	if err := s.openFiles(m); err != nil {
 		s.closeFiles(m)
 		return err

@@ -109,6 +109,12 @@ type machineState struct {
 	Generation string `json:"generation,omitempty"`
 	Parent     string `json:"parent,omitempty"`
 	Diverged   bool   `json:"diverged,omitempty"`
+
+	// VM runs the machine under QEMU; Power and TestPower are the desired
+	// states of its VM here and of the test failover's VM.
+	VM        *rebound.VMSpec `json:"vm,omitempty"`
+	Power     string          `json:"power,omitempty"`
+	TestPower string          `json:"testPower,omitempty"`
 }
 
 type activation struct {
