@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs Rebound's whole test suite. It installs the real tools the tests use
-# (qemu-utils, libnbd-bin, nbdkit, fio, rsync) when it runs as root on
-# Debian, and otherwise checks they are there.
+# (qemu-utils, libnbd-bin, nbdkit, fio, rsync, and for the VM tests
+# qemu-system-x86, Debian's kernel, busybox, qemu-guest-agent, e2fsprogs)
+# when it runs as root on Debian, and otherwise checks they are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/go/bin:$HOME/go/bin:$PATH"
 
-tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdkit fio rsync)
-packages=(qemu-utils libnbd-bin nbdkit fio rsync)
+tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdkit fio rsync qemu-system-x86_64 busybox mkfs.ext4)
+packages=(qemu-utils libnbd-bin nbdkit fio rsync qemu-system-x86 linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs xz-utils zstd)
 missing=()
 for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
 if [ ${#missing[@]} -gt 0 ]; then
