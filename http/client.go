@@ -11,13 +11,15 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/rebound-dr/rebound"
 )
 
-// Client implements rebound.Service over the REST API. Errors come back as
+// Client implements rebound.Service, rebound.LoopService and
+// rebound.PowerService over the REST API. Errors come back as
 // *rebound.Error with the server's code; a server that cannot be reached is
 // EUNAVAILABLE.
 type Client struct {
@@ -27,8 +29,9 @@ type Client struct {
 }
 
 var (
-	_ rebound.Service     = (*Client)(nil)
-	_ rebound.LoopService = (*Client)(nil)
+	_ rebound.Service      = (*Client)(nil)
+	_ rebound.LoopService  = (*Client)(nil)
+	_ rebound.PowerService = (*Client)(nil)
 )
 
 // maxResponseBytes bounds what the client reads of an answer.
@@ -63,25 +66,38 @@ func NewClient(baseURL, token string, caPEM []byte) (*Client, error) {
 // do sends a request with an optional JSON body and decodes a JSON answer
 // into out (if not nil).
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
-	if strings.Contains(path, "//") || strings.HasSuffix(path, "/") {
-		return rebound.Errorf(rebound.EINVALID, "a name in %s %s is empty", method, path)
+	b, err := c.send(ctx, method, path, in, "application/json")
+	if err != nil || out == nil {
+		return err
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		return rebound.Errorf(rebound.EINTERNAL, "cannot decode the answer to %s %s: %v", method, path, err)
+	}
+	return nil
+}
+
+// send sends a request with an optional JSON body and returns the body of a
+// successful answer; an error answer becomes *rebound.Error.
+func (c *Client) send(ctx context.Context, method, path string, in any, accept string) ([]byte, error) {
+	if p, _, _ := strings.Cut(path, "?"); strings.Contains(p, "//") || strings.HasSuffix(p, "/") {
+		return nil, rebound.Errorf(rebound.EINVALID, "a name in %s %s is empty", method, path)
 	}
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return fmt.Errorf("encode request: %w", err)
+			return nil, fmt.Errorf("encode request: %w", err)
 		}
 		body = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
 	if err != nil {
-		return rebound.Errorf(rebound.EINVALID, "bad request %s %s: %v", method, path, err)
+		return nil, rebound.Errorf(rebound.EINVALID, "bad request %s %s: %v", method, path, err)
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	req.Header.Set("Accept", "application/json")
+	req.Header.Set("Accept", accept)
 	if c.Token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
@@ -92,29 +108,23 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	resp, err := hc.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return ctx.Err()
+			return nil, ctx.Err()
 		}
-		return rebound.Errorf(rebound.EUNAVAILABLE, "cannot reach the Rebound server at %s: %v", c.BaseURL, unwrapURLError(err))
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "cannot reach the Rebound server at %s: %v", c.BaseURL, unwrapURLError(err))
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBytes))
 	if err != nil {
-		return rebound.Errorf(rebound.EUNAVAILABLE, "reading the answer of the Rebound server at %s: %v", c.BaseURL, err)
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "reading the answer of the Rebound server at %s: %v", c.BaseURL, err)
 	}
 	if resp.StatusCode >= 300 {
 		var e errorResponse
 		if json.Unmarshal(b, &e) == nil && e.Error.Code != "" {
-			return &rebound.Error{Code: e.Error.Code, Message: e.Error.Message}
+			return nil, &rebound.Error{Code: e.Error.Code, Message: e.Error.Message}
 		}
-		return rebound.Errorf(codeOf(resp.StatusCode), "the Rebound server at %s answered %s", c.BaseURL, resp.Status)
+		return nil, rebound.Errorf(codeOf(resp.StatusCode), "the Rebound server at %s answered %s", c.BaseURL, resp.Status)
 	}
-	if out == nil {
-		return nil
-	}
-	if err := json.Unmarshal(b, out); err != nil {
-		return rebound.Errorf(rebound.EINTERNAL, "cannot decode the answer to %s %s: %v", method, path, err)
-	}
-	return nil
+	return b, nil
 }
 
 // unwrapURLError drops url.Error's "Get \"https://...\":" prefix, which
@@ -241,6 +251,32 @@ func (c *Client) Preflight(ctx context.Context, machine, operation string) (*reb
 		return nil, err
 	}
 	return &v, nil
+}
+
+func (c *Client) StartMachine(ctx context.Context, name string) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(name)+"/start", nil)
+}
+
+func (c *Client) StopMachine(ctx context.Context, name string) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(name)+"/stop", nil)
+}
+
+// Console returns the end of the machine's serial log, at most tailBytes
+// (the server refuses more than MaxConsoleTail); tailBytes <= 0 asks for the
+// server's default, DefaultConsoleTail. The bytes are the guest's, raw.
+func (c *Client) Console(ctx context.Context, name string, tailBytes int) ([]byte, error) {
+	path := "/api/v1/machines/" + seg(name) + "/console"
+	if tailBytes > 0 {
+		path += "?tail=" + strconv.Itoa(tailBytes)
+	}
+	b, err := c.send(ctx, "GET", path, nil, "text/plain")
+	if err != nil {
+		return nil, err
+	}
+	if b == nil {
+		b = []byte{}
+	}
+	return b, nil
 }
 
 func (c *Client) job(ctx context.Context, path string, body any) (*rebound.Job, error) {

@@ -26,6 +26,7 @@ type fakeService struct {
 	events   []rebound.Event
 	token    string
 	report   *rebound.PreflightReport
+	console  []byte
 	panicky  bool
 }
 
@@ -143,4 +144,19 @@ func (f *fakeService) Preflight(ctx context.Context, machine, operation string) 
 		return nil, err
 	}
 	return f.report, nil
+}
+
+var _ rebound.PowerService = (*fakeService)(nil)
+
+func (f *fakeService) StartMachine(ctx context.Context, name string) (*rebound.Job, error) {
+	return f.jobOrErr("StartMachine", name)
+}
+func (f *fakeService) StopMachine(ctx context.Context, name string) (*rebound.Job, error) {
+	return f.jobOrErr("StopMachine", name)
+}
+func (f *fakeService) Console(ctx context.Context, name string, tail int) ([]byte, error) {
+	if err := f.rec("Console", name, tail); err != nil {
+		return nil, err
+	}
+	return f.console, nil
 }

@@ -2,6 +2,7 @@ package http
 
 import (
 	"net/http"
+	"strconv"
 
 	"github.com/rebound-dr/rebound"
 )
@@ -280,7 +281,7 @@ var preflightOps = map[string]bool{"": true, "failover": true, "failback": true,
 
 func (s *Server) loop(what string) (rebound.LoopService, error) {
 	if s.Loop == nil {
-		return nil, &errNotImplemented{what}
+		return nil, &errNotImplemented{what, "it serves no reprotect, failback or preflight"}
 	}
 	return s.Loop, nil
 }
@@ -330,5 +331,69 @@ func (s *Server) preflight(w http.ResponseWriter, r *http.Request) error {
 		rep.Checks = []rebound.PreflightCheck{}
 	}
 	writeJSON(w, http.StatusOK, rep)
+	return nil
+}
+
+// Console tails: what GET .../console sends without ?tail=, and the most it
+// sends (a serial log is text; more than this is for the site's own file).
+const (
+	DefaultConsoleTail = 64 << 10
+	MaxConsoleTail     = 4 << 20
+)
+
+func (s *Server) power(what string) (rebound.PowerService, error) {
+	if s.Power == nil {
+		return nil, &errNotImplemented{what, "it runs no virtual machines"}
+	}
+	return s.Power, nil
+}
+
+// startMachine and stopMachine take no body: the machine is in the path and
+// the VM's settings are the machine's.
+func (s *Server) startMachine(w http.ResponseWriter, r *http.Request) error {
+	p, err := s.power("machine start")
+	if err != nil {
+		return err
+	}
+	return s.job(w)(p.StartMachine(r.Context(), r.PathValue("name")))
+}
+
+func (s *Server) stopMachine(w http.ResponseWriter, r *http.Request) error {
+	p, err := s.power("machine stop")
+	if err != nil {
+		return err
+	}
+	return s.job(w)(p.StopMachine(r.Context(), r.PathValue("name")))
+}
+
+// console answers the tail of the serial log as the guest wrote it: bytes,
+// not validated as UTF-8, never more than the tail asked for.
+func (s *Server) console(w http.ResponseWriter, r *http.Request) error {
+	p, err := s.power("machine console")
+	if err != nil {
+		return err
+	}
+	tail := DefaultConsoleTail
+	if q := r.URL.Query(); q.Has("tail") {
+		n, err := strconv.Atoi(q.Get("tail"))
+		if err != nil || n < 1 || n > MaxConsoleTail {
+			return rebound.Errorf(rebound.EINVALID, "tail must be a number of bytes from 1 to %d, not %q", MaxConsoleTail, q.Get("tail"))
+		}
+		tail = n
+	}
+	b, err := p.Console(r.Context(), r.PathValue("name"), tail)
+	if err != nil {
+		return err
+	}
+	if len(b) > tail {
+		b = b[len(b)-tail:]
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("Content-Length", strconv.Itoa(len(b)))
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+	w.Write(b)
 	return nil
 }

@@ -61,6 +61,7 @@ func newEnv(t *testing.T) *env {
 	s := &Server{
 		Service: e.fake,
 		Loop:    e.fake,
+		Power:   e.fake,
 		Authenticate: func(ctx context.Context, tok string) error {
 			if tok != testToken {
 				return rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")

@@ -1,6 +1,6 @@
 // Package http is Rebound's REST edge: Server exposes a rebound.Service (and
-// optionally a rebound.LoopService) as JSON over HTTP, Client implements
-// both against such a server.
+// optionally a rebound.LoopService and a rebound.PowerService) as JSON over
+// HTTP, Client implements all three against such a server.
 // The routes, bodies and error format are in docs/design/api.md and in the
 // OpenAPI document served at /api/v1/openapi.json.
 package http
@@ -44,17 +44,22 @@ type Server struct {
 	// Loop serves reprotect, failback and preflight. When nil those routes
 	// answer 501 with code CodeNotImplemented.
 	Loop rebound.LoopService
+	// Power serves machine start, stop and console. When nil those routes
+	// answer 501 like Loop's.
+	Power rebound.PowerService
 }
 
 // CodeNotImplemented is the error code of a 501 answer: the server has no
-// LoopService. It is not a rebound code; the CLI exits 1 on it.
+// LoopService or no PowerService. It is not a rebound code; the CLI exits 1
+// on it.
 const CodeNotImplemented = "not_implemented"
 
-// errNotImplemented is answered 501 by writeError.
-type errNotImplemented struct{ what string }
+// errNotImplemented is answered 501 by writeError. lacks says what the
+// server does not serve, in parentheses after the verb.
+type errNotImplemented struct{ what, lacks string }
 
 func (e *errNotImplemented) Error() string {
-	return e.what + " is not implemented by this server (it serves no reprotect, failback or preflight)"
+	return e.what + " is not implemented by this server (" + e.lacks + ")"
 }
 
 // route is one API route. The table drives both the mux and the test that
@@ -93,6 +98,9 @@ func (s *Server) routes() []route {
 		{"POST", "/api/v1/machines/{name}/reprotect", false, s.reprotect},
 		{"POST", "/api/v1/machines/{name}/failback", false, s.failback},
 		{"GET", "/api/v1/machines/{name}/preflight", false, s.preflight},
+		{"POST", "/api/v1/machines/{name}/start", false, s.startMachine},
+		{"POST", "/api/v1/machines/{name}/stop", false, s.stopMachine},
+		{"GET", "/api/v1/machines/{name}/console", false, s.console},
 
 		{"GET", "/api/v1/jobs", false, s.listJobs},
 		{"GET", "/api/v1/jobs/{id}", false, s.getJob},
