@@ -113,7 +113,7 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		}
 	}
 	if _, err := s.site(target); err != nil && wait <= 0 {
-		return nil, err
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "preflight failed: peer reachable: %s (or pass --wait-ready 15m to wait for it)", rebound.ErrorMessage(err))
 	}
 	steps := []string{"readiness", "preflight", "compare", "prepare target", "start source", "resync"}
 	return s.startJob(ctx, "reprotect", m.Name, steps, func(ctx context.Context, r *jobRun) error {
@@ -125,7 +125,7 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		}
 		dst, err := s.readiness(ctx, target, wait)
 		if err != nil {
-			return rebound.Errorf(rebound.EUNAVAILABLE, "the target site %q is not connected: %s", target, rebound.ErrorMessage(err))
+			return rebound.Errorf(rebound.EUNAVAILABLE, "preflight failed: peer reachable: the target site %q is not connected: %s", target, rebound.ErrorMessage(err))
 		}
 
 		r.Step("preflight")
@@ -457,42 +457,11 @@ func (s *Server) Preflight(ctx context.Context, name, op string) (*rebound.Prefl
 		rep, _, err := s.reprotectPlan(ctx, m, m.ActiveSite, target, rebound.ReprotectRequest{Machine: name}, src, dst)
 		return rep, err
 	case "failover", "failback":
-		rep := &rebound.PreflightReport{Machine: name, Operation: op, OK: true}
-		add := func(n string, ok bool, msg string) {
-			rep.Checks = append(rep.Checks, rebound.PreflightCheck{Name: n, OK: ok, Message: msg})
-			rep.OK = rep.OK && ok
-		}
 		if m.Protection == nil || m.State != rebound.MachineProtected {
-			add("protected", false, fmt.Sprintf("machine %s is %s; %s needs a protected machine", name, m.State, op))
-			return rep, nil
+			return &rebound.PreflightReport{Machine: name, Operation: op, Checks: []rebound.PreflightCheck{{Name: "protected",
+				Message: fmt.Sprintf("machine %s is %s; %s needs a protected machine", name, m.State, op)}}}, nil
 		}
-		from, to := m.Protection.SourceSite, m.Protection.TargetSite
-		dst, err := s.site(to)
-		add("peer reachable", err == nil, msgOr(err, "recovery site "+to+" is connected"))
-		if _, err := s.site(from); err != nil {
-			add("source reachable", true, "source site "+from+" is not connected: only an unplanned "+op+" is possible")
-		} else {
-			add("source reachable", true, "source site "+from+" is connected: a planned "+op+" loses no data")
-		}
-		if dst != nil {
-			pl, err := dst.ListPoints(ctx, name)
-			ok := err == nil && len(pl.Points) > 0
-			msg := msgOr(err, "")
-			if ok {
-				msg = fmt.Sprintf("%d points, newest %s", len(pl.Points), pl.Points[len(pl.Points)-1].Time.Format(time.RFC3339))
-			} else if err == nil {
-				msg = "no recovery point yet"
-			}
-			add("recovery points", ok, msg)
-		}
-		var need int64
-		for _, d := range m.Disks {
-			need += d.Size
-		}
-		if st, err := s.DB.GetSite(ctx, to); err == nil && st.FreeBytes > 0 {
-			add("target space", st.FreeBytes >= need, fmt.Sprintf("%s free at %s, %s needed to commit", humanBytes(st.FreeBytes), to, humanBytes(need)))
-		}
-		return rep, nil
+		return s.failoverPreflight(ctx, m, op), nil
 	}
 	return nil, rebound.Errorf(rebound.EINVALID, "unknown operation %q: use failover, failback or reprotect", op)
 }
@@ -502,4 +471,55 @@ func msgOr(err error, ok string) string {
 		return rebound.ErrorMessage(err)
 	}
 	return ok
+}
+
+// failoverPreflight runs the checks of a failover or failback of a machine
+// with protection: the recovery site is reachable and holds points, it has
+// room for the committed disks, and its copy follows the source's
+// generation.
+func (s *Server) failoverPreflight(ctx context.Context, m *rebound.Machine, op string) *rebound.PreflightReport {
+	rep := &rebound.PreflightReport{Machine: m.Name, Operation: op, OK: true}
+	add := func(n string, ok bool, msg string) {
+		rep.Checks = append(rep.Checks, rebound.PreflightCheck{Name: n, OK: ok, Message: msg})
+		rep.OK = rep.OK && ok
+	}
+	from, to := m.Protection.SourceSite, m.Protection.TargetSite
+	dst, err := s.site(to)
+	add("peer reachable", err == nil, msgOr(err, "recovery site "+to+" is connected"))
+	src, serr := s.site(from)
+	if serr != nil {
+		add("source reachable", true, "source site "+from+" is not connected: only an unplanned "+op+" is possible")
+	} else {
+		add("source reachable", true, "source site "+from+" is connected: a planned "+op+" loses no data")
+	}
+	if dst != nil {
+		pl, err := dst.ListPoints(ctx, m.Name)
+		ok := err == nil && len(pl.Points) > 0
+		msg := msgOr(err, "")
+		if ok {
+			msg = fmt.Sprintf("%d points, newest %s", len(pl.Points), pl.Points[len(pl.Points)-1].Time.Format(time.RFC3339))
+		} else if err == nil {
+			msg = "no recovery point yet"
+		}
+		add("recovery points", ok, msg)
+		// The recovery copy follows the generation of the copy it
+		// replicates; anything else means it holds another history.
+		if di, err := dst.CopyInfo(ctx, m.Name); err != nil {
+			add("generations", false, "read the copy at "+to+": "+rebound.ErrorMessage(err))
+		} else if src == nil {
+			add("generations", true, fmt.Sprintf("the copy at %s follows generation %s; %s is not connected to compare", to, orNone(di.Generation), from))
+		} else if si, err := src.CopyInfo(ctx, m.Name); err != nil {
+			add("generations", false, "read the copy at "+from+": "+rebound.ErrorMessage(err))
+		} else {
+			add("generations", si.Generation == di.Generation, fmt.Sprintf("the copy at %s (generation %s) follows %s (generation %s)", to, orNone(di.Generation), from, orNone(si.Generation)))
+		}
+	}
+	var need int64
+	for _, d := range m.Disks {
+		need += d.Size
+	}
+	if st, err := s.DB.GetSite(ctx, to); err == nil && st.FreeBytes > 0 {
+		add("target space", st.FreeBytes >= need, fmt.Sprintf("%s free at %s, %s needed to commit", humanBytes(st.FreeBytes), to, humanBytes(need)))
+	}
+	return rep
 }

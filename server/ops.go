@@ -461,13 +461,10 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 	}
 	return s.startJob(ctx, typ, m.Name, []string{"preflight", "drain", "activate"}, func(ctx context.Context, r *jobRun) error {
 		r.Step("preflight")
-		pl, err := dst.ListPoints(ctx, m.Name)
-		if err != nil {
-			return err
+		if rep := s.failoverPreflight(ctx, m, typ); !rep.OK {
+			return rebound.Errorf(rebound.ECONFLICT, "preflight failed: %s", failedChecks(rep))
 		}
-		if len(pl.Points) == 0 {
-			return rebound.Errorf(rebound.ECONFLICT, "machine %q has no recovery point at %s yet", m.Name, to)
-		}
+		r.Message("preflight passed")
 		if err := s.setState(ctx, m.Name, rebound.MachineFailingOver); err != nil {
 			return err
 		}
