@@ -153,7 +153,7 @@ func TestMachineCreate(t *testing.T) {
 	}}
 	r := runCLI(t, f, "machine", "create", "web1", "--site", "a", "--disk", "4GiB", "--disk", "512M", "--disk", "1048576", "-o", "json")
 	wantCode(t, r, 0)
-	wantCalls(t, f, "CreateMachine {Name:web1 Site:a Driver:none Disks:[4294967296 536870912 1048576]}")
+	wantCalls(t, f, "CreateMachine {Name:web1 Site:a Driver:none Disks:[4294967296 536870912 1048576] Import:[] VM:<nil>}")
 	m := decode[rebound.Machine](t, r.stdout)
 	if m.Name != "web1" || m.ActiveSite != "a" || len(m.Disks) != 3 || m.Disks[1].Size != 512<<20 {
 		t.Fatalf("json %+v", m)

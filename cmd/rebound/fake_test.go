@@ -39,11 +39,16 @@ type fakeService struct {
 	ReprotectFn func(req rebound.ReprotectRequest) (*rebound.Job, error)
 	FailbackFn  func(req rebound.FailoverRequest) (*rebound.Job, error)
 	PreflightFn func(machine, operation string) (*rebound.PreflightReport, error)
+
+	StartMachineFn func(name string) (*rebound.Job, error)
+	StopMachineFn  func(name string) (*rebound.Job, error)
+	ConsoleFn      func(name string, tail int) ([]byte, error)
 }
 
 var (
-	_ rebound.Service     = (*fakeService)(nil)
-	_ rebound.LoopService = (*fakeService)(nil)
+	_ rebound.Service      = (*fakeService)(nil)
+	_ rebound.LoopService  = (*fakeService)(nil)
+	_ rebound.PowerService = (*fakeService)(nil)
 )
 
 func (f *fakeService) record(format string, args ...any) {
@@ -257,4 +262,28 @@ func (f *fakeService) Preflight(ctx context.Context, machine, operation string) 
 		return nil, unexpected("Preflight")
 	}
 	return f.PreflightFn(machine, operation)
+}
+
+func (f *fakeService) StartMachine(ctx context.Context, name string) (*rebound.Job, error) {
+	f.record("StartMachine %s", name)
+	if f.StartMachineFn == nil {
+		return nil, unexpected("StartMachine")
+	}
+	return f.StartMachineFn(name)
+}
+
+func (f *fakeService) StopMachine(ctx context.Context, name string) (*rebound.Job, error) {
+	f.record("StopMachine %s", name)
+	if f.StopMachineFn == nil {
+		return nil, unexpected("StopMachine")
+	}
+	return f.StopMachineFn(name)
+}
+
+func (f *fakeService) Console(ctx context.Context, name string, tail int) ([]byte, error) {
+	f.record("Console %s %d", name, tail)
+	if f.ConsoleFn == nil {
+		return nil, unexpected("Console")
+	}
+	return f.ConsoleFn(name, tail)
 }

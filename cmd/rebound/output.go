@@ -99,6 +99,13 @@ func writeMachine(w io.Writer, m *rebound.Machine) {
 	}
 	row(w, "Health:", health)
 	row(w, "Driver:", orDash(m.Driver))
+	if v := m.VM; v != nil {
+		row(w, "VM:", fmtVM(v))
+		row(w, "Boot:", fmtBoot(v, m.Disks))
+	}
+	if m.VM != nil || m.VMStatus != nil {
+		row(w, "Power:", fmtVMStatus(m.VMStatus))
+	}
 	row(w, "Created:", fmtTime(m.CreatedAt))
 	if p := m.Protection; p != nil {
 		row(w, "Protection:", fmt.Sprintf("%s -> %s, policy %s", p.SourceSite, p.TargetSite, orDash(p.Policy)))
@@ -218,4 +225,61 @@ func fmtETA(s float64) string {
 		return "<1s"
 	}
 	return d.String()
+}
+
+// fmtVM describes a VM's size and NIC: "2 CPUs, 512MiB memory, network lan".
+func fmtVM(v *rebound.VMSpec) string {
+	cpus := fmt.Sprintf("%d CPUs", v.CPUs)
+	if v.CPUs == 1 {
+		cpus = "1 CPU"
+	}
+	nic := "no network"
+	if v.Network != "" {
+		nic = "network " + v.Network
+	}
+	return fmt.Sprintf("%s, %s memory, %s", cpus, formatSize(int64(v.MemoryMiB)<<20), nic)
+}
+
+// fmtBoot describes how a VM boots: its kernel (paths at the site) or the
+// BIOS from the first disk.
+func fmtBoot(v *rebound.VMSpec, disks []rebound.Disk) string {
+	if v.Kernel == "" {
+		if len(disks) > 0 {
+			return "BIOS from " + disks[0].Name
+		}
+		return "BIOS"
+	}
+	s := "kernel " + v.Kernel
+	if v.Initrd != "" {
+		s += ", initrd " + v.Initrd
+	}
+	if v.Append != "" {
+		s += fmt.Sprintf(", append %q", v.Append)
+	}
+	return s
+}
+
+// fmtVMStatus describes what the active site reports of the VM:
+// "running (tcg, pid 4242, network br0)", "stopped", or "-" when unknown.
+func fmtVMStatus(s *rebound.VMStatus) string {
+	if s == nil {
+		return "-"
+	}
+	if !s.Running {
+		return "stopped"
+	}
+	var parts []string
+	if s.Accel != "" {
+		parts = append(parts, s.Accel)
+	}
+	if s.PID != 0 {
+		parts = append(parts, fmt.Sprintf("pid %d", s.PID))
+	}
+	if s.Network != "" {
+		parts = append(parts, "network "+s.Network)
+	}
+	if len(parts) == 0 {
+		return "running"
+	}
+	return "running (" + strings.Join(parts, ", ") + ")"
 }
