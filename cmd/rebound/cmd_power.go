@@ -56,8 +56,7 @@ func (c *CLI) machineStopCommand() *cobra.Command {
 		Use:   "stop NAME [--wait]",
 		Short: "Shut a qemu machine's VM down",
 		Long: `Shut the machine's virtual machine down cleanly: through the guest agent when
-the guest runs one, else by ACPI; QEMU is stopped if the guest does not shut
-down in time.`,
+the guest runs one, else by ACPI.`,
 		Example: `  rebound machine stop guest --wait`,
 		Args:    argNames("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
