@@ -83,8 +83,14 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 	if target == "" && m.HomeSite != m.ActiveSite {
 		target = m.HomeSite
 	}
-	if m.Protection != nil && (m.State == rebound.MachineProtected || m.State == rebound.MachineSyncing) && (target == "" || m.Protection.TargetSite == target) {
+	if m.Protection != nil && m.State == rebound.MachineProtected && (target == "" || m.Protection.TargetSite == target) {
 		return s.doneJob(ctx, "reprotect", m.Name, fmt.Sprintf("machine %s is already protected from %s to %s", m.Name, m.Protection.SourceSite, m.Protection.TargetSite))
+	}
+	if m.Protection != nil && m.State == rebound.MachineSyncing && (target == "" || m.Protection.TargetSite == target) {
+		// An earlier reprotect job ended (failed, cancelled, server
+		// restart) after the stream started: the sites go on resyncing,
+		// so running it again follows the resync to its first point.
+		return s.resumeReprotect(ctx, m)
 	}
 	switch {
 	case m.State == rebound.MachineFailedOver:
@@ -171,7 +177,10 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		if err != nil {
 			return err
 		}
-		streamID := fmt.Sprintf("%s.%d", m.Name, time.Now().UnixNano())
+		// The stream is named after the source copy's generation, so a
+		// retry after a failed attempt finds the target it prepared (and
+		// the disks it adopted) and StartReplication is idempotent.
+		streamID := m.Name + "." + srcInfo.Generation
 		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: srcInfo.Generation}
 
 		r.Step("prepare target")
@@ -259,6 +268,26 @@ func (s *Server) reprotectPlan(ctx context.Context, m *rebound.Machine, active, 
 		plan.mode = resyncFull
 		plan.why = fmt.Sprintf("full copy to new disks at %s: it holds no copy of %s", target, m.Name)
 		add("generations", true, "%s holds no copy: nothing to reconcile", target)
+	case di.Role == "target" && si.Generation != "" && di.Generation == si.Generation:
+		// An earlier attempt of this reprotect prepared the target (its
+		// stream follows this generation) and stopped before the first
+		// point: resume it on what the target holds.
+		switch {
+		case si.Role == "source":
+			plan.mode = resyncTracked
+			plan.why = fmt.Sprintf("resuming the reprotect to %s: the stream from %s runs, following its resync", target, active)
+		case di.Tracked && si.Tracked:
+			plan.mode = resyncTracked
+			plan.why = fmt.Sprintf("resuming the reprotect to %s: delta resync to the disks it already adopted (generation %s)", target, di.Generation)
+		default:
+			why := si.Untrusted
+			if why == "" {
+				why = di.Untrusted
+			}
+			plan.mode = resyncFull
+			plan.why = fmt.Sprintf("resuming the reprotect to %s with a full copy: change tracking unavailable (%s)", target, why)
+		}
+		add("generations", true, "%s follows %s's generation %s (an earlier attempt prepared it)", target, active, si.Generation)
 	case di.Role != "released":
 		add("generations", false, "site %s holds %s as %s, not as a released copy; stop that first", target, m.Name, di.Role)
 	case si.Parent != "" && di.Generation == si.Parent:
@@ -522,4 +551,36 @@ func (s *Server) failoverPreflight(ctx context.Context, m *rebound.Machine, op s
 		add("target space", st.FreeBytes >= need, fmt.Sprintf("%s free at %s, %s needed to commit", humanBytes(st.FreeBytes), to, humanBytes(need)))
 	}
 	return rep
+}
+
+// resumeReprotect follows the resync of a reprotect whose job ended before
+// the first point and marks the machine protected.
+func (s *Server) resumeReprotect(ctx context.Context, m *rebound.Machine) (*rebound.Job, error) {
+	p := *m.Protection
+	return s.startJob(ctx, "reprotect", m.Name, []string{"readiness", "resync"}, func(ctx context.Context, r *jobRun) error {
+		r.Step("readiness")
+		src, err := s.readiness(ctx, p.SourceSite, 0)
+		if err != nil {
+			return err
+		}
+		dst, err := s.readiness(ctx, p.TargetSite, 0)
+		if err != nil {
+			return rebound.Errorf(rebound.EUNAVAILABLE, "the target site %q is not connected: %s", p.TargetSite, rebound.ErrorMessage(err))
+		}
+		r.Message("resuming the resync from %s to %s started by an earlier reprotect", p.SourceSite, p.TargetSite)
+		r.Step("resync")
+		if err := s.waitResync(ctx, r, m.Name, src, dst); err != nil {
+			return err
+		}
+		if err := s.updateMachine(ctx, m.Name, func(x *rebound.Machine) {
+			x.State = rebound.MachineProtected
+			if x.Protection != nil {
+				x.Protection.SyncProgress = 1
+			}
+		}); err != nil {
+			return err
+		}
+		s.event(m.Name, p.TargetSite, "protection.protected", fmt.Sprintf("reprotect complete: %s protected from %s to %s", m.Name, p.SourceSite, p.TargetSite))
+		return nil
+	})
 }

@@ -73,6 +73,21 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 				ci.ChangedBytes += r.Length
 			}
 		}
+	case m.state.Role == RoleTarget && m.act == nil && m.state.Spec != nil && m.state.Spec.AdoptDisks:
+		// A reprotect target that adopted its released disks: what they
+		// lack is still in the released copy's stream, which adoption
+		// leaves in place. A retried reprotect resumes from it.
+		regions, last, err := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
+		if err != nil {
+			ci.Untrusted = fmt.Sprintf("the adopted copy's old stream at site %s cannot be read: %s", s.cfg.Name, rebound.ErrorMessage(err))
+			break
+		}
+		ci.Tracked, ci.Changed, ci.LastWrite = true, regions, last
+		for _, rs := range regions {
+			for _, r := range rs {
+				ci.ChangedBytes += r.Length
+			}
+		}
 	default:
 		ci.Untrusted = fmt.Sprintf("the %s copy at site %s has no change tracking", m.state.Role, s.cfg.Name)
 	}

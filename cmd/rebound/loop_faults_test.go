@@ -399,3 +399,228 @@ func TestSplitBrainKeepPrimary(t *testing.T) {
 	po.write(m.Disks[0].NBD, 10)
 	failbackAndCheck(t, svc, po.model.Sum(), "recovery")
 }
+
+// clusterCommitted runs the real binaries: vm1 (64 MiB) protected from
+// primary to recovery, failed over, 8-16 MiB changed at recovery and
+// committed. It returns the 4 KiB blocks changed at recovery.
+func clusterCommitted(t *testing.T) (*cluster, *oracle, changeSet) {
+	t.Helper()
+	c := startCluster(t)
+	svc, ctx := c.svc, context.Background()
+	const size = 64 << 20
+	m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := newOracle(t, size, 21)
+	o.gen = workload.NewGen(size, workload.Options{Seed: 21, MinLen: 64 << 10, MaxLen: 256 << 10, Align: 4096, ZeroFraction: 0.05, TrimFraction: 0.02})
+	o.write(m.Disks[0].NBD, 20)
+	waitJob(t, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+	o.write(m.Disks[0].NBD, 10)
+	waitJob(t, svc)(svc.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Point: "latest"}))
+	m = getMachine(t, svc, "vm1")
+	if got := diskSum(t, m.Disks[0].NBD); got != o.model.Sum() {
+		t.Fatalf("failover disk differs from the model")
+	}
+	changed := changeSet{}
+	for changed.bytes() < 10<<20 {
+		o.writeTracked(m.Disks[0].NBD, 10, changed)
+	}
+	waitJob(t, svc)(svc.Commit(ctx, "vm1"))
+	return c, o, changed
+}
+
+// killAtStep starts nothing: it polls the job until its step is one of
+// steps and then SIGKILLs the site, returning the job as seen just before.
+func killAtStep(t *testing.T, c *cluster, id, site string, steps ...string) *rebound.Job {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		j, err := c.svc.GetJob(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range steps {
+			if j.Step == s && j.State == rebound.JobRunning {
+				c.sites[site].kill()
+				return j
+			}
+		}
+		if j.State != rebound.JobRunning && j.State != rebound.JobQueued {
+			t.Fatalf("job %s ended (%s: %s) before step %v", id, j.State, j.Error, steps)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("job %s never reached step %v", id, steps)
+	return nil
+}
+
+// jobWithin waits up to d for a job; a job still running then is
+// cancelled. It returns the job and its error.
+func jobWithin(t *testing.T, svc rebound.Service, id string, d time.Duration) (*rebound.Job, error) {
+	t.Helper()
+	ctx := context.Background()
+	deadline := time.Now().Add(d)
+	for {
+		j, err := svc.GetJob(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch j.State {
+		case rebound.JobSucceeded:
+			return j, nil
+		case rebound.JobFailed, rebound.JobCancelled:
+			return j, rebound.Errorf(rebound.EINTERNAL, "job %s %s: %s", j.ID, j.State, j.Error)
+		}
+		if time.Now().After(deadline) {
+			j, _ = svc.CancelJob(ctx, id)
+			return j, rebound.Errorf(rebound.EINTERNAL, "job %s still running after %s at step %q: cancelled", id, d, j.Step)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// reprotectUntilDone retries a reprotect until a job succeeds.
+func reprotectUntilDone(t *testing.T, svc rebound.Service) *rebound.Job {
+	t.Helper()
+	loop := svc.(rebound.LoopService)
+	var done *rebound.Job
+	retry(t, "reprotect retry", func() error {
+		j, err := loop.Reprotect(context.Background(), rebound.ReprotectRequest{Machine: "vm1"})
+		if err != nil {
+			return err
+		}
+		j, err = jobWithin(t, svc, j.ID, 40*time.Second)
+		done = j
+		return err
+	})
+	return done
+}
+
+// killMidReprotect SIGKILLs site in the middle of a reprotect's resync,
+// restarts it, and checks the reprotect completes (on its own or by a
+// retry), sends about the changed bytes, and leaves primary's copy equal to
+// the model (a planned failback reads it over NBD).
+func killMidReprotect(t *testing.T, site string) {
+	c, o, changed := clusterCommitted(t)
+	svc, ctx := c.svc, context.Background()
+	loop := svc.(rebound.LoopService)
+	j, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := killAtStep(t, c, j.ID, site, "start source", "resync")
+	t.Logf("killed %s at step %s (sent %d of %d)", site, seen.Step, seen.BytesSent, seen.BytesTotal)
+	time.Sleep(500 * time.Millisecond)
+	c.sites[site].start()
+	c.waitOnline("primary", "recovery")
+	final, err := jobWithin(t, svc, j.ID, 45*time.Second)
+	if err != nil {
+		t.Logf("reprotect after the kill: %v; retrying", err)
+		final = reprotectUntilDone(t, svc)
+	}
+	m := getMachine(t, svc, "vm1")
+	if m.State != rebound.MachineProtected || m.Protection.SourceSite != "recovery" || m.Protection.TargetSite != "primary" {
+		t.Fatalf("after the reprotect: %s %+v", m.State, m.Protection)
+	}
+	if limit := int64(float64(changed.bytes())*1.05) + (64<<20)/1000; final.BytesSent > limit {
+		t.Fatalf("reprotect with a kill sent %d bytes for %d changed (limit %d)", final.BytesSent, changed.bytes(), limit)
+	}
+	t.Logf("reprotect sent %d bytes for %d changed", final.BytesSent, changed.bytes())
+	o.write(m.Disks[0].NBD, 5)
+	failbackAndCheck(t, svc, o.model.Sum(), "primary")
+}
+
+// TestReprotectKillTarget: primary, the reprotect's target, is killed mid-resync.
+func TestReprotectKillTarget(t *testing.T) { killMidReprotect(t, "primary") }
+
+// TestReprotectKillSource: recovery, the reprotect's source, is killed mid-resync.
+func TestReprotectKillSource(t *testing.T) { killMidReprotect(t, "recovery") }
+
+// TestReprotectRetryKeepsAdoptedDisks: the target dies before the first
+// point and the reprotect is given up (cancelled); the disks it adopted
+// are still there, and a retry completes sending only the delta.
+func TestReprotectRetryKeepsAdoptedDisks(t *testing.T) {
+	c, o, changed := clusterCommitted(t)
+	svc, ctx := c.svc, context.Background()
+	loop := svc.(rebound.LoopService)
+	j, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	killAtStep(t, c, j.ID, "primary", "start source", "resync")
+	j, err = jobWithin(t, svc, j.ID, 3*time.Second)
+	if err == nil {
+		t.Logf("the resync finished before the kill took effect: %+v", j)
+	}
+	base := filepath.Join(c.dir, "primary", "machines", "vm1", "journal", "base-000.img")
+	if fi, err := os.Stat(base); err != nil || fi.Size() != 64<<20 {
+		t.Fatalf("adopted disk at primary after the failed reprotect: %v", err)
+	}
+	c.sites["primary"].start()
+	c.waitOnline("primary", "recovery")
+	final := reprotectUntilDone(t, svc)
+	if limit := int64(float64(changed.bytes())*1.05) + (64<<20)/1000; final.BytesSent > limit || final.BytesSent < changed.bytes()/2 {
+		t.Fatalf("retried reprotect sent %d bytes for %d changed (limit %d)", final.BytesSent, changed.bytes(), limit)
+	}
+	m := getMachine(t, svc, "vm1")
+	o.write(m.Disks[0].NBD, 5)
+	failbackAndCheck(t, svc, o.model.Sum(), "primary")
+}
+
+// TestFailbackKill: the source of a planned failback (recovery) is killed
+// mid-failback. The failback completes (or is retried), nothing written is
+// lost; cancelling it resumes recovery with every byte, and a second
+// failback and commit leave primary equal to the model.
+func TestFailbackKill(t *testing.T) {
+	c, o, _ := clusterCommitted(t)
+	svc, ctx := c.svc, context.Background()
+	loop := svc.(rebound.LoopService)
+	waitJob(t, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"}))
+	m := getMachine(t, svc, "vm1")
+	o.write(m.Disks[0].NBD, 30)
+
+	j, err := loop.Failback(ctx, rebound.FailoverRequest{Machine: "vm1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := killAtStep(t, c, j.ID, "recovery", "drain", "activate")
+	t.Logf("killed recovery at failback step %s", seen.Step)
+	time.Sleep(500 * time.Millisecond)
+	c.sites["recovery"].start()
+	c.waitOnline("primary", "recovery")
+	if _, err := jobWithin(t, svc, j.ID, 45*time.Second); err != nil {
+		t.Logf("failback after the kill: %v; retrying", err)
+		retry(t, "failback retry", func() error {
+			j, err := loop.Failback(ctx, rebound.FailoverRequest{Machine: "vm1"})
+			if err != nil {
+				return err
+			}
+			_, err = jobWithin(t, svc, j.ID, 40*time.Second)
+			return err
+		})
+	}
+	m = getMachine(t, svc, "vm1")
+	if m.State != rebound.MachineFailedOver || m.ActiveSite != "primary" {
+		t.Fatalf("after the failback: %s at %s", m.State, m.ActiveSite)
+	}
+	if got := diskSum(t, m.Disks[0].NBD); got != o.model.Sum() {
+		t.Fatalf("primary after a failback with a kill differs from the model")
+	}
+	// Cancel: recovery resumes with every byte it had.
+	waitJob(t, svc)(svc.CancelFailover(ctx, "vm1"))
+	m = getMachine(t, svc, "vm1")
+	if m.ActiveSite != "recovery" || m.State != rebound.MachineProtected {
+		t.Fatalf("after cancel: %s at %s", m.State, m.ActiveSite)
+	}
+	if got := diskSum(t, m.Disks[0].NBD); got != o.model.Sum() {
+		t.Fatalf("recovery after the cancelled failback differs from the model")
+	}
+	o.write(m.Disks[0].NBD, 5)
+	failbackAndCheck(t, svc, o.model.Sum(), "primary")
+	waitJob(t, svc)(svc.Commit(ctx, "vm1"))
+	m = getMachine(t, svc, "vm1")
+	if got := diskSum(t, m.Disks[0].NBD); got != o.model.Sum() {
+		t.Fatalf("primary after commit differs from the model")
+	}
+}
