@@ -568,11 +568,21 @@ func TestReprotectRetryKeepsAdoptedDisks(t *testing.T) {
 	failbackAndCheck(t, svc, o.model.Sum(), "primary")
 }
 
-// TestFailbackKill: the source of a planned failback (recovery) is killed
-// mid-failback. The failback completes (or is retried), nothing written is
-// lost; cancelling it resumes recovery with every byte, and a second
-// failback and commit leave primary equal to the model.
-func TestFailbackKill(t *testing.T) {
+// TestFailbackKillSource: the source of a planned failback (recovery) is
+// killed mid-failback.
+func TestFailbackKillSource(t *testing.T) { killMidFailback(t, "recovery", "drain", "activate") }
+
+// TestFailbackKillTarget: the target of a planned failback (primary) is
+// killed as soon as the failback starts.
+func TestFailbackKillTarget(t *testing.T) {
+	killMidFailback(t, "primary", "preflight", "drain", "activate")
+}
+
+// killMidFailback kills site during a planned failback. The failback
+// completes (or is retried) and nothing written is lost; cancelling it
+// resumes recovery with every byte, and a second failback and commit leave
+// primary equal to the model.
+func killMidFailback(t *testing.T, site string, steps ...string) {
 	c, o, _ := clusterCommitted(t)
 	svc, ctx := c.svc, context.Background()
 	loop := svc.(rebound.LoopService)
@@ -584,10 +594,10 @@ func TestFailbackKill(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	seen := killAtStep(t, c, j.ID, "recovery", "drain", "activate")
-	t.Logf("killed recovery at failback step %s", seen.Step)
+	seen := killAtStep(t, c, j.ID, site, steps...)
+	t.Logf("killed %s at failback step %s", site, seen.Step)
 	time.Sleep(500 * time.Millisecond)
-	c.sites["recovery"].start()
+	c.sites[site].start()
 	c.waitOnline("primary", "recovery")
 	if _, err := jobWithin(t, svc, j.ID, 45*time.Second); err != nil {
 		t.Logf("failback after the kill: %v; retrying", err)
