@@ -192,7 +192,7 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 		if err != nil {
 			return err
 		}
-		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: ci.Generation}
+		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: ci.Generation, VM: m.VM}
 		tspec := spec
 		tspec.Role, tspec.PeerSite = "target", m.ActiveSite
 		if err := dst.StartReplication(ctx, tspec); err != nil {
@@ -468,6 +468,22 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 		if err := s.setState(ctx, m.Name, rebound.MachineFailingOver); err != nil {
 			return err
 		}
+		if m.VM != nil && src != nil {
+			// Planned: the guest shuts down cleanly before the drain;
+			// unplanned: the source VM is stopped where it can be reached.
+			state := rebound.PowerKill
+			if req.Planned {
+				state = rebound.PowerOff
+			}
+			r.Message("stopping the VM at %s (%s)", from, state)
+			if err := src.Power(ctx, m.Name, state, false); err != nil {
+				if req.Planned {
+					_ = s.setState(context.Background(), m.Name, rebound.MachineProtected)
+					return fmt.Errorf("shut down the VM at %s: %w", from, err)
+				}
+				r.Message("VM at %s not stopped: %s", from, rebound.ErrorMessage(err))
+			}
+		}
 		var fenced bool
 		point, err := s.drainAndResolve(ctx, r, m.Name, req, src, dst, &fenced)
 		if err != nil {
@@ -495,6 +511,9 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 				Time: time.Now().UTC(), SourceFenced: fenced}
 			setDisks(m, disks)
 		}); err != nil {
+			return err
+		}
+		if err := s.powerOn(ctx, r, m, dst, to, false); err != nil {
 			return err
 		}
 		// A source that was down and came back while this job ran was seen
@@ -594,6 +613,9 @@ func (s *Server) ChangePoint(ctx context.Context, name, point string) (*rebound.
 			return err
 		}
 		r.SetResult(p)
+		if err := s.powerOn(ctx, r, m, dst, m.Failover.ToSite, false); err != nil {
+			return err
+		}
 		s.event(name, m.Failover.ToSite, "failover.change-point", "failover moved to point "+p.ID)
 		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
 			m.Failover.Point = p
@@ -638,6 +660,9 @@ func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job,
 		}
 		r.Step("resume source")
 		if err := src.Unfence(ctx, name); err != nil {
+			return err
+		}
+		if err := s.powerOn(ctx, r, m, src, from, false); err != nil {
 			return err
 		}
 		s.event(name, from, "failover.cancelled", "failover cancelled; machine active at "+from+" again")
@@ -742,6 +767,9 @@ func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound
 			return err
 		}
 		r.SetResult(p)
+		if err := s.powerOn(ctx, r, m, dst, m.Protection.TargetSite, true); err != nil {
+			return err
+		}
 		s.event(name, m.Protection.TargetSite, "test-failover", "test failover at point "+p.ID)
 		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
 			m.TestFailover = &rebound.TestFailover{Site: m.Protection.TargetSite, Point: p, Disks: disks}

@@ -131,3 +131,18 @@ func (s *Server) Console(ctx context.Context, name string, tail int) ([]byte, er
 	}
 	return site.Console(ctx, m.Name, tail, false)
 }
+
+// powerOn starts a qemu machine's VM at a site after its disks became
+// active there (failover, change-point, cancel, test failover). The disks
+// stay active if the VM does not start; the error says how to retry.
+func (s *Server) powerOn(ctx context.Context, r *jobRun, m *rebound.Machine, site rebound.SiteService, at string, test bool) error {
+	if m.VM == nil {
+		return nil
+	}
+	r.Message("starting the VM at %s", at)
+	if err := site.Power(ctx, m.Name, rebound.PowerOn, test); err != nil {
+		return fmt.Errorf("the disks are active at %s but the VM did not start: %w (retry with rebound machine start %s)", at, err, m.Name)
+	}
+	s.event(m.Name, at, "machine.start", "VM started at "+at)
+	return nil
+}

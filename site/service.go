@@ -28,7 +28,8 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 	}
 	s.addrMu.Unlock()
 	for _, m := range s.machines {
-		ms := rebound.MachineStatus{Name: m.state.Name, Role: m.state.Role, Fenced: m.state.Fenced}
+		ms := rebound.MachineStatus{Name: m.state.Name, Role: m.state.Role, Fenced: m.state.Fenced,
+			VM: s.vmStatusLocked(m, false), TestVM: s.vmStatusLocked(m, true)}
 		switch m.state.Role {
 		case RoleActive, RoleSource:
 			ms.Disks = s.disksWithURIs(m.state.Name, m.state.Disks, false)
@@ -114,6 +115,8 @@ func (s *Site) DeleteMachine(ctx context.Context, name string) error {
 		return nil
 	}
 	delete(s.machines, name)
+	s.killVMLocked(m, false)
+	s.killVMLocked(m, true)
 	err := s.saveLocked()
 	s.mu.Unlock()
 	s.disconnectAll(name, len(m.state.Disks))
@@ -208,7 +211,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 			return err
 		}
 		sp := spec
-		m := &machine{state: machineState{Name: spec.Machine, Disks: spec.Disks, Role: RoleTarget, Spec: &sp, Generation: spec.Generation}, journal: j}
+		m := &machine{state: machineState{Name: spec.Machine, Disks: spec.Disks, Role: RoleTarget, Spec: &sp, Generation: spec.Generation, VM: spec.VM}, journal: j}
 		s.machines[spec.Machine] = m
 		s.startExpiry(m.state.Name, j, time.Duration(spec.Policy.Retention))
 		return s.saveLocked()
@@ -301,6 +304,24 @@ func (s *Site) CutPoint(ctx context.Context, name string, kind rebound.PointKind
 	case rebound.PointCrash:
 		return stream.Mark(kind)
 	case rebound.PointApp:
+		s.mu.Lock()
+		vm := m.vm
+		s.mu.Unlock()
+		if vm != nil && vm.Running() {
+			// The guest agent freezes the guest's filesystems around the
+			// mark, and thaws them whatever happens.
+			var p rebound.RecoveryPoint
+			fctx, cancel := context.WithTimeout(ctx, s.cfg.HookTimeout)
+			defer cancel()
+			err := vm.FreezeThaw(fctx, func() (err error) {
+				p, err = stream.Mark(kind)
+				return err
+			})
+			if err != nil {
+				return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "app-consistent point of %s: %s", name, rebound.ErrorMessage(err))
+			}
+			return p, nil
+		}
 		if s.cfg.FreezeHook == "" {
 			return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "site %s has no freeze hook configured: app-consistent points need --freeze-hook and --thaw-hook", s.cfg.Name)
 		}
@@ -529,6 +550,8 @@ func (s *Site) Deactivate(ctx context.Context, name string, test bool) error {
 	} else {
 		m.act, m.state.Act = nil, nil
 	}
+	// The VM on those disks goes with them.
+	s.killVMLocked(m, test)
 	err := s.saveLocked()
 	s.mu.Unlock()
 	for i := range m.state.Disks {
@@ -651,6 +674,7 @@ func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time)
 		return nil
 	}
 	m.state.Fenced = true
+	s.killVMLocked(m, false)
 	disks := len(m.state.Disks)
 	s.mu.Unlock()
 	s.disconnectAll(name, disks)

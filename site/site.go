@@ -28,6 +28,7 @@ import (
 	"github.com/rebound-dr/rebound/journal"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/overlay"
+	"github.com/rebound-dr/rebound/qemu"
 )
 
 // Version is the site appliance's version string.
@@ -55,6 +56,13 @@ type Config struct {
 	FreezeHook, ThawHook string
 	HookTimeout          time.Duration
 	SpoolLimit           int64
+	// QEMU runs the VMs of qemu machines; nil: this site runs none.
+	QEMU *qemu.Driver
+	// NBDSocket is the unix socket VMs reach the exports through.
+	NBDSocket string
+	// Networks maps a machine's logical network to this site's (network
+	// mapping); an unmapped network is QEMU user networking.
+	Networks map[string]qemu.NICConfig
 	// ExpireEvery is how often journals fold expired records into their base.
 	ExpireEvery time.Duration
 	Logger      *slog.Logger
@@ -87,6 +95,8 @@ type machine struct {
 	stream   *capture.Stream     // RoleSource
 	stop     context.CancelFunc  // stops the source's sender and tickers
 	sender   *rgrpc.Sender
+
+	vm, testVM *qemu.VM // qemu machines: the VM here, the test failover's VM
 
 	journal *journal.Journal // RoleTarget
 	act     *activation      // failover activation
@@ -420,6 +430,13 @@ func (s *Site) stopSource(m *machine) error {
 
 func (s *Site) closeMachine(m *machine) error {
 	var errs []error
+	// VMs outlive the site process: a restarted site attaches to them.
+	for _, vm := range []*qemu.VM{m.vm, m.testVM} {
+		if vm != nil {
+			vm.Close()
+		}
+	}
+	m.vm, m.testVM = nil, nil
 	errs = append(errs, s.closeFiles(m), s.stopSource(m))
 	for _, a := range []*activation{m.act, m.test} {
 		if a != nil {

@@ -126,6 +126,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		Logger:  m.Logger,
 		Metrics: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
 		Loop:    m.Service,
+		Power:   m.Service,
 	}
 	m.http = &nethttp.Server{Handler: api.Handler(), TLSConfig: tlsConf.Clone(), ReadHeaderTimeout: 10 * time.Second}
 	m.http.TLSConfig.ClientAuth = 0 // the API authenticates with bearer tokens

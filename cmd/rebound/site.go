@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -19,6 +20,7 @@ import (
 	"github.com/rebound-dr/rebound"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
 	"github.com/rebound-dr/rebound/pki"
+	"github.com/rebound-dr/rebound/qemu"
 	"github.com/rebound-dr/rebound/site"
 )
 
@@ -38,6 +40,8 @@ type SiteConfig struct {
 	ThawHook    string
 	SpoolLimit  int64
 	ReportEvery time.Duration
+	// Networks is the network mapping: logical network -> local NIC.
+	Networks map[string]qemu.NICConfig
 }
 
 // SiteMain runs one site: enrollment, NBD, replication and the control
@@ -94,6 +98,8 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	m.Site = site.New(site.Config{
 		Name: cfg.Name, DataDir: cfg.DataDir, PeerTLS: peerTLS, NBDHost: cfg.NBDHost,
 		FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook, SpoolLimit: cfg.SpoolLimit,
+		NBDSocket: cfg.NBDSocket, Networks: cfg.Networks,
+		QEMU:   &qemu.Driver{Logger: m.Logger},
 		Logger: m.Logger,
 	})
 	if err := m.Site.Open(); err != nil {
@@ -139,6 +145,12 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 		serve("nbd unix", func() error { return m.Site.NBD.Serve(ul) })
 	}
 	serve("replication", func() error { return m.grpc.Serve(rl) })
+	// VMs reach their disks over NBD, which serves now.
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		m.Site.StartVMs(rctx)
+	}()
 	every := cfg.ReportEvery
 	if every == 0 {
 		every = 2 * time.Second
@@ -215,6 +227,7 @@ func (m *SiteMain) Close() error {
 func newSiteCommand(c *CLI) *cobra.Command {
 	cfg := SiteConfig{}
 	var spool string
+	var networks map[string]string
 	cmd := &cobra.Command{
 		Use:   "site",
 		Short: "Run a site appliance, or manage sites",
@@ -228,6 +241,9 @@ func newSiteCommand(c *CLI) *cobra.Command {
 				return err
 			}
 			cfg.SpoolLimit = n
+			if cfg.Networks, err = parseNetworks(networks); err != nil {
+				return err
+			}
 			if cfg.DataDir == "" {
 				cfg.DataDir = filepath.Join("rebound-data", "sites", cfg.Name)
 			}
@@ -257,6 +273,7 @@ func newSiteCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.FreezeHook, "freeze-hook", "", "script run before an app-consistent point (argument: machine name)")
 	f.StringVar(&cfg.ThawHook, "thaw-hook", "", "script run after an app-consistent point, always")
 	f.StringVar(&spool, "spool-limit", "1GiB", "local spool bound per machine before only a dirty-region map is kept")
+	f.StringToStringVar(&networks, "network", nil, "network mapping LOGICAL=user|tap:IFNAME|bridge:BRIDGE for VM NICs (repeatable)")
 	return cmd
 }
 
@@ -274,4 +291,24 @@ func newLogger(w interface{ Write([]byte) (int, error) }) *slog.Logger {
 		level = slog.LevelDebug
 	}
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+}
+
+// parseNetworks reads a site's network mapping: LOGICAL=user, tap:IFNAME
+// or bridge:BRIDGE.
+func parseNetworks(in map[string]string) (map[string]qemu.NICConfig, error) {
+	out := map[string]qemu.NICConfig{}
+	for name, v := range in {
+		mode, arg, _ := strings.Cut(v, ":")
+		switch {
+		case mode == qemu.NICUser && arg == "":
+			out[name] = qemu.NICConfig{Mode: qemu.NICUser}
+		case mode == qemu.NICTap && arg != "":
+			out[name] = qemu.NICConfig{Mode: qemu.NICTap, Ifname: arg}
+		case mode == qemu.NICBridge && arg != "":
+			out[name] = qemu.NICConfig{Mode: qemu.NICBridge, Bridge: arg}
+		default:
+			return nil, rebound.Errorf(rebound.EINVALID, "--network %s=%s: use user, tap:IFNAME or bridge:BRIDGE", name, v)
+		}
+	}
+	return out, nil
 }
