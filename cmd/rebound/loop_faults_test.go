@@ -634,3 +634,35 @@ func killMidFailback(t *testing.T, site string, steps ...string) {
 		t.Fatalf("primary after commit differs from the model")
 	}
 }
+
+// TestReprotectKillBothInResync: the target dies as the source starts, so
+// the resync stalls half done; then the source is killed inside that
+// resync too. Both restart and the reprotect completes (on its own or by a
+// retry) with about the changed bytes sent and primary's copy exact.
+func TestReprotectKillBothInResync(t *testing.T) {
+	c, o, changed := clusterCommitted(t)
+	svc, ctx := c.svc, context.Background()
+	loop := svc.(rebound.LoopService)
+	j, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	killAtStep(t, c, j.ID, "primary", "start source", "resync")
+	seen := killAtStep(t, c, j.ID, "recovery", "resync")
+	time.Sleep(time.Second) // the source resyncs into its spool meanwhile
+	t.Logf("killed recovery in the resync (sent %d of %d)", seen.BytesSent, seen.BytesTotal)
+	c.sites["recovery"].start()
+	c.sites["primary"].start()
+	c.waitOnline("primary", "recovery")
+	final, err := jobWithin(t, svc, j.ID, 45*time.Second)
+	if err != nil {
+		t.Logf("reprotect after the kills: %v; retrying", err)
+		final = reprotectUntilDone(t, svc)
+	}
+	if limit := int64(float64(changed.bytes())*1.05) + (64<<20)/1000; final.BytesSent > limit {
+		t.Fatalf("reprotect with kills sent %d bytes for %d changed (limit %d)", final.BytesSent, changed.bytes(), limit)
+	}
+	m := getMachine(t, svc, "vm1")
+	o.write(m.Disks[0].NBD, 5)
+	failbackAndCheck(t, svc, o.model.Sum(), "primary")
+}
