@@ -4,7 +4,10 @@
 #   1. NBD write throughput and 4 KiB IOPS through a Rebound export with
 #      replication on, against qemu-nbd on the same kind of raw file, with
 #      the same client (scripts/bench_nbd.sh);
-#   2. replication throughput and lag under churn (go test -bench Replication).
+#   2. replication throughput and lag under churn (go test -bench Replication);
+#   3. reprotect resync of a 4 GiB disk with 1/10/50% of its blocks changed,
+#      tracked and with digest compare, against rsync over loopback
+#      (go test -bench Resync; needs rsync and ~16 GiB free in $TMPDIR).
 #
 #   scripts/bench.sh [--out docs/benchmarks.md] [--runtime 10]
 set -euo pipefail
@@ -46,6 +49,10 @@ kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 : >"$tmp/repl.md"
 REBOUND_BENCH_OUT="$tmp/repl.md" go test ./cmd/rebound -run '^$' -bench 'Replication' -benchtime 1x -count=1 >"$tmp/gobench.txt" 2>&1 || { cat "$tmp/gobench.txt" >&2; exit 1; }
 
+# 3. Reprotect resync against rsync.
+: >"$tmp/resync.md"
+REBOUND_BENCH_OUT="$tmp/resync.md" go test ./cmd/rebound -run '^$' -bench 'Resync' -benchtime 1x -count=1 -timeout 20m -v >"$tmp/resync.txt" 2>&1 || { cat "$tmp/resync.txt" >&2; exit 1; }
+
 ratio() { python3 - "$tmp/nbd.md" <<'PY'
 import sys
 rows=[l.strip().strip('|').split('|') for l in open(sys.argv[1]) if l.startswith('| ') and 'server' not in l]
@@ -81,6 +88,20 @@ PY
 	echo
 	echo '```'
 	grep -E '^(Benchmark|cpu|ok)' "$tmp/gobench.txt"
+	echo '```'
+	echo
+	echo "## Reprotect resync against rsync"
+	echo
+	echo "\`go test ./cmd/rebound -run '^\$' -bench Resync -benchtime 1x\`: a 4 GiB disk filled with semi-compressible data (half random, half a repeated byte per 4 KiB) is protected; each row is a planned failover, the given share of its 4 KiB blocks rewritten at random at the new active site, commit, and \`reprotect\` back (tracked: the default; verify: \`--verify\`, 64 KiB block digests compared at both sites at once). Time is the reprotect job's, from its start to the first recovery point at the target (policy with 1 s crash points). Bytes sent are the resync's bytes copied to the target (before zstd). For each change share, rsync 3 (\`rsync --inplace --no-whole-file -I --stats\`, no compression) pushes the verify row's new image onto a copy of the old one held by an rsync daemon on 127.0.0.1; its bytes are its \"Total bytes sent\". All files are in the page cache; both sites, the server and rsync share the $(nproc) cores."
+	echo
+	echo "| change (changed bytes) | mode | time | bytes sent | bytes compared | target | met? |"
+	echo "|---|---|---|---|---|---|---|"
+	cat "$tmp/resync.md"
+	echo
+	echo "Load while measuring (1/5/15 min, before each reprotect and after each rsync):"
+	echo
+	echo '```'
+	grep -E 'load' "$tmp/resync.txt" | sed 's/^ *bench_resync_test.go:[0-9]*: //'
 	echo '```'
 } >"$out"
 echo "wrote $out" >&2

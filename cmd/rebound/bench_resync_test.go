@@ -52,6 +52,13 @@ func BenchmarkResync(b *testing.B) {
 	dir := b.TempDir()
 	up, svc := testUp(b, filepath.Join(dir, "rebound"))
 	loop := svc.(rebound.LoopService)
+	// Points every second: the reprotect's time ends at the target's first
+	// point, which the default policy cuts only every 5 s.
+	pol := rebound.DefaultPolicy()
+	pol.Name, pol.CrashInterval = "bench", rebound.Duration(time.Second)
+	if _, err := svc.PutPolicy(ctx, pol); err != nil {
+		b.Fatal(err)
+	}
 	m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "bench", Site: "primary", Disks: []int64{size}})
 	if err != nil {
 		b.Fatal(err)
@@ -64,7 +71,7 @@ func BenchmarkResync(b *testing.B) {
 	writeRuns(b, m.Disks[0].NBD, runs, 1)
 	b.Logf("filled %d MiB in %s", size>>20, time.Since(start).Round(time.Millisecond))
 	start = time.Now()
-	waitJob(b, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "bench", To: "recovery"}))
+	waitJob(b, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "bench", To: "recovery", Policy: "bench"}))
 	b.Logf("protected in %s", time.Since(start).Round(time.Millisecond))
 
 	rs := startRsyncd(b, rsyncBin, filepath.Join(dir, "rsync"))
@@ -129,7 +136,7 @@ func BenchmarkResync(b *testing.B) {
 				}
 
 				load := loadavg()
-				j := waitJob(b, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "bench", Verify: verify}))
+				j := waitJob(b, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "bench", Verify: verify, Policy: "bench"}))
 				if j.EndedAt == nil {
 					b.Fatalf("reprotect job has no end time: %+v", j)
 				}
