@@ -146,6 +146,7 @@ func Verify(r io.Reader) (Verdict, error) {
 		}
 		if v.ZeroTail > 0 {
 			v.Corrupt = &CorruptError{Record: k - v.ZeroTail, Reason: fmt.Sprintf("all zero, yet record %d after it is not", k)}
+			v.ZeroTail = 0
 			continue
 		}
 		if err := Check(buf, k); err != nil {
