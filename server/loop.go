@@ -12,10 +12,36 @@ import (
 
 var _ rebound.LoopService = (*Server)(nil)
 
-// DigestBlockSize is the block size of a verifying (digest) resync: the
-// block size rsync picks for a disk of a few GiB, so a verify never sends
-// more than rsync would.
+// DigestBlockSize is the largest block size of a verifying (digest)
+// resync: the block size rsync picks for a disk of a few GiB, so a verify
+// never sends more than rsync would.
 const DigestBlockSize = 64 << 10
+
+// A verify compares blocks as small as the change trackers' (4 KiB), so it
+// sends little more than what differs, as long as the digests of a machine
+// stay under maxDigestBlocks per site (16 bytes each, about 27 as JSON on
+// the control stream, whose messages are bounded); larger machines use
+// larger blocks, up to DigestBlockSize.
+const (
+	minDigestBlock  = 4 << 10
+	maxDigestBlocks = 1 << 20
+)
+
+// digestBlockSize picks the block size of a verify of disks of these sizes.
+func digestBlockSize(disks []rebound.Disk) int64 {
+	bs := int64(minDigestBlock)
+	for bs < DigestBlockSize {
+		var n int64
+		for _, d := range disks {
+			n += (d.Size + bs - 1) / bs
+		}
+		if n <= maxDigestBlocks {
+			break
+		}
+		bs *= 2
+	}
+	return bs
+}
 
 // Resync modes of a reprotect.
 const (
@@ -366,12 +392,13 @@ func (s *Server) compare(ctx context.Context, r *jobRun, m *rebound.Machine, pla
 		return out, 0, nil
 	}
 	// Both sides read and hash at the same time.
+	bs := digestBlockSize(m.Disks)
 	var wg sync.WaitGroup
 	var sd, dd []rebound.BlockDigests
 	var serr, derr error
 	wg.Add(2)
-	go func() { defer wg.Done(); sd, serr = src.Digests(ctx, m.Name, DigestBlockSize) }()
-	go func() { defer wg.Done(); dd, derr = dst.Digests(ctx, m.Name, DigestBlockSize) }()
+	go func() { defer wg.Done(); sd, serr = src.Digests(ctx, m.Name, bs) }()
+	go func() { defer wg.Done(); dd, derr = dst.Digests(ctx, m.Name, bs) }()
 	wg.Wait()
 	if serr != nil {
 		return nil, 0, fmt.Errorf("digests at the active site: %w", serr)
@@ -385,10 +412,10 @@ func (s *Server) compare(ctx context.Context, r *jobRun, m *rebound.Machine, pla
 	out := make([][]rebound.Region, len(m.Disks))
 	var compared int64
 	for i := range m.Disks {
-		out[i] = digest.Diff(sd[i].Sums, dd[i].Sums, DigestBlockSize, m.Disks[i].Size)
+		out[i] = digest.Diff(sd[i].Sums, dd[i].Sums, bs, m.Disks[i].Size)
 		compared += m.Disks[i].Size
 	}
-	r.Message("compared %s of block digests on both sides: %s differ", humanBytes(compared), humanBytes(regionBytes(out)))
+	r.Message("compared %s of %s block digests on both sides: %s differ", humanBytes(compared), humanBytes(bs), humanBytes(regionBytes(out)))
 	return out, compared, nil
 }
 
