@@ -188,14 +188,28 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 				return rebound.Errorf(rebound.ECONFLICT, "site %s already holds machine %q as %s", s.cfg.Name, spec.Machine, m.state.Role)
 			}
 			// The old disks become the journal's base: the delta resync
-			// lands on top of them.
-			_ = journal.Remove(dir)
+			// lands on top of them. A journal directory is removed only
+			// while every disk is still in place (then it is stale): after
+			// a crash between Adopt and the state save it holds the
+			// adopted disks, the only seed. Adopt resumes a partial move,
+			// and a complete one (meta written; no stream could land
+			// before the save) is opened as it is.
 			paths := make([]string, len(m.state.Disks))
+			inPlace := true
 			for i := range paths {
 				paths[i] = s.diskPath(spec.Machine, i)
+				if _, err := os.Stat(paths[i]); err != nil {
+					inPlace = false
+				}
+			}
+			if inPlace {
+				_ = journal.Remove(dir)
 			}
 			if err := journal.Adopt(dir, spec.Disks, paths); err != nil {
-				return err
+				if _, serr := os.Stat(filepath.Join(dir, "meta.json")); serr != nil || rebound.ErrorCode(err) != rebound.ECONFLICT {
+					return err
+				}
+				s.logger.Warn("reusing the journal an interrupted adopt left", "machine", spec.Machine)
 			}
 			delete(s.machines, spec.Machine)
 		} else if spec.AdoptDisks {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/journal"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/workload"
 )
@@ -664,5 +665,35 @@ func TestReprotectKillBothInResync(t *testing.T) {
 	}
 	m := getMachine(t, svc, "vm1")
 	o.write(m.Disks[0].NBD, 5)
+	failbackAndCheck(t, svc, o.model.Sum(), "primary")
+}
+
+// TestReprotectAfterCrashedAdopt: primary crashed in the middle of
+// preparing a reprotect target, after its released disks moved into the
+// new journal and before its state recorded that. The retry must keep
+// those disks (the only seed) and complete with a delta, byte-exact.
+func TestReprotectAfterCrashedAdopt(t *testing.T) {
+	ctx := context.Background()
+	up, svc := fixedUp(t, nil)
+	loop := svc.(rebound.LoopService)
+	o := loopOracle(t, loopDisk, 18)
+	touched := failedOverAndCommitted(t, svc, o)
+	waitUntil(t, 10*time.Second, "primary released", func() bool {
+		ci, err := up.Sites["primary"].Site.CopyInfo(ctx, "vm1")
+		return err == nil && ci.Role == "released"
+	})
+
+	cfg := stopSite(t, up, "primary")
+	mdir := filepath.Join(cfg.DataDir, "machines", "vm1")
+	disks := []rebound.Disk{{Name: "disk0", Size: loopDisk}}
+	if err := journal.Adopt(filepath.Join(mdir, "journal"), disks, []string{filepath.Join(mdir, "disk0.raw")}); err != nil {
+		t.Fatalf("simulate the crashed adopt: %v", err)
+	}
+	startSite(t, up, cfg)
+
+	j := waitJob(t, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"}))
+	if j.BytesSent <= 0 || j.BytesSent > touched.bytes() {
+		t.Fatalf("reprotect after a crashed adopt sent %d bytes; the writes touched %d", j.BytesSent, touched.bytes())
+	}
 	failbackAndCheck(t, svc, o.model.Sum(), "primary")
 }
