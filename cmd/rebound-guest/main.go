@@ -16,10 +16,10 @@ package main
 
 import (
 	"bytes"
-	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -142,7 +142,7 @@ func (g *guest) run() {
 	}
 	g.watchSignals()
 	g.step("modules")
-	loadModules()
+	loadModules(g.cfg.debug)
 	g.step("disk")
 
 	if err := g.prepareDisk(); err != nil {
@@ -201,7 +201,7 @@ func isatty(fd int) bool {
 // loadModules inserts /lib/modules/*.ko in the order of load.list, which the
 // build script wrote dependencies first. A module the CPU cannot use (e.g.
 // crc32c-intel under TCG) fails harmlessly.
-func loadModules() {
+func loadModules(debug bool) {
 	list, err := os.ReadFile("/lib/modules/load.list")
 	if err != nil {
 		return
@@ -213,8 +213,12 @@ func loadModules() {
 			continue
 		}
 		param := []byte{0}
+		t0 := time.Now()
 		_, _, e := syscall.Syscall(sysFinitModule, f.Fd(), uintptr(unsafe.Pointer(&param[0])), 0)
 		f.Close()
+		if debug {
+			say("debug module %s: %v (%v)", name, time.Since(t0).Round(time.Millisecond), e)
+		}
 		if e != 0 && e != syscall.EEXIST && e != syscall.ENODEV {
 			say("module %s: %v", name, e)
 		}
@@ -243,8 +247,13 @@ func (g *guest) prepareDisk() error {
 		if !blank {
 			return fmt.Errorf("%s holds no ext4 filesystem and is not blank", disk)
 		}
+		g.step("mkfs")
+		// The UUID and hash seed come from /dev/urandom: mke2fs's own
+		// getrandom() blocks for seconds until the crng is ready under TCG.
+		// The disk is blank, so mke2fs need not zero tables and journal.
 		out, err := exec.Command("mke2fs", "-t", "ext4", "-F", "-q", "-b", "4096",
-			"-E", "lazy_itable_init=0,lazy_journal_init=0", "-L", "rebound", disk).CombinedOutput()
+			"-U", uuid(), "-E", "nodiscard,assume_storage_prezeroed=1,hash_seed="+uuid(),
+			"-L", "rebound", disk).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("mkfs %s: %v: %s", disk, err, bytes.TrimSpace(out))
 		}
@@ -256,8 +265,8 @@ func (g *guest) prepareDisk() error {
 	out, err := exec.Command("e2fsck", "-E", "journal_only", "-p", disk).CombinedOutput()
 	if code := exitCode(err); code&^1 != 0 {
 		say("fsck journal replay: exit %d: %s", code, oneLine(out))
-	} else if code == 1 {
-		say("fsck journal replayed")
+	} else if len(bytes.TrimSpace(out)) > 0 {
+		say("fsck journal: %s", oneLine(out))
 	}
 	out, err = exec.Command("e2fsck", "-f", "-n", disk).CombinedOutput()
 	if code := exitCode(err); code == 0 {
@@ -322,9 +331,7 @@ func (g *guest) write(v record.Verdict) {
 		say("write: truncate: %v", err)
 		return
 	}
-	var id [8]byte
-	rand.Read(id[:])
-	boot := binary.LittleEndian.Uint64(id[:])
+	boot := binary.LittleEndian.Uint64(urandom(8))
 	buf := make([]byte, record.Size)
 	seq := v.Records
 	tick := time.NewTicker(time.Second / time.Duration(g.cfg.rate))
@@ -554,6 +561,24 @@ func (a *agent) stop() {
 		}
 		a.mu.Unlock()
 	}
+}
+
+// urandom reads n bytes from /dev/urandom, which does not wait for the
+// crng to be initialized (getrandom and crypto/rand do).
+func urandom(n int) []byte {
+	b := make([]byte, n)
+	if f, err := os.Open("/dev/urandom"); err == nil {
+		io.ReadFull(f, b)
+		f.Close()
+	}
+	return b
+}
+
+func uuid() string {
+	b := urandom(16)
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
 
 func exitCode(err error) int {
