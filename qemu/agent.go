@@ -76,27 +76,16 @@ func (v *VM) agentCall(ctx context.Context, cmd string, args, out any, noReply b
 	defer stop()
 	r := bufio.NewReader(conn)
 
-	id := rand.Int64N(1 << 52) // JSON numbers stay exact below 2^53
-	if err := writeJSON(conn, "\xff", map[string]any{"execute": "guest-sync-delimited", "arguments": map[string]any{"id": id}}); err != nil {
-		return false, v.agentUnavailable(err)
+	if err := v.agentSync(ctx, conn, r, dl); err != nil {
+		return false, err
 	}
-	for {
-		if _, err := r.ReadBytes(0xff); err != nil {
-			return false, v.agentUnavailable(fmt.Errorf("no answer to guest-sync: %w", err))
-		}
-		line, err := r.ReadBytes('\n')
-		if err != nil {
-			return false, v.agentUnavailable(fmt.Errorf("no answer to guest-sync: %w", err))
-		}
-		var resp struct {
-			Return int64 `json:"return"`
-		}
-		if json.Unmarshal(line, &resp) == nil && resp.Return == id {
-			break
-		}
-	}
+	conn.SetDeadline(dl)
 
-	if err := writeJSON(conn, "", map[string]any{"execute": cmd, "arguments": args}); err != nil {
+	req := map[string]any{"execute": cmd}
+	if args != nil { // qemu-ga refuses "arguments": null
+		req["arguments"] = args
+	}
+	if err := writeJSON(conn, "", req); err != nil {
 		return false, v.agentUnavailable(err)
 	}
 	if noReply {
@@ -127,6 +116,56 @@ func (v *VM) agentCall(ctx context.Context, cmd string, args, out any, noReply b
 		}
 	}
 	return true, nil
+}
+
+// syncRetry is how long one guest-sync waits before it is sent again: the
+// agent may open its port after the first one was sent.
+const syncRetry = time.Second
+
+// agentSync sends guest-sync-delimited until the agent answers one of them
+// or the deadline passes. Answers to other sessions' commands are skipped.
+func (v *VM) agentSync(ctx context.Context, conn net.Conn, r *bufio.Reader, dl time.Time) error {
+	sent := map[int64]bool{}
+	for {
+		id := rand.Int64N(1 << 52) // JSON numbers stay exact below 2^53
+		sent[id] = true
+		if err := writeJSON(conn, "\xff", map[string]any{"execute": "guest-sync-delimited", "arguments": map[string]any{"id": id}}); err != nil {
+			return v.agentUnavailable(err)
+		}
+		end := time.Now().Add(syncRetry)
+		if end.After(dl) {
+			end = dl
+		}
+		conn.SetReadDeadline(end)
+		err := readSync(r, sent)
+		if err == nil {
+			return nil
+		}
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() || ctx.Err() != nil || !time.Now().Before(dl) {
+			return v.agentUnavailable(fmt.Errorf("no answer to guest-sync: %w", err))
+		}
+	}
+}
+
+// readSync reads up to the answer of one of the sent syncs: 0xFF, then a
+// JSON line.
+func readSync(r *bufio.Reader, sent map[int64]bool) error {
+	for {
+		if _, err := r.ReadBytes(0xff); err != nil {
+			return err
+		}
+		line, err := r.ReadBytes('\n')
+		if err != nil {
+			return err
+		}
+		var resp struct {
+			Return int64 `json:"return"`
+		}
+		if json.Unmarshal(line, &resp) == nil && sent[resp.Return] {
+			return nil
+		}
+	}
 }
 
 func writeJSON(conn net.Conn, prefix string, v any) error {

@@ -1,0 +1,332 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// guestAppend is the test guest's kernel command line: console on the
+// serial port, where the tests read the guest's lines.
+const guestAppend = "console=ttyS0 panic=-1 quiet rebound.rate=50"
+
+// guestImage returns the test guest's kernel and initramfs, building them
+// with scripts/build-guest.sh when missing (the script is idempotent).
+func guestImage(t *testing.T) (kernel, initrd string) {
+	t.Helper()
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Dir(filepath.Dir(file))
+	out := filepath.Join(root, ".guest")
+	cmd := exec.Command(filepath.Join(root, "scripts", "build-guest.sh"), out)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build-guest.sh: %v\n%s", err, b)
+	}
+	return filepath.Join(out, "vmlinux"), filepath.Join(out, "initramfs.cpio.gz")
+}
+
+// serveNBD serves a raw file over NBD with qemu-nbd and returns its URI
+// and a func that stops qemu-nbd.
+func serveNBD(t *testing.T, path, export string) (string, func()) {
+	t.Helper()
+	bin, err := exec.LookPath("qemu-nbd")
+	if err != nil {
+		t.Fatal("qemu-nbd not installed (apt-get install qemu-utils)")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	cmd := exec.Command(bin, "-f", "raw", "-x", export, "-b", "127.0.0.1", "-p", fmt.Sprint(port), "-t", "--cache=writeback", path)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	stop := func() { once.Do(func() { cmd.Process.Kill(); cmd.Wait() }) }
+	t.Cleanup(stop)
+	for i := 0; ; i++ {
+		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err == nil {
+			c.Close()
+			break
+		}
+		if i > 100 {
+			t.Fatalf("qemu-nbd not listening: %v: %s", err, stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Sprintf("nbd://127.0.0.1:%d/%s", port, export), stop
+}
+
+func hashFile(t *testing.T, path string) [32]byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
+}
+
+// waitChange waits until the file's hash differs from h: the guest wrote.
+func waitChange(t *testing.T, path string, h [32]byte, within time.Duration) {
+	t.Helper()
+	end := time.Now().Add(within)
+	for hashFile(t, path) == h {
+		if time.Now().After(end) {
+			t.Fatalf("%s unchanged for %v: the guest does not write", path, within)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+var verifiedRE = regexp.MustCompile(`REBOUND-GUEST verified (\d+) records, last seq \d+, ok`)
+
+// TestGuest boots the test guest on a data disk served over NBD, freezes
+// and thaws it through its agent, and shuts it down; then boots it again
+// on the same disk as a plain file, without an agent channel.
+func TestGuest(t *testing.T) {
+	needQEMU(t)
+	kernel, initrd := guestImage(t)
+	dir := shortDir(t)
+	data := filepath.Join(dir, "data.raw")
+	if err := os.WriteFile(data, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(data, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	uri, stopNBD := serveNBD(t, data, "vm1-disk0")
+	d := &Driver{}
+	cfg := VMConfig{Name: "vm1", CPUs: 1, MemoryMiB: 256, Disks: []string{uri},
+		Kernel: kernel, Initrd: initrd, Append: guestAppend, Dir: filepath.Join(dir, "vm1"),
+		NIC: &NICConfig{Mode: NICUser}}
+	ctx := context.Background()
+	start := time.Now()
+	v, err := d.Start(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Kill()
+	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := v.WaitConsole(bctx, "REBOUND-GUEST booted"); err != nil {
+		con, _ := v.Console()
+		t.Fatalf("%v\n%s", err, con)
+	}
+	t.Logf("booted in %v (%s)", time.Since(start).Round(time.Millisecond), d.Accel())
+	if err := v.WaitConsole(bctx, "REBOUND-GUEST agent started"); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("FreezeThaw", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		// The agent starts with the guest's writer; wait until it answers.
+		for v.Ping(ctx) != nil {
+			time.Sleep(100 * time.Millisecond)
+		}
+		waitChange(t, data, hashFile(t, data), 5*time.Second)
+		n, err := v.Freeze(ctx)
+		if err != nil || n < 1 {
+			t.Fatalf("freeze: %d %v", n, err)
+		}
+		if st, err := v.FreezeStatus(ctx); err != nil || st != "frozen" {
+			t.Fatalf("status %q %v", st, err)
+		}
+		// Frozen: the guest's fsync'ing writer stalls, so the disk's
+		// bytes do not move.
+		h := hashFile(t, data)
+		time.Sleep(time.Second)
+		if hashFile(t, data) != h {
+			t.Fatal("disk changed while frozen")
+		}
+		if n, err := v.Thaw(ctx); err != nil || n < 1 {
+			t.Fatalf("thaw: %d %v", n, err)
+		}
+		if st, err := v.FreezeStatus(ctx); err != nil || st != "thawed" {
+			t.Fatalf("status %q %v", st, err)
+		}
+		waitChange(t, data, h, 5*time.Second)
+	})
+
+	t.Run("FreezeThawCutFails", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		cutErr := errors.New("cut failed")
+		var during string
+		err := v.FreezeThaw(ctx, func() error {
+			during, _ = v.FreezeStatus(ctx)
+			return cutErr
+		})
+		if !errors.Is(err, cutErr) {
+			t.Fatalf("FreezeThaw: %v", err)
+		}
+		if during != "frozen" {
+			t.Fatalf("status during cut %q", during)
+		}
+		if st, err := v.FreezeStatus(ctx); err != nil || st != "thawed" {
+			t.Fatalf("after: status %q %v", st, err)
+		}
+	})
+
+	t.Run("FreezeThawTimeout", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(ctx, 1500*time.Millisecond)
+		defer cancel()
+		release := make(chan struct{})
+		defer close(release)
+		start := time.Now()
+		err := v.FreezeThaw(ctx, func() error { <-release; return nil })
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("FreezeThaw: %v", err)
+		}
+		if el := time.Since(start); el > 5*time.Second {
+			t.Fatalf("took %v", el)
+		}
+		if st, err := v.FreezeStatus(context.Background()); err != nil || st != "thawed" {
+			t.Fatalf("after: status %q %v", st, err)
+		}
+	})
+
+	t.Run("Attach", func(t *testing.T) {
+		a, err := Attach(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Close()
+		if a.PID() != v.PID() {
+			t.Fatalf("pid %d, want %d", a.PID(), v.PID())
+		}
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if err := a.Ping(ctx); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("Shutdown", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		defer cancel()
+		if err := v.Shutdown(ctx); err != nil {
+			t.Fatal(err)
+		}
+		code, err := v.Wait(ctx)
+		if err != nil || code != 0 {
+			t.Fatalf("exit %d %v", code, err)
+		}
+		con, _ := v.Console()
+		if !bytes.Contains(con, []byte("REBOUND-GUEST poweroff clean")) {
+			t.Fatalf("no clean poweroff:\n%s", con)
+		}
+	})
+	if t.Failed() {
+		return
+	}
+
+	// Second boot: the same disk as a file, no agent channel; the handle is
+	// dropped and the VM found again with Attach, then powered off by ACPI.
+	stopNBD() // it holds the image's lock
+	cfg2 := cfg
+	cfg2.Name, cfg2.Dir, cfg2.Disks, cfg2.NoAgent, cfg2.NIC = "vm2", filepath.Join(dir, "vm2"), []string{data}, true, &NICConfig{Isolated: true}
+	v2, err := d.Start(ctx, cfg2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v2.Kill()
+	if err := v2.WaitConsole(bctx, "REBOUND-GUEST booted"); err != nil {
+		t.Fatal(err)
+	}
+	con, _ := v2.Console()
+	m := verifiedRE.FindSubmatch(con)
+	if m == nil || string(m[1]) == "0" {
+		t.Fatalf("second boot does not verify the first boot's records:\n%s", con)
+	}
+
+	t.Run("NoAgent", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		cut := false
+		err := v2.FreezeThaw(ctx, func() error { cut = true; return nil })
+		if rebound.ErrorCode(err) != rebound.EUNAVAILABLE || !strings.Contains(err.Error(), "guest agent") || cut {
+			t.Fatalf("FreezeThaw: %v (cut ran: %v)", err, cut)
+		}
+	})
+
+	t.Run("AttachShutdownACPI", func(t *testing.T) {
+		pid := v2.PID()
+		v2.Close()
+		a, err := Attach(cfg2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Close()
+		if a.PID() != pid || !a.Running() {
+			t.Fatalf("attach: pid %d running %v", a.PID(), a.Running())
+		}
+		ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		defer cancel()
+		if err := a.Shutdown(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if a.Running() {
+			t.Fatal("still running")
+		}
+		con, _ := a.Console()
+		if !bytes.Contains(con, []byte("REBOUND-GUEST poweroff clean")) {
+			t.Fatalf("no clean poweroff:\n%s", con)
+		}
+	})
+}
+
+// TestGuestKill stops a booted guest at once.
+func TestGuestKill(t *testing.T) {
+	needQEMU(t)
+	kernel, initrd := guestImage(t)
+	dir := shortDir(t)
+	data := filepath.Join(dir, "data.raw")
+	if err := os.WriteFile(data, make([]byte, 32<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := &Driver{}
+	v, err := d.Start(context.Background(), VMConfig{Name: "k", MemoryMiB: 256, Disks: []string{data},
+		Kernel: kernel, Initrd: initrd, Append: guestAppend, Dir: filepath.Join(dir, "vm")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Kill()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := v.WaitConsole(ctx, "REBOUND-GUEST wrote seq"); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := v.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > 3*time.Second || v.Running() {
+		t.Fatalf("kill took %v, running %v", el, v.Running())
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", v.PID())); err == nil {
+		t.Fatalf("pid %d still exists", v.PID())
+	}
+	con, _ := v.Console()
+	if bytes.Contains(con, []byte("poweroff")) {
+		t.Fatalf("killed guest powered off:\n%s", con)
+	}
+}
