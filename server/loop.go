@@ -207,7 +207,7 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		// retry after a failed attempt finds the target it prepared (and
 		// the disks it adopted) and StartReplication is idempotent.
 		streamID := m.Name + "." + srcInfo.Generation
-		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: srcInfo.Generation}
+		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: srcInfo.Generation, VM: m.VM}
 
 		r.Step("prepare target")
 		tspec := spec
@@ -436,6 +436,11 @@ func (s *Server) waitResync(ctx context.Context, r *jobRun, name string, src, ds
 	defer t.Stop()
 	start := time.Now()
 	for {
+		// The point is looked for first, so the figures read after it
+		// are final: a resync that ends between the two reads would
+		// otherwise report the bytes of the tick before.
+		pl, perr := dst.ListPoints(ctx, name)
+		done := perr == nil && len(pl.Points) > 0
 		if st, err := src.Status(ctx); err == nil {
 			for _, ms := range st.Machines {
 				if ms.Name != name {
@@ -453,7 +458,7 @@ func (s *Server) waitResync(ctx context.Context, r *jobRun, name string, src, ds
 				r.Message("sent %s of %s", humanBytes(ms.SyncDone), humanBytes(ms.SyncTotal))
 			}
 		}
-		if pl, err := dst.ListPoints(ctx, name); err == nil && len(pl.Points) > 0 {
+		if done {
 			r.mu.Lock()
 			r.job.ETASeconds = 0
 			r.mu.Unlock()

@@ -149,6 +149,8 @@ func (s *Site) Reactivate(ctx context.Context, name string) error {
 	default:
 		return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; only a released copy can be reactivated", name, m.state.Role, s.cfg.Name)
 	}
+	s.pauseLocked(m)
+	defer s.resumeLocked(m)
 	if err := s.openFiles(m); err != nil {
 		return err
 	}

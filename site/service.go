@@ -163,6 +163,10 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		}
 		streamDir := filepath.Join(s.machineDir(spec.Machine), "stream")
 		_ = capture.Remove(streamDir)
+		// Connected clients (a running VM) wait while the disks move from
+		// plain files to the capture stream.
+		s.pauseLocked(m)
+		defer s.resumeLocked(m)
 		if err := s.closeFiles(m); err != nil {
 			return err
 		}
@@ -274,6 +278,8 @@ func (s *Site) StopReplication(ctx context.Context, name string) error {
 	}
 	switch m.state.Role {
 	case RoleSource:
+		s.pauseLocked(m)
+		defer s.resumeLocked(m)
 		if err := s.stopSource(m); err != nil {
 			return err
 		}
@@ -497,6 +503,7 @@ func (s *Site) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebou
 		m.test, m.state.Test = a, &sp
 	} else {
 		m.act, m.state.Act = a, &sp
+		s.setLiveLocked(m)
 	}
 	if err := s.saveLocked(); err != nil {
 		return nil, err
@@ -563,6 +570,7 @@ func (s *Site) Deactivate(ctx context.Context, name string, test bool) error {
 		m.test, m.state.Test = nil, nil
 	} else {
 		m.act, m.state.Act = nil, nil
+		s.setLiveLocked(m)
 	}
 	// The VM on those disks goes with them.
 	s.killVMLocked(m, test)
@@ -627,14 +635,16 @@ func (s *Site) Commit(ctx context.Context, name string, progress func(done, tota
 		base += m.state.Disks[i].Size
 	}
 
-	// The flattened overlays become the active disks. Clients are cut
-	// briefly while the backends switch.
+	// The flattened overlays become the active disks. Clients of the
+	// failover exports (the VM) wait while the backends switch; test
+	// failover clients go with their activation.
 	for i := range m.state.Disks {
-		s.NBD.Disconnect(exportName(name, i, false))
 		s.NBD.Disconnect(exportName(name, i, true))
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.pauseLocked(m)
+	defer s.resumeLocked(m)
 	var errs []error
 	for _, x := range []*activation{m.act, m.test} {
 		if x != nil {
@@ -694,8 +704,10 @@ func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time)
 	s.disconnectAll(name, disks)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.pauseLocked(m)
 	err = errors.Join(s.closeFiles(m), s.stopSource(m))
 	m.state.Role = RoleReleased
+	s.resumeLocked(m)
 	// A copy written after the failover diverged from the one that took
 	// over: it is a new history, and reprotect must not trust it blindly.
 	if _, last, perr := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m)); perr == nil && !failoverTime.IsZero() && last.After(failoverTime) {

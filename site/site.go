@@ -97,6 +97,7 @@ type machine struct {
 	sender   *rgrpc.Sender
 
 	vm, testVM *qemu.VM // qemu machines: the VM here, the test failover's VM
+	live       []*liveDisk // what NBD connections hold (see liveDisk)
 
 	journal *journal.Journal // RoleTarget
 	act     *activation      // failover activation
@@ -520,12 +521,8 @@ func (s *Site) lookupExport(name string) (*nbd.Export, error) {
 		}
 	case m.state.Fenced:
 		return nil, fmt.Errorf("export %q is fenced: machine %s is failing over", name, m.state.Name)
-	case m.state.Role == RoleActive:
-		b = m.files[idx]
-	case m.state.Role == RoleSource:
-		b = m.stream.Disk(idx)
-	case m.state.Role == RoleTarget && m.act != nil:
-		b = m.act.backend(idx)
+	case currentLocked(m, idx) != nil:
+		b = s.liveLocked(m)[idx]
 	}
 	if b == nil {
 		return nil, fmt.Errorf("export %q is not active at site %s", name, s.cfg.Name)

@@ -1,0 +1,129 @@
+package site
+
+import (
+	"sync"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
+)
+
+// liveDisk is the backend an NBD connection holds for a machine's disk.
+// The disk behind it changes as the machine changes role (active, source,
+// failed-over, committed) while a VM keeps its connection open; a role
+// change pauses it, so requests in flight finish on the old backend and
+// new ones wait for the new one.
+type liveDisk struct {
+	mu   sync.RWMutex
+	b    nbd.Backend // nil: not served here now
+	size int64
+	name string
+}
+
+func (d *liveDisk) backend() (nbd.Backend, error) {
+	if d.b == nil {
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "export %s is not served at this site any more", d.name)
+	}
+	return d.b, nil
+}
+
+func (d *liveDisk) Size() int64 { return d.size }
+
+func (d *liveDisk) ReadAt(p []byte, off int64) (int, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return 0, err
+	}
+	return b.ReadAt(p, off)
+}
+
+func (d *liveDisk) WriteAt(p []byte, off int64) (int, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return 0, err
+	}
+	return b.WriteAt(p, off)
+}
+
+func (d *liveDisk) Flush() error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return err
+	}
+	return b.Flush()
+}
+
+func (d *liveDisk) Trim(off, length int64) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return err
+	}
+	return b.Trim(off, length)
+}
+
+func (d *liveDisk) WriteZeroes(off, length int64) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return err
+	}
+	return b.WriteZeroes(off, length)
+}
+
+// liveLocked returns the machine's live disks, creating them.
+func (s *Site) liveLocked(m *machine) []*liveDisk {
+	if len(m.live) != len(m.state.Disks) {
+		m.live = make([]*liveDisk, len(m.state.Disks))
+		for i, d := range m.state.Disks {
+			m.live[i] = &liveDisk{size: d.Size, name: exportName(m.state.Name, i, false)}
+		}
+		s.setLiveLocked(m)
+	}
+	return m.live
+}
+
+// currentLocked is the backend that serves disk i of m now, or nil.
+func currentLocked(m *machine, i int) nbd.Backend {
+	switch {
+	case m.state.Role == RoleActive && i < len(m.files):
+		return m.files[i]
+	case m.state.Role == RoleSource && m.stream != nil:
+		return m.stream.Disk(i)
+	case m.state.Role == RoleTarget && m.act != nil:
+		return m.act.backend(i)
+	}
+	return nil
+}
+
+// setLiveLocked points the live disks at the current backends, after the
+// requests in flight on the old ones.
+func (s *Site) setLiveLocked(m *machine) {
+	for i, d := range m.live {
+		d.mu.Lock()
+		d.b = currentLocked(m, i)
+		d.mu.Unlock()
+	}
+}
+
+// pauseLocked waits for requests in flight on m's disks and holds new ones
+// until resumeLocked, which serves them from the backends of then.
+func (s *Site) pauseLocked(m *machine) {
+	for _, d := range s.liveLocked(m) {
+		d.mu.Lock()
+	}
+}
+
+func (s *Site) resumeLocked(m *machine) {
+	for i, d := range m.live {
+		d.b = currentLocked(m, i)
+		d.mu.Unlock()
+	}
+}
