@@ -96,7 +96,7 @@ type machine struct {
 	stop     context.CancelFunc  // stops the source's sender and tickers
 	sender   *rgrpc.Sender
 
-	vm, testVM *qemu.VM // qemu machines: the VM here, the test failover's VM
+	vm, testVM *qemu.VM    // qemu machines: the VM here, the test failover's VM
 	live       []*liveDisk // what NBD connections hold (see liveDisk)
 
 	journal *journal.Journal // RoleTarget
