@@ -412,11 +412,35 @@ func (s *Server) compare(ctx context.Context, r *jobRun, m *rebound.Machine, pla
 	out := make([][]rebound.Region, len(m.Disks))
 	var compared int64
 	for i := range m.Disks {
-		out[i] = digest.Diff(sd[i].Sums, dd[i].Sums, bs, m.Disks[i].Size)
+		a, err := unpackDigests(sd[i], m.Disks[i].Size, bs)
+		if err != nil {
+			return nil, 0, fmt.Errorf("digests at the active site: %w", err)
+		}
+		b, err := unpackDigests(dd[i], m.Disks[i].Size, bs)
+		if err != nil {
+			return nil, 0, fmt.Errorf("digests at the target: %w", err)
+		}
+		out[i] = digest.Diff(a, b, bs, m.Disks[i].Size)
 		compared += m.Disks[i].Size
 	}
 	r.Message("compared %s of %s block digests on both sides: %s differ", humanBytes(compared), humanBytes(bs), humanBytes(regionBytes(out)))
 	return out, compared, nil
+}
+
+// unpackDigests returns a disk's block digests from Sums or Packed.
+func unpackDigests(d rebound.BlockDigests, size, bs int64) ([][]byte, error) {
+	if len(d.Packed) == 0 {
+		return d.Sums, nil
+	}
+	n := (size + bs - 1) / bs
+	if d.BlockSize != bs || int64(len(d.Packed)) != n*digest.Size {
+		return nil, rebound.Errorf(rebound.EINTERNAL, "%d bytes of packed digests of %d-byte blocks, want %d of %d-byte blocks", len(d.Packed), d.BlockSize, n*digest.Size, bs)
+	}
+	sums := make([][]byte, n)
+	for i := range sums {
+		sums[i] = d.Packed[i*digest.Size : (i+1)*digest.Size : (i+1)*digest.Size]
+	}
+	return sums, nil
 }
 
 func regionBytes(rs [][]rebound.Region) int64 {
