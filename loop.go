@@ -54,6 +54,10 @@ type BlockDigests struct {
 	BlockSize int64    `json:"blockSize"`
 	Size      int64    `json:"size"`
 	Sums      [][]byte `json:"sums"` // one per block, the last may be short
+	// Packed, if set, holds the digests of all blocks back to back, 16
+	// bytes each, in place of Sums: one string on the JSON control stream
+	// instead of a million (decoding those took seconds per 4 GiB disk).
+	Packed []byte `json:"packed,omitempty"`
 }
 
 // ReprotectRequest starts replication of a failed-over (committed) machine

@@ -122,7 +122,11 @@ func (s *Site) Digests(ctx context.Context, name string, blockSize int64) ([]reb
 		if err != nil {
 			return nil, fmt.Errorf("digest disk %d of %s: %w", i, name, err)
 		}
-		out[i] = rebound.BlockDigests{BlockSize: blockSize, Size: d.Size, Sums: sums}
+		packed := make([]byte, 0, len(sums)*digest.Size)
+		for _, sum := range sums {
+			packed = append(packed, sum...)
+		}
+		out[i] = rebound.BlockDigests{BlockSize: blockSize, Size: d.Size, Packed: packed}
 	}
 	return out, nil
 }
