@@ -240,9 +240,9 @@ func grepGuest(log string) string {
 }
 
 // TestGuestCorrupt boots on an image made on the host (mke2fs -d) whose
-// records file has one damaged record: fsck is clean but the guest reports
-// that record as corrupt and writes nothing. The ACPI power button then
-// shuts it down cleanly.
+// records file has one damaged record and whose block bitmap is wrong: the
+// guest reports fsck errors and repairs them, reports the record as corrupt
+// and writes nothing. The ACPI power button then shuts it down cleanly.
 func TestGuestCorrupt(t *testing.T) {
 	t.Parallel()
 	mke2fs, err := exec.LookPath("mke2fs")
@@ -267,11 +267,20 @@ func TestGuestCorrupt(t *testing.T) {
 	if before.OK() || before.Records != bad-1 {
 		t.Fatalf("host verdict on the damaged image: %s", before.Line())
 	}
+	// Damage the filesystem too: mark the first record's block free.
+	blk := RecordBlock(t, disk, 1) / record.Size
+	if out, err := exec.Command("debugfs", "-w", "-R", fmt.Sprintf("freeb %d", blk), disk).CombinedOutput(); err != nil {
+		t.Fatalf("debugfs freeb: %v: %s", err, out)
+	}
+	if exec.Command("e2fsck", "-fn", disk).Run() == nil {
+		t.Fatal("e2fsck finds the damaged filesystem clean")
+	}
 
 	vm := Boot(t, BootOptions{Disk: disk, Rate: 50})
-	if m := vm.MustWaitLine(reFsck, bootTimeout); m[1] != "clean" {
-		t.Fatalf("fsck: %s", m[0])
+	if m := vm.MustWaitLine(reFsck, bootTimeout); !strings.HasPrefix(m[1], "errors: exit 4") {
+		t.Fatalf("fsck verdict %q, want errors: exit 4", m[0])
 	}
+	vm.MustWaitLine(regexp.MustCompile(`^REBOUND-GUEST fsck repair: exit 1`), bootTimeout)
 	m := vm.MustWaitLine(reVerified, bootTimeout)
 	if want := fmt.Sprintf("REBOUND-GUEST CORRUPT at record %d: checksum mismatch", bad); m[0] != want {
 		t.Fatalf("verdict %q, want %q", m[0], want)
@@ -287,7 +296,10 @@ func TestGuestCorrupt(t *testing.T) {
 	if strings.Contains(vm.Log(), "REBOUND-GUEST wrote seq") {
 		t.Fatal("the guest wrote records after finding corruption")
 	}
-	// The evidence is kept: the image holds the same bytes.
+	// The filesystem was repaired; the records' evidence is kept.
+	if out, err := exec.Command("e2fsck", "-fn", disk).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck after the guest's repair: %v: %s", err, out)
+	}
 	if after := ImageRecords(t, disk); after.Line() != before.Line() {
 		t.Fatalf("verdict changed from %s to %s", before.Line(), after.Line())
 	}
