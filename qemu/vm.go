@@ -182,25 +182,45 @@ func (v *VM) WaitConsole(ctx context.Context, s string) error {
 	}
 }
 
+// DefaultShutdownTimeout bounds Shutdown when its context has no deadline.
+const DefaultShutdownTimeout = time.Minute
+
 // Shutdown shuts the guest down cleanly: through the guest agent if it
-// answers, else with an ACPI power button press. It waits for QEMU to exit
-// until ctx is done, then kills it and returns an error saying so.
+// answers, else (or if the guest has not gone halfway to the deadline) with
+// an ACPI power button press. It waits for QEMU to exit until ctx is done
+// (DefaultShutdownTimeout without a deadline), then kills it and returns an
+// EUNAVAILABLE error saying so.
 func (v *VM) Shutdown(ctx context.Context) error {
 	if !v.Running() {
 		return nil
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultShutdownTimeout)
+		defer cancel()
 	}
 	how := "guest agent"
 	actx, cancel := context.WithTimeout(ctx, agentShutdownWait(ctx))
 	err := v.agentShutdown(actx)
 	cancel()
-	if err != nil {
+	if err == nil {
+		dl, _ := ctx.Deadline()
+		wctx, cancel := context.WithTimeout(ctx, time.Until(dl)/2)
+		_, err = v.waitGone(wctx)
+		cancel()
+		if err == nil {
+			v.logger.Info("qemu: shut down", "via", how, "code", v.code)
+			return nil
+		}
+		how = "guest agent, then acpi"
+	} else {
 		how = "acpi"
 		v.logger.Info("qemu: agent shutdown failed, pressing the power button", "err", err)
-		if _, err := v.qmp(ctx, "system_powerdown", nil); err != nil && v.Running() {
-			v.logger.Warn("qemu: system_powerdown", "err", err)
-		}
 	}
-	if _, err := v.Wait(ctx); err == nil {
+	if _, err := v.qmp(ctx, "system_powerdown", nil); err != nil && v.Running() {
+		v.logger.Warn("qemu: system_powerdown", "err", err)
+	}
+	if _, err := v.waitGone(ctx); err == nil {
 		v.logger.Info("qemu: shut down", "via", how, "code", v.code)
 		return nil
 	}
@@ -227,11 +247,13 @@ func (v *VM) Kill() error {
 	if !v.Running() {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	_, err := v.qmp(ctx, "quit", nil)
 	cancel()
 	if err == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		// QEMU drains guest I/O before it exits; an unreachable NBD
+		// export would hold it for the reconnect delay.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_, err = v.waitGone(ctx)
 		cancel()
 		if err == nil {
