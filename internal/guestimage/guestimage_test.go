@@ -70,7 +70,8 @@ func expectVerdict(t *testing.T, vm *VM, fresh bool) uint64 {
 }
 
 // TestKernelIsPVH checks the extracted vmlinux is an ELF QEMU can boot
-// through PVH: it carries the XEN_ELFNOTE_PHYS32_ENTRY note.
+// through PVH: it carries the XEN_ELFNOTE_PHYS32_ENTRY note. A second build
+// finds everything up to date.
 func TestKernelIsPVH(t *testing.T) {
 	vmlinux, initrd := Build(t)
 	f, err := elf.Open(vmlinux)
@@ -102,6 +103,22 @@ func TestKernelIsPVH(t *testing.T) {
 	vi, _ := os.Stat(vmlinux)
 	ii, _ := os.Stat(initrd)
 	t.Logf("vmlinux %d bytes, initramfs %d bytes", vi.Size(), ii.Size())
+
+	// Up to date: a second run rebuilds nothing.
+	root, err := Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(root, "scripts", "build-guest.sh"), filepath.Dir(vmlinux)).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "up to date") {
+		t.Fatalf("second build: %v: %s", err, out)
+	}
+	if v2, _ := os.Stat(vmlinux); !v2.ModTime().Equal(vi.ModTime()) {
+		t.Fatal("an up-to-date build rewrote vmlinux")
+	}
+	if i2, _ := os.Stat(initrd); !i2.ModTime().Equal(ii.ModTime()) {
+		t.Fatal("an up-to-date build rewrote the initramfs")
+	}
 }
 
 // TestGuestFile boots on a fresh raw file: mkfs, records, a clean poweroff
