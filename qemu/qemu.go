@@ -144,10 +144,6 @@ func (d *Driver) probe(ctx context.Context, accel string) error {
 	if err := cmd.Start(); err != nil {
 		return err
 	}
-	defer func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	}()
 	var seen []byte
 	buf := make([]byte, 4096)
 	for {
@@ -155,14 +151,18 @@ func (d *Driver) probe(ctx context.Context, accel string) error {
 		seen = append(seen, buf[:n]...)
 		for _, m := range probeMarks {
 			if bytes.Contains(seen, m) {
+				cmd.Process.Kill()
+				cmd.Wait()
 				return nil
 			}
 		}
 		if err != nil {
+			cmd.Process.Kill()
+			cmd.Wait() // stderr is complete only after Wait
 			if ctx.Err() != nil {
 				return fmt.Errorf("probe %s: no guest progress in time", accel)
 			}
-			return fmt.Errorf("probe %s: %v: %s", accel, err, strings.TrimSpace(stderr.String()))
+			return fmt.Errorf("probe %s: %s", accel, strings.TrimSpace(stderr.String()))
 		}
 	}
 }
