@@ -58,15 +58,22 @@ func OpenFileDisk(path string, size int64) (*FileDisk, error) {
 		f.Close()
 		return nil, fmt.Errorf("stat disk: %w", err)
 	}
+	n := fi.Size()
+	if fi.Mode()&os.ModeDevice != 0 { // a block device (rebound agent): its size is fixed
+		if n, err = f.Seek(0, io.SeekEnd); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("size of device: %w", err)
+		}
+	}
 	switch {
-	case fi.Size() == 0:
+	case n == 0:
 		if err := f.Truncate(size); err != nil {
 			f.Close()
 			return nil, fmt.Errorf("size disk: %w", err)
 		}
-	case fi.Size() != size:
+	case n != size:
 		f.Close()
-		return nil, rebound.Errorf(rebound.ECONFLICT, "disk %s has %d bytes, want %d", path, fi.Size(), size)
+		return nil, rebound.Errorf(rebound.ECONFLICT, "disk %s has %d bytes, want %d", path, n, size)
 	}
 	return &FileDisk{f: f, size: size}, nil
 }

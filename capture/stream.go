@@ -62,6 +62,9 @@ type Options struct {
 	SegmentSize int64            // spool wal segment size; default 16 MiB
 	Now         func() time.Time // clock, for tests; default time.Now
 	Logger      *slog.Logger     // default slog.Default()
+	// External disks are written by their owner, not through the stream
+	// (rebound agent): the spool is never replayed onto them.
+	External bool
 }
 
 // Stats is a snapshot of a stream's replication state.
@@ -310,10 +313,12 @@ func (s *Stream) replay() (open bool, err error) {
 			if int(rec.Disk) >= len(s.disks) {
 				return false, rebound.Errorf(rebound.ECONFLICT, "capture: spooled record %d is for disk %d of %d", rec.Seq, rec.Disk, len(s.disks))
 			}
-			if err := s.disks[rec.Disk].replay(rec); err != nil {
-				return false, fmt.Errorf("capture: replay record %d: %w", rec.Seq, err)
+			if !s.opts.External {
+				if err := s.disks[rec.Disk].replay(rec); err != nil {
+					return false, fmt.Errorf("capture: replay record %d: %w", rec.Seq, err)
+				}
+				n++
 			}
-			n++
 		}
 		s.lastTime = max(s.lastTime, rec.Time)
 		if rec.Seq > s.acked {

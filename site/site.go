@@ -66,6 +66,12 @@ type Config struct {
 	// ExpireEvery is how often journals fold expired records into their base.
 	ExpireEvery time.Duration
 	Logger      *slog.Logger
+	// External maps a machine to the paths of its disks when they are a
+	// server's own devices (rebound agent): used in place, and a source of
+	// such a machine is captured by Scan instead of by NBD writes.
+	External map[string][]string
+	// Scan captures an external machine's source stream until ctx is done.
+	Scan func(ctx context.Context, machine, streamID string, stream *capture.Stream)
 }
 
 // Site is one site appliance.
@@ -213,6 +219,9 @@ func (s *Site) machineDir(name string) string {
 }
 
 func (s *Site) diskPath(name string, i int) string {
+	if p := s.cfg.External[name]; i < len(p) {
+		return p[i]
+	}
 	return filepath.Join(s.machineDir(name), fmt.Sprintf("disk%d.raw", i))
 }
 
@@ -337,13 +346,14 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 		specs[i] = capture.DiskSpec{Path: s.diskPath(st.Name, i), Size: d.Size}
 	}
 	// 4 KiB regions: a delta resync sends what changed, not 64 KiB around it.
+	ext := s.cfg.External[st.Name] != nil
 	stream, err := capture.Open(filepath.Join(s.machineDir(st.Name), "stream"), specs,
-		capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, Logger: s.logger.With("machine", st.Name)})
+		capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Logger: s.logger.With("machine", st.Name)})
 	if err != nil {
 		return err
 	}
 	switch {
-	case seed == nil:
+	case seed == nil || ext: // an external machine's Scan sends what differs
 	case len(seed) == 0:
 		err = stream.StartInitialCopy()
 	default:
@@ -374,6 +384,10 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 	}()
 	go func() {
 		defer s.wg.Done()
+		if ext && s.cfg.Scan != nil {
+			s.cfg.Scan(ctx, st.Name, spec.StreamID, stream)
+			return
+		}
 		s.cutPoints(ctx, st.Name, stream, spec.Policy)
 	}()
 	return nil
