@@ -310,6 +310,54 @@ func (vm *VM) WaitLine(re *regexp.Regexp, timeout time.Duration) ([]string, erro
 	}
 }
 
+// Console lines of the guest, for WaitLine.
+var (
+	LineMkfs     = regexp.MustCompile(`^REBOUND-GUEST mkfs \S+ done`)
+	LineFsck     = regexp.MustCompile(`^REBOUND-GUEST fsck (clean|errors.*)$`)
+	LineVerdict  = regexp.MustCompile(`^REBOUND-GUEST (?:verified (\d+) records, last seq \d+, ok.*|CORRUPT .*)$`)
+	LineBooted   = regexp.MustCompile(`^REBOUND-GUEST booted`)
+	LineAgent    = regexp.MustCompile(`^REBOUND-GUEST agent started`)
+	LineWrote    = regexp.MustCompile(`^REBOUND-GUEST wrote seq (\d+)`)
+	LineDone     = regexp.MustCompile(`^REBOUND-GUEST wrote seq (\d+), done`)
+	LineStopping = regexp.MustCompile(`^REBOUND-GUEST stopping at seq (\d+)`)
+	LinePoweroff = regexp.MustCompile(`^REBOUND-GUEST poweroff (clean|unclean)`)
+)
+
+// BootVerdict is what the guest reported about its disk at boot.
+type BootVerdict struct {
+	Fsck    string        // "clean", or "errors: ..." (then repaired)
+	Records uint64        // records verified intact
+	Corrupt string        // the CORRUPT line; "" when the records are intact
+	Booted  time.Duration // from QEMU's start to the "booted" line
+}
+
+// OK reports a clean filesystem and intact records.
+func (v BootVerdict) OK() bool { return v.Fsck == "clean" && v.Corrupt == "" }
+
+// WaitBooted waits for the fsck and records verdicts and the "booted" line.
+func (vm *VM) WaitBooted(timeout time.Duration) (BootVerdict, error) {
+	var v BootVerdict
+	deadline := time.Now().Add(timeout)
+	m, err := vm.WaitLine(LineFsck, time.Until(deadline))
+	if err != nil {
+		return v, err
+	}
+	v.Fsck = m[1]
+	if m, err = vm.WaitLine(LineVerdict, time.Until(deadline)); err != nil {
+		return v, err
+	}
+	if m[1] == "" {
+		v.Corrupt = m[0]
+	} else if v.Records, err = strconv.ParseUint(m[1], 10, 64); err != nil {
+		return v, err
+	}
+	if _, err = vm.WaitLine(LineBooted, time.Until(deadline)); err != nil {
+		return v, err
+	}
+	v.Booted = time.Since(vm.Started)
+	return v, nil
+}
+
 // MustWaitLine is WaitLine that fails the test.
 func (vm *VM) MustWaitLine(re *regexp.Regexp, timeout time.Duration) []string {
 	vm.t.Helper()

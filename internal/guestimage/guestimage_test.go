@@ -19,15 +19,15 @@ import (
 const bootTimeout = 90 * time.Second
 
 var (
-	reMkfs     = regexp.MustCompile(`^REBOUND-GUEST mkfs /dev/vda done`)
-	reFsck     = regexp.MustCompile(`^REBOUND-GUEST fsck (clean|errors.*)$`)
-	reVerified = regexp.MustCompile(`^REBOUND-GUEST (verified (\d+) records, last seq (\d+), ok.*|CORRUPT .*)$`)
-	reBooted   = regexp.MustCompile(`^REBOUND-GUEST booted`)
-	reAgent    = regexp.MustCompile(`^REBOUND-GUEST agent started`)
-	reWrote    = regexp.MustCompile(`^REBOUND-GUEST wrote seq (\d+)`)
-	reDone     = regexp.MustCompile(`^REBOUND-GUEST wrote seq (\d+), done`)
-	reStopping = regexp.MustCompile(`^REBOUND-GUEST stopping at seq (\d+)`)
-	reOff      = regexp.MustCompile(`^REBOUND-GUEST poweroff (clean|unclean)`)
+	reMkfs     = LineMkfs
+	reFsck     = LineFsck
+	reVerified = LineVerdict
+	reBooted   = LineBooted
+	reAgent    = LineAgent
+	reWrote    = LineWrote
+	reDone     = LineDone
+	reStopping = LineStopping
+	reOff      = LinePoweroff
 )
 
 func newDisk(t *testing.T) string {
@@ -57,16 +57,15 @@ func expectVerdict(t *testing.T, vm *VM, fresh bool) uint64 {
 	if fresh {
 		vm.MustWaitLine(reMkfs, bootTimeout)
 	}
-	if m := vm.MustWaitLine(reFsck, bootTimeout); m[1] != "clean" {
-		t.Fatalf("fsck: %s", m[0])
+	v, err := vm.WaitBooted(bootTimeout)
+	if err != nil {
+		t.Fatal(err)
 	}
-	m := vm.MustWaitLine(reVerified, bootTimeout)
-	if m[2] == "" {
-		t.Fatalf("verdict: %s", m[0])
+	if !v.OK() {
+		t.Fatalf("boot verdict: %+v", v)
 	}
-	vm.MustWaitLine(reBooted, bootTimeout)
-	t.Logf("booted %.2fs after qemu started (%s): %s", time.Since(vm.Started).Seconds(), vm.Accel, m[0])
-	return atoi(t, m[2])
+	t.Logf("booted %.2fs after qemu started (%s), %d records verified", v.Booted.Seconds(), vm.Accel, v.Records)
+	return v.Records
 }
 
 // TestKernelIsPVH checks the extracted vmlinux is an ELF QEMU can boot
@@ -294,15 +293,19 @@ func TestGuestCorrupt(t *testing.T) {
 	}
 
 	vm := Boot(t, BootOptions{Disk: disk, Rate: 50})
-	if m := vm.MustWaitLine(reFsck, bootTimeout); !strings.HasPrefix(m[1], "errors: exit 4") {
-		t.Fatalf("fsck verdict %q, want errors: exit 4", m[0])
+	v, err := vm.WaitBooted(bootTimeout)
+	if err != nil {
+		t.Fatal(err)
 	}
-	vm.MustWaitLine(regexp.MustCompile(`^REBOUND-GUEST fsck repair: exit 1`), bootTimeout)
-	m := vm.MustWaitLine(reVerified, bootTimeout)
-	if want := fmt.Sprintf("REBOUND-GUEST CORRUPT at record %d: checksum mismatch", bad); m[0] != want {
-		t.Fatalf("verdict %q, want %q", m[0], want)
+	if !strings.HasPrefix(v.Fsck, "errors: exit 4") {
+		t.Fatalf("fsck verdict %q, want errors: exit 4", v.Fsck)
 	}
-	vm.MustWaitLine(reBooted, bootTimeout)
+	if !regexp.MustCompile(`(?m)^REBOUND-GUEST fsck repair: exit 1`).MatchString(vm.Log()) {
+		t.Fatalf("no repair:\n%s", vm.Log())
+	}
+	if want := fmt.Sprintf("REBOUND-GUEST CORRUPT at record %d: checksum mismatch", bad); v.Corrupt != want || v.OK() {
+		t.Fatalf("verdict %+v, want %q", v, want)
+	}
 	vm.MustWaitLine(reAgent, bootTimeout)
 	if err := vm.Powerdown(60 * time.Second); err != nil {
 		t.Fatalf("ACPI powerdown: %v\n%s", err, vm.Log())
