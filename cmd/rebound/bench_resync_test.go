@@ -137,7 +137,9 @@ func BenchmarkResync(b *testing.B) {
 				}
 
 				load := loadavg()
-				j := waitJob(b, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "bench", Verify: verify, Policy: "bench"}))
+				j0, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "bench", Verify: verify, Policy: "bench"})
+				steps := watchSteps(svc, j0, err)
+				j := waitJobDone(b, svc, j0, err)
 				if j.EndedAt == nil {
 					b.Fatalf("reprotect job has no end time: %+v", j)
 				}
@@ -149,6 +151,7 @@ func BenchmarkResync(b *testing.B) {
 				}
 				b.Logf("%.0f%% %s: %s, job bytesSent %d, source SyncDone %d, compared %d, changed %d, load before %s after %s",
 					pct, mode, took.Round(time.Millisecond), j.BytesSent, sent, j.BytesCompared, changed, load, loadavg())
+				b.Logf("%.0f%% %s: steps %s", pct, mode, <-steps)
 				if j.BytesSent != sent {
 					b.Logf("job.BytesSent %d differs from the source's final SyncDone %d: the job samples it every 250 ms", j.BytesSent, sent)
 				}
@@ -184,6 +187,41 @@ func BenchmarkResync(b *testing.B) {
 	// The last reprotect's copy holds its writes.
 	waitJob(b, svc)(svc.Failover(ctx, rebound.FailoverRequest{Machine: "bench", Point: rebound.PointLatest, Planned: true}))
 	verifySample(b, benchGet(b, svc).Disks[0].NBD, check)
+}
+
+// watchSteps polls a job and sends, once it ends, how long each step took
+// (from the job's start to the first time the next step is seen).
+func watchSteps(svc rebound.Service, j *rebound.Job, err error) <-chan string {
+	out := make(chan string, 1)
+	if err != nil {
+		out <- "?"
+		return out
+	}
+	go func() {
+		var names []string
+		var at []time.Time
+		for {
+			cur, err := svc.GetJob(context.Background(), j.ID)
+			if err != nil || cur.EndedAt != nil {
+				break
+			}
+			if len(names) == 0 || names[len(names)-1] != cur.Step {
+				names, at = append(names, cur.Step), append(at, time.Now())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		end := time.Now()
+		var parts []string
+		for i, n := range names {
+			next := end
+			if i+1 < len(at) {
+				next = at[i+1]
+			}
+			parts = append(parts, fmt.Sprintf("%s %.1fs", n, next.Sub(at[i]).Seconds()))
+		}
+		out <- strings.Join(parts, ", ")
+	}()
+	return out
 }
 
 // writeRuns writes fresh semi-compressible data over runs ({offset,
