@@ -11,31 +11,24 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/guestimage"
 )
 
-// guestAppend is the test guest's kernel command line: console on the
-// serial port, where the tests read the guest's lines.
-const guestAppend = "console=ttyS0 panic=-1 quiet rebound.rate=50"
+// guestAppend is the test guest's kernel command line: console on ttyS0,
+// where the tests read the guest's lines, and 50 records a second.
+var guestAppend = guestimage.KernelArgs(guestimage.BootOptions{Rate: 50})
 
-// guestImage returns the test guest's kernel and initramfs, building them
-// with scripts/build-guest.sh when missing (the script is idempotent).
+// guestImage returns the test guest's kernel and initramfs
+// (scripts/build-guest.sh, through internal/guestimage).
 func guestImage(t *testing.T) (kernel, initrd string) {
 	t.Helper()
-	_, file, _, _ := runtime.Caller(0)
-	root := filepath.Dir(filepath.Dir(file))
-	out := filepath.Join(root, ".guest")
-	cmd := exec.Command(filepath.Join(root, "scripts", "build-guest.sh"), out)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build-guest.sh: %v\n%s", err, b)
-	}
-	return filepath.Join(out, "vmlinux"), filepath.Join(out, "initramfs.cpio.gz")
+	return guestimage.Build(t)
 }
 
 // serveNBD serves a raw file over NBD with qemu-nbd and returns its URI
