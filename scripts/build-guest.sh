@@ -39,6 +39,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
+command -v go >/dev/null || die "go is not in PATH (the guest's /init is a Go program)"
+
 # --- kernel -------------------------------------------------------------------
 if [ -n "${KERNEL_VERSION:-}" ]; then
 	KVER=$KERNEL_VERSION
