@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -35,16 +37,22 @@ func guestImage(t *testing.T) (kernel, initrd string) {
 // and a func that stops qemu-nbd.
 func serveNBD(t *testing.T, path, export string) (string, func()) {
 	t.Helper()
-	bin, err := exec.LookPath("qemu-nbd")
-	if err != nil {
-		t.Fatal("qemu-nbd not installed (apt-get install qemu-utils)")
-	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
+	return serveNBDPort(t, path, export, port)
+}
+
+// serveNBDPort is serveNBD on a given port.
+func serveNBDPort(t *testing.T, path, export string, port int) (string, func()) {
+	t.Helper()
+	bin, err := exec.LookPath("qemu-nbd")
+	if err != nil {
+		t.Fatal("qemu-nbd not installed (apt-get install qemu-utils)")
+	}
 	cmd := exec.Command(bin, "-f", "raw", "-x", export, "-b", "127.0.0.1", "-p", fmt.Sprint(port), "-t", "--cache=writeback", path)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -299,8 +307,9 @@ func TestGuest(t *testing.T) {
 	})
 }
 
-// TestGuestKill stops a booted guest at once, even with its NBD server
-// gone (the unplanned failover of a source whose exports are fenced).
+// TestGuestKill rides out a restart of the NBD server (a site restart:
+// guest I/O waits for the reconnect), then stops the guest at once with
+// its NBD server gone (the unplanned failover of a fenced source).
 func TestGuestKill(t *testing.T) {
 	t.Parallel()
 	needQEMU(t)
@@ -323,6 +332,18 @@ func TestGuestKill(t *testing.T) {
 	if err := v.WaitConsole(ctx, "REBOUND-GUEST wrote seq"); err != nil {
 		t.Fatal(err)
 	}
+
+	stopNBD()
+	time.Sleep(2 * time.Second)
+	h := hashFile(t, data)
+	u, _ := url.Parse(uri)
+	port, _ := strconv.Atoi(u.Port())
+	_, stopNBD = serveNBDPort(t, data, "k-disk0", port)
+	waitChange(t, data, h, 15*time.Second)
+	if con, _ := v.Console(); bytes.Contains(con, []byte("REBOUND-GUEST write")) || bytes.Contains(con, []byte("REBOUND-GUEST fsync")) {
+		t.Fatalf("guest saw an I/O error across the NBD restart:\n%s", con)
+	}
+
 	stopNBD()
 	start := time.Now()
 	if err := v.Kill(); err != nil {
