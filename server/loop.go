@@ -81,8 +81,8 @@ func (s *Server) readiness(ctx context.Context, site string, wait time.Duration)
 				how = fmt.Sprintf("waited %s; retry when it is back", wait)
 			}
 			return nil, rebound.Errorf(rebound.EUNAVAILABLE,
-				"reprotect needs the capture side of the machine at site %q (its site appliance, or the agent for a server), and it is not connected: start it (rebound site --name %s ...) and make sure it reaches the server; %s",
-				site, site, how)
+				"reprotect needs the capture side of the machine at site %q (its site appliance, or the agent for a server), and it is not connected: start it (rebound site --name %s ..., or rebound agent --name %s ... on the server) and make sure it reaches the server; %s",
+				site, site, site, how)
 		}
 		select {
 		case <-ctx.Done():
