@@ -55,6 +55,7 @@ func (s *Server) SiteConnected(name string) {
 		return
 	}
 	s.fenceReturnedSource(ctx, name, site)
+	s.unfenceServingSource(ctx, name, site)
 	keys, err := s.pendingReleases(ctx, name)
 	if err != nil {
 		return
@@ -88,6 +89,34 @@ func (s *Server) fenceReturnedSource(ctx context.Context, name string, site rebo
 			continue
 		}
 		s.event(m.Name, name, "source.fenced", "old source fenced after reconnecting: the machine is failed over to "+m.Failover.ToSite)
+	}
+}
+
+// unfenceServingSource serves again the machines a reconnecting site is
+// the source of while no failover runs: a failover job that fenced the
+// source and then lost it (the site died mid-drain) could not unfence it,
+// and the machine would stay down at its active site.
+func (s *Server) unfenceServingSource(ctx context.Context, name string, site rebound.SiteService) {
+	ms, err := s.DB.ListMachines(ctx)
+	if err != nil {
+		return
+	}
+	for _, m := range ms {
+		if m.Protection == nil || m.Protection.SourceSite != name || m.Failover != nil ||
+			(m.State != rebound.MachineProtected && m.State != rebound.MachineSyncing) {
+			continue
+		}
+		// Holding the machine keeps a failover from fencing it meanwhile.
+		if err := s.lockMachine(m.Name); err != nil {
+			continue
+		}
+		if cur, err := s.DB.GetMachine(ctx, m.Name); err == nil && cur.Failover == nil &&
+			(cur.State == rebound.MachineProtected || cur.State == rebound.MachineSyncing) {
+			if err := site.Unfence(ctx, m.Name); err != nil {
+				s.Logger.Warn("unfence source after reconnect", "site", name, "machine", m.Name, "err", err)
+			}
+		}
+		s.unlockMachine(m.Name)
 	}
 }
 

@@ -602,6 +602,22 @@ func killMidFailback(t *testing.T, site string, steps ...string) {
 	c.waitOnline("primary", "recovery")
 	if _, err := jobWithin(t, svc, j.ID, 45*time.Second); err != nil {
 		t.Logf("failback after the kill: %v; retrying", err)
+		// Failing cleanly: the machine runs on at recovery, served, with
+		// every byte written there.
+		m = getMachine(t, svc, "vm1")
+		if m.State != rebound.MachineProtected || m.ActiveSite != "recovery" {
+			t.Fatalf("after the failed failback: %s at %s", m.State, m.ActiveSite)
+		}
+		waitUntil(t, 15*time.Second, "recovery serving vm1 again", func() bool {
+			cl, err := nbd.Dial(ctx, m.Disks[0].NBD)
+			if err == nil {
+				cl.Close()
+			}
+			return err == nil
+		})
+		if got := diskSum(t, m.Disks[0].NBD); got != o.model.Sum() {
+			t.Fatalf("recovery after the failed failback differs from the model")
+		}
 		retry(t, "failback retry", func() error {
 			j, err := loop.Failback(ctx, rebound.FailoverRequest{Machine: "vm1"})
 			if err != nil {
@@ -695,5 +711,37 @@ func TestReprotectAfterCrashedAdopt(t *testing.T) {
 	if j.BytesSent <= 0 || j.BytesSent > touched.bytes() {
 		t.Fatalf("reprotect after a crashed adopt sent %d bytes; the writes touched %d", j.BytesSent, touched.bytes())
 	}
+	failbackAndCheck(t, svc, o.model.Sum(), "primary")
+}
+
+// TestFencedSourceServedAfterReconnect: a failback job fenced recovery
+// (its source) and then lost it, so it could not unfence it; the machine
+// is still protected at recovery. When recovery reconnects it serves the
+// machine again, with every byte.
+func TestFencedSourceServedAfterReconnect(t *testing.T) {
+	ctx := context.Background()
+	up, svc := fixedUp(t, nil)
+	loop := svc.(rebound.LoopService)
+	o := loopOracle(t, loopDisk, 19)
+	failedOverAndCommitted(t, svc, o)
+	waitJob(t, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"}))
+	m := getMachine(t, svc, "vm1")
+
+	// What the failed job left: the source fenced, the machine protected.
+	if _, err := up.Sites["recovery"].Site.Fence(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	startSite(t, up, stopSite(t, up, "recovery"))
+	waitUntil(t, 15*time.Second, "recovery serving vm1 again", func() bool {
+		cl, err := nbd.Dial(ctx, m.Disks[0].NBD)
+		if err == nil {
+			cl.Close()
+		}
+		return err == nil
+	})
+	if got := diskSum(t, m.Disks[0].NBD); got != o.model.Sum() {
+		t.Fatalf("recovery after the reconnect differs from the model")
+	}
+	o.write(m.Disks[0].NBD, 5)
 	failbackAndCheck(t, svc, o.model.Sum(), "primary")
 }
