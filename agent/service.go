@@ -35,6 +35,17 @@ func (a *Agent) Service(ctx context.Context, site rebound.SiteService) (rebound.
 	return &service{SiteService: site, a: a}, nil
 }
 
+// CreateMachine keeps the agent's one machine; it holds no other.
+func (s *service) CreateMachine(ctx context.Context, m rebound.SiteMachine) error {
+	if m.Name != s.a.cfg.Machine {
+		return rebound.Errorf(rebound.ECONFLICT, "%s is the agent of a server: it holds only machine %s, whose disks are the server's devices", s.a.cfg.Machine, s.a.cfg.Machine)
+	}
+	if len(m.Import) > 0 {
+		return rebound.Errorf(rebound.EINVALID, "machine %s's disks are the server's devices: nothing can be imported into them", m.Name)
+	}
+	return s.SiteService.CreateMachine(ctx, m)
+}
+
 // CutPoint runs a cycle now for the agent's machine.
 func (s *service) CutPoint(ctx context.Context, machine string, kind rebound.PointKind) (rebound.RecoveryPoint, error) {
 	if machine != s.a.cfg.Machine {
@@ -76,6 +87,9 @@ func (s *service) StartReplication(ctx context.Context, spec rebound.Replication
 	if spec.Machine == s.a.cfg.Machine && spec.Role != "source" {
 		return rebound.Errorf(rebound.ECONFLICT, "machine %q is the server %s's own devices, protected by its agent: it cannot receive a stream; write a point back with rebound agent restore", spec.Machine, s.a.cfg.Machine)
 	}
+	if spec.Machine != s.a.cfg.Machine {
+		return rebound.Errorf(rebound.ECONFLICT, "%s is the agent of a server, not a recovery site: protect machines to a site appliance", s.a.cfg.Machine)
+	}
 	return s.SiteService.StartReplication(ctx, spec)
 }
 
@@ -85,4 +99,21 @@ func (s *service) Power(ctx context.Context, machine, state string, test bool) e
 		return rebound.Errorf(rebound.EINVALID, "machine %q is a server running its own OS; the agent does not power it", machine)
 	}
 	return s.SiteService.Power(ctx, machine, state, test)
+}
+
+// Status reports the site without NBD URIs for the agent's machine: its
+// disks are not served (the server's own OS writes them).
+func (s *service) Status(ctx context.Context) (*rebound.SiteStatus, error) {
+	st, err := s.SiteService.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for i := range st.Machines {
+		if st.Machines[i].Name == s.a.cfg.Machine {
+			for k := range st.Machines[i].Disks {
+				st.Machines[i].Disks[k].NBD = ""
+			}
+		}
+	}
+	return st, nil
 }

@@ -304,8 +304,14 @@ func TestAgentLoopDevice(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "srv1", Site: "srv1", Disks: []int64{64 << 20}}); err != nil {
+	// Registering the machine the agent holds; its disks are not served.
+	if m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "srv1", Site: "srv1", Disks: []int64{64 << 20}}); err != nil {
 		t.Fatal(err)
+	} else if m.Disks[0].NBD != "" {
+		t.Fatalf("the agent's disk is reported as served at %s", m.Disks[0].NBD)
+	}
+	if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "srv2", Site: "srv1", Disks: []int64{1 << 20}}); err == nil {
+		t.Fatal("a second machine at the agent was created")
 	}
 	w := startWriter(mnt)
 	defer w.Stop()
