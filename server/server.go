@@ -131,7 +131,7 @@ func (r *jobRun) Step(name string) {
 	r.save(true)
 }
 
-// Message sets the message of the current step.
+// Message sets the message of the current step; saves are rate-limited.
 func (r *jobRun) Message(format string, args ...any) {
 	r.mu.Lock()
 	for i := range r.job.Steps {
@@ -140,7 +140,7 @@ func (r *jobRun) Message(format string, args ...any) {
 		}
 	}
 	r.mu.Unlock()
-	r.save(true)
+	r.save(false) // progress messages come often; the end of the job saves them all
 }
 
 // Progress sets the job's progress, 0..1; saves are rate-limited.

@@ -620,9 +620,12 @@ func (s *Site) Commit(ctx context.Context, name string, progress func(done, tota
 		total += d.Size
 	}
 	var base int64
+	var last time.Time
 	for i, d := range a.disks {
-		err := d.Flatten(ctx, func(done, _ int64) {
-			if progress != nil {
+		err := d.Flatten(ctx, func(done, size int64) {
+			// Each report crosses the control channel: a few a second.
+			if progress != nil && (time.Since(last) > 200*time.Millisecond || done == size) {
+				last = time.Now()
 				progress(base+done, total)
 			}
 		})
