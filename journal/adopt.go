@@ -3,6 +3,7 @@ package journal
 import (
 	"errors"
 	"fmt"
+	"github.com/rebound-dr/rebound/internal/fsutil"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -82,7 +83,7 @@ func Adopt(dir string, disks []rebound.Disk, paths []string) error {
 		}
 	}
 	for d := range dirs {
-		if err := syncDir(d); err != nil {
+		if err := fsutil.SyncDir(d); err != nil {
 			return fmt.Errorf("journal: adopt: sync %s: %w", d, err)
 		}
 	}

@@ -25,6 +25,7 @@ import (
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/capture"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
+	"github.com/rebound-dr/rebound/internal/fsutil"
 	"github.com/rebound-dr/rebound/journal"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/overlay"
@@ -236,35 +237,7 @@ func (s *Site) saveLocked() error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(s.statePath(), b)
-}
-
-func writeFileAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return fsutil.WriteFileAtomic(s.statePath(), b, 0o644)
 }
 
 // openMachine opens the files of m according to its persisted role.

@@ -17,6 +17,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/rebound-dr/rebound/internal/fsutil"
 	"hash/crc32"
 	"log/slog"
 	"os"
@@ -561,7 +562,7 @@ func (l *Log) Sync() error {
 		l.release(seg)
 	}
 	if dirDirty {
-		if derr := syncDir(l.dir); derr != nil && err == nil {
+		if derr := fsutil.SyncDir(l.dir); derr != nil && err == nil {
 			err = derr
 		}
 		if err != nil {
@@ -574,15 +575,6 @@ func (l *Log) Sync() error {
 		return fmt.Errorf("wal: sync: %w", err)
 	}
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // release drops one reference to seg, closing its file at zero.
@@ -685,7 +677,7 @@ func (l *Log) TruncateFront(seq uint64) error {
 		l.release(s)
 	}
 	if len(removed) > 0 {
-		if err := syncDir(l.dir); err != nil {
+		if err := fsutil.SyncDir(l.dir); err != nil {
 			return fmt.Errorf("wal: truncate front: %w", err)
 		}
 	}

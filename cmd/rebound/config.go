@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/rebound-dr/rebound/internal/fsutil"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -61,7 +62,7 @@ func WriteClientConfig(cfg ClientConfig) (path string, err error) {
 	}
 	if cfg.CAFile == "" && len(cfg.CAPEM) > 0 {
 		cfg.CAFile = filepath.Join(dir, "ca.crt")
-		if err := writeFileAtomic(cfg.CAFile, cfg.CAPEM, 0o644); err != nil {
+		if err := fsutil.WriteFileAtomic(cfg.CAFile, cfg.CAPEM, 0o644); err != nil {
 			return "", err
 		}
 	}
@@ -69,7 +70,7 @@ func WriteClientConfig(cfg ClientConfig) (path string, err error) {
 	if err != nil {
 		return "", err
 	}
-	if err := writeFileAtomic(path, append(b, '\n'), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(path, append(b, '\n'), 0o600); err != nil {
 		return "", err
 	}
 	return path, nil
@@ -77,33 +78,6 @@ func WriteClientConfig(cfg ClientConfig) (path string, err error) {
 
 // writeFileAtomic replaces path with data so a crash leaves the old or the
 // new file, never a torn one.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after the rename
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
-}
 
 // readClientConfigFile reads the config file; a missing file is an empty
 // config.
