@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -92,7 +93,7 @@ func (v *VM) agentCall(ctx context.Context, cmd string, args, out any, noReply b
 		// Success has no answer; an error comes at once.
 		conn.SetDeadline(time.Now().Add(500 * time.Millisecond))
 	}
-	line, err := r.ReadBytes('\n')
+	line, err := readAnswer(r)
 	if err != nil {
 		var ne net.Error
 		if noReply && errors.As(err, &ne) && ne.Timeout() && ctx.Err() == nil {
@@ -124,14 +125,19 @@ const syncRetry = time.Second
 
 // agentSync sends guest-sync-delimited until the agent answers one of them
 // or the deadline passes. Answers to other sessions' commands are skipped.
+// Only the first sync is preceded by 0xFF: qemu-ga answers a 0xFF with a
+// parse error, and a resent 0xFF would leave that error behind the
+// answered sync, where the command's answer is read.
 func (v *VM) agentSync(ctx context.Context, conn net.Conn, r *bufio.Reader, dl time.Time) error {
 	sent := map[int64]bool{}
+	prefix := "\xff"
 	for {
 		id := rand.Int64N(1 << 52) // JSON numbers stay exact below 2^53
 		sent[id] = true
-		if err := writeJSON(conn, "\xff", map[string]any{"execute": "guest-sync-delimited", "arguments": map[string]any{"id": id}}); err != nil {
+		if err := writeJSON(conn, prefix, map[string]any{"execute": "guest-sync-delimited", "arguments": map[string]any{"id": id}}); err != nil {
 			return v.agentUnavailable(err)
 		}
+		prefix = ""
 		end := time.Now().Add(syncRetry)
 		if end.After(dl) {
 			end = dl
@@ -164,6 +170,18 @@ func readSync(r *bufio.Reader, sent map[int64]bool) error {
 		}
 		if json.Unmarshal(line, &resp) == nil && sent[resp.Return] {
 			return nil
+		}
+	}
+}
+
+// readAnswer reads a command's answer line. Lines holding 0xFF are the
+// delimited answers of syncs resent after the answered one (or qemu-ga's
+// "stray 0xFF" parse error, which quotes the raw byte): skipped.
+func readAnswer(r *bufio.Reader) ([]byte, error) {
+	for {
+		line, err := r.ReadBytes('\n')
+		if err != nil || bytes.IndexByte(line, 0xff) < 0 {
+			return line, err
 		}
 	}
 }

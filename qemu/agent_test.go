@@ -22,9 +22,10 @@ type fakeAgent struct {
 	mu         sync.Mutex
 	frozen     bool
 	calls      []string
-	dropSyncs  int  // ignore this many syncs (port not open yet)
-	stale      bool // send stale answers before each sync's answer
-	lostFreeze bool // freeze, but never answer
+	dropSyncs  int           // ignore this many syncs
+	delay      time.Duration // read nothing for this long (port not open yet)
+	stale      bool          // send stale answers before each sync's answer
+	lostFreeze bool          // freeze, but never answer
 	shutdown   bool
 }
 
@@ -47,14 +48,22 @@ func (f *fakeAgent) serve(t *testing.T, dir string) {
 
 func (f *fakeAgent) conn(c net.Conn) {
 	defer c.Close()
+	f.mu.Lock()
+	delay := f.delay
+	f.delay = 0 // the port stays open once opened
+	f.mu.Unlock()
+	time.Sleep(delay)
 	r := bufio.NewReader(c)
 	for {
 		line, err := r.ReadBytes('\n')
 		if err != nil {
 			return
 		}
-		for len(line) > 0 && line[0] == 0xff { // the client resets the parser
+		for len(line) > 0 && line[0] == 0xff {
+			// The client resets the parser; qemu-ga 7.2 answers with an
+			// error quoting the raw byte.
 			line = line[1:]
+			c.Write([]byte(`{"error": {"class": "GenericError", "desc": "JSON parse error, stray '` + "\xff" + `'"}}` + "\n"))
 		}
 		var req struct {
 			Execute   string `json:"execute"`
@@ -131,7 +140,23 @@ func TestAgentProtocol(t *testing.T) {
 		return ctx
 	}
 
-	t.Run("StaleAnswersAndLateAgent", func(t *testing.T) {
+	t.Run("LateAgent", func(t *testing.T) {
+		// The agent reads the first sync only after the second was sent:
+		// both are answered, then the command.
+		f := &fakeAgent{delay: syncRetry + 300*time.Millisecond}
+		v := fakeVM(t, f)
+		if err := v.Ping(within(5 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		if _, calls := f.state(); len(calls) != 3 {
+			t.Fatalf("calls %v", calls)
+		}
+		if st, err := v.FreezeStatus(within(time.Second)); err != nil || st != "thawed" {
+			t.Fatalf("status %q %v", st, err)
+		}
+	})
+
+	t.Run("StaleAnswersAndDroppedSync", func(t *testing.T) {
 		f := &fakeAgent{stale: true, dropSyncs: 1}
 		v := fakeVM(t, f)
 		start := time.Now()
