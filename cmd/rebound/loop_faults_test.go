@@ -407,6 +407,18 @@ func TestSplitBrainKeepPrimary(t *testing.T) {
 func clusterCommitted(t *testing.T) (*cluster, *oracle, changeSet) {
 	t.Helper()
 	c := startCluster(t)
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		for _, n := range []string{"server", "primary", "recovery"} {
+			b, _ := os.ReadFile(filepath.Join(c.dir, n+".log"))
+			if len(b) > 6000 {
+				b = b[len(b)-6000:]
+			}
+			t.Logf("--- %s.log (tail) ---\n%s", n, b)
+		}
+	})
 	svc, ctx := c.svc, context.Background()
 	const size = 64 << 20
 	m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
@@ -513,8 +525,9 @@ func killMidReprotect(t *testing.T, site string) {
 	seen := killAtStep(t, c, j.ID, site, "start source", "resync")
 	t.Logf("killed %s at step %s (sent %d of %d)", site, seen.Step, seen.BytesSent, seen.BytesTotal)
 	time.Sleep(500 * time.Millisecond)
+	restarted := time.Now()
 	c.sites[site].start()
-	c.waitOnline("primary", "recovery")
+	waitReported(c, restarted)
 	final, err := jobWithin(t, svc, j.ID, 45*time.Second)
 	if err != nil {
 		t.Logf("reprotect after the kill: %v; retrying", err)
@@ -558,8 +571,9 @@ func TestReprotectRetryKeepsAdoptedDisks(t *testing.T) {
 	if fi, err := os.Stat(base); err != nil || fi.Size() != 64<<20 {
 		t.Fatalf("adopted disk at primary after the failed reprotect: %v", err)
 	}
+	restarted := time.Now()
 	c.sites["primary"].start()
-	c.waitOnline("primary", "recovery")
+	waitReported(c, restarted)
 	final := reprotectUntilDone(t, svc)
 	if limit := int64(float64(changed.bytes())*1.05) + (64<<20)/1000; final.BytesSent > limit || final.BytesSent < changed.bytes()/2 {
 		t.Fatalf("retried reprotect sent %d bytes for %d changed (limit %d)", final.BytesSent, changed.bytes(), limit)
@@ -571,7 +585,9 @@ func TestReprotectRetryKeepsAdoptedDisks(t *testing.T) {
 
 // TestFailbackKillSource: the source of a planned failback (recovery) is
 // killed mid-failback.
-func TestFailbackKillSource(t *testing.T) { killMidFailback(t, "recovery", "drain", "activate") }
+func TestFailbackKillSource(t *testing.T) {
+	killMidFailback(t, "recovery", "preflight", "drain", "activate")
+}
 
 // TestFailbackKillTarget: the target of a planned failback (primary) is
 // killed as soon as the failback starts.
@@ -598,8 +614,9 @@ func killMidFailback(t *testing.T, site string, steps ...string) {
 	seen := killAtStep(t, c, j.ID, site, steps...)
 	t.Logf("killed %s at failback step %s", site, seen.Step)
 	time.Sleep(500 * time.Millisecond)
+	restarted := time.Now()
 	c.sites[site].start()
-	c.waitOnline("primary", "recovery")
+	waitReported(c, restarted)
 	if _, err := jobWithin(t, svc, j.ID, 45*time.Second); err != nil {
 		t.Logf("failback after the kill: %v; retrying", err)
 		// Failing cleanly: the machine runs on at recovery, served, with
@@ -669,8 +686,9 @@ func TestReprotectKillBothInResync(t *testing.T) {
 	time.Sleep(time.Second) // the source resyncs into its spool meanwhile
 	t.Logf("killed recovery in the resync (sent %d of %d)", seen.BytesSent, seen.BytesTotal)
 	c.sites["recovery"].start()
+	restarted := time.Now()
 	c.sites["primary"].start()
-	c.waitOnline("primary", "recovery")
+	waitReported(c, restarted)
 	final, err := jobWithin(t, svc, j.ID, 45*time.Second)
 	if err != nil {
 		t.Logf("reprotect after the kills: %v; retrying", err)
@@ -744,4 +762,21 @@ func TestFencedSourceServedAfterReconnect(t *testing.T) {
 	}
 	o.write(m.Disks[0].NBD, 5)
 	failbackAndCheck(t, svc, o.model.Sum(), "primary")
+}
+
+// waitReported waits until both sites reported after since: a killed
+// site's last report can still look fresh, so waitOnline alone may pass
+// before the restarted process has connected.
+func waitReported(c *cluster, since time.Time) {
+	c.t.Helper()
+	waitUntil(c.t, 60*time.Second, "sites reporting after the restart", func() bool {
+		sites, err := c.svc.ListSites(context.Background())
+		n := 0
+		for _, s := range sites {
+			if (s.Name == "primary" || s.Name == "recovery") && s.Status == rebound.SiteOnline && s.LastSeen.After(since) {
+				n++
+			}
+		}
+		return err == nil && n == 2
+	})
 }
