@@ -73,6 +73,8 @@ type Config struct {
 	External map[string][]string
 	// Scan captures an external machine's source stream until ctx is done.
 	Scan func(ctx context.Context, machine, streamID string, stream *capture.Stream)
+	// ReadExternal reads an external machine's disk for the stream's copies.
+	ReadExternal func(machine string, disk int, p []byte, off int64) (int, error)
 }
 
 // Site is one site appliance.
@@ -186,15 +188,19 @@ func (s *Site) Open() error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	named := false
 	for _, st := range states {
-		if st.Generation == "" {
-			st.Generation = newGeneration()
+		if st.Generation == "" { // state from before generations
+			st.Generation, named = newGeneration(), true
 		}
 		m := &machine{state: st}
 		if err := s.openMachine(m); err != nil {
 			return fmt.Errorf("open machine %s: %w", st.Name, err)
 		}
 		s.machines[st.Name] = m
+	}
+	if named {
+		return s.saveLocked() // a generation must not change at the next start
 	}
 	return nil
 }
@@ -320,8 +326,11 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 	}
 	// 4 KiB regions: a delta resync sends what changed, not 64 KiB around it.
 	ext := s.cfg.External[st.Name] != nil
-	stream, err := capture.Open(filepath.Join(s.machineDir(st.Name), "stream"), specs,
-		capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Logger: s.logger.With("machine", st.Name)})
+	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Logger: s.logger.With("machine", st.Name)}
+	if read := s.cfg.ReadExternal; ext && read != nil {
+		opts.ReadDisk = func(disk int, p []byte, off int64) (int, error) { return read(st.Name, disk, p, off) }
+	}
+	stream, err := capture.Open(filepath.Join(s.machineDir(st.Name), "stream"), specs, opts)
 	if err != nil {
 		return err
 	}
