@@ -101,7 +101,7 @@ PY
 	echo "Load while measuring (1/5/15 min, before each reprotect and after each rsync):"
 	echo
 	echo '```'
-	grep -E 'load' "$tmp/resync.txt" | sed 's/^ *bench_resync_test.go:[0-9]*: //'
+	grep -E 'load' "$tmp/resync.txt" | sed -e 's/^ *bench_resync_test.go:[0-9]*: //' -e 's/, job bytesSent [0-9]*, source SyncDone [0-9]*//'
 	echo '```'
 } >"$out"
 echo "wrote $out" >&2
