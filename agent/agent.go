@@ -79,6 +79,7 @@ type Stats struct {
 type Agent struct {
 	cfg    Config
 	disks  []rebound.Disk
+	direct []*directDisk // the disks, read past the page cache
 	logger *slog.Logger
 	ready  chan struct{} // closed once Service has read the fenced state
 
@@ -126,6 +127,12 @@ func New(cfg Config) (*Agent, error) {
 			return nil, err
 		}
 		a.disks = append(a.disks, rebound.Disk{Name: fmt.Sprintf("disk%d", i), Size: n})
+		d, err := openDirect(p, n)
+		if err != nil {
+			a.Close()
+			return nil, err
+		}
+		a.direct = append(a.direct, d)
 	}
 	if cfg.FreezeMount != "" {
 		if _, err := exec.LookPath("fsfreeze"); err != nil {
@@ -133,6 +140,26 @@ func New(cfg Config) (*Agent, error) {
 		}
 	}
 	return a, nil
+}
+
+// Close closes the agent's disks. Call it after the site's Close (the
+// stream reads them through ReadDisk).
+func (a *Agent) Close() error {
+	var errs []error
+	for _, d := range a.direct {
+		errs = append(errs, d.Close())
+	}
+	a.direct = nil
+	return errors.Join(errs...)
+}
+
+// ReadDisk is the site's Config.ReadExternal: the stream's copies read the
+// disks past the page cache, like the scan.
+func (a *Agent) ReadDisk(machine string, disk int, p []byte, off int64) (int, error) {
+	if machine != a.cfg.Machine || disk < 0 || disk >= len(a.direct) {
+		return 0, rebound.Errorf(rebound.EINVALID, "agent %s has no disk %d of machine %q", a.cfg.Machine, disk, machine)
+	}
+	return a.direct[disk].ReadAt(p, off)
 }
 
 // DeviceSize returns the size of a block device or regular file.
@@ -287,6 +314,7 @@ func (a *Agent) Cycle(ctx context.Context, kind rebound.PointKind) (p rebound.Re
 		return p, err
 	}
 	scanTime := time.Since(scanStart)
+
 	regions := make([][]rebound.Region, len(a.disks))
 	var changed int64
 	for i, d := range a.disks {
@@ -371,14 +399,12 @@ func waitStreaming(ctx context.Context, stream *capture.Stream, limit time.Durat
 	}
 }
 
-// scan hashes every disk. The page cache of each disk is dropped first: a
-// filesystem writes file data to the device past the device's own cache,
-// so cached blocks may be stale.
+// scan hashes every disk, reading past the page cache (see directDisk).
 func (a *Agent) scan(ctx context.Context) ([][][]byte, int64, error) {
 	out := make([][][]byte, len(a.disks))
 	var total int64
 	for i, d := range a.disks {
-		sums, err := ScanFile(ctx, a.cfg.Disks[i], d.Size, a.cfg.BlockSize, a.cfg.Workers)
+		sums, err := digest.ReaderAt(ctx, a.direct[i], d.Size, a.cfg.BlockSize, a.cfg.Workers)
 		if err != nil {
 			return nil, 0, err
 		}
@@ -388,21 +414,21 @@ func (a *Agent) scan(ctx context.Context) ([][][]byte, int64, error) {
 	return out, total, nil
 }
 
-// ScanFile drops the cached pages of the device or file at path and
-// returns the digests of its first size bytes in blockSize blocks.
+// ScanFile returns the digests of the first size bytes of the device or
+// file at path in blockSize blocks, read as a cycle reads them.
 func ScanFile(ctx context.Context, path string, size, blockSize int64, workers int) ([][]byte, error) {
-	f, err := os.Open(path)
+	d, err := openDirect(path, size)
 	if err != nil {
-		return nil, fmt.Errorf("agent: %w", err)
+		return nil, err
 	}
-	defer f.Close()
-	DropCache(f)
-	return digest.ReaderAt(ctx, f, size, blockSize, workers)
+	defer d.Close()
+	return digest.ReaderAt(ctx, d, size, blockSize, workers)
 }
 
 // DropCache asks the kernel to drop the clean cached pages of f
-// (POSIX_FADV_DONTNEED). Errors are ignored: it is an optimisation of
-// correctness only on block devices, where it always works.
+// (POSIX_FADV_DONTNEED), so later reads come from the device. Pages a
+// mounted filesystem pins are kept: a device in use is read with O_DIRECT
+// instead (see directDisk). Errors are ignored.
 func DropCache(f *os.File) {
 	const fadvDontNeed = 4
 	_, _, _ = syscall.Syscall6(syscall.SYS_FADVISE64, f.Fd(), 0, 0, fadvDontNeed, 0, 0)

@@ -256,7 +256,11 @@ func (s *Stream) copyRegionLocked(d *Disk, r int64, scratch []byte) (int64, erro
 			last++
 		}
 		buf := scratch[:min((last+1)*rs, size)-off]
-		if _, err := d.fd.ReadAt(buf, off); err != nil {
+		read := d.fd.ReadAt
+		if s.opts.ReadDisk != nil {
+			read = func(p []byte, off int64) (int, error) { return s.opts.ReadDisk(int(d.idx), p, off) }
+		}
+		if _, err := read(buf, off); err != nil {
 			return r, err
 		}
 		if allZero(buf) {

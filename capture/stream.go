@@ -65,6 +65,10 @@ type Options struct {
 	// External disks are written by their owner, not through the stream
 	// (rebound agent): the spool is never replayed onto them.
 	External bool
+	// ReadDisk, if set, reads the disks for resync copies instead of the
+	// disk files: the agent reads a device past its page cache, which a
+	// mounted filesystem's writes leave stale.
+	ReadDisk func(disk int, p []byte, off int64) (int, error)
 }
 
 // Stats is a snapshot of a stream's replication state.

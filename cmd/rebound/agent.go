@@ -105,7 +105,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 	}
 	m.Site = site.New(site.Config{
 		Name: cfg.Name, DataDir: cfg.DataDir, PeerTLS: peerTLS, SpoolLimit: cfg.SpoolLimit,
-		External: m.Agent.External(), Scan: m.Agent.Scan, Logger: m.Logger,
+		External: m.Agent.External(), Scan: m.Agent.Scan, ReadExternal: m.Agent.ReadDisk, Logger: m.Logger,
 	})
 	if err := m.Site.Open(); err != nil {
 		return fmt.Errorf("open agent %s: %w", cfg.Name, err)
@@ -188,6 +188,9 @@ func (m *AgentMain) Close() error {
 		m.wg.Wait()
 		if m.Site != nil {
 			err = m.Site.Close()
+		}
+		if m.Agent != nil {
+			err = errors.Join(err, m.Agent.Close())
 		}
 	})
 	return err

@@ -343,12 +343,62 @@ func TestAgentLoopDevice(t *testing.T) {
 	if w.n < 30 {
 		t.Fatalf("the writer did only %d operations", w.n)
 	}
-	mu.Lock()
-	points := []string{order[first+1], order[len(order)-1]}
-	mu.Unlock()
 	st := am.Agent.Stats()
 	t.Logf("agent: %d cycles, last scan %s for %d bytes, last copy %d bytes, frozen %s; writer did %d operations",
 		st.Cycles, st.LastScan, st.LastScanned, st.LastChanged, st.LastFrozen, w.n)
+
+	// Restart the agent after a 1 MiB file was written while it was down:
+	// its digests were kept, so it sends about that, not the disk. Two
+	// cycles first, so the writer's last changes are sent before.
+	mu.Lock()
+	stopped := len(order)
+	mu.Unlock()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		mu.Lock()
+		n := len(order)
+		mu.Unlock()
+		if n >= stopped+2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no cycles after the writer stopped: %s", am.Agent.Stats().LastError)
+		}
+	}
+	if err := am.Close(); err != nil {
+		t.Fatalf("close agent: %v", err)
+	}
+	big := make([]byte, 1<<20)
+	rand.New(rand.NewSource(11)).Read(big)
+	if err := os.WriteFile(filepath.Join(mnt, "after-restart"), big, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	before := len(order)
+	mu.Unlock()
+	cfg := am.Config
+	cfg.JoinToken = ""
+	am = &AgentMain{Logger: logger, Config: cfg}
+	if err := am.Run(ctx); err != nil {
+		t.Fatalf("restart agent: %v", err)
+	}
+	t.Cleanup(func() { am.Close() })
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		mu.Lock()
+		n := len(order)
+		mu.Unlock()
+		if n > before {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no cycle after the restart: %s", am.Agent.Stats().LastError)
+		}
+	}
+	if sent := am.Agent.Stats().ChangedTotal; sent < 1<<20 || sent > 3<<20 {
+		t.Fatalf("the restarted agent sent %d bytes; want the new 1 MiB file and a little metadata", sent)
+	}
+	mu.Lock()
+	points := []string{order[first+1], order[len(order)-1]}
+	mu.Unlock()
 
 	for _, id := range points {
 		mu.Lock()
