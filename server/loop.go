@@ -179,9 +179,10 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 				return err
 			}
 			active, target, src, dst = target, active, dst, src
+			disks := siteDisks(ctx, src, m.Name)
 			if err := s.updateMachine(ctx, m.Name, func(x *rebound.Machine) {
 				x.ActiveSite, x.PreviousSite = active, target
-				s.refreshDisks(ctx, x, src)
+				applyDisks(x, disks)
 			}); err != nil {
 				return err
 			}

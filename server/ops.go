@@ -39,7 +39,7 @@ func (s *Server) CreateMachine(ctx context.Context, req rebound.CreateMachineReq
 		_ = s.DB.DeleteMachine(context.Background(), m.Name)
 		return nil, err
 	}
-	s.refreshDisks(ctx, m, site)
+	applyDisks(m, siteDisks(ctx, site, m.Name))
 	if err := s.DB.UpdateMachine(ctx, m); err != nil {
 		return nil, err
 	}
@@ -47,20 +47,31 @@ func (s *Server) CreateMachine(ctx context.Context, req rebound.CreateMachineReq
 	return m, nil
 }
 
-// refreshDisks copies the NBD URIs the active site reports into m.
-func (s *Server) refreshDisks(ctx context.Context, m *rebound.Machine, site rebound.SiteService) {
+// siteDisks returns the disks a site reports for a machine (NBD URIs,
+// sizes), or nil. Call it outside updateMachine: the site's answer comes on
+// the control channel that also carries the reports updateMachine waits on.
+func siteDisks(ctx context.Context, site rebound.SiteService, name string) []rebound.Disk {
 	st, err := site.Status(ctx)
 	if err != nil {
-		return
+		return nil
 	}
 	for _, ms := range st.Machines {
-		if ms.Name == m.Name && len(ms.Disks) == len(m.Disks) {
-			for i := range m.Disks {
-				m.Disks[i].NBD = ms.Disks[i].NBD
-				if m.Disks[i].Size == 0 { // imported: the image's size
-					m.Disks[i].Size = ms.Disks[i].Size
-				}
-			}
+		if ms.Name == name {
+			return ms.Disks
+		}
+	}
+	return nil
+}
+
+// applyDisks copies reported NBD URIs (and sizes of imported disks) into m.
+func applyDisks(m *rebound.Machine, disks []rebound.Disk) {
+	if len(disks) != len(m.Disks) {
+		return
+	}
+	for i := range m.Disks {
+		m.Disks[i].NBD = disks[i].NBD
+		if m.Disks[i].Size == 0 { // imported: the image's size
+			m.Disks[i].Size = disks[i].Size
 		}
 	}
 }
@@ -666,9 +677,10 @@ func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job,
 			return err
 		}
 		s.event(name, from, "failover.cancelled", "failover cancelled; machine active at "+from+" again")
+		disks := siteDisks(ctx, src, name)
 		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
 			m.State, m.ActiveSite, m.Failover = rebound.MachineProtected, from, nil
-			s.refreshDisks(ctx, m, src)
+			applyDisks(m, disks)
 		})
 	})
 }
@@ -704,11 +716,12 @@ func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) 
 		if err != nil {
 			return err
 		}
+		disks := siteDisks(ctx, dst, name)
 		if err := s.updateMachine(ctx, name, func(m *rebound.Machine) {
 			m.State, m.ActiveSite, m.Protection, m.Failover = rebound.MachineUnprotected, fo.ToSite, nil, nil
 			m.PreviousSite = fo.FromSite
 			m.Health, m.HealthReason = rebound.HealthNormal, ""
-			s.refreshDisks(ctx, m, dst)
+			applyDisks(m, disks)
 		}); err != nil {
 			return err
 		}
