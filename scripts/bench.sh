@@ -53,6 +53,10 @@ REBOUND_BENCH_OUT="$tmp/repl.md" go test ./cmd/rebound -run '^$' -bench 'Replica
 : >"$tmp/resync.md"
 REBOUND_BENCH_OUT="$tmp/resync.md" go test ./cmd/rebound -run '^$' -bench 'Resync' -benchtime 1x -count=1 -timeout 20m -v >"$tmp/resync.txt" 2>&1 || { cat "$tmp/resync.txt" >&2; exit 1; }
 
+# 4. VM failover RTO (the test guest under QEMU).
+: >"$tmp/vm.md"
+REBOUND_BENCH_OUT="$tmp/vm.md" go test ./cmd/rebound -run '^$' -bench 'VMFailoverRTO' -benchtime 1x -count=1 -timeout 10m >"$tmp/vm.txt" 2>&1 || { cat "$tmp/vm.txt" >&2; exit 1; }
+
 ratio() { python3 - "$tmp/nbd.md" <<'PY'
 import sys
 rows=[l.strip().strip('|').split('|') for l in open(sys.argv[1]) if l.startswith('| ') and 'server' not in l]
@@ -92,7 +96,7 @@ PY
 	echo
 	echo "## Reprotect resync against rsync"
 	echo
-	echo "\`go test ./cmd/rebound -run '^\$' -bench Resync -benchtime 1x\`: a 4 GiB disk filled with semi-compressible data (half random, half a repeated byte per 4 KiB) is protected; each row is a planned failover, the given share of its 4 KiB blocks rewritten at random at the new active site, commit, and \`reprotect\` back (tracked: the default; verify: \`--verify\`, 64 KiB block digests compared at both sites at once). Time is the reprotect job's, from its start to the first recovery point at the target (policy with 1 s crash points). Bytes sent are the resync's bytes copied to the target (before zstd). For each change share, rsync 3 (\`rsync --inplace --no-whole-file -I --stats\`, no compression) pushes the verify row's new image onto a copy of the old one held by an rsync daemon on 127.0.0.1; its bytes are its \"Total bytes sent\". All files are in the page cache; both sites, the server and rsync share the $(nproc) cores."
+	echo "\`go test ./cmd/rebound -run '^\$' -bench Resync -benchtime 1x\`: a 4 GiB disk filled with semi-compressible data (half random, half a repeated byte per 4 KiB) is protected; each row is a planned failover, the given share of its 4 KiB blocks rewritten at random at the new active site, commit, and \`reprotect\` back (tracked: the default; verify: \`--verify\`, block digests compared at both sites at once, 4 KiB blocks up to 4 GiB disks). Time is the reprotect job's, from its start to the first recovery point at the target (policy with 1 s crash points). Bytes sent are the resync's bytes copied to the target (before zstd). For each change share, rsync 3 (\`rsync --inplace --no-whole-file -I --stats\`, no compression) pushes the verify row's new image onto a copy of the old one held by an rsync daemon on 127.0.0.1; its bytes are its \"Total bytes sent\". All files are in the page cache; both sites, the server and rsync share the $(nproc) cores."
 	echo
 	echo "| change (changed bytes) | mode | time | bytes sent | bytes compared | target | met? |"
 	echo "|---|---|---|---|---|---|---|"
@@ -103,5 +107,13 @@ PY
 	echo '```'
 	grep -E 'load' "$tmp/resync.txt" | sed -e 's/^ *bench_resync_test.go:[0-9]*: //' -e 's/, job bytesSent [0-9]*, source SyncDone [0-9]*//'
 	echo '```'
+	echo
+	echo "## Virtual machines"
+	echo
+	echo "\`go test ./cmd/rebound -run '^\$' -bench VMFailoverRTO -benchtime 1x\`: the test guest (\`scripts/build-guest.sh\`) runs under QEMU (KVM when a probe VM starts with it, else TCG; /dev/kvm $([ -e /dev/kvm ] && echo exists || echo is absent) here) on a protected machine's disks; an unplanned failover to latest-processed, timed to the guest's \`REBOUND-GUEST booted\` line at the recovery site."
+	echo
+	echo "| measurement | result | reference |"
+	echo "|---|---|---|"
+	cat "$tmp/vm.md"
 } >"$out"
 echo "wrote $out" >&2

@@ -18,7 +18,7 @@ var (
 
 // waitConsole polls the machine's console (at its active site) until re
 // matches, and returns the last match.
-func waitConsole(t *testing.T, power rebound.PowerService, name string, re *regexp.Regexp, timeout time.Duration) []string {
+func waitConsole(t testing.TB, power rebound.PowerService, name string, re *regexp.Regexp, timeout time.Duration) []string {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	var last []byte
