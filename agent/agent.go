@@ -233,7 +233,11 @@ func (a *Agent) Scan(ctx context.Context, machine, streamID string, stream *capt
 	for {
 		start := time.Now()
 		if _, err := a.Cycle(ctx, rebound.PointCrash); err != nil && ctx.Err() == nil {
-			a.logger.Warn("cycle", "err", err)
+			if a.isFenced() {
+				a.logger.Debug("cycle skipped: fenced", "err", err)
+			} else {
+				a.logger.Warn("cycle", "err", err)
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -241,6 +245,12 @@ func (a *Agent) Scan(ctx context.Context, machine, streamID string, stream *capt
 		case <-time.After(max(a.cfg.Interval-time.Since(start), 10*time.Millisecond)):
 		}
 	}
+}
+
+func (a *Agent) isFenced() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.fenced
 }
 
 // Cycle runs one cycle now and returns its point: app-consistent when a

@@ -321,6 +321,10 @@ func TestAgentLoopDevice(t *testing.T) {
 	w := startWriter(mnt)
 	defer w.Stop()
 	waitJob(t, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "srv1", To: "recovery"}))
+	// A point on demand is a cycle; frozen, so app-consistent.
+	if p, err := svc.CreatePoint(ctx, "srv1", true); err != nil || p.Kind != rebound.PointApp {
+		t.Fatalf("point on demand: %+v %v", p, err)
+	}
 
 	// A few cycles with the writer running.
 	mu.Lock()
