@@ -225,9 +225,14 @@ func resilientWrite(t *testing.T, uri string, o *oracle, n int) {
 	}
 	retry(t, "flush", func() error {
 		if cl == nil {
-			return nil // reconnecting flushes nothing we need: kill -9 keeps the page cache
+			return nil // the site restarted: kill -9 keeps the page cache, nothing to flush
 		}
-		return cl.Flush()
+		if err := cl.Flush(); err != nil {
+			cl.Close()
+			cl = nil
+			return err
+		}
+		return nil
 	})
 }
 
