@@ -262,3 +262,93 @@ func TestDirectRead(t *testing.T) {
 		t.Fatal("a read past the end succeeded")
 	}
 }
+
+// TestCopyOutlastsFreeze: when the copy cannot finish within the freeze
+// timeout (the spool waits for a peer that does not ack), the cycle gives
+// up without a point and keeps the old digests; once the peer acks, the
+// next cycle completes and the replica equals the disk.
+func TestCopyOutlastsFreeze(t *testing.T) {
+	dir := t.TempDir()
+	disk := filepath.Join(dir, "disk.raw")
+	data := make([]byte, testSize)
+	rand.New(rand.NewSource(2)).Read(data[:2<<20])
+	if err := os.WriteFile(disk, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a, err := New(Config{Machine: "srv1", Disks: []string{disk}, StateDir: filepath.Join(dir, "state"), Interval: time.Hour,
+		FreezeTimeout: 300 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	close(a.ready)
+	s, err := capture.Open(filepath.Join(dir, "stream"), []capture.DiskSpec{{Path: disk, Size: testSize}},
+		capture.Options{RegionSize: 4096, SpoolLimit: 256 << 10, External: true, ReadDisk: func(i int, p []byte, off int64) (int, error) {
+			return a.ReadDisk("srv1", i, p, off)
+		}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a.mu.Lock()
+	a.stream, a.streamID = s, "s1"
+	a.mu.Unlock()
+
+	if _, err := a.Cycle(context.Background(), rebound.PointCrash); rebound.ErrorCode(err) != rebound.EUNAVAILABLE {
+		t.Fatalf("cycle with a stalled peer: %v, want unavailable", err)
+	}
+	if st := a.Stats(); st.Cycles != 0 || st.LastError == "" {
+		t.Fatalf("stats after the timed-out cycle: %+v", st)
+	}
+	if got, _ := a.loadDigests("s1"); got != nil {
+		t.Fatal("digests were saved for a cycle that cut no point")
+	}
+
+	// The peer acks from now on.
+	r := &replica{t: t, disk: make([]byte, testSize), next: 1}
+	stop := make(chan struct{})
+	pulled := make(chan struct{})
+	go func() {
+		defer close(pulled)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+			recs, err := s.Read(ctx, r.next, 1<<20)
+			cancel()
+			if err != nil {
+				continue
+			}
+			for _, rec := range recs {
+				if rec.Kind == rebound.RecordWrite {
+					copy(r.disk[rec.Offset:], rec.Data)
+				} else if rec.Kind == rebound.RecordZero {
+					clear(r.disk[rec.Offset : rec.Offset+rec.Length])
+				}
+				r.next = rec.Seq + 1
+			}
+			s.Acked(r.next - 1)
+		}
+	}()
+	a.cfg.FreezeTimeout = 10 * time.Second
+	p, err := a.Cycle(context.Background(), rebound.PointCrash)
+	if err != nil {
+		t.Fatalf("cycle once the peer acks: %v", err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if s.Stats().AckedSeq >= p.Seq {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the point was never acked")
+		}
+	}
+	close(stop)
+	<-pulled
+	if !bytes.Equal(r.disk, data) {
+		t.Fatalf("replica differs from the disk at %s", p.ID)
+	}
+}
