@@ -716,3 +716,24 @@ func mustSeq(t *testing.T, id string) uint64 {
 	}
 	return n
 }
+
+// TestAgentCLIErrors: bad agent flags fail at once with a usage error
+// naming the problem, before enrolling.
+func TestAgentCLIErrors(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"agent", "--name", "srv1", "--data", dir}, "at least one disk"},
+		{[]string{"agent", "--name", "srv1", "--data", dir, "--disk", "relative.img"}, "absolute path"},
+		{[]string{"agent", "--name", "srv1", "--data", dir, "--disk", filepath.Join(dir, "missing")}, "missing"},
+		{[]string{"agent", "restore", "--machine", "srv1", "--point", "p1"}, "--disk is required"},
+		{[]string{"agent", "restore", "--disk", "/dev/null"}, "--machine and --point, or --from"},
+	} {
+		r := runCLI(t, nil, c.args...)
+		if r.code != ExitUsage || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("%v: exit %d, stderr %q; want usage error with %q", c.args, r.code, r.stderr, c.want)
+		}
+	}
+}
