@@ -564,7 +564,8 @@ func errText(job *rebound.Job, err error) string {
 // the host, records written with fsync the way the test guest writes them)
 // is protected by the agent as a qemu machine; an unplanned failover to a
 // cycle's point boots it as a VM at recovery, and the guest reports the
-// filesystem clean and every record fsynced before the point intact.
+// filesystem clean and every record fsynced before the point intact. It
+// then fails back as a VM at the primary site.
 func TestAgentP2V(t *testing.T) {
 	needTools(t, "losetup", "mkfs.ext4", "mount", "umount", "fsfreeze")
 	vmlinux, initrd := guestimage.Build(t)
@@ -705,6 +706,29 @@ func TestAgentP2V(t *testing.T) {
 	if err := stopWriter(); err != nil {
 		t.Fatalf("writer: %v", err)
 	}
+
+	// Failback as a VM at the primary site (a physical server comes back
+	// virtual): commit, reprotect to primary (a full copy: primary holds
+	// nothing), the VM writes more, planned failback boots it at primary
+	// with every record.
+	loop := svc.(rebound.LoopService)
+	waitJob(t, svc)(svc.Commit(ctx, "srv1"))
+	waitJob(t, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "srv1", To: "primary"}))
+	atRecovery := atoi(t, waitConsole(t, power, "srv1", wroteRE, 30*time.Second)[1])
+	waitJob(t, svc)(loop.Failback(ctx, rebound.FailoverRequest{Machine: "srv1"}))
+	if m, err := svc.GetMachine(ctx, "srv1"); err != nil || m.ActiveSite != "primary" {
+		t.Fatalf("after failback: %+v %v", m, err)
+	}
+	waitConsole(t, power, "srv1", regexp.MustCompile(`REBOUND-GUEST booted`), time.Minute)
+	cons, _ = power.Console(ctx, "srv1", 1<<20)
+	v = verifiedRE.FindStringSubmatch(string(cons))
+	if v == nil || !regexp.MustCompile(`REBOUND-GUEST fsck clean`).Match(cons) {
+		t.Fatalf("VM at primary after failback:\n%s", tailString(string(cons), 3000))
+	}
+	if n := atoi(t, v[1]); n < atRecovery {
+		t.Fatalf("VM at primary verified %d records; %d were written at recovery", n, atRecovery)
+	}
+	t.Logf("failback: VM at primary verified %s records (%d written at recovery)", v[1], atRecovery)
 	waitJob(t, svc)(power.StopMachine(ctx, "srv1"))
 }
 
