@@ -10,12 +10,16 @@
 //	rebound.halt=1     power off cleanly after the K records
 //	rebound.disk=PATH  the data disk (default /dev/vda)
 //	rebound.probe=1    print "REBOUND-GUEST probe ok" and power off at once
+//	rebound.bench=MiB  write MiB sequentially (1 MiB, O_DIRECT) then 4 KiB
+//	                   random writes for 3 s to rebound.benchdisk (default
+//	                   /dev/vdb), print "REBOUND-GUEST bench ..." and power off
 //
 // Run on a host, `rebound-guest verify FILE` prints the verdict for a records file.
 package main
 
 import (
 	"bytes"
+	crand "crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -90,10 +94,14 @@ type config struct {
 	disk    string
 	probe   bool
 	debug   bool // print each step's uptime
+	// bench writes benchMiB MiB to benchDisk (a raw second disk) and
+	// prints throughput and IOPS, then powers off.
+	benchMiB  int
+	benchDisk string
 }
 
 func parseCmdline(s string) config {
-	c := config{rate: 20, disk: "/dev/vda"}
+	c := config{rate: 20, disk: "/dev/vda", benchDisk: "/dev/vdb"}
 	for _, f := range strings.Fields(s) {
 		k, v, _ := strings.Cut(f, "=")
 		switch k {
@@ -111,6 +119,12 @@ func parseCmdline(s string) config {
 			c.disk = v
 		case "rebound.probe":
 			c.probe = v == "1"
+		case "rebound.bench":
+			if n, err := strconv.Atoi(v); err == nil && n > 0 {
+				c.benchMiB = n
+			}
+		case "rebound.benchdisk":
+			c.benchDisk = v
 		case "rebound.debug":
 			c.debug = v == "1"
 		}
@@ -143,6 +157,10 @@ func (g *guest) run() {
 	g.watchSignals()
 	g.step("modules")
 	loadModules(g.cfg.debug)
+	if g.cfg.benchMiB > 0 {
+		bench(g.cfg.benchDisk, g.cfg.benchMiB)
+		g.poweroff(syscall.LINUX_REBOOT_CMD_POWER_OFF)
+	}
 	g.step("disk")
 
 	if err := g.prepareDisk(); err != nil {
@@ -609,4 +627,47 @@ func uptime() string {
 		return "?"
 	}
 	return f[0] + "s"
+}
+
+// bench measures the guest's view of a raw disk: sequential 1 MiB writes
+// and 4 KiB random writes with O_DIRECT, each ended by an fdatasync.
+func bench(disk string, mib int) {
+	f, err := os.OpenFile(disk, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		say("bench: %v", err)
+		return
+	}
+	defer f.Close()
+	size, _ := f.Seek(0, 2)
+	raw := make([]byte, 1<<20+4096)
+	off := 4096 - int(uintptr(unsafe.Pointer(&raw[0]))%4096)
+	buf := raw[off : off+1<<20] // O_DIRECT wants aligned memory
+	crand.Read(buf)
+	mib = min(mib, int(size>>20))
+	start := time.Now()
+	for i := 0; i < mib; i++ {
+		if _, err := f.WriteAt(buf, int64(i)<<20); err != nil {
+			say("bench: write: %v", err)
+			return
+		}
+	}
+	syscall.Fdatasync(int(f.Fd()))
+	el := time.Since(start).Seconds()
+	say("bench seq write %d MiB in %.2f s: %.1f MB/s", mib, el, float64(mib)*1.048576/el)
+	blocks := size / 4096
+	var n int
+	var x uint64 = 0x9e3779b97f4a7c15
+	start = time.Now()
+	for time.Since(start) < 3*time.Second {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		if _, err := f.WriteAt(buf[:4096], int64(x%uint64(blocks))*4096); err != nil {
+			say("bench: write: %v", err)
+			return
+		}
+		n++
+	}
+	syscall.Fdatasync(int(f.Fd()))
+	say("bench rand write 4k: %d writes in %.2f s: %.0f IOPS", n, time.Since(start).Seconds(), float64(n)/time.Since(start).Seconds())
 }
