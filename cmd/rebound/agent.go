@@ -18,7 +18,6 @@ import (
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/agent"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
-	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/site"
 )
 
@@ -91,15 +90,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	serverTLS, err := pki.ServerTLS(certPEM, keyPEM, caPEM, true)
-	if err != nil {
-		return err
-	}
-	peerTLS, err := pki.ClientTLS(certPEM, keyPEM, caPEM, "")
-	if err != nil {
-		return err
-	}
-	controlTLS, err := pki.ClientTLS(certPEM, keyPEM, caPEM, serverCertName)
+	serverTLS, peerTLS, controlTLS, err := siteTLS(certPEM, keyPEM, caPEM)
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -82,15 +83,7 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	serverTLS, err := pki.ServerTLS(certPEM, keyPEM, caPEM, true)
-	if err != nil {
-		return err
-	}
-	peerTLS, err := pki.ClientTLS(certPEM, keyPEM, caPEM, "")
-	if err != nil {
-		return err
-	}
-	controlTLS, err := pki.ClientTLS(certPEM, keyPEM, caPEM, serverCertName)
+	serverTLS, peerTLS, controlTLS, err := siteTLS(certPEM, keyPEM, caPEM)
 	if err != nil {
 		return err
 	}
@@ -164,6 +157,21 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	})
 	m.Logger.Info("site listening", "site", cfg.Name, "nbd", m.NBDAddr, "replication", m.ReplAddr, "server", cfg.Server)
 	return nil
+}
+
+// siteTLS returns a site's TLS configs: its replication listener (peers
+// must show a site certificate), dialing peers, and dialing the server.
+func siteTLS(certPEM, keyPEM, caPEM []byte) (server, peer, control *tls.Config, err error) {
+	if server, err = pki.ServerTLS(certPEM, keyPEM, caPEM, true); err != nil {
+		return nil, nil, nil, err
+	}
+	if peer, err = pki.ClientTLS(certPEM, keyPEM, caPEM, ""); err != nil {
+		return nil, nil, nil, err
+	}
+	if control, err = pki.ClientTLS(certPEM, keyPEM, caPEM, serverCertName); err != nil {
+		return nil, nil, nil, err
+	}
+	return server, peer, control, nil
 }
 
 // credentials loads the site's certificate, enrolling first if it has none.
