@@ -234,20 +234,7 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		}
 		s.event(m.Name, target, "reprotect.started", fmt.Sprintf("reprotecting %s from %s to %s (%s)", m.Name, active, target, plan.why))
 
-		r.Step("resync")
-		if err := s.waitResync(ctx, r, m.Name, src, dst); err != nil {
-			return err
-		}
-		if err := s.updateMachine(ctx, m.Name, func(x *rebound.Machine) {
-			x.State = rebound.MachineProtected
-			if x.Protection != nil {
-				x.Protection.SyncProgress = 1
-			}
-		}); err != nil {
-			return err
-		}
-		s.event(m.Name, target, "protection.protected", fmt.Sprintf("reprotect complete: %s protected from %s to %s", m.Name, active, target))
-		return nil
+		return s.finishResync(ctx, r, m.Name, active, target, src, dst)
 	})
 }
 
@@ -625,19 +612,25 @@ func (s *Server) resumeReprotect(ctx context.Context, m *rebound.Machine) (*rebo
 			return rebound.Errorf(rebound.EUNAVAILABLE, "the target site %q is not connected: %s", p.TargetSite, rebound.ErrorMessage(err))
 		}
 		r.Message("resuming the resync from %s to %s started by an earlier reprotect", p.SourceSite, p.TargetSite)
-		r.Step("resync")
-		if err := s.waitResync(ctx, r, m.Name, src, dst); err != nil {
-			return err
-		}
-		if err := s.updateMachine(ctx, m.Name, func(x *rebound.Machine) {
-			x.State = rebound.MachineProtected
-			if x.Protection != nil {
-				x.Protection.SyncProgress = 1
-			}
-		}); err != nil {
-			return err
-		}
-		s.event(m.Name, p.TargetSite, "protection.protected", fmt.Sprintf("reprotect complete: %s protected from %s to %s", m.Name, p.SourceSite, p.TargetSite))
-		return nil
+		return s.finishResync(ctx, r, m.Name, p.SourceSite, p.TargetSite, src, dst)
 	})
+}
+
+// finishResync follows a reprotect's resync to the target's first point and
+// marks the machine protected.
+func (s *Server) finishResync(ctx context.Context, r *jobRun, name, from, to string, src, dst rebound.SiteService) error {
+	r.Step("resync")
+	if err := s.waitResync(ctx, r, name, src, dst); err != nil {
+		return err
+	}
+	if err := s.updateMachine(ctx, name, func(x *rebound.Machine) {
+		x.State = rebound.MachineProtected
+		if x.Protection != nil {
+			x.Protection.SyncProgress = 1
+		}
+	}); err != nil {
+		return err
+	}
+	s.event(name, to, "protection.protected", fmt.Sprintf("reprotect complete: %s protected from %s to %s", name, from, to))
+	return nil
 }
