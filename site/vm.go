@@ -318,3 +318,20 @@ func exitText(err error) string {
 	}
 	return err.Error()
 }
+
+// KillVMs stops every VM of this site at once. A site's VMs outlive its
+// process on purpose (a restarted site re-attaches); an embedded site that
+// goes away for good (tests, `rebound up`) kills them instead.
+func (s *Site) KillVMs() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range s.machines {
+		for _, vm := range []*qemu.VM{m.vm, m.testVM} {
+			if vm != nil {
+				if err := vm.Kill(); err != nil {
+					s.logger.Warn("kill vm", "machine", m.state.Name, "err", err)
+				}
+			}
+		}
+	}
+}

@@ -144,10 +144,14 @@ func (m *UpMain) waitSites(ctx context.Context) error {
 	}
 }
 
-// Close stops the sites, then the server.
+// Close stops the sites, then the server. The sites' VMs go too: nothing
+// would re-attach to them.
 func (m *UpMain) Close() error {
 	var errs []error
 	for _, s := range m.Sites {
+		if s.Site != nil {
+			s.Site.KillVMs()
+		}
 		errs = append(errs, s.Close())
 	}
 	if m.Server != nil {
