@@ -65,28 +65,8 @@ func (m *dirtyMap) markRange(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
-	first, last := off/m.regionSize, (off+length-1)/m.regionSize
-	lo, hi := int64(-1), int64(-1)
-	for i := first / 8; i <= last/8; i++ {
-		old := m.bits[i]
-		b := old
-		if i > first/8 && i < last/8 {
-			b = 0xff
-		} else {
-			for r := max(first, i*8); r <= min(last, i*8+7); r++ {
-				b |= 1 << (r % 8)
-			}
-		}
-		if b == old {
-			continue
-		}
-		m.bits[i] = b
-		m.count += int64(bits.OnesCount8(b &^ old))
-		if lo < 0 {
-			lo = i
-		}
-		hi = i
-	}
+	lo, hi, added := setBits(m.bits, off/m.regionSize, (off+length-1)/m.regionSize)
+	m.count += added
 	if lo < 0 {
 		return nil
 	}

@@ -134,28 +134,8 @@ func (t *Tracker) markLocked(off, length int64) error {
 	if length == 0 || off >= end {
 		return nil
 	}
-	first, last := off/t.blockSize, (end-1)/t.blockSize
-	lo, hi := int64(-1), int64(-1) // changed byte span
-	for i := first / 8; i <= last/8; i++ {
-		old := t.bits[i]
-		b := old
-		if i > first/8 && i < last/8 {
-			b = 0xff
-		} else {
-			for r := max(first, i*8); r <= min(last, i*8+7); r++ {
-				b |= 1 << (r % 8)
-			}
-		}
-		if b == old {
-			continue
-		}
-		t.bits[i] = b
-		t.count += int64(bits.OnesCount8(b &^ old))
-		if lo < 0 {
-			lo = i
-		}
-		hi = i
-	}
+	lo, hi, added := setBits(t.bits, off/t.blockSize, (end-1)/t.blockSize)
+	t.count += added
 	if lo < 0 {
 		return nil
 	}
