@@ -247,3 +247,27 @@ func (d trackedDisk) Trim(off, length int64) error {
 	}
 	return d.Disk.Trim(off, length)
 }
+
+// deltaSeedFromFiles is deltaSeed for a machine whose change maps are not
+// open (a source reopened after a crash): it reads them from their files.
+func (s *Site) deltaSeedFromFiles(m *machine, extra [][]rebound.Region) [][]rebound.Region {
+	seed := make([][]rebound.Region, len(m.state.Disks))
+	for i, d := range m.state.Disks {
+		seed[i] = []rebound.Region{}
+		if i < len(extra) {
+			seed[i] = append(seed[i], extra[i]...)
+		}
+		if _, err := os.Stat(s.trackerPath(m.state.Name, i)); err != nil {
+			continue
+		}
+		t, err := capture.OpenTracker(s.trackerPath(m.state.Name, i), d.Size, 4096)
+		if err != nil {
+			// Unknown changes: the whole disk is the only safe seed.
+			seed[i] = []rebound.Region{{Offset: 0, Length: d.Size}}
+			continue
+		}
+		seed[i] = append(seed[i], t.Regions()...)
+		t.Close()
+	}
+	return seed
+}

@@ -334,6 +334,14 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 	if err != nil {
 		return err
 	}
+	if seed == nil && stream.Head() == 0 && st.Spec != nil {
+		// A crash inside the seeding left an empty stream: seed it again,
+		// or the target never gets the resync's end and its first point.
+		seed = allDisks
+		if st.Spec.Seed == rebound.SeedDelta {
+			seed = s.deltaSeedFromFiles(m, st.Spec.Regions)
+		}
+	}
 	switch {
 	case seed == nil || ext: // an external machine's Scan sends what differs
 	case len(seed) == 0:
