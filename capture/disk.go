@@ -40,18 +40,26 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
-// WriteZeroes sets length bytes at off to zero and records it.
+// WriteZeroes sets length bytes at off to zero, punching a hole, and
+// records it.
 func (d *Disk) WriteZeroes(off, length int64) error {
-	return d.zero(rebound.RecordZero, off, length)
+	return d.zero(rebound.RecordZero, off, length, false)
+}
+
+// WriteZeroesNoHole sets length bytes at off to zero, keeping them
+// allocated (NBD_CMD_FLAG_NO_HOLE), and records it. The record is the same
+// Zero as WriteZeroes': the replica gets zeroes and allocates as it likes.
+func (d *Disk) WriteZeroesNoHole(off, length int64) error {
+	return d.zero(rebound.RecordZero, off, length, true)
 }
 
 // Trim discards length bytes at off (they read back as zeroes) and
 // records it.
 func (d *Disk) Trim(off, length int64) error {
-	return d.zero(rebound.RecordTrim, off, length)
+	return d.zero(rebound.RecordTrim, off, length, false)
 }
 
-func (d *Disk) zero(kind rebound.RecordKind, off, length int64) error {
+func (d *Disk) zero(kind rebound.RecordKind, off, length int64, keep bool) error {
 	if err := checkRange(d.fd.size, off, length); err != nil {
 		return err
 	}
@@ -59,7 +67,7 @@ func (d *Disk) zero(kind rebound.RecordKind, off, length int64) error {
 		return nil
 	}
 	rec := &rebound.Record{Kind: kind, Disk: d.idx, Offset: off, Length: length}
-	return d.s.change(d, rec, func() error { return d.fd.zero(off, length) })
+	return d.s.change(d, rec, func() error { return d.fd.zero(off, length, keep) })
 }
 
 // Flush makes every completed change of the stream durable (FLUSH, FUA).
@@ -80,7 +88,7 @@ func (d *Disk) replay(rec *rebound.Record) error {
 			_, err := d.fd.f.WriteAt(rec.Data[off-rec.Offset:end-rec.Offset], off)
 			return err
 		}
-		return d.fd.zero(off, end-off)
+		return d.fd.rezero(off, end, rec.Kind == rebound.RecordZero)
 	}
 	end := rec.Offset + rec.Length
 	if d.dirty.count == 0 {

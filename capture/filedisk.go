@@ -15,6 +15,7 @@ import (
 const (
 	fallocKeepSize  = 0x01
 	fallocPunchHole = 0x02
+	fallocZeroRange = 0x10
 )
 
 // zeroChunk is the buffer written when the file system cannot punch holes.
@@ -26,6 +27,7 @@ type FileDisk struct {
 	f      *os.File
 	size   int64
 	nohole atomic.Bool // punching holes is not supported; write zeroes instead
+	nozero atomic.Bool // FALLOC_FL_ZERO_RANGE is not supported; write zeroes instead
 	track  atomic.Pointer[Tracker]
 }
 
@@ -104,7 +106,7 @@ func (d *FileDisk) WriteAt(p []byte, off int64) (int, error) {
 	return d.f.WriteAt(p, off)
 }
 
-// WriteZeroes sets length bytes at off to zero.
+// WriteZeroes sets length bytes at off to zero, punching a hole.
 func (d *FileDisk) WriteZeroes(off, length int64) error {
 	if err := checkRange(d.size, off, length); err != nil {
 		return err
@@ -112,7 +114,19 @@ func (d *FileDisk) WriteZeroes(off, length int64) error {
 	if err := d.mark(off, length); err != nil {
 		return err
 	}
-	return d.zero(off, length)
+	return d.zero(off, length, false)
+}
+
+// WriteZeroesNoHole sets length bytes at off to zero and keeps them
+// allocated (NBD_CMD_FLAG_NO_HOLE).
+func (d *FileDisk) WriteZeroesNoHole(off, length int64) error {
+	if err := checkRange(d.size, off, length); err != nil {
+		return err
+	}
+	if err := d.mark(off, length); err != nil {
+		return err
+	}
+	return d.zero(off, length, true)
 }
 
 // Trim discards length bytes at off; they read back as zeroes.
@@ -123,7 +137,7 @@ func (d *FileDisk) Trim(off, length int64) error {
 	if err := d.mark(off, length); err != nil {
 		return err
 	}
-	return d.zero(off, length)
+	return d.zero(off, length, false)
 }
 
 // Flush makes every completed write durable, the tracker's marks first, so
@@ -140,22 +154,29 @@ func (d *FileDisk) Flush() error {
 // Close closes the file.
 func (d *FileDisk) Close() error { return d.f.Close() }
 
-// zero punches a hole so zeroed ranges stay sparse (the initial copy of a
-// sparse disk then finds all-zero regions cheaply), and falls back to
-// writing zeroes where the file system cannot.
-func (d *FileDisk) zero(off, length int64) error {
+// zero makes [off, off+length) read as zeroes. Without keep it punches a
+// hole, so zeroed ranges stay sparse (the initial copy of a sparse disk
+// then finds all-zero regions cheaply). With keep (NO_HOLE) the range must
+// stay allocated: FALLOC_FL_ZERO_RANGE turns it into allocated unwritten
+// extents without writing. Where the file system supports neither, zeroes
+// are written (allocated too).
+func (d *FileDisk) zero(off, length int64, keep bool) error {
 	if length == 0 {
 		return nil
 	}
-	if !d.nohole.Load() {
-		err := syscall.Fallocate(int(d.f.Fd()), fallocPunchHole|fallocKeepSize, off, length)
+	mode, unsupported := fallocPunchHole|fallocKeepSize, &d.nohole
+	if keep {
+		mode, unsupported = fallocZeroRange|fallocKeepSize, &d.nozero
+	}
+	if !unsupported.Load() {
+		err := syscall.Fallocate(int(d.f.Fd()), uint32(mode), off, length)
 		if err == nil {
 			return nil
 		}
 		if !errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, syscall.ENOSYS) {
-			return fmt.Errorf("punch hole: %w", err)
+			return fmt.Errorf("zero range: %w", err)
 		}
-		d.nohole.Store(true)
+		unsupported.Store(true)
 	}
 	for length > 0 {
 		n := min(length, int64(len(zeroChunk)))
@@ -164,6 +185,29 @@ func (d *FileDisk) zero(off, length int64) error {
 		}
 		off += n
 		length -= n
+	}
+	return nil
+}
+
+// rezero zeroes again the data of [off, end) when a zero or trim record is
+// replayed, and leaves holes and unwritten extents alone: they read as
+// zeroes already. So a replay never allocates a range (a disk-sized
+// WRITE_ZEROES would fill the file system) nor punches the allocated
+// range a NO_HOLE zero left: the record does not say which it was, and
+// replay keeps whatever allocation the live write chose. Data found is
+// zeroed with keep (a NO_HOLE zero that had not reached the disk), or
+// punched for a trim.
+func (d *FileDisk) rezero(off, end int64, keep bool) error {
+	for off < end {
+		data := d.nextData(off)
+		if data >= end {
+			return nil
+		}
+		stop := min(d.nextHole(data), end)
+		if err := d.zero(data, stop-data, keep); err != nil {
+			return err
+		}
+		off = stop
 	}
 	return nil
 }

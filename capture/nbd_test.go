@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/nbdtest"
 	"github.com/rebound-dr/rebound/nbd"
 )
 
@@ -82,5 +84,72 @@ func TestThroughNBD(t *testing.T) {
 	m.check(t, h)
 	if head < size/2/(64<<10) {
 		t.Fatalf("only %d records", head)
+	}
+}
+
+// TestNoHoleThroughNBD: WRITE_ZEROES from qemu-io with NO_HOLE keeps the
+// disk file allocated, without it punches, for a stream's disk (a source's
+// export) and a FileDisk (an active machine's export). The stream records
+// both as Zero records that rebuild the disk; reopening the stream, which
+// replays its spool, neither punches the NO_HOLE ranges nor allocates a
+// hole that a zero record covers.
+func TestNoHoleThroughNBD(t *testing.T) {
+	const size = 8 << 20
+	h := newHarness(t, 1, size, Options{})
+	fpath := filepath.Join(h.dir, "plain.raw")
+	fd, err := OpenFileDisk(fpath, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fd.Close()
+	srv := &nbd.Server{Lookup: func(name string) (*nbd.Export, error) {
+		switch name {
+		case "d0":
+			return &nbd.Export{Name: name, Backend: h.s.Disk(0)}, nil
+		case "f0":
+			return &nbd.Export{Name: name, Backend: fd}, nil
+		}
+		return nil, fmt.Errorf("no export %q", name)
+	}}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	defer srv.Close()
+	uri := "nbd://" + l.Addr().String() + "/"
+
+	nbdtest.CheckZeroes(t, uri+"f0", fpath, 1<<20)
+	nbdtest.CheckZeroes(t, uri+"d0", h.specs[0].Path, 1<<20)
+	// A zero over a hole, without NO_HOLE: stays a hole.
+	nbdtest.QemuIO(t, uri+"d0", "write -z -u 6M 1M")
+
+	head := h.s.Head()
+	recs := readRange(t, h.s, 1, head)
+	zeroes := 0
+	for _, r := range recs {
+		if r.Kind == rebound.RecordZero {
+			zeroes++
+		}
+	}
+	if zeroes != 4 {
+		t.Fatalf("%d zero records for 4 WRITE_ZEROES", zeroes)
+	}
+	m := newModel(1, size)
+	m.apply(t, recs)
+	m.check(t, h)
+
+	// Reopen: the whole spool (nothing acked) is replayed onto the disk.
+	if err := h.s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	h.open()
+	m.check(t, h)
+	path := h.specs[0].Path
+	if a := nbdtest.AllocatedIn(t, path, 1<<20, 2<<20); a != 2<<20 {
+		t.Fatalf("after replay %d of the 2 MiB zeroed with NO_HOLE are allocated", a)
+	}
+	if a := nbdtest.AllocatedIn(t, path, 6<<20, 1<<20); a != 0 {
+		t.Fatalf("replaying a zero record allocated %d bytes of a hole", a)
 	}
 }

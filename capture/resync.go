@@ -10,8 +10,11 @@ import (
 	"github.com/rebound-dr/rebound"
 )
 
-// seekData is lseek's SEEK_DATA whence.
-const seekData = 3
+// lseek's SEEK_DATA and SEEK_HOLE whence.
+const (
+	seekData = 3
+	seekHole = 4
+)
 
 // StartInitialCopy marks every region of every disk dirty and starts a
 // resync: the first protection of a machine sends the whole disks.
@@ -289,6 +292,16 @@ func (d *FileDisk) nextData(off int64) int64 {
 		return d.size
 	case err != nil:
 		return off
+	}
+	return min(n, d.size)
+}
+
+// nextHole returns the offset of the first hole at or after off (the disk
+// size if there is none), or the disk size if the file system cannot say.
+func (d *FileDisk) nextHole(off int64) int64 {
+	n, err := syscall.Seek(int(d.f.Fd()), off, seekHole)
+	if err != nil || n <= off {
+		return d.size
 	}
 	return min(n, d.size)
 }

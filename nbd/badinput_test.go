@@ -343,6 +343,7 @@ func (m *memBackend) Flush() error { return nil }
 func (m *memBackend) Trim(off, n int64) error {
 	return m.WriteZeroes(off, n)
 }
+func (m *memBackend) WriteZeroesNoHole(off, n int64) error { return m.WriteZeroes(off, n) }
 func (m *memBackend) WriteZeroes(off, n int64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()

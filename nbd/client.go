@@ -361,9 +361,16 @@ func (c *Client) Trim(off, length int64) error {
 	return c.ranged("trim", cmdTrim, 0, off, length)
 }
 
-// WriteZeroes makes a range read back as zeroes.
+// WriteZeroes makes a range read back as zeroes; the server may
+// deallocate it.
 func (c *Client) WriteZeroes(off, length int64) error {
 	return c.ranged("write zeroes", cmdWriteZeroes, 0, off, length)
+}
+
+// WriteZeroesNoHole makes a range read back as zeroes and asks the server
+// to keep it allocated (NBD_CMD_FLAG_NO_HOLE).
+func (c *Client) WriteZeroesNoHole(off, length int64) error {
+	return c.ranged("write zeroes", cmdWriteZeroes, cmdFlagNoHole, off, length)
 }
 
 // ranged splits a length-only command into requests of at most 1 GiB

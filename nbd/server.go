@@ -26,8 +26,13 @@ type Backend interface {
 	Flush() error
 	// Trim discards a range; in Rebound trimmed ranges read back as zeroes.
 	Trim(off, length int64) error
-	// WriteZeroes makes a range read back as zeroes.
+	// WriteZeroes makes a range read back as zeroes; it may deallocate
+	// the range (punch a hole).
 	WriteZeroes(off, length int64) error
+	// WriteZeroesNoHole makes a range read back as zeroes and leaves it
+	// allocated (NBD_CMD_FLAG_NO_HOLE: the server MUST NOT deallocate, so
+	// later writes there cannot fail for lack of space).
+	WriteZeroesNoHole(off, length int64) error
 }
 
 // Export is a named disk.
@@ -646,7 +651,11 @@ func (c *conn) exec(r *request, data **[]byte) uint32 {
 		if !inRange {
 			return errNoSpc
 		}
-		if err := b.WriteZeroes(off, n); err != nil {
+		zero := b.WriteZeroes
+		if r.flags&cmdFlagNoHole != 0 {
+			zero = b.WriteZeroesNoHole
+		}
+		if err := zero(off, n); err != nil {
 			return c.fail("write zeroes", r, err)
 		}
 	case cmdTrim:

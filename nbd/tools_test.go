@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/rebound-dr/rebound/internal/nbdtest"
 )
 
 func TestQemuIO(t *testing.T) {
@@ -131,4 +133,12 @@ func TestNbdcopy(t *testing.T) {
 	if !bytes.Equal(readFile(t, back), data) {
 		t.Fatal("nbdcopy out of the export differs from the source")
 	}
+}
+
+// TestWriteZeroesNoHole: qemu-io's WRITE_ZEROES with NO_HOLE keeps the raw
+// file allocated, without it the range is punched; both read back zero.
+func TestWriteZeroesNoHole(t *testing.T) {
+	tool(t, "qemu-io")
+	ts := startServer(t, exportSpec{Name: "z", Size: 8 << 20})
+	nbdtest.CheckZeroes(t, ts.tcpURI("z"), ts.files["z"], 1<<20)
 }

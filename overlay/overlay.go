@@ -213,14 +213,29 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	defer d.closeMu.RUnlock()
-	if err := d.write(off, int64(len(p)), func(dst []byte, at int64) { copy(dst, p[at-off:]) }, false); err != nil {
+	if err := d.write(off, int64(len(p)), func(dst []byte, at int64) { copy(dst, p[at-off:]) }, fillData); err != nil {
 		return 0, err
 	}
 	return len(p), nil
 }
 
-// WriteZeroes makes [off, off+n) read as zeroes.
-func (d *Disk) WriteZeroes(off, n int64) error {
+// WriteZeroes makes [off, off+n) read as zeroes; whole zero blocks are
+// punched out of the data file.
+func (d *Disk) WriteZeroes(off, n int64) error { return d.zeroes(off, n, zeroPunch) }
+
+// WriteZeroesNoHole makes [off, off+n) read as zeroes and keeps those
+// blocks allocated in the data file (NBD_CMD_FLAG_NO_HOLE): zeroed with
+// FALLOC_FL_ZERO_RANGE or written, never punched.
+func (d *Disk) WriteZeroesNoHole(off, n int64) error { return d.zeroes(off, n, zeroKeep) }
+
+// How writeData stores a buffer.
+const (
+	fillData  = iota // write it
+	zeroPunch        // all-zero whole blocks may be punched
+	zeroKeep         // zeroes that stay allocated
+)
+
+func (d *Disk) zeroes(off, n int64, mode int) error {
 	if n < 0 || n > d.size {
 		return rebound.Errorf(rebound.EINVALID, "overlay: invalid length %d", n)
 	}
@@ -231,21 +246,21 @@ func (d *Disk) WriteZeroes(off, n int64) error {
 		return err
 	}
 	defer d.closeMu.RUnlock()
-	return d.write(off, n, func(dst []byte, _ int64) { clear(dst) }, true)
+	return d.write(off, n, func(dst []byte, _ int64) { clear(dst) }, mode)
 }
 
 // Trim discards [off, off+n); trimmed ranges read back as zeroes.
 func (d *Disk) Trim(off, n int64) error { return d.WriteZeroes(off, n) }
 
 // write sets [off, off+n) from fill, one map word's worth of blocks at a
-// time under that word's stripe lock. zero lets whole blocks be punched.
-func (d *Disk) write(off, n int64, fill func(dst []byte, at int64), zero bool) error {
+// time under that word's stripe lock; mode says how writeData stores it.
+func (d *Disk) write(off, n int64, fill func(dst []byte, at int64), mode int) error {
 	end := off + n
 	var buf []byte
 	for pos := off; pos < end; {
 		w := pos / BlockSize / 64
 		wEnd := min((w+1)*64*BlockSize, end) // end of this word's blocks
-		if err := d.writeWord(w, pos, wEnd, fill, zero, &buf); err != nil {
+		if err := d.writeWord(w, pos, wEnd, fill, mode, &buf); err != nil {
 			return err
 		}
 		pos = wEnd
@@ -253,7 +268,7 @@ func (d *Disk) write(off, n int64, fill func(dst []byte, at int64), zero bool) e
 	return nil
 }
 
-func (d *Disk) writeWord(w, lo, hi int64, fill func([]byte, int64), zero bool, bufp *[]byte) error {
+func (d *Disk) writeWord(w, lo, hi int64, fill func([]byte, int64), mode int, bufp *[]byte) error {
 	mu := &d.stripes[w%nstripes]
 	mu.Lock()
 	defer mu.Unlock()
@@ -276,7 +291,7 @@ func (d *Disk) writeWord(w, lo, hi int64, fill func([]byte, int64), zero bool, b
 		}
 	}
 	fill(buf[lo-alo:hi-alo], lo)
-	if err := d.writeData(buf, alo, zero); err != nil {
+	if err := d.writeData(buf, alo, mode); err != nil {
 		return err
 	}
 	var mask uint64
@@ -311,12 +326,18 @@ func (d *Disk) readBase(p []byte, off int64) error {
 	return nil
 }
 
-// writeData writes whole blocks; for zeroes it punches whole blocks out.
-func (d *Disk) writeData(buf []byte, off int64, zero bool) error {
-	if zero && len(buf) >= BlockSize {
-		const punchHole, keepSize = 0x02, 0x01
-		// Punch only when the merged edges are zero too.
-		if allZero(buf) && syscall.Fallocate(int(d.data.Fd()), punchHole|keepSize, off, int64(len(buf))) == nil {
+// writeData writes whole blocks. An all-zero buffer (its merged edges
+// zero too) is punched out for zeroPunch, and zeroed in place, staying
+// allocated, with FALLOC_FL_ZERO_RANGE for zeroKeep; where the file system
+// cannot, the zeroes are written.
+func (d *Disk) writeData(buf []byte, off int64, mode int) error {
+	if mode != fillData && len(buf) >= BlockSize && allZero(buf) {
+		const keepSize, punchHole, zeroRange = 0x01, 0x02, 0x10
+		fl := uint32(punchHole | keepSize)
+		if mode == zeroKeep {
+			fl = zeroRange | keepSize
+		}
+		if syscall.Fallocate(int(d.data.Fd()), fl, off, int64(len(buf))) == nil {
 			return nil
 		}
 	}
@@ -466,7 +487,11 @@ func (d *Disk) flattenWord(w int64, buf []byte) error {
 		}
 		// Zero runs are punched (the data file may hold bytes of a write
 		// that was killed before its map update).
-		if err := d.writeData(p, pos, allZero(p)); err != nil {
+		mode := fillData
+		if allZero(p) {
+			mode = zeroPunch
+		}
+		if err := d.writeData(p, pos, mode); err != nil {
 			return err
 		}
 		pos = end

@@ -78,6 +78,16 @@ func (d *liveDisk) WriteZeroes(off, length int64) error {
 	return b.WriteZeroes(off, length)
 }
 
+func (d *liveDisk) WriteZeroesNoHole(off, length int64) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return err
+	}
+	return b.WriteZeroesNoHole(off, length)
+}
+
 // liveLocked returns the machine's live disks, creating them.
 func (s *Site) liveLocked(m *machine) []*liveDisk {
 	if len(m.live) != len(m.state.Disks) {

@@ -241,6 +241,13 @@ func (d trackedDisk) WriteZeroes(off, length int64) error {
 	return d.Disk.WriteZeroes(off, length)
 }
 
+func (d trackedDisk) WriteZeroesNoHole(off, length int64) error {
+	if err := d.t.Mark(off, length); err != nil {
+		return err
+	}
+	return d.Disk.WriteZeroesNoHole(off, length)
+}
+
 func (d trackedDisk) Trim(off, length int64) error {
 	if err := d.t.Mark(off, length); err != nil {
 		return err

@@ -45,14 +45,20 @@ func (f *File) Trim(off, length int64) error {
 	return f.WriteZeroes(off, length)
 }
 
-// WriteZeroes punches a hole, or writes zeroes where the file system
-// cannot.
+// WriteZeroes punches a hole, or zeroes the range in place where the file
+// system cannot.
 func (f *File) WriteZeroes(off, length int64) error {
-	fd := int(f.f.Fd())
-	if err := syscall.Fallocate(fd, fallocPunchHole|fallocKeepSize, off, length); err == nil {
+	if syscall.Fallocate(int(f.f.Fd()), fallocPunchHole|fallocKeepSize, off, length) == nil {
 		return nil
 	}
-	if err := syscall.Fallocate(fd, fallocZeroRange|fallocKeepSize, off, length); err == nil {
+	return f.WriteZeroesNoHole(off, length)
+}
+
+// WriteZeroesNoHole zeroes the range and keeps it allocated: ZERO_RANGE
+// (unwritten extents, still allocated), or written zeroes where the file
+// system cannot. It never punches.
+func (f *File) WriteZeroesNoHole(off, length int64) error {
+	if syscall.Fallocate(int(f.f.Fd()), fallocZeroRange|fallocKeepSize, off, length) == nil {
 		return nil
 	}
 	zero := make([]byte, min(length, 1<<20))
