@@ -123,6 +123,10 @@ type MachineStatus struct {
 	DirtyBytes    int64   `json:"dirtyBytes,omitempty"`
 	LagSeconds    float64 `json:"lagSeconds,omitempty"`
 	ThroughputBps float64 `json:"throughputBps,omitempty"`
+	// ReplError says why writes are failing with EIO: neither the spool nor
+	// the dirty map can record them (the site's state directory is full or
+	// failing). Empty when writes are recorded.
+	ReplError string `json:"replError,omitempty"`
 
 	// Target side.
 	DurableSeq    uint64    `json:"durableSeq,omitempty"`

@@ -18,6 +18,8 @@ type dirtyMap struct {
 	regionSize int64
 	regions    int64
 	count      int64 // bits set
+	unsaved    bool  // bits set by markUnsaved are not in the file yet
+	old        []byte
 }
 
 func openDirtyMap(path string, diskSize, regionSize int64) (*dirtyMap, error) {
@@ -60,19 +62,49 @@ func openDirtyMap(path string, diskSize, regionSize int64) (*dirtyMap, error) {
 func (m *dirtyMap) isDirty(r int64) bool { return m.bits[r/8]&(1<<(r%8)) != 0 }
 
 // markRange sets the bits of every region overlapping [off, off+length) and
-// persists the changed bytes with one write.
-func (m *dirtyMap) markRange(off, length int64) error {
+// persists the changed bytes with one write. It reports whether it wrote.
+// If the write fails the bits are restored: a bit set only in memory would
+// let the next write of that region go through as recorded.
+func (m *dirtyMap) markRange(off, length int64) (bool, error) {
 	if length == 0 {
-		return nil
+		return false, nil
 	}
-	lo, hi, added := setBits(m.bits, off/m.regionSize, (off+length-1)/m.regionSize)
-	m.count += added
+	first, last := off/m.regionSize, (off+length-1)/m.regionSize
+	old := append(m.old[:0], m.bits[first/8:last/8+1]...)
+	m.old = old[:0]
+	lo, hi, added := setBits(m.bits, first, last)
 	if lo < 0 {
-		return nil
+		return false, nil
 	}
 	if _, err := m.f.WriteAt(m.bits[lo:hi+1], lo); err != nil {
+		copy(m.bits[first/8:], old)
+		return false, fmt.Errorf("persist dirty map: %w", err)
+	}
+	m.count += added
+	return true, nil
+}
+
+// markUnsaved sets the bits of [off, off+length) in memory only, for a
+// change the map could not record on disk: the running process resyncs the
+// regions, and save retries persisting them.
+func (m *dirtyMap) markUnsaved(off, length int64) {
+	if length == 0 {
+		return
+	}
+	_, _, added := setBits(m.bits, off/m.regionSize, (off+length-1)/m.regionSize)
+	m.count += added
+	m.unsaved = true
+}
+
+// save persists the whole map if markUnsaved left bits only in memory.
+func (m *dirtyMap) save() error {
+	if !m.unsaved {
+		return nil
+	}
+	if _, err := m.f.WriteAt(m.bits, 0); err != nil {
 		return fmt.Errorf("persist dirty map: %w", err)
 	}
+	m.unsaved = false
 	return nil
 }
 
@@ -86,8 +118,10 @@ func (m *dirtyMap) markAll() error {
 	}
 	m.count = m.regions
 	if _, err := m.f.WriteAt(m.bits, 0); err != nil {
+		m.unsaved = true // in memory every bit is set; save retries
 		return fmt.Errorf("persist dirty map: %w", err)
 	}
+	m.unsaved = false
 	return nil
 }
 

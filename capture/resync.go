@@ -65,7 +65,7 @@ func (s *Stream) StartResync(regions [][]rebound.Region) error {
 	}
 	for i, rs := range regions {
 		for _, r := range rs {
-			if err := s.disks[i].dirty.markRange(r.Offset, r.Length); err != nil {
+			if _, err := s.disks[i].dirty.markRange(r.Offset, r.Length); err != nil {
 				s.mu.Unlock()
 				return fmt.Errorf("capture: %w", err)
 			}

@@ -82,6 +82,10 @@ type Stats struct {
 	SyncTotal     int64 // bytes the running (or last) resync has to copy
 	LagSeconds    float64
 	ThroughputBps float64 // acked payload bytes/s over the last ~10 s
+	// Error says why writes are being refused (EIO to the client): neither
+	// the spool nor a dirty map could record them. Empty once a change is
+	// recorded again.
+	Error string
 }
 
 // pending is an unacked record, for backlog, lag and spool accounting.
@@ -133,9 +137,11 @@ type Stream struct {
 	backlog    int64     // payload bytes of unacked records
 	cache      *ring
 	overflow   bool
-	resyncing  bool  // resync goroutine running
-	initial    bool  // the resync is the initial copy
-	dirtyTime  int64 // time of the newest change marked dirty instead of spooled
+	spoolErr   error  // why the last spool append failed, nil once one succeeds
+	refusing   string // Stats.Error: why the last change was refused
+	resyncing  bool   // resync goroutine running
+	initial    bool   // the resync is the initial copy
+	dirtyTime  int64  // time of the newest change marked dirty instead of spooled
 	syncDone   int64
 	syncTotal  int64
 	ackedBytes int64         // cumulative acked payload, for throughput
@@ -369,8 +375,10 @@ func (s *Stream) appendBatchLocked(recs []*rebound.Record) error {
 		rec.Time = s.nowLocked()
 	}
 	if _, err := s.spool.Append(recs...); err != nil {
+		s.spoolErr = err
 		return err
 	}
+	s.spoolErr, s.refusing = nil, ""
 	for _, rec := range recs {
 		s.head = rec.Seq
 		n := int64(len(rec.Data))
@@ -488,26 +496,59 @@ func (s *Stream) commitLocked(batch []*change) {
 	}
 	for _, c := range batch {
 		if !c.logged {
-			s.markLocked(c.d, c.rec.Offset, c.rec.Length)
+			if err := s.markLocked(c.d, c.rec.Offset, c.rec.Length); err != nil {
+				// Neither the spool nor the dirty map can hold the change:
+				// refuse it before it reaches the disk, so nothing is
+				// acknowledged that the peer could miss.
+				c.err = s.refuseLocked(c.d, err)
+				continue
+			}
 		}
 		if err := c.apply(); err != nil {
-			// The disk may or may not hold the change; resync whatever it has.
-			s.markLocked(c.d, c.rec.Offset, c.rec.Length)
+			// The disk may or may not hold the change; resync whatever it
+			// has. If even the map cannot say so, keep the regions in
+			// memory: Flush fails until they are saved.
+			if merr := s.markLocked(c.d, c.rec.Offset, c.rec.Length); merr != nil {
+				c.d.dirty.markUnsaved(c.rec.Offset, c.rec.Length)
+				s.logger.Error("disk write failed and the dirty map cannot record it; kept in memory", "disk", c.d.idx, "err", err, "map", merr)
+			}
 			c.err = err
 		}
 	}
 }
 
-// markLocked marks a range dirty, persisting the map before the disk write.
-func (s *Stream) markLocked(d *Disk, off, length int64) {
-	s.dirtyTime = s.nowLocked()
+// markLocked marks a range dirty, persisting the map before the disk
+// write. On error the regions are left as they were.
+func (s *Stream) markLocked(d *Disk, off, length int64) error {
 	before := d.dirty.count
-	if err := d.dirty.markRange(off, length); err != nil {
-		s.logger.Error("persisting dirty map failed", "disk", d.idx, "err", err)
+	wrote, err := d.dirty.markRange(off, length)
+	if err != nil {
+		return err
+	}
+	s.dirtyTime = s.nowLocked()
+	if wrote {
+		s.refusing = ""
 	}
 	if s.resyncing {
 		s.syncTotal += (d.dirty.count - before) * s.opts.RegionSize
 	}
+	return nil
+}
+
+// refuseLocked is the error for a change that neither the spool nor the
+// dirty map could record. It is not ENOSPC (the NBD client gets EIO: the
+// export is not full, Rebound's state directory is).
+func (s *Stream) refuseLocked(d *Disk, mapErr error) error {
+	spool := "full"
+	if s.spoolErr != nil {
+		spool = s.spoolErr.Error()
+	}
+	msg := fmt.Sprintf("write refused: neither the spool (%s) nor the dirty map (%v) can record it; free space in %s", spool, mapErr, s.dir)
+	if s.refusing == "" {
+		s.logger.Error("writes refused until the stream can record them", "disk", d.idx, "spool", spool, "map", mapErr)
+	}
+	s.refusing = msg
+	return rebound.Errorf(rebound.EUNAVAILABLE, "capture: disk %d: %s", d.idx, msg)
 }
 
 // dirtyBytesLocked returns the bytes of all dirty regions.
@@ -690,11 +731,19 @@ func (s *Stream) Head() uint64 {
 // spool and map do not account for).
 func (s *Stream) Flush() error {
 	s.mu.Lock()
-	closed := s.closed
-	s.mu.Unlock()
-	if closed {
+	if s.closed {
+		s.mu.Unlock()
 		return ErrClosed
 	}
+	// Regions a failed disk write left dirty only in memory must be on
+	// disk before a flush can say every change is accounted for.
+	for _, d := range s.disks {
+		if err := d.dirty.save(); err != nil {
+			s.mu.Unlock()
+			return fmt.Errorf("capture: %w", err)
+		}
+	}
+	s.mu.Unlock()
 	if err := s.spool.Sync(); err != nil {
 		return fmt.Errorf("capture: sync spool: %w", err)
 	}
@@ -723,6 +772,7 @@ func (s *Stream) Stats() Stats {
 		DirtyBytes:   s.dirtyBytesLocked(),
 		SyncDone:     s.syncDone,
 		SyncTotal:    s.syncTotal,
+		Error:        s.refusing,
 	}
 	switch {
 	case s.resyncing && s.initial:
@@ -771,6 +821,11 @@ func (s *Stream) housekeep() {
 			lastSample = now
 		}
 		s.maybeLeaveOverflowLocked()
+		for _, d := range s.disks {
+			if err := d.dirty.save(); err != nil {
+				s.logger.Error("saving dirty map failed; retrying", "disk", d.idx, "err", err)
+			}
+		}
 		acked := s.acked
 		s.mu.Unlock()
 		if err := s.saveMeta(); err != nil {

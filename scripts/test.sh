@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Runs Rebound's whole test suite. It installs the real tools the tests use
 # (qemu-utils, libnbd-bin, nbdkit, fio, rsync, and for the VM tests
-# qemu-system-x86, Debian's kernel, busybox, qemu-guest-agent, e2fsprogs)
+# qemu-system-x86, Debian's kernel, busybox, qemu-guest-agent, e2fsprogs, btrfs-progs
+# for the full-state-directory tests on loop devices)
 # when it runs as root on Debian, and otherwise checks they are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/go/bin:$HOME/go/bin:$PATH"
 
-tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdkit fio rsync qemu-system-x86_64 busybox mkfs.ext4)
-packages=(qemu-utils libnbd-bin nbdkit fio rsync qemu-system-x86 linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs xz-utils zstd)
+tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdkit fio rsync qemu-system-x86_64 busybox mkfs.ext4 mkfs.btrfs losetup)
+packages=(qemu-utils libnbd-bin nbdkit fio rsync qemu-system-x86 linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs xz-utils zstd btrfs-progs mount)
 missing=()
 for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -45,6 +45,7 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 			ms.HeadSeq, ms.AckedSeq = cs.HeadSeq, cs.AckedSeq
 			ms.BacklogBytes, ms.DirtyBytes = cs.BacklogBytes, cs.DirtyBytes
 			ms.LagSeconds, ms.ThroughputBps = cs.LagSeconds, cs.ThroughputBps
+			ms.ReplError = cs.Error
 			if m.sender != nil && !m.sender.Stats().Connected && ms.ReplState == "streaming" {
 				ms.ReplState = "spooling"
 			}
