@@ -779,7 +779,7 @@ func (s *Stream) Stats() Stats {
 		st.State = StateSyncing
 	case s.resyncing:
 		st.State = StateResyncing
-	case s.overflow || st.DirtyBytes > 0:
+	case s.overflow || st.DirtyBytes > 0 || s.refusing != "":
 		st.State = StateOverflow
 	default:
 		st.State = StateStreaming
