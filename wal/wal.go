@@ -109,7 +109,7 @@ type Log struct {
 	corrupt  error
 	tailLast uint64 // highest readable seq past damage in the last segment
 	err      error  // sticky error after a failed write that could not be undone
-	dirDirty bool  // a segment was created or removed since the last dir fsync
+	dirDirty bool   // a segment was created or removed since the last dir fsync
 	closed   bool
 	visiting bool // Open is calling opts.Visit
 }
