@@ -107,8 +107,9 @@ type Log struct {
 	last     uint64
 	size     int64
 	corrupt  error
-	err      error // sticky error after a failed write that could not be undone
-	dirDirty bool  // a segment was created or removed since the last dir fsync
+	tailLast uint64 // highest readable seq past damage in the last segment
+	err      error  // sticky error after a failed write that could not be undone
+	dirDirty bool   // a segment was created or removed since the last dir fsync
 	closed   bool
 	visiting bool // Open is calling opts.Visit
 }
@@ -152,6 +153,11 @@ func Open(dir string, opts Options) (*Log, error) {
 		l.size += seg.size
 		if seg.last != 0 {
 			l.last = seg.last
+		}
+		if l.tailLast > l.last {
+			// Damage in the last segment: new records go after the
+			// readable ones past it, never under their seqs.
+			l.last = l.tailLast
 		}
 	}
 	l.visiting = false
@@ -222,6 +228,20 @@ func (l *Log) openSegment(first uint64, isLast bool) (*segment, error) {
 		return nil, err
 	}
 	seg.size = end
+	if badErr != nil && isLast {
+		// A torn tail is an incomplete final write: nothing readable
+		// follows it. A bad record with good ones after it is damage, and
+		// cutting there would silently drop acknowledged records.
+		prev := seg.last
+		if prev == 0 {
+			prev = first - 1
+		}
+		if at, last, ok := findRecordAfter(f, first, end, prev); ok {
+			l.setCorrupt(seg, end, fmt.Errorf("%w: segment %s offset %d: %v; readable records follow at offset %d (seq %d)", ErrCorrupt, segName(first), end, badErr, at, last))
+			l.tailLast = last
+			badErr = nil
+		}
+	}
 	if badErr != nil {
 		if isLast {
 			st, _ := f.Stat()
@@ -299,6 +319,45 @@ func scanSegment(f *os.File, first uint64, fn func(*rebound.Record, Location, in
 		off += n
 	}
 	return off, nil, nil
+}
+
+// findRecordAfter looks for a good record past a bad one at off: a frame
+// whose checksum holds and whose seq follows prev. It returns the first
+// such record's offset and the seq of the last good record of the run that
+// starts there. Only Open calls it, on a bad record in the last segment.
+func findRecordAfter(f *os.File, first uint64, off int64, prev uint64) (at int64, last uint64, ok bool) {
+	st, err := f.Stat()
+	if err != nil {
+		return 0, 0, false
+	}
+	size := st.Size()
+	r := newBufReader(f, size)
+	for o := off + 1; o+frameSize+fixedSize <= size; o++ {
+		h, err := r.bytes(o, frameSize+fixedSize)
+		if err != nil {
+			return 0, 0, false
+		}
+		// Cheap tests first: a plausible length and a seq after prev.
+		plen := binary.LittleEndian.Uint32(h[0:4])
+		seq := binary.LittleEndian.Uint64(h[frameSize:])
+		if plen < fixedSize || plen > maxPayload || o+frameSize+int64(plen) > size || seq <= prev || seq-prev > 1<<32 {
+			continue
+		}
+		rec, _, n, bad := r.record(first, o, false)
+		if bad != nil {
+			continue
+		}
+		last = rec.Seq
+		for p := o + n; p < size; p += n {
+			next, _, m, bad := r.record(first, p, false)
+			if bad != nil || next.Seq <= last {
+				break
+			}
+			last, n = next.Seq, m
+		}
+		return o, last, true
+	}
+	return 0, 0, false
 }
 
 // bufReader reads records from a segment file through a read-ahead buffer.
@@ -682,6 +741,72 @@ func (l *Log) TruncateFront(seq uint64) error {
 		}
 	}
 	return nil
+}
+
+// DropCorrupt cuts the log at its first damaged record: the segment holding
+// it keeps its good prefix, and it and every later segment lose the rest.
+// It returns the seqs dropped, from..to (from > to when none), and clears
+// Corrupt, so appends continue at LastSeq()+1. The caller must get what the
+// dropped records held back from elsewhere: the journal resyncs them from
+// the source.
+func (l *Log) DropCorrupt() (from, to uint64, err error) {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return 0, 0, ErrClosed
+	}
+	i := 0
+	for i < len(l.segs) && l.segs[i].corrupt == nil {
+		i++
+	}
+	if i == len(l.segs) {
+		l.mu.Unlock()
+		return l.last + 1, l.last, nil
+	}
+	oldLast := l.last
+	seg := l.segs[i]
+	var drop []*segment
+	if seg.last == 0 {
+		drop = l.segs[i:] // nothing good in it: it goes too
+		l.segs = l.segs[:i]
+	} else {
+		if err := seg.f.Truncate(seg.size); err != nil {
+			l.mu.Unlock()
+			return 0, 0, fmt.Errorf("wal: drop corrupt: %w", err)
+		}
+		if err := seg.f.Sync(); err != nil {
+			l.mu.Unlock()
+			return 0, 0, fmt.Errorf("wal: drop corrupt: %w", err)
+		}
+		drop = l.segs[i+1:]
+		l.segs = l.segs[:i+1]
+		seg.corrupt, seg.next = nil, 0
+	}
+	for _, s := range drop {
+		if err := os.Remove(s.path); err != nil && !os.IsNotExist(err) {
+			l.mu.Unlock()
+			return 0, 0, fmt.Errorf("wal: drop corrupt: %w", err)
+		}
+		s.removed = true
+		l.size -= s.size
+	}
+	l.last = 0
+	if n := len(l.segs); n > 0 {
+		l.segs[n-1].next = 0
+		l.last = l.segs[n-1].last
+	}
+	l.corrupt, l.tailLast = nil, 0
+	l.dirDirty = true
+	newLast := l.last
+	l.mu.Unlock()
+	for _, s := range drop {
+		l.release(s)
+	}
+	if err := fsutil.SyncDir(l.dir); err != nil {
+		return 0, 0, fmt.Errorf("wal: drop corrupt: %w", err)
+	}
+	l.logger.Warn("wal: dropped records at and after damage", "dir", l.dir, "from", newLast+1, "to", oldLast)
+	return newLast + 1, oldLast, nil
 }
 
 // Close closes the log. Readers still open keep their segment files until

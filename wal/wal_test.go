@@ -460,3 +460,109 @@ func BenchmarkAppend(b *testing.B) {
 		}
 	}
 }
+
+// A bad record in the last segment with good ones after it is damage, not a
+// torn tail: Open keeps the file, reports it, and serves nothing past it.
+func TestDamagedLastSegment(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(9, 10))
+	l, _ := Open(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
+	want := fill(t, l, 1, 60, rng)
+	l.Close()
+	files := segFiles(t, dir)
+	if len(files) != 1 {
+		t.Fatalf("%d segments", len(files))
+	}
+	victim := files[0]
+	b, _ := os.ReadFile(victim)
+	b[len(b)/2] ^= 0x20
+	os.WriteFile(victim, b, 0o644)
+
+	l, err := Open(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(l.Corrupt(), ErrCorrupt) {
+		t.Fatalf("Corrupt() = %v, want damage reported", l.Corrupt())
+	}
+	if st, _ := os.Stat(victim); st.Size() != int64(len(b)) {
+		t.Fatalf("damaged last segment was truncated to %d of %d bytes", st.Size(), len(b))
+	}
+	if l.LastSeq() != 60 {
+		t.Fatalf("LastSeq %d, want 60 (the readable records past the damage)", l.LastSeq())
+	}
+	got, err := readAll(t, l, 0)
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("reader err %v", err)
+	}
+	if len(got) == 0 || len(got) >= 60 {
+		t.Fatalf("read %d records", len(got))
+	}
+	checkRecs(t, got, want[:len(got)])
+	good := got[len(got)-1].Seq
+
+	// New records go after the readable ones, and a reopen still sees the
+	// damage, now in a middle segment.
+	fill(t, l, 61, 5, rng)
+	l.Close()
+	l, err = Open(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
+	if err != nil || !errors.Is(l.Corrupt(), ErrCorrupt) || l.LastSeq() != 65 {
+		t.Fatalf("reopen: %v %v last %d", err, l.Corrupt(), l.LastSeq())
+	}
+
+	// DropCorrupt cuts at the damage: everything after the good prefix goes.
+	from, to, err := l.DropCorrupt()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if from != good+1 || to != 65 || l.LastSeq() != good || l.Corrupt() != nil {
+		t.Fatalf("DropCorrupt %d..%d, last %d, corrupt %v; want %d..65", from, to, l.LastSeq(), l.Corrupt(), good+1)
+	}
+	if _, err := l.Append(mkRec(good+1, rng)); err != nil {
+		t.Fatalf("append after drop: %v", err)
+	}
+	l.Close()
+	l, err = Open(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
+	if err != nil || l.Corrupt() != nil || l.LastSeq() != good+1 {
+		t.Fatalf("reopen after drop: %v %v last %d", err, l.Corrupt(), l.LastSeq())
+	}
+	got, err = readAll(t, l, 0)
+	if err != nil || len(got) != int(good+1) {
+		t.Fatalf("after drop read %d records: %v", len(got), err)
+	}
+	checkRecs(t, got[:good], want[:good])
+	l.Close()
+}
+
+// DropCorrupt on damage in an older segment removes it and every later one
+// and keeps the older segments whole.
+func TestDropCorruptMiddle(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(11, 12))
+	l, _ := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	want := fill(t, l, 1, 100, rng)
+	l.Close()
+	files := segFiles(t, dir)
+	b, _ := os.ReadFile(files[1])
+	b[len(b)/2] ^= 0x01
+	os.WriteFile(files[1], b, 0o644)
+	l, _ = Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	defer l.Close()
+	got, _ := readAll(t, l, 0)
+	good := got[len(got)-1].Seq
+	from, to, err := l.DropCorrupt()
+	if err != nil || from != good+1 || to != 100 || l.LastSeq() != good {
+		t.Fatalf("DropCorrupt %d..%d %v, last %d; want %d..100", from, to, err, l.LastSeq(), good+1)
+	}
+	if n := len(segFiles(t, dir)); n != 2 {
+		t.Fatalf("%d segments left, want 2", n)
+	}
+	got, err = readAll(t, l, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRecs(t, got, want[:good])
+	if from, to, _ := l.DropCorrupt(); from <= to {
+		t.Fatalf("second DropCorrupt dropped %d..%d", from, to)
+	}
+}
