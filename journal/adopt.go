@@ -33,7 +33,7 @@ func Adopt(dir string, disks []rebound.Disk, paths []string) error {
 	if ents, err := os.ReadDir(filepath.Join(dir, walDir)); err == nil && len(ents) > 0 {
 		return rebound.Errorf(rebound.ECONFLICT, "journal: %s holds a wal without a journal; remove it before adopting disks", dir)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("journal: adopt: %w", err)
 	}
 	// Check everything before moving anything.

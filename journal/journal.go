@@ -144,7 +144,7 @@ func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
 	if j.logger == nil {
 		j.logger = slog.Default()
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
 	m, err := readMeta(dir)
@@ -160,7 +160,7 @@ func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
 	j.disks = m.Disks
 	j.meta = m
 	for i, d := range j.disks {
-		f, err := os.OpenFile(filepath.Join(dir, baseName(i)), os.O_RDWR|os.O_CREATE, 0o644)
+		f, err := os.OpenFile(filepath.Join(dir, baseName(i)), os.O_RDWR|os.O_CREATE, 0o600)
 		if err != nil {
 			j.closeFiles()
 			return nil, fmt.Errorf("journal: %w", err)
@@ -242,7 +242,7 @@ func writeMeta(dir string, m meta) error {
 	if err != nil {
 		return err
 	}
-	if err := fsutil.WriteFileAtomic(filepath.Join(dir, metaFile), b, 0o644); err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(dir, metaFile), b, 0o600); err != nil {
 		return fmt.Errorf("journal: write meta: %w", err)
 	}
 	return nil

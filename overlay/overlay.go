@@ -85,10 +85,10 @@ func Open(path string, base Base, size int64) (*Disk, error) {
 		return nil, rebound.Errorf(rebound.EINVALID, "overlay %s: data or map file missing or unreadable (data: %v, map: %v)", path, derr, merr)
 	}
 	var err error
-	if d.data, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644); err != nil {
+	if d.data, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600); err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
-	if d.mapf, err = os.OpenFile(path+".map", os.O_RDWR|os.O_CREATE, 0o644); err != nil {
+	if d.mapf, err = os.OpenFile(path+".map", os.O_RDWR|os.O_CREATE, 0o600); err != nil {
 		d.data.Close()
 		return nil, fmt.Errorf("overlay: %w", err)
 	}

@@ -174,7 +174,7 @@ func (d *Driver) Start(ctx context.Context, cfg VMConfig) (*VM, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, err
 	}
 	if v, err := Attach(cfg); err == nil {
@@ -191,7 +191,7 @@ func (d *Driver) Start(ctx context.Context, cfg VMConfig) (*VM, error) {
 	// Keep the previous boot's console; the new one starts empty so
 	// readers do not see an old boot's lines.
 	os.Rename(filepath.Join(cfg.Dir, ConsoleLog), filepath.Join(cfg.Dir, ConsoleLog+".1"))
-	logf, err := os.OpenFile(filepath.Join(cfg.Dir, QEMULog), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	logf, err := os.OpenFile(filepath.Join(cfg.Dir, QEMULog), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
 		return nil, err
 	}

@@ -78,7 +78,7 @@ func (s *Site) CreateMachine(ctx context.Context, req rebound.SiteMachine) error
 	if len(req.Disks) == 0 {
 		return rebound.Errorf(rebound.EINVALID, "a machine needs at least one disk")
 	}
-	if err := os.MkdirAll(s.machineDir(req.Name), 0o755); err != nil {
+	if err := os.MkdirAll(s.machineDir(req.Name), 0o700); err != nil {
 		return err
 	}
 	disks, err := s.importDisks(ctx, req)
@@ -222,7 +222,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		} else {
 			_ = journal.Remove(dir)
 		}
-		if err := os.MkdirAll(s.machineDir(spec.Machine), 0o755); err != nil {
+		if err := os.MkdirAll(s.machineDir(spec.Machine), 0o700); err != nil {
 			return err
 		}
 		j, err := journal.Open(dir, spec.Disks, journal.Options{})
@@ -528,7 +528,7 @@ func (s *Site) activate(m *machine, spec rebound.ActivateSpec) (*activation, err
 	}
 	a := &activation{spec: spec, view: view}
 	dir := s.activationDir(m.state.Name, spec.Test)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		a.close()
 		return nil, err
 	}

@@ -174,7 +174,7 @@ func (s *Site) SetAddrs(nbdAddr, replAddr string) {
 // Open loads the site's state from its data directory and reopens every
 // machine's disks, streams and journals.
 func (s *Site) Open() error {
-	if err := os.MkdirAll(filepath.Join(s.cfg.DataDir, "machines"), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(s.cfg.DataDir, "machines"), 0o700); err != nil {
 		return err
 	}
 	var states []machineState
@@ -243,7 +243,7 @@ func (s *Site) saveLocked() error {
 	if err != nil {
 		return err
 	}
-	return fsutil.WriteFileAtomic(s.statePath(), b, 0o644)
+	return fsutil.WriteFileAtomic(s.statePath(), b, 0o600)
 }
 
 // openMachine opens the files of m according to its persisted role.

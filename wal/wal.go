@@ -126,7 +126,7 @@ func Open(dir string, opts Options) (*Log, error) {
 	if l.logger == nil {
 		l.logger = slog.Default()
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("wal: %w", err)
 	}
 	names, err := listSegments(dir)
@@ -566,7 +566,7 @@ func (l *Log) cut(first uint64) (*segment, error) {
 	}
 	path := filepath.Join(l.dir, segName(first))
 	tmp := filepath.Join(l.dir, tmpPrefix+segName(first))
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("wal: create segment: %w", err)
 	}
