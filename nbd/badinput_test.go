@@ -382,3 +382,25 @@ func FuzzServerInput(f *testing.F) {
 		s.Close()
 	})
 }
+
+// TestBadClientsLogRate: 300 garbage connections make a handful of log
+// lines, not 300, and a good client still works.
+func TestBadClientsLogRate(t *testing.T) {
+	ts := startServer(t, exportSpec{Name: "d", Size: 1 << 20})
+	for range 300 {
+		nc, err := net.Dial("tcp", ts.tcp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		nc.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+		expectClosed(t, nc)
+		nc.Close()
+	}
+	if n := strings.Count(ts.logs.String(), "nbd handshake failed"); n == 0 || n > 5 {
+		t.Fatalf("300 bad handshakes logged %d lines, want 1..5:\n%s", n, ts.logs.String())
+	}
+	c := ts.dial(t, ts.tcpURI("d"))
+	if _, err := c.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+}

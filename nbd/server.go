@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/rebound-dr/rebound/internal/lograte"
 )
 
 // Backend is one disk served over NBD. Implementations must be safe for
@@ -59,6 +61,9 @@ type Server struct {
 	conns     map[*conn]struct{}
 	gen       map[string]uint64 // bumped by Disconnect, see conn.attach
 	wg        sync.WaitGroup
+	// badLog limits lines about clients that fail the handshake or send
+	// garbage: a scanner must not flood the log.
+	badLog lograte.Limiter
 }
 
 // handshakeTimeout bounds how long a client may take to pick an export;
@@ -250,7 +255,7 @@ func (c *conn) serve() {
 	e, err := c.handshake()
 	if err != nil {
 		if !errors.Is(err, errAbort) && !c.stopping.Load() {
-			c.log.Warn("nbd handshake failed", "err", err)
+			c.s.badLog.Warn(c.log, "nbd handshake failed", "err", err)
 		}
 		return
 	}
@@ -529,7 +534,7 @@ func (c *conn) transmit() {
 			return
 		}
 		if m := binary.BigEndian.Uint32(h[0:]); m != requestMagic {
-			c.log.Warn("nbd bad request magic, closing connection", "export", c.export.Name, "magic", fmt.Sprintf("%#x", m))
+			c.s.badLog.Warn(c.log, "nbd bad request magic, closing connection", "export", c.export.Name, "magic", fmt.Sprintf("%#x", m))
 			return
 		}
 		r := request{

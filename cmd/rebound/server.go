@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"net"
 	nethttp "net/http"
@@ -21,6 +22,7 @@ import (
 	"github.com/rebound-dr/rebound"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
 	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/internal/lograte"
 	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/server"
 	"github.com/rebound-dr/rebound/sqlite"
@@ -128,7 +130,11 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		Loop:    m.Service,
 		Power:   m.Service,
 	}
-	m.http = &nethttp.Server{Handler: api.Handler(), TLSConfig: tlsConf.Clone(), ReadHeaderTimeout: 10 * time.Second}
+	// Timeouts close slow and idle connections, authenticated or not;
+	// failed TLS handshakes are logged at a bounded rate.
+	m.http = &nethttp.Server{Handler: api.Handler(), TLSConfig: tlsConf.Clone(),
+		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: 2 * time.Minute,
+		ErrorLog: log.New(lograte.Writer{Limiter: &lograte.Limiter{}, Logger: m.Logger, Msg: "api connection error"}, "", 0)}
 	m.http.TLSConfig.ClientAuth = 0 // the API authenticates with bearer tokens
 
 	m.wg.Add(2)
