@@ -45,11 +45,26 @@ func ErrorCode(err error) string {
 }
 
 // ErrorMessage returns the operator-facing message of err.
+// The parts of a joined error (errors.Join) are each translated and
+// joined with "; ", so none of them is lost.
 func ErrorMessage(err error) string {
 	var e *Error
 	if err == nil {
 		return ""
-	} else if errors.As(err, &e) {
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var msg string
+		for _, part := range j.Unwrap() {
+			if m := ErrorMessage(part); m != "" {
+				if msg != "" {
+					msg += "; "
+				}
+				msg += m
+			}
+		}
+		return msg
+	}
+	if errors.As(err, &e) {
 		return e.Message
 	}
 	return err.Error()

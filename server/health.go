@@ -45,9 +45,16 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 }
 
 // SiteConnected is called when a site opens its control channel. It
-// records the site and finishes work that waited for it.
+// records the site and, in a goroutine the server owns (the site's answers
+// come on the channel whose handler calls this), finishes work that waited
+// for it. Close cancels that work and waits for it.
 func (s *Server) SiteConnected(name string) {
-	ctx := context.Background()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.goOwnedLocked(func(ctx context.Context) { s.siteConnected(ctx, name) })
+}
+
+func (s *Server) siteConnected(ctx context.Context, name string) {
 	s.event("", name, "site.connected", "site "+name+" connected")
 	s.metrics.siteUp.WithLabelValues(name).Set(1)
 	site, err := s.site(name)

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"strconv"
@@ -489,8 +490,7 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 			r.Message("stopping the VM at %s (%s)", from, state)
 			if err := src.Power(ctx, m.Name, state, false); err != nil {
 				if req.Planned {
-					_ = s.setState(context.Background(), m.Name, rebound.MachineProtected)
-					return fmt.Errorf("shut down the VM at %s: %w", from, err)
+					return s.rollbackFailover(m.Name, from, nil, fmt.Errorf("shut down the VM at %s: %w", from, err))
 				}
 				r.Message("VM at %s not stopped: %s", from, rebound.ErrorMessage(err))
 			}
@@ -498,20 +498,12 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 		var fenced bool
 		point, err := s.drainAndResolve(ctx, r, m.Name, req, src, dst, &fenced)
 		if err != nil {
-			_ = s.setState(context.Background(), m.Name, rebound.MachineProtected)
-			if src != nil {
-				_ = src.Unfence(context.Background(), m.Name)
-			}
-			return err
+			return s.rollbackFailover(m.Name, from, src, err)
 		}
 		r.Step("activate")
 		disks, err := dst.Activate(ctx, rebound.ActivateSpec{Machine: m.Name, PointID: point.ID, Seq: point.Seq})
 		if err != nil {
-			_ = s.setState(context.Background(), m.Name, rebound.MachineProtected)
-			if src != nil {
-				_ = src.Unfence(context.Background(), m.Name)
-			}
-			return err
+			return s.rollbackFailover(m.Name, from, src, err)
 		}
 		r.SetResult(point)
 		r.Message("machine active at %s on point %s (%s)", to, point.ID, point.Time.Format(time.RFC3339Nano))
@@ -536,6 +528,32 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 		}
 		return nil
 	})
+}
+
+// rollbackFailover undoes a failover that failed before it activated: the
+// machine is protected again and its source (if reached) serves again. It
+// returns cause joined with what the undo could not do, which is also
+// logged and recorded as an event: the operator must know the source may
+// still be fenced.
+func (s *Server) rollbackFailover(name, from string, src rebound.SiteService, cause error) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var errs []error
+	if err := s.setState(ctx, name, rebound.MachineProtected); err != nil {
+		errs = append(errs, fmt.Errorf("roll back: mark %s protected again: %w", name, err))
+	}
+	if src != nil {
+		if err := src.Unfence(ctx, name); err != nil {
+			errs = append(errs, fmt.Errorf("roll back: serve %s at %s again (it is served again when the site reconnects): %w", name, from, err))
+		}
+	}
+	if len(errs) == 0 {
+		return cause
+	}
+	undo := errors.Join(errs...)
+	s.Logger.Error("failover rollback incomplete", "machine", name, "err", undo)
+	s.event(name, from, "failover.rollback", "failover rollback incomplete: "+rebound.ErrorMessage(undo))
+	return errors.Join(cause, undo)
 }
 
 func setDisks(m *rebound.Machine, disks []rebound.Disk) {

@@ -40,11 +40,22 @@ type Server struct {
 
 	mu       sync.Mutex
 	busy     map[string]string // machine -> running job ID
-	cancels  map[string]context.CancelFunc
+	running  map[string]*runningJob
 	statuses map[string]*rebound.SiteStatus // last report per site
+	closed   bool                           // no goroutine starts after Close
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
+
+	// StepHook, if set, is called by a job as it enters each step, with the
+	// job's context; tests block a job inside a step with it.
+	StepHook func(ctx context.Context, job *rebound.Job, step string)
+}
+
+// runningJob is a job's goroutine as CancelJob sees it.
+type runningJob struct {
+	cancel context.CancelFunc
+	done   chan struct{} // closed once the job's state is saved
 }
 
 var _ rebound.Service = (*Server)(nil)
@@ -63,7 +74,7 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 		s.WaitTimeout = 2 * time.Minute
 	}
 	s.busy = map[string]string{}
-	s.cancels = map[string]context.CancelFunc{}
+	s.running = map[string]*runningJob{}
 	s.statuses = map[string]*rebound.SiteStatus{}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.metrics = newMetrics(reg)
@@ -82,13 +93,32 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 	return nil
 }
 
-// Close cancels running jobs and waits for them.
+// Close cancels running jobs and the server's other goroutines and waits
+// for them.
 func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
 	if s.cancel != nil {
 		s.cancel()
 	}
 	s.wg.Wait()
 	return nil
+}
+
+// goOwnedLocked runs fn in a goroutine Close waits for, with the server's
+// context; it returns false (and runs nothing) once Close has begun.
+// s.mu must be held.
+func (s *Server) goOwnedLocked(fn func(ctx context.Context)) bool {
+	if s.closed || s.ctx == nil {
+		return false
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		fn(s.ctx)
+	}()
+	return true
 }
 
 // site returns a connected site or an unavailable error that says how to fix it.
@@ -104,6 +134,7 @@ func (s *Server) site(name string) (rebound.SiteService, error) {
 // jobRun is the handle a running job's function reports through.
 type jobRun struct {
 	s        *Server
+	ctx      context.Context
 	mu       sync.Mutex
 	job      rebound.Job
 	lastSave time.Time
@@ -111,6 +142,14 @@ type jobRun struct {
 
 // Step marks the current step done and starts the named one.
 func (r *jobRun) Step(name string) {
+	defer func() {
+		if h := r.s.StepHook; h != nil {
+			r.mu.Lock()
+			j := r.job
+			r.mu.Unlock()
+			h(r.ctx, &j, name)
+		}
+	}()
 	r.mu.Lock()
 	for i := range r.job.Steps {
 		if r.job.Steps[i].State == rebound.JobRunning {
@@ -183,25 +222,27 @@ func (s *Server) startJob(ctx context.Context, typ, machine string, steps []stri
 		job.Steps = append(job.Steps, rebound.JobStep{Name: name, State: rebound.JobQueued})
 	}
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "the server is shutting down; run the command again once it is back")
+	}
 	if id, ok := s.busy[machine]; ok && machine != "" {
-		s.mu.Unlock()
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q has job %s running; wait for it (rebound job wait %s) or cancel it", machine, id, id)
 	}
 	if err := s.DB.CreateJob(ctx, &job); err != nil {
-		s.mu.Unlock()
 		return nil, err
 	}
 	jctx, cancel := context.WithCancel(s.ctx)
 	if machine != "" {
 		s.busy[machine] = job.ID
 	}
-	s.cancels[job.ID] = cancel
-	s.mu.Unlock()
+	rj := &runningJob{cancel: cancel, done: make(chan struct{})}
+	s.running[job.ID] = rj
 
 	// The job goroutine owns r.job.Steps; the caller gets its own copy.
 	out := job
 	out.Steps = append([]rebound.JobStep(nil), job.Steps...)
-	r := &jobRun{s: s, job: job}
+	r := &jobRun{s: s, ctx: jctx, job: job}
 	s.event(machine, "", "job."+typ, fmt.Sprintf("job %s (%s) started", job.ID, typ))
 	s.wg.Add(1)
 	go func() {
@@ -211,8 +252,9 @@ func (s *Server) startJob(ctx context.Context, typ, machine string, steps []stri
 		s.finishJob(r, err, jctx.Err())
 		s.mu.Lock()
 		delete(s.busy, machine)
-		delete(s.cancels, job.ID)
+		delete(s.running, job.ID)
 		s.mu.Unlock()
+		close(rj.done)
 	}()
 	return &out, nil
 }
@@ -284,24 +326,26 @@ func (s *Server) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
 	return s.DB.GetJob(ctx, id)
 }
 
-// CancelJob cancels a running job; an ended job is returned unchanged.
+// CancelJob cancels a running job and returns it once it has ended (its
+// undo included), or as it is when ctx ends first; an ended job is
+// returned unchanged.
 func (s *Server) CancelJob(ctx context.Context, id string) (*rebound.Job, error) {
 	s.mu.Lock()
-	cancel, ok := s.cancels[id]
+	rj, ok := s.running[id]
 	s.mu.Unlock()
 	if ok {
-		cancel()
-		for i := 0; i < 100; i++ {
-			s.mu.Lock()
-			_, running := s.cancels[id]
-			s.mu.Unlock()
-			if !running {
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
+		rj.cancel()
+		t := time.NewTimer(time.Minute)
+		defer t.Stop()
+		select {
+		case <-rj.done:
+		case <-ctx.Done():
+			// The caller stopped waiting; the job still ends on its own.
+		case <-t.C:
+			// A step that does not heed its context: report it running.
 		}
 	}
-	return s.DB.GetJob(ctx, id)
+	return s.DB.GetJob(context.WithoutCancel(ctx), id)
 }
 
 // ListEvents returns recent events.

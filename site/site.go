@@ -104,6 +104,7 @@ type machine struct {
 	stream   *capture.Stream     // RoleSource
 	stop     context.CancelFunc  // stops the source's sender and tickers
 	sender   *rgrpc.Sender
+	sent     chan struct{} // closed when the sender's goroutine has returned
 
 	vm, testVM *qemu.VM    // qemu machines: the VM here, the test failover's VM
 	live       []*liveDisk // what NBD connections hold (see liveDisk)
@@ -365,9 +366,12 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 		SourceSite: s.cfg.Name, Source: stream,
 	}
 	sender := m.sender
+	sent := make(chan struct{})
+	m.sent = sent
 	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()
+		defer close(sent)
 		if err := sender.Run(ctx); err != nil && ctx.Err() == nil {
 			s.logger.Error("replication sender stopped", "machine", st.Name, "err", err)
 		}
@@ -418,11 +422,18 @@ func (s *Site) cutPoints(ctx context.Context, name string, stream *capture.Strea
 	}
 }
 
-// stopSource stops the sender and tickers and closes the stream.
+// stopSource stops the sender and tickers and closes the stream. It waits
+// for the sender to return, so no send of the old stream reaches the peer
+// after it (a new stream or a stopped target). The tickers are not waited
+// for: an app-consistent cut takes s.mu, which the caller holds.
 func (s *Site) stopSource(m *machine) error {
 	if m.stop != nil {
 		m.stop()
 		m.stop = nil
+	}
+	if m.sent != nil {
+		<-m.sent
+		m.sent = nil
 	}
 	var err error
 	if m.stream != nil {

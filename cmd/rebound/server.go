@@ -98,7 +98,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	m.Control = &rgrpc.ControlServer{}
 	m.Service = &server.Server{DB: m.DB, Site: m.Control.Site, Logger: m.Logger, CAFingerprint: m.CA.Fingerprint()}
 	m.Control.OnReport = m.Service.SiteReport
-	m.Control.OnConnect = func(site string) { go m.Service.SiteConnected(site) }
+	m.Control.OnConnect = m.Service.SiteConnected // runs its work in a goroutine the server owns
 	m.Control.OnDisconnect = m.Service.SiteDisconnected
 	if err := m.Service.Open(reg); err != nil {
 		return err
