@@ -95,7 +95,9 @@ type Protection struct {
 	Policy     string `json:"policy"`
 	// Replication state as the source site reports it: "syncing",
 	// "streaming", "spooling" (peer unreachable, spool below its bound),
-	// "overflow" (spool full, only a dirty-region map kept) or "resyncing".
+	// "overflow" (spool full, only a dirty-region map kept) or "resyncing";
+	// "stopped" once the machine failed over (the stream replicates
+	// nothing until a commit and reprotect, or a cancel).
 	ReplState     string    `json:"replState,omitempty"`
 	SyncProgress  float64   `json:"syncProgress,omitempty"` // 0..1 during initial copy
 	LagSeconds    float64   `json:"lagSeconds"`

@@ -277,7 +277,7 @@ type (
 )
 
 // Preflight operations a client may ask for; "" lets the server choose.
-var preflightOps = map[string]bool{"": true, "failover": true, "failback": true, "reprotect": true}
+var preflightOps = map[string]bool{"": true, "failover": true, "failback": true, "reprotect": true, "commit": true, "protect": true}
 
 func (s *Server) loop(what string) (rebound.LoopService, error) {
 	if s.Loop == nil {
@@ -321,7 +321,7 @@ func (s *Server) preflight(w http.ResponseWriter, r *http.Request) error {
 	}
 	op := r.URL.Query().Get("operation")
 	if !preflightOps[op] {
-		return rebound.Errorf(rebound.EINVALID, "operation must be failover, failback or reprotect, not %q", op)
+		return rebound.Errorf(rebound.EINVALID, "operation must be protect, failover, failback, commit or reprotect, not %q", op)
 	}
 	rep, err := l.Preflight(r.Context(), r.PathValue("name"), op)
 	if err != nil {

@@ -170,7 +170,7 @@ func (j *Journal) Resolve(selector string) (rebound.RecoveryPoint, error) {
 			return none, rebound.Errorf(rebound.EINVALID, "invalid point ID %q", sel)
 		}
 		if s < j.base || s > j.durable.Load() {
-			return none, rebound.Errorf(rebound.ENOTFOUND, "point %s is not retained (journal holds positions %d to %d)", sel, j.base, j.durable.Load())
+			return none, rebound.Errorf(rebound.ENOTFOUND, "point %s is not retained (retained positions: %d to %d)", sel, j.base, j.durable.Load())
 		}
 		if !j.consistent(s) {
 			return none, rebound.Errorf(rebound.ENOTFOUND, "point %s is inside a resync window and is not consistent", sel)

@@ -44,6 +44,20 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	return m
 }
 
+// forgetReplication drops a machine's replication series: it is not
+// replicated (any more), and a stale lag would read as a live one.
+func (m *metrics) forgetReplication(machine string) {
+	for _, g := range []*prometheus.GaugeVec{m.lag, m.backlog, m.dirty, m.throughput} {
+		g.DeleteLabelValues(machine)
+	}
+}
+
+// forget drops every series of a deleted machine.
+func (m *metrics) forget(machine string) {
+	m.forgetReplication(machine)
+	m.health.DeleteLabelValues(machine)
+}
+
 // SiteConnected is called when a site opens its control channel. It
 // records the site and, in a goroutine the server owns (the site's answers
 // come on the channel whose handler calls this), finishes work that waited
@@ -173,7 +187,9 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 			if p == nil {
 				return
 			}
-			if ms.Role == "source" && p.SourceSite == name {
+			// A failed-over machine's old source is fenced: its figures
+			// describe a stream that no longer replicates anything.
+			if ms.Role == "source" && p.SourceSite == name && m.State != rebound.MachineFailedOver {
 				p.ReplState, p.LagSeconds, p.BacklogBytes = ms.ReplState, ms.LagSeconds, ms.BacklogBytes
 				p.DirtyBytes, p.ThroughputBps, p.ReportedAt = ms.DirtyBytes, ms.ThroughputBps, st.Time
 				if ms.SyncTotal > 0 && m.State == rebound.MachineSyncing {
@@ -195,10 +211,25 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 	}
 }
 
-// setHealth derives a machine's health from its replication figures.
+// setHealth derives a machine's health from its state and replication
+// figures. A machine that has no working replication it should have (failed
+// over, or unprotected after a committed failover) is a warning whose
+// reason names the command that protects it again.
 func (s *Server) setHealth(ctx context.Context, m *rebound.Machine) {
 	health, reason := rebound.HealthNormal, ""
+	replicated := false
+	switch m.State {
+	case rebound.MachineFailedOver:
+		health, reason = rebound.HealthWarning, "replication stopped: "+nextStep(m)
+	case rebound.MachineFailingOver:
+		health, reason = rebound.HealthWarning, "replication stopped: failing over"
+	case rebound.MachineUnprotected:
+		if m.PreviousSite != "" && m.PreviousSite != m.ActiveSite {
+			health, reason = rebound.HealthWarning, fmt.Sprintf("unprotected: run rebound reprotect %s", m.Name)
+		}
+	}
 	if p := m.Protection; p != nil && (m.State == rebound.MachineProtected || m.State == rebound.MachineSyncing) {
+		replicated = true
 		pol, err := s.DB.GetPolicy(ctx, p.Policy)
 		threshold := 30 * time.Second
 		if err == nil && pol.RPOThreshold > 0 {
@@ -223,6 +254,9 @@ func (s *Server) setHealth(ctx context.Context, m *rebound.Machine) {
 	}
 	m.Health, m.HealthReason = health, reason
 	s.metrics.health.WithLabelValues(m.Name).Set(map[string]float64{rebound.HealthNormal: 0, rebound.HealthWarning: 1, rebound.HealthCritical: 2}[health])
+	if !replicated {
+		s.metrics.forgetReplication(m.Name)
+	}
 }
 
 func (s *Server) siteOffline(ctx context.Context, name string) bool {

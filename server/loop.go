@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,14 +57,23 @@ func (s *Server) Failback(ctx context.Context, req rebound.FailoverRequest) (*re
 	if req.Point == "" {
 		req.Planned = true
 	}
-	m, err := s.protection(ctx, req.Machine)
+	m, err := s.DB.GetMachine(ctx, req.Machine)
 	if err != nil {
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is not protected back to another site: run rebound reprotect %s first", req.Machine, req.Machine)
+		return nil, err
 	}
-	if m.State == rebound.MachineFailedOver && m.Failover != nil {
-		return s.doneJob(ctx, "failback", m.Name, fmt.Sprintf("machine %s is already failed over to %s at point %s; commit it", m.Name, m.Failover.ToSite, m.Failover.Point.ID))
+	if err := s.checkIdle(m.Name); err != nil {
+		return nil, err
 	}
-	return s.failover(ctx, req, "failback")
+	switch {
+	case m.State == rebound.MachineProtected && !isFailback(m):
+		// Protected in its first direction: nothing to come back from.
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %s has not failed over, so there is nothing to fail back from; %s", m.Name, nextStep(m))
+	case m.State == rebound.MachineProtected, m.State == rebound.MachineFailingOver && m.Protection != nil:
+		return s.failover(ctx, req, "failback")
+	}
+	// A failed-over (uncommitted) machine is a conflict, not a success: a
+	// failback needs the failover committed and reprotected first.
+	return nil, stateConflict(m, "fail back")
 }
 
 // readiness checks that the machine's active site, the capture side of a
@@ -119,12 +129,10 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		return s.resumeReprotect(ctx, m)
 	}
 	switch {
-	case m.State == rebound.MachineFailedOver:
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is failed over but not committed: commit it first (rebound commit %s), or cancel the failover", m.Name, m.Name)
 	case m.State != rebound.MachineUnprotected:
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; reprotect needs a machine active at one site and not protected", m.Name, m.State)
+		return nil, stateConflict(m, "be reprotected")
 	case target == "":
-		return nil, rebound.Errorf(rebound.EINVALID, "machine %q has no previous site: name the target with --to", m.Name)
+		return nil, rebound.Errorf(rebound.EINVALID, "machine %s has never failed over, so it has no previous site: name the target (rebound reprotect %s --to SITE) or protect it (rebound protect %s --to SITE)", m.Name, m.Name, m.Name)
 	case target == m.ActiveSite:
 		return nil, rebound.Errorf(rebound.EINVALID, "machine %q is active at %s; reprotect it to another site", m.Name, target)
 	case req.Keep != "" && req.Keep != target && req.Keep != m.ActiveSite:
@@ -492,30 +500,71 @@ func (r *jobRun) setBytes(compared, sent, total int64) {
 	r.save(true)
 }
 
-// Preflight runs the checks of an operation without changing anything.
+// Preflight operations.
+const (
+	opProtect   = "protect"
+	opFailover  = "failover"
+	opFailback  = "failback"
+	opCommit    = "commit"
+	opReprotect = "reprotect"
+)
+
+// nextOperation is the operation a machine's state allows next: what a
+// bare preflight checks.
+func nextOperation(m *rebound.Machine) string {
+	switch m.State {
+	case rebound.MachineFailedOver:
+		return opCommit
+	case rebound.MachineUnprotected:
+		if m.PreviousSite != "" && m.PreviousSite != m.ActiveSite {
+			return opReprotect
+		}
+		return opProtect
+	}
+	if isFailback(m) {
+		return opFailback
+	}
+	return opFailover
+}
+
+// Preflight runs the checks of an operation without changing anything;
+// without one, of the operation the machine's state allows next.
 func (s *Server) Preflight(ctx context.Context, name, op string) (*rebound.PreflightReport, error) {
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
 		return nil, err
 	}
 	if op == "" {
-		switch {
-		case m.State == rebound.MachineUnprotected:
-			op = "reprotect"
-		case m.ActiveSite != m.HomeSite:
-			op = "failback"
-		default:
-			op = "failover"
+		op = nextOperation(m)
+	}
+	// An operation the state does not allow fails one check that says
+	// what comes next.
+	wrongState := func(ok bool, verb string) *rebound.PreflightReport {
+		if ok {
+			return nil
 		}
+		return &rebound.PreflightReport{Machine: name, Operation: op, Checks: []rebound.PreflightCheck{{Name: "state",
+			Message: rebound.ErrorMessage(stateConflict(m, verb))}}}
 	}
 	switch op {
-	case "reprotect":
-		if m.State != rebound.MachineUnprotected {
-			return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; reprotect needs an unprotected machine", name, m.State)
+	case opProtect:
+		if rep := wrongState(m.State == rebound.MachineUnprotected, "be protected"); rep != nil {
+			return rep, nil
+		}
+		return s.protectPreflight(ctx, m), nil
+	case opCommit:
+		if rep := wrongState(m.State == rebound.MachineFailedOver && m.Failover != nil, "commit"); rep != nil {
+			return rep, nil
+		}
+		return s.commitPreflight(ctx, m), nil
+	case opReprotect:
+		if rep := wrongState(m.State == rebound.MachineUnprotected, "be reprotected"); rep != nil {
+			return rep, nil
 		}
 		target := m.PreviousSite
-		if target == "" {
-			return nil, rebound.Errorf(rebound.EINVALID, "machine %q has no previous site to reprotect to", name)
+		if target == "" || target == m.ActiveSite {
+			return &rebound.PreflightReport{Machine: name, Operation: op, Checks: []rebound.PreflightCheck{{Name: "previous site",
+				Message: fmt.Sprintf("machine %s has never failed over, so it has no previous site to reprotect to; %s", name, nextStep(m))}}}, nil
 		}
 		rep := &rebound.PreflightReport{Machine: name, Operation: op, OK: true}
 		src, serr := s.site(m.ActiveSite)
@@ -529,14 +578,70 @@ func (s *Server) Preflight(ctx context.Context, name, op string) (*rebound.Prefl
 		}
 		rep, _, err := s.reprotectPlan(ctx, m, m.ActiveSite, target, rebound.ReprotectRequest{Machine: name}, src, dst)
 		return rep, err
-	case "failover", "failback":
-		if m.Protection == nil || m.State != rebound.MachineProtected {
-			return &rebound.PreflightReport{Machine: name, Operation: op, Checks: []rebound.PreflightCheck{{Name: "protected",
-				Message: fmt.Sprintf("machine %s is %s; %s needs a protected machine", name, m.State, op)}}}, nil
+	case opFailover, opFailback:
+		verb := map[string]string{opFailover: "fail over", opFailback: "fail back"}[op]
+		if rep := wrongState(m.Protection != nil && m.State == rebound.MachineProtected, verb); rep != nil {
+			return rep, nil
 		}
 		return s.failoverPreflight(ctx, m, op), nil
 	}
-	return nil, rebound.Errorf(rebound.EINVALID, "unknown operation %q: use failover, failback or reprotect", op)
+	return nil, rebound.Errorf(rebound.EINVALID, "unknown operation %q: use protect, failover, failback, commit or reprotect", op)
+}
+
+// protectPreflight checks a protect of an unprotected machine: its site is
+// connected and another site is there to protect it to.
+func (s *Server) protectPreflight(ctx context.Context, m *rebound.Machine) *rebound.PreflightReport {
+	rep := &rebound.PreflightReport{Machine: m.Name, Operation: opProtect, OK: true}
+	add := func(n string, ok bool, msg string) {
+		rep.Checks = append(rep.Checks, rebound.PreflightCheck{Name: n, OK: ok, Message: msg})
+		rep.OK = rep.OK && ok
+	}
+	_, err := s.site(m.ActiveSite)
+	add("capture side", err == nil, msgOr(err, "site "+m.ActiveSite+" is connected"))
+	var others []string
+	if sites, err := s.DB.ListSites(ctx); err == nil {
+		for _, st := range sites {
+			if st.Name == m.ActiveSite {
+				continue
+			}
+			if _, err := s.site(st.Name); err == nil {
+				others = append(others, st.Name)
+			}
+		}
+	}
+	if len(others) == 0 {
+		add("recovery site", false, "no other site is connected to protect "+m.Name+" to: start one (rebound site --name NAME ...)")
+	} else {
+		add("recovery site", true, fmt.Sprintf("connected: %s; rebound protect %s --to %s", strings.Join(others, ", "), m.Name, others[0]))
+	}
+	return rep
+}
+
+// commitPreflight checks a commit of a failed-over machine: the recovery
+// site is reachable and has room for the flattened disks.
+func (s *Server) commitPreflight(ctx context.Context, m *rebound.Machine) *rebound.PreflightReport {
+	rep := &rebound.PreflightReport{Machine: m.Name, Operation: opCommit, OK: true}
+	add := func(n string, ok bool, msg string) {
+		rep.Checks = append(rep.Checks, rebound.PreflightCheck{Name: n, OK: ok, Message: msg})
+		rep.OK = rep.OK && ok
+	}
+	fo := m.Failover
+	add("failover", true, fmt.Sprintf("failed over from %s to %s at point %s", fo.FromSite, fo.ToSite, fo.Point.ID))
+	_, err := s.site(fo.ToSite)
+	add("peer reachable", err == nil, msgOr(err, "recovery site "+fo.ToSite+" is connected"))
+	if _, err := s.site(fo.FromSite); err != nil {
+		add("source reachable", true, "source site "+fo.FromSite+" is not connected: it is released when it reconnects")
+	} else {
+		add("source reachable", true, "source site "+fo.FromSite+" is connected: its disks are kept, released, as the base of a reprotect")
+	}
+	var need int64
+	for _, d := range m.Disks {
+		need += d.Size
+	}
+	if st, err := s.DB.GetSite(ctx, fo.ToSite); err == nil && st.FreeBytes > 0 {
+		add("target space", st.FreeBytes >= need, fmt.Sprintf("%s free at %s, %s needed to commit", humanBytes(st.FreeBytes), fo.ToSite, humanBytes(need)))
+	}
+	return rep
 }
 
 func msgOr(err error, ok string) string {

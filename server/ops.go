@@ -116,6 +116,7 @@ func (s *Server) DeleteMachine(ctx context.Context, name string) error {
 	if err := s.DB.DeleteMachine(ctx, name); err != nil {
 		return err
 	}
+	s.metrics.forget(name)
 	s.event(name, "", "machine.deleted", "machine "+name+" deleted")
 	return nil
 }
@@ -171,7 +172,7 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 	case m.Protection != nil && m.Protection.TargetSite == req.To && m.State == rebound.MachineSyncing:
 		return s.resumeProtect(ctx, m)
 	case m.State != rebound.MachineUnprotected:
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; only an unprotected machine can be protected", m.Name, m.State)
+		return nil, stateConflict(m, "be protected again")
 	case req.To == m.ActiveSite:
 		return nil, rebound.Errorf(rebound.EINVALID, "machine %q is active at %s; protect it to another site", m.Name, req.To)
 	}
@@ -314,22 +315,23 @@ func (s *Server) updateMachine(ctx context.Context, name string, fn func(m *rebo
 	return s.DB.UpdateMachine(ctx, m)
 }
 
-// protectedSites returns a protected machine with its source and target.
-func (s *Server) protection(ctx context.Context, name string) (*rebound.Machine, error) {
+// protection returns a machine that has a protection, or refuses verb
+// with what to do first.
+func (s *Server) protection(ctx context.Context, name, verb string) (*rebound.Machine, error) {
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
 		return nil, err
 	}
 	if m.Protection == nil {
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is not protected", name)
+		return nil, stateConflict(m, verb)
 	}
 	return m, nil
 }
 
 // idleProtection is protection for a verb that starts a job: it also
 // refuses while another job runs on the machine.
-func (s *Server) idleProtection(ctx context.Context, name string) (*rebound.Machine, error) {
-	m, err := s.protection(ctx, name)
+func (s *Server) idleProtection(ctx context.Context, name, verb string) (*rebound.Machine, error) {
+	m, err := s.protection(ctx, name, verb)
 	if err != nil {
 		return nil, err
 	}
@@ -343,13 +345,23 @@ func (s *Server) idleProtection(ctx context.Context, name string) (*rebound.Mach
 // starts, so a bad or unknown selector is refused at once with the reason
 // (and the retained window).
 func checkSelector(ctx context.Context, dst rebound.SiteService, name, sel string) error {
-	_, err := dst.ResolvePoint(ctx, name, sel)
+	_, err := resolvePoint(ctx, dst, name, sel)
 	return err
+}
+
+// resolvePoint resolves a selector at the recovery site; a point it does
+// not hold is refused with the command that lists the ones it does.
+func resolvePoint(ctx context.Context, dst rebound.SiteService, name, sel string) (rebound.RecoveryPoint, error) {
+	p, err := dst.ResolvePoint(ctx, name, sel)
+	if err != nil && rebound.ErrorCode(err) == rebound.ENOTFOUND {
+		return p, rebound.Errorf(rebound.ENOTFOUND, "%s; rebound points %s lists the recovery points", rebound.ErrorMessage(err), name)
+	}
+	return p, err
 }
 
 // ListPoints returns the recovery points the target site holds.
 func (s *Server) ListPoints(ctx context.Context, name string) ([]rebound.RecoveryPoint, error) {
-	m, err := s.protection(ctx, name)
+	m, err := s.protection(ctx, name, "list recovery points")
 	if err != nil {
 		return nil, err
 	}
@@ -370,12 +382,12 @@ func (s *Server) ListPoints(ctx context.Context, name string) ([]rebound.Recover
 // CreatePoint cuts a point at the source and returns it once the target
 // holds it durably.
 func (s *Server) CreatePoint(ctx context.Context, name string, app bool) (*rebound.RecoveryPoint, error) {
-	m, err := s.protection(ctx, name)
+	m, err := s.protection(ctx, name, "cut a recovery point")
 	if err != nil {
 		return nil, err
 	}
 	if m.State != rebound.MachineProtected {
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; points are cut while it is protected", name, m.State)
+		return nil, stateConflict(m, "cut a recovery point")
 	}
 	src, err := s.site(m.Protection.SourceSite)
 	if err != nil {
@@ -432,7 +444,8 @@ func (s *Server) Failover(ctx context.Context, req rebound.FailoverRequest) (*re
 
 // failover runs a failover job of type typ ("failover" or "failback").
 func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ string) (*rebound.Job, error) {
-	m, err := s.idleProtection(ctx, req.Machine)
+	verb := map[string]string{"failover": "fail over", "failback": "fail back"}[typ]
+	m, err := s.idleProtection(ctx, req.Machine, verb)
 	if err != nil {
 		return nil, err
 	}
@@ -450,7 +463,7 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 		// No job runs (idleProtection): a server restart interrupted the
 		// failover. Fence and activate are idempotent, so it runs again.
 	default:
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; only a protected machine can fail over", m.Name, m.State)
+		return nil, stateConflict(m, verb)
 	}
 	if m.TestFailover != nil {
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q has a test failover; clean it up first (rebound test-failover cleanup %s)", m.Name, m.Name)
@@ -513,6 +526,8 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 			m.Failover = &rebound.FailoverInfo{FromSite: from, ToSite: to, Point: point, Planned: req.Planned,
 				Time: time.Now().UTC(), SourceFenced: fenced}
 			setDisks(m, disks)
+			stopped(m.Protection)
+			s.setHealth(ctx, m)
 		}); err != nil {
 			return err
 		}
@@ -556,6 +571,15 @@ func (s *Server) rollbackFailover(name, from string, src rebound.SiteService, ca
 	return errors.Join(cause, undo)
 }
 
+// stopped marks a protection whose stream no longer replicates (the
+// machine failed over): no lag, backlog or throughput to report.
+func stopped(p *rebound.Protection) {
+	if p == nil {
+		return
+	}
+	p.ReplState, p.LagSeconds, p.BacklogBytes, p.DirtyBytes, p.ThroughputBps = "stopped", 0, 0, 0, 0
+}
+
 func setDisks(m *rebound.Machine, disks []rebound.Disk) {
 	for i := range m.Disks {
 		if i < len(disks) {
@@ -575,7 +599,7 @@ func (s *Server) drainAndResolve(ctx context.Context, r *jobRun, name string, re
 	sel := req.Point
 	if src == nil {
 		r.Message("source site unreachable: failing over to what the recovery site holds")
-		return dst.ResolvePoint(ctx, name, sel)
+		return resolvePoint(ctx, dst, name, sel)
 	}
 	fctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	head, err := src.Fence(fctx, name)
@@ -585,7 +609,7 @@ func (s *Server) drainAndResolve(ctx context.Context, r *jobRun, name string, re
 			return rebound.RecoveryPoint{}, fmt.Errorf("stop I/O at the source: %w", err)
 		}
 		r.Message("source did not answer (%s): failing over to what the recovery site holds", rebound.ErrorMessage(err))
-		return dst.ResolvePoint(ctx, name, sel)
+		return resolvePoint(ctx, dst, name, sel)
 	}
 	*fenced = true
 	if sel == rebound.PointLatest {
@@ -604,21 +628,21 @@ func (s *Server) drainAndResolve(ctx context.Context, r *jobRun, name string, re
 			}
 			r.Message("drain incomplete (%v): failing over to what the recovery site holds", err)
 		} else if req.Planned {
-			return dst.ResolvePoint(ctx, name, "p"+strconv.FormatUint(head, 10))
+			return resolvePoint(ctx, dst, name, "p"+strconv.FormatUint(head, 10))
 		}
 	}
-	return dst.ResolvePoint(ctx, name, sel)
+	return resolvePoint(ctx, dst, name, sel)
 }
 
 // ChangePoint moves an uncommitted failover to another point. Writes made
 // to the failed-over disks since the failover are discarded.
 func (s *Server) ChangePoint(ctx context.Context, name, point string) (*rebound.Job, error) {
-	m, err := s.idleProtection(ctx, name)
+	m, err := s.idleProtection(ctx, name, "change the point of a failover")
 	if err != nil {
 		return nil, err
 	}
 	if m.State != rebound.MachineFailedOver || m.Failover == nil {
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; change-point needs an uncommitted failover", name, m.State)
+		return nil, stateConflict(m, "change the point of a failover")
 	}
 	if point == "" {
 		return nil, rebound.Errorf(rebound.EINVALID, "change-point needs --point")
@@ -632,7 +656,7 @@ func (s *Server) ChangePoint(ctx context.Context, name, point string) (*rebound.
 	}
 	return s.startJob(ctx, "change-point", name, []string{"resolve", "activate"}, func(ctx context.Context, r *jobRun) error {
 		r.Step("resolve")
-		p, err := dst.ResolvePoint(ctx, name, point)
+		p, err := resolvePoint(ctx, dst, name, point)
 		if err != nil {
 			return err
 		}
@@ -656,7 +680,7 @@ func (s *Server) ChangePoint(ctx context.Context, name, point string) (*rebound.
 // CancelFailover drops an uncommitted failover and resumes the machine at
 // its source, which lost nothing it wrote.
 func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job, error) {
-	m, err := s.idleProtection(ctx, name)
+	m, err := s.idleProtection(ctx, name, "cancel a failover")
 	if err != nil {
 		return nil, err
 	}
@@ -672,7 +696,7 @@ func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job,
 		from, to = m.Failover.FromSite, m.Failover.ToSite
 	case m.State == rebound.MachineFailingOver:
 	default:
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; cancel needs an uncommitted failover", name, m.State)
+		return nil, stateConflict(m, "cancel a failover")
 	}
 	src, err := s.site(from)
 	if err != nil {
@@ -699,6 +723,10 @@ func (s *Server) CancelFailover(ctx context.Context, name string) (*rebound.Job,
 		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
 			m.State, m.ActiveSite, m.Failover = rebound.MachineProtected, from, nil
 			applyDisks(m, disks)
+			if m.Protection != nil && m.Protection.ReplState == "stopped" {
+				m.Protection.ReplState = "" // the source's next report says
+			}
+			s.setHealth(ctx, m)
 		})
 	})
 }
@@ -716,7 +744,7 @@ func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) 
 		return s.doneJob(ctx, "commit", name, fmt.Sprintf("nothing to commit: machine %s is active at %s", name, m.ActiveSite))
 	}
 	if m.State != rebound.MachineFailedOver || m.Failover == nil {
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; commit needs a failover", name, m.State)
+		return nil, stateConflict(m, "commit")
 	}
 	dst, err := s.site(m.Failover.ToSite)
 	if err != nil {
@@ -738,8 +766,8 @@ func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) 
 		if err := s.updateMachine(ctx, name, func(m *rebound.Machine) {
 			m.State, m.ActiveSite, m.Protection, m.Failover = rebound.MachineUnprotected, fo.ToSite, nil, nil
 			m.PreviousSite = fo.FromSite
-			m.Health, m.HealthReason = rebound.HealthNormal, ""
 			applyDisks(m, disks)
+			s.setHealth(ctx, m)
 		}); err != nil {
 			return err
 		}
@@ -769,7 +797,7 @@ func (s *Server) markPendingRelease(ctx context.Context, machine, site string) {
 
 // TestFailover exports a scratch copy of a point while replication goes on.
 func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound.Job, error) {
-	m, err := s.idleProtection(ctx, name)
+	m, err := s.idleProtection(ctx, name, "run a test failover")
 	if err != nil {
 		return nil, err
 	}
@@ -777,7 +805,7 @@ func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound
 		point = rebound.PointLatestProcessed
 	}
 	if m.State != rebound.MachineProtected {
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; a test failover needs a protected machine", name, m.State)
+		return nil, stateConflict(m, "run a test failover")
 	}
 	dst, err := s.site(m.Protection.TargetSite)
 	if err != nil {
@@ -788,7 +816,7 @@ func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound
 	}
 	return s.startJob(ctx, "test-failover", name, []string{"resolve", "activate"}, func(ctx context.Context, r *jobRun) error {
 		r.Step("resolve")
-		p, err := dst.ResolvePoint(ctx, name, point)
+		p, err := resolvePoint(ctx, dst, name, point)
 		if err != nil {
 			return err
 		}

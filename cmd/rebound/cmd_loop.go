@@ -14,7 +14,7 @@ import (
 const DefaultWaitReady = 15 * time.Minute
 
 // Preflight operations.
-var preflightOps = []string{"failover", "failback", "reprotect"}
+var preflightOps = []string{"failover", "failback", "reprotect", "commit", "protect"}
 
 // Loop returns the Service's LoopService (reprotect, failback, preflight).
 func (c *CLI) Loop() (rebound.LoopService, error) {
@@ -143,17 +143,20 @@ func (e *checksFailed) Error() string {
 func (c *CLI) preflightCommand() *cobra.Command {
 	var op string
 	cmd := &cobra.Command{
-		Use:   "preflight NAME [--operation failover|failback|reprotect]",
-		Short: "Check whether a failover, failback or reprotect would succeed now; exit 1 if not",
+		Use:   "preflight NAME [--operation protect|failover|commit|reprotect|failback]",
+		Short: "Check whether the machine's next operation would succeed now; exit 1 if not",
 		Long: `Run the checks an operation makes before it starts, without starting it.
 Without --operation the server checks the next operation the machine's state
-allows. Exit code 0 when every check passed, 1 when any failed.`,
+allows: protect for a machine never protected, failover for a protected one
+(failback once it is protected back to where it came from), commit for a
+failed-over one, reprotect for a committed one. Exit code 0 when every check
+passed, 1 when any failed.`,
 		Example: `  rebound preflight web1
   rebound preflight web1 --operation failback -o json`,
 		Args: argNames("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.Flags().Changed("operation") && !contains(preflightOps, op) {
-				return usagef("preflight: --operation must be failover, failback or reprotect, not %q", op)
+				return usagef("preflight: --operation must be protect, failover, failback, commit or reprotect, not %q", op)
 			}
 			l, err := c.Loop()
 			if err != nil {
@@ -175,7 +178,7 @@ allows. Exit code 0 when every check passed, 1 when any failed.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&op, "operation", "", "failover, failback or reprotect (default: the next one the machine's state allows)")
+	cmd.Flags().StringVar(&op, "operation", "", "protect, failover, failback, commit or reprotect (default: the next one the machine's state allows)")
 	return cmd
 }
 
