@@ -796,6 +796,11 @@ func (s *Server) markPendingRelease(ctx context.Context, machine, site string) {
 }
 
 // TestFailover exports a scratch copy of a point while replication goes on.
+// "latest" means what it means for every verb: everything the source
+// acknowledged before the command. Without fencing, a point is cut at the
+// source's head when the command arrives and the job waits until the
+// recovery site holds it; only when the source cannot be reached does it
+// test the newest state the recovery site holds, and says so.
 func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound.Job, error) {
 	m, err := s.idleProtection(ctx, name, "run a test failover")
 	if err != nil {
@@ -807,16 +812,59 @@ func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound
 	if m.State != rebound.MachineProtected {
 		return nil, stateConflict(m, "run a test failover")
 	}
-	dst, err := s.site(m.Protection.TargetSite)
+	from, to := m.Protection.SourceSite, m.Protection.TargetSite
+	dst, err := s.site(to)
 	if err != nil {
 		return nil, err
 	}
 	if err := checkSelector(ctx, dst, name, point); err != nil {
 		return nil, err
 	}
-	return s.startJob(ctx, "test-failover", name, []string{"resolve", "activate"}, func(ctx context.Context, r *jobRun) error {
+	steps := []string{"resolve", "activate"}
+	var head rebound.RecoveryPoint
+	var headErr error
+	if point == rebound.PointLatest {
+		steps = append([]string{"drain"}, steps...)
+		// The head is taken now, not when the job gets to run.
+		if src, err := s.site(from); err != nil {
+			headErr = err
+		} else {
+			cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+			head, headErr = src.CutPoint(cctx, name, rebound.PointCrash)
+			cancel()
+		}
+	}
+	return s.startJob(ctx, "test-failover", name, steps, func(ctx context.Context, r *jobRun) error {
+		sel := point
+		if point == rebound.PointLatest {
+			r.Step("drain")
+			if headErr != nil {
+				msg := fmt.Sprintf("source site %s unreachable (%s): testing the newest state %s holds, which may lack the source's last writes", from, rebound.ErrorMessage(headErr), to)
+				r.Message("%s", msg)
+				s.event(name, to, "test-failover.undrained", msg)
+			} else {
+				start, _ := dst.Replicated(ctx, name)
+				wctx, cancel := context.WithTimeout(ctx, s.WaitTimeout)
+				err := waitReplicated(wctx, dst, name, head.Seq, func(got uint64) {
+					if head.Seq > start && got >= start {
+						r.Progress(float64(got-start) / float64(head.Seq-start) * 0.9)
+					}
+					r.Message("%s holds %d of %d records", to, got, head.Seq)
+				})
+				cancel()
+				if err != nil {
+					if ctx.Err() != nil {
+						return ctx.Err()
+					}
+					return rebound.Errorf(rebound.EUNAVAILABLE, "%s has not received the source's writes up to point %s within %s: %s; retry, or test what it holds (rebound test-failover %s --point latest-processed)",
+						to, head.ID, s.WaitTimeout, rebound.ErrorMessage(err), name)
+				}
+				r.Message("%s holds everything %s acknowledged before the command (point %s)", to, from, head.ID)
+				sel = head.ID
+			}
+		}
 		r.Step("resolve")
-		p, err := resolvePoint(ctx, dst, name, point)
+		p, err := resolvePoint(ctx, dst, name, sel)
 		if err != nil {
 			return err
 		}
@@ -826,12 +874,12 @@ func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound
 			return err
 		}
 		r.SetResult(p)
-		if err := s.powerOn(ctx, r, m, dst, m.Protection.TargetSite, true); err != nil {
+		if err := s.powerOn(ctx, r, m, dst, to, true); err != nil {
 			return err
 		}
-		s.event(name, m.Protection.TargetSite, "test-failover", "test failover at point "+p.ID)
+		s.event(name, to, "test-failover", "test failover at point "+p.ID)
 		return s.updateMachine(ctx, name, func(m *rebound.Machine) {
-			m.TestFailover = &rebound.TestFailover{Site: m.Protection.TargetSite, Point: p, Disks: disks}
+			m.TestFailover = &rebound.TestFailover{Site: to, Point: p, Disks: disks}
 		})
 	})
 }
