@@ -103,9 +103,14 @@ type LoopService interface {
 	// Failback is a failover of a reprotected machine back to the site it
 	// came from; Planned is the default when Point is empty.
 	Failback(ctx context.Context, req FailoverRequest) (*Job, error)
-	// Preflight runs the checks of an operation ("failover", "failback",
-	// "reprotect"; default: the next one the machine's state allows).
+	// Preflight runs the checks of an operation ("protect", "failover",
+	// "failback", "commit", "reprotect"; default: the next one the
+	// machine's state allows).
 	Preflight(ctx context.Context, machine, operation string) (*PreflightReport, error)
+	// Unprotect stops a protected (or syncing) machine's replication at
+	// both sites and removes the replica at the target; the machine stays
+	// active where it is, unprotected. Refused during a failover.
+	Unprotect(ctx context.Context, machine string) (*Job, error)
 }
 
 // MergeRegions sorts regions by offset and merges overlapping or adjacent

@@ -136,6 +136,10 @@ var _ rebound.LoopService = (*fakeService)(nil)
 func (f *fakeService) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*rebound.Job, error) {
 	return f.jobOrErr("Reprotect", req)
 }
+func (f *fakeService) Unprotect(ctx context.Context, machine string) (*rebound.Job, error) {
+	return f.jobOrErr("Unprotect", machine)
+}
+
 func (f *fakeService) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
 	return f.jobOrErr("Failback", req)
 }

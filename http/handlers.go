@@ -314,6 +314,15 @@ func (s *Server) failback(w http.ResponseWriter, r *http.Request) error {
 	return s.job(w)(l.Failback(r.Context(), rebound.FailoverRequest{Machine: r.PathValue("name"), Point: b.Point, Planned: b.Planned}))
 }
 
+// unprotect takes no body: the machine is in the path.
+func (s *Server) unprotect(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.loop("unprotect")
+	if err != nil {
+		return err
+	}
+	return s.job(w)(l.Unprotect(r.Context(), r.PathValue("name")))
+}
+
 func (s *Server) preflight(w http.ResponseWriter, r *http.Request) error {
 	l, err := s.loop("preflight")
 	if err != nil {

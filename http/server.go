@@ -97,6 +97,7 @@ func (s *Server) routes() []route {
 		{"POST", "/api/v1/machines/{name}/test-failover/cleanup", false, s.testFailoverCleanup},
 		{"POST", "/api/v1/machines/{name}/reprotect", false, s.reprotect},
 		{"POST", "/api/v1/machines/{name}/failback", false, s.failback},
+		{"POST", "/api/v1/machines/{name}/unprotect", false, s.unprotect},
 		{"GET", "/api/v1/machines/{name}/preflight", false, s.preflight},
 		{"POST", "/api/v1/machines/{name}/start", false, s.startMachine},
 		{"POST", "/api/v1/machines/{name}/stop", false, s.stopMachine},

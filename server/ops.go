@@ -93,8 +93,12 @@ func (s *Server) DeleteMachine(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	if m.State != rebound.MachineUnprotected {
-		return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s; only an unprotected machine can be deleted", name, m.State)
+	switch m.State {
+	case rebound.MachineUnprotected:
+	case rebound.MachineProtected, rebound.MachineSyncing:
+		return rebound.Errorf(rebound.ECONFLICT, "machine %s is %s; stop its replication first (rebound unprotect %s), then delete it", name, m.State, name)
+	default:
+		return stateConflict(m, "be deleted")
 	}
 	if err := s.lockMachine(name); err != nil {
 		return err
@@ -199,7 +203,15 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 		return nil, rebound.Errorf(rebound.ECONFLICT, "site %q has %d bytes free; machine %q needs at least %d", req.To, dstSite.FreeBytes, m.Name, need)
 	}
 	streamID := fmt.Sprintf("%s.%d", m.Name, time.Now().UnixNano())
+	prot := rebound.Protection{SourceSite: m.ActiveSite, TargetSite: req.To, Policy: pol.Name}
 	return s.startJob(ctx, "protect", m.Name, []string{"prepare target", "start source", "initial copy"}, func(ctx context.Context, r *jobRun) error {
+		// A cancel stops what the job started, at both sites.
+		return s.undoCancelled(ctx, r, m.Name, prot, src, dst, s.protect(ctx, r, m, req, pol, streamID, src, dst, dstSite))
+	})
+}
+
+func (s *Server) protect(ctx context.Context, r *jobRun, m *rebound.Machine, req rebound.ProtectRequest, pol *rebound.Policy, streamID string, src, dst rebound.SiteService, dstSite *rebound.Site) error {
+	{
 		r.Step("prepare target")
 		ci, err := src.CopyInfo(ctx, m.Name)
 		if err != nil {
@@ -226,7 +238,7 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 		s.event(m.Name, req.To, "protection.started", fmt.Sprintf("protecting %s from %s to %s", m.Name, m.ActiveSite, req.To))
 		r.Step("initial copy")
 		return s.finishProtect(ctx, r, m.Name, req.To, src, dst)
-	})
+	}
 }
 
 // resumeProtect follows an initial copy whose protect job ended early (a
@@ -244,7 +256,7 @@ func (s *Server) resumeProtect(ctx context.Context, m *rebound.Machine) (*reboun
 	}
 	return s.startJob(ctx, "protect", m.Name, []string{"initial copy"}, func(ctx context.Context, r *jobRun) error {
 		r.Step("initial copy")
-		return s.finishProtect(ctx, r, m.Name, p.TargetSite, src, dst)
+		return s.undoCancelled(ctx, r, m.Name, *p, src, dst, s.finishProtect(ctx, r, m.Name, p.TargetSite, src, dst))
 	})
 }
 

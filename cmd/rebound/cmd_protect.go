@@ -83,3 +83,28 @@ func (c *CLI) pointCommand() *cobra.Command {
 	cmd.AddCommand(create)
 	return cmd
 }
+
+func init() { extraCommands = append(extraCommands, (*CLI).unprotectCommand) }
+
+func (c *CLI) unprotectCommand() *cobra.Command {
+	var wait bool
+	cmd := &cobra.Command{
+		Use:   "unprotect NAME [--wait]",
+		Short: "Stop replicating a machine and remove its replica at the recovery site",
+		Long: `Stop a protected (or still syncing) machine's replication at both sites and
+remove the replica the recovery site holds (its journal and disks). The
+machine stays active where it is, unprotected: it can then be deleted
+(rebound machine delete) or protected again. Refused during a failover:
+commit or cancel it first.`,
+		Example: `  rebound unprotect web1 --wait
+  rebound unprotect web1 --wait && rebound machine delete web1`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.startLoopJob(cmd, wait, func(ctx context.Context, l rebound.LoopService) (*rebound.Job, error) {
+				return l.Unprotect(ctx, args[0])
+			})
+		},
+	}
+	addWaitFlag(cmd, &wait)
+	return cmd
+}

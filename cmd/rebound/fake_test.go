@@ -38,6 +38,7 @@ type fakeService struct {
 
 	ReprotectFn func(req rebound.ReprotectRequest) (*rebound.Job, error)
 	FailbackFn  func(req rebound.FailoverRequest) (*rebound.Job, error)
+	UnprotectFn func(machine string) (*rebound.Job, error)
 	PreflightFn func(machine, operation string) (*rebound.PreflightReport, error)
 
 	StartMachineFn func(name string) (*rebound.Job, error)
@@ -246,6 +247,14 @@ func (f *fakeService) Reprotect(ctx context.Context, req rebound.ReprotectReques
 		return nil, unexpected("Reprotect")
 	}
 	return f.ReprotectFn(req)
+}
+
+func (f *fakeService) Unprotect(ctx context.Context, machine string) (*rebound.Job, error) {
+	f.record("Unprotect %s", machine)
+	if f.UnprotectFn == nil {
+		return nil, unexpected("Unprotect")
+	}
+	return f.UnprotectFn(machine)
 }
 
 func (f *fakeService) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
