@@ -181,8 +181,9 @@ func wantStderr(t *testing.T, r result, code int, parts ...string) {
 }
 
 // TestCancelProtect: a protect job blocked inside its initial copy (a step
-// hook, no timing window) is cancelled with rebound job cancel. The job
-// ends cancelled, replication is stopped at both sites (the source serves
+// hook, no timing window) is cancelled. A CancelJob whose own context is
+// done returns at once with the job still running (the hook holds it); then
+// rebound job cancel waits for its end. The job ends cancelled, replication is stopped at both sites (the source serves
 // the machine as an active copy, the target holds nothing), the machine is
 // unprotected, an event says so, and protect then works again.
 func TestCancelProtect(t *testing.T) {
@@ -190,11 +191,11 @@ func TestCancelProtect(t *testing.T) {
 	up, svc := testUp(t, t.TempDir())
 	var block atomic.Bool
 	block.Store(true)
-	entered := make(chan string, 1)
+	entered, release := make(chan string, 1), make(chan struct{})
 	up.Server.Service.StepHook = func(ctx context.Context, j *rebound.Job, step string) {
 		if j.Type == "protect" && step == "initial copy" && block.Load() {
 			entered <- j.ID
-			<-ctx.Done()
+			<-release // deaf to ctx: the job cannot end before the test says
 		}
 	}
 	m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{64 << 20}})
@@ -216,6 +217,13 @@ func TestCancelProtect(t *testing.T) {
 		t.Fatalf("before the cancel: state %s, recovery holds %q", m.State, copyRole(t, up, "recovery", "vm1"))
 	}
 
+	done, stop := context.WithCancel(ctx)
+	stop()
+	j0, err := up.Server.Service.CancelJob(done, id)
+	if err != nil || j0.State != rebound.JobRunning {
+		t.Fatalf("CancelJob with a done context: %+v, %v; want the job, still running", j0, err)
+	}
+	close(release)
 	r := runCLI(t, svc, "job", "cancel", id, "-o", "json")
 	j := decode[rebound.Job](t, r.stdout)
 	if j.State != rebound.JobCancelled {
