@@ -65,7 +65,7 @@ func (s *Server) Failback(ctx context.Context, req rebound.FailoverRequest) (*re
 		return nil, err
 	}
 	switch {
-	case m.State == rebound.MachineProtected && !isFailback(m):
+	case m.State == rebound.MachineProtected && !reprotected(m):
 		// Protected in its first direction: nothing to come back from.
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %s has not failed over, so there is nothing to fail back from; %s", m.Name, nextStep(m))
 	case m.State == rebound.MachineProtected, m.State == rebound.MachineFailingOver && m.Protection != nil:
@@ -521,7 +521,7 @@ func nextOperation(m *rebound.Machine) string {
 		}
 		return opProtect
 	}
-	if isFailback(m) {
+	if goesHome(m) {
 		return opFailback
 	}
 	return opFailover

@@ -24,7 +24,7 @@ func nextStep(m *rebound.Machine) string {
 		}
 		return fmt.Sprintf("its initial replication runs; follow it to the first recovery point: rebound protect %s --to %s --wait (or stop it: rebound unprotect %s)", n, to, n)
 	case rebound.MachineProtected:
-		if isFailback(m) {
+		if goesHome(m) {
 			return fmt.Sprintf("fail it back to %s: rebound failback %s", m.Protection.TargetSite, n)
 		}
 		to := "its recovery site"
@@ -44,12 +44,16 @@ func nextStep(m *rebound.Machine) string {
 	return "rebound machine show " + n + " shows its state"
 }
 
-// isFailback says whether a failover of a protected machine goes back to
-// the site it came from: its protection runs from where a committed
-// failover brought it to where it was before.
-func isFailback(m *rebound.Machine) bool {
-	p := m.Protection
-	return p != nil && m.PreviousSite != "" && p.TargetSite == m.PreviousSite
+// reprotected says whether a protected machine's protection was set up by a
+// reprotect (it has a committed failover behind it), so a failback applies.
+func reprotected(m *rebound.Machine) bool {
+	return m.Protection != nil && m.PreviousSite != ""
+}
+
+// goesHome says whether the next failover of a reprotected machine takes
+// it back to the site it was created at: that one is called a failback.
+func goesHome(m *rebound.Machine) bool {
+	return reprotected(m) && m.ActiveSite != m.HomeSite
 }
 
 // stateConflict refuses a verb the machine's state does not allow, naming
