@@ -32,8 +32,9 @@ import (
 	"github.com/rebound-dr/rebound/qemu"
 )
 
-// Version is the site appliance's version string.
-const Version = "0.1.0"
+// Version is the site appliance's version string, reported to the server;
+// the rebound command sets it to its build's version.
+var Version = "0.1.0"
 
 // Machine roles at a site.
 const (

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"runtime"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/spf13/cobra"
@@ -130,22 +129,14 @@ func (c *CLI) eventsCommand() *cobra.Command {
 	return cmd
 }
 
-// VersionInfo is the JSON output of `rebound version`.
-type VersionInfo struct {
-	Version string `json:"version"`
-	Go      string `json:"go"`
-}
-
 func (c *CLI) versionCommand() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
-		Short: "Print the CLI version",
+		Short: "Print the build's version and commit",
 		Args:  argNames(),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			v := VersionInfo{Version: Version, Go: runtime.Version()}
-			return c.print(v, func(w io.Writer) {
-				fmt.Fprintf(w, "rebound %s (%s)\n", v.Version, v.Go)
-			})
+			v := buildVersion()
+			return c.print(v, func(w io.Writer) { fmt.Fprintln(w, v) })
 		},
 	}
 }
