@@ -55,6 +55,7 @@ func (s *Server) SiteConnected(name string) {
 		return
 	}
 	s.fenceReturnedSource(ctx, name, site)
+	s.syncPolicies(ctx, name, site)
 	s.unfenceServingSource(ctx, name, site)
 	keys, err := s.pendingReleases(ctx, name)
 	if err != nil {

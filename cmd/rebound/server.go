@@ -129,6 +129,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		Metrics: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
 		Loop:    m.Service,
 		Power:   m.Service,
+		Catalog: m.Service,
 	}
 	// Timeouts close slow and idle connections, authenticated or not;
 	// failed TLS handshakes are logged at a bounded rate.
