@@ -101,31 +101,24 @@ func (c *CLI) jobCommand() *cobra.Command {
 
 func (c *CLI) eventsCommand() *cobra.Command {
 	var machine string
+	var l listFlags
 	cmd := &cobra.Command{
-		Use:   "events [--machine M]",
-		Short: "Show the audit and health history",
-		Args:  argNames(),
+		Use:   "events [--machine M] [--since T] [--until T] [--kind K] [--limit N [--cursor C]]",
+		Short: "Show the audit and health history, newest first",
+		Long: `Show events, newest first: the newest 1000, or those the filters keep.
+--kind matches a kind or its dotted prefix (job matches job.protect);
+--since and --until take RFC 3339 times or a duration ago (90m). With
+--limit N, when more follow, the command prints on stderr the command line
+(with --cursor) that lists the next ones.`,
+		Example: `  rebound events --machine web1 --since 24h --kind health
+  rebound events --kind job --limit 50`,
+		Args: argNames(),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			svc, err := c.Service()
-			if err != nil {
-				return err
-			}
-			evs, err := svc.ListEvents(cmd.Context(), machine)
-			if err != nil {
-				return err
-			}
-			if evs == nil {
-				evs = []rebound.Event{}
-			}
-			return c.print(evs, func(w io.Writer) {
-				row(w, "TIME", "KIND", "MACHINE", "SITE", "MESSAGE")
-				for _, e := range evs {
-					row(w, fmtTime(e.Time), e.Kind, orDash(e.Machine), orDash(e.Site), e.Message)
-				}
-			})
+			return c.listEvents(cmd, machine, &l)
 		},
 	}
 	cmd.Flags().StringVar(&machine, "machine", "", "only events of this machine")
+	l.add(cmd, "only events of this kind or dotted prefix (job, health, policy.changed, ...)")
 	return cmd
 }
 

@@ -261,6 +261,7 @@ REBOUND_CA, or by --server, --token and --ca (later ones win).
 	for _, fn := range extraCommands {
 		addOrMerge(root, fn(c))
 	}
+	c.addCompletions(root)
 	return root
 }
 
