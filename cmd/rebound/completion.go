@@ -34,7 +34,7 @@ var argNouns = map[string]noun{
 	"failover": nounMachine, "failover change-point": nounMachine, "failover cancel": nounMachine,
 	"commit": nounMachine, "reprotect": nounMachine, "failback": nounMachine, "preflight": nounMachine,
 	"test-failover": nounMachine, "test-failover cleanup": nounMachine, "unprotect": nounMachine,
-	"site show": nounSite,
+	"site show":  nounSite,
 	"policy set": nounPolicy, "policy delete": nounPolicy,
 }
 
