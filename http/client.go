@@ -116,7 +116,7 @@ func (c *Client) exchange(ctx context.Context, method, path string, in any, acce
 		if ctx.Err() != nil {
 			return nil, nil, ctx.Err()
 		}
-		return nil, nil, rebound.Errorf(rebound.EUNAVAILABLE, "cannot reach the Rebound server at %s: %v", c.BaseURL, unwrapURLError(err))
+		return nil, nil, c.transportError(err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBytes))
@@ -128,7 +128,10 @@ func (c *Client) exchange(ctx context.Context, method, path string, in any, acce
 		if json.Unmarshal(b, &e) == nil && e.Error.Code != "" {
 			return nil, nil, &rebound.Error{Code: e.Error.Code, Message: e.Error.Message}
 		}
-		return nil, nil, rebound.Errorf(codeOf(resp.StatusCode), "the Rebound server at %s answered %s", c.BaseURL, resp.Status)
+		return nil, nil, c.foreignAnswer(resp, b)
+	}
+	if accept == "application/json" && len(b) > 0 && !isJSON(resp.Header) {
+		return nil, nil, c.foreignAnswer(resp, b)
 	}
 	return b, resp.Header, nil
 }

@@ -88,6 +88,8 @@ type CLI struct {
 
 	// Global flags.
 	server, token, caFile, output string
+	// tokenFrom says where the resolved token came from (explainAuth).
+	tokenFrom string
 
 	svc rebound.Service
 	// ran is set once a command's hooks start running: errors before it
@@ -120,6 +122,7 @@ func (c *CLI) Run(ctx context.Context, args []string) int {
 	if err == nil {
 		return ExitOK
 	}
+	err = c.explainAuth(err)
 	code := c.exitCode(err)
 	var je *jobError
 	var cf *checksFailed

@@ -160,3 +160,62 @@ func TestPolicyChangeReachesSites(t *testing.T) {
 		}
 	}
 }
+
+// TestCLIErrorsRealServer: against a real server, the CLI's errors for a
+// wrong port, plain HTTP, a bad token (by where it came from) and a server
+// that is down name the next step.
+func TestCLIErrorsRealServer(t *testing.T) {
+	up, _ := testUp(t, t.TempDir())
+	dir := clearEnv(t)
+	ca := filepath.Join(dir, "ca.crt")
+	if err := os.WriteFile(ca, up.Server.CA.CertPEM(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run := func(args ...string) result {
+		var out, errb strings.Builder
+		c := NewCLI(nil, &out, &errb)
+		code := c.Run(context.Background(), append(args, "--ca", ca))
+		return result{code, out.String(), errb.String()}
+	}
+	api := up.Server.APIURL
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"machine", "list", "--server", "https://" + up.Server.GRPCAddr, "--token", up.AdminToken}, ExitUnavailable,
+			"rebound: https://" + up.Server.GRPCAddr + " is not a Rebound API (HTTP 415 Unsupported Media Type): check --server (or REBOUND_SERVER); the API listens on the --api-addr of `rebound server`"},
+		{[]string{"machine", "list", "--server", "http://" + strings.TrimPrefix(api, "https://"), "--token", up.AdminToken}, ExitUsage,
+			"speaks HTTPS, not HTTP: use --server " + api},
+		{[]string{"machine", "list", "--server", api, "--token", "rbt_wrong"}, ExitUnauthorized, "(token from --token): use the admin token of the server"},
+	} {
+		r := run(c.args...)
+		wantCode(t, r, c.code)
+		if !strings.Contains(r.stderr, c.want) {
+			t.Fatalf("%v: stderr %q, want %q", c.args, r.stderr, c.want)
+		}
+	}
+	// The token's source: the environment, then the config file.
+	t.Setenv(EnvServer, api)
+	t.Setenv(EnvToken, "rbt_wrong")
+	if r := run("machine", "list"); r.code != ExitUnauthorized || !strings.Contains(r.stderr, "(token from REBOUND_TOKEN)") {
+		t.Fatalf("env token: %d %q", r.code, r.stderr)
+	}
+	t.Setenv(EnvToken, "")
+	path, err := WriteClientConfig(ClientConfig{Server: api, Token: "rbt_wrong"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := run("machine", "list"); r.code != ExitUnauthorized || !strings.Contains(r.stderr, "(token from the config file "+path+")") {
+		t.Fatalf("file token: %d %q", r.code, r.stderr)
+	}
+	// The real token works; then the server goes down.
+	t.Setenv(EnvToken, up.AdminToken)
+	wantCode(t, run("machine", "list"), 0)
+	up.Close()
+	r := run("machine", "list")
+	wantCode(t, r, ExitUnavailable)
+	if !strings.Contains(r.stderr, "connection refused. Is it running? Start one with `rebound up`") {
+		t.Fatalf("down: %q", r.stderr)
+	}
+}
