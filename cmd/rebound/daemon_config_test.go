@@ -122,7 +122,9 @@ func TestServerRunsFromConfig(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
 	var errb bytes.Buffer
-	go func() { done <- NewCLI(nil, &bytes.Buffer{}, &syncWriter{w: &errb}).Run(ctx, []string{"server", "--config", path}) }()
+	go func() {
+		done <- NewCLI(nil, &bytes.Buffer{}, &syncWriter{w: &errb}).Run(ctx, []string{"server", "--config", path})
+	}()
 	waitUntil(t, 30*time.Second, "the admin token file the config names", func() bool {
 		b, err := os.ReadFile(tokenFile)
 		return err == nil && strings.HasPrefix(string(b), "rbt_")
