@@ -85,13 +85,13 @@ func ValidatePolicy(p Policy) error {
 	const sec = Duration(time.Second)
 	switch {
 	case p.CrashInterval < sec:
-		return Errorf(EINVALID, "policy %s: crash interval must be at least 1s, not %s (--crash-interval)", p.Name, p.CrashInterval)
+		return Errorf(EINVALID, "policy %s: crashInterval (--crash-interval) must be at least 1s, not %s", p.Name, p.CrashInterval)
 	case p.RPOThreshold <= 0:
-		return Errorf(EINVALID, "policy %s: RPO threshold must be positive, not %s (--rpo)", p.Name, p.RPOThreshold)
+		return Errorf(EINVALID, "policy %s: rpoThreshold (--rpo) must be positive, not %s", p.Name, p.RPOThreshold)
 	case p.Retention < p.CrashInterval:
-		return Errorf(EINVALID, "policy %s: retention %s is shorter than the crash interval %s: no point would be kept (--retention)", p.Name, p.Retention, p.CrashInterval)
+		return Errorf(EINVALID, "policy %s: retention (--retention) %s is shorter than the crash interval %s: no point would be kept", p.Name, p.Retention, p.CrashInterval)
 	case p.AppInterval < 0 || p.AppInterval > 0 && p.AppInterval < sec:
-		return Errorf(EINVALID, "policy %s: app interval must be 0 (never) or at least 1s, not %s (--app-interval)", p.Name, p.AppInterval)
+		return Errorf(EINVALID, "policy %s: appInterval (--app-interval) must be 0 (never) or at least 1s, not %s", p.Name, p.AppInterval)
 	}
 	return nil
 }

@@ -284,3 +284,19 @@ func (b policyBody) policy() (rebound.Policy, error) {
 	}
 	return p, nil
 }
+
+// bodyOfPolicy is the PUT body of a Policy: its zero durations are left
+// out, so the server applies the defaults as Service.PutPolicy does.
+func bodyOfPolicy(p rebound.Policy) policyBody {
+	b := policyBody{Name: p.Name}
+	for _, f := range []struct {
+		v   rebound.Duration
+		dst **rebound.Duration
+	}{{p.RPOThreshold, &b.RPOThreshold}, {p.Retention, &b.Retention}, {p.CrashInterval, &b.CrashInterval}, {p.AppInterval, &b.AppInterval}} {
+		if f.v != 0 {
+			v := f.v
+			*f.dst = &v
+		}
+	}
+	return b
+}

@@ -191,3 +191,16 @@ func TestPutPolicyExplicitZero(t *testing.T) {
 	}
 	check(t, e.fake, "PutPolicy", rebound.Policy{Name: "gold", CrashInterval: rebound.Duration(2 * time.Second)})
 }
+
+// TestClientPutPolicyDefaults: the Go client's zero durations mean "the
+// default", as for Service.PutPolicy in-process: they are left out of the
+// body, not sent as an explicit 0s the edge refuses.
+func TestClientPutPolicyDefaults(t *testing.T) {
+	e := newEnv(t)
+	p, err := e.client.PutPolicy(context.Background(), rebound.Policy{Name: "late", CrashInterval: rebound.Duration(8 * time.Second)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(t, e.fake, "PutPolicy", rebound.Policy{Name: "late", CrashInterval: rebound.Duration(8 * time.Second)})
+	same(t, *p, rebound.Policy{Name: "late", CrashInterval: rebound.Duration(8 * time.Second)})
+}

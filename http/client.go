@@ -194,7 +194,7 @@ func (c *Client) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Poli
 		return nil, rebound.Errorf(rebound.EINVALID, "policy name is empty")
 	}
 	var v rebound.Policy
-	if err := c.do(ctx, "PUT", "/api/v1/policies/"+seg(p.Name), p, &v); err != nil {
+	if err := c.do(ctx, "PUT", "/api/v1/policies/"+seg(p.Name), bodyOfPolicy(p), &v); err != nil {
 		return nil, err
 	}
 	return &v, nil

@@ -66,9 +66,9 @@ func TestPolicySetInvalid(t *testing.T) {
 		{[]string{"--rpo", "0s"}, "--rpo must be positive"},
 		{[]string{"--retention", "0"}, "--retention must be positive"},
 		{[]string{"--app-interval", "-1m"}, "--app-interval must be positive"},
-		{[]string{"--crash-interval", "500ms"}, "crash interval must be at least 1s, not 500ms"},
-		{[]string{"--crash-interval", "1m", "--retention", "30s"}, "retention 30s is shorter than the crash interval 1m0s"},
-		{[]string{"--app-interval", "100ms"}, "app interval must be 0 (never) or at least 1s"},
+		{[]string{"--crash-interval", "500ms"}, "crashInterval (--crash-interval) must be at least 1s, not 500ms"},
+		{[]string{"--crash-interval", "1m", "--retention", "30s"}, "retention (--retention) 30s is shorter than the crash interval 1m0s"},
+		{[]string{"--app-interval", "100ms"}, "appInterval (--app-interval) must be 0 (never) or at least 1s"},
 	} {
 		f := &fakeService{ListPoliciesFn: func() ([]rebound.Policy, error) { return []rebound.Policy{rebound.DefaultPolicy()}, nil }}
 		r := runCLI(t, f, append([]string{"policy", "set", "gold"}, c.args...)...)
