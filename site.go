@@ -83,6 +83,11 @@ type SiteService interface {
 	Power(ctx context.Context, machine, state string, test bool) error
 	// Console returns up to tail bytes of the end of the VM's serial log.
 	Console(ctx context.Context, machine string, tail int, test bool) ([]byte, error)
+
+	// SetPolicy replaces the policy of the machine's stream on this side: a
+	// source cuts points at the new intervals, a target keeps the new
+	// retention window. A machine not replicating here is left as it is.
+	SetPolicy(ctx context.Context, machine string, p Policy) error
 }
 
 // Power states.

@@ -406,6 +406,16 @@ func (p *siteProxy) Console(ctx context.Context, machine string, tail int, test 
 	return b, err
 }
 
+// policyArgs are SetPolicy's arguments.
+type policyArgs struct {
+	Machine string         `json:"machine"`
+	Policy  rebound.Policy `json:"policy"`
+}
+
+func (p *siteProxy) SetPolicy(ctx context.Context, machine string, pol rebound.Policy) error {
+	return p.c.call(ctx, p.site, "SetPolicy", policyArgs{Machine: machine, Policy: pol}, nil, nil)
+}
+
 var _ rebound.SiteService = (*siteProxy)(nil)
 
 // dispatch runs one call on the site's local SiteService and returns its
@@ -439,6 +449,12 @@ func dispatch(ctx context.Context, local rebound.SiteService, method string, arg
 			return nil, err
 		}
 		return local.Activate(ctx, spec)
+	case "SetPolicy":
+		var pa policyArgs
+		if err := decode(&pa); err != nil {
+			return nil, err
+		}
+		return nil, local.SetPolicy(ctx, pa.Machine, pa.Policy)
 	}
 	if err := decode(&a); err != nil {
 		return nil, err

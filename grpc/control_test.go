@@ -108,6 +108,10 @@ func (f *fakeSite) Console(_ context.Context, m string, tail int, test bool) ([]
 	return []byte(fmt.Sprintf("console of %s tail %d test %v", m, tail, test)), f.rec("Console:"+m, m)
 }
 
+func (f *fakeSite) SetPolicy(_ context.Context, m string, p rebound.Policy) error {
+	return f.rec("SetPolicy:"+m+":"+p.Name+":"+p.CrashInterval.String(), m)
+}
+
 func (f *fakeSite) Release(ctx context.Context, m string, _ time.Time) error {
 	if f.blocking != nil {
 		close(f.blocking)
@@ -234,12 +238,15 @@ func TestControl_AllMethods(t *testing.T) {
 	if string(con) != "console of vm1 tail 4096 test true" {
 		t.Fatalf("Console = %q", con)
 	}
+	gold := rebound.DefaultPolicy()
+	gold.Name, gold.CrashInterval = "gold", rebound.Duration(2*time.Second)
+	must(s.SetPolicy(ctx, "vm1", gold))
 	must(s.StopReplication(ctx, "vm1"))
 	must(s.DeleteMachine(ctx, "vm1"))
 
 	want := []string{"CreateMachine:vm1:d0", "StartReplication:vm1:source:default", "CutPoint:vm1", "ListPoints:vm1",
 		"ResolvePoint:vm1", "Fence:vm1", "Unfence:vm1", "Replicated:vm1", "Activate:vm1", "Deactivate:test:vm1",
-		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "Power:vm1:off:true", "Console:vm1", "StopReplication:vm1", "DeleteMachine:vm1"}
+		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "Power:vm1:off:true", "Console:vm1", "SetPolicy:vm1:gold:2s", "StopReplication:vm1", "DeleteMachine:vm1"}
 	h.site.mu.Lock()
 	got := append([]string(nil), h.site.calls...)
 	h.site.mu.Unlock()

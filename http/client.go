@@ -79,20 +79,26 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 // send sends a request with an optional JSON body and returns the body of a
 // successful answer; an error answer becomes *rebound.Error.
 func (c *Client) send(ctx context.Context, method, path string, in any, accept string) ([]byte, error) {
+	b, _, err := c.exchange(ctx, method, path, in, accept)
+	return b, err
+}
+
+// exchange is send that also returns the answer's header.
+func (c *Client) exchange(ctx context.Context, method, path string, in any, accept string) ([]byte, http.Header, error) {
 	if p, _, _ := strings.Cut(path, "?"); strings.Contains(p, "//") || strings.HasSuffix(p, "/") {
-		return nil, rebound.Errorf(rebound.EINVALID, "a name in %s %s is empty", method, path)
+		return nil, nil, rebound.Errorf(rebound.EINVALID, "a name in %s %s is empty", method, path)
 	}
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return nil, fmt.Errorf("encode request: %w", err)
+			return nil, nil, fmt.Errorf("encode request: %w", err)
 		}
 		body = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
 	if err != nil {
-		return nil, rebound.Errorf(rebound.EINVALID, "bad request %s %s: %v", method, path, err)
+		return nil, nil, rebound.Errorf(rebound.EINVALID, "bad request %s %s: %v", method, path, err)
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -108,23 +114,26 @@ func (c *Client) send(ctx context.Context, method, path string, in any, accept s
 	resp, err := hc.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, ctx.Err()
+			return nil, nil, ctx.Err()
 		}
-		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "cannot reach the Rebound server at %s: %v", c.BaseURL, unwrapURLError(err))
+		return nil, nil, c.transportError(err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBytes))
 	if err != nil {
-		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "reading the answer of the Rebound server at %s: %v", c.BaseURL, err)
+		return nil, nil, rebound.Errorf(rebound.EUNAVAILABLE, "reading the answer of the Rebound server at %s: %v", c.BaseURL, err)
 	}
 	if resp.StatusCode >= 300 {
 		var e errorResponse
 		if json.Unmarshal(b, &e) == nil && e.Error.Code != "" {
-			return nil, &rebound.Error{Code: e.Error.Code, Message: e.Error.Message}
+			return nil, nil, &rebound.Error{Code: e.Error.Code, Message: e.Error.Message}
 		}
-		return nil, rebound.Errorf(codeOf(resp.StatusCode), "the Rebound server at %s answered %s", c.BaseURL, resp.Status)
+		return nil, nil, c.foreignAnswer(resp, b)
 	}
-	return b, nil
+	if accept == "application/json" && len(b) > 0 && !isJSON(resp.Header) {
+		return nil, nil, c.foreignAnswer(resp, b)
+	}
+	return b, resp.Header, nil
 }
 
 // unwrapURLError drops url.Error's "Get \"https://...\":" prefix, which
@@ -185,7 +194,7 @@ func (c *Client) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Poli
 		return nil, rebound.Errorf(rebound.EINVALID, "policy name is empty")
 	}
 	var v rebound.Policy
-	if err := c.do(ctx, "PUT", "/api/v1/policies/"+seg(p.Name), p, &v); err != nil {
+	if err := c.do(ctx, "PUT", "/api/v1/policies/"+seg(p.Name), bodyOfPolicy(p), &v); err != nil {
 		return nil, err
 	}
 	return &v, nil
@@ -193,11 +202,6 @@ func (c *Client) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Poli
 
 func (c *Client) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebound.Job, error) {
 	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/protect", protectBody{To: req.To, Policy: req.Policy})
-}
-
-func (c *Client) ListPoints(ctx context.Context, machine string) ([]rebound.RecoveryPoint, error) {
-	var v []rebound.RecoveryPoint
-	return v, c.do(ctx, "GET", "/api/v1/machines/"+seg(machine)+"/points", nil, &v)
 }
 
 func (c *Client) CreatePoint(ctx context.Context, machine string, app bool) (*rebound.RecoveryPoint, error) {
@@ -320,15 +324,6 @@ func (c *Client) CancelJob(ctx context.Context, id string) (*rebound.Job, error)
 		return nil, err
 	}
 	return &v, nil
-}
-
-func (c *Client) ListEvents(ctx context.Context, machine string) ([]rebound.Event, error) {
-	path := "/api/v1/events"
-	if machine != "" {
-		path += "?machine=" + url.QueryEscape(machine)
-	}
-	var v []rebound.Event
-	return v, c.do(ctx, "GET", path, nil, &v)
 }
 
 // Health checks the server answers /healthz (no token needed).

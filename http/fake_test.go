@@ -2,6 +2,7 @@ package http
 
 import (
 	"context"
+	"fmt"
 	"sync"
 
 	"github.com/rebound-dr/rebound"
@@ -28,6 +29,10 @@ type fakeService struct {
 	report   *rebound.PreflightReport
 	console  []byte
 	panicky  bool
+
+	siteDetail *rebound.SiteDetail
+	pageSize   int    // QueryPoints pages at most this many (0: the limit)
+	next       string // QueryEvents' next cursor
 }
 
 var _ rebound.Service = (*fakeService)(nil)
@@ -163,4 +168,50 @@ func (f *fakeService) Console(ctx context.Context, name string, tail int) ([]byt
 		return nil, err
 	}
 	return f.console, nil
+}
+
+// The CatalogService side: points and events page like the server does
+// (oldest first by seq, newest first by ID), pageSize capping a page.
+var _ rebound.CatalogService = (*fakeService)(nil)
+
+func (f *fakeService) GetSite(ctx context.Context, name string) (*rebound.SiteDetail, error) {
+	if err := f.rec("GetSite", name); err != nil {
+		return nil, err
+	}
+	return f.siteDetail, nil
+}
+
+func (f *fakeService) DeletePolicy(ctx context.Context, name string) error {
+	return f.rec("DeletePolicy", name)
+}
+
+func (f *fakeService) QueryPoints(ctx context.Context, machine string, q rebound.ListQuery) (*rebound.PointPage, error) {
+	if err := f.rec("QueryPoints", machine, q); err != nil {
+		return nil, err
+	}
+	var after uint64
+	fmt.Sscan(q.Cursor, &after)
+	limit := q.Limit
+	if f.pageSize > 0 && (limit == 0 || f.pageSize < limit) {
+		limit = f.pageSize
+	}
+	p := &rebound.PointPage{}
+	for _, pt := range f.points {
+		if pt.Seq <= after || q.Kind != "" && string(pt.Kind) != q.Kind {
+			continue
+		}
+		if limit > 0 && len(p.Points) == limit {
+			p.Next = fmt.Sprint(p.Points[limit-1].Seq)
+			break
+		}
+		p.Points = append(p.Points, pt)
+	}
+	return p, nil
+}
+
+func (f *fakeService) QueryEvents(ctx context.Context, q rebound.ListQuery) (*rebound.EventPage, error) {
+	if err := f.rec("QueryEvents", q); err != nil {
+		return nil, err
+	}
+	return &rebound.EventPage{Events: f.events, Next: f.next}, nil
 }

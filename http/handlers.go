@@ -113,8 +113,12 @@ func (s *Server) listPolicies(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) putPolicy(w http.ResponseWriter, r *http.Request) error {
-	var p rebound.Policy
-	if err := decode(w, r, &p, false); err != nil {
+	var b policyBody
+	if err := decode(w, r, &b, false); err != nil {
+		return err
+	}
+	p, err := b.policy()
+	if err != nil {
 		return err
 	}
 	name := r.PathValue("name")
@@ -136,15 +140,6 @@ func (s *Server) protect(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	return s.job(w)(s.Service.Protect(r.Context(), rebound.ProtectRequest{Machine: r.PathValue("name"), To: b.To, Policy: b.Policy}))
-}
-
-func (s *Server) listPoints(w http.ResponseWriter, r *http.Request) error {
-	v, err := s.Service.ListPoints(r.Context(), r.PathValue("name"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, nonNil(v))
-	return nil
 }
 
 func (s *Server) createPoint(w http.ResponseWriter, r *http.Request) error {
@@ -241,15 +236,6 @@ func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	writeJSON(w, http.StatusOK, j)
-	return nil
-}
-
-func (s *Server) listEvents(w http.ResponseWriter, r *http.Request) error {
-	v, err := s.Service.ListEvents(r.Context(), r.URL.Query().Get("machine"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, nonNil(v))
 	return nil
 }
 

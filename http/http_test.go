@@ -62,6 +62,7 @@ func newEnv(t *testing.T) *env {
 		Service: e.fake,
 		Loop:    e.fake,
 		Power:   e.fake,
+		Catalog: e.fake,
 		Authenticate: func(ctx context.Context, tok string) error {
 			if tok != testToken {
 				return rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")
@@ -243,7 +244,7 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	same(t, pts, f.points)
-	check(t, f, "ListPoints", "web")
+	check(t, f, "QueryPoints", "web", rebound.ListQuery{Limit: rebound.MaxPageSize})
 	f.point = &f.points[1]
 	pt, err := c.CreatePoint(ctx, "web", true)
 	if err != nil {
@@ -270,7 +271,7 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	same(t, evs, f.events)
-	check(t, f, "ListEvents", "web")
+	check(t, f, "QueryEvents", rebound.ListQuery{Machine: "web"})
 
 	// Empty lists are [] on the wire, not null.
 	f.sites = nil

@@ -47,6 +47,10 @@ type Server struct {
 	// Power serves machine start, stop and console. When nil those routes
 	// answer 501 like Loop's.
 	Power rebound.PowerService
+	// Catalog serves site detail, policy deletion and the paged, filtered
+	// point and event lists. When nil those answer 501 (points and events
+	// without query parameters fall back to Service).
+	Catalog rebound.CatalogService
 }
 
 // CodeNotImplemented is the error code of a 501 answer: the server has no
@@ -108,6 +112,9 @@ func (s *Server) routes() []route {
 		{"POST", "/api/v1/jobs/{id}/cancel", false, s.cancelJob},
 
 		{"GET", "/api/v1/events", false, s.listEvents},
+
+		{"GET", "/api/v1/sites/{name}", false, s.getSite},
+		{"DELETE", "/api/v1/policies/{name}", false, s.deletePolicy},
 	}
 }
 

@@ -76,6 +76,7 @@ func (s *Server) siteConnected(ctx context.Context, name string) {
 		return
 	}
 	s.fenceReturnedSource(ctx, name, site)
+	s.syncPolicies(ctx, name, site)
 	s.unfenceServingSource(ctx, name, site)
 	keys, err := s.pendingReleases(ctx, name)
 	if err != nil {

@@ -161,6 +161,7 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 	if err := s.checkIdle(m.Name); err != nil {
 		return nil, err
 	}
+	explicit := req.Policy != "" // only a named policy changes a protected machine's
 	if req.Policy == "" {
 		req.Policy = "default"
 	}
@@ -171,6 +172,9 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 	switch {
 	case req.To == "":
 		return nil, rebound.Errorf(rebound.EINVALID, "protect needs a target site (--to)")
+	case explicit && m.Protection != nil && m.Protection.TargetSite == req.To && m.Protection.Policy != pol.Name &&
+		(m.State == rebound.MachineProtected || m.State == rebound.MachineSyncing):
+		return s.changePolicy(ctx, m, pol)
 	case m.Protection != nil && m.Protection.TargetSite == req.To && m.State == rebound.MachineProtected:
 		return s.doneJob(ctx, "protect", m.Name, fmt.Sprintf("machine %s is already protected to %s", m.Name, req.To))
 	case m.Protection != nil && m.Protection.TargetSite == req.To && m.State == rebound.MachineSyncing:

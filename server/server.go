@@ -376,7 +376,11 @@ func (s *Server) ListPolicies(ctx context.Context) ([]rebound.Policy, error) {
 	return s.DB.ListPolicies(ctx)
 }
 
-// PutPolicy creates or replaces a policy.
+// PutPolicy creates or replaces a policy. Zero durations take the
+// default policy's values (the REST edge refuses an explicit zero); other
+// invalid values are refused. A changed policy reaches the sites of every
+// machine that uses it: sources cut points at the new intervals, targets
+// keep the new retention.
 func (s *Server) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Policy, error) {
 	if err := validName(p.Name); err != nil {
 		return nil, err
@@ -391,16 +395,18 @@ func (s *Server) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Poli
 	if p.Retention == 0 {
 		p.Retention = def.Retention
 	}
-	switch {
-	case p.CrashInterval < rebound.Duration(time.Second):
-		return nil, rebound.Errorf(rebound.EINVALID, "crashInterval must be at least 1s")
-	case p.Retention < p.CrashInterval:
-		return nil, rebound.Errorf(rebound.EINVALID, "retention must be at least the crash interval")
-	case p.AppInterval < 0 || p.RPOThreshold < 0:
-		return nil, rebound.Errorf(rebound.EINVALID, "durations must not be negative")
+	if err := rebound.ValidatePolicy(p); err != nil {
+		return nil, err
+	}
+	old, err := s.DB.GetPolicy(ctx, p.Name)
+	if err != nil && rebound.ErrorCode(err) != rebound.ENOTFOUND {
+		return nil, err
 	}
 	if err := s.DB.PutPolicy(ctx, p); err != nil {
 		return nil, err
+	}
+	if old != nil && *old != p {
+		s.applyPolicy(ctx, p)
 	}
 	return &p, nil
 }

@@ -232,17 +232,16 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		sp := spec
 		m := &machine{state: machineState{Name: spec.Machine, Disks: spec.Disks, Role: RoleTarget, Spec: &sp, Generation: spec.Generation, VM: spec.VM}, journal: j}
 		s.machines[spec.Machine] = m
-		s.startExpiry(m.state.Name, j, time.Duration(spec.Policy.Retention))
+		s.startExpiry(m.state.Name, j)
 		return s.saveLocked()
 	}
 	return rebound.Errorf(rebound.EINVALID, "unknown replication role %q", spec.Role)
 }
 
 // startExpiry folds records older than the retention window into the base.
-func (s *Site) startExpiry(name string, j *journal.Journal, retention time.Duration) {
-	if retention <= 0 {
-		return
-	}
+// The window is read at every pass, so a policy change (SetPolicy) applies
+// without reopening the journal.
+func (s *Site) startExpiry(name string, j *journal.Journal) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -257,15 +256,54 @@ func (s *Site) startExpiry(name string, j *journal.Journal, retention time.Durat
 			s.mu.Lock()
 			m, ok := s.machines[name]
 			live := ok && m.journal == j
+			var retention time.Duration
+			if live && m.state.Spec != nil {
+				retention = time.Duration(m.state.Spec.Policy.Retention)
+			}
 			s.mu.Unlock()
 			if !live {
 				return
+			}
+			if retention <= 0 {
+				continue
 			}
 			if _, err := j.Expire(time.Now().Add(-retention)); err != nil {
 				s.logger.Warn("journal expiry", "machine", name, "err", err)
 			}
 		}
 	}()
+}
+
+// SetPolicy replaces the policy of a machine's stream on this side: a
+// source cuts points at the new intervals from now on, a target keeps the
+// new retention window. A machine that does not replicate here has nothing
+// to change.
+func (s *Site) SetPolicy(ctx context.Context, name string, p rebound.Policy) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.machines[name]
+	if !ok {
+		return rebound.Errorf(rebound.ENOTFOUND, "site %s holds no machine %q", s.cfg.Name, name)
+	}
+	if m.state.Spec == nil || m.state.Spec.Policy == p {
+		return nil
+	}
+	old := m.state.Spec.Policy
+	m.state.Spec.Policy = p
+	if err := s.saveLocked(); err != nil {
+		m.state.Spec.Policy = old
+		return err
+	}
+	if m.policyC != nil {
+		// The cutter takes the newest policy; an older unread one is dropped.
+		select {
+		case <-m.policyC:
+		default:
+		}
+		m.policyC <- p
+	}
+	s.logger.Info("policy changed", "machine", name, "policy", p.Name, "crashInterval", p.CrashInterval, "retention", p.Retention)
+	return nil
 }
 
 // StopReplication stops the stream on this side and drops its spool or

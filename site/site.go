@@ -32,8 +32,9 @@ import (
 	"github.com/rebound-dr/rebound/qemu"
 )
 
-// Version is the site appliance's version string.
-const Version = "0.1.0"
+// Version is the site appliance's version string, reported to the server;
+// the rebound command sets it to its build's version.
+var Version = "0.1.0"
 
 // Machine roles at a site.
 const (
@@ -103,6 +104,7 @@ type machine struct {
 	trackers []*capture.Tracker  // RoleActive after a failover: writes since the point
 	stream   *capture.Stream     // RoleSource
 	stop     context.CancelFunc  // stops the source's sender and tickers
+	policyC  chan rebound.Policy // RoleSource: policy changes for the point cutter
 	sender   *rgrpc.Sender
 	sent     chan struct{} // closed when the sender's goroutine has returned
 
@@ -261,6 +263,7 @@ func (s *Site) openMachine(m *machine) error {
 			return err
 		}
 		m.journal = j
+		s.startExpiry(st.Name, j)
 		if st.Act != nil {
 			if m.act, err = s.activate(m, *st.Act); err != nil {
 				return err
@@ -358,6 +361,8 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 	ctx, cancel := context.WithCancel(s.ctx)
 	m.stop = cancel
 	spec := *st.Spec
+	m.policyC = make(chan rebound.Policy, 1)
+	policyC := m.policyC
 	// Site certificates name the site, not its address.
 	peerTLS := s.cfg.PeerTLS.Clone()
 	peerTLS.ServerName = spec.PeerSite
@@ -382,14 +387,27 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 			s.cfg.Scan(ctx, st.Name, spec.StreamID, stream)
 			return
 		}
-		s.cutPoints(ctx, st.Name, stream, spec.Policy)
+		s.cutPoints(ctx, st.Name, stream, spec.Policy, policyC)
 	}()
 	return nil
 }
 
 // cutPoints cuts a crash-consistent point every CrashInterval and an
-// app-consistent one every AppInterval, while the stream is consistent.
-func (s *Site) cutPoints(ctx context.Context, name string, stream *capture.Stream, p rebound.Policy) {
+// app-consistent one every AppInterval, while the stream is consistent. A
+// policy from policyC restarts both intervals.
+func (s *Site) cutPoints(ctx context.Context, name string, stream *capture.Stream, p rebound.Policy, policyC <-chan rebound.Policy) {
+	for {
+		np, ok := s.cutPointsUntil(ctx, name, stream, p, policyC)
+		if !ok {
+			return
+		}
+		p = np
+	}
+}
+
+// cutPointsUntil cuts points by p until ctx ends (false) or a new policy
+// arrives (it, true).
+func (s *Site) cutPointsUntil(ctx context.Context, name string, stream *capture.Stream, p rebound.Policy, policyC <-chan rebound.Policy) (rebound.Policy, bool) {
 	crash := time.Duration(p.CrashInterval)
 	if crash <= 0 {
 		crash = 5 * time.Second
@@ -405,7 +423,9 @@ func (s *Site) cutPoints(ctx context.Context, name string, stream *capture.Strea
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return p, false
+		case np := <-policyC:
+			return np, true
 		case <-tc.C:
 			st := stream.Stats()
 			if st.State == "syncing" || st.State == "resyncing" || st.State == "overflow" {

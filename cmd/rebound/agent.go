@@ -207,6 +207,9 @@ protect it like any machine:
 		Example: `  rebound agent --name srv1 --server-addr 10.0.0.5:8441 --token JOIN --disk /dev/sdb --freeze-mount /data`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := loadDaemonConfig(cmd, "agent"); err != nil {
+				return err
+			}
 			if cfg.Name == "" {
 				return cmd.Help()
 			}
@@ -239,6 +242,7 @@ protect it like any machine:
 	f.StringVar(&cfg.FreezeMount, "freeze-mount", "", "mount point frozen (fsfreeze) while a cycle reads the disks: app-consistent points")
 	f.DurationVar(&cfg.Interval, "interval", agent.DefaultInterval, "least time between two cycles")
 	f.StringVar(&spool, "spool-limit", "1GiB", "local spool bound; a cycle's copy waits for the link past half of it, while frozen")
+	addConfigFlag(cmd, "agent")
 	cmd.AddCommand(newAgentRestoreCommand(c))
 	return cmd
 }

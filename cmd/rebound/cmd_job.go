@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"runtime"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/spf13/cobra"
@@ -102,50 +101,35 @@ func (c *CLI) jobCommand() *cobra.Command {
 
 func (c *CLI) eventsCommand() *cobra.Command {
 	var machine string
+	var l listFlags
 	cmd := &cobra.Command{
-		Use:   "events [--machine M]",
-		Short: "Show the audit and health history",
-		Args:  argNames(),
+		Use:   "events [--machine M] [--since T] [--until T] [--kind K] [--limit N [--cursor C]]",
+		Short: "Show the audit and health history, newest first",
+		Long: `Show events, newest first: the newest 1000, or those the filters keep.
+--kind matches a kind or its dotted prefix (job matches job.protect);
+--since and --until take RFC 3339 times or a duration ago (90m). With
+--limit N, when more follow, the command prints on stderr the command line
+(with --cursor) that lists the next ones.`,
+		Example: `  rebound events --machine web1 --since 24h --kind health
+  rebound events --kind job --limit 50`,
+		Args: argNames(),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			svc, err := c.Service()
-			if err != nil {
-				return err
-			}
-			evs, err := svc.ListEvents(cmd.Context(), machine)
-			if err != nil {
-				return err
-			}
-			if evs == nil {
-				evs = []rebound.Event{}
-			}
-			return c.print(evs, func(w io.Writer) {
-				row(w, "TIME", "KIND", "MACHINE", "SITE", "MESSAGE")
-				for _, e := range evs {
-					row(w, fmtTime(e.Time), e.Kind, orDash(e.Machine), orDash(e.Site), e.Message)
-				}
-			})
+			return c.listEvents(cmd, machine, &l)
 		},
 	}
 	cmd.Flags().StringVar(&machine, "machine", "", "only events of this machine")
+	l.add(cmd, "only events of this kind or dotted prefix (job, health, policy.changed, ...)")
 	return cmd
-}
-
-// VersionInfo is the JSON output of `rebound version`.
-type VersionInfo struct {
-	Version string `json:"version"`
-	Go      string `json:"go"`
 }
 
 func (c *CLI) versionCommand() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
-		Short: "Print the CLI version",
+		Short: "Print the build's version and commit",
 		Args:  argNames(),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			v := VersionInfo{Version: Version, Go: runtime.Version()}
-			return c.print(v, func(w io.Writer) {
-				fmt.Fprintf(w, "rebound %s (%s)\n", v.Version, v.Go)
-			})
+			v := buildVersion()
+			return c.print(v, func(w io.Writer) { fmt.Fprintln(w, v) })
 		},
 	}
 }

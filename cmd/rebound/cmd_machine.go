@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"math"
 	"path/filepath"
+	"time"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/spf13/cobra"
@@ -22,7 +24,7 @@ func (c *CLI) machineCommand() *cobra.Command {
 	cmd.AddCommand(c.machineStartCommand(), c.machineStopCommand(), c.machineConsoleCommand())
 	cmd.AddCommand(&cobra.Command{
 		Use:   "list",
-		Short: "List machines",
+		Short: "List machines: state, direction, health, lag against the RPO, last point, home",
 		Args:  argNames(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			svc, err := c.Service()
@@ -36,11 +38,17 @@ func (c *CLI) machineCommand() *cobra.Command {
 			if ms == nil {
 				ms = []rebound.Machine{}
 			}
+			rpo := c.rpoThresholds(cmd.Context(), svc, ms)
+			now := time.Now()
 			return c.print(ms, func(w io.Writer) {
-				row(w, "NAME", "STATE", "ACTIVE-SITE", "HEALTH", "LAG", "DISKS")
+				row(w, "NAME", "STATE", "DIRECTION", "HEALTH", "LAG/RPO", "LAST-POINT", "HOME", "DISKS")
 				for i := range ms {
 					m := &ms[i]
-					row(w, m.Name, m.State, orDash(m.ActiveSite), orDash(m.Health), fmtLag(m), fmtDisks(m.Disks))
+					var th time.Duration
+					if m.Protection != nil {
+						th = rpo[m.Protection.Policy]
+					}
+					row(w, m.Name, m.State, fmtDirection(m), orDash(m.Health), fmtLagRPO(m, th), fmtPointAge(m, now), fmtHome(m), fmtDisks(m.Disks))
 				}
 			})
 		},
@@ -243,4 +251,25 @@ func sitePath(flag, p string) (string, error) {
 		return "", usagef("machine create: %s %s: %v", flag, p, err)
 	}
 	return abs, nil
+}
+
+// rpoThresholds maps policy names to RPO thresholds for the machine list;
+// without the policies (an old server, an error) the list shows lag alone.
+func (c *CLI) rpoThresholds(ctx context.Context, svc rebound.Service, ms []rebound.Machine) map[string]time.Duration {
+	out := map[string]time.Duration{}
+	protected := false
+	for _, m := range ms {
+		protected = protected || m.Protection != nil
+	}
+	if !protected {
+		return out
+	}
+	ps, err := svc.ListPolicies(ctx)
+	if err != nil {
+		return out
+	}
+	for _, p := range ps {
+		out[p.Name] = time.Duration(p.RPOThreshold)
+	}
+	return out
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"io"
 	"time"
 
@@ -9,7 +10,7 @@ import (
 )
 
 func (c *CLI) policyCommand() *cobra.Command {
-	cmd := groupCommand("policy", "Replication policies: RPO threshold, retention, point intervals")
+	cmd := groupCommand("policy", "Replication policies: list, set, delete")
 	cmd.AddCommand(&cobra.Command{
 		Use:   "list",
 		Short: "List policies",
@@ -29,7 +30,26 @@ func (c *CLI) policyCommand() *cobra.Command {
 			return c.print(ps, func(w io.Writer) { writePolicies(w, ps) })
 		},
 	})
-	cmd.AddCommand(c.policySetCommand())
+	cmd.AddCommand(c.policySetCommand(), &cobra.Command{
+		Use:   "delete NAME",
+		Short: "Delete a policy no machine uses",
+		Long: `Delete a policy. A policy that machines use is refused, naming them: move
+them to another policy first with 'rebound protect NAME --to SITE --policy P'.
+The default policy cannot be deleted.`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cs, err := c.Catalog()
+			if err != nil {
+				return err
+			}
+			if err := cs.DeletePolicy(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			return c.print(Deleted{Name: args[0], Deleted: true}, func(w io.Writer) {
+				fmt.Fprintf(w, "deleted policy %s\n", args[0])
+			})
+		},
+	})
 	return cmd
 }
 
@@ -40,7 +60,13 @@ func (c *CLI) policySetCommand() *cobra.Command {
 		Short: "Create or update a policy",
 		Long: `Create or update a policy. Flags not given keep the policy's current
 values, or the defaults (rpo 30s, retention 24h, crash-interval 5s,
-app-interval 0 = never) for a new policy.`,
+app-interval 0 = never) for a new policy. The crash interval is at least 1s,
+retention at least the crash interval, the RPO positive, the app interval 0
+(never) or at least 1s; other values are refused.
+
+A changed policy takes effect on every machine that uses it: the source site
+cuts points at the new intervals and the recovery site keeps the new
+retention (a site that is offline gets it when it reconnects).`,
 		Example: `  rebound policy set gold --rpo 10s --retention 72h --crash-interval 2s --app-interval 15m`,
 		Args:    argNames("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -73,10 +99,13 @@ app-interval 0 = never) for a new policy.`,
 				if !f.Changed(o.flag) {
 					continue
 				}
-				if o.v < 0 {
-					return usagef("policy set: --%s must not be negative", o.flag)
+				if o.v < 0 || o.v == 0 && o.flag != "app-interval" {
+					return usagef("policy set: --%s must be positive, not %s", o.flag, o.v)
 				}
 				*o.dst = rebound.Duration(o.v)
+			}
+			if err := rebound.ValidatePolicy(p); err != nil {
+				return usagef("policy set: %s", rebound.ErrorMessage(err))
 			}
 			out, err := svc.PutPolicy(cmd.Context(), p)
 			if err != nil {

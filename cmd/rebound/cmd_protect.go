@@ -15,7 +15,10 @@ func (c *CLI) protectCommand() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "protect NAME --to SITE [--policy P] [--wait]",
-		Short: "Start replicating a machine to a recovery site",
+		Short: "Start replicating a machine to a recovery site, or change its policy",
+		Long: `Start replicating a machine to a recovery site under a policy (default
+"default"). Run on a machine already protected to that site with another
+--policy, it moves the machine to that policy: the sites apply it at once.`,
 		Example: `  rebound protect web1 --to b --wait
   rebound protect db --to b --policy gold`,
 		Args: argNames("NAME"),
@@ -39,25 +42,25 @@ func addWaitFlag(cmd *cobra.Command, wait *bool) {
 }
 
 func (c *CLI) pointsCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:   "points NAME",
+	var l listFlags
+	cmd := &cobra.Command{
+		Use:   "points NAME [--since T] [--until T] [--kind crash|app] [--limit N [--cursor C]]",
 		Short: "List a protected machine's recovery points, oldest first",
-		Args:  argNames("NAME"),
+		Long: `List the recovery points the machine's recovery site holds, oldest first.
+A 5-second policy makes about 17,000 points a day: --since and --until bound
+the times (RFC 3339, or a duration ago such as 90m), --kind keeps crash or app
+points, and --limit N prints the first N; when more follow, the command
+prints on stderr the command line (with --cursor) that lists the next ones.`,
+		Example: `  rebound points web1 --since 1h --kind app
+  rebound points web1 --since 2026-11-27T14:00:00Z --until 2026-11-27T14:05:00Z
+  rebound points web1 --limit 100`,
+		Args: argNames("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			svc, err := c.Service()
-			if err != nil {
-				return err
-			}
-			ps, err := svc.ListPoints(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if ps == nil {
-				ps = []rebound.RecoveryPoint{}
-			}
-			return c.print(ps, func(w io.Writer) { writePoints(w, ps) })
+			return c.listPoints(cmd, args[0], &l)
 		},
 	}
+	l.add(cmd, "only points of this kind: crash or app")
+	return cmd
 }
 
 func (c *CLI) pointCommand() *cobra.Command {

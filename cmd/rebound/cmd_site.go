@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/spf13/cobra"
@@ -15,7 +16,7 @@ type EnrollToken struct {
 }
 
 func (c *CLI) siteCommand() *cobra.Command {
-	cmd := groupCommand("site", "Sites: list them, enroll new ones")
+	cmd := groupCommand("site", "Sites: list, show, enroll new ones")
 	cmd.AddCommand(&cobra.Command{
 		Use:   "list",
 		Short: "List the sites enrolled with the server",
@@ -45,6 +46,25 @@ func (c *CLI) siteCommand() *cobra.Command {
 		},
 	})
 	cmd.AddCommand(&cobra.Command{
+		Use:   "show NAME",
+		Short: "Show a site: health, version, free space, last report, machines and their roles",
+		Args:  argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cs, err := c.Catalog()
+			if err != nil {
+				return err
+			}
+			d, err := cs.GetSite(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if d.Machines == nil {
+				d.Machines = []rebound.SiteMachineRole{}
+			}
+			return c.print(d, func(w io.Writer) { writeSite(w, d, time.Now()) })
+		},
+	})
+	cmd.AddCommand(&cobra.Command{
 		Use:   "token NAME",
 		Short: "Print a one-time token a new site named NAME enrolls with",
 		Args:  argNames("NAME"),
@@ -63,4 +83,37 @@ func (c *CLI) siteCommand() *cobra.Command {
 		},
 	})
 	return cmd
+}
+
+func writeSite(w io.Writer, d *rebound.SiteDetail, now time.Time) {
+	row(w, "Name:", d.Name)
+	row(w, "Status:", d.Status)
+	health := orDash(d.Health)
+	if d.HealthReason != "" {
+		health += " (" + d.HealthReason + ")"
+	}
+	row(w, "Health:", health)
+	row(w, "Version:", orDash(d.Version))
+	free := "-"
+	if d.FreeBytes > 0 {
+		free = formatSize(d.FreeBytes)
+	}
+	row(w, "Free space:", free)
+	row(w, "NBD:", orDash(d.NBDAddr))
+	row(w, "Replication:", orDash(d.ReplAddr))
+	last := "never"
+	if !d.LastSeen.IsZero() {
+		last = fmtTime(d.LastSeen) + " (" + fmtAge(now.Sub(d.LastSeen)) + " ago)"
+	}
+	row(w, "Last report:", last)
+	flush(w)
+	if len(d.Machines) == 0 {
+		row(w, "Machines:", "none")
+		return
+	}
+	row(w, "Machines:")
+	row(w, "  NAME", "ROLE", "STATE", "HEALTH")
+	for _, m := range d.Machines {
+		row(w, "  "+m.Name, m.Role, m.State, orDash(m.Health))
+	}
 }

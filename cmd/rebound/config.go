@@ -22,6 +22,8 @@ type ClientConfig struct {
 	// It is read from CAFile when the config is resolved; WriteClientConfig
 	// stores it as ca.crt next to the config when CAFile is empty.
 	CAPEM []byte `json:"-"`
+	// tokenFrom says where Token came from, for error messages.
+	tokenFrom string
 }
 
 // Environment variables that override the config file.
@@ -111,6 +113,16 @@ func loadClientConfig(server, token, caFile string) (ClientConfig, error) {
 			*dst = v
 		}
 	}
+	if cfg.Token != "" {
+		path, _ := ClientConfigPath()
+		cfg.tokenFrom = "the config file " + path
+	}
+	if os.Getenv(EnvToken) != "" {
+		cfg.tokenFrom = EnvToken
+	}
+	if token != "" {
+		cfg.tokenFrom = "--token"
+	}
 	override(&cfg.Server, os.Getenv(EnvServer))
 	override(&cfg.Token, os.Getenv(EnvToken))
 	override(&cfg.CAFile, os.Getenv(EnvCA))
@@ -153,5 +165,20 @@ func (c *CLI) Config() (ClientConfig, error) {
 	if err != nil {
 		return cfg, err
 	}
+	c.tokenFrom = cfg.tokenFrom
 	return cfg, cfg.finish()
+}
+
+// explainAuth adds to a refused token where it came from and how to get
+// a good one.
+func (c *CLI) explainAuth(err error) error {
+	if rebound.ErrorCode(err) != rebound.EUNAUTHORIZED {
+		return err
+	}
+	from := "nowhere: no token is set"
+	if c.tokenFrom != "" {
+		from = c.tokenFrom
+	}
+	return rebound.Errorf(rebound.EUNAUTHORIZED, "%s (token from %s): use the admin token of the server: the file `rebound server --admin-token-file FILE` writes on its host (delete it and restart the server for a new one), or run `rebound up` again, which writes its token to the config file; pass it with --token or REBOUND_TOKEN",
+		rebound.ErrorMessage(err), from)
 }

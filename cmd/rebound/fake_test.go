@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/rebound-dr/rebound"
 )
@@ -44,6 +46,11 @@ type fakeService struct {
 	StartMachineFn func(name string) (*rebound.Job, error)
 	StopMachineFn  func(name string) (*rebound.Job, error)
 	ConsoleFn      func(name string, tail int) ([]byte, error)
+
+	GetSiteFn      func(name string) (*rebound.SiteDetail, error)
+	DeletePolicyFn func(name string) error
+	QueryPointsFn  func(machine string, q rebound.ListQuery) (*rebound.PointPage, error)
+	QueryEventsFn  func(q rebound.ListQuery) (*rebound.EventPage, error)
 }
 
 var (
@@ -295,4 +302,62 @@ func (f *fakeService) Console(ctx context.Context, name string, tail int) ([]byt
 		return nil, unexpected("Console")
 	}
 	return f.ConsoleFn(name, tail)
+}
+
+// CatalogService.
+var _ rebound.CatalogService = (*fakeService)(nil)
+
+func (f *fakeService) GetSite(ctx context.Context, name string) (*rebound.SiteDetail, error) {
+	f.record("GetSite %s", name)
+	if f.GetSiteFn == nil {
+		return nil, unexpected("GetSite")
+	}
+	return f.GetSiteFn(name)
+}
+
+func (f *fakeService) DeletePolicy(ctx context.Context, name string) error {
+	f.record("DeletePolicy %s", name)
+	if f.DeletePolicyFn == nil {
+		return unexpected("DeletePolicy")
+	}
+	return f.DeletePolicyFn(name)
+}
+
+func (f *fakeService) QueryPoints(ctx context.Context, machine string, q rebound.ListQuery) (*rebound.PointPage, error) {
+	f.record("QueryPoints %s %s", machine, fmtQuery(q))
+	if f.QueryPointsFn == nil {
+		return nil, unexpected("QueryPoints")
+	}
+	return f.QueryPointsFn(machine, q)
+}
+
+func (f *fakeService) QueryEvents(ctx context.Context, q rebound.ListQuery) (*rebound.EventPage, error) {
+	f.record("QueryEvents %s", fmtQuery(q))
+	if f.QueryEventsFn == nil {
+		return nil, unexpected("QueryEvents")
+	}
+	return f.QueryEventsFn(q)
+}
+
+// fmtQuery shows a ListQuery's set fields, times in RFC 3339.
+func fmtQuery(q rebound.ListQuery) string {
+	var s []string
+	add := func(k, v string) {
+		if v != "" {
+			s = append(s, k+"="+v)
+		}
+	}
+	if !q.Since.IsZero() {
+		add("since", q.Since.UTC().Format(time.RFC3339))
+	}
+	if !q.Until.IsZero() {
+		add("until", q.Until.UTC().Format(time.RFC3339))
+	}
+	add("kind", q.Kind)
+	add("machine", q.Machine)
+	if q.Limit > 0 {
+		add("limit", fmt.Sprint(q.Limit))
+	}
+	add("cursor", q.Cursor)
+	return strings.Join(s, " ")
 }

@@ -90,7 +90,7 @@ func TestOverHTTP(t *testing.T) {
 	}
 	r = run("machine", "show", "web1", "--token", "bad")
 	wantCode(t, r, ExitUnauthorized)
-	if r.stderr != "rebound: bad token\n" {
+	if !strings.HasPrefix(r.stderr, "rebound: bad token (token from --token): use the admin token of the server") {
 		t.Fatalf("stderr %q", r.stderr)
 	}
 

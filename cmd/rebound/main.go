@@ -19,9 +19,14 @@ import (
 	"github.com/spf13/cobra"
 )
 
-// Version is the CLI's version, set at build time with
-// -ldflags "-X main.Version=v1.2.3".
-var Version = "dev"
+// Version and Commit identify the build. They can be set at build time with
+// -ldflags "-X main.Version=v1.2.3 -X main.Commit=abc123"; otherwise Commit
+// comes from the build's VCS stamp (debug.ReadBuildInfo) and Version from
+// the module version when built with go install.
+var (
+	Version = "dev"
+	Commit  = ""
+)
 
 // Exit codes. They are part of the CLI's public contract (docs/cli.md).
 const (
@@ -83,6 +88,8 @@ type CLI struct {
 
 	// Global flags.
 	server, token, caFile, output string
+	// tokenFrom says where the resolved token came from (explainAuth).
+	tokenFrom string
 
 	svc rebound.Service
 	// ran is set once a command's hooks start running: errors before it
@@ -115,6 +122,7 @@ func (c *CLI) Run(ctx context.Context, args []string) int {
 	if err == nil {
 		return ExitOK
 	}
+	err = c.explainAuth(err)
 	code := c.exitCode(err)
 	var je *jobError
 	var cf *checksFailed
@@ -138,7 +146,7 @@ func (c *CLI) Run(ctx context.Context, args []string) int {
 		}
 		fmt.Fprintf(c.Stderr, "Run '%s --help' for usage.\n", path)
 	}
-	if c.output == "json" || !c.ran && wantsJSON(args) {
+	if c.JSON() || !c.ran && wantsJSON(args) {
 		errCode := rebound.ErrorCode(err)
 		if !c.ran {
 			errCode = rebound.EINVALID
@@ -152,11 +160,11 @@ func (c *CLI) Run(ctx context.Context, args []string) int {
 // wantsJSON spots -o json in args cobra could not parse.
 func wantsJSON(args []string) bool {
 	for i, a := range args {
-		switch a {
+		switch a = strings.ToLower(a); a {
 		case "-ojson", "-o=json", "--output=json":
 			return true
 		case "-o", "--output":
-			if i+1 < len(args) && args[i+1] == "json" {
+			if i+1 < len(args) && strings.EqualFold(args[i+1], "json") {
 				return true
 			}
 		}
@@ -218,6 +226,8 @@ REBOUND_CA, or by --server, --token and --ca (later ones win).
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			// -o JSON is -o json: the format is case-insensitive.
+			c.output = strings.ToLower(c.output)
 			if c.output != "table" && c.output != "json" {
 				return usagef("-o must be json or table, not %q", c.output)
 			}
@@ -254,6 +264,7 @@ REBOUND_CA, or by --server, --token and --ca (later ones win).
 	for _, fn := range extraCommands {
 		addOrMerge(root, fn(c))
 	}
+	c.addCompletions(root)
 	return root
 }
 
@@ -300,7 +311,7 @@ func (c *CLI) Service() (rebound.Service, error) {
 }
 
 // JSON reports whether -o json was given.
-func (c *CLI) JSON() bool { return c.output == "json" }
+func (c *CLI) JSON() bool { return strings.EqualFold(c.output, "json") }
 
 // groupCommand is a command that only holds subcommands: bare it prints
 // help, with an unknown subcommand it is a usage error.

@@ -283,3 +283,55 @@ func fmtVMStatus(s *rebound.VMStatus) string {
 	}
 	return "running (" + strings.Join(parts, ", ") + ")"
 }
+
+// fmtAge rounds an age for a table: seconds under a minute, minutes
+// under an hour, then hours and minutes.
+func fmtAge(d time.Duration) string {
+	switch {
+	case d < 0:
+		return "0s"
+	case d < time.Minute:
+		return d.Round(time.Second).String()
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d/time.Minute))
+	}
+	return fmt.Sprintf("%dh%02dm", int(d/time.Hour), int(d%time.Hour/time.Minute))
+}
+
+// fmtDirection is where a machine runs and replicates to: "a -> b", or its
+// active site alone when it is not protected.
+func fmtDirection(m *rebound.Machine) string {
+	if p := m.Protection; p != nil {
+		return p.SourceSite + " -> " + p.TargetSite
+	}
+	return orDash(m.ActiveSite)
+}
+
+// fmtLagRPO is the lag against the RPO threshold: "2.1s / 30s"; rpo 0 is
+// an unknown threshold.
+func fmtLagRPO(m *rebound.Machine, rpo time.Duration) string {
+	if m.Protection == nil {
+		return "-"
+	}
+	lag := fmtSeconds(m.Protection.LagSeconds)
+	if rpo <= 0 {
+		return lag
+	}
+	return lag + " / " + rpo.String()
+}
+
+// fmtPointAge is how old the machine's newest point is.
+func fmtPointAge(m *rebound.Machine, now time.Time) string {
+	if m.Protection == nil || m.Protection.LastPointTime.IsZero() {
+		return "-"
+	}
+	return fmtAge(now.Sub(m.Protection.LastPointTime)) + " ago"
+}
+
+// fmtHome is the machine's home site, marked when it runs elsewhere.
+func fmtHome(m *rebound.Machine) string {
+	if m.HomeSite != "" && m.ActiveSite != "" && m.HomeSite != m.ActiveSite {
+		return m.HomeSite + " (away)"
+	}
+	return orDash(m.HomeSite)
+}

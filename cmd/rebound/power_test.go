@@ -291,8 +291,8 @@ func TestMachineShowVM(t *testing.T) {
 	f = &fakeService{ListMachinesFn: func() ([]rebound.Machine, error) { return []rebound.Machine{*vmMachine()}, nil }}
 	r = runCLI(t, f, "machine", "list")
 	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
-	if len(lines) != 2 || strings.Join(strings.Fields(lines[0]), " ") != "NAME STATE ACTIVE-SITE HEALTH LAG DISKS" ||
-		strings.Join(strings.Fields(lines[1]), " ") != "web1 protected a warning 1.3s 4GiB,512MiB" {
+	if len(lines) != 2 || strings.Join(strings.Fields(lines[0]), " ") != "NAME STATE DIRECTION HEALTH LAG/RPO LAST-POINT HOME DISKS" ||
+		strings.Join(strings.Fields(lines[1]), " ") != "web1 protected a -> b warning 1.3s - a 4GiB,512MiB" {
 		t.Fatalf("list:\n%s", r.stdout)
 	}
 }

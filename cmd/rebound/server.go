@@ -129,6 +129,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		Metrics: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
 		Loop:    m.Service,
 		Power:   m.Service,
+		Catalog: m.Service,
 	}
 	// Timeouts close slow and idle connections, authenticated or not;
 	// failed TLS handshakes are logged at a bounded rate.
@@ -193,6 +194,9 @@ func newServerCommand(c *CLI) *cobra.Command {
 		Short: "Run the control plane (the vault): REST API, job engine, site enrollment",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := loadDaemonConfig(cmd, "server"); err != nil {
+				return err
+			}
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
 			m := &ServerMain{Config: cfg, Logger: newLogger(c.Stderr)}
@@ -215,6 +219,7 @@ func newServerCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.GRPCAddr, "grpc-addr", "127.0.0.1:8441", "listen address for sites (enrollment and control)")
 	f.StringSliceVar(&cfg.Hosts, "host", nil, "extra host names or IPs for the server certificate")
 	f.StringVar(&tokenFile, "admin-token-file", "", "create an admin API token if this file does not exist and write it there (0600)")
+	addConfigFlag(cmd, "server")
 	return cmd
 }
 

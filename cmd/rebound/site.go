@@ -241,6 +241,9 @@ func newSiteCommand(c *CLI) *cobra.Command {
 		Short: "Run a site appliance, or manage sites",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := loadDaemonConfig(cmd, "site"); err != nil {
+				return err
+			}
 			if cfg.Name == "" {
 				return cmd.Help()
 			}
@@ -282,6 +285,7 @@ func newSiteCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.ThawHook, "thaw-hook", "", "script run after an app-consistent point, always")
 	f.StringVar(&spool, "spool-limit", "1GiB", "local spool bound per machine before only a dirty-region map is kept")
 	f.StringToStringVar(&networks, "network", nil, "network mapping LOGICAL=user|tap:IFNAME|bridge:BRIDGE for VM NICs (repeatable)")
+	addConfigFlag(cmd, "site")
 	return cmd
 }
 
