@@ -24,6 +24,7 @@ import (
 type VM struct {
 	cfg    VMConfig
 	pid    int
+	accel  string // kvm or tcg; empty if unknown
 	logger *slog.Logger
 
 	done     chan struct{} // closed when the process is gone
@@ -68,6 +69,7 @@ func Attach(cfg VMConfig) (*VM, error) {
 	if !v.alive() {
 		return nil, rebound.Errorf(rebound.ENOTFOUND, "vm %s is not running (pid %d gone)", cfg.Name, pid)
 	}
+	v.accel = cmdlineAccel(pid)
 	v.wg.Add(1)
 	go v.watch()
 	return v, nil
@@ -89,6 +91,18 @@ func (v *VM) alive() bool {
 		return false
 	}
 	return true
+}
+
+// cmdlineAccel reads the accelerator a running QEMU was started with.
+func cmdlineAccel(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	args := strings.Split(string(b), "\x00")
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == "-accel" {
+			return args[i+1]
+		}
+	}
+	return ""
 }
 
 // watch polls an attached VM's process, which is not our child.
@@ -120,6 +134,9 @@ func (v *VM) Close() error {
 
 // Config returns the VM's configuration.
 func (v *VM) Config() VMConfig { return v.cfg }
+
+// Accel returns the accelerator the VM runs on: "kvm" or "tcg".
+func (v *VM) Accel() string { return v.accel }
 
 // PID returns QEMU's process id.
 func (v *VM) PID() int { return v.pid }

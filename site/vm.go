@@ -114,7 +114,7 @@ func (s *Site) Power(ctx context.Context, name, state string, test bool) error {
 		} else {
 			m.vm, m.state.Power = vm, rebound.PowerOn
 		}
-		s.logger.Info("vm started", "machine", name, "test", test, "pid", vm.PID(), "accel", s.cfg.QEMU.Accel())
+		s.logger.Info("vm started", "machine", name, "test", test, "pid", vm.PID(), "accel", vm.Accel())
 		return s.saveLocked()
 	}
 	if test {
@@ -218,10 +218,7 @@ func (s *Site) vmStatusLocked(m *machine, test bool) *rebound.VMStatus {
 	}
 	st := &rebound.VMStatus{}
 	if vm != nil && vm.Running() {
-		st.Running, st.PID = true, vm.PID()
-		if s.cfg.QEMU != nil {
-			st.Accel = s.cfg.QEMU.Accel()
-		}
+		st.Running, st.PID, st.Accel = true, vm.PID(), vm.Accel()
 		if cfg := vm.Config(); cfg.NIC != nil {
 			st.Network = cfg.NIC.Mode
 			if cfg.NIC.Isolated {
