@@ -160,3 +160,7 @@ func (f *fakeService) Console(ctx context.Context, name string, tail int) ([]byt
 	}
 	return f.console, nil
 }
+
+func (f *fakeService) SetMachine(ctx context.Context, req rebound.SetMachineRequest) (*rebound.Machine, error) {
+	return f.machine, f.rec("SetMachine", req)
+}

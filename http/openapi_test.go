@@ -112,6 +112,7 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"ReprotectRequest": reprotectBody{}, "FailbackRequest": failbackBody{},
 		"PreflightReport": rebound.PreflightReport{}, "PreflightCheck": rebound.PreflightCheck{},
 		"TokenResponse": tokenBody{}, "Error": errorResponse{}, "Health": healthBody{},
+		"SetMachineRequest": setMachineBody{}, "MachineSettings": rebound.MachineSettings{},
 	} {
 		s, ok := doc.Components.Schemas[name]
 		if !ok {

@@ -208,17 +208,38 @@ const DefaultShutdownTimeout = time.Minute
 // (DefaultShutdownTimeout without a deadline), then kills it and returns an
 // EUNAVAILABLE error saying so.
 func (v *VM) Shutdown(ctx context.Context) error {
-	if !v.Running() {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultShutdownTimeout)
+		defer cancel()
+	}
+	how, err := v.PowerDown(ctx)
+	if err == nil {
 		return nil
+	}
+	if err := v.Kill(); err != nil {
+		return err
+	}
+	return rebound.Errorf(rebound.EUNAVAILABLE, "vm %s: guest did not shut down in time (%s); killed", v.cfg.Name, how)
+}
+
+// PowerDown asks the guest to shut down, as Shutdown does, and waits for
+// QEMU to exit until ctx is done (DefaultShutdownTimeout without a
+// deadline). A guest still running then is left running: the error is
+// EUNAVAILABLE and how says what was tried ("acpi", "guest agent, then
+// acpi").
+func (v *VM) PowerDown(ctx context.Context) (how string, err error) {
+	if !v.Running() {
+		return "", nil
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, DefaultShutdownTimeout)
 		defer cancel()
 	}
-	how := "guest agent"
+	how = "guest agent"
 	actx, cancel := context.WithTimeout(ctx, agentShutdownWait(ctx))
-	err := v.agentShutdown(actx)
+	err = v.agentShutdown(actx)
 	cancel()
 	if err == nil {
 		dl, _ := ctx.Deadline()
@@ -227,7 +248,7 @@ func (v *VM) Shutdown(ctx context.Context) error {
 		cancel()
 		if err == nil {
 			v.logger.Info("qemu: shut down", "via", how, "code", v.code)
-			return nil
+			return how, nil
 		}
 		how = "guest agent, then acpi"
 	} else {
@@ -239,12 +260,9 @@ func (v *VM) Shutdown(ctx context.Context) error {
 	}
 	if _, err := v.waitGone(ctx); err == nil {
 		v.logger.Info("qemu: shut down", "via", how, "code", v.code)
-		return nil
+		return how, nil
 	}
-	if err := v.Kill(); err != nil {
-		return err
-	}
-	return rebound.Errorf(rebound.EUNAVAILABLE, "vm %s: guest did not shut down in time (%s); killed", v.cfg.Name, how)
+	return how, rebound.Errorf(rebound.EUNAVAILABLE, "vm %s: guest did not shut down in time (%s); still running", v.cfg.Name, how)
 }
 
 // agentShutdownWait bounds the agent attempt so ACPI still has time.

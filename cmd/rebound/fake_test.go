@@ -43,6 +43,8 @@ type fakeService struct {
 	StartMachineFn func(name string) (*rebound.Job, error)
 	StopMachineFn  func(name string) (*rebound.Job, error)
 	ConsoleFn      func(name string, tail int) ([]byte, error)
+
+	SetMachineFn func(req rebound.SetMachineRequest) (*rebound.Machine, error)
 }
 
 var (
@@ -286,4 +288,12 @@ func (f *fakeService) Console(ctx context.Context, name string, tail int) ([]byt
 		return nil, unexpected("Console")
 	}
 	return f.ConsoleFn(name, tail)
+}
+
+func (f *fakeService) SetMachine(ctx context.Context, req rebound.SetMachineRequest) (*rebound.Machine, error) {
+	f.record("SetMachine %s", req.Name)
+	if f.SetMachineFn == nil {
+		return nil, unexpected("SetMachine")
+	}
+	return f.SetMachineFn(req)
 }
