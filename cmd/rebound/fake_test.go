@@ -163,7 +163,7 @@ func (f *fakeService) CreatePoint(ctx context.Context, machine string, app bool)
 }
 
 func (f *fakeService) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
-	f.record("Failover %+v", req)
+	f.record("Failover %s", failoverCall(req))
 	if f.FailoverFn == nil {
 		return nil, unexpected("Failover")
 	}
@@ -251,7 +251,7 @@ func (f *fakeService) Reprotect(ctx context.Context, req rebound.ReprotectReques
 }
 
 func (f *fakeService) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
-	f.record("Failback %+v", req)
+	f.record("Failback %s", failoverCall(req))
 	if f.FailbackFn == nil {
 		return nil, unexpected("Failback")
 	}
@@ -296,4 +296,14 @@ func (f *fakeService) SetMachine(ctx context.Context, req rebound.SetMachineRequ
 		return nil, unexpected("SetMachine")
 	}
 	return f.SetMachineFn(req)
+}
+
+// failoverCall prints a failover request as %+v did before it had shutdown
+// options, which it shows only when given.
+func failoverCall(req rebound.FailoverRequest) string {
+	s := fmt.Sprintf("{Machine:%s Point:%s Planned:%v", req.Machine, req.Point, req.Planned)
+	if req.Shutdown != (rebound.ShutdownOptions{}) {
+		s += fmt.Sprintf(" Shutdown:%+v", req.Shutdown)
+	}
+	return s + "}"
 }
