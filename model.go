@@ -55,6 +55,8 @@ type Machine struct {
 	Failover     *FailoverInfo `json:"failover,omitempty"`
 	TestFailover *TestFailover `json:"testFailover,omitempty"`
 	CreatedAt    time.Time     `json:"createdAt"`
+	// Settings are set with `rebound machine set`.
+	Settings MachineSettings `json:"settings"`
 }
 
 // Disk is one disk of a machine. NBD is an NBD URI at the active site.

@@ -37,6 +37,10 @@ type Service interface {
 	GetJob(ctx context.Context, id string) (*Job, error)
 	CancelJob(ctx context.Context, id string) (*Job, error)
 	ListEvents(ctx context.Context, machine string) ([]Event, error)
+
+	// SetMachine changes a machine's settings (only the fields given) and
+	// returns the machine.
+	SetMachine(ctx context.Context, req SetMachineRequest) (*Machine, error)
 }
 
 // CreateMachineRequest creates a machine with empty disks at a site.
@@ -66,6 +70,9 @@ type FailoverRequest struct {
 	Machine string `json:"machine"`
 	Point   string `json:"point,omitempty"`
 	Planned bool   `json:"planned,omitempty"`
+	// Shutdown says how a planned failover stops the VM; zero fields take
+	// the machine's settings, then the defaults.
+	Shutdown ShutdownOptions `json:"shutdown,omitempty"`
 }
 
 // Point selectors.

@@ -88,6 +88,16 @@ type SiteService interface {
 	// source cuts points at the new intervals, a target keeps the new
 	// retention window. A machine not replicating here is left as it is.
 	SetPolicy(ctx context.Context, machine string, p Policy) error
+	// SetHooks sets a machine's freeze and thaw hooks at this site; they
+	// run around its app-consistent points while it replicates from here.
+	// Empty hooks clear them.
+	SetHooks(ctx context.Context, machine string, hooks Hooks) error
+	// Shutdown stops a machine's VM for a planned failover or failback:
+	// cleanly (guest agent, else ACPI) within opts.Timeout. If the guest
+	// is still running then, ShutdownForce powers it off and succeeds;
+	// ShutdownGraceful leaves it running and fails with EUNAVAILABLE. A
+	// machine without a VM, or whose VM is stopped, succeeds at once.
+	Shutdown(ctx context.Context, machine string, opts ShutdownOptions) error
 }
 
 // Power states.
@@ -159,9 +169,11 @@ type ReplicationSpec struct {
 	StreamID string  `json:"streamId"`
 	Disks    []Disk  `json:"disks"`
 	VM       *VMSpec `json:"vm,omitempty"` // the target runs it on failover
-	PeerSite string  `json:"peerSite"`
-	PeerAddr string  `json:"peerAddr,omitempty"` // the target's replication address, for a source
-	Policy   Policy  `json:"policy"`
+	// Hooks, for a source: run around its app-consistent points.
+	Hooks    *Hooks `json:"hooks,omitempty"`
+	PeerSite string `json:"peerSite"`
+	PeerAddr string `json:"peerAddr,omitempty"` // the target's replication address, for a source
+	Policy   Policy `json:"policy"`
 	// Seed, for a source: SeedFull (default) or SeedDelta.
 	Seed string `json:"seed,omitempty"`
 	// Regions, for a delta source: per disk, regions to send besides what

@@ -284,14 +284,16 @@ func (c *ControlServer) call(ctx context.Context, site, method string, args, res
 // Method arguments. Struct arguments (SiteMachine, ReplicationSpec,
 // ActivateSpec) travel as themselves.
 type machineArgs struct {
-	Machine   string            `json:"machine"`
-	Kind      rebound.PointKind `json:"kind,omitempty"`
-	Selector  string            `json:"selector,omitempty"`
-	Test      bool              `json:"test,omitempty"`
-	Time      time.Time         `json:"time,omitempty"`
-	BlockSize int64             `json:"blockSize,omitempty"`
-	State     string            `json:"state,omitempty"`
-	Tail      int               `json:"tail,omitempty"`
+	Machine   string                   `json:"machine"`
+	Kind      rebound.PointKind        `json:"kind,omitempty"`
+	Selector  string                   `json:"selector,omitempty"`
+	Test      bool                     `json:"test,omitempty"`
+	Time      time.Time                `json:"time,omitempty"`
+	BlockSize int64                    `json:"blockSize,omitempty"`
+	State     string                   `json:"state,omitempty"`
+	Tail      int                      `json:"tail,omitempty"`
+	Hooks     *rebound.Hooks           `json:"hooks,omitempty"`
+	Shutdown  *rebound.ShutdownOptions `json:"shutdown,omitempty"`
 }
 
 // siteProxy is the server's view of one site's SiteService.
@@ -416,6 +418,14 @@ func (p *siteProxy) SetPolicy(ctx context.Context, machine string, pol rebound.P
 	return p.c.call(ctx, p.site, "SetPolicy", policyArgs{Machine: machine, Policy: pol}, nil, nil)
 }
 
+func (p *siteProxy) SetHooks(ctx context.Context, machine string, hooks rebound.Hooks) error {
+	return p.c.call(ctx, p.site, "SetHooks", machineArgs{Machine: machine, Hooks: &hooks}, nil, nil)
+}
+
+func (p *siteProxy) Shutdown(ctx context.Context, machine string, opts rebound.ShutdownOptions) error {
+	return p.c.call(ctx, p.site, "Shutdown", machineArgs{Machine: machine, Shutdown: &opts}, nil, nil)
+}
+
 var _ rebound.SiteService = (*siteProxy)(nil)
 
 // dispatch runs one call on the site's local SiteService and returns its
@@ -492,6 +502,16 @@ func dispatch(ctx context.Context, local rebound.SiteService, method string, arg
 		return nil, local.Power(ctx, a.Machine, a.State, a.Test)
 	case "Console":
 		return local.Console(ctx, a.Machine, a.Tail, a.Test)
+	case "SetHooks":
+		if a.Hooks == nil {
+			a.Hooks = &rebound.Hooks{}
+		}
+		return nil, local.SetHooks(ctx, a.Machine, *a.Hooks)
+	case "Shutdown":
+		if a.Shutdown == nil {
+			a.Shutdown = &rebound.ShutdownOptions{}
+		}
+		return nil, local.Shutdown(ctx, a.Machine, *a.Shutdown)
 	}
 	return nil, rebound.Errorf(rebound.EINVALID, "unknown site method %q (site speaks protocol %d)", method, ProtocolVersion)
 }

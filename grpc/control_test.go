@@ -101,6 +101,12 @@ func (f *fakeSite) Digests(_ context.Context, m string, bs int64) ([]rebound.Blo
 func (f *fakeSite) Reactivate(_ context.Context, m string) error {
 	return f.rec("Reactivate:"+m, m)
 }
+func (f *fakeSite) SetHooks(_ context.Context, m string, h rebound.Hooks) error {
+	return f.rec(fmt.Sprintf("SetHooks:%s:%s:%s", m, h.Freeze, h.Thaw), m)
+}
+func (f *fakeSite) Shutdown(_ context.Context, m string, o rebound.ShutdownOptions) error {
+	return f.rec(fmt.Sprintf("Shutdown:%s:%s:%s", m, o.Mode, o.Timeout), m)
+}
 func (f *fakeSite) Power(_ context.Context, m, state string, test bool) error {
 	return f.rec(fmt.Sprintf("Power:%s:%s:%v", m, state, test), m)
 }
@@ -241,12 +247,14 @@ func TestControl_AllMethods(t *testing.T) {
 	gold := rebound.DefaultPolicy()
 	gold.Name, gold.CrashInterval = "gold", rebound.Duration(2*time.Second)
 	must(s.SetPolicy(ctx, "vm1", gold))
+	must(s.SetHooks(ctx, "vm1", rebound.Hooks{Freeze: "/f", Thaw: "/t"}))
+	must(s.Shutdown(ctx, "vm1", rebound.ShutdownOptions{Mode: rebound.ShutdownForce, Timeout: rebound.Duration(30 * time.Second)}))
 	must(s.StopReplication(ctx, "vm1"))
 	must(s.DeleteMachine(ctx, "vm1"))
 
 	want := []string{"CreateMachine:vm1:d0", "StartReplication:vm1:source:default", "CutPoint:vm1", "ListPoints:vm1",
 		"ResolvePoint:vm1", "Fence:vm1", "Unfence:vm1", "Replicated:vm1", "Activate:vm1", "Deactivate:test:vm1",
-		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "Power:vm1:off:true", "Console:vm1", "SetPolicy:vm1:gold:2s", "StopReplication:vm1", "DeleteMachine:vm1"}
+		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "Power:vm1:off:true", "Console:vm1", "SetPolicy:vm1:gold:2s", "SetHooks:vm1:/f:/t", "Shutdown:vm1:force:30s", "StopReplication:vm1", "DeleteMachine:vm1"}
 	h.site.mu.Lock()
 	got := append([]string(nil), h.site.calls...)
 	h.site.mu.Unlock()

@@ -213,7 +213,8 @@ func (c *Client) CreatePoint(ctx context.Context, machine string, app bool) (*re
 }
 
 func (c *Client) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
-	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/failover", failoverBody{Point: req.Point, Planned: req.Planned})
+	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/failover", failoverBody{Point: req.Point, Planned: req.Planned,
+		Shutdown: req.Shutdown.Mode, ShutdownTimeout: req.Shutdown.Timeout})
 }
 
 func (c *Client) ChangePoint(ctx context.Context, machine, point string) (*rebound.Job, error) {
@@ -247,7 +248,8 @@ func (c *Client) Unprotect(ctx context.Context, machine string) (*rebound.Job, e
 }
 
 func (c *Client) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
-	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/failback", failbackBody{Point: req.Point, Planned: req.Planned})
+	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/failback", failbackBody{Point: req.Point, Planned: req.Planned,
+		Shutdown: req.Shutdown.Mode, ShutdownTimeout: req.Shutdown.Timeout})
 }
 
 func (c *Client) Preflight(ctx context.Context, machine, operation string) (*rebound.PreflightReport, error) {
@@ -336,4 +338,13 @@ func (c *Client) Health(ctx context.Context) error {
 		return rebound.Errorf(rebound.EUNAVAILABLE, "the Rebound server at %s reports status %q", c.BaseURL, v.Status)
 	}
 	return nil
+}
+
+func (c *Client) SetMachine(ctx context.Context, req rebound.SetMachineRequest) (*rebound.Machine, error) {
+	var v rebound.Machine
+	if err := c.do(ctx, "PATCH", "/api/v1/machines/"+seg(req.Name), setMachineBody{FreezeHook: req.FreezeHook,
+		ThawHook: req.ThawHook, Shutdown: req.Shutdown, ShutdownTimeout: req.ShutdownTimeout}, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
 }

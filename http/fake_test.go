@@ -215,3 +215,7 @@ func (f *fakeService) QueryEvents(ctx context.Context, q rebound.ListQuery) (*re
 	}
 	return &rebound.EventPage{Events: f.events, Next: f.next}, nil
 }
+
+func (f *fakeService) SetMachine(ctx context.Context, req rebound.SetMachineRequest) (*rebound.Machine, error) {
+	return f.machine, f.rec("SetMachine", req)
+}

@@ -18,8 +18,10 @@ type (
 		AppConsistent bool `json:"appConsistent"`
 	}
 	failoverBody struct {
-		Point   string `json:"point,omitempty"`
-		Planned bool   `json:"planned,omitempty"`
+		Point           string           `json:"point,omitempty"`
+		Planned         bool             `json:"planned,omitempty"`
+		Shutdown        string           `json:"shutdown,omitempty"`
+		ShutdownTimeout rebound.Duration `json:"shutdownTimeout,omitempty"`
 	}
 	changePointBody struct {
 		Point string `json:"point"`
@@ -160,7 +162,8 @@ func (s *Server) failover(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &b, true); err != nil {
 		return err
 	}
-	return s.job(w)(s.Service.Failover(r.Context(), rebound.FailoverRequest{Machine: r.PathValue("name"), Point: b.Point, Planned: b.Planned}))
+	return s.job(w)(s.Service.Failover(r.Context(), rebound.FailoverRequest{Machine: r.PathValue("name"), Point: b.Point, Planned: b.Planned,
+		Shutdown: rebound.ShutdownOptions{Mode: b.Shutdown, Timeout: b.ShutdownTimeout}}))
 }
 
 func (s *Server) changePoint(w http.ResponseWriter, r *http.Request) error {
@@ -257,8 +260,10 @@ type (
 		Keep      string           `json:"keep,omitempty"`
 	}
 	failbackBody struct {
-		Point   string `json:"point,omitempty"`
-		Planned bool   `json:"planned,omitempty"`
+		Point           string           `json:"point,omitempty"`
+		Planned         bool             `json:"planned,omitempty"`
+		Shutdown        string           `json:"shutdown,omitempty"`
+		ShutdownTimeout rebound.Duration `json:"shutdownTimeout,omitempty"`
 	}
 )
 
@@ -297,7 +302,8 @@ func (s *Server) failback(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &b, true); err != nil {
 		return err
 	}
-	return s.job(w)(l.Failback(r.Context(), rebound.FailoverRequest{Machine: r.PathValue("name"), Point: b.Point, Planned: b.Planned}))
+	return s.job(w)(l.Failback(r.Context(), rebound.FailoverRequest{Machine: r.PathValue("name"), Point: b.Point, Planned: b.Planned,
+		Shutdown: rebound.ShutdownOptions{Mode: b.Shutdown, Timeout: b.ShutdownTimeout}}))
 }
 
 // unprotect takes no body: the machine is in the path.
@@ -390,5 +396,28 @@ func (s *Server) console(w http.ResponseWriter, r *http.Request) error {
 	h.Set("Cache-Control", "no-store")
 	w.WriteHeader(http.StatusOK)
 	w.Write(b)
+	return nil
+}
+
+// setMachineBody is PATCH /api/v1/machines/{name}: only the fields given
+// change.
+type setMachineBody struct {
+	FreezeHook      *string           `json:"freezeHook,omitempty"`
+	ThawHook        *string           `json:"thawHook,omitempty"`
+	Shutdown        *string           `json:"shutdown,omitempty"`
+	ShutdownTimeout *rebound.Duration `json:"shutdownTimeout,omitempty"`
+}
+
+func (s *Server) setMachine(w http.ResponseWriter, r *http.Request) error {
+	var b setMachineBody
+	if err := decode(w, r, &b, false); err != nil {
+		return err
+	}
+	m, err := s.Service.SetMachine(r.Context(), rebound.SetMachineRequest{Name: r.PathValue("name"),
+		FreezeHook: b.FreezeHook, ThawHook: b.ThawHook, Shutdown: b.Shutdown, ShutdownTimeout: b.ShutdownTimeout})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, m)
 	return nil
 }

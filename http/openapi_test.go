@@ -113,6 +113,7 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"PreflightReport": rebound.PreflightReport{}, "PreflightCheck": rebound.PreflightCheck{},
 		"TokenResponse": tokenBody{}, "Error": errorResponse{}, "Health": healthBody{},
 		"SiteMachineRole": rebound.SiteMachineRole{},
+		"SetMachineRequest": setMachineBody{}, "MachineSettings": rebound.MachineSettings{},
 	} {
 		s, ok := doc.Components.Schemas[name]
 		if !ok {

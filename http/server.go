@@ -106,6 +106,7 @@ func (s *Server) routes() []route {
 		{"POST", "/api/v1/machines/{name}/start", false, s.startMachine},
 		{"POST", "/api/v1/machines/{name}/stop", false, s.stopMachine},
 		{"GET", "/api/v1/machines/{name}/console", false, s.console},
+		{"PATCH", "/api/v1/machines/{name}", false, s.setMachine},
 
 		{"GET", "/api/v1/jobs", false, s.listJobs},
 		{"GET", "/api/v1/jobs/{id}", false, s.getJob},

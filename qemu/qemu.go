@@ -91,7 +91,8 @@ type Driver struct {
 	Logger *slog.Logger
 
 	accelOnce sync.Once
-	accel     string
+	mu        sync.Mutex
+	accel     string // set by the probe, or by a fallback to tcg
 }
 
 func (d *Driver) binary() string {
@@ -108,22 +109,41 @@ func (d *Driver) logger() *slog.Logger {
 	return slog.Default()
 }
 
-// Accel returns "kvm" if a probe VM really runs guest code under KVM, and
-// "tcg" otherwise. /dev/kvm can exist and still fail to run a guest (nested
-// virtualisation without the needed features), so the probe boots SeaBIOS
-// and waits for its debug output. The answer is cached.
+// Accel returns the accelerator new VMs start with: "kvm" if a probe VM
+// really runs guest code under KVM the way VMs start (-cpu host), and "tcg"
+// otherwise, or once a VM died at start under KVM (see Start). /dev/kvm
+// can exist and still fail to run a guest (nested virtualisation without
+// the needed features, an MSR the host refuses), so the probe boots
+// SeaBIOS and waits for its debug output. The answer is cached.
 func (d *Driver) Accel() string {
 	d.accelOnce.Do(func() {
-		d.accel = "tcg"
+		accel := "tcg"
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := d.probe(ctx, "kvm"); err != nil {
 			d.logger().Info("qemu: kvm unusable, using tcg", "err", err)
-			return
+		} else {
+			accel = "kvm"
 		}
-		d.accel = "kvm"
+		d.mu.Lock()
+		if d.accel == "" {
+			d.accel = accel
+		}
+		d.mu.Unlock()
 	})
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	return d.accel
+}
+
+// accelArgs are the options that pick the accelerator, the same for the
+// probe and for VMs so the probe fails where VMs would.
+func accelArgs(accel string) []string {
+	a := []string{"-accel", accel}
+	if accel == "kvm" {
+		a = append(a, "-cpu", "host")
+	}
+	return a
 }
 
 // probeMarks are SeaBIOS debug lines printed only after it ran real code.
@@ -132,9 +152,10 @@ var probeMarks = [][]byte{[]byte("Relocating init"), []byte("Booting from"), []b
 // probe boots a diskless VM with accel and returns nil once SeaBIOS shows
 // it executes; the VM is killed either way.
 func (d *Driver) probe(ctx context.Context, accel string) error {
-	cmd := exec.CommandContext(ctx, d.binary(), "-accel", accel, "-machine", "q35",
-		"-nodefaults", "-no-user-config", "-display", "none", "-m", "64",
+	args := append([]string{"-machine", "q35"}, accelArgs(accel)...)
+	args = append(args, "-nodefaults", "-no-user-config", "-display", "none", "-m", "64",
 		"-chardev", "stdio,id=dbg", "-device", "isa-debugcon,iobase=0x402,chardev=dbg")
+	cmd := exec.CommandContext(ctx, d.binary(), args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()
@@ -170,6 +191,10 @@ func (d *Driver) probe(ctx context.Context, accel string) error {
 // Start starts a VM and returns once QEMU answers on its QMP socket. The
 // guest is booting then; read Console for its progress. A VM already
 // running in cfg.Dir is a conflict.
+//
+// A VM that dies at start under KVM though the probe passed is started
+// again under TCG; if it runs there, the driver keeps TCG for every later
+// VM (KVM cannot run this host's guests) and says so in its log.
 func (d *Driver) Start(ctx context.Context, cfg VMConfig) (*VM, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -181,9 +206,30 @@ func (d *Driver) Start(ctx context.Context, cfg VMConfig) (*VM, error) {
 		v.Close()
 		return nil, rebound.Errorf(rebound.ECONFLICT, "vm %s is already running (pid %d)", cfg.Name, v.pid)
 	}
-	args, err := d.args(cfg)
-	if err != nil {
+	accel := d.Accel()
+	v, exited, err := d.start(ctx, cfg, accel)
+	if err == nil || !exited || accel != "kvm" {
+		return v, err
+	}
+	d.logger().Warn("qemu: vm died at start under kvm; trying tcg", "vm", cfg.Name, "err", err)
+	v, _, terr := d.start(ctx, cfg, "tcg")
+	if terr != nil {
+		// Not KVM's fault: it fails under TCG too.
 		return nil, err
+	}
+	d.mu.Lock()
+	d.accel = "tcg"
+	d.mu.Unlock()
+	d.logger().Warn("qemu: kvm cannot run guests here; using tcg from now on", "vm", cfg.Name)
+	return v, nil
+}
+
+// start runs QEMU once with accel. exited says QEMU exited before it
+// answered on QMP.
+func (d *Driver) start(ctx context.Context, cfg VMConfig, accel string) (v *VM, exited bool, err error) {
+	args, err := d.args(cfg, accel)
+	if err != nil {
+		return nil, false, err
 	}
 	for _, f := range []string{QMPSocket, AgentSocket, PIDFile} {
 		os.Remove(filepath.Join(cfg.Dir, f))
@@ -193,7 +239,7 @@ func (d *Driver) Start(ctx context.Context, cfg VMConfig) (*VM, error) {
 	os.Rename(filepath.Join(cfg.Dir, ConsoleLog), filepath.Join(cfg.Dir, ConsoleLog+".1"))
 	logf, err := os.OpenFile(filepath.Join(cfg.Dir, QEMULog), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	defer logf.Close()
 
@@ -202,11 +248,12 @@ func (d *Driver) Start(ctx context.Context, cfg VMConfig) (*VM, error) {
 	// Own session: QEMU is not killed with the site's process group and
 	// has no terminal to lose.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	d.logger().Info("qemu: start", "vm", cfg.Name, "accel", d.Accel(), "args", strings.Join(args, " "))
+	d.logger().Info("qemu: start", "vm", cfg.Name, "accel", accel, "args", strings.Join(args, " "))
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", d.binary(), err)
+		return nil, false, fmt.Errorf("start %s: %w", d.binary(), err)
 	}
-	v := newVM(cfg, cmd.Process.Pid)
+	v = newVM(cfg, cmd.Process.Pid)
+	v.accel = accel
 	v.logger = d.logger().With("vm", cfg.Name)
 	go func() {
 		err := cmd.Wait()
@@ -217,10 +264,11 @@ func (d *Driver) Start(ctx context.Context, cfg VMConfig) (*VM, error) {
 		v.exit(code, err)
 	}()
 	if err := v.waitQMP(ctx); err != nil {
+		exited = !v.Running()
 		v.Kill()
-		return nil, fmt.Errorf("start vm %s: %w: %s", cfg.Name, err, v.qemuLog())
+		return nil, exited, fmt.Errorf("start vm %s: %w: %s", cfg.Name, err, v.qemuLog())
 	}
-	return v, nil
+	return v, false, nil
 }
 
 func (cfg *VMConfig) validate() error {
@@ -244,7 +292,7 @@ func (cfg *VMConfig) validate() error {
 }
 
 // args builds QEMU's command line.
-func (d *Driver) args(cfg VMConfig) ([]string, error) {
+func (d *Driver) args(cfg VMConfig, accel string) ([]string, error) {
 	cpus, mem := cfg.CPUs, cfg.MemoryMiB
 	if cpus == 0 {
 		cpus = 1
@@ -252,20 +300,16 @@ func (d *Driver) args(cfg VMConfig) ([]string, error) {
 	if mem == 0 {
 		mem = 512
 	}
-	accel := d.Accel()
-	a := []string{
-		"-name", cfg.Name,
-		"-machine", "q35", "-accel", accel,
+	a := []string{"-name", cfg.Name, "-machine", "q35"}
+	a = append(a, accelArgs(accel)...)
+	a = append(a,
 		"-smp", strconv.Itoa(cpus), "-m", strconv.Itoa(mem),
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-pidfile", filepath.Join(cfg.Dir, PIDFile),
-		"-qmp", "unix:" + opt(filepath.Join(cfg.Dir, QMPSocket)) + ",server=on,wait=off",
-		"-chardev", "file,id=con0,path=" + opt(filepath.Join(cfg.Dir, ConsoleLog)),
+		"-qmp", "unix:"+opt(filepath.Join(cfg.Dir, QMPSocket))+",server=on,wait=off",
+		"-chardev", "file,id=con0,path="+opt(filepath.Join(cfg.Dir, ConsoleLog)),
 		"-serial", "chardev:con0",
-	}
-	if accel == "kvm" {
-		a = append(a, "-cpu", "host")
-	}
+	)
 	if cfg.Kernel != "" {
 		a = append(a, "-kernel", cfg.Kernel)
 		if cfg.Initrd != "" {

@@ -57,6 +57,114 @@ func TestAccel(t *testing.T) {
 	}
 }
 
+// fakeQEMU puts a qemu-system-x86_64 on PATH that fails the way a host
+// whose /dev/kvm cannot run guests fails (QEMU's MSR assertion) when given
+// -cpu host, in the cases failIf (a shell test on "$*") selects, and runs
+// the real QEMU otherwise; with tcgProbe, a diskless probe asking for KVM
+// runs under TCG instead, so the probe passes on any host.
+func fakeQEMU(t *testing.T, failIf string, tcgProbe bool) {
+	t.Helper()
+	real, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Fatal("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+	}
+	bin := t.TempDir()
+	script := `#!/bin/sh
+case "$*" in *"-cpu host"*)
+	if ` + failIf + `; then
+		echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2
+		echo "qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion 'ret == cpu->kvm_msr_buf->nmsrs' failed." >&2
+		kill -ABRT $$
+	fi
+	if ` + map[bool]string{true: "true", false: "false"}[tcgProbe] + `; then
+		exec ` + real + ` -accel tcg $(echo "$*" | sed 's/-accel kvm -cpu host//')
+	fi;;
+esac
+exec ` + real + ` "$@"
+`
+	if err := os.WriteFile(filepath.Join(bin, "qemu-system-x86_64"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+}
+
+// TestAccelUnusableKVM: on a host where -cpu host guests abort under KVM,
+// the probe fails as VMs would, and VMs run under TCG.
+func TestAccelUnusableKVM(t *testing.T) {
+	fakeQEMU(t, "true", false)
+	d := &Driver{}
+	if got := d.Accel(); got != "tcg" {
+		t.Fatalf("Accel() = %q, want tcg: the probe must start QEMU the way VMs start", got)
+	}
+	dir := shortDir(t)
+	img := filepath.Join(dir, "blank.raw")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	v, err := d.Start(context.Background(), VMConfig{Name: "blank", Dir: filepath.Join(dir, "vm"), Disks: []string{img}, MemoryMiB: 64, NoAgent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Kill()
+	if v.Accel() != "tcg" {
+		t.Fatalf("vm accel %q", v.Accel())
+	}
+}
+
+// TestStartFallsBackToTCG: the probe passes but a VM dies at start under
+// KVM: Start runs it under TCG, and the driver keeps TCG for later VMs; an
+// attached handle reports the accelerator too.
+func TestStartFallsBackToTCG(t *testing.T) {
+	// The probe (no -qmp) passes; real VMs (with -qmp) abort under KVM.
+	fakeQEMU(t, `case "$*" in *-qmp*) true;; *) false;; esac`, true)
+	d := &Driver{}
+	if got := d.Accel(); got != "kvm" {
+		t.Fatalf("Accel() = %q before any VM, want the probe's kvm", got)
+	}
+	dir := shortDir(t)
+	img := filepath.Join(dir, "blank.raw")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := VMConfig{Name: "blank", Dir: filepath.Join(dir, "vm"), Disks: []string{img}, MemoryMiB: 64, NoAgent: true}
+	v, err := d.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Kill()
+	if v.Accel() != "tcg" || d.Accel() != "tcg" {
+		t.Fatalf("after the fallback: vm accel %q, driver accel %q, want tcg", v.Accel(), d.Accel())
+	}
+	a, err := Attach(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if a.Accel() != "tcg" {
+		t.Fatalf("attached vm accel %q", a.Accel())
+	}
+	// The next VM starts under TCG at once: one QEMU run, no retry.
+	cfg2 := VMConfig{Name: "blank2", Dir: filepath.Join(dir, "vm2"), Disks: []string{img}, MemoryMiB: 64, NoAgent: true}
+	if args, _ := d.args(cfg2, d.Accel()); strings.Contains(strings.Join(args, " "), "kvm") {
+		t.Fatalf("later VM args ask for kvm: %v", args)
+	}
+
+	// A VM that fails under TCG too was not KVM's fault: the error is
+	// the KVM start's, and the driver is not switched.
+	d2 := &Driver{}
+	if d2.Accel() != "kvm" {
+		t.Fatal("probe")
+	}
+	_, err = d2.Start(context.Background(), VMConfig{Name: "x", Dir: filepath.Join(dir, "vm3"), MemoryMiB: 64,
+		Disks: []string{"nbd://127.0.0.1:1/none"}})
+	if err == nil || !strings.Contains(err.Error(), "MSR") {
+		t.Fatalf("start: %v", err)
+	}
+	if d2.Accel() != "kvm" {
+		t.Fatalf("driver switched to %s by a failure TCG shares", d2.Accel())
+	}
+}
+
 func TestArgs(t *testing.T) {
 	dir := shortDir(t)
 	img := filepath.Join(dir, "a,b.raw")
@@ -67,7 +175,7 @@ func TestArgs(t *testing.T) {
 	d.accelOnce.Do(func() {})
 	args, err := d.args(VMConfig{Name: "vm1", Dir: dir,
 		Disks: []string{"nbd://127.0.0.1:10811/vm1-disk0", "nbd+unix:///vm1-disk1?socket=/run/n.sock", img},
-		NIC:   &NICConfig{Mode: NICTap, Ifname: "tap0", Isolated: true, MAC: "52:54:00:12:34:56"}})
+		NIC:   &NICConfig{Mode: NICTap, Ifname: "tap0", Isolated: true, MAC: "52:54:00:12:34:56"}}, "tcg")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +220,7 @@ func TestArgs(t *testing.T) {
 		{Name: "x", Dir: dir, Disks: []string{"/no/such/file"}},
 		{Name: "x", Dir: dir, Disks: []string{img}, NIC: &NICConfig{Mode: "wifi"}},
 	} {
-		if _, err := d.args(bad); rebound.ErrorCode(err) != rebound.EINVALID {
+		if _, err := d.args(bad, "tcg"); rebound.ErrorCode(err) != rebound.EINVALID {
 			t.Errorf("%v: err %v", bad, err)
 		}
 	}

@@ -24,6 +24,7 @@ import (
 type VM struct {
 	cfg    VMConfig
 	pid    int
+	accel  string // kvm or tcg; empty if unknown
 	logger *slog.Logger
 
 	done     chan struct{} // closed when the process is gone
@@ -68,6 +69,7 @@ func Attach(cfg VMConfig) (*VM, error) {
 	if !v.alive() {
 		return nil, rebound.Errorf(rebound.ENOTFOUND, "vm %s is not running (pid %d gone)", cfg.Name, pid)
 	}
+	v.accel = cmdlineAccel(pid)
 	v.wg.Add(1)
 	go v.watch()
 	return v, nil
@@ -89,6 +91,18 @@ func (v *VM) alive() bool {
 		return false
 	}
 	return true
+}
+
+// cmdlineAccel reads the accelerator a running QEMU was started with.
+func cmdlineAccel(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	args := strings.Split(string(b), "\x00")
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == "-accel" {
+			return args[i+1]
+		}
+	}
+	return ""
 }
 
 // watch polls an attached VM's process, which is not our child.
@@ -120,6 +134,9 @@ func (v *VM) Close() error {
 
 // Config returns the VM's configuration.
 func (v *VM) Config() VMConfig { return v.cfg }
+
+// Accel returns the accelerator the VM runs on: "kvm" or "tcg".
+func (v *VM) Accel() string { return v.accel }
 
 // PID returns QEMU's process id.
 func (v *VM) PID() int { return v.pid }
@@ -191,17 +208,38 @@ const DefaultShutdownTimeout = time.Minute
 // (DefaultShutdownTimeout without a deadline), then kills it and returns an
 // EUNAVAILABLE error saying so.
 func (v *VM) Shutdown(ctx context.Context) error {
-	if !v.Running() {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultShutdownTimeout)
+		defer cancel()
+	}
+	how, err := v.PowerDown(ctx)
+	if err == nil {
 		return nil
+	}
+	if err := v.Kill(); err != nil {
+		return err
+	}
+	return rebound.Errorf(rebound.EUNAVAILABLE, "vm %s: guest did not shut down in time (%s); killed", v.cfg.Name, how)
+}
+
+// PowerDown asks the guest to shut down, as Shutdown does, and waits for
+// QEMU to exit until ctx is done (DefaultShutdownTimeout without a
+// deadline). A guest still running then is left running: the error is
+// EUNAVAILABLE and how says what was tried ("acpi", "guest agent, then
+// acpi").
+func (v *VM) PowerDown(ctx context.Context) (how string, err error) {
+	if !v.Running() {
+		return "", nil
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, DefaultShutdownTimeout)
 		defer cancel()
 	}
-	how := "guest agent"
+	how = "guest agent"
 	actx, cancel := context.WithTimeout(ctx, agentShutdownWait(ctx))
-	err := v.agentShutdown(actx)
+	err = v.agentShutdown(actx)
 	cancel()
 	if err == nil {
 		dl, _ := ctx.Deadline()
@@ -210,7 +248,7 @@ func (v *VM) Shutdown(ctx context.Context) error {
 		cancel()
 		if err == nil {
 			v.logger.Info("qemu: shut down", "via", how, "code", v.code)
-			return nil
+			return how, nil
 		}
 		how = "guest agent, then acpi"
 	} else {
@@ -222,12 +260,9 @@ func (v *VM) Shutdown(ctx context.Context) error {
 	}
 	if _, err := v.waitGone(ctx); err == nil {
 		v.logger.Info("qemu: shut down", "via", how, "code", v.code)
-		return nil
+		return how, nil
 	}
-	if err := v.Kill(); err != nil {
-		return err
-	}
-	return rebound.Errorf(rebound.EUNAVAILABLE, "vm %s: guest did not shut down in time (%s); killed", v.cfg.Name, how)
+	return how, rebound.Errorf(rebound.EUNAVAILABLE, "vm %s: guest did not shut down in time (%s); still running", v.cfg.Name, how)
 }
 
 // agentShutdownWait bounds the agent attempt so ACPI still has time.

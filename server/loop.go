@@ -217,6 +217,9 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		// the disks it adopted) and StartReplication is idempotent.
 		streamID := m.Name + "." + srcInfo.Generation
 		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: srcInfo.Generation, VM: m.VM}
+		if h := m.Settings.Hooks(); h != (rebound.Hooks{}) {
+			spec.Hooks = &h
+		}
 
 		r.Step("prepare target")
 		tspec := spec

@@ -222,6 +222,9 @@ func (s *Server) protect(ctx context.Context, r *jobRun, m *rebound.Machine, req
 			return err
 		}
 		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: ci.Generation, VM: m.VM}
+		if h := m.Settings.Hooks(); h != (rebound.Hooks{}) {
+			spec.Hooks = &h
+		}
 		tspec := spec
 		tspec.Role, tspec.PeerSite = "target", m.ActiveSite
 		if err := dst.StartReplication(ctx, tspec); err != nil {
@@ -417,6 +420,12 @@ func (s *Server) CreatePoint(ctx context.Context, name string, app bool) (*rebou
 	if app {
 		kind = rebound.PointApp
 	}
+	if app {
+		// The site may have missed a `machine set` while it was away.
+		if err := src.SetHooks(ctx, name, m.Settings.Hooks()); err != nil && m.Settings.Hooks() != (rebound.Hooks{}) {
+			return nil, fmt.Errorf("pass the machine's hooks to %s: %w", m.Protection.SourceSite, err)
+		}
+	}
 	p, err := src.CutPoint(ctx, name, kind)
 	if err != nil {
 		return nil, err
@@ -471,6 +480,13 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 	if req.Planned && req.Point != rebound.PointLatest {
 		return nil, rebound.Errorf(rebound.EINVALID, "a planned failover always goes to the latest state; drop --point")
 	}
+	if !req.Planned && req.Shutdown != (rebound.ShutdownOptions{}) {
+		return nil, rebound.Errorf(rebound.EINVALID, "--shutdown and --shutdown-timeout are for a planned %s; an unplanned one stops the VM at once", typ)
+	}
+	shutdown, err := shutdownOptions(req.Shutdown, m.Settings)
+	if err != nil {
+		return nil, err
+	}
 	switch m.State {
 	case rebound.MachineFailedOver:
 		return s.doneJob(ctx, "failover", m.Name, fmt.Sprintf("machine %s is already failed over to %s at point %s", m.Name, m.Failover.ToSite, m.Failover.Point.ID))
@@ -510,18 +526,19 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 			return err
 		}
 		if m.VM != nil && src != nil {
-			// Planned: the guest shuts down cleanly before the drain;
+			// Planned: the guest shuts down cleanly before the drain (or
+			// is powered off after the timeout, with --shutdown force);
 			// unplanned: the source VM is stopped where it can be reached.
-			state := rebound.PowerKill
 			if req.Planned {
-				state = rebound.PowerOff
-			}
-			r.Message("stopping the VM at %s (%s)", from, state)
-			if err := src.Power(ctx, m.Name, state, false); err != nil {
-				if req.Planned {
+				r.Message("shutting the VM down at %s (%s, timeout %s)", from, shutdown.Mode, shutdown.Timeout)
+				if err := src.Shutdown(ctx, m.Name, shutdown); err != nil {
 					return s.rollbackFailover(m.Name, from, nil, fmt.Errorf("shut down the VM at %s: %w", from, err))
 				}
-				r.Message("VM at %s not stopped: %s", from, rebound.ErrorMessage(err))
+			} else {
+				r.Message("stopping the VM at %s (kill)", from)
+				if err := src.Power(ctx, m.Name, rebound.PowerKill, false); err != nil {
+					r.Message("VM at %s not stopped: %s", from, rebound.ErrorMessage(err))
+				}
 			}
 		}
 		var fenced bool

@@ -144,6 +144,12 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		if err != nil {
 			return err
 		}
+		if spec.Hooks != nil && m.state.Hooks != *spec.Hooks {
+			m.state.Hooks = *spec.Hooks
+			if err := s.saveLocked(); err != nil {
+				return err
+			}
+		}
 		if m.state.Role == RoleSource {
 			if m.state.Spec != nil && m.state.Spec.StreamID == spec.StreamID {
 				return nil
@@ -364,8 +370,11 @@ func (s *Site) CutPoint(ctx context.Context, name string, kind rebound.PointKind
 		return stream.Mark(kind)
 	case rebound.PointApp:
 		s.mu.Lock()
-		vm := m.vm
+		vm, hooks := m.vm, m.state.Hooks
 		s.mu.Unlock()
+		if hooks.Freeze != "" || hooks.Thaw != "" {
+			return s.cutWithHooks(ctx, name, stream, hooks)
+		}
 		if vm != nil && vm.Running() {
 			// The guest agent freezes the guest's filesystems around the
 			// mark, and thaws them whatever happens.
@@ -382,23 +391,44 @@ func (s *Site) CutPoint(ctx context.Context, name string, kind rebound.PointKind
 			return p, nil
 		}
 		if s.cfg.FreezeHook == "" {
-			return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "site %s has no freeze hook configured: app-consistent points need --freeze-hook and --thaw-hook", s.cfg.Name)
+			return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "machine %q has no freeze hook and no running guest agent at site %s: set its hooks with rebound machine set %s --freeze-hook CMD --thaw-hook CMD", name, s.cfg.Name, name)
 		}
-		if err := s.runHook(ctx, s.cfg.FreezeHook, name); err != nil {
-			// Thaw even after a failed freeze: part of it may have frozen.
-			_ = s.runHook(context.Background(), s.cfg.ThawHook, name)
-			return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "freeze for app-consistent point failed: %v", err)
-		}
-		p, err := stream.Mark(kind)
-		if terr := s.runHook(context.Background(), s.cfg.ThawHook, name); terr != nil {
-			s.logger.Error("thaw hook failed", "machine", name, "err", terr)
-			if err == nil {
-				err = rebound.Errorf(rebound.EINTERNAL, "thaw after app-consistent point failed: %v", terr)
-			}
-		}
-		return p, err
+		return s.cutWithHooks(ctx, name, stream, rebound.Hooks{Freeze: s.cfg.FreezeHook, Thaw: s.cfg.ThawHook})
 	}
 	return rebound.RecoveryPoint{}, rebound.Errorf(rebound.EINVALID, "unknown point kind %q", kind)
+}
+
+// cutWithHooks cuts an app-consistent point between the freeze and the
+// thaw hook; the thaw hook runs whatever happens.
+func (s *Site) cutWithHooks(ctx context.Context, name string, stream *capture.Stream, h rebound.Hooks) (rebound.RecoveryPoint, error) {
+	if err := s.runHook(ctx, h.Freeze, name); err != nil {
+		// Thaw even after a failed freeze: part of it may have frozen.
+		_ = s.runHook(context.Background(), h.Thaw, name)
+		return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "freeze for app-consistent point failed: %v", err)
+	}
+	p, err := stream.Mark(rebound.PointApp)
+	if terr := s.runHook(context.Background(), h.Thaw, name); terr != nil {
+		s.logger.Error("thaw hook failed", "machine", name, "err", terr)
+		if err == nil {
+			err = rebound.Errorf(rebound.EINTERNAL, "thaw after app-consistent point failed: %v", terr)
+		}
+	}
+	return p, err
+}
+
+// SetHooks sets a machine's own freeze and thaw hooks.
+func (s *Site) SetHooks(ctx context.Context, name string, hooks rebound.Hooks) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, err := s.getLocked(name)
+	if err != nil {
+		return err
+	}
+	if m.state.Hooks == hooks {
+		return nil
+	}
+	m.state.Hooks = hooks
+	return s.saveLocked()
 }
 
 func (s *Site) targetJournal(name string) (*journal.Journal, error) {

@@ -138,6 +138,10 @@ type machineState struct {
 	VM        *rebound.VMSpec `json:"vm,omitempty"`
 	Power     string          `json:"power,omitempty"`
 	TestPower string          `json:"testPower,omitempty"`
+
+	// Hooks are the machine's own freeze and thaw hooks (rebound machine
+	// set); they win over the site's --freeze-hook and --thaw-hook.
+	Hooks rebound.Hooks `json:"hooks,omitempty"`
 }
 
 type activation struct {

@@ -114,7 +114,7 @@ func (s *Site) Power(ctx context.Context, name, state string, test bool) error {
 		} else {
 			m.vm, m.state.Power = vm, rebound.PowerOn
 		}
-		s.logger.Info("vm started", "machine", name, "test", test, "pid", vm.PID(), "accel", s.cfg.QEMU.Accel())
+		s.logger.Info("vm started", "machine", name, "test", test, "pid", vm.PID(), "accel", vm.Accel())
 		return s.saveLocked()
 	}
 	if test {
@@ -128,6 +128,60 @@ func (s *Site) Power(ctx context.Context, name, state string, test bool) error {
 		return err
 	}
 	return stopVM(ctx, cur, state)
+}
+
+// Shutdown stops a machine's VM for a planned failover or failback.
+func (s *Site) Shutdown(ctx context.Context, name string, opts rebound.ShutdownOptions) error {
+	switch opts.Mode {
+	case "":
+		opts.Mode = rebound.ShutdownGraceful
+	case rebound.ShutdownGraceful, rebound.ShutdownForce:
+	default:
+		return rebound.Errorf(rebound.EINVALID, "unknown shutdown mode %q: use graceful or force", opts.Mode)
+	}
+	timeout := time.Duration(opts.Timeout)
+	if timeout <= 0 {
+		timeout = rebound.DefaultShutdownTimeout
+	}
+	s.mu.Lock()
+	m, err := s.getLocked(name)
+	if err != nil || m.state.VM == nil {
+		s.mu.Unlock()
+		return err
+	}
+	vm := m.vm
+	// Off first: a site restart while the guest shuts down does not
+	// start it again.
+	m.state.Power = rebound.PowerOff
+	err = s.saveLocked()
+	s.mu.Unlock()
+	if err != nil || vm == nil || !vm.Running() {
+		return err
+	}
+	sctx, cancel := context.WithTimeout(ctx, timeout)
+	how, err := vm.PowerDown(sctx)
+	cancel()
+	if err == nil {
+		return vm.Close()
+	}
+	if opts.Mode == rebound.ShutdownForce && ctx.Err() == nil {
+		s.logger.Warn("vm did not shut down in time; powering it off", "machine", name, "timeout", timeout, "tried", how)
+		defer vm.Close()
+		return vm.Kill()
+	}
+	// Graceful: the guest keeps running here and the machine stays.
+	s.mu.Lock()
+	if m.vm == vm {
+		m.state.Power = rebound.PowerOn
+		if serr := s.saveLocked(); serr != nil {
+			s.logger.Warn("save state", "err", serr)
+		}
+	}
+	s.mu.Unlock()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return rebound.Errorf(rebound.EUNAVAILABLE, "the guest of %s did not shut down within %s (tried %s) and still runs at site %s: rerun with --shutdown force to power it off after the timeout, or shut the guest down from inside", name, timeout, how, s.cfg.Name)
 }
 
 // stopVM shuts a VM down cleanly (PowerOff, within a minute) or kills it.
@@ -218,10 +272,7 @@ func (s *Site) vmStatusLocked(m *machine, test bool) *rebound.VMStatus {
 	}
 	st := &rebound.VMStatus{}
 	if vm != nil && vm.Running() {
-		st.Running, st.PID = true, vm.PID()
-		if s.cfg.QEMU != nil {
-			st.Accel = s.cfg.QEMU.Accel()
-		}
+		st.Running, st.PID, st.Accel = true, vm.PID(), vm.Accel()
 		if cfg := vm.Config(); cfg.NIC != nil {
 			st.Network = cfg.NIC.Mode
 			if cfg.NIC.Isolated {

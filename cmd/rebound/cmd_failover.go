@@ -13,30 +13,41 @@ func (c *CLI) failoverCommand() *cobra.Command {
 	var (
 		point         string
 		planned, wait bool
+		shutdownFlags func() (rebound.ShutdownOptions, error)
 	)
 	cmd := &cobra.Command{
-		Use:   "failover NAME [--point P] [--planned] [--wait]",
+		Use:   "failover NAME [--point P] [--planned [--shutdown graceful|force] [--shutdown-timeout D]] [--wait]",
 		Short: "Fail a machine over to its recovery site at a point",
 		Long: `Fail a machine over to its protection's recovery site: the point's state is
 exported over NBD there at once. A planned failover first fences the source
-and waits until every write is replicated, so nothing is lost. Then commit,
-change the point, or cancel.`,
+and waits until every write is replicated, so nothing is lost; a qemu
+machine's guest is shut down first (--shutdown, --shutdown-timeout; defaults
+from rebound machine set). Then commit, change the point, or cancel.`,
 		Example: `  rebound failover web1 --wait
   rebound failover web1 --point latest-app-consistent
   rebound failover web1 --point 2026-11-27T13:00:00Z
-  rebound failover web1 --planned --wait`,
+  rebound failover web1 --planned --wait
+  rebound failover web1 --planned --shutdown force --shutdown-timeout 30s`,
 		Args: argNames("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if point == "" {
 				return usagef("failover: --point must not be empty")
 			}
+			sh, err := shutdownFlags()
+			if err != nil {
+				return err
+			}
+			if !planned && sh != (rebound.ShutdownOptions{}) {
+				return usagef("failover: --shutdown and --shutdown-timeout need --planned (an unplanned failover stops the VM at once)")
+			}
 			return c.startJob(cmd, wait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
-				return svc.Failover(ctx, rebound.FailoverRequest{Machine: args[0], Point: point, Planned: planned})
+				return svc.Failover(ctx, rebound.FailoverRequest{Machine: args[0], Point: point, Planned: planned, Shutdown: sh})
 			})
 		},
 	}
 	cmd.Flags().StringVar(&point, "point", rebound.PointLatest, pointHelp)
 	cmd.Flags().BoolVar(&planned, "planned", false, "fence the source and replicate everything first (no data loss)")
+	shutdownFlags = addShutdownFlags(cmd)
 	addWaitFlag(cmd, &wait)
 
 	var cpPoint string

@@ -95,16 +95,20 @@ func (c *CLI) failbackCommand() *cobra.Command {
 	var (
 		point         string
 		planned, wait bool
+		shutdownFlags func() (rebound.ShutdownOptions, error)
 	)
 	cmd := &cobra.Command{
-		Use:   "failback NAME [--planned | --point P] [--wait]",
+		Use:   "failback NAME [--planned | --point P] [--shutdown graceful|force] [--shutdown-timeout D] [--wait]",
 		Short: "Fail a reprotected machine over back to the site it came from",
 		Long: `Fail a reprotected machine over back to the site it came from. By default the
 failback is planned: the active site is fenced and everything it wrote is
-replicated first, so nothing is lost. --point fails back to a recovery point
-instead (unplanned). Then commit it, as after a failover.`,
+replicated first, so nothing is lost; a qemu machine's guest is shut down
+first (--shutdown, --shutdown-timeout; defaults from rebound machine set).
+--point fails back to a recovery point instead (unplanned). Then commit it,
+as after a failover.`,
 		Example: `  rebound failback web1 --wait
-  rebound failback web1 --point latest-app-consistent`,
+  rebound failback web1 --point latest-app-consistent
+  rebound failback web1 --shutdown force --shutdown-timeout 30s`,
 		Args: argNames("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			pointSet := cmd.Flags().Changed("point")
@@ -114,7 +118,14 @@ instead (unplanned). Then commit it, as after a failover.`,
 			if pointSet && point == "" {
 				return usagef("failback: --point must not be empty")
 			}
-			req := rebound.FailoverRequest{Machine: args[0], Point: point, Planned: !pointSet}
+			sh, err := shutdownFlags()
+			if err != nil {
+				return err
+			}
+			if pointSet && sh != (rebound.ShutdownOptions{}) {
+				return usagef("failback: --shutdown and --shutdown-timeout are for a planned failback; --point makes it unplanned")
+			}
+			req := rebound.FailoverRequest{Machine: args[0], Point: point, Planned: !pointSet, Shutdown: sh}
 			return c.startLoopJob(cmd, wait, func(ctx context.Context, l rebound.LoopService) (*rebound.Job, error) {
 				return l.Failback(ctx, req)
 			})
@@ -122,6 +133,7 @@ instead (unplanned). Then commit it, as after a failover.`,
 	}
 	cmd.Flags().BoolVar(&planned, "planned", false, "fence the active site and replicate everything first (the default)")
 	cmd.Flags().StringVar(&point, "point", "", pointHelp+" (unplanned)")
+	shutdownFlags = addShutdownFlags(cmd)
 	addWaitFlag(cmd, &wait)
 	return cmd
 }

@@ -19,9 +19,10 @@ type Deleted struct {
 }
 
 func (c *CLI) machineCommand() *cobra.Command {
-	cmd := groupCommand("machine", "Machines: create, list, show, delete, start, stop, console")
+	cmd := groupCommand("machine", "Machines: create, list, show, set, delete, start, stop, console")
 	cmd.AddCommand(c.machineCreateCommand())
 	cmd.AddCommand(c.machineStartCommand(), c.machineStopCommand(), c.machineConsoleCommand())
+	cmd.AddCommand(c.machineSetCommand())
 	cmd.AddCommand(&cobra.Command{
 		Use:   "list",
 		Short: "List machines: state, direction, health, lag against the RPO, last point, home",

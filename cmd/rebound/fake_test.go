@@ -51,6 +51,7 @@ type fakeService struct {
 	DeletePolicyFn func(name string) error
 	QueryPointsFn  func(machine string, q rebound.ListQuery) (*rebound.PointPage, error)
 	QueryEventsFn  func(q rebound.ListQuery) (*rebound.EventPage, error)
+	SetMachineFn func(req rebound.SetMachineRequest) (*rebound.Machine, error)
 }
 
 var (
@@ -169,7 +170,7 @@ func (f *fakeService) CreatePoint(ctx context.Context, machine string, app bool)
 }
 
 func (f *fakeService) Failover(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
-	f.record("Failover %+v", req)
+	f.record("Failover %s", failoverCall(req))
 	if f.FailoverFn == nil {
 		return nil, unexpected("Failover")
 	}
@@ -265,7 +266,7 @@ func (f *fakeService) Unprotect(ctx context.Context, machine string) (*rebound.J
 }
 
 func (f *fakeService) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {
-	f.record("Failback %+v", req)
+	f.record("Failback %s", failoverCall(req))
 	if f.FailbackFn == nil {
 		return nil, unexpected("Failback")
 	}
@@ -360,4 +361,22 @@ func fmtQuery(q rebound.ListQuery) string {
 	}
 	add("cursor", q.Cursor)
 	return strings.Join(s, " ")
+}
+
+func (f *fakeService) SetMachine(ctx context.Context, req rebound.SetMachineRequest) (*rebound.Machine, error) {
+	f.record("SetMachine %s", req.Name)
+	if f.SetMachineFn == nil {
+		return nil, unexpected("SetMachine")
+	}
+	return f.SetMachineFn(req)
+}
+
+// failoverCall prints a failover request as %+v did before it had shutdown
+// options, which it shows only when given.
+func failoverCall(req rebound.FailoverRequest) string {
+	s := fmt.Sprintf("{Machine:%s Point:%s Planned:%v", req.Machine, req.Point, req.Planned)
+	if req.Shutdown != (rebound.ShutdownOptions{}) {
+		s += fmt.Sprintf(" Shutdown:%+v", req.Shutdown)
+	}
+	return s + "}"
 }

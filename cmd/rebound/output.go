@@ -107,6 +107,12 @@ func writeMachine(w io.Writer, m *rebound.Machine) {
 		row(w, "Power:", fmtVMStatus(m.VMStatus))
 	}
 	row(w, "Created:", fmtTime(m.CreatedAt))
+	if st := m.Settings; st.FreezeHook != "" || st.ThawHook != "" {
+		row(w, "Hooks:", fmt.Sprintf("freeze %s, thaw %s", orDash(st.FreezeHook), orDash(st.ThawHook)))
+	}
+	if st := m.Settings; st.Shutdown != "" || st.ShutdownTimeout != 0 {
+		row(w, "Shutdown:", fmtShutdown(st))
+	}
 	if p := m.Protection; p != nil {
 		row(w, "Protection:", fmt.Sprintf("%s -> %s, policy %s", p.SourceSite, p.TargetSite, orDash(p.Policy)))
 		repl := orDash(p.ReplState)
