@@ -112,7 +112,7 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"ReprotectRequest": reprotectBody{}, "FailbackRequest": failbackBody{},
 		"PreflightReport": rebound.PreflightReport{}, "PreflightCheck": rebound.PreflightCheck{},
 		"TokenResponse": tokenBody{}, "Error": errorResponse{}, "Health": healthBody{},
-		"SiteMachineRole": rebound.SiteMachineRole{},
+		"SiteMachineRole":   rebound.SiteMachineRole{},
 		"SetMachineRequest": setMachineBody{}, "MachineSettings": rebound.MachineSettings{},
 	} {
 		s, ok := doc.Components.Schemas[name]

@@ -51,7 +51,7 @@ type fakeService struct {
 	DeletePolicyFn func(name string) error
 	QueryPointsFn  func(machine string, q rebound.ListQuery) (*rebound.PointPage, error)
 	QueryEventsFn  func(q rebound.ListQuery) (*rebound.EventPage, error)
-	SetMachineFn func(req rebound.SetMachineRequest) (*rebound.Machine, error)
+	SetMachineFn   func(req rebound.SetMachineRequest) (*rebound.Machine, error)
 }
 
 var (
