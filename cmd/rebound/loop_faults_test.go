@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/journal"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/workload"
@@ -196,13 +197,29 @@ func TestReprotectReadinessGate(t *testing.T) {
 		t.Fatalf("reprotect took %s to refuse; it must fail at once", d)
 	}
 
-	job, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1", WaitReady: rebound.Duration(20 * time.Second)})
+	// The job's readiness loop passes a failpoint at each wait: after
+	// three waits it must still be running there, not failed.
+	waits := make(chan struct{}, 16)
+	defer failpoint.Enable("server/readiness/wait", func(context.Context) {
+		select {
+		case waits <- struct{}{}:
+		default:
+		}
+	})()
+	job, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1", WaitReady: rebound.Duration(time.Minute)})
 	if err != nil {
 		t.Fatalf("reprotect --wait-ready: %v", err)
 	}
-	time.Sleep(3 * time.Second)
+	for i := 0; i < 3; i++ {
+		select {
+		case <-waits:
+		case <-time.After(time.Minute):
+			j, _ := svc.GetJob(ctx, job.ID)
+			t.Fatalf("reprotect --wait-ready did not wait for the site: %+v", j)
+		}
+	}
 	if j, err := svc.GetJob(ctx, job.ID); err != nil || j.State != rebound.JobRunning || j.Step != "readiness" {
-		t.Fatalf("reprotect --wait-ready after 3s: %+v (%v), want it waiting at readiness", j, err)
+		t.Fatalf("reprotect --wait-ready after three waits: %+v (%v), want it waiting at readiness", j, err)
 	}
 	startSite(t, up, cfg)
 	waitJob(t, svc)(job, nil)

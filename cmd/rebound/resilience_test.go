@@ -8,11 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/rebound-dr/rebound"
 	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/sqlite"
 	"github.com/rebound-dr/rebound/workload"
@@ -595,16 +597,29 @@ func TestServerRestartFailsRunningJobs(t *testing.T) {
 	}
 	o := newOracle(t, size, 51)
 	o.write(m.Disks[0].NBD, 40)
+	// The job holds at the start of its initial copy until the server
+	// closes: it is surely running when the restart comes.
+	reached := make(chan struct{})
+	var once sync.Once
+	release := failpoint.Enable("server/job/protect/initial copy", func(ctx context.Context) {
+		once.Do(func() { close(reached) })
+		<-ctx.Done()
+	})
 	job, err := svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery", Policy: "late"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 10*time.Second, "the protect job reaches the initial copy", func() bool {
-		j, err := svc.GetJob(ctx, job.ID)
-		return err == nil && j.Step == "initial copy" && j.State == rebound.JobRunning
-	})
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		t.Fatal("the protect job never reached its initial copy")
+	}
+	if j, err := svc.GetJob(ctx, job.ID); err != nil || j.Step != "initial copy" || j.State != rebound.JobRunning {
+		t.Fatalf("protect job at the failpoint: %+v (%v)", j, err)
+	}
 
 	restartServer(t, up, nil)
+	release()
 	j, err := svc.GetJob(ctx, job.ID)
 	if err != nil {
 		t.Fatal(err)
