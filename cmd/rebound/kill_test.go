@@ -49,14 +49,30 @@ func reboundBinary(t *testing.T) string {
 	return binPath
 }
 
+// nextPort hands out fixed ports below the kernel's ephemeral range
+// (32768-60999 on Linux), so an outgoing connection or another test's
+// listener cannot take a port while its process is down between a kill
+// and a restart; parallel tests each get their own.
+var nextPort atomic.Int32
+
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	nextPort.CompareAndSwap(0, int32(20000+os.Getpid()%400*25))
+	for range 12000 {
+		p := nextPort.Add(1)
+		if p >= 32000 {
+			nextPort.Store(20000)
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			continue // in use
+		}
+		l.Close()
+		return l.Addr().String()
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("no free port in 20000-32000")
+	return ""
 }
 
 // proc is a real rebound process that can be killed and restarted.
@@ -280,6 +296,7 @@ func resilientWrite(t *testing.T, uri string, o *oracle, n int) {
 // receiving site with SIGKILL at random moments while a workload writes
 // and points are cut, and then checks every recorded point byte for byte.
 func TestOracleWithKills(t *testing.T) {
+	t.Parallel()
 	c := startCluster(t)
 	svc, ctx := c.svc, context.Background()
 	const size = 16 << 20

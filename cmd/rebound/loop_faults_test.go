@@ -127,6 +127,7 @@ func failbackAndCheck(t *testing.T, svc rebound.Service, want, site string) {
 // TestReprotectVerify: --verify compares the digests of the whole disk and
 // sends only blocks that differ; the copy at primary then equals recovery's.
 func TestReprotectVerify(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc := testUp(t, t.TempDir())
 	loop := svc.(rebound.LoopService)
@@ -151,6 +152,7 @@ func TestReprotectVerify(t *testing.T) {
 // while its site is down; reprotect falls back to a digest compare and the
 // result is byte-exact.
 func TestReprotectUntrustedTracking(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	loop := svc.(rebound.LoopService)
@@ -181,7 +183,8 @@ func TestReprotectUntrustedTracking(t *testing.T) {
 
 // TestReprotectReadinessGate: with the active site down, reprotect fails
 // at once naming the site, the fix and --wait-ready; with --wait-ready it
-// waits for the site and completes.
+// waits for the site and completes. Not parallel: its failpoint is
+// process-wide.
 func TestReprotectReadinessGate(t *testing.T) {
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
@@ -236,6 +239,7 @@ func TestReprotectReadinessGate(t *testing.T) {
 // TestReprotectToThirdSite: reprotect --to a site that never held the
 // machine makes a full copy and says why; failback to it is byte-exact.
 func TestReprotectToThirdSite(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc := fixedUp(t, func(c *UpConfig) {
 		c.Sites = append(c.Sites, UpSite{Name: "dr2", NBDAddr: freePort(t), ReplAddr: freePort(t)})
@@ -280,6 +284,7 @@ func checkNames(t *testing.T, rep *rebound.PreflightReport, ok bool, names ...st
 // with both sites up; with the target down the failing check is named, and
 // a reprotect to it fails with the preflight's message.
 func TestPreflightChecks(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	loop := svc.(rebound.LoopService)
@@ -378,6 +383,7 @@ func splitBrain(t *testing.T) (*UpMain, rebound.Service, *oracle, *oracle) {
 // names --keep; --keep recovery overwrites primary's writes with a digest
 // compare and primary ends equal to recovery.
 func TestSplitBrainKeepRecovery(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc, o, _ := splitBrain(t)
 	loop := svc.(rebound.LoopService)
@@ -402,6 +408,7 @@ func TestSplitBrainKeepRecovery(t *testing.T) {
 // TestSplitBrainKeepPrimary: --keep primary makes primary's copy, with its
 // writes, the active one and resyncs recovery to it.
 func TestSplitBrainKeepPrimary(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc, _, po := splitBrain(t)
 	loop := svc.(rebound.LoopService)
@@ -561,16 +568,23 @@ func killMidReprotect(t *testing.T, site, step string) {
 
 // TestReprotectKillTarget: primary, the reprotect's target, is killed after
 // it was prepared and before the source starts sending: the resync stalls.
-func TestReprotectKillTarget(t *testing.T) { killMidReprotect(t, "primary", "start source") }
+func TestReprotectKillTarget(t *testing.T) {
+	t.Parallel()
+	killMidReprotect(t, "primary", "start source")
+}
 
 // TestReprotectKillSource: recovery, the reprotect's source, is killed
 // once it has started its resync.
-func TestReprotectKillSource(t *testing.T) { killMidReprotect(t, "recovery", "resync") }
+func TestReprotectKillSource(t *testing.T) {
+	t.Parallel()
+	killMidReprotect(t, "recovery", "resync")
+}
 
 // TestReprotectRetryKeepsAdoptedDisks: the target dies before the first
 // point and the reprotect is given up (cancelled); the disks it adopted
 // are still there, and a retry completes sending only the delta.
 func TestReprotectRetryKeepsAdoptedDisks(t *testing.T) {
+	t.Parallel()
 	c, o, changed := clusterCommitted(t, "reprotect/start source")
 	svc, ctx := c.svc, context.Background()
 	loop := svc.(rebound.LoopService)
@@ -601,16 +615,25 @@ func TestReprotectRetryKeepsAdoptedDisks(t *testing.T) {
 
 // TestFailbackKillSource: the source of a planned failback (recovery) is
 // killed as the failback starts its drain, before it is fenced.
-func TestFailbackKillSource(t *testing.T) { killMidFailback(t, "recovery", "drain") }
+func TestFailbackKillSource(t *testing.T) {
+	t.Parallel()
+	killMidFailback(t, "recovery", "drain")
+}
 
 // TestFailbackKillTarget: the target of a planned failback (primary) is
 // killed as the failback starts.
-func TestFailbackKillTarget(t *testing.T) { killMidFailback(t, "primary", "preflight") }
+func TestFailbackKillTarget(t *testing.T) {
+	t.Parallel()
+	killMidFailback(t, "primary", "preflight")
+}
 
 // TestFailbackKillTargetAtActivate: the target (primary) is killed after
 // the drain fenced the source and before it activates the machine: the
 // source must serve again.
-func TestFailbackKillTargetAtActivate(t *testing.T) { killMidFailback(t, "primary", "activate") }
+func TestFailbackKillTargetAtActivate(t *testing.T) {
+	t.Parallel()
+	killMidFailback(t, "primary", "activate")
+}
 
 // killMidFailback kills site as a planned failback enters step. The
 // failback completes (or is retried) and nothing written is lost;
@@ -690,6 +713,7 @@ func killMidFailback(t *testing.T, site, step string) {
 // Both restart and the reprotect completes (on its own or by a retry) with
 // about the changed bytes sent and primary's copy exact.
 func TestReprotectKillBothInResync(t *testing.T) {
+	t.Parallel()
 	c, o, changed := clusterCommitted(t, "reprotect/start source", "reprotect/resync")
 	svc, ctx := c.svc, context.Background()
 	loop := svc.(rebound.LoopService)
@@ -724,6 +748,7 @@ func TestReprotectKillBothInResync(t *testing.T) {
 // new journal and before its state recorded that. The retry must keep
 // those disks (the only seed) and complete with a delta, byte-exact.
 func TestReprotectAfterCrashedAdopt(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	loop := svc.(rebound.LoopService)
@@ -754,6 +779,7 @@ func TestReprotectAfterCrashedAdopt(t *testing.T) {
 // is still protected at recovery. When recovery reconnects it serves the
 // machine again, with every byte.
 func TestFencedSourceServedAfterReconnect(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	loop := svc.(rebound.LoopService)

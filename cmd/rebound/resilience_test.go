@@ -174,6 +174,7 @@ func lastPoint(t *testing.T, svc rebound.Service, name string) rebound.RecoveryP
 // spool bound is passed; when the site returns the dirty regions resync,
 // health returns to normal, points appear again and hold the right bytes.
 func TestSpoolOverflowAndResync(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	const spool = 2 << 20
 	up, svc := fixedUp(t, func(c *UpConfig) { c.SpoolLimit = spool })
@@ -260,6 +261,7 @@ func readLines(t *testing.T, path string) []string {
 // a conflict and still thaws; a site without hooks refuses app points and
 // keeps cutting crash points.
 func TestAppConsistentPoints(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	hooks := t.TempDir()
 	freeze, thaw, log := hookScripts(t, hooks)
@@ -351,6 +353,7 @@ func waitReplicatedAll(t *testing.T, up *UpMain, name string) {
 // bytes, the returning primary stays fenced, cancel waits for it and then
 // resumes it with nothing lost.
 func TestFailoverSourceDown(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	const size = 8 << 20
@@ -470,6 +473,7 @@ func TestFailoverSourceDown(t *testing.T) {
 // the right code and a message that says what is wrong, and the service
 // keeps working.
 func TestInvalidAPICalls(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	const size = 4 << 20
@@ -583,7 +587,8 @@ func TestInvalidAPICalls(t *testing.T) {
 
 // TestServerRestartFailsRunningJobs: a job running when the server stops is
 // failed with the interrupted message after the restart, nothing stays
-// running, and running the command again finishes the work.
+// running, and running the command again finishes the work. Not parallel:
+// its failpoint is process-wide.
 func TestServerRestartFailsRunningJobs(t *testing.T) {
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
@@ -656,6 +661,7 @@ func TestServerRestartFailsRunningJobs(t *testing.T) {
 // TestTestFailoverIsolation: a test failover neither sees later source
 // writes nor leaks its own writes to the source or the journal.
 func TestTestFailoverIsolation(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	const size = 8 << 20
@@ -761,6 +767,7 @@ func restartServer(t *testing.T, up *UpMain, edit func(db *sqlite.DB)) {
 // the job is failed as interrupted, cancel resumes the source with nothing
 // lost, and running the failover again completes it.
 func TestServerKilledDuringFailover(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	const size = 8 << 20
