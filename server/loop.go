@@ -9,6 +9,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/digest"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 )
 
 var _ rebound.LoopService = (*Server)(nil)
@@ -94,6 +95,7 @@ func (s *Server) readiness(ctx context.Context, site string, wait time.Duration)
 				"reprotect needs the capture side of the machine at site %q (its site appliance, or the agent for a server), and it is not connected: start it (rebound site --name %s ..., or rebound agent --name %s ... on the server) and make sure it reaches the server; %s",
 				site, site, site, how)
 		}
+		failpoint.Hit(ctx, "server/readiness/wait") // tests count the waits
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/sqlite"
 )
@@ -166,8 +167,10 @@ func (r *jobRun) Step(name string) {
 		r.job.Steps = append(r.job.Steps, rebound.JobStep{Name: name, State: rebound.JobRunning})
 	}
 	r.job.Step = name
+	typ := r.job.Type
 	r.mu.Unlock()
 	r.save(true)
+	failpoint.Hit(r.ctx, "server/job/"+typ+"/"+name) // tests stop or kill the server here
 }
 
 // Message sets the message of the current step; saves are rate-limited.

@@ -178,6 +178,7 @@ func getMachine(t *testing.T, svc rebound.Service, name string) *rebound.Machine
 // test failover to recorded points and instants give disks whose bytes hash
 // equal to the model at that moment.
 func TestRecoverAnyPoint(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := testUp(t, t.TempDir())
 	_ = up

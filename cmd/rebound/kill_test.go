@@ -17,6 +17,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/workload"
 )
@@ -48,14 +49,30 @@ func reboundBinary(t *testing.T) string {
 	return binPath
 }
 
+// nextPort hands out fixed ports below the kernel's ephemeral range
+// (32768-60999 on Linux), so an outgoing connection or another test's
+// listener cannot take a port while its process is down between a kill
+// and a restart; parallel tests each get their own.
+var nextPort atomic.Int32
+
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	nextPort.CompareAndSwap(0, int32(20000+os.Getpid()%400*25))
+	for range 12000 {
+		p := nextPort.Add(1)
+		if p >= 32000 {
+			nextPort.Store(20000)
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			continue // in use
+		}
+		l.Close()
+		return l.Addr().String()
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("no free port in 20000-32000")
+	return ""
 }
 
 // proc is a real rebound process that can be killed and restarted.
@@ -63,18 +80,19 @@ type proc struct {
 	t    *testing.T
 	name string
 	args []string
+	env  []string // added to the environment of every start
 	log  *os.File
 	cmd  *exec.Cmd
 	done chan struct{}
 }
 
-func startProc(t *testing.T, dir, name string, args ...string) *proc {
+func startProc(t *testing.T, dir, name string, env []string, args ...string) *proc {
 	t.Helper()
 	f, err := os.OpenFile(filepath.Join(dir, name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{t: t, name: name, args: args, log: f}
+	p := &proc{t: t, name: name, args: args, env: env, log: f}
 	p.start()
 	t.Cleanup(func() { p.kill(); f.Close() })
 	return p
@@ -84,6 +102,9 @@ func (p *proc) start() {
 	p.t.Helper()
 	p.cmd = exec.Command(reboundBinary(p.t), p.args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
+	if len(p.env) > 0 {
+		p.cmd.Env = append(os.Environ(), p.env...)
+	}
 	if err := p.cmd.Start(); err != nil {
 		p.t.Fatalf("start %s: %v", p.name, err)
 	}
@@ -103,20 +124,34 @@ func (p *proc) kill() {
 
 // cluster is a server and two sites as separate processes.
 type cluster struct {
-	t     *testing.T
-	dir   string
-	svc   rebound.Service
-	srv   *proc
-	sites map[string]*proc
+	t      *testing.T
+	dir    string
+	svc    rebound.Service
+	srv    *proc
+	sites  map[string]*proc
+	pauses map[string]string // job step ("failback/drain") -> its failpoint's marker file
 }
 
-func startCluster(t *testing.T) *cluster {
+// startCluster starts a server and two sites. The server pauses the first
+// time a job enters each of the pauseAt steps ("type/step", as
+// "reprotect/resync"); atStep acts there.
+func startCluster(t *testing.T, pauseAt ...string) *cluster {
 	t.Helper()
 	dir := t.TempDir()
 	api, grpcAddr := freePort(t), freePort(t)
-	c := &cluster{t: t, dir: dir, sites: map[string]*proc{}}
+	c := &cluster{t: t, dir: dir, sites: map[string]*proc{}, pauses: map[string]string{}}
+	var fps []string
+	for i, step := range pauseAt {
+		marker := filepath.Join(dir, fmt.Sprintf("failpoint-%d", i))
+		c.pauses[step] = marker
+		fps = append(fps, "server/job/"+step+"=pause("+marker+")")
+	}
+	var env []string
+	if len(fps) > 0 {
+		env = []string{failpoint.Env + "=" + strings.Join(fps, ";")}
+	}
 	tokenFile := filepath.Join(dir, "admin-token")
-	c.srv = startProc(t, dir, "server", "server", "--data", filepath.Join(dir, "server"),
+	c.srv = startProc(t, dir, "server", env, "server", "--data", filepath.Join(dir, "server"),
 		"--api-addr", api, "--grpc-addr", grpcAddr, "--admin-token-file", tokenFile)
 	var token, ca []byte
 	deadline := time.Now().Add(30 * time.Second)
@@ -148,11 +183,32 @@ func startCluster(t *testing.T) *cluster {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.sites[name] = startProc(t, dir, name, "site", "--name", name, "--data", filepath.Join(dir, name),
+		c.sites[name] = startProc(t, dir, name, nil, "site", "--name", name, "--data", filepath.Join(dir, name),
 			"--server-addr", grpcAddr, "--token", tok, "--nbd-addr", freePort(t), "--repl-addr", freePort(t))
 	}
 	c.waitOnline("primary", "recovery")
 	return c
+}
+
+// atStep waits until a job of the server stops at step (one of the
+// cluster's pauseAt), runs fault while the job is held there, and lets the
+// job go on. The fault lands exactly at the step, whatever the machine's load.
+func (c *cluster) atStep(step string, fault func()) {
+	c.t.Helper()
+	marker, ok := c.pauses[step]
+	if !ok {
+		c.t.Fatalf("no failpoint at step %q: pass it to startCluster", step)
+	}
+	// Polling for a state that stays: the server is blocked until the
+	// marker goes.
+	waitUntil(c.t, 2*time.Minute, "a job stopped at step "+step, func() bool {
+		_, err := os.Stat(marker)
+		return err == nil
+	})
+	fault()
+	if err := os.Remove(marker); err != nil {
+		c.t.Fatal(err)
+	}
 }
 
 func (c *cluster) waitOnline(names ...string) {
@@ -240,6 +296,7 @@ func resilientWrite(t *testing.T, uri string, o *oracle, n int) {
 // receiving site with SIGKILL at random moments while a workload writes
 // and points are cut, and then checks every recorded point byte for byte.
 func TestOracleWithKills(t *testing.T) {
+	t.Parallel()
 	c := startCluster(t)
 	svc, ctx := c.svc, context.Background()
 	const size = 16 << 20

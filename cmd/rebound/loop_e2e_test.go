@@ -46,6 +46,7 @@ func checkDelta(t *testing.T, j *rebound.Job, changed, disk int64) {
 // forward; the bytes are checked over NBD at every step and the bytes sent
 // stay close to the bytes changed.
 func TestRoundTrip(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc := testUp(t, t.TempDir())
 	loop := svc.(rebound.LoopService)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/journal"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/workload"
@@ -126,6 +127,7 @@ func failbackAndCheck(t *testing.T, svc rebound.Service, want, site string) {
 // TestReprotectVerify: --verify compares the digests of the whole disk and
 // sends only blocks that differ; the copy at primary then equals recovery's.
 func TestReprotectVerify(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc := testUp(t, t.TempDir())
 	loop := svc.(rebound.LoopService)
@@ -150,6 +152,7 @@ func TestReprotectVerify(t *testing.T) {
 // while its site is down; reprotect falls back to a digest compare and the
 // result is byte-exact.
 func TestReprotectUntrustedTracking(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	loop := svc.(rebound.LoopService)
@@ -180,7 +183,8 @@ func TestReprotectUntrustedTracking(t *testing.T) {
 
 // TestReprotectReadinessGate: with the active site down, reprotect fails
 // at once naming the site, the fix and --wait-ready; with --wait-ready it
-// waits for the site and completes.
+// waits for the site and completes. Not parallel: its failpoint is
+// process-wide.
 func TestReprotectReadinessGate(t *testing.T) {
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
@@ -196,13 +200,29 @@ func TestReprotectReadinessGate(t *testing.T) {
 		t.Fatalf("reprotect took %s to refuse; it must fail at once", d)
 	}
 
-	job, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1", WaitReady: rebound.Duration(20 * time.Second)})
+	// The job's readiness loop passes a failpoint at each wait: after
+	// three waits it must still be running there, not failed.
+	waits := make(chan struct{}, 16)
+	defer failpoint.Enable("server/readiness/wait", func(context.Context) {
+		select {
+		case waits <- struct{}{}:
+		default:
+		}
+	})()
+	job, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1", WaitReady: rebound.Duration(time.Minute)})
 	if err != nil {
 		t.Fatalf("reprotect --wait-ready: %v", err)
 	}
-	time.Sleep(3 * time.Second)
+	for i := 0; i < 3; i++ {
+		select {
+		case <-waits:
+		case <-time.After(time.Minute):
+			j, _ := svc.GetJob(ctx, job.ID)
+			t.Fatalf("reprotect --wait-ready did not wait for the site: %+v", j)
+		}
+	}
 	if j, err := svc.GetJob(ctx, job.ID); err != nil || j.State != rebound.JobRunning || j.Step != "readiness" {
-		t.Fatalf("reprotect --wait-ready after 3s: %+v (%v), want it waiting at readiness", j, err)
+		t.Fatalf("reprotect --wait-ready after three waits: %+v (%v), want it waiting at readiness", j, err)
 	}
 	startSite(t, up, cfg)
 	waitJob(t, svc)(job, nil)
@@ -219,6 +239,7 @@ func TestReprotectReadinessGate(t *testing.T) {
 // TestReprotectToThirdSite: reprotect --to a site that never held the
 // machine makes a full copy and says why; failback to it is byte-exact.
 func TestReprotectToThirdSite(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc := fixedUp(t, func(c *UpConfig) {
 		c.Sites = append(c.Sites, UpSite{Name: "dr2", NBDAddr: freePort(t), ReplAddr: freePort(t)})
@@ -263,6 +284,7 @@ func checkNames(t *testing.T, rep *rebound.PreflightReport, ok bool, names ...st
 // with both sites up; with the target down the failing check is named, and
 // a reprotect to it fails with the preflight's message.
 func TestPreflightChecks(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	loop := svc.(rebound.LoopService)
@@ -361,6 +383,7 @@ func splitBrain(t *testing.T) (*UpMain, rebound.Service, *oracle, *oracle) {
 // names --keep; --keep recovery overwrites primary's writes with a digest
 // compare and primary ends equal to recovery.
 func TestSplitBrainKeepRecovery(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc, o, _ := splitBrain(t)
 	loop := svc.(rebound.LoopService)
@@ -385,6 +408,7 @@ func TestSplitBrainKeepRecovery(t *testing.T) {
 // TestSplitBrainKeepPrimary: --keep primary makes primary's copy, with its
 // writes, the active one and resyncs recovery to it.
 func TestSplitBrainKeepPrimary(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	_, svc, _, po := splitBrain(t)
 	loop := svc.(rebound.LoopService)
@@ -403,10 +427,11 @@ func TestSplitBrainKeepPrimary(t *testing.T) {
 
 // clusterCommitted runs the real binaries: vm1 (64 MiB) protected from
 // primary to recovery, failed over, 8-16 MiB changed at recovery and
-// committed. It returns the 4 KiB blocks changed at recovery.
-func clusterCommitted(t *testing.T) (*cluster, *oracle, changeSet) {
+// committed. It returns the 4 KiB blocks changed at recovery. The server
+// pauses at the pauseAt job steps (see startCluster).
+func clusterCommitted(t *testing.T, pauseAt ...string) (*cluster, *oracle, changeSet) {
 	t.Helper()
-	c := startCluster(t)
+	c := startCluster(t, pauseAt...)
 	t.Cleanup(func() {
 		if !t.Failed() {
 			return
@@ -443,29 +468,24 @@ func clusterCommitted(t *testing.T) (*cluster, *oracle, changeSet) {
 	return c, o, changed
 }
 
-// killAtStep starts nothing: it polls the job until its step is one of
-// steps and then SIGKILLs the site, returning the job as seen just before.
-func killAtStep(t *testing.T, c *cluster, id, site string, steps ...string) *rebound.Job {
+// killAt SIGKILLs site while the job is held at step (a failpoint of the
+// cluster's server), lets the job go on against the dead site and returns
+// the job as it was at the step.
+func killAt(t *testing.T, c *cluster, id, site, step string) *rebound.Job {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
+	var seen *rebound.Job
+	c.atStep(step, func() {
 		j, err := c.svc.GetJob(context.Background(), id)
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, s := range steps {
-			if j.Step == s && j.State == rebound.JobRunning {
-				c.sites[site].kill()
-				return j
-			}
+		if j.State != rebound.JobRunning || j.Type+"/"+j.Step != step {
+			t.Fatalf("job %s is %s at %s/%s, want it running at %s", id, j.State, j.Type, j.Step, step)
 		}
-		if j.State != rebound.JobRunning && j.State != rebound.JobQueued {
-			t.Fatalf("job %s ended (%s: %s) before step %v", id, j.State, j.Error, steps)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Fatalf("job %s never reached step %v", id, steps)
-	return nil
+		c.sites[site].kill()
+		seen = j
+	})
+	return seen
 }
 
 // jobWithin waits up to d for a job; a job still running then is
@@ -510,21 +530,22 @@ func reprotectUntilDone(t *testing.T, svc rebound.Service) *rebound.Job {
 	return done
 }
 
-// killMidReprotect SIGKILLs site in the middle of a reprotect's resync,
-// restarts it, and checks the reprotect completes (on its own or by a
-// retry), sends about the changed bytes, and leaves primary's copy equal to
-// the model (a planned failback reads it over NBD).
-func killMidReprotect(t *testing.T, site string) {
-	c, o, changed := clusterCommitted(t)
+// killMidReprotect SIGKILLs site as the reprotect enters step, restarts
+// it, and checks the reprotect completes (on its own or by a retry), sends
+// about the changed bytes, and leaves primary's copy equal to the model (a
+// planned failback reads it over NBD). The site restarts right after the
+// job goes on: whether the job's next call finds it dead or back, the
+// outcome must be the same.
+func killMidReprotect(t *testing.T, site, step string) {
+	c, o, changed := clusterCommitted(t, "reprotect/"+step)
 	svc, ctx := c.svc, context.Background()
 	loop := svc.(rebound.LoopService)
 	j, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	seen := killAtStep(t, c, j.ID, site, "start source", "resync")
+	seen := killAt(t, c, j.ID, site, "reprotect/"+step)
 	t.Logf("killed %s at step %s (sent %d of %d)", site, seen.Step, seen.BytesSent, seen.BytesTotal)
-	time.Sleep(500 * time.Millisecond)
 	restarted := time.Now()
 	c.sites[site].start()
 	waitReported(c, restarted)
@@ -545,24 +566,33 @@ func killMidReprotect(t *testing.T, site string) {
 	failbackAndCheck(t, svc, o.model.Sum(), "primary")
 }
 
-// TestReprotectKillTarget: primary, the reprotect's target, is killed mid-resync.
-func TestReprotectKillTarget(t *testing.T) { killMidReprotect(t, "primary") }
+// TestReprotectKillTarget: primary, the reprotect's target, is killed after
+// it was prepared and before the source starts sending: the resync stalls.
+func TestReprotectKillTarget(t *testing.T) {
+	t.Parallel()
+	killMidReprotect(t, "primary", "start source")
+}
 
-// TestReprotectKillSource: recovery, the reprotect's source, is killed mid-resync.
-func TestReprotectKillSource(t *testing.T) { killMidReprotect(t, "recovery") }
+// TestReprotectKillSource: recovery, the reprotect's source, is killed
+// once it has started its resync.
+func TestReprotectKillSource(t *testing.T) {
+	t.Parallel()
+	killMidReprotect(t, "recovery", "resync")
+}
 
 // TestReprotectRetryKeepsAdoptedDisks: the target dies before the first
 // point and the reprotect is given up (cancelled); the disks it adopted
 // are still there, and a retry completes sending only the delta.
 func TestReprotectRetryKeepsAdoptedDisks(t *testing.T) {
-	c, o, changed := clusterCommitted(t)
+	t.Parallel()
+	c, o, changed := clusterCommitted(t, "reprotect/start source")
 	svc, ctx := c.svc, context.Background()
 	loop := svc.(rebound.LoopService)
 	j, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	killAtStep(t, c, j.ID, "primary", "start source", "resync")
+	killAt(t, c, j.ID, "primary", "reprotect/start source")
 	j, err = jobWithin(t, svc, j.ID, 3*time.Second)
 	if err == nil {
 		t.Logf("the resync finished before the kill took effect: %+v", j)
@@ -584,23 +614,33 @@ func TestReprotectRetryKeepsAdoptedDisks(t *testing.T) {
 }
 
 // TestFailbackKillSource: the source of a planned failback (recovery) is
-// killed mid-failback.
+// killed as the failback starts its drain, before it is fenced.
 func TestFailbackKillSource(t *testing.T) {
-	killMidFailback(t, "recovery", "preflight", "drain", "activate")
+	t.Parallel()
+	killMidFailback(t, "recovery", "drain")
 }
 
 // TestFailbackKillTarget: the target of a planned failback (primary) is
-// killed as soon as the failback starts.
+// killed as the failback starts.
 func TestFailbackKillTarget(t *testing.T) {
-	killMidFailback(t, "primary", "preflight", "drain", "activate")
+	t.Parallel()
+	killMidFailback(t, "primary", "preflight")
 }
 
-// killMidFailback kills site during a planned failback. The failback
-// completes (or is retried) and nothing written is lost; cancelling it
-// resumes recovery with every byte, and a second failback and commit leave
-// primary equal to the model.
-func killMidFailback(t *testing.T, site string, steps ...string) {
-	c, o, _ := clusterCommitted(t)
+// TestFailbackKillTargetAtActivate: the target (primary) is killed after
+// the drain fenced the source and before it activates the machine: the
+// source must serve again.
+func TestFailbackKillTargetAtActivate(t *testing.T) {
+	t.Parallel()
+	killMidFailback(t, "primary", "activate")
+}
+
+// killMidFailback kills site as a planned failback enters step. The
+// failback completes (or is retried) and nothing written is lost;
+// cancelling it resumes recovery with every byte, and a second failback and
+// commit leave primary equal to the model.
+func killMidFailback(t *testing.T, site, step string) {
+	c, o, _ := clusterCommitted(t, "failback/"+step)
 	svc, ctx := c.svc, context.Background()
 	loop := svc.(rebound.LoopService)
 	waitJob(t, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"}))
@@ -611,9 +651,8 @@ func killMidFailback(t *testing.T, site string, steps ...string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	seen := killAtStep(t, c, j.ID, site, steps...)
+	seen := killAt(t, c, j.ID, site, "failback/"+step)
 	t.Logf("killed %s at failback step %s", site, seen.Step)
-	time.Sleep(500 * time.Millisecond)
 	restarted := time.Now()
 	c.sites[site].start()
 	waitReported(c, restarted)
@@ -670,20 +709,22 @@ func killMidFailback(t *testing.T, site string, steps ...string) {
 }
 
 // TestReprotectKillBothInResync: the target dies as the source starts, so
-// the resync stalls half done; then the source is killed inside that
-// resync too. Both restart and the reprotect completes (on its own or by a
-// retry) with about the changed bytes sent and primary's copy exact.
+// the resync stalls; then the source is killed inside that resync too.
+// Both restart and the reprotect completes (on its own or by a retry) with
+// about the changed bytes sent and primary's copy exact.
 func TestReprotectKillBothInResync(t *testing.T) {
-	c, o, changed := clusterCommitted(t)
+	t.Parallel()
+	c, o, changed := clusterCommitted(t, "reprotect/start source", "reprotect/resync")
 	svc, ctx := c.svc, context.Background()
 	loop := svc.(rebound.LoopService)
 	j, err := loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	killAtStep(t, c, j.ID, "primary", "start source", "resync")
-	seen := killAtStep(t, c, j.ID, "recovery", "resync")
-	time.Sleep(time.Second) // the source resyncs into its spool meanwhile
+	killAt(t, c, j.ID, "primary", "reprotect/start source")
+	// The source starts its resync with the target gone, and the job then
+	// waits in the resync step, where the source is killed too.
+	seen := killAt(t, c, j.ID, "recovery", "reprotect/resync")
 	t.Logf("killed recovery in the resync (sent %d of %d)", seen.BytesSent, seen.BytesTotal)
 	c.sites["recovery"].start()
 	restarted := time.Now()
@@ -707,6 +748,7 @@ func TestReprotectKillBothInResync(t *testing.T) {
 // new journal and before its state recorded that. The retry must keep
 // those disks (the only seed) and complete with a delta, byte-exact.
 func TestReprotectAfterCrashedAdopt(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	loop := svc.(rebound.LoopService)
@@ -737,6 +779,7 @@ func TestReprotectAfterCrashedAdopt(t *testing.T) {
 // is still protected at recovery. When recovery reconnects it serves the
 // machine again, with every byte.
 func TestFencedSourceServedAfterReconnect(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	loop := svc.(rebound.LoopService)

@@ -8,11 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/rebound-dr/rebound"
 	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/sqlite"
 	"github.com/rebound-dr/rebound/workload"
@@ -172,6 +174,7 @@ func lastPoint(t *testing.T, svc rebound.Service, name string) rebound.RecoveryP
 // spool bound is passed; when the site returns the dirty regions resync,
 // health returns to normal, points appear again and hold the right bytes.
 func TestSpoolOverflowAndResync(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	const spool = 2 << 20
 	up, svc := fixedUp(t, func(c *UpConfig) { c.SpoolLimit = spool })
@@ -258,6 +261,7 @@ func readLines(t *testing.T, path string) []string {
 // a conflict and still thaws; a site without hooks refuses app points and
 // keeps cutting crash points.
 func TestAppConsistentPoints(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	hooks := t.TempDir()
 	freeze, thaw, log := hookScripts(t, hooks)
@@ -349,6 +353,7 @@ func waitReplicatedAll(t *testing.T, up *UpMain, name string) {
 // bytes, the returning primary stays fenced, cancel waits for it and then
 // resumes it with nothing lost.
 func TestFailoverSourceDown(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	const size = 8 << 20
@@ -468,6 +473,7 @@ func TestFailoverSourceDown(t *testing.T) {
 // the right code and a message that says what is wrong, and the service
 // keeps working.
 func TestInvalidAPICalls(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	const size = 4 << 20
@@ -581,7 +587,8 @@ func TestInvalidAPICalls(t *testing.T) {
 
 // TestServerRestartFailsRunningJobs: a job running when the server stops is
 // failed with the interrupted message after the restart, nothing stays
-// running, and running the command again finishes the work.
+// running, and running the command again finishes the work. Not parallel:
+// its failpoint is process-wide.
 func TestServerRestartFailsRunningJobs(t *testing.T) {
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
@@ -595,16 +602,29 @@ func TestServerRestartFailsRunningJobs(t *testing.T) {
 	}
 	o := newOracle(t, size, 51)
 	o.write(m.Disks[0].NBD, 40)
+	// The job holds at the start of its initial copy until the server
+	// closes: it is surely running when the restart comes.
+	reached := make(chan struct{})
+	var once sync.Once
+	release := failpoint.Enable("server/job/protect/initial copy", func(ctx context.Context) {
+		once.Do(func() { close(reached) })
+		<-ctx.Done()
+	})
 	job, err := svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery", Policy: "late"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 10*time.Second, "the protect job reaches the initial copy", func() bool {
-		j, err := svc.GetJob(ctx, job.ID)
-		return err == nil && j.Step == "initial copy" && j.State == rebound.JobRunning
-	})
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		t.Fatal("the protect job never reached its initial copy")
+	}
+	if j, err := svc.GetJob(ctx, job.ID); err != nil || j.Step != "initial copy" || j.State != rebound.JobRunning {
+		t.Fatalf("protect job at the failpoint: %+v (%v)", j, err)
+	}
 
 	restartServer(t, up, nil)
+	release()
 	j, err := svc.GetJob(ctx, job.ID)
 	if err != nil {
 		t.Fatal(err)
@@ -641,6 +661,7 @@ func TestServerRestartFailsRunningJobs(t *testing.T) {
 // TestTestFailoverIsolation: a test failover neither sees later source
 // writes nor leaks its own writes to the source or the journal.
 func TestTestFailoverIsolation(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	const size = 8 << 20
@@ -746,6 +767,7 @@ func restartServer(t *testing.T, up *UpMain, edit func(db *sqlite.DB)) {
 // the job is failed as interrupted, cancel resumes the source with nothing
 // lost, and running the failover again completes it.
 func TestServerKilledDuringFailover(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	up, svc := fixedUp(t, nil)
 	const size = 8 << 20

@@ -83,7 +83,12 @@ func TestVMRoundTrip(t *testing.T) {
 	if p.Kind != rebound.PointApp {
 		t.Fatalf("point kind %s", p.Kind)
 	}
-	time.Sleep(time.Second) // the guest writes on after the point
+	// The guest writes on after the point; failover must not bring those back.
+	waitUntil(t, 30*time.Second, "the guest writing past the point", func() bool {
+		b, err := power.Console(ctx, "vm1", 1<<20)
+		ms := wroteRE.FindAllStringSubmatch(string(b), -1)
+		return err == nil && len(ms) > 0 && atoi(t, ms[len(ms)-1][1]) > atPoint
+	})
 
 	// 2. Unplanned failover to latest-app-consistent: the guest boots at
 	// recovery, finds every record up to the point intact, fsck clean.
