@@ -196,7 +196,7 @@ func (s *Server) dropDetachedCopy(ctx context.Context, r *jobRun, name, site str
 		if err := dst.DeleteMachine(ctx, name); err != nil {
 			return fmt.Errorf("remove the detached copy at %s: %w", site, err)
 		}
-		s.event(name, site, "detached-copy.removed", fmt.Sprintf("detached copy of %s at %s removed: protect %s --to %s makes a full copy", name, site, name, site))
+		s.event(name, site, "detached-copy.removed", fmt.Sprintf("detached copy of %s at %s removed: rebound protect %s --to %s makes a full copy", name, site, name, site))
 	}
 	return s.updateMachine(ctx, name, func(m *rebound.Machine) { m.DetachedCopies = withoutCopy(m.DetachedCopies, site) })
 }
