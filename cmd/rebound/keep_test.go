@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/site"
 )
 
 // TestUnprotectKeepReplica: unprotect --keep-replica leaves the machine
@@ -72,6 +75,8 @@ func TestUnprotectKeepReplica(t *testing.T) {
 		t.Fatalf("a second unprotect changed the detached copies: %+v", m.DetachedCopies)
 	}
 
+	reopenDetached(t, up, "vm1")
+
 	// Delete removes the copy at recovery too.
 	wantCode(t, runCLI(t, svc, "machine", "delete", "vm1"), ExitOK)
 	if r := copyRole(t, up, "recovery", "vm1"); r != "" {
@@ -94,4 +99,67 @@ func TestUnprotectKeepReplica(t *testing.T) {
 		t.Fatalf("vm2 protected again: state %s, detached copies %+v", m.State, m.DetachedCopies)
 	}
 	hasEvent(t, svc, "vm2", "detached-copy.removed", "rebound protect vm2 --to recovery")
+}
+
+// reopenDetached opens a copy of the recovery site's state for name in a
+// new site, as a restart does: the copy opens as detached, and the journal
+// a crash after the detach was saved can leave is removed.
+func reopenDetached(t *testing.T, up *UpMain, name string) {
+	t.Helper()
+	from := filepath.Join(up.Config.DataDir, "sites", "recovery")
+	dir := t.TempDir()
+	b, err := os.ReadFile(filepath.Join(from, "state.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var states []map[string]any
+	if err := json.Unmarshal(b, &states); err != nil {
+		t.Fatal(err)
+	}
+	var keep []map[string]any
+	for _, st := range states {
+		if st["name"] == name {
+			keep = append(keep, st)
+		}
+	}
+	if len(keep) != 1 || keep[0]["role"] != "detached" {
+		t.Fatalf("recovery's saved state of %s: %v", name, keep)
+	}
+	b, _ = json.Marshal(keep)
+	mdir := filepath.Join(dir, "machines", name)
+	if err := os.MkdirAll(filepath.Join(mdir, "journal"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir(filepath.Join(from, "machines", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if e.IsDir() {
+			t.Fatalf("the detached copy's directory still holds %s/", e.Name())
+		}
+		data, err := os.ReadFile(filepath.Join(from, "machines", name, e.Name()))
+		if err == nil {
+			err = os.WriteFile(filepath.Join(mdir, e.Name()), data, 0o600)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range []struct{ path, data string }{{filepath.Join(dir, "state.json"), string(b)}, {filepath.Join(mdir, "journal", "meta.json"), "{}"}} {
+		if err := os.WriteFile(f.path, []byte(f.data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := site.New(site.Config{Name: "recovery", DataDir: dir})
+	if err := s.Open(); err != nil {
+		t.Fatalf("reopen a site holding a detached copy: %v", err)
+	}
+	defer s.Close()
+	if ci, err := s.CopyInfo(context.Background(), name); err != nil || ci.Role != "detached" {
+		t.Fatalf("reopened copy of %s: %+v %v", name, ci, err)
+	}
+	if _, err := os.Stat(filepath.Join(mdir, "journal")); !os.IsNotExist(err) {
+		t.Fatalf("the leftover journal of a detached copy survived the reopen: %v", err)
+	}
 }
