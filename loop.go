@@ -78,6 +78,14 @@ type ReprotectRequest struct {
 	Keep string `json:"keep,omitempty"`
 }
 
+// UnprotectRequest stops a machine's replication.
+type UnprotectRequest struct {
+	Machine string `json:"machine"`
+	// KeepReplica keeps the replica at the target as a detached copy (the
+	// disks as of a point cut now) instead of removing it.
+	KeepReplica bool `json:"keepReplica,omitempty"`
+}
+
 // PreflightReport is the result of the checks run before failover,
 // failback and reprotect.
 type PreflightReport struct {
@@ -109,8 +117,9 @@ type LoopService interface {
 	Preflight(ctx context.Context, machine, operation string) (*PreflightReport, error)
 	// Unprotect stops a protected (or syncing) machine's replication at
 	// both sites and removes the replica at the target; the machine stays
-	// active where it is, unprotected. Refused during a failover.
-	Unprotect(ctx context.Context, machine string) (*Job, error)
+	// active where it is, unprotected. Refused during a failover. With
+	// KeepReplica the target keeps the replica as a detached copy.
+	Unprotect(ctx context.Context, req UnprotectRequest) (*Job, error)
 }
 
 // MergeRegions sorts regions by offset and merges overlapping or adjacent

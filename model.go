@@ -57,6 +57,19 @@ type Machine struct {
 	CreatedAt    time.Time     `json:"createdAt"`
 	// Settings are set with `rebound machine set`.
 	Settings MachineSettings `json:"settings"`
+	// DetachedCopies are replicas unprotect --keep-replica kept: plain
+	// disks at a site, neither replicated nor served, one per site.
+	DetachedCopies []DetachedCopy `json:"detachedCopies,omitempty"`
+}
+
+// DetachedCopy is a machine's replica kept at a site when its protection
+// stopped: the disks as of Point, as plain files at that site.
+type DetachedCopy struct {
+	Site  string        `json:"site"`
+	Time  time.Time     `json:"time"` // when it was detached
+	Point RecoveryPoint `json:"point"`
+	// Paths are the disk files at the site, in disk order.
+	Paths []string `json:"paths,omitempty"`
 }
 
 // Disk is one disk of a machine. NBD is an NBD URI at the active site.

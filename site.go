@@ -74,6 +74,12 @@ type SiteService interface {
 	// Activate makes a released copy the active one again (reprotect with
 	// Keep naming this site); it gets a new generation.
 	Reactivate(ctx context.Context, machine string) error
+	// Detach turns the target's replica into a detached copy: the
+	// journal's state at position seq becomes plain disk files, the journal
+	// is dropped, and the copy is kept, neither replicated nor served
+	// (unprotect --keep-replica). It returns the files' paths at the site;
+	// a copy already detached answers with its paths.
+	Detach(ctx context.Context, machine string, seq uint64) ([]string, error)
 
 	// Power sets the VM of a qemu machine at this site: PowerOn starts it on
 	// the machine's exports here (or the activation's, or the test

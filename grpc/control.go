@@ -294,6 +294,7 @@ type machineArgs struct {
 	Tail      int                      `json:"tail,omitempty"`
 	Hooks     *rebound.Hooks           `json:"hooks,omitempty"`
 	Shutdown  *rebound.ShutdownOptions `json:"shutdown,omitempty"`
+	Seq       uint64                   `json:"seq,omitempty"`
 }
 
 // siteProxy is the server's view of one site's SiteService.
@@ -426,6 +427,12 @@ func (p *siteProxy) Shutdown(ctx context.Context, machine string, opts rebound.S
 	return p.c.call(ctx, p.site, "Shutdown", machineArgs{Machine: machine, Shutdown: &opts}, nil, nil)
 }
 
+func (p *siteProxy) Detach(ctx context.Context, machine string, seq uint64) ([]string, error) {
+	var paths []string
+	err := p.c.call(ctx, p.site, "Detach", machineArgs{Machine: machine, Seq: seq}, &paths, nil)
+	return paths, err
+}
+
 var _ rebound.SiteService = (*siteProxy)(nil)
 
 // dispatch runs one call on the site's local SiteService and returns its
@@ -512,6 +519,8 @@ func dispatch(ctx context.Context, local rebound.SiteService, method string, arg
 			a.Shutdown = &rebound.ShutdownOptions{}
 		}
 		return nil, local.Shutdown(ctx, a.Machine, *a.Shutdown)
+	case "Detach":
+		return local.Detach(ctx, a.Machine, a.Seq)
 	}
 	return nil, rebound.Errorf(rebound.EINVALID, "unknown site method %q (site speaks protocol %d)", method, ProtocolVersion)
 }

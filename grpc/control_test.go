@@ -107,6 +107,9 @@ func (f *fakeSite) SetHooks(_ context.Context, m string, h rebound.Hooks) error 
 func (f *fakeSite) Shutdown(_ context.Context, m string, o rebound.ShutdownOptions) error {
 	return f.rec(fmt.Sprintf("Shutdown:%s:%s:%s", m, o.Mode, o.Timeout), m)
 }
+func (f *fakeSite) Detach(_ context.Context, m string, seq uint64) ([]string, error) {
+	return []string{fmt.Sprintf("/%s/%d", m, seq)}, f.rec("Detach:"+m, m)
+}
 func (f *fakeSite) Power(_ context.Context, m, state string, test bool) error {
 	return f.rec(fmt.Sprintf("Power:%s:%s:%v", m, state, test), m)
 }
@@ -238,6 +241,9 @@ func TestControl_AllMethods(t *testing.T) {
 		t.Fatalf("Digests = %+v", dg)
 	}
 	must(s.Reactivate(ctx, "vm1"))
+	if paths, err := s.Detach(ctx, "vm1", 42); err != nil || len(paths) != 1 || paths[0] != "/vm1/42" {
+		t.Fatalf("Detach = %v, %v", paths, err)
+	}
 	must(s.Power(ctx, "vm1", rebound.PowerOff, true))
 	con, err := s.Console(ctx, "vm1", 4096, true)
 	must(err)
@@ -254,7 +260,7 @@ func TestControl_AllMethods(t *testing.T) {
 
 	want := []string{"CreateMachine:vm1:d0", "StartReplication:vm1:source:default", "CutPoint:vm1", "ListPoints:vm1",
 		"ResolvePoint:vm1", "Fence:vm1", "Unfence:vm1", "Replicated:vm1", "Activate:vm1", "Deactivate:test:vm1",
-		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "Power:vm1:off:true", "Console:vm1", "SetPolicy:vm1:gold:2s", "SetHooks:vm1:/f:/t", "Shutdown:vm1:force:30s", "StopReplication:vm1", "DeleteMachine:vm1"}
+		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "Detach:vm1", "Power:vm1:off:true", "Console:vm1", "SetPolicy:vm1:gold:2s", "SetHooks:vm1:/f:/t", "Shutdown:vm1:force:30s", "StopReplication:vm1", "DeleteMachine:vm1"}
 	h.site.mu.Lock()
 	got := append([]string(nil), h.site.calls...)
 	h.site.mu.Unlock()

@@ -242,9 +242,10 @@ func (c *Client) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		To: req.To, Policy: req.Policy, Verify: req.Verify, WaitReady: req.WaitReady, Keep: req.Keep})
 }
 
-// Unprotect stops a machine's replication and removes its replica.
-func (c *Client) Unprotect(ctx context.Context, machine string) (*rebound.Job, error) {
-	return c.job(ctx, "/api/v1/machines/"+seg(machine)+"/unprotect", nil)
+// Unprotect stops a machine's replication and removes its replica (or
+// keeps it as a detached copy).
+func (c *Client) Unprotect(ctx context.Context, req rebound.UnprotectRequest) (*rebound.Job, error) {
+	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/unprotect", unprotectBody{KeepReplica: req.KeepReplica})
 }
 
 func (c *Client) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {

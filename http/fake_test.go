@@ -141,8 +141,8 @@ var _ rebound.LoopService = (*fakeService)(nil)
 func (f *fakeService) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*rebound.Job, error) {
 	return f.jobOrErr("Reprotect", req)
 }
-func (f *fakeService) Unprotect(ctx context.Context, machine string) (*rebound.Job, error) {
-	return f.jobOrErr("Unprotect", machine)
+func (f *fakeService) Unprotect(ctx context.Context, req rebound.UnprotectRequest) (*rebound.Job, error) {
+	return f.jobOrErr("Unprotect", req)
 }
 
 func (f *fakeService) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {

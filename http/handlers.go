@@ -265,6 +265,9 @@ type (
 		Shutdown        string           `json:"shutdown,omitempty"`
 		ShutdownTimeout rebound.Duration `json:"shutdownTimeout,omitempty"`
 	}
+	unprotectBody struct {
+		KeepReplica bool `json:"keepReplica,omitempty"`
+	}
 )
 
 // Preflight operations a client may ask for; "" lets the server choose.
@@ -306,13 +309,17 @@ func (s *Server) failback(w http.ResponseWriter, r *http.Request) error {
 		Shutdown: rebound.ShutdownOptions{Mode: b.Shutdown, Timeout: b.ShutdownTimeout}}))
 }
 
-// unprotect takes no body: the machine is in the path.
+// unprotect takes an optional body: the machine is in the path.
 func (s *Server) unprotect(w http.ResponseWriter, r *http.Request) error {
 	l, err := s.loop("unprotect")
 	if err != nil {
 		return err
 	}
-	return s.job(w)(l.Unprotect(r.Context(), r.PathValue("name")))
+	var b unprotectBody
+	if err := decode(w, r, &b, true); err != nil {
+		return err
+	}
+	return s.job(w)(l.Unprotect(r.Context(), rebound.UnprotectRequest{Machine: r.PathValue("name"), KeepReplica: b.KeepReplica}))
 }
 
 func (s *Server) preflight(w http.ResponseWriter, r *http.Request) error {

@@ -51,6 +51,14 @@ func TestLoopRoundTrip(t *testing.T) {
 		same(t, j, f.job)
 		check(t, f, "Failback", fr)
 	}
+	for _, ur := range []rebound.UnprotectRequest{{Machine: "web/1", KeepReplica: true}, {Machine: "web"}} {
+		j, err = c.Unprotect(ctx, ur)
+		if err != nil {
+			t.Fatal(err)
+		}
+		same(t, j, f.job)
+		check(t, f, "Unprotect", ur)
+	}
 
 	f.report = &rebound.PreflightReport{Machine: "web", Operation: "failback", OK: false, Checks: []rebound.PreflightCheck{
 		{Name: "home site online", OK: true, Message: "a is online"},

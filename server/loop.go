@@ -315,6 +315,8 @@ func (s *Server) reprotectPlan(ctx context.Context, m *rebound.Machine, active, 
 			plan.why = fmt.Sprintf("resuming the reprotect to %s with a full copy: change tracking unavailable (%s)", target, why)
 		}
 		add("generations", true, "%s follows %s's generation %s (an earlier attempt prepared it)", target, active, si.Generation)
+	case di.Role == "detached":
+		add("generations", false, "site %s holds a detached copy of %s (unprotect --keep-replica), not a released copy to resync; rebound protect %s --to %s replaces it with a full copy", target, m.Name, m.Name, target)
 	case di.Role != "released":
 		add("generations", false, "site %s holds %s as %s, not as a released copy; stop that first", target, m.Name, di.Role)
 	case si.Parent != "" && di.Generation == si.Parent:

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"time"
 
@@ -107,6 +108,11 @@ func (s *Server) DeleteMachine(ctx context.Context, name string) error {
 	sites := []string{m.ActiveSite}
 	if m.HomeSite != m.ActiveSite {
 		sites = append(sites, m.HomeSite)
+	}
+	for _, c := range m.DetachedCopies {
+		if !slices.Contains(sites, c.Site) {
+			sites = append(sites, c.Site)
+		}
 	}
 	for _, sn := range sites {
 		site, err := s.site(sn)
@@ -219,6 +225,9 @@ func (s *Server) protect(ctx context.Context, r *jobRun, m *rebound.Machine, req
 		r.Step("prepare target")
 		ci, err := src.CopyInfo(ctx, m.Name)
 		if err != nil {
+			return err
+		}
+		if err := s.dropDetachedCopy(ctx, r, m.Name, req.To, dst); err != nil {
 			return err
 		}
 		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: ci.Generation, VM: m.VM}

@@ -4,15 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/rebound-dr/rebound"
 )
 
 // Unprotect stops a machine's replication at both sites and removes the
-// replica (the target's journal and disks). The machine stays active
-// where it is, unprotected; it can then be deleted or protected again.
-func (s *Server) Unprotect(ctx context.Context, name string) (*rebound.Job, error) {
+// replica (the target's journal and disks), or with KeepReplica keeps it
+// as a detached copy. The machine stays active where it is, unprotected;
+// it can then be deleted or protected again.
+func (s *Server) Unprotect(ctx context.Context, req rebound.UnprotectRequest) (*rebound.Job, error) {
+	name := req.Machine
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
 		return nil, err
@@ -29,6 +32,8 @@ func (s *Server) Unprotect(ctx context.Context, name string) (*rebound.Job, erro
 		return nil, stateConflict(m, "be unprotected")
 	case m.TestFailover != nil:
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %s has a test failover; clean it up first (rebound test-failover cleanup %s)", name, name)
+	case req.KeepReplica && m.State == rebound.MachineSyncing:
+		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %s is still syncing: its replica holds no consistent point to keep; wait for the first point (rebound protect %s --to %s --wait), or drop --keep-replica", name, name, m.Protection.TargetSite)
 	}
 	p := *m.Protection
 	src, err := s.site(p.SourceSite)
@@ -39,6 +44,11 @@ func (s *Server) Unprotect(ctx context.Context, name string) (*rebound.Job, erro
 	if err != nil {
 		return nil, err
 	}
+	if req.KeepReplica {
+		return s.startJob(ctx, "unprotect", name, []string{"drain", "stop source", "keep replica"}, func(ctx context.Context, r *jobRun) error {
+			return s.keepReplica(ctx, r, name, p, src, dst)
+		})
+	}
 	return s.startJob(ctx, "unprotect", name, []string{"stop source", "remove replica"}, func(ctx context.Context, r *jobRun) error {
 		if err := s.stopProtection(ctx, name, p, src, dst, r.Step, func(msg string) { r.Message("%s", msg) }); err != nil {
 			return err
@@ -46,6 +56,80 @@ func (s *Server) Unprotect(ctx context.Context, name string) (*rebound.Job, erro
 		s.event(name, p.TargetSite, "protection.stopped", fmt.Sprintf("replication of %s from %s to %s stopped; the replica at %s is removed", name, p.SourceSite, p.TargetSite, p.TargetSite))
 		return nil
 	})
+}
+
+// keepReplica cuts a point at the source and waits until the target holds
+// it, stops the source, and has the target write its replica at that point
+// out as plain disks: the detached copy. Until the source stops nothing is
+// changed, so a drain that does not finish leaves the machine protected.
+func (s *Server) keepReplica(ctx context.Context, r *jobRun, name string, p rebound.Protection, src, dst rebound.SiteService) error {
+	r.Step("drain")
+	var point rebound.RecoveryPoint
+	if ci, err := src.CopyInfo(ctx, name); err == nil && ci.Role == "active" {
+		// An earlier run stopped the source, then failed: the target
+		// holds all the source sent, and its newest point is kept.
+		pt, err := resolvePoint(ctx, dst, name, rebound.PointLatest)
+		if err != nil {
+			return err
+		}
+		r.Message("%s no longer replicates %s: keeping the newest point %s holds (%s)", p.SourceSite, name, p.TargetSite, pt.ID)
+		point = pt
+	} else {
+		head, err := src.CutPoint(ctx, name, rebound.PointCrash)
+		if err != nil {
+			return fmt.Errorf("cut a point at %s: %w", p.SourceSite, err)
+		}
+		wctx, cancel := context.WithTimeout(ctx, s.WaitTimeout)
+		err = waitReplicated(wctx, dst, name, head.Seq, func(got uint64) { r.Message("%s holds %d of %d records", p.TargetSite, got, head.Seq) })
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return rebound.Errorf(rebound.EUNAVAILABLE, "%s has not received the source's writes up to point %s within %s: %s; the machine is still protected: retry, or remove the replica (rebound unprotect %s)",
+				p.TargetSite, head.ID, s.WaitTimeout, rebound.ErrorMessage(err), name)
+		}
+		if point, err = resolvePoint(ctx, dst, name, head.ID); err != nil {
+			return err
+		}
+		r.Message("%s holds everything %s acknowledged before the command (point %s)", p.TargetSite, p.SourceSite, point.ID)
+	}
+	r.Step("stop source")
+	if err := src.StopReplication(ctx, name); err != nil {
+		return fmt.Errorf("stop replication at %s: %w", p.SourceSite, err)
+	}
+	r.Message("%s serves %s without replicating it", p.SourceSite, name)
+	r.Step("keep replica")
+	paths, err := dst.Detach(ctx, name, point.Seq)
+	if err != nil {
+		return fmt.Errorf("keep the replica at %s: %w; retry with rebound unprotect %s --keep-replica", p.TargetSite, err, name)
+	}
+	r.Message("replica at %s kept as a detached copy at point %s", p.TargetSite, point.ID)
+	r.SetResult(point)
+	dc := rebound.DetachedCopy{Site: p.TargetSite, Time: time.Now().UTC(), Point: point, Paths: paths}
+	disks := siteDisks(ctx, src, name)
+	if err := s.updateMachine(ctx, name, func(m *rebound.Machine) {
+		m.State, m.Protection = rebound.MachineUnprotected, nil
+		applyDisks(m, disks)
+		m.DetachedCopies = append(withoutCopy(m.DetachedCopies, dc.Site), dc)
+		s.setHealth(ctx, m)
+	}); err != nil {
+		return err
+	}
+	s.event(name, p.TargetSite, "protection.stopped", fmt.Sprintf("replication of %s from %s to %s stopped; the replica at %s is kept as a detached copy at point %s (%s)",
+		name, p.SourceSite, p.TargetSite, p.TargetSite, point.ID, point.Time.Format(time.RFC3339)))
+	return nil
+}
+
+// withoutCopy drops the detached copy at site from copies.
+func withoutCopy(copies []rebound.DetachedCopy, site string) []rebound.DetachedCopy {
+	var out []rebound.DetachedCopy
+	for _, c := range copies {
+		if c.Site != site {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // stopProtection stops the stream at the source (its disks stay active and
@@ -91,4 +175,28 @@ func (s *Server) undoCancelled(jctx context.Context, r *jobRun, name string, p r
 	s.event(name, p.TargetSite, "protection.cancelled", fmt.Sprintf("protect cancelled: replication from %s to %s stopped, the replica at %s removed; %s is unprotected at %s (rebound protect %s --to %s starts again)",
 		p.SourceSite, p.TargetSite, p.TargetSite, name, p.SourceSite, name, p.TargetSite))
 	return cause
+}
+
+// dropDetachedCopy removes the detached copy site holds before a protect
+// to that site: the initial copy is a full one and replaces it.
+func (s *Server) dropDetachedCopy(ctx context.Context, r *jobRun, name, site string, dst rebound.SiteService) error {
+	m, err := s.DB.GetMachine(ctx, name)
+	if err != nil {
+		return err
+	}
+	if !slices.ContainsFunc(m.DetachedCopies, func(c rebound.DetachedCopy) bool { return c.Site == site }) {
+		return nil
+	}
+	ci, err := dst.CopyInfo(ctx, name)
+	if err != nil {
+		return err
+	}
+	if ci.Role == "detached" {
+		r.Message("the detached copy at %s is replaced by a full copy", site)
+		if err := dst.DeleteMachine(ctx, name); err != nil {
+			return fmt.Errorf("remove the detached copy at %s: %w", site, err)
+		}
+		s.event(name, site, "detached-copy.removed", fmt.Sprintf("detached copy of %s at %s removed: rebound protect %s --to %s makes a full copy", name, site, name, site))
+	}
+	return s.updateMachine(ctx, name, func(m *rebound.Machine) { m.DetachedCopies = withoutCopy(m.DetachedCopies, site) })
 }

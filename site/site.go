@@ -42,6 +42,7 @@ const (
 	RoleSource   = "source"   // served, captured and shipped
 	RoleTarget   = "target"   // receiving a peer's stream
 	RoleReleased = "released" // failed over elsewhere and committed: disks kept, not served
+	RoleDetached = "detached" // a replica kept by unprotect --keep-replica: disks kept, not served
 )
 
 // Config configures a Site.
@@ -281,6 +282,9 @@ func (s *Site) openMachine(m *machine) error {
 		return nil
 	case RoleReleased:
 		return nil
+	case RoleDetached:
+		// A crash after the detach was saved can leave its journal.
+		return journal.Remove(filepath.Join(s.machineDir(st.Name), "journal"))
 	}
 	return fmt.Errorf("unknown role %q", st.Role)
 }

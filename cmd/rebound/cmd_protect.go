@@ -90,24 +90,35 @@ func (c *CLI) pointCommand() *cobra.Command {
 func init() { extraCommands = append(extraCommands, (*CLI).unprotectCommand) }
 
 func (c *CLI) unprotectCommand() *cobra.Command {
-	var wait bool
+	var wait, keep bool
 	cmd := &cobra.Command{
-		Use:   "unprotect NAME [--wait]",
-		Short: "Stop replicating a machine and remove its replica at the recovery site",
+		Use:   "unprotect NAME [--keep-replica] [--wait]",
+		Short: "Stop replicating a machine and remove (or keep) its replica at the recovery site",
 		Long: `Stop a protected (or still syncing) machine's replication at both sites and
 remove the replica the recovery site holds (its journal and disks). The
 machine stays active where it is, unprotected: it can then be deleted
 (rebound machine delete) or protected again. Refused during a failover:
-commit or cancel it first.`,
+commit or cancel it first.
+
+With --keep-replica the recovery site keeps the replica as a detached copy:
+a point is cut at the source and the job waits until the recovery site
+holds it (a drain, as --point latest does), then the replica as of that
+point is written out as plain raw disk files and the journal is dropped.
+The copy is neither replicated nor served; rebound machine show lists it
+with its files at the site. rebound machine delete removes it, and a
+later protect to that site replaces it with a full copy. Refused while
+the machine is still syncing (there is no consistent point to keep).`,
 		Example: `  rebound unprotect web1 --wait
+  rebound unprotect web1 --keep-replica --wait
   rebound unprotect web1 --wait && rebound machine delete web1`,
 		Args: argNames("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.startLoopJob(cmd, wait, func(ctx context.Context, l rebound.LoopService) (*rebound.Job, error) {
-				return l.Unprotect(ctx, args[0])
+				return l.Unprotect(ctx, rebound.UnprotectRequest{Machine: args[0], KeepReplica: keep})
 			})
 		},
 	}
+	cmd.Flags().BoolVar(&keep, "keep-replica", false, "keep the replica at the recovery site as a detached copy (plain disks as of a point cut now)")
 	addWaitFlag(cmd, &wait)
 	return cmd
 }

@@ -40,7 +40,7 @@ type fakeService struct {
 
 	ReprotectFn func(req rebound.ReprotectRequest) (*rebound.Job, error)
 	FailbackFn  func(req rebound.FailoverRequest) (*rebound.Job, error)
-	UnprotectFn func(machine string) (*rebound.Job, error)
+	UnprotectFn func(req rebound.UnprotectRequest) (*rebound.Job, error)
 	PreflightFn func(machine, operation string) (*rebound.PreflightReport, error)
 
 	StartMachineFn func(name string) (*rebound.Job, error)
@@ -257,12 +257,12 @@ func (f *fakeService) Reprotect(ctx context.Context, req rebound.ReprotectReques
 	return f.ReprotectFn(req)
 }
 
-func (f *fakeService) Unprotect(ctx context.Context, machine string) (*rebound.Job, error) {
-	f.record("Unprotect %s", machine)
+func (f *fakeService) Unprotect(ctx context.Context, req rebound.UnprotectRequest) (*rebound.Job, error) {
+	f.record("Unprotect %+v", req)
 	if f.UnprotectFn == nil {
 		return nil, unexpected("Unprotect")
 	}
-	return f.UnprotectFn(machine)
+	return f.UnprotectFn(req)
 }
 
 func (f *fakeService) Failback(ctx context.Context, req rebound.FailoverRequest) (*rebound.Job, error) {

@@ -145,6 +145,17 @@ func writeMachine(w io.Writer, m *rebound.Machine) {
 			row(w, "  "+d.Name, formatSize(d.Size), orDash(d.NBD))
 		}
 	}
+	for _, dc := range m.DetachedCopies {
+		flush(w)
+		row(w, "Detached copy:", fmt.Sprintf("at %s, point %s, detached %s", dc.Site, fmtPoint(dc.Point), fmtTime(dc.Time)))
+		for i, p := range dc.Paths {
+			name := fmt.Sprintf("disk%d", i)
+			if i < len(m.Disks) {
+				name = m.Disks[i].Name
+			}
+			row(w, "  "+name, p)
+		}
+	}
 }
 
 func writeJob(w io.Writer, j *rebound.Job) {
