@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -40,8 +41,55 @@ const (
 const Site = ServerAuth | ClientAuth
 
 // siteOU marks site certificates so a site can tell a peer site from the
-// server or an agent.
-const siteOU = "rebound-site"
+// server or an agent; agentOU marks agent certificates, whose machine is
+// bound by a URI SAN rebound:machine=NAME (machineURIPrefix).
+const (
+	siteOU           = "rebound-site"
+	agentOU          = "rebound-agent"
+	machineURIPrefix = "rebound:machine="
+)
+
+// Role is what a certificate's holder is to the other parties.
+type Role string
+
+const (
+	// RoleSite is a site appliance: it may hold any machine the server
+	// assigns to it.
+	RoleSite Role = "site"
+	// RoleAgent is the agent of one Linux server: it may hold and feed only
+	// its own machine (Identity.Machine).
+	RoleAgent Role = "agent"
+)
+
+// Identity is who a verified certificate names.
+type Identity struct {
+	Name string // the common name: the site's (or agent's) name
+	Role Role   // "" for a certificate that is neither (the server's)
+	// Machine is the one machine an agent certificate is bound to.
+	Machine string
+}
+
+// IdentityOf reads a certificate's identity. An agent certificate without
+// exactly one machine binding has no role: it is refused everywhere.
+func IdentityOf(cert *x509.Certificate) Identity {
+	id := Identity{Name: cert.Subject.CommonName}
+	var machines []string
+	for _, u := range cert.URIs {
+		if s := u.String(); strings.HasPrefix(s, machineURIPrefix) {
+			machines = append(machines, strings.TrimPrefix(s, machineURIPrefix))
+		}
+	}
+	// Exactly one mark: a certificate claiming both roles gets neither.
+	if ous := cert.Subject.OrganizationalUnit; len(ous) == 1 {
+		switch {
+		case ous[0] == siteOU && len(machines) == 0:
+			id.Role = RoleSite
+		case ous[0] == agentOU && len(machines) == 1 && machines[0] != "":
+			id.Role, id.Machine = RoleAgent, machines[0]
+		}
+	}
+	return id
+}
 
 const (
 	caValidity   = 10 * 365 * 24 * time.Hour
@@ -158,11 +206,17 @@ func Fingerprint(certPEM []byte) (string, error) {
 // addresses or DNS names for the SAN; commonName is added as a DNS name too
 // so peers can verify a site by its name.
 func (ca *CA) Issue(commonName string, hosts []string, usage Usage) (certPEM, keyPEM []byte, err error) {
+	return ca.IssueAs(commonName, hosts, usage, "")
+}
+
+// IssueAs is Issue for an agent's certificate: agent binds it to that
+// machine (see SignCSRAs). Tests use it; enrolment signs requests.
+func (ca *CA) IssueAs(commonName string, hosts []string, usage Usage, agent string) (certPEM, keyPEM []byte, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, err
 	}
-	certPEM, err = ca.sign(&key.PublicKey, commonName, hosts, usage)
+	certPEM, err = ca.sign(&key.PublicKey, commonName, hosts, usage, agent)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -174,6 +228,14 @@ func (ca *CA) Issue(commonName string, hosts []string, usage Usage) (certPEM, ke
 // commonName whatever the request asks for, and so are the SANs: a site
 // cannot obtain a name it was not enrolled as.
 func (ca *CA) SignCSR(csrPEM []byte, commonName string, usage Usage) ([]byte, error) {
+	return ca.SignCSRAs(csrPEM, commonName, usage, "")
+}
+
+// SignCSRAs is SignCSR for an agent when agent (its machine) is not empty:
+// the certificate carries the agent role (OU rebound-agent) and the URI SAN
+// rebound:machine=agent instead of the site role, so it can feed and hold
+// only that machine.
+func (ca *CA) SignCSRAs(csrPEM []byte, commonName string, usage Usage, agent string) ([]byte, error) {
 	block, _ := pem.Decode(csrPEM)
 	if block == nil || block.Type != "CERTIFICATE REQUEST" {
 		return nil, rebound.Errorf(rebound.EINVALID, "certificate request is not PEM")
@@ -185,10 +247,10 @@ func (ca *CA) SignCSR(csrPEM []byte, commonName string, usage Usage) ([]byte, er
 	if err := csr.CheckSignature(); err != nil {
 		return nil, rebound.Errorf(rebound.EINVALID, "certificate request signature: %v", err)
 	}
-	return ca.sign(csr.PublicKey, commonName, nil, usage)
+	return ca.sign(csr.PublicKey, commonName, nil, usage, agent)
 }
 
-func (ca *CA) sign(pub any, commonName string, hosts []string, usage Usage) ([]byte, error) {
+func (ca *CA) sign(pub any, commonName string, hosts []string, usage Usage, agent string) ([]byte, error) {
 	if commonName == "" {
 		return nil, rebound.Errorf(rebound.EINVALID, "certificate common name is empty")
 	}
@@ -210,7 +272,15 @@ func (ca *CA) sign(pub any, commonName string, hosts []string, usage Usage) ([]b
 	if usage&ClientAuth != 0 {
 		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageClientAuth)
 	}
-	if usage&Site == Site {
+	switch {
+	case agent != "":
+		u, err := url.Parse(machineURIPrefix + agent)
+		if err != nil || u.String() != machineURIPrefix+agent || strings.ContainsAny(agent, " /?#%") {
+			return nil, rebound.Errorf(rebound.EINVALID, "agent machine name %q cannot be bound into a certificate", agent)
+		}
+		tmpl.Subject.OrganizationalUnit = []string{agentOU}
+		tmpl.URIs = []*url.URL{u}
+	case usage&Site == Site:
 		tmpl.Subject.OrganizationalUnit = []string{siteOU}
 	}
 	for _, h := range hosts {
@@ -246,15 +316,8 @@ func NewKeyAndCSR(commonName string) (keyPEM, csrPEM []byte, err error) {
 	return keyPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
 }
 
-// IsSite reports whether cert was issued to a site.
-func IsSite(cert *x509.Certificate) bool {
-	for _, ou := range cert.Subject.OrganizationalUnit {
-		if ou == siteOU {
-			return true
-		}
-	}
-	return false
-}
+// IsSite reports whether cert was issued to a site (not to an agent).
+func IsSite(cert *x509.Certificate) bool { return IdentityOf(cert).Role == RoleSite }
 
 // PeerName returns the common name of the peer's verified certificate, and
 // false when the peer presented none or it was not verified against the CA.

@@ -234,3 +234,47 @@ func newCA(t *testing.T) *pki.CA {
 	}
 	return ca
 }
+
+func TestCA_AgentIdentity(t *testing.T) {
+	ca := newCA(t)
+	keyPEM, csrPEM, err := pki.NewKeyAndCSR("srv1")
+	if err != nil || keyPEM == nil {
+		t.Fatal(err)
+	}
+	agentPEM, err := ca.SignCSRAs(csrPEM, "srv1", pki.Site, "srv1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent, _ := pki.ParseCert(agentPEM)
+	if id := pki.IdentityOf(agent); id != (pki.Identity{Name: "srv1", Role: pki.RoleAgent, Machine: "srv1"}) {
+		t.Fatalf("agent identity %+v", id)
+	}
+	if pki.IsSite(agent) {
+		t.Fatal("agent certificate passes as a site's")
+	}
+	// An agent still serves (a failback lands at its site) and dials.
+	for _, u := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
+		if _, err := agent.Verify(x509.VerifyOptions{Roots: ca.Pool(), DNSName: "srv1", KeyUsages: []x509.ExtKeyUsage{u}}); err != nil {
+			t.Fatalf("verify usage %v: %v", u, err)
+		}
+	}
+	sitePEM, err := ca.SignCSR(csrPEM, "site-a", pki.Site)
+	if err != nil {
+		t.Fatal(err)
+	}
+	site, _ := pki.ParseCert(sitePEM)
+	if id := pki.IdentityOf(site); id != (pki.Identity{Name: "site-a", Role: pki.RoleSite}) {
+		t.Fatalf("site identity %+v", id)
+	}
+	srvPEM, _, err := ca.Issue("server", nil, pki.ServerAuth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, _ := pki.ParseCert(srvPEM)
+	if id := pki.IdentityOf(srv); id.Role != "" {
+		t.Fatalf("server certificate has role %q", id.Role)
+	}
+	if _, err := ca.SignCSRAs(csrPEM, "x", pki.Site, "bad name/with space"); err == nil {
+		t.Fatal("machine name that does not survive a URI was bound")
+	}
+}

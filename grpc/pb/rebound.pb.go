@@ -29,11 +29,14 @@ const (
 )
 
 type EnrollRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
-	SiteName      string                 `protobuf:"bytes,2,opt,name=site_name,json=siteName,proto3" json:"site_name,omitempty"`
-	TokenSecret   string                 `protobuf:"bytes,3,opt,name=token_secret,json=tokenSecret,proto3" json:"token_secret,omitempty"`
-	CsrPem        []byte                 `protobuf:"bytes,4,opt,name=csr_pem,json=csrPem,proto3" json:"csr_pem,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Version     uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	SiteName    string                 `protobuf:"bytes,2,opt,name=site_name,json=siteName,proto3" json:"site_name,omitempty"`
+	TokenSecret string                 `protobuf:"bytes,3,opt,name=token_secret,json=tokenSecret,proto3" json:"token_secret,omitempty"`
+	CsrPem      []byte                 `protobuf:"bytes,4,opt,name=csr_pem,json=csrPem,proto3" json:"csr_pem,omitempty"`
+	// role is "agent" for `rebound agent`: its certificate is bound to its
+	// one machine (site_name). Empty or "site": a site certificate.
+	Role          string `protobuf:"bytes,5,opt,name=role,proto3" json:"role,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -94,6 +97,13 @@ func (x *EnrollRequest) GetCsrPem() []byte {
 		return x.CsrPem
 	}
 	return nil
+}
+
+func (x *EnrollRequest) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
 }
 
 type EnrollResponse struct {
@@ -158,6 +168,7 @@ type SiteMessage struct {
 	//	*SiteMessage_Result
 	//	*SiteMessage_Error
 	//	*SiteMessage_Progress
+	//	*SiteMessage_Event
 	Body          isSiteMessage_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -252,6 +263,15 @@ func (x *SiteMessage) GetProgress() *Progress {
 	return nil
 }
 
+func (x *SiteMessage) GetEvent() *SiteEvent {
+	if x != nil {
+		if x, ok := x.Body.(*SiteMessage_Event); ok {
+			return x.Event
+		}
+	}
+	return nil
+}
+
 type isSiteMessage_Body interface {
 	isSiteMessage_Body()
 }
@@ -276,6 +296,10 @@ type SiteMessage_Progress struct {
 	Progress *Progress `protobuf:"bytes,6,opt,name=progress,proto3,oneof"`
 }
 
+type SiteMessage_Event struct {
+	Event *SiteEvent `protobuf:"bytes,7,opt,name=event,proto3,oneof"`
+}
+
 func (*SiteMessage_Hello) isSiteMessage_Body() {}
 
 func (*SiteMessage_Report) isSiteMessage_Body() {}
@@ -285,6 +309,78 @@ func (*SiteMessage_Result) isSiteMessage_Body() {}
 func (*SiteMessage_Error) isSiteMessage_Body() {}
 
 func (*SiteMessage_Progress) isSiteMessage_Body() {}
+
+func (*SiteMessage_Event) isSiteMessage_Body() {}
+
+// SiteEvent is something the server records in its event log, e.g. a
+// replication stream the site refused.
+type SiteEvent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Time          int64                  `protobuf:"varint,1,opt,name=time,proto3" json:"time,omitempty"` // unix nanoseconds at the site
+	Machine       string                 `protobuf:"bytes,2,opt,name=machine,proto3" json:"machine,omitempty"`
+	Kind          string                 `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
+	Message       string                 `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SiteEvent) Reset() {
+	*x = SiteEvent{}
+	mi := &file_rebound_v1_rebound_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SiteEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SiteEvent) ProtoMessage() {}
+
+func (x *SiteEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_rebound_v1_rebound_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SiteEvent.ProtoReflect.Descriptor instead.
+func (*SiteEvent) Descriptor() ([]byte, []int) {
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SiteEvent) GetTime() int64 {
+	if x != nil {
+		return x.Time
+	}
+	return 0
+}
+
+func (x *SiteEvent) GetMachine() string {
+	if x != nil {
+		return x.Machine
+	}
+	return ""
+}
+
+func (x *SiteEvent) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *SiteEvent) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
 
 type Hello struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -297,7 +393,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[3]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -309,7 +405,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[3]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -322,7 +418,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{3}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Hello) GetVersion() uint32 {
@@ -355,7 +451,7 @@ type Report struct {
 
 func (x *Report) Reset() {
 	*x = Report{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[4]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -367,7 +463,7 @@ func (x *Report) String() string {
 func (*Report) ProtoMessage() {}
 
 func (x *Report) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[4]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -380,7 +476,7 @@ func (x *Report) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Report.ProtoReflect.Descriptor instead.
 func (*Report) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{4}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Report) GetStatus() []byte {
@@ -400,7 +496,7 @@ type CallError struct {
 
 func (x *CallError) Reset() {
 	*x = CallError{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[5]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -412,7 +508,7 @@ func (x *CallError) String() string {
 func (*CallError) ProtoMessage() {}
 
 func (x *CallError) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[5]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -425,7 +521,7 @@ func (x *CallError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CallError.ProtoReflect.Descriptor instead.
 func (*CallError) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{5}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CallError) GetCode() string {
@@ -452,7 +548,7 @@ type Progress struct {
 
 func (x *Progress) Reset() {
 	*x = Progress{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[6]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +560,7 @@ func (x *Progress) String() string {
 func (*Progress) ProtoMessage() {}
 
 func (x *Progress) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[6]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +573,7 @@ func (x *Progress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Progress.ProtoReflect.Descriptor instead.
 func (*Progress) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{6}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Progress) GetDone() int64 {
@@ -509,7 +605,7 @@ type ServerMessage struct {
 
 func (x *ServerMessage) Reset() {
 	*x = ServerMessage{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[7]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -521,7 +617,7 @@ func (x *ServerMessage) String() string {
 func (*ServerMessage) ProtoMessage() {}
 
 func (x *ServerMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[7]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -534,7 +630,7 @@ func (x *ServerMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerMessage.ProtoReflect.Descriptor instead.
 func (*ServerMessage) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{7}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ServerMessage) GetId() uint64 {
@@ -610,7 +706,7 @@ type Call struct {
 
 func (x *Call) Reset() {
 	*x = Call{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[8]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -622,7 +718,7 @@ func (x *Call) String() string {
 func (*Call) ProtoMessage() {}
 
 func (x *Call) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[8]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -635,7 +731,7 @@ func (x *Call) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Call.ProtoReflect.Descriptor instead.
 func (*Call) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{8}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Call) GetMethod() string {
@@ -661,7 +757,7 @@ type Welcome struct {
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[9]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -673,7 +769,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[9]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -686,7 +782,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{9}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Welcome) GetVersion() uint32 {
@@ -709,7 +805,7 @@ type ReplicateRequest struct {
 
 func (x *ReplicateRequest) Reset() {
 	*x = ReplicateRequest{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[10]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -721,7 +817,7 @@ func (x *ReplicateRequest) String() string {
 func (*ReplicateRequest) ProtoMessage() {}
 
 func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[10]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -734,7 +830,7 @@ func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateRequest.ProtoReflect.Descriptor instead.
 func (*ReplicateRequest) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{10}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ReplicateRequest) GetBody() isReplicateRequest_Body {
@@ -779,17 +875,20 @@ func (*ReplicateRequest_Hello) isReplicateRequest_Body() {}
 func (*ReplicateRequest_Batch) isReplicateRequest_Body() {}
 
 type ReplHello struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
-	StreamId      string                 `protobuf:"bytes,2,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
-	SourceSite    string                 `protobuf:"bytes,3,opt,name=source_site,json=sourceSite,proto3" json:"source_site,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Version    uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	StreamId   string                 `protobuf:"bytes,2,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	SourceSite string                 `protobuf:"bytes,3,opt,name=source_site,json=sourceSite,proto3" json:"source_site,omitempty"`
+	// generation is the source copy's generation (ReplicationSpec.Generation);
+	// the target accepts only the one its spec names.
+	Generation    string `protobuf:"bytes,4,opt,name=generation,proto3" json:"generation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReplHello) Reset() {
 	*x = ReplHello{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[11]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +900,7 @@ func (x *ReplHello) String() string {
 func (*ReplHello) ProtoMessage() {}
 
 func (x *ReplHello) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[11]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +913,7 @@ func (x *ReplHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplHello.ProtoReflect.Descriptor instead.
 func (*ReplHello) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{11}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ReplHello) GetVersion() uint32 {
@@ -838,6 +937,13 @@ func (x *ReplHello) GetSourceSite() string {
 	return ""
 }
 
+func (x *ReplHello) GetGeneration() string {
+	if x != nil {
+		return x.Generation
+	}
+	return ""
+}
+
 type Batch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Records       []*Record              `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
@@ -847,7 +953,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[12]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -859,7 +965,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[12]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -872,7 +978,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{12}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Batch) GetRecords() []*Record {
@@ -899,7 +1005,7 @@ type Record struct {
 
 func (x *Record) Reset() {
 	*x = Record{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[13]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -911,7 +1017,7 @@ func (x *Record) String() string {
 func (*Record) ProtoMessage() {}
 
 func (x *Record) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[13]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -924,7 +1030,7 @@ func (x *Record) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Record.ProtoReflect.Descriptor instead.
 func (*Record) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{13}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Record) GetSeq() uint64 {
@@ -996,7 +1102,7 @@ type ReplicateResponse struct {
 
 func (x *ReplicateResponse) Reset() {
 	*x = ReplicateResponse{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[14]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1008,7 +1114,7 @@ func (x *ReplicateResponse) String() string {
 func (*ReplicateResponse) ProtoMessage() {}
 
 func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[14]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1021,7 +1127,7 @@ func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateResponse.ProtoReflect.Descriptor instead.
 func (*ReplicateResponse) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{14}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReplicateResponse) GetBody() isReplicateResponse_Body {
@@ -1075,7 +1181,7 @@ type HelloAck struct {
 
 func (x *HelloAck) Reset() {
 	*x = HelloAck{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[15]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1087,7 +1193,7 @@ func (x *HelloAck) String() string {
 func (*HelloAck) ProtoMessage() {}
 
 func (x *HelloAck) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[15]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1100,7 +1206,7 @@ func (x *HelloAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloAck.ProtoReflect.Descriptor instead.
 func (*HelloAck) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{15}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *HelloAck) GetVersion() uint32 {
@@ -1126,7 +1232,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[16]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1138,7 +1244,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[16]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1151,7 +1257,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{16}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Ack) GetDurableSeq() uint64 {
@@ -1166,23 +1272,30 @@ var File_rebound_v1_rebound_proto protoreflect.FileDescriptor
 const file_rebound_v1_rebound_proto_rawDesc = "" +
 	"\n" +
 	"\x18rebound/v1/rebound.proto\x12\n" +
-	"rebound.v1\"\x82\x01\n" +
+	"rebound.v1\"\x96\x01\n" +
 	"\rEnrollRequest\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1b\n" +
 	"\tsite_name\x18\x02 \x01(\tR\bsiteName\x12!\n" +
 	"\ftoken_secret\x18\x03 \x01(\tR\vtokenSecret\x12\x17\n" +
-	"\acsr_pem\x18\x04 \x01(\fR\x06csrPem\"B\n" +
+	"\acsr_pem\x18\x04 \x01(\fR\x06csrPem\x12\x12\n" +
+	"\x04role\x18\x05 \x01(\tR\x04role\"B\n" +
 	"\x0eEnrollResponse\x12\x19\n" +
 	"\bcert_pem\x18\x01 \x01(\fR\acertPem\x12\x15\n" +
-	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\"\xfb\x01\n" +
+	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\"\xaa\x02\n" +
 	"\vSiteMessage\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12)\n" +
 	"\x05hello\x18\x02 \x01(\v2\x11.rebound.v1.HelloH\x00R\x05hello\x12,\n" +
 	"\x06report\x18\x03 \x01(\v2\x12.rebound.v1.ReportH\x00R\x06report\x12\x18\n" +
 	"\x06result\x18\x04 \x01(\fH\x00R\x06result\x12-\n" +
 	"\x05error\x18\x05 \x01(\v2\x15.rebound.v1.CallErrorH\x00R\x05error\x122\n" +
-	"\bprogress\x18\x06 \x01(\v2\x14.rebound.v1.ProgressH\x00R\bprogressB\x06\n" +
-	"\x04body\"M\n" +
+	"\bprogress\x18\x06 \x01(\v2\x14.rebound.v1.ProgressH\x00R\bprogress\x12-\n" +
+	"\x05event\x18\a \x01(\v2\x15.rebound.v1.SiteEventH\x00R\x05eventB\x06\n" +
+	"\x04body\"g\n" +
+	"\tSiteEvent\x12\x12\n" +
+	"\x04time\x18\x01 \x01(\x03R\x04time\x12\x18\n" +
+	"\amachine\x18\x02 \x01(\tR\amachine\x12\x12\n" +
+	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\"M\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x12\n" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x12\x16\n" +
@@ -1209,12 +1322,15 @@ const file_rebound_v1_rebound_proto_rawDesc = "" +
 	"\x10ReplicateRequest\x12-\n" +
 	"\x05hello\x18\x01 \x01(\v2\x15.rebound.v1.ReplHelloH\x00R\x05hello\x12)\n" +
 	"\x05batch\x18\x02 \x01(\v2\x11.rebound.v1.BatchH\x00R\x05batchB\x06\n" +
-	"\x04body\"c\n" +
+	"\x04body\"\x83\x01\n" +
 	"\tReplHello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1b\n" +
 	"\tstream_id\x18\x02 \x01(\tR\bstreamId\x12\x1f\n" +
 	"\vsource_site\x18\x03 \x01(\tR\n" +
-	"sourceSite\"5\n" +
+	"sourceSite\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x04 \x01(\tR\n" +
+	"generation\"5\n" +
 	"\x05Batch\x12,\n" +
 	"\arecords\x18\x01 \x03(\v2\x12.rebound.v1.RecordR\arecords\"\xb9\x01\n" +
 	"\x06Record\x12\x10\n" +
@@ -1258,49 +1374,51 @@ func file_rebound_v1_rebound_proto_rawDescGZIP() []byte {
 	return file_rebound_v1_rebound_proto_rawDescData
 }
 
-var file_rebound_v1_rebound_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_rebound_v1_rebound_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_rebound_v1_rebound_proto_goTypes = []any{
 	(*EnrollRequest)(nil),     // 0: rebound.v1.EnrollRequest
 	(*EnrollResponse)(nil),    // 1: rebound.v1.EnrollResponse
 	(*SiteMessage)(nil),       // 2: rebound.v1.SiteMessage
-	(*Hello)(nil),             // 3: rebound.v1.Hello
-	(*Report)(nil),            // 4: rebound.v1.Report
-	(*CallError)(nil),         // 5: rebound.v1.CallError
-	(*Progress)(nil),          // 6: rebound.v1.Progress
-	(*ServerMessage)(nil),     // 7: rebound.v1.ServerMessage
-	(*Call)(nil),              // 8: rebound.v1.Call
-	(*Welcome)(nil),           // 9: rebound.v1.Welcome
-	(*ReplicateRequest)(nil),  // 10: rebound.v1.ReplicateRequest
-	(*ReplHello)(nil),         // 11: rebound.v1.ReplHello
-	(*Batch)(nil),             // 12: rebound.v1.Batch
-	(*Record)(nil),            // 13: rebound.v1.Record
-	(*ReplicateResponse)(nil), // 14: rebound.v1.ReplicateResponse
-	(*HelloAck)(nil),          // 15: rebound.v1.HelloAck
-	(*Ack)(nil),               // 16: rebound.v1.Ack
+	(*SiteEvent)(nil),         // 3: rebound.v1.SiteEvent
+	(*Hello)(nil),             // 4: rebound.v1.Hello
+	(*Report)(nil),            // 5: rebound.v1.Report
+	(*CallError)(nil),         // 6: rebound.v1.CallError
+	(*Progress)(nil),          // 7: rebound.v1.Progress
+	(*ServerMessage)(nil),     // 8: rebound.v1.ServerMessage
+	(*Call)(nil),              // 9: rebound.v1.Call
+	(*Welcome)(nil),           // 10: rebound.v1.Welcome
+	(*ReplicateRequest)(nil),  // 11: rebound.v1.ReplicateRequest
+	(*ReplHello)(nil),         // 12: rebound.v1.ReplHello
+	(*Batch)(nil),             // 13: rebound.v1.Batch
+	(*Record)(nil),            // 14: rebound.v1.Record
+	(*ReplicateResponse)(nil), // 15: rebound.v1.ReplicateResponse
+	(*HelloAck)(nil),          // 16: rebound.v1.HelloAck
+	(*Ack)(nil),               // 17: rebound.v1.Ack
 }
 var file_rebound_v1_rebound_proto_depIdxs = []int32{
-	3,  // 0: rebound.v1.SiteMessage.hello:type_name -> rebound.v1.Hello
-	4,  // 1: rebound.v1.SiteMessage.report:type_name -> rebound.v1.Report
-	5,  // 2: rebound.v1.SiteMessage.error:type_name -> rebound.v1.CallError
-	6,  // 3: rebound.v1.SiteMessage.progress:type_name -> rebound.v1.Progress
-	8,  // 4: rebound.v1.ServerMessage.call:type_name -> rebound.v1.Call
-	9,  // 5: rebound.v1.ServerMessage.welcome:type_name -> rebound.v1.Welcome
-	11, // 6: rebound.v1.ReplicateRequest.hello:type_name -> rebound.v1.ReplHello
-	12, // 7: rebound.v1.ReplicateRequest.batch:type_name -> rebound.v1.Batch
-	13, // 8: rebound.v1.Batch.records:type_name -> rebound.v1.Record
-	15, // 9: rebound.v1.ReplicateResponse.hello_ack:type_name -> rebound.v1.HelloAck
-	16, // 10: rebound.v1.ReplicateResponse.ack:type_name -> rebound.v1.Ack
-	0,  // 11: rebound.v1.Enrollment.Enroll:input_type -> rebound.v1.EnrollRequest
-	2,  // 12: rebound.v1.Control.Connect:input_type -> rebound.v1.SiteMessage
-	10, // 13: rebound.v1.Replication.Replicate:input_type -> rebound.v1.ReplicateRequest
-	1,  // 14: rebound.v1.Enrollment.Enroll:output_type -> rebound.v1.EnrollResponse
-	7,  // 15: rebound.v1.Control.Connect:output_type -> rebound.v1.ServerMessage
-	14, // 16: rebound.v1.Replication.Replicate:output_type -> rebound.v1.ReplicateResponse
-	14, // [14:17] is the sub-list for method output_type
-	11, // [11:14] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	4,  // 0: rebound.v1.SiteMessage.hello:type_name -> rebound.v1.Hello
+	5,  // 1: rebound.v1.SiteMessage.report:type_name -> rebound.v1.Report
+	6,  // 2: rebound.v1.SiteMessage.error:type_name -> rebound.v1.CallError
+	7,  // 3: rebound.v1.SiteMessage.progress:type_name -> rebound.v1.Progress
+	3,  // 4: rebound.v1.SiteMessage.event:type_name -> rebound.v1.SiteEvent
+	9,  // 5: rebound.v1.ServerMessage.call:type_name -> rebound.v1.Call
+	10, // 6: rebound.v1.ServerMessage.welcome:type_name -> rebound.v1.Welcome
+	12, // 7: rebound.v1.ReplicateRequest.hello:type_name -> rebound.v1.ReplHello
+	13, // 8: rebound.v1.ReplicateRequest.batch:type_name -> rebound.v1.Batch
+	14, // 9: rebound.v1.Batch.records:type_name -> rebound.v1.Record
+	16, // 10: rebound.v1.ReplicateResponse.hello_ack:type_name -> rebound.v1.HelloAck
+	17, // 11: rebound.v1.ReplicateResponse.ack:type_name -> rebound.v1.Ack
+	0,  // 12: rebound.v1.Enrollment.Enroll:input_type -> rebound.v1.EnrollRequest
+	2,  // 13: rebound.v1.Control.Connect:input_type -> rebound.v1.SiteMessage
+	11, // 14: rebound.v1.Replication.Replicate:input_type -> rebound.v1.ReplicateRequest
+	1,  // 15: rebound.v1.Enrollment.Enroll:output_type -> rebound.v1.EnrollResponse
+	8,  // 16: rebound.v1.Control.Connect:output_type -> rebound.v1.ServerMessage
+	15, // 17: rebound.v1.Replication.Replicate:output_type -> rebound.v1.ReplicateResponse
+	15, // [15:18] is the sub-list for method output_type
+	12, // [12:15] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_rebound_v1_rebound_proto_init() }
@@ -1314,17 +1432,18 @@ func file_rebound_v1_rebound_proto_init() {
 		(*SiteMessage_Result)(nil),
 		(*SiteMessage_Error)(nil),
 		(*SiteMessage_Progress)(nil),
+		(*SiteMessage_Event)(nil),
 	}
-	file_rebound_v1_rebound_proto_msgTypes[7].OneofWrappers = []any{
+	file_rebound_v1_rebound_proto_msgTypes[8].OneofWrappers = []any{
 		(*ServerMessage_Call)(nil),
 		(*ServerMessage_Cancel)(nil),
 		(*ServerMessage_Welcome)(nil),
 	}
-	file_rebound_v1_rebound_proto_msgTypes[10].OneofWrappers = []any{
+	file_rebound_v1_rebound_proto_msgTypes[11].OneofWrappers = []any{
 		(*ReplicateRequest_Hello)(nil),
 		(*ReplicateRequest_Batch)(nil),
 	}
-	file_rebound_v1_rebound_proto_msgTypes[14].OneofWrappers = []any{
+	file_rebound_v1_rebound_proto_msgTypes[15].OneofWrappers = []any{
 		(*ReplicateResponse_HelloAck)(nil),
 		(*ReplicateResponse_Ack)(nil),
 	}
@@ -1334,7 +1453,7 @@ func file_rebound_v1_rebound_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rebound_v1_rebound_proto_rawDesc), len(file_rebound_v1_rebound_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
