@@ -31,6 +31,9 @@ type ControlServer struct {
 	OnReport func(site string, st *rebound.SiteStatus)
 	// OnConnect and OnDisconnect fire as a site's channel opens and closes.
 	OnConnect, OnDisconnect func(site string)
+	// OnEvent receives the events a site reports (e.g. a replication
+	// stream it refused), for the server's event log.
+	OnEvent func(site string, e rebound.Event)
 
 	mu       sync.Mutex
 	sessions map[string]*session
@@ -72,7 +75,10 @@ func (c *ControlServer) session(name string) *session {
 
 // session is one open control channel.
 type session struct {
-	site   string
+	site string
+	// agent is the one machine an agent's channel may speak of; empty for
+	// a site.
+	agent  string
 	stream pb.Control_ConnectServer
 	sendMu sync.Mutex
 	nextID atomic.Uint64
@@ -95,10 +101,11 @@ func (s *session) send(m *pb.ServerMessage) error {
 
 // Connect serves one site's control channel until it closes.
 func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
-	name, err := peerIsSite(stream.Context())
+	id, err := peerSiteOrAgent(stream.Context())
 	if err != nil {
 		return err
 	}
+	name := id.Name
 	first, err := recvFirst(stream.Recv)
 	if err != nil {
 		return err
@@ -113,12 +120,12 @@ func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
 	if hello.Site != name {
 		return status.Errorf(codes.PermissionDenied, "control: certificate is for site %q, hello says %q", name, hello.Site)
 	}
-	st, err := decodeStatus(hello.Status)
+	s := &session{site: name, agent: id.Machine, stream: stream, pending: make(map[uint64]*pendingCall)}
+	st, err := s.decodeStatus(hello.Status)
 	if err != nil {
 		return err
 	}
 
-	s := &session{site: name, stream: stream, pending: make(map[uint64]*pendingCall)}
 	if err := s.send(&pb.ServerMessage{Body: &pb.ServerMessage_Welcome{Welcome: &pb.Welcome{Version: ProtocolVersion}}}); err != nil {
 		return err
 	}
@@ -169,12 +176,21 @@ func (c *ControlServer) serve(s *session) error {
 		}
 		switch b := m.Body.(type) {
 		case *pb.SiteMessage_Report:
-			st, err := decodeStatus(b.Report.Status)
+			st, err := s.decodeStatus(b.Report.Status)
 			if err != nil {
 				return err
 			}
 			if c.OnReport != nil {
 				c.OnReport(s.site, st)
+			}
+		case *pb.SiteMessage_Event:
+			e := rebound.Event{Time: time.Unix(0, b.Event.Time).UTC(), Machine: b.Event.Machine, Site: s.site, Kind: b.Event.Kind, Message: b.Event.Message}
+			if s.agent != "" && e.Machine != "" && e.Machine != s.agent {
+				slog.Warn("control: agent reported an event of another machine; dropped", "agent", s.site, "machine", e.Machine)
+				continue
+			}
+			if c.OnEvent != nil && e.Kind != "" {
+				c.OnEvent(s.site, e)
 			}
 		case *pb.SiteMessage_Progress:
 			s.mu.Lock()
@@ -207,12 +223,44 @@ func (c *ControlServer) serve(s *session) error {
 	}
 }
 
-func decodeStatus(b []byte) (*rebound.SiteStatus, error) {
+// decodeStatus decodes a site's status. An agent speaks only of its own
+// machine: others it reports are dropped.
+func (s *session) decodeStatus(b []byte) (*rebound.SiteStatus, error) {
 	var st rebound.SiteStatus
 	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "control: bad site status: %v", err)
 	}
+	onlyMachine(&st, s.agent)
 	return &st, nil
+}
+
+// onlyMachine drops from st every machine but agent's (for an agent).
+func onlyMachine(st *rebound.SiteStatus, agent string) {
+	if agent == "" {
+		return
+	}
+	own := st.Machines[:0]
+	for _, m := range st.Machines {
+		if m.Name == agent {
+			own = append(own, m)
+		}
+	}
+	st.Machines = own
+}
+
+// machineOf returns the machine a call's arguments name.
+func machineOf(args any) string {
+	switch a := args.(type) {
+	case rebound.SiteMachine:
+		return a.Name
+	case rebound.ReplicationSpec:
+		return a.Machine
+	case rebound.ActivateSpec:
+		return a.Machine
+	case machineArgs:
+		return a.Machine
+	}
+	return ""
 }
 
 // call runs method on the site with args and decodes the answer into
@@ -221,6 +269,9 @@ func (c *ControlServer) call(ctx context.Context, site, method string, args, res
 	s := c.session(site)
 	if s == nil {
 		return rebound.Errorf(rebound.EUNAVAILABLE, "site %s is not connected", site)
+	}
+	if m := machineOf(args); s.agent != "" && m != "" && m != s.agent {
+		return rebound.Errorf(rebound.EINVALID, "%s is the agent of machine %s (its certificate is bound to it): it cannot hold machine %s; use a site", site, s.agent, m)
 	}
 	argb, err := json.Marshal(args)
 	if err != nil {
@@ -307,6 +358,9 @@ func (p *siteProxy) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 	var st rebound.SiteStatus
 	if err := p.c.call(ctx, p.site, "Status", nil, &st, nil); err != nil {
 		return nil, err
+	}
+	if s := p.c.session(p.site); s != nil {
+		onlyMachine(&st, s.agent)
 	}
 	return &st, nil
 }
@@ -528,13 +582,30 @@ func dispatch(ctx context.Context, local rebound.SiteService, method string, arg
 // controlMaxBackoff bounds the wait between reconnects; a var for tests.
 var controlMaxBackoff = 5 * time.Second
 
+// ControlOption configures RunControl.
+type ControlOption func(*controlOpts)
+
+type controlOpts struct {
+	events <-chan rebound.Event
+}
+
+// WithEvents forwards the events read from ch to the server (they wait in
+// ch while the channel is down).
+func WithEvents(ch <-chan rebound.Event) ControlOption {
+	return func(o *controlOpts) { o.events = ch }
+}
+
 // RunControl keeps this site's control channel to the server at addr open
 // until ctx is done, reconnecting with backoff. It serves the server's
 // calls concurrently on local and pushes local.Status every reportEvery.
 // It returns ctx's error.
-func RunControl(ctx context.Context, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration) error {
+func RunControl(ctx context.Context, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, opts ...ControlOption) error {
+	var o controlOpts
+	for _, f := range opts {
+		f(&o)
+	}
 	for attempt := 0; ; attempt++ {
-		welcomed, err := runControlOnce(ctx, addr, tlsConf, local, reportEvery)
+		welcomed, err := runControlOnce(ctx, addr, tlsConf, local, reportEvery, o)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -550,7 +621,7 @@ func RunControl(ctx context.Context, addr string, tlsConf *tls.Config, local reb
 
 // runControlOnce serves one channel; welcomed reports whether the server
 // accepted the hello.
-func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration) (welcomed bool, err error) {
+func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, o controlOpts) (welcomed bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -617,6 +688,25 @@ func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local
 			}
 		}
 	}()
+
+	if o.events != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case e := <-o.events:
+					m := &pb.SiteEvent{Time: e.Time.UnixNano(), Machine: e.Machine, Kind: e.Kind, Message: e.Message}
+					if err := send(&pb.SiteMessage{Body: &pb.SiteMessage_Event{Event: m}}); err != nil {
+						slog.Warn("event not delivered to the server", "kind", e.Kind, "machine", e.Machine, "message", e.Message, "err", err)
+						return // Recv below sees the broken stream
+					}
+				}
+			}
+		}()
+	}
 
 	var mu sync.Mutex
 	calls := make(map[uint64]context.CancelFunc)

@@ -351,7 +351,7 @@ func TestControl_BadHello(t *testing.T) {
 	ctl := &ControlServer{}
 	ts := startServer(t, e.serverTLS, func(s *ggrpc.Server) {
 		ctl.Register(s)
-		(&ReplicationServer{Sink: func(string) (rebound.ReplSink, error) { return newMemSink(), nil }}).Register(s)
+		(&ReplicationServer{Target: func(string) (Target, error) { return Target{Sink: newMemSink(), SourceSite: "site-a"}, nil }}).Register(s)
 	})
 	_, cli := e.site(t, "site-a", "127.0.0.1")
 	cc, err := Dial(ts.addr, cli)

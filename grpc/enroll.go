@@ -35,10 +35,19 @@ func (e *EnrollServer) Enroll(ctx context.Context, req *pb.EnrollRequest) (*pb.E
 	if req.SiteName == "" {
 		return nil, status.Error(codes.InvalidArgument, "enroll: site name is empty")
 	}
+	// An agent's certificate is bound to its one machine, named like it.
+	agent := ""
+	switch pki.Role(req.Role) {
+	case "", pki.RoleSite:
+	case pki.RoleAgent:
+		agent = req.SiteName
+	default:
+		return nil, status.Errorf(codes.InvalidArgument, "enroll: unknown role %q (site or agent)", req.Role)
+	}
 	if err := e.Validate(ctx, req.TokenSecret, req.SiteName); err != nil {
 		return nil, toStatus(err)
 	}
-	certPEM, err := e.CA.SignCSR(req.CsrPem, req.SiteName, pki.Site)
+	certPEM, err := e.CA.SignCSRAs(req.CsrPem, req.SiteName, pki.Site, agent)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -50,6 +59,12 @@ func (e *EnrollServer) Enroll(ctx context.Context, req *pb.EnrollRequest) (*pb.E
 // token's CA fingerprint. It returns the site's certificate, its new private
 // key and the CA certificate.
 func Enroll(ctx context.Context, addr, joinToken, siteName string) (certPEM, keyPEM, caPEM []byte, err error) {
+	return EnrollAs(ctx, addr, joinToken, siteName, pki.RoleSite)
+}
+
+// EnrollAs is Enroll with a role: pki.RoleAgent for `rebound agent`, whose
+// certificate the server binds to its machine (named siteName).
+func EnrollAs(ctx context.Context, addr, joinToken, siteName string, role pki.Role) (certPEM, keyPEM, caPEM []byte, err error) {
 	secret, fp, err := pki.ParseJoinToken(joinToken)
 	if err != nil {
 		return nil, nil, nil, err
@@ -68,6 +83,7 @@ func Enroll(ctx context.Context, addr, joinToken, siteName string) (certPEM, key
 		SiteName:    siteName,
 		TokenSecret: secret,
 		CsrPem:      csrPEM,
+		Role:        string(role),
 	})
 	if err != nil {
 		return nil, nil, nil, fromStatus("enroll at "+addr, err)
@@ -84,6 +100,9 @@ func Enroll(ctx context.Context, addr, joinToken, siteName string) (certPEM, key
 	ca, _ := pki.ParseCert(resp.CaPem)
 	if err := cert.CheckSignatureFrom(ca); err != nil || cert.Subject.CommonName != siteName {
 		return nil, nil, nil, rebound.Errorf(rebound.EINTERNAL, "enroll: server returned a certificate for %q not signed by its CA", cert.Subject.CommonName)
+	}
+	if got := pki.IdentityOf(cert).Role; got != role {
+		return nil, nil, nil, rebound.Errorf(rebound.EINTERNAL, "enroll: asked for a %s certificate, the server issued one with role %q; upgrade the server", role, got)
 	}
 	return resp.CertPem, keyPEM, resp.CaPem, nil
 }

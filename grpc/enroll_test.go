@@ -103,7 +103,7 @@ func TestAuth_NoClientCert(t *testing.T) {
 	ts := startServer(t, e.serverTLS, func(s *ggrpc.Server) {
 		(&EnrollServer{CA: e.ca, Validate: (&tokens{}).validate}).Register(s)
 		(&ControlServer{}).Register(s)
-		(&ReplicationServer{Sink: func(string) (rebound.ReplSink, error) { return newMemSink(), nil }}).Register(s)
+		(&ReplicationServer{Target: func(string) (Target, error) { return Target{Sink: newMemSink(), SourceSite: "site-a"}, nil }}).Register(s)
 	})
 	anon, _ := pki.ClientTLS(nil, nil, e.ca.CertPEM(), "127.0.0.1")
 	cc, err := Dial(ts.addr, anon)

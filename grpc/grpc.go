@@ -108,18 +108,28 @@ func PeerSite(ctx context.Context) (string, error) {
 	return name, nil
 }
 
-// peerIsSite checks that the caller holds a site certificate.
-func peerIsSite(ctx context.Context) (string, error) {
-	name, err := PeerSite(ctx)
-	if err != nil {
-		return "", err
+// PeerIdentity returns the identity of the caller's verified certificate,
+// or an Unauthenticated status error.
+func PeerIdentity(ctx context.Context) (pki.Identity, error) {
+	if _, err := PeerSite(ctx); err != nil {
+		return pki.Identity{}, err
 	}
 	p, _ := peer.FromContext(ctx)
 	ti := p.AuthInfo.(credentials.TLSInfo)
-	if !pki.IsSite(ti.State.VerifiedChains[0][0]) {
-		return "", status.Errorf(codes.PermissionDenied, "%q does not hold a site certificate", name)
+	return pki.IdentityOf(ti.State.VerifiedChains[0][0]), nil
+}
+
+// peerSiteOrAgent checks that the caller holds a site or an agent
+// certificate (not the server's, not one without a role).
+func peerSiteOrAgent(ctx context.Context) (pki.Identity, error) {
+	id, err := PeerIdentity(ctx)
+	if err != nil {
+		return id, err
 	}
-	return name, nil
+	if id.Role != pki.RoleSite && id.Role != pki.RoleAgent {
+		return id, status.Errorf(codes.PermissionDenied, "%q holds neither a site nor an agent certificate", id.Name)
+	}
+	return id, nil
 }
 
 func checkVersion(what string, v uint32) error {

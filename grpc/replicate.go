@@ -12,16 +12,23 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/grpc/pb"
+	"github.com/rebound-dr/rebound/pki"
 	ggrpc "google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
 // ReplicationServer receives replication streams on a site's listener.
+// A stream is accepted only from the site the server made its source, for
+// the source copy's generation the target was set up with; see
+// docs/design/security.md.
 type ReplicationServer struct {
-	// Sink returns the sink of a stream this site is the target of, or an
-	// error (ENOTFOUND for a stream it does not hold).
-	Sink func(streamID string) (rebound.ReplSink, error)
+	// Target returns a stream this site is the target of, or an error
+	// (ENOTFOUND for a stream it does not hold).
+	Target func(streamID string) (Target, error)
+	// OnRefuse, if set, hears of every stream refused to a peer holding a
+	// valid certificate (the site reports it to the server as an event).
+	OnRefuse func(Refusal)
 
 	mu    sync.Mutex
 	locks map[string]*sync.Mutex // per stream: one writer at a time
@@ -46,14 +53,36 @@ func (r *ReplicationServer) lock(streamID string) *sync.Mutex {
 	return l
 }
 
+// Target is a stream a site receives and who may feed it.
+type Target struct {
+	Sink    rebound.ReplSink
+	Machine string
+	// SourceSite is the only site (or agent) whose certificate may feed the
+	// stream: the target spec's PeerSite.
+	SourceSite string
+	// Generation is the source copy's generation the target was set up
+	// for; the source's hello must carry it. Empty (state written before
+	// generations) skips the check.
+	Generation string
+}
+
+// Refusal is a stream refused to a peer that holds a valid certificate.
+type Refusal struct {
+	StreamID string
+	Machine  string // empty when the stream is unknown
+	Peer     pki.Identity
+	Reason   string
+}
+
 // Replicate receives one stream connection. Batches are validated against
 // the sink's durable position and appended; several batches that arrived
 // together are appended at once (one fsync), then acknowledged.
 func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) error {
-	site, err := peerIsSite(stream.Context())
+	id, err := peerSiteOrAgent(stream.Context())
 	if err != nil {
 		return err
 	}
+	site := id.Name
 	first, err := recvFirst(stream.Recv)
 	if err != nil {
 		return err
@@ -66,18 +95,23 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 		return err
 	}
 	if hello.SourceSite != site {
-		return status.Errorf(codes.PermissionDenied, "replicate: certificate is for site %q, hello says %q", site, hello.SourceSite)
+		return r.refuse(Refusal{StreamID: hello.StreamId, Peer: id,
+			Reason: fmt.Sprintf("certificate is for site %q, hello says %q", site, hello.SourceSite)})
 	}
-	sink, err := r.Sink(hello.StreamId)
+	tgt, err := r.Target(hello.StreamId)
+	if err == nil && tgt.Sink == nil {
+		err = rebound.Errorf(rebound.ENOTFOUND, "no sink")
+	}
 	if err != nil {
 		if rebound.ErrorCode(err) == rebound.ENOTFOUND {
 			return status.Errorf(codes.NotFound, "replicate: this site holds no stream %q", hello.StreamId)
 		}
 		return toStatus(err)
 	}
-	if sink == nil {
-		return status.Errorf(codes.NotFound, "replicate: this site holds no stream %q", hello.StreamId)
+	if reason := admit(id, hello, tgt); reason != "" {
+		return r.refuse(Refusal{StreamID: hello.StreamId, Machine: tgt.Machine, Peer: id, Reason: reason})
 	}
+	sink := tgt.Sink
 	slog.Debug("replication stream connected", "stream", hello.StreamId, "from", site)
 	lock := r.lock(hello.StreamId)
 	if err := stream.Send(&pb.ReplicateResponse{Body: &pb.ReplicateResponse_HelloAck{HelloAck: &pb.HelloAck{Version: ProtocolVersion, DurableSeq: sink.Durable()}}}); err != nil {
@@ -136,6 +170,37 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 		return err
 	}
 	return nil
+}
+
+// admit says why a certified peer may not feed the stream ("" if it may):
+// only the site the server made the stream's source, for the generation the
+// target was set up with, and an agent only for its own machine.
+func admit(id pki.Identity, hello *pb.ReplHello, tgt Target) string {
+	switch {
+	case id.Name != tgt.SourceSite:
+		return fmt.Sprintf("site %q is not the source of stream %q of machine %q: only %q may feed it", id.Name, hello.StreamId, tgt.Machine, tgt.SourceSite)
+	case id.Role == pki.RoleAgent && id.Machine != tgt.Machine:
+		return fmt.Sprintf("agent %q is bound to machine %q and may not feed stream %q of machine %q", id.Name, id.Machine, hello.StreamId, tgt.Machine)
+	case tgt.Generation != "" && hello.Generation != tgt.Generation:
+		return fmt.Sprintf("stream %q of machine %q follows generation %q, the source sent %q: protect or reprotect the machine again to start a stream of this copy", hello.StreamId, tgt.Machine, tgt.Generation, orNone(hello.Generation))
+	}
+	return ""
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
+}
+
+// refuse reports a refusal and returns the PermissionDenied the peer gets.
+func (r *ReplicationServer) refuse(f Refusal) error {
+	slog.Warn("replication stream refused", "stream", f.StreamID, "machine", f.Machine, "peer", f.Peer.Name, "role", f.Peer.Role, "reason", f.Reason)
+	if r.OnRefuse != nil {
+		r.OnRefuse(f)
+	}
+	return status.Error(codes.PermissionDenied, "replicate: refused: "+f.Reason)
 }
 
 // apply validates and appends a group of batches under the stream's lock.
@@ -227,6 +292,9 @@ type Sender struct {
 	TLS        *tls.Config
 	StreamID   string
 	SourceSite string
+	// Generation is the source copy's generation (the spec's); the target
+	// refuses a stream of another.
+	Generation string
 	Source     rebound.ReplSource
 	// MaxInFlight bounds the payload bytes sent but not acknowledged
 	// (default 16 MiB); BatchBytes the payload per batch (default 1 MiB).
@@ -244,6 +312,40 @@ type SenderStats struct {
 	BytesSent   int64 // payload bytes, resends included
 	RecordsSent int64
 	AckedSeq    uint64
+	// Stopped says why the sender stopped for good: the target acked
+	// records this source never wrote, or the stream broke its sequence.
+	// Only a resync of the stream (protect again) recovers; no record is
+	// skipped meanwhile.
+	Stopped string
+}
+
+// stopError ends a Sender for good (see SenderStats.Stopped).
+type stopError struct{ err error }
+
+func (e *stopError) Error() string { return e.err.Error() }
+func (e *stopError) Unwrap() error { return e.err }
+
+func stop(format string, args ...any) error {
+	return &stopError{rebound.Errorf(rebound.ECONFLICT, format, args...)}
+}
+
+// header is a source that knows its head (capture.Stream): an ack beyond
+// it stops the sender.
+type header interface{ Head() uint64 }
+
+// checkAck stops the stream on an ack beyond the source's head: the target
+// holds records this source never wrote (another writer, or records lost
+// here), and the source's next records would be taken for duplicates and
+// dropped.
+func (s *Sender) checkAck(seq uint64) error {
+	h, ok := s.Source.(header)
+	if !ok {
+		return nil
+	}
+	if head := h.Head(); seq > head {
+		return stop("replication of stream %s stopped: the target holds records up to %d but this source wrote only up to %d; its journal has records this source never sent. Protect the machine again (unprotect, then protect) to resync it", s.StreamID, seq, head)
+	}
+	return nil
 }
 
 // Stats returns a snapshot.
@@ -262,14 +364,21 @@ var senderMaxBackoff = 5 * time.Second
 func (s *Sender) Run(ctx context.Context) error {
 	for attempt := 0; ; attempt++ {
 		progressed, err := s.runOnce(ctx)
+		var stopped *stopError
 		s.mu.Lock()
 		s.stats.Connected = false
 		if err != nil && ctx.Err() == nil {
 			s.stats.LastError = err.Error()
+			if errors.As(err, &stopped) {
+				s.stats.Stopped = err.Error()
+			}
 		}
 		s.mu.Unlock()
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if stopped != nil {
+			return err
 		}
 		if progressed {
 			attempt = 0
@@ -305,7 +414,8 @@ func (s *Sender) runOnce(ctx context.Context) (connected bool, err error) {
 	if err != nil {
 		return false, fromStatus("replicate to "+s.Addr, err)
 	}
-	if err := stream.Send(&pb.ReplicateRequest{Body: &pb.ReplicateRequest_Hello{Hello: &pb.ReplHello{Version: ProtocolVersion, StreamId: s.StreamID, SourceSite: s.SourceSite}}}); err != nil {
+	hello := &pb.ReplHello{Version: ProtocolVersion, StreamId: s.StreamID, SourceSite: s.SourceSite, Generation: s.Generation}
+	if err := stream.Send(&pb.ReplicateRequest{Body: &pb.ReplicateRequest_Hello{Hello: hello}}); err != nil {
 		return false, fromStatus("replicate to "+s.Addr, recvStatus(stream, err))
 	}
 	m, err := stream.Recv()
@@ -317,6 +427,9 @@ func (s *Sender) runOnce(ctx context.Context) (connected bool, err error) {
 		return false, fmt.Errorf("replicate to %s: expected a hello ack, got %T", s.Addr, m.Body)
 	}
 	if err := checkVersion("replicate", ack.Version); err != nil {
+		return false, err
+	}
+	if err := s.checkAck(ack.DurableSeq); err != nil {
 		return false, err
 	}
 	s.Source.Acked(ack.DurableSeq)
@@ -347,6 +460,11 @@ func (s *Sender) runOnce(ctx context.Context) (connected bool, err error) {
 				cancel()
 				return
 			}
+			if err := s.checkAck(a.DurableSeq); err != nil {
+				done <- err
+				cancel()
+				return
+			}
 			s.Source.Acked(a.DurableSeq)
 			s.mu.Lock()
 			s.stats.AckedSeq = max(s.stats.AckedSeq, a.DurableSeq)
@@ -372,6 +490,10 @@ func (s *Sender) runOnce(ctx context.Context) (connected bool, err error) {
 		if rerr := <-done; !errors.Is(rerr, context.Canceled) && status.Code(rerr) != codes.Canceled {
 			err = rerr // the receiver's status says why the stream ended
 		}
+		var stopped *stopError
+		if errors.As(err, &stopped) {
+			return true, err
+		}
 		return true, fromStatus("replicate to "+s.Addr, err)
 	}
 
@@ -391,13 +513,21 @@ func (s *Sender) runOnce(ctx context.Context) (connected bool, err error) {
 			}
 		}
 		recs, err := s.Source.Read(ctx, next, batchBytes)
-		if err != nil {
+		if rebound.ErrorCode(err) == rebound.ECONFLICT && ctx.Err() == nil {
+			// The source no longer holds what the target needs next.
+			return fail(stop("replication of stream %s stopped: %s. Protect the machine again (unprotect, then protect) to resync it", s.StreamID, rebound.ErrorMessage(err)))
+		} else if err != nil {
 			return fail(err)
 		}
 		if len(recs) == 0 {
 			continue
 		} else if recs[0].Seq != next {
-			return fail(rebound.Errorf(rebound.EINTERNAL, "source returned record %d, asked for %d", recs[0].Seq, next))
+			return fail(stop("replication of stream %s stopped: the source returned record %d where %d was next", s.StreamID, recs[0].Seq, next))
+		}
+		for i := 1; i < len(recs); i++ {
+			if recs[i].Seq != recs[i-1].Seq+1 {
+				return fail(stop("replication of stream %s stopped: the source's record %d follows %d", s.StreamID, recs[i].Seq, recs[i-1].Seq))
+			}
 		}
 		batch := &pb.Batch{Records: make([]*pb.Record, len(recs))}
 		n := 0

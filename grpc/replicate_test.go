@@ -153,11 +153,11 @@ func testRecord(i int) *rebound.Record {
 
 func newReplServer(t testing.TB, e *env, sink rebound.ReplSink, opts ...ggrpc.ServerOption) (*testServer, *ReplicationServer) {
 	srvTLS, _ := e.site(t, "site-b", "")
-	rs := &ReplicationServer{Sink: func(id string) (rebound.ReplSink, error) {
+	rs := &ReplicationServer{Target: func(id string) (Target, error) {
 		if id != "vm1" {
-			return nil, rebound.Errorf(rebound.ENOTFOUND, "no stream %q", id)
+			return Target{}, rebound.Errorf(rebound.ENOTFOUND, "no stream %q", id)
 		}
-		return sink, nil
+		return Target{Sink: sink, Machine: "vm1", SourceSite: "site-a"}, nil
 	}}
 	return startServer(t, srvTLS, rs.Register, opts...), rs
 }
