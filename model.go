@@ -121,6 +121,10 @@ type Protection struct {
 	ThroughputBps float64   `json:"throughputBps"`
 	LastPointTime time.Time `json:"lastPointTime,omitempty"`
 	ReportedAt    time.Time `json:"reportedAt,omitempty"`
+	// ReplError, as the source reports it, says why writes fail or why the
+	// stream stopped (e.g. the target acked records this source never
+	// wrote); the machine's health is critical while it is set.
+	ReplError string `json:"replError,omitempty"`
 }
 
 // FailoverInfo describes an uncommitted failover.

@@ -193,6 +193,7 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 			if ms.Role == "source" && p.SourceSite == name && m.State != rebound.MachineFailedOver {
 				p.ReplState, p.LagSeconds, p.BacklogBytes = ms.ReplState, ms.LagSeconds, ms.BacklogBytes
 				p.DirtyBytes, p.ThroughputBps, p.ReportedAt = ms.DirtyBytes, ms.ThroughputBps, st.Time
+				p.ReplError = ms.ReplError
 				if ms.SyncTotal > 0 && m.State == rebound.MachineSyncing {
 					p.SyncProgress = float64(ms.SyncDone) / float64(ms.SyncTotal)
 				}
@@ -240,6 +241,8 @@ func (s *Server) setHealth(ctx context.Context, m *rebound.Machine) {
 		switch {
 		case s.siteOffline(ctx, p.SourceSite):
 			health, reason = rebound.HealthCritical, fmt.Sprintf("source site %s is offline", p.SourceSite)
+		case p.ReplError != "":
+			health, reason = rebound.HealthCritical, p.ReplError
 		case p.ReplState == "overflow":
 			health, reason = rebound.HealthCritical, "spool full: only changed regions are tracked; they resync when the link returns"
 		case lag > threshold:

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -46,8 +47,15 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 			ms.BacklogBytes, ms.DirtyBytes = cs.BacklogBytes, cs.DirtyBytes
 			ms.LagSeconds, ms.ThroughputBps = cs.LagSeconds, cs.ThroughputBps
 			ms.ReplError = cs.Error
-			if m.sender != nil && !m.sender.Stats().Connected && ms.ReplState == "streaming" {
-				ms.ReplState = "spooling"
+			if m.sender != nil {
+				switch ss := m.sender.Stats(); {
+				case ss.Stopped != "":
+					// The stream cannot go on without a resync: say so.
+					ms.ReplState = "stopped"
+					ms.ReplError = strings.TrimSpace(ms.ReplError + " " + ss.Stopped)
+				case !ss.Connected && ms.ReplState == "streaming":
+					ms.ReplState = "spooling"
+				}
 			}
 		}
 		if m.journal != nil {

@@ -29,6 +29,7 @@ import (
 	"github.com/rebound-dr/rebound/journal"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/overlay"
+	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/qemu"
 )
 
@@ -90,6 +91,10 @@ type Site struct {
 	nbdAddr  string     // TCP address NBD listens on
 	replAddr string
 
+	// events go to the server over the control channel (Events).
+	events   chan rebound.Event
+	evMu     sync.Mutex
+	evLast   map[string]time.Time // refusal key → last reported
 	mu       sync.Mutex
 	machines map[string]*machine
 	ctx      context.Context
@@ -165,10 +170,11 @@ func New(cfg Config) *Site {
 	if cfg.ExpireEvery == 0 {
 		cfg.ExpireEvery = 10 * time.Second
 	}
-	s := &Site{cfg: cfg, logger: cfg.Logger.With("site", cfg.Name), machines: map[string]*machine{}}
+	s := &Site{cfg: cfg, logger: cfg.Logger.With("site", cfg.Name), machines: map[string]*machine{},
+		events: make(chan rebound.Event, 64), evLast: map[string]time.Time{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.NBD = &nbd.Server{Lookup: s.lookupExport, List: s.listExports, Logger: s.logger}
-	s.Repl = &rgrpc.ReplicationServer{Sink: s.sink}
+	s.Repl = &rgrpc.ReplicationServer{Target: s.target, OnRefuse: s.refused}
 	return s
 }
 
@@ -376,7 +382,7 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 	peerTLS.ServerName = spec.PeerSite
 	m.sender = &rgrpc.Sender{
 		Addr: spec.PeerAddr, TLS: peerTLS, StreamID: spec.StreamID,
-		SourceSite: s.cfg.Name, Source: stream,
+		SourceSite: s.cfg.Name, Generation: spec.Generation, Source: stream,
 	}
 	sender := m.sender
 	sent := make(chan struct{})
@@ -593,17 +599,57 @@ func (s *Site) listExports() []string {
 	return names
 }
 
-// sink finds the journal a peer's stream lands in.
-func (s *Site) sink(streamID string) (rebound.ReplSink, error) {
+// target finds the journal a peer's stream lands in, and who may feed it:
+// the source site and generation the server set the target up with.
+func (s *Site) target(streamID string) (rgrpc.Target, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, m := range s.machines {
-		if m.state.Role == RoleTarget && m.state.Spec != nil && m.state.Spec.StreamID == streamID && m.journal != nil {
-			return m.journal, nil
+		if sp := m.state.Spec; m.state.Role == RoleTarget && sp != nil && sp.StreamID == streamID && m.journal != nil {
+			return rgrpc.Target{Sink: m.journal, Machine: m.state.Name, SourceSite: sp.PeerSite, Generation: sp.Generation}, nil
 		}
 	}
-	return nil, rebound.Errorf(rebound.ENOTFOUND, "site %s receives no stream %q", s.cfg.Name, streamID)
+	return rgrpc.Target{}, rebound.Errorf(rebound.ENOTFOUND, "site %s receives no stream %q", s.cfg.Name, streamID)
 }
+
+// refuseEvery bounds how often the same refusal (peer, stream, reason) is
+// reported: a peer retrying in a loop must not flood the event log.
+const refuseEvery = time.Minute
+
+// refused reports a refused replication stream to the server.
+func (s *Site) refused(f rgrpc.Refusal) {
+	key := f.Peer.Name + "\x00" + f.StreamID + "\x00" + f.Reason
+	now := time.Now()
+	s.evMu.Lock()
+	last, seen := s.evLast[key]
+	if !seen || now.Sub(last) >= refuseEvery {
+		s.evLast[key] = now
+	}
+	s.evMu.Unlock()
+	if seen && now.Sub(last) < refuseEvery {
+		return
+	}
+	who := fmt.Sprintf("site %s", f.Peer.Name)
+	if f.Peer.Role == pki.RoleAgent {
+		who = fmt.Sprintf("agent %s (machine %s)", f.Peer.Name, f.Peer.Machine)
+	}
+	s.emit(rebound.Event{Time: now.UTC(), Machine: f.Machine, Kind: "replication.refused",
+		Message: fmt.Sprintf("site %s refused a replication stream from %s: %s", s.cfg.Name, who, f.Reason)})
+}
+
+// emit queues an event for the server; when the queue is full (the server
+// has been unreachable long) the event is only logged.
+func (s *Site) emit(e rebound.Event) {
+	select {
+	case s.events <- e:
+	default:
+		s.logger.Warn("event queue full; event only logged", "kind", e.Kind, "machine", e.Machine, "message", e.Message)
+	}
+}
+
+// Events is what the site reports to the server besides its status
+// (grpc.WithEvents forwards it over the control channel).
+func (s *Site) Events() <-chan rebound.Event { return s.events }
 
 // getLocked returns the machine or a not-found error.
 func (s *Site) getLocked(name string) (*machine, error) {

@@ -18,6 +18,7 @@ import (
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/agent"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
+	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/site"
 )
 
@@ -85,7 +86,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 		return err
 	}
 	// Enrollment and certificates are a site's.
-	enroll := &SiteMain{Config: SiteConfig{Name: cfg.Name, DataDir: cfg.DataDir, Server: cfg.Server, JoinToken: cfg.JoinToken}, Logger: m.Logger}
+	enroll := &SiteMain{Config: SiteConfig{Name: cfg.Name, DataDir: cfg.DataDir, Server: cfg.Server, JoinToken: cfg.JoinToken, enrollRole: pki.RoleAgent}, Logger: m.Logger}
 	certPEM, keyPEM, caPEM, err := enroll.credentials(ctx)
 	if err != nil {
 		return err
@@ -140,7 +141,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 		every = 2 * time.Second
 	}
 	serve("control", func() error {
-		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, svc, every)
+		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, svc, every, rgrpc.WithEvents(m.Site.Events()))
 		if errors.Is(err, context.Canceled) {
 			return nil
 		}

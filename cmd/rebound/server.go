@@ -100,6 +100,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	m.Control.OnReport = m.Service.SiteReport
 	m.Control.OnConnect = m.Service.SiteConnected // runs its work in a goroutine the server owns
 	m.Control.OnDisconnect = m.Service.SiteDisconnected
+	m.Control.OnEvent = m.Service.SiteEvent
 	if err := m.Service.Open(reg); err != nil {
 		return err
 	}

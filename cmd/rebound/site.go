@@ -43,6 +43,9 @@ type SiteConfig struct {
 	ReportEvery time.Duration
 	// Networks is the network mapping: logical network -> local NIC.
 	Networks map[string]qemu.NICConfig
+	// enrollRole is the certificate the site enrolls for: an agent's
+	// (pki.RoleAgent) is bound to its machine, named like it.
+	enrollRole pki.Role
 }
 
 // SiteMain runs one site: enrollment, NBD, replication and the control
@@ -149,7 +152,7 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 		every = 2 * time.Second
 	}
 	serve("control", func() error {
-		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, m.Site, every)
+		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, m.Site, every, rgrpc.WithEvents(m.Site.Events()))
 		if errors.Is(err, context.Canceled) {
 			return nil
 		}
@@ -192,7 +195,11 @@ func (m *SiteMain) credentials(ctx context.Context) (certPEM, keyPEM, caPEM []by
 	}
 	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	certPEM, keyPEM, caPEM, err = rgrpc.Enroll(ectx, m.Config.Server, m.Config.JoinToken, m.Config.Name)
+	role := m.Config.enrollRole
+	if role == "" {
+		role = pki.RoleSite
+	}
+	certPEM, keyPEM, caPEM, err = rgrpc.EnrollAs(ectx, m.Config.Server, m.Config.JoinToken, m.Config.Name, role)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("enroll site %s with %s: %w", m.Config.Name, m.Config.Server, err)
 	}
