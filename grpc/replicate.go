@@ -94,10 +94,6 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 	if err := checkVersion("replicate", hello.Version); err != nil {
 		return err
 	}
-	if hello.SourceSite != site {
-		return r.refuse(Refusal{StreamID: hello.StreamId, Peer: id,
-			Reason: fmt.Sprintf("certificate is for site %q, hello says %q", site, hello.SourceSite)})
-	}
 	tgt, err := r.Target(hello.StreamId)
 	if err == nil && tgt.Sink == nil {
 		err = rebound.Errorf(rebound.ENOTFOUND, "no sink")
@@ -107,6 +103,10 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 			return status.Errorf(codes.NotFound, "replicate: this site holds no stream %q", hello.StreamId)
 		}
 		return toStatus(err)
+	}
+	if hello.SourceSite != site {
+		return r.refuse(Refusal{StreamID: hello.StreamId, Machine: tgt.Machine, Peer: id,
+			Reason: fmt.Sprintf("certificate is for site %q, hello says %q", site, hello.SourceSite)})
 	}
 	if reason := admit(id, hello, tgt); reason != "" {
 		return r.refuse(Refusal{StreamID: hello.StreamId, Machine: tgt.Machine, Peer: id, Reason: reason})
@@ -314,8 +314,7 @@ type SenderStats struct {
 	AckedSeq    uint64
 	// Stopped says why the sender stopped for good: the target acked
 	// records this source never wrote, or the stream broke its sequence.
-	// Only a resync of the stream (protect again) recovers; no record is
-	// skipped meanwhile.
+	// Only a new stream (a resync) recovers; no record is skipped meanwhile.
 	Stopped string
 }
 
@@ -328,6 +327,9 @@ func (e *stopError) Unwrap() error { return e.err }
 func stop(format string, args ...any) error {
 	return &stopError{rebound.Errorf(rebound.ECONFLICT, format, args...)}
 }
+
+// resyncHint ends a stop's message: what holds and what must happen.
+const resyncHint = "Nothing was skipped: writes keep spooling here, and the stream must be replaced by a new one (a full resync started by the server; see docs/design/security.md)"
 
 // header is a source that knows its head (capture.Stream): an ack beyond
 // it stops the sender.
@@ -343,7 +345,7 @@ func (s *Sender) checkAck(seq uint64) error {
 		return nil
 	}
 	if head := h.Head(); seq > head {
-		return stop("replication of stream %s stopped: the target holds records up to %d but this source wrote only up to %d; its journal has records this source never sent. Protect the machine again (unprotect, then protect) to resync it", s.StreamID, seq, head)
+		return stop("replication of stream %s stopped: the target holds records up to %d but this source wrote only up to %d; its journal has records this source never sent. %s", s.StreamID, seq, head, resyncHint)
 	}
 	return nil
 }
@@ -515,7 +517,7 @@ func (s *Sender) runOnce(ctx context.Context) (connected bool, err error) {
 		recs, err := s.Source.Read(ctx, next, batchBytes)
 		if rebound.ErrorCode(err) == rebound.ECONFLICT && ctx.Err() == nil {
 			// The source no longer holds what the target needs next.
-			return fail(stop("replication of stream %s stopped: %s. Protect the machine again (unprotect, then protect) to resync it", s.StreamID, rebound.ErrorMessage(err)))
+			return fail(stop("replication of stream %s stopped: %s. %s", s.StreamID, rebound.ErrorMessage(err), resyncHint))
 		} else if err != nil {
 			return fail(err)
 		}
