@@ -329,7 +329,7 @@ func stop(format string, args ...any) error {
 }
 
 // resyncHint ends a stop's message: what holds and what must happen.
-const resyncHint = "Nothing was skipped: writes keep spooling here, and the stream must be replaced by a new one (a full resync started by the server; see docs/design/security.md)"
+const resyncHint = "Nothing was skipped: writes keep spooling here, and the stream must be replaced by a new one (a full resync)"
 
 // header is a source that knows its head (capture.Stream): an ack beyond
 // it stops the sender.

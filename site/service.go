@@ -51,8 +51,13 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 				switch ss := m.sender.Stats(); {
 				case ss.Stopped != "":
 					// The stream cannot go on without a resync: say so.
-					ms.ReplState = "stopped"
-					ms.ReplError = strings.TrimSpace(ms.ReplError + " " + ss.Stopped)
+					to := "SITE"
+					if m.state.Spec != nil {
+						to = m.state.Spec.PeerSite
+					}
+					ms.ReplState = "broken"
+					ms.ReplError = strings.TrimSpace(fmt.Sprintf("%s %s: run `rebound unprotect %s --wait`, then `rebound protect %s --to %s --wait`",
+						ms.ReplError, ss.Stopped, m.state.Name, m.state.Name, to))
 				case !ss.Connected && ms.ReplState == "streaming":
 					ms.ReplState = "spooling"
 				}

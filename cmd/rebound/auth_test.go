@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -134,9 +135,8 @@ func TestReplicationOnlyFromTheSource(t *testing.T) {
 	p1 := o.point(svc, "vm1", false)
 
 	streamID, gen := targetStream(t, up.Sites["recovery"].Config.DataDir, "vm1")
-	before := durableAt(t, up, "recovery", "vm1")
-	if before != p1.Seq {
-		t.Fatalf("recovery holds %d, the point is %d", before, p1.Seq)
+	if got := durableAt(t, up, "recovery", "vm1"); got != p1.Seq {
+		t.Fatalf("recovery holds %d, the point is %d", got, p1.Seq)
 	}
 	exported := func(sel string) string {
 		t.Helper()
@@ -145,8 +145,15 @@ func TestReplicationOnlyFromTheSource(t *testing.T) {
 		waitJob(t, svc)(svc.TestFailoverCleanup(ctx, "vm1"))
 		return sum
 	}
+	// "latest" drains the source first (it may cut a point there): the
+	// journal as it stands after it is the baseline.
 	if got := exported("latest"); got != o.points[p1.ID] {
 		t.Fatalf("test failover before the attempts: %s, want %s", got, o.points[p1.ID])
+	}
+	before := durableAt(t, up, "recovery", "vm1")
+	pointsBefore, err := svc.ListPoints(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
 	}
 
 	// Junk over the start of the disk, then a point that would serve it.
@@ -182,15 +189,18 @@ func TestReplicationOnlyFromTheSource(t *testing.T) {
 	if got := durableAt(t, up, "recovery", "vm1"); got != before {
 		t.Fatalf("recovery's journal moved from %d to %d", before, got)
 	}
-	if got := exported("latest"); got != o.points[p1.ID] {
-		t.Fatalf("test failover after the attempts: %s, want %s", got, o.points[p1.ID])
-	}
 	pts, err := svc.ListPoints(ctx, "vm1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if last := pts[len(pts)-1]; last.ID != p1.ID {
-		t.Fatalf("latest point %s (seq %d), want %s", last.ID, last.Seq, p1.ID)
+	if fmt.Sprint(pts) != fmt.Sprint(pointsBefore) {
+		t.Fatalf("points changed:\n%v\nwas\n%v", pts, pointsBefore)
+	}
+	if got := exported(pts[len(pts)-1].ID); got != o.points[p1.ID] {
+		t.Fatalf("test failover to the latest point after the attempts: %s, want %s", got, o.points[p1.ID])
+	}
+	if got := exported("latest"); got != o.points[p1.ID] {
+		t.Fatalf("test failover to latest after the attempts: %s, want %s", got, o.points[p1.ID])
 	}
 
 	// Each refusal reaches the server's event log (the control channel is
@@ -248,9 +258,17 @@ func protectQuiet(t *testing.T, up *UpMain, svc rebound.Service, o *oracle, size
 	}
 	src := m.Disks[0].NBD
 	o.write(src, 50)
+	protectAgain(t, up, svc)
+	return src
+}
+
+// protectAgain protects vm1 to recovery under the quiet policy: the
+// protect job waits for a first point, and the policy cuts none for an
+// hour, so it cuts one at the source once the initial copy is done.
+func protectAgain(t *testing.T, up *UpMain, svc rebound.Service) {
+	t.Helper()
+	ctx := context.Background()
 	job, err := svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery", Policy: "quiet"})
-	// The protect job waits for a first point; this policy cuts none for an
-	// hour, so cut it at the source once the initial copy is done.
 	deadline := time.Now().Add(time.Minute)
 	for {
 		_, cerr := up.Sites["primary"].Site.CutPoint(ctx, "vm1", rebound.PointCrash)
@@ -263,16 +281,17 @@ func protectQuiet(t *testing.T, up *UpMain, svc rebound.Service, o *oracle, size
 		time.Sleep(50 * time.Millisecond)
 	}
 	waitJobDone(t, svc, job, err)
-	return src
 }
 
 // TestAckBeyondHeadStopsTheStream: when recovery's journal holds records
 // primary never wrote (here appended behind the receiver's back), the
 // source's next write is acknowledged beyond its head. The sender stops
 // instead of taking its own records for duplicates: primary reports the
-// stream "stopped" with the reason in ReplError, the server turns the
+// stream "broken" with the reason in ReplError, the server turns the
 // machine's health critical with that reason, and the records primary
 // wrote stay in its stream (its head moves, its acked sequence does not).
+// The resync the reason names (unprotect, protect) recovers it: a new point
+// exports exactly primary's bytes, none of the foreign ones.
 func TestAckBeyondHeadStopsTheStream(t *testing.T) {
 	ctx := context.Background()
 	up, svc := testUp(t, t.TempDir())
@@ -307,7 +326,7 @@ func TestAckBeyondHeadStopsTheStream(t *testing.T) {
 		return st.Machines[0]
 	}
 	deadline := time.Now().Add(30 * time.Second)
-	for source().ReplState != "stopped" {
+	for source().ReplState != "broken" {
 		if time.Now().After(deadline) {
 			t.Fatalf("source never stopped: %+v", source())
 		}
@@ -315,7 +334,7 @@ func TestAckBeyondHeadStopsTheStream(t *testing.T) {
 	}
 	ms := source()
 	want := "the target holds records up to " + fmtUint(p1.Seq+3) + " but this source wrote only up to " + fmtUint(p1.Seq+1)
-	if !strings.Contains(ms.ReplError, want) {
+	if !strings.Contains(ms.ReplError, want) || !strings.Contains(ms.ReplError, "run `rebound unprotect vm1 --wait`, then `rebound protect vm1 --to recovery --wait`") {
 		t.Fatalf("ReplError %q, want %q", ms.ReplError, want)
 	}
 	if ms.AckedSeq != p1.Seq || ms.HeadSeq != p1.Seq+1 {
@@ -336,8 +355,28 @@ func TestAckBeyondHeadStopsTheStream(t *testing.T) {
 	}
 	// Writes go on at the source; the stream stays stopped.
 	o.write(src, 5)
-	if ms := source(); ms.ReplState != "stopped" || ms.AckedSeq != p1.Seq || ms.HeadSeq != p1.Seq+6 {
+	if ms := source(); ms.ReplState != "broken" || ms.AckedSeq != p1.Seq || ms.HeadSeq != p1.Seq+6 {
 		t.Fatalf("after more writes: %+v", ms)
+	}
+
+	// The resync the reason names.
+	waitJob(t, svc)(svc.(rebound.LoopService).Unprotect(ctx, rebound.UnprotectRequest{Machine: "vm1"}))
+	protectAgain(t, up, svc)
+	p2 := o.point(svc, "vm1", false)
+	waitJob(t, svc)(svc.TestFailover(ctx, "vm1", p2.ID))
+	if got := diskSum(t, getMachine(t, svc, "vm1").TestFailover.Disks[0].NBD); got != o.points[p2.ID] {
+		t.Fatalf("after the resync: test failover %s, want %s", got, o.points[p2.ID])
+	}
+	waitJob(t, svc)(svc.TestFailoverCleanup(ctx, "vm1"))
+	for {
+		m := getMachine(t, svc, "vm1")
+		if m.Health == rebound.HealthNormal && m.Protection.ReplError == "" {
+			break
+		}
+		if time.Now().After(deadline.Add(30 * time.Second)) {
+			t.Fatalf("after the resync: health %s (%s)", m.Health, m.HealthReason)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
