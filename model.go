@@ -125,6 +125,9 @@ type Protection struct {
 	// stream stopped (e.g. the target acked records this source never
 	// wrote); the machine's health is critical while it is set.
 	ReplError string `json:"replError,omitempty"`
+	// JournalError, as the target reports it, says its journal is damaged:
+	// the points past the damage are lost and are not served.
+	JournalError string `json:"journalError,omitempty"`
 }
 
 // FailoverInfo describes an uncommitted failover.

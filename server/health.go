@@ -202,8 +202,11 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 				s.metrics.dirty.WithLabelValues(m.Name).Set(float64(ms.DirtyBytes))
 				s.metrics.throughput.WithLabelValues(m.Name).Set(ms.ThroughputBps)
 			}
-			if ms.Role == "target" && p.TargetSite == name && !ms.LastPointTime.IsZero() {
-				p.LastPointTime = ms.LastPointTime
+			if ms.Role == "target" && p.TargetSite == name {
+				if !ms.LastPointTime.IsZero() {
+					p.LastPointTime = ms.LastPointTime
+				}
+				p.JournalError = ms.ReplError
 			}
 			s.setHealth(ctx, m)
 		})
@@ -243,6 +246,8 @@ func (s *Server) setHealth(ctx context.Context, m *rebound.Machine) {
 			health, reason = rebound.HealthCritical, fmt.Sprintf("source site %s is offline", p.SourceSite)
 		case p.ReplError != "":
 			health, reason = rebound.HealthCritical, p.ReplError
+		case p.JournalError != "":
+			health, reason = rebound.HealthCritical, p.JournalError
 		case p.ReplState == "overflow":
 			health, reason = rebound.HealthCritical, "spool full: only changed regions are tracked; they resync when the link returns"
 		case lag > threshold:

@@ -699,6 +699,13 @@ func (s *Server) failoverPreflight(ctx context.Context, m *rebound.Machine, op s
 			add("generations", si.Generation == di.Generation, fmt.Sprintf("the copy at %s (generation %s) follows %s (generation %s)", to, orNone(di.Generation), from, orNone(si.Generation)))
 		}
 	}
+	if e := m.Protection.JournalError; e != "" {
+		// The points before the damage are sound and a disaster may need
+		// them, so a failover goes on; a failback promises every write.
+		add("journal", op != "failback", e)
+	} else {
+		add("journal", true, "the journal at "+to+" reads back whole")
+	}
 	var need int64
 	for _, d := range m.Disks {
 		need += d.Size

@@ -269,11 +269,15 @@ func (s *Site) openMachine(m *machine) error {
 	case RoleSource:
 		return s.startSource(m, false)
 	case RoleTarget:
-		j, err := journal.Open(filepath.Join(s.machineDir(st.Name), "journal"), st.Disks, journal.Options{})
+		j, err := journal.Open(filepath.Join(s.machineDir(st.Name), "journal"), st.Disks, journal.Options{Logger: s.logger})
 		if err != nil {
 			return err
 		}
 		m.journal = j
+		if jerr := j.Corrupt(); jerr != nil {
+			s.emit(rebound.Event{Time: time.Now().UTC(), Machine: st.Name, Site: s.cfg.Name, Kind: "journal.damaged",
+				Message: journalDamage(s.cfg.Name, st, j)})
+		}
 		s.startExpiry(st.Name, j)
 		if st.Act != nil {
 			if m.act, err = s.activate(m, *st.Act); err != nil {
@@ -682,4 +686,20 @@ func (s *Site) runHook(ctx context.Context, hook, machine string) error {
 		return fmt.Errorf("hook %s: %w: %s", hook, err, strings.TrimSpace(string(out)))
 	}
 	return nil
+}
+
+// journalDamage says what a damaged journal lost and what to run. The
+// points before the damage are still served; those after it are gone.
+func journalDamage(site string, st *machineState, j *journal.Journal) string {
+	kept := "no recovery point is left"
+	if pl := j.Points(); len(pl.Points) > 0 {
+		p := pl.Points[len(pl.Points)-1]
+		kept = fmt.Sprintf("points up to %s (%s) are kept, every later one is lost", p.ID, p.Time.Format(time.RFC3339))
+	}
+	from := "SITE"
+	if st.Spec != nil {
+		from = st.Spec.PeerSite
+	}
+	return fmt.Sprintf("journal of %s at %s is damaged (%v): %s; resync it: rebound unprotect %s --wait, then rebound protect %s --to %s --wait (at %s)",
+		st.Name, site, j.Corrupt(), kept, st.Name, st.Name, site, from)
 }
