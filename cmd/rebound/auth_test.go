@@ -83,6 +83,14 @@ func (p *peerClient) inject(ctx context.Context, addr, site string, hello *pb.Re
 // generation of a machine, as anyone with access to the site's disk could.
 func targetStream(t *testing.T, dataDir, machine string) (streamID, generation string) {
 	t.Helper()
+	sp := siteSpec(t, dataDir, machine)
+	return sp.StreamID, sp.Generation
+}
+
+// siteSpec reads the replication spec a site keeps for a machine from its
+// state.json: what survives a restart.
+func siteSpec(t *testing.T, dataDir, machine string) *rebound.ReplicationSpec {
+	t.Helper()
 	b, err := os.ReadFile(filepath.Join(dataDir, "state.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -96,11 +104,11 @@ func targetStream(t *testing.T, dataDir, machine string) (streamID, generation s
 	}
 	for _, s := range states {
 		if s.Name == machine && s.Spec != nil {
-			return s.Spec.StreamID, s.Spec.Generation
+			return s.Spec
 		}
 	}
-	t.Fatalf("no stream of %s in %s", machine, b)
-	return "", ""
+	t.Fatalf("%s holds no stream of %s: %s", dataDir, machine, b)
+	return nil
 }
 
 func durableAt(t *testing.T, up *UpMain, site, machine string) uint64 {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"sort"
@@ -13,29 +12,11 @@ import (
 	"github.com/rebound-dr/rebound"
 )
 
-// sitePolicy reads the policy a site keeps for a machine's stream from
-// its state.json (what survives a restart and what its cutter and expiry
-// read).
+// sitePolicy reads the policy a site keeps for a machine's stream (what
+// its cutter and expiry read).
 func sitePolicy(t *testing.T, up *UpMain, site, machine string) rebound.Policy {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(up.Sites[site].Config.DataDir, "state.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var states []struct {
-		Name string                   `json:"name"`
-		Spec *rebound.ReplicationSpec `json:"spec"`
-	}
-	if err := json.Unmarshal(b, &states); err != nil {
-		t.Fatal(err)
-	}
-	for _, s := range states {
-		if s.Name == machine && s.Spec != nil {
-			return s.Spec.Policy
-		}
-	}
-	t.Fatalf("site %s holds no stream of %s", site, machine)
-	return rebound.Policy{}
+	return siteSpec(t, up.Sites[site].Config.DataDir, machine).Policy
 }
 
 // TestPolicyChangeReachesSites: `protect --policy` moves a protected
