@@ -26,19 +26,7 @@ func TestThroughNBD(t *testing.T) {
 	}
 	const size = 8 << 20
 	h := newHarness(t, 1, size, Options{})
-	srv := &nbd.Server{Lookup: func(name string) (*nbd.Export, error) {
-		if name != "d0" {
-			return nil, fmt.Errorf("no export %q", name)
-		}
-		return &nbd.Export{Name: name, Backend: h.s.Disk(0)}, nil
-	}}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(l)
-	defer srv.Close()
-	uri := "nbd://" + l.Addr().String() + "/d0"
+	uri := serveExports(t, map[string]nbd.Backend{"d0": h.s.Disk(0)}) + "d0"
 
 	src := make([]byte, size)
 	rand.Read(src[:size/2]) // the second half stays zero
@@ -102,22 +90,7 @@ func TestNoHoleThroughNBD(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fd.Close()
-	srv := &nbd.Server{Lookup: func(name string) (*nbd.Export, error) {
-		switch name {
-		case "d0":
-			return &nbd.Export{Name: name, Backend: h.s.Disk(0)}, nil
-		case "f0":
-			return &nbd.Export{Name: name, Backend: fd}, nil
-		}
-		return nil, fmt.Errorf("no export %q", name)
-	}}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(l)
-	defer srv.Close()
-	uri := "nbd://" + l.Addr().String() + "/"
+	uri := serveExports(t, map[string]nbd.Backend{"d0": h.s.Disk(0), "f0": fd})
 
 	nbdtest.CheckZeroes(t, uri+"f0", fpath, 1<<20)
 	nbdtest.CheckZeroes(t, uri+"d0", h.specs[0].Path, 1<<20)
@@ -152,4 +125,24 @@ func TestNoHoleThroughNBD(t *testing.T) {
 	if a := nbdtest.AllocatedIn(t, path, 6<<20, 1<<20); a != 0 {
 		t.Fatalf("replaying a zero record allocated %d bytes of a hole", a)
 	}
+}
+
+// serveExports serves backends over NBD on loopback until the test ends
+// and returns the URI prefix an export name completes.
+func serveExports(t *testing.T, backends map[string]nbd.Backend) string {
+	t.Helper()
+	srv := &nbd.Server{Lookup: func(name string) (*nbd.Export, error) {
+		b, ok := backends[name]
+		if !ok {
+			return nil, fmt.Errorf("no export %q", name)
+		}
+		return &nbd.Export{Name: name, Backend: b}, nil
+	}}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return "nbd://" + l.Addr().String() + "/"
 }

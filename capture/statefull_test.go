@@ -2,9 +2,7 @@ package capture
 
 import (
 	"bytes"
-	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -46,19 +44,7 @@ func stateDirFull(t *testing.T, fstype string) {
 	h.open()
 	t.Cleanup(func() { h.s.Close() })
 
-	srv := &nbd.Server{Lookup: func(name string) (*nbd.Export, error) {
-		if name != "d0" {
-			return nil, fmt.Errorf("no export %q", name)
-		}
-		return &nbd.Export{Name: name, Backend: h.s.Disk(0)}, nil
-	}}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	uri := "nbd://" + l.Addr().String() + "/d0"
+	uri := serveExports(t, map[string]nbd.Backend{"d0": h.s.Disk(0)}) + "d0"
 	nbdtest.QemuIO(t, uri, "write -P 0x11 0 1M", "flush")
 
 	free := loopfs.Fill(t, streamDir)

@@ -56,26 +56,11 @@ func waitJob(t testing.TB, svc rebound.Service) func(job *rebound.Job, err error
 
 func waitJobDone(t testing.TB, svc rebound.Service, job *rebound.Job, err error) *rebound.Job {
 	t.Helper()
-	if err != nil {
-		t.Fatalf("start job: %v", err)
+	j := jobEnd(t, svc, job, err)
+	if j.State != rebound.JobSucceeded {
+		t.Fatalf("job %s (%s) %s: %s", j.ID, j.Type, j.State, j.Error)
 	}
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		j, err := svc.GetJob(context.Background(), job.ID)
-		if err != nil {
-			t.Fatalf("get job: %v", err)
-		}
-		switch j.State {
-		case rebound.JobSucceeded:
-			return j
-		case rebound.JobFailed, rebound.JobCancelled:
-			t.Fatalf("job %s (%s) %s: %s", j.ID, j.Type, j.State, j.Error)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("job %s (%s) still %s at step %q", j.ID, j.Type, j.State, j.Step)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	return j
 }
 
 // diskSum reads a whole export over NBD and returns its SHA-256.

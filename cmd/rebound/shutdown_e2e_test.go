@@ -10,7 +10,7 @@ import (
 )
 
 // jobEnd waits for a job to end and returns it, failed or not.
-func jobEnd(t *testing.T, svc rebound.Service, job *rebound.Job, err error) *rebound.Job {
+func jobEnd(t testing.TB, svc rebound.Service, job *rebound.Job, err error) *rebound.Job {
 	t.Helper()
 	if err != nil {
 		t.Fatalf("start job: %v", err)
