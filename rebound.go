@@ -17,6 +17,7 @@ const (
 	EUNAVAILABLE  = "unavailable"  // a needed peer or site is not reachable
 	EUNAUTHORIZED = "unauthorized" // missing or bad credentials
 	EINTERNAL     = "internal"     // a bug or an unexpected failure
+	ENOSPACE      = "no_space"     // the server's data disk is full: its store cannot be written
 )
 
 // Error is an error with a code and a message meant for the operator.

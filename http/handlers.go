@@ -34,10 +34,25 @@ type (
 	}
 	healthBody struct {
 		Status string `json:"status"`
+		// Reason and Error say why the status is not "ok".
+		Reason string       `json:"reason,omitempty"`
+		Error  *errorDetail `json:"error,omitempty"`
 	}
 )
 
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) error {
+	if s.Healthy != nil {
+		if err := s.Healthy(r.Context()); err != nil {
+			code, msg := rebound.ErrorCode(err), rebound.ErrorMessage(err)
+			status := statusOf(code)
+			if status == http.StatusInternalServerError {
+				status = http.StatusServiceUnavailable // a reason, not a failure of /healthz
+			}
+			// The error body too, so clients that read errors read this one.
+			writeJSON(w, status, healthBody{Status: code, Reason: msg, Error: &errorDetail{Code: code, Message: msg}})
+			return nil
+		}
+	}
 	writeJSON(w, http.StatusOK, healthBody{Status: "ok"})
 	return nil
 }

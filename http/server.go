@@ -51,6 +51,9 @@ type Server struct {
 	// point and event lists. When nil those answer 501 (points and events
 	// without query parameters fall back to Service).
 	Catalog rebound.CatalogService
+	// Healthy, if set, says why the server cannot do its work (its store
+	// cannot be written); /healthz answers it with the error's status.
+	Healthy func(ctx context.Context) error
 }
 
 // CodeNotImplemented is the error code of a 501 answer: the server has no
@@ -303,6 +306,8 @@ func statusOf(code string) int {
 		return http.StatusConflict
 	case rebound.EUNAVAILABLE:
 		return http.StatusServiceUnavailable
+	case rebound.ENOSPACE:
+		return http.StatusInsufficientStorage
 	}
 	return http.StatusInternalServerError
 }

@@ -15,7 +15,7 @@ var _ rebound.CatalogService = (*Server)(nil)
 
 // GetSite returns a site with its health and the machines it holds.
 func (s *Server) GetSite(ctx context.Context, name string) (*rebound.SiteDetail, error) {
-	st, err := s.DB.GetSite(ctx, name)
+	st, err := s.getSite(ctx, name)
 	if err != nil {
 		if rebound.ErrorCode(err) == rebound.ENOTFOUND {
 			return nil, rebound.Errorf(rebound.ENOTFOUND, "site %q not found: `rebound site list` shows the enrolled sites", name)
@@ -31,7 +31,7 @@ func (s *Server) GetSite(ctx context.Context, name string) (*rebound.SiteDetail,
 			d.HealthReason = "it has never reported"
 		}
 	}
-	ms, err := s.DB.ListMachines(ctx)
+	ms, err := s.listMachines(ctx)
 	if err != nil {
 		return nil, err
 	}

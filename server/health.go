@@ -174,13 +174,14 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 		Name: name, Status: rebound.SiteOnline, NBDAddr: st.NBDAddr, ReplAddr: st.ReplAddr,
 		FreeBytes: st.FreeBytes, LastSeen: time.Now().UTC(), Version: st.Version,
 	}
+	// Served from memory first; the store's copy is best-effort (live.go).
+	s.live.putSite(site)
 	if err := s.DB.PutSite(ctx, site); err != nil {
-		s.Logger.Error("store site report", "site", name, "err", err)
-		return
+		s.storeFailed("store site report", err, "site", name)
 	}
 	for _, ms := range st.Machines {
 		ms := ms
-		err := s.updateMachine(ctx, ms.Name, func(m *rebound.Machine) {
+		err := s.updateLive(ctx, ms.Name, func(m *rebound.Machine) {
 			if m.VM != nil && m.ActiveSite == name {
 				m.VMStatus = ms.VM
 			}
@@ -211,7 +212,7 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 			s.setHealth(ctx, m)
 		})
 		if err != nil && rebound.ErrorCode(err) != rebound.ENOTFOUND {
-			s.Logger.Error("store machine report", "machine", ms.Name, "err", err)
+			s.storeFailed("store machine report", err, "machine", ms.Name)
 		}
 	}
 }
@@ -258,6 +259,13 @@ func (s *Server) setHealth(ctx context.Context, m *rebound.Machine) {
 			health, reason = rebound.HealthWarning, fmt.Sprintf("target site %s is offline", p.TargetSite)
 		}
 	}
+	// A full store stops every job, a failover's included.
+	if full := s.storeReason(); full != "" && m.State != rebound.MachineUnprotected {
+		if reason != "" {
+			full += "; " + reason
+		}
+		health, reason = rebound.HealthCritical, full
+	}
 	if health != m.Health {
 		s.event(m.Name, "", "health."+health, strings.TrimSpace("health "+health+" "+reason))
 	}
@@ -270,7 +278,7 @@ func (s *Server) setHealth(ctx context.Context, m *rebound.Machine) {
 
 func (s *Server) siteOffline(ctx context.Context, name string) bool {
 	if _, ok := s.Site(name); ok {
-		st, err := s.DB.GetSite(ctx, name)
+		st, err := s.getSite(ctx, name)
 		return err != nil || time.Since(st.LastSeen) > SiteOfflineAfter
 	}
 	return true
@@ -287,27 +295,22 @@ func (s *Server) watchdog() {
 		case <-t.C:
 		}
 		ctx := s.ctx
-		sites, err := s.DB.ListSites(ctx)
+		sites, err := s.listSites(ctx)
 		if err != nil {
 			continue
 		}
 		for _, st := range sites {
 			if st.Status == rebound.SiteOnline && s.siteOffline(ctx, st.Name) {
 				st.Status = rebound.SiteOffline
-				_ = s.DB.PutSite(ctx, st)
+				s.live.putSite(st)
+				if err := s.DB.PutSite(ctx, st); err != nil {
+					s.storeFailed("store site status", err, "site", st.Name)
+				}
 				s.metrics.siteUp.WithLabelValues(st.Name).Set(0)
 				s.event("", st.Name, "site.offline", "site "+st.Name+" went offline")
 			}
 		}
-		ms, err := s.DB.ListMachines(ctx)
-		if err != nil {
-			continue
-		}
-		for _, m := range ms {
-			if err := s.updateMachine(ctx, m.Name, func(m *rebound.Machine) { s.setHealth(ctx, m) }); err != nil {
-				s.Logger.Warn("store health", "machine", m.Name, "err", err)
-			}
-		}
+		s.rederiveHealth(ctx)
 	}
 }
 

@@ -80,12 +80,12 @@ func applyDisks(m *rebound.Machine, disks []rebound.Disk) {
 
 // ListMachines returns every machine.
 func (s *Server) ListMachines(ctx context.Context) ([]rebound.Machine, error) {
-	return s.DB.ListMachines(ctx)
+	return s.listMachines(ctx)
 }
 
 // GetMachine returns a machine.
 func (s *Server) GetMachine(ctx context.Context, name string) (*rebound.Machine, error) {
-	return s.DB.GetMachine(ctx, name)
+	return s.getMachine(ctx, name)
 }
 
 // DeleteMachine removes an unprotected machine and its disks.
@@ -127,6 +127,7 @@ func (s *Server) DeleteMachine(ctx context.Context, name string) error {
 		return err
 	}
 	s.metrics.forget(name)
+	s.live.forget(name)
 	s.event(name, "", "machine.deleted", "machine "+name+" deleted")
 	return nil
 }
@@ -333,14 +334,32 @@ func humanBytes(n int64) string {
 // updateMachine reads, changes and writes a machine. It is the only
 // read-modify-write path, so reports and jobs do not lose each other's updates.
 func (s *Server) updateMachine(ctx context.Context, name string, fn func(m *rebound.Machine)) error {
+	return s.updateMachineLive(ctx, name, fn, false)
+}
+
+// updateLive is updateMachine for live status (a site's report, health):
+// its result is served even when the store cannot take it (live.go).
+func (s *Server) updateLive(ctx context.Context, name string, fn func(m *rebound.Machine)) error {
+	return s.updateMachineLive(ctx, name, fn, true)
+}
+
+// updateMachineLive is the one place machines are written. fn sees the
+// stored machine with its live part; the result becomes the live part once
+// stored, or at once for a live update.
+func (s *Server) updateMachineLive(ctx context.Context, name string, fn func(m *rebound.Machine), live bool) error {
 	s.machMu.Lock()
 	defer s.machMu.Unlock()
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
 		return err
 	}
+	s.live.overlay(m)
 	fn(m)
-	return s.DB.UpdateMachine(ctx, m)
+	err = s.DB.UpdateMachine(ctx, m)
+	if err == nil || live && rebound.ErrorCode(err) != rebound.ENOTFOUND {
+		s.live.record(m)
+	}
+	return err
 }
 
 // protection returns a machine that has a protection, or refuses verb

@@ -36,6 +36,8 @@ type Server struct {
 	WaitTimeout time.Duration
 
 	metrics *metrics
+	live    *live      // live status, see live.go
+	store   storeState // the store's condition (a full disk)
 
 	machMu sync.Mutex // serialises machine read-modify-writes
 
@@ -77,6 +79,7 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 	s.busy = map[string]string{}
 	s.running = map[string]*runningJob{}
 	s.statuses = map[string]*rebound.SiteStatus{}
+	s.live = newLive()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.metrics = newMetrics(reg)
 	n, err := s.DB.FailInterruptedJobs(s.ctx, interruptedMsg)
@@ -86,10 +89,14 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 	if n > 0 {
 		s.Logger.Warn("failed jobs interrupted by a restart", "count", n)
 	}
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()
 		s.watchdog()
+	}()
+	go func() {
+		defer s.wg.Done()
+		s.watchStore()
 	}()
 	return nil
 }
@@ -212,7 +219,7 @@ func (r *jobRun) save(force bool) {
 	j.Steps = append([]rebound.JobStep(nil), r.job.Steps...)
 	r.mu.Unlock()
 	if err := r.s.DB.UpdateJob(context.Background(), &j); err != nil {
-		r.s.Logger.Error("save job", "job", j.ID, "err", err)
+		r.s.storeFailed("save job", err, "job", j.ID)
 	}
 }
 
@@ -313,10 +320,7 @@ func (s *Server) doneJob(ctx context.Context, typ, machine, msg string) (*reboun
 }
 
 func (s *Server) event(machine, site, kind, msg string) {
-	e := rebound.Event{Time: time.Now().UTC(), Machine: machine, Site: site, Kind: kind, Message: msg}
-	if err := s.DB.AddEvent(context.Background(), e); err != nil {
-		s.Logger.Error("add event", "err", err)
-	}
+	s.addEvent(rebound.Event{Time: time.Now().UTC(), Machine: machine, Site: site, Kind: kind, Message: msg})
 }
 
 // ListJobs returns recent jobs, newest first.
@@ -358,7 +362,7 @@ func (s *Server) ListEvents(ctx context.Context, machine string) ([]rebound.Even
 
 // ListSites returns the enrolled sites.
 func (s *Server) ListSites(ctx context.Context) ([]rebound.Site, error) {
-	return s.DB.ListSites(ctx)
+	return s.listSites(ctx)
 }
 
 // CreateEnrollToken returns a one-time token a site enrolls with.

@@ -45,7 +45,7 @@ func (db *DB) PutSite(ctx context.Context, s rebound.Site) error {
 	if err != nil {
 		return err
 	}
-	if _, err := db.db.ExecContext(ctx, `INSERT INTO sites (name, doc) VALUES (?, ?)
+	if _, err := db.exec(ctx, `INSERT INTO sites (name, doc) VALUES (?, ?)
 		ON CONFLICT (name) DO UPDATE SET doc = excluded.doc`, s.Name, doc); err != nil {
 		return fmt.Errorf("put site %q: %w", s.Name, err)
 	}
@@ -95,7 +95,7 @@ func (db *DB) CreateMachine(ctx context.Context, m *rebound.Machine) error {
 	if err != nil {
 		return err
 	}
-	_, err = db.db.ExecContext(ctx, `INSERT INTO machines (name, created_at, doc) VALUES (?, ?, ?)`,
+	_, err = db.exec(ctx, `INSERT INTO machines (name, created_at, doc) VALUES (?, ?, ?)`,
 		m.Name, m.CreatedAt.UnixNano(), doc)
 	if isUniqueViolation(err) {
 		return rebound.Errorf(rebound.ECONFLICT, "machine %q already exists", m.Name)
@@ -139,7 +139,7 @@ func (db *DB) UpdateMachine(ctx context.Context, m *rebound.Machine) error {
 	if err != nil {
 		return err
 	}
-	res, err := db.db.ExecContext(ctx, `UPDATE machines SET doc = ? WHERE name = ?`, doc, m.Name)
+	res, err := db.exec(ctx, `UPDATE machines SET doc = ? WHERE name = ?`, doc, m.Name)
 	if err != nil {
 		return fmt.Errorf("update machine %q: %w", m.Name, err)
 	}
@@ -149,7 +149,7 @@ func (db *DB) UpdateMachine(ctx context.Context, m *rebound.Machine) error {
 // DeleteMachine removes a machine; ENOTFOUND if it does not exist. Its jobs
 // and events are kept as history.
 func (db *DB) DeleteMachine(ctx context.Context, name string) error {
-	res, err := db.db.ExecContext(ctx, `DELETE FROM machines WHERE name = ?`, name)
+	res, err := db.exec(ctx, `DELETE FROM machines WHERE name = ?`, name)
 	if err != nil {
 		return fmt.Errorf("delete machine %q: %w", name, err)
 	}
@@ -167,7 +167,7 @@ func (db *DB) PutPolicy(ctx context.Context, p rebound.Policy) error {
 	if err != nil {
 		return err
 	}
-	if _, err := db.db.ExecContext(ctx, `INSERT INTO policies (name, doc) VALUES (?, ?)
+	if _, err := db.exec(ctx, `INSERT INTO policies (name, doc) VALUES (?, ?)
 		ON CONFLICT (name) DO UPDATE SET doc = excluded.doc`, p.Name, doc); err != nil {
 		return fmt.Errorf("put policy %q: %w", p.Name, err)
 	}
@@ -229,7 +229,7 @@ func (db *DB) CreateJob(ctx context.Context, j *rebound.Job) error {
 	if err != nil {
 		return err
 	}
-	_, err = db.db.ExecContext(ctx, `INSERT INTO jobs (id, machine, state, created_at, doc) VALUES (?, ?, ?, ?, ?)`,
+	_, err = db.exec(ctx, `INSERT INTO jobs (id, machine, state, created_at, doc) VALUES (?, ?, ?, ?, ?)`,
 		j.ID, j.Machine, j.State, j.CreatedAt.UnixNano(), doc)
 	if isUniqueViolation(err) {
 		return rebound.Errorf(rebound.ECONFLICT, "job %q already exists", j.ID)
@@ -247,7 +247,7 @@ func (db *DB) UpdateJob(ctx context.Context, j *rebound.Job) error {
 	if err != nil {
 		return err
 	}
-	res, err := db.db.ExecContext(ctx, `UPDATE jobs SET machine = ?, state = ?, doc = ? WHERE id = ?`,
+	res, err := db.exec(ctx, `UPDATE jobs SET machine = ?, state = ?, doc = ? WHERE id = ?`,
 		j.Machine, j.State, doc, j.ID)
 	if err != nil {
 		return fmt.Errorf("update job %q: %w", j.ID, err)
@@ -356,7 +356,7 @@ func (db *DB) AddEvent(ctx context.Context, e rebound.Event) error {
 	if e.Time.IsZero() {
 		e.Time = db.now().UTC()
 	}
-	if _, err := db.db.ExecContext(ctx, `INSERT INTO events (time, machine, site, kind, message) VALUES (?, ?, ?, ?, ?)`,
+	if _, err := db.exec(ctx, `INSERT INTO events (time, machine, site, kind, message) VALUES (?, ?, ?, ?, ?)`,
 		e.Time.UnixNano(), e.Machine, e.Site, e.Kind, e.Message); err != nil {
 		return fmt.Errorf("add event: %w", err)
 	}
@@ -413,7 +413,7 @@ func (db *DB) GetSetting(ctx context.Context, key string) (string, bool, error) 
 
 // PutSetting sets a server setting.
 func (db *DB) PutSetting(ctx context.Context, key, value string) error {
-	if _, err := db.db.ExecContext(ctx, `INSERT INTO settings (key, value) VALUES (?, ?)
+	if _, err := db.exec(ctx, `INSERT INTO settings (key, value) VALUES (?, ?)
 		ON CONFLICT (key) DO UPDATE SET value = excluded.value`, key, value); err != nil {
 		return fmt.Errorf("put setting %q: %w", key, err)
 	}

@@ -12,7 +12,7 @@ import (
 // DeletePolicy removes a policy; ENOTFOUND if it does not exist. The
 // caller checks that no machine uses it.
 func (db *DB) DeletePolicy(ctx context.Context, name string) error {
-	res, err := db.db.ExecContext(ctx, `DELETE FROM policies WHERE name = ?`, name)
+	res, err := db.exec(ctx, `DELETE FROM policies WHERE name = ?`, name)
 	if err != nil {
 		return fmt.Errorf("delete policy %q: %w", name, err)
 	}

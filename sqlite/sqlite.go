@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -23,6 +24,7 @@ import (
 type DB struct {
 	db   *sql.DB
 	path string
+	full chan struct{} // see DiskFull
 
 	// now is the clock; tests replace it.
 	now func() time.Time
@@ -87,6 +89,9 @@ func Open(path string) (*DB, error) {
 	if path == "" {
 		return nil, rebound.Errorf(rebound.EINVALID, "database path is empty")
 	}
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs // error messages name the directory to free space in
+	}
 	// WAL lets readers run while one writer commits; busy_timeout makes a
 	// second writer wait instead of failing; BEGIN IMMEDIATE takes the write
 	// lock up front so read-then-write transactions cannot deadlock.
@@ -114,7 +119,7 @@ func Open(path string) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open database %s: %w", path, err)
 	}
-	db := &DB{db: sqldb, path: path, now: time.Now}
+	db := &DB{db: sqldb, path: path, full: make(chan struct{}, 1), now: time.Now}
 	if err := db.migrate(context.Background()); err != nil {
 		sqldb.Close()
 		return nil, fmt.Errorf("open database %s: %w", path, err)
@@ -170,7 +175,7 @@ func (db *DB) ensureDefaultPolicy(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_, err = db.db.ExecContext(ctx, `INSERT OR IGNORE INTO policies (name, doc) VALUES ('default', ?)`, doc)
+	_, err = db.exec(ctx, `INSERT OR IGNORE INTO policies (name, doc) VALUES ('default', ?)`, doc)
 	return err
 }
 
@@ -178,11 +183,11 @@ func (db *DB) ensureDefaultPolicy(ctx context.Context) error {
 func (db *DB) tx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	tx, err := db.db.BeginTx(ctx, nil)
 	if err != nil {
-		return err
+		return db.note(err)
 	}
 	if err := fn(tx); err != nil {
 		tx.Rollback()
-		return err
+		return db.note(err)
 	}
-	return tx.Commit()
+	return db.note(tx.Commit())
 }

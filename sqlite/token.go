@@ -47,7 +47,7 @@ func (db *DB) CreateAPIToken(ctx context.Context, name string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if _, err := db.db.ExecContext(ctx, `INSERT INTO api_tokens (hash, name, created_at) VALUES (?, ?, ?)`,
+	if _, err := db.exec(ctx, `INSERT INTO api_tokens (hash, name, created_at) VALUES (?, ?, ?)`,
 		hashToken(tok), name, db.now().UnixNano()); err != nil {
 		return "", fmt.Errorf("create API token: %w", err)
 	}
@@ -78,7 +78,7 @@ func (db *DB) CreateEnrollToken(ctx context.Context, site string, ttl time.Durat
 	if err != nil {
 		return "", err
 	}
-	if _, err := db.db.ExecContext(ctx, `INSERT INTO enroll_tokens (hash, site, expires_at) VALUES (?, ?, ?)`,
+	if _, err := db.exec(ctx, `INSERT INTO enroll_tokens (hash, site, expires_at) VALUES (?, ?, ?)`,
 		hashToken(tok), site, db.now().Add(ttl).UnixNano()); err != nil {
 		return "", fmt.Errorf("create enrollment token: %w", err)
 	}

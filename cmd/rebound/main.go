@@ -37,6 +37,7 @@ const (
 	ExitConflict     = 4 // rebound.ECONFLICT: the state does not allow it
 	ExitUnavailable  = 5 // rebound.EUNAVAILABLE: server or site unreachable
 	ExitUnauthorized = 6 // rebound.EUNAUTHORIZED
+	ExitNoSpace      = 7 // rebound.ENOSPACE: the server's data disk is full
 )
 
 const exitCodesHelp = `Exit codes:
@@ -47,7 +48,8 @@ const exitCodesHelp = `Exit codes:
   3  not found
   4  conflict (the current state does not allow the operation)
   5  unavailable (server or site unreachable)
-  6  unauthorized`
+  6  unauthorized
+  7  the server's data disk is full (free space there)`
 
 // extraCommands are root subcommands registered by other files of this
 // package (server.go, site.go, up.go) from their init functions. A command
@@ -206,6 +208,8 @@ func ExitCode(err error) int {
 		return ExitUnavailable
 	case rebound.EUNAUTHORIZED:
 		return ExitUnauthorized
+	case rebound.ENOSPACE:
+		return ExitNoSpace
 	}
 	return ExitFailed
 }

@@ -131,6 +131,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		Loop:    m.Service,
 		Power:   m.Service,
 		Catalog: m.Service,
+		Healthy: m.Service.StoreError,
 	}
 	// Timeouts close slow and idle connections, authenticated or not;
 	// failed TLS handshakes are logged at a bounded rate.
