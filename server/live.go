@@ -177,7 +177,8 @@ type storeState struct {
 	noted   bool            // the server.disk_full event is stored
 	pending []rebound.Event // events the store refused, written once it takes them
 	lost    int             // events dropped past maxPendingEvents
-	log     lograte.Limiter // "still full" reminders and refused writes
+	log     lograte.Limiter // refused writes
+	remind  lograte.Limiter // "still full"
 }
 
 // StoreError is nil while the store can be written, else the reason it
@@ -262,11 +263,11 @@ func (s *Server) probeStore() {
 	}
 	free, err := s.DB.FreeBytes()
 	if err == nil && free < minFreeBytes {
-		s.store.log.Warn(s.Logger, "server data disk still full", "dir", s.DB.Dir(), "freeBytes", free, "since", since)
+		s.store.remind.Warn(s.Logger, "server data disk still full", "dir", s.DB.Dir(), "freeBytes", free, "since", since)
 		return
 	}
 	if err := s.DB.PutSetting(s.ctx, "store-probe", time.Now().UTC().Format(time.RFC3339Nano)); err != nil {
-		s.store.log.Warn(s.Logger, "server data disk still refuses writes", "dir", s.DB.Dir(), "freeBytes", free, "err", err)
+		s.store.remind.Warn(s.Logger, "server data disk still refuses writes", "dir", s.DB.Dir(), "freeBytes", free, "err", err)
 		return
 	}
 	s.store.mu.Lock()

@@ -15,6 +15,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/internal/failpoint"
+	"github.com/rebound-dr/rebound/internal/lograte"
 	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/sqlite"
 )
@@ -80,6 +81,7 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 	s.running = map[string]*runningJob{}
 	s.statuses = map[string]*rebound.SiteStatus{}
 	s.live = newLive()
+	s.store.remind = lograte.Limiter{Every: time.Minute, Burst: 1}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.metrics = newMetrics(reg)
 	n, err := s.DB.FailInterruptedJobs(s.ctx, interruptedMsg)

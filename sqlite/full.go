@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"syscall"
 
@@ -48,7 +49,7 @@ func (db *DB) note(err error) error {
 	case db.full <- struct{}{}:
 	default:
 	}
-	return errors.Join(db.FullError(), err)
+	return fmt.Errorf("%w (%v)", db.FullError(), err)
 }
 
 // exec runs a write statement outside a transaction.

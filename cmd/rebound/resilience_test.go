@@ -25,6 +25,12 @@ import (
 // addresses. mod adjusts the config before the start.
 func fixedUp(t *testing.T, mod func(*UpConfig)) (*UpMain, rebound.Service) {
 	t.Helper()
+	return fixedUpLog(t, mod, nil)
+}
+
+// fixedUpLog is fixedUp that also logs to w (as `up` logs to rebound.log).
+func fixedUpLog(t *testing.T, mod func(*UpConfig), w io.Writer) (*UpMain, rebound.Service) {
+	t.Helper()
 	cfg := UpConfig{
 		DataDir: t.TempDir(), APIAddr: freePort(t), GRPCAddr: freePort(t),
 		Sites: []UpSite{
@@ -35,10 +41,14 @@ func fixedUp(t *testing.T, mod func(*UpConfig)) (*UpMain, rebound.Service) {
 	if mod != nil {
 		mod(&cfg)
 	}
-	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	var out io.Writer = io.Discard
 	if testing.Verbose() {
-		logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+		out = os.Stderr
 	}
+	if w != nil {
+		out = io.MultiWriter(out, w)
+	}
+	logger := slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	m := &UpMain{Config: cfg, Logger: logger}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -79,7 +89,7 @@ func startSite(t *testing.T, up *UpMain, cfg SiteConfig) {
 	since := time.Now()
 	waitUntil(t, 20*time.Second, "site "+cfg.Name+" reconnected", func() bool {
 		_, ok := up.Server.Control.Site(cfg.Name)
-		s, err := up.Server.DB.GetSite(context.Background(), cfg.Name)
+		s, err := up.Server.Service.GetSite(context.Background(), cfg.Name) // live status
 		return ok && err == nil && s.LastSeen.After(since) && s.Status == rebound.SiteOnline
 	})
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -181,7 +182,7 @@ func newUpCommand(c *CLI) *cobra.Command {
 				return err
 			}
 			defer logf.Close()
-			m := &UpMain{Config: cfg, Logger: newLogger(logf)}
+			m := &UpMain{Config: cfg, Logger: newLogger(&spillWriter{f: logf, spill: c.Stderr})}
 			if err := m.Run(ctx); err != nil {
 				return err
 			}
@@ -219,6 +220,41 @@ func openUpLog(dir string) (*os.File, error) {
 		return nil, err
 	}
 	return os.OpenFile(filepath.Join(dir, "rebound.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+}
+
+// spillWriter writes the log to its file and, while the file cannot be
+// written (its disk is full, often the data disk of the server up runs),
+// to spill (the terminal) instead. Once the file takes writes again, its
+// next line says how many lines went to spill meanwhile.
+type spillWriter struct {
+	mu      sync.Mutex
+	f       io.Writer
+	spill   io.Writer
+	spilled int   // lines written to spill since the file last took one
+	err     error // why the file refused the first of them
+}
+
+func (w *spillWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.spilled > 0 {
+		// A leading newline ends a line the full disk cut short.
+		note := fmt.Sprintf("\ntime=%s level=WARN msg=\"this log could not be written: lines went to stderr\" lines=%d err=%q\n",
+			time.Now().Format(time.RFC3339Nano), w.spilled, w.err.Error())
+		if _, err := io.WriteString(w.f, note); err == nil {
+			w.spilled = 0
+		}
+	}
+	if w.spilled == 0 {
+		_, err := w.f.Write(p)
+		if err == nil {
+			return len(p), nil
+		}
+		w.err = err
+	}
+	w.spilled++
+	w.spill.Write(p)
+	return len(p), nil
 }
 
 // DemoMachine is the machine `up --demo` creates.
