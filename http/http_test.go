@@ -310,7 +310,7 @@ func TestErrorCodesSurvive(t *testing.T) {
 	ctx := context.Background()
 	for code, status := range map[string]int{
 		rebound.EINVALID: 400, rebound.ENOTFOUND: 404, rebound.ECONFLICT: 409,
-		rebound.EUNAVAILABLE: 503, rebound.EUNAUTHORIZED: 401,
+		rebound.EUNAVAILABLE: 503, rebound.EUNAUTHORIZED: 401, rebound.ENOSPACE: 507,
 	} {
 		e.fake.err = rebound.Errorf(code, "machine %q says %s", "web", code)
 		_, err := e.client.Commit(ctx, "web")

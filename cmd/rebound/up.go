@@ -237,19 +237,19 @@ type spillWriter struct {
 func (w *spillWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	line := p
 	if w.spilled > 0 {
-		// A leading newline ends a line the full disk cut short.
-		note := fmt.Sprintf("\ntime=%s level=WARN msg=\"this log could not be written: lines went to stderr\" lines=%d err=%q\n",
-			time.Now().Format(time.RFC3339Nano), w.spilled, w.err.Error())
-		if _, err := io.WriteString(w.f, note); err == nil {
-			w.spilled = 0
-		}
+		// One write with the line: a note alone may fit where the line
+		// does not. The leading newline ends a line the disk cut short.
+		line = fmt.Appendf(nil, "\ntime=%s level=WARN msg=\"this log could not be written: lines went to stderr\" lines=%d err=%q\n%s",
+			time.Now().Format(time.RFC3339Nano), w.spilled, w.err.Error(), p)
+	}
+	_, err := w.f.Write(line)
+	if err == nil {
+		w.spilled, w.err = 0, nil
+		return len(p), nil
 	}
 	if w.spilled == 0 {
-		_, err := w.f.Write(p)
-		if err == nil {
-			return len(p), nil
-		}
 		w.err = err
 	}
 	w.spilled++
