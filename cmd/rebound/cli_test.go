@@ -575,6 +575,7 @@ func TestErrorExitCodes(t *testing.T) {
 		rebound.ECONFLICT:     4,
 		rebound.EUNAVAILABLE:  5,
 		rebound.EUNAUTHORIZED: 6,
+		rebound.ENOSPACE:      7,
 		rebound.EINTERNAL:     1,
 	} {
 		f := &fakeService{CommitFn: func(string) (*rebound.Job, error) {
