@@ -167,9 +167,6 @@ func (s *Server) SiteDisconnected(name string) {
 // replication figures and health of its machines.
 func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 	ctx := context.Background()
-	s.mu.Lock()
-	s.statuses[name] = st
-	s.mu.Unlock()
 	site := rebound.Site{
 		Name: name, Status: rebound.SiteOnline, NBDAddr: st.NBDAddr, ReplAddr: st.ReplAddr,
 		FreeBytes: st.FreeBytes, LastSeen: time.Now().UTC(), Version: st.Version,

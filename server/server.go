@@ -42,14 +42,13 @@ type Server struct {
 
 	machMu sync.Mutex // serialises machine read-modify-writes
 
-	mu       sync.Mutex
-	busy     map[string]string // machine -> running job ID
-	running  map[string]*runningJob
-	statuses map[string]*rebound.SiteStatus // last report per site
-	closed   bool                           // no goroutine starts after Close
-	ctx      context.Context
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
+	mu      sync.Mutex
+	busy    map[string]string // machine -> running job ID
+	running map[string]*runningJob
+	closed  bool // no goroutine starts after Close
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
 
 	// StepHook, if set, is called by a job as it enters each step, with the
 	// job's context; tests block a job inside a step with it.
@@ -79,7 +78,6 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 	}
 	s.busy = map[string]string{}
 	s.running = map[string]*runningJob{}
-	s.statuses = map[string]*rebound.SiteStatus{}
 	s.live = newLive()
 	s.store.remind = lograte.Limiter{Every: time.Minute, Burst: 1}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
