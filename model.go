@@ -164,6 +164,9 @@ const (
 	JobSucceeded = "succeeded"
 	JobFailed    = "failed"
 	JobCancelled = "cancelled"
+	// JobSuspended: a plan job waits at a manual step for
+	// `rebound job resume`.
+	JobSuspended = "suspended"
 )
 
 // Job is one operation with steps and progress.
@@ -186,6 +189,8 @@ type Job struct {
 	CreatedAt     time.Time  `json:"createdAt"`
 	UpdatedAt     time.Time  `json:"updatedAt"`
 	EndedAt       *time.Time `json:"endedAt,omitempty"`
+	// Plan is set on plan jobs: their stages and members.
+	Plan *PlanProgress `json:"plan,omitempty"`
 }
 
 // JobStep is one step of a job.

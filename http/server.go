@@ -47,6 +47,9 @@ type Server struct {
 	// Power serves machine start, stop and console. When nil those routes
 	// answer 501 like Loop's.
 	Power rebound.PowerService
+	// Plans serves recovery plans and the resume and retry of their jobs;
+	// when nil those routes answer 501.
+	Plans rebound.PlanService
 	// Catalog serves site detail, policy deletion and the paged, filtered
 	// point and event lists. When nil those answer 501 (points and events
 	// without query parameters fall back to Service).
@@ -78,7 +81,7 @@ type route struct {
 }
 
 func (s *Server) routes() []route {
-	return []route{
+	return append([]route{
 		{"GET", "/healthz", true, s.healthz},
 		{"GET", "/api/v1/openapi.json", true, s.openAPI},
 
@@ -119,7 +122,7 @@ func (s *Server) routes() []route {
 
 		{"GET", "/api/v1/sites/{name}", false, s.getSite},
 		{"DELETE", "/api/v1/policies/{name}", false, s.deletePolicy},
-	}
+	}, s.planRoutes()...)
 }
 
 // Handler returns the HTTP handler: routing, authentication, request IDs,

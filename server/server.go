@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -59,6 +61,7 @@ type Server struct {
 type runningJob struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed once the job's state is saved
+	resume chan struct{} // ResumeJob's signal to a suspended job
 }
 
 var _ rebound.Service = (*Server)(nil)
@@ -88,6 +91,9 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 	}
 	if n > 0 {
 		s.Logger.Warn("failed jobs interrupted by a restart", "count", n)
+	}
+	if err := s.resumePlanJobs(s.ctx); err != nil {
+		return err
 	}
 	s.wg.Add(2)
 	go func() {
@@ -146,6 +152,7 @@ type jobRun struct {
 	mu       sync.Mutex
 	job      rebound.Job
 	lastSave time.Time
+	resume   <-chan struct{}
 }
 
 // Step marks the current step done and starts the named one.
@@ -153,7 +160,7 @@ func (r *jobRun) Step(name string) {
 	defer func() {
 		if h := r.s.StepHook; h != nil {
 			r.mu.Lock()
-			j := r.job
+			j := cloneJob(r.job)
 			r.mu.Unlock()
 			h(r.ctx, &j, name)
 		}
@@ -215,8 +222,7 @@ func (r *jobRun) save(force bool) {
 	}
 	r.lastSave = time.Now()
 	r.job.UpdatedAt = time.Now().UTC()
-	j := r.job
-	j.Steps = append([]rebound.JobStep(nil), r.job.Steps...)
+	j := cloneJob(r.job)
 	r.mu.Unlock()
 	if err := r.s.DB.UpdateJob(context.Background(), &j); err != nil {
 		r.s.storeFailed("save job", err, "job", j.ID)
@@ -231,29 +237,47 @@ func (s *Server) startJob(ctx context.Context, typ, machine string, steps []stri
 	for _, name := range steps {
 		job.Steps = append(job.Steps, rebound.JobStep{Name: name, State: rebound.JobQueued})
 	}
+	return s.runJob(ctx, job, machine, true, fn)
+}
+
+// runJob runs fn for job in the background, holding key (a machine name,
+// or "plan:NAME") busy while it runs. create stores a new job; without it
+// the job exists already (a plan job resumed or retried).
+func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create bool, fn func(ctx context.Context, r *jobRun) error) (*rebound.Job, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "the server is shutting down; run the command again once it is back")
 	}
-	if id, ok := s.busy[machine]; ok && machine != "" {
-		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q has job %s running; wait for it (rebound job wait %s) or cancel it", machine, id, id)
+	if id, ok := s.busy[key]; ok && key != "" {
+		what := "machine " + strconv.Quote(key)
+		if p, ok := strings.CutPrefix(key, "plan:"); ok {
+			what = "plan " + strconv.Quote(p)
+		}
+		return nil, rebound.Errorf(rebound.ECONFLICT, "%s has job %s running; wait for it (rebound job wait %s) or cancel it", what, id, id)
 	}
-	if err := s.DB.CreateJob(ctx, &job); err != nil {
+	if create {
+		if err := s.DB.CreateJob(ctx, &job); err != nil {
+			return nil, err
+		}
+	} else if err := s.DB.UpdateJob(ctx, &job); err != nil {
 		return nil, err
 	}
 	jctx, cancel := context.WithCancel(s.ctx)
-	if machine != "" {
-		s.busy[machine] = job.ID
+	if key != "" {
+		s.busy[key] = job.ID
 	}
-	rj := &runningJob{cancel: cancel, done: make(chan struct{})}
+	rj := &runningJob{cancel: cancel, done: make(chan struct{}), resume: make(chan struct{}, 1)}
 	s.running[job.ID] = rj
 
 	// The job goroutine owns r.job.Steps; the caller gets its own copy.
-	out := job
-	out.Steps = append([]rebound.JobStep(nil), job.Steps...)
-	r := &jobRun{s: s, ctx: jctx, job: job}
-	s.event(machine, "", "job."+typ, fmt.Sprintf("job %s (%s) started", job.ID, typ))
+	out := cloneJob(job)
+	r := &jobRun{s: s, ctx: jctx, job: job, resume: rj.resume}
+	verb := "started"
+	if !create {
+		verb = "resumed"
+	}
+	s.event(job.Machine, "", "job."+job.Type, fmt.Sprintf("job %s (%s) %s", job.ID, job.Type, verb))
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -261,7 +285,7 @@ func (s *Server) startJob(ctx context.Context, typ, machine string, steps []stri
 		err := fn(jctx, r)
 		s.finishJob(r, err, jctx.Err())
 		s.mu.Lock()
-		delete(s.busy, machine)
+		delete(s.busy, key)
 		delete(s.running, job.ID)
 		s.mu.Unlock()
 		close(rj.done)
@@ -271,6 +295,13 @@ func (s *Server) startJob(ctx context.Context, typ, machine string, steps []stri
 
 func (s *Server) finishJob(r *jobRun, err, ctxErr error) {
 	r.mu.Lock()
+	if r.job.Plan != nil && s.ctx.Err() != nil {
+		// The server is closing: a plan job stays as it is (running or
+		// suspended) and the next start resumes it.
+		r.mu.Unlock()
+		r.save(true)
+		return
+	}
 	now := time.Now().UTC()
 	r.job.EndedAt = &now
 	state := rebound.JobSucceeded

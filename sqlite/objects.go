@@ -295,8 +295,9 @@ func (db *DB) ListJobs(ctx context.Context, machine string, limit int) ([]reboun
 }
 
 // FailInterruptedJobs marks every queued or running job failed with reason
-// (their running steps too). The server calls it at start: no job survives
-// a restart. It returns how many jobs it failed.
+// (their running steps too). The server calls it at start: no job but a
+// plan job (which resumes) survives a restart. It returns how many jobs it
+// failed.
 func (db *DB) FailInterruptedJobs(ctx context.Context, reason string) (int, error) {
 	n := 0
 	err := db.tx(ctx, func(tx *sql.Tx) error {
@@ -316,7 +317,9 @@ func (db *DB) FailInterruptedJobs(ctx context.Context, reason string) (int, erro
 				rows.Close()
 				return err
 			}
-			jobs = append(jobs, j)
+			if j.Plan == nil {
+				jobs = append(jobs, j)
+			}
 		}
 		if err := rows.Close(); err != nil {
 			return err
@@ -457,4 +460,76 @@ func notFoundIfNone(res sql.Result, format string, args ...any) error {
 		return rebound.Errorf(rebound.ENOTFOUND, format, args...)
 	}
 	return nil
+}
+
+// PlanJobs returns the plan jobs that have not ended (running, queued or
+// suspended), oldest first: the jobs a starting server resumes.
+func (db *DB) PlanJobs(ctx context.Context) ([]rebound.Job, error) {
+	out := []rebound.Job{}
+	err := db.listDocs(ctx, `SELECT doc FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq`,
+		[]any{rebound.JobQueued, rebound.JobRunning, rebound.JobSuspended}, func(doc string) error {
+			var j rebound.Job
+			if err := unmarshal(doc, &j); err != nil {
+				return err
+			}
+			if j.Plan != nil {
+				out = append(out, j)
+			}
+			return nil
+		})
+	if err != nil {
+		return nil, fmt.Errorf("list plan jobs: %w", err)
+	}
+	return out, nil
+}
+
+// Plans
+
+// PutPlan creates or replaces a plan.
+func (db *DB) PutPlan(ctx context.Context, p rebound.Plan) error {
+	doc, err := marshal(p)
+	if err != nil {
+		return err
+	}
+	if _, err := db.db.ExecContext(ctx, `INSERT INTO plans (name, doc) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET doc = excluded.doc`, p.Name, doc); err != nil {
+		return fmt.Errorf("put plan %q: %w", p.Name, err)
+	}
+	return nil
+}
+
+// GetPlan returns a plan or ENOTFOUND.
+func (db *DB) GetPlan(ctx context.Context, name string) (*rebound.Plan, error) {
+	var p rebound.Plan
+	if err := db.getDoc(ctx, `SELECT doc FROM plans WHERE name = ?`, name, &p); errors.Is(err, sql.ErrNoRows) {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "plan %q not found: rebound plan list shows the plans", name)
+	} else if err != nil {
+		return nil, fmt.Errorf("get plan %q: %w", name, err)
+	}
+	return &p, nil
+}
+
+// ListPlans returns every plan by name.
+func (db *DB) ListPlans(ctx context.Context) ([]rebound.Plan, error) {
+	out := []rebound.Plan{}
+	err := db.listDocs(ctx, `SELECT doc FROM plans ORDER BY name`, nil, func(doc string) error {
+		var p rebound.Plan
+		if err := unmarshal(doc, &p); err != nil {
+			return err
+		}
+		out = append(out, p)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list plans: %w", err)
+	}
+	return out, nil
+}
+
+// DeletePlan removes a plan; ENOTFOUND if there is none.
+func (db *DB) DeletePlan(ctx context.Context, name string) error {
+	res, err := db.db.ExecContext(ctx, `DELETE FROM plans WHERE name = ?`, name)
+	if err != nil {
+		return fmt.Errorf("delete plan %q: %w", name, err)
+	}
+	return notFoundIfNone(res, "plan %q not found", name)
 }

@@ -81,6 +81,11 @@ var migrations = []string{
 		key   TEXT PRIMARY KEY,
 		value TEXT NOT NULL
 	);`,
+	// 2: recovery plans.
+	`CREATE TABLE plans (
+		name TEXT PRIMARY KEY,
+		doc  TEXT NOT NULL
+	);`,
 }
 
 // Open opens (creating if needed) the database at path, applies pending

@@ -16,8 +16,9 @@ type machineJobLister interface {
 }
 
 func (c *CLI) jobCommand() *cobra.Command {
-	cmd := groupCommand("job", "Jobs: list, show, wait for, cancel")
+	cmd := groupCommand("job", "Jobs: list, show, wait for, cancel, resume, retry")
 	var machine string
+	var retryWait bool
 	list := &cobra.Command{
 		Use:   "list [--machine M]",
 		Short: "List jobs",
@@ -95,7 +96,40 @@ func (c *CLI) jobCommand() *cobra.Command {
 			return c.print(j, func(w io.Writer) { writeJob(w, j) })
 		},
 	}
-	cmd.AddCommand(list, show, wait, cancel)
+	resume := &cobra.Command{
+		Use:   "resume ID",
+		Short: "Continue a plan job suspended at a manual step",
+		Args:  argNames("ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ps, err := c.Plans()
+			if err != nil {
+				return err
+			}
+			j, err := ps.ResumeJob(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return c.print(j, func(w io.Writer) { fmt.Fprintf(w, "job %s resumed\n", j.ID) })
+		},
+	}
+	retry := &cobra.Command{
+		Use:   "retry ID [--wait]",
+		Short: "Run a failed or cancelled plan job again from its failed member",
+		Long: `Run a failed or cancelled plan job again. It continues where it stopped:
+members and actions already done are not redone.`,
+		Args: argNames("ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ps, err := c.Plans()
+			if err != nil {
+				return err
+			}
+			return c.startJob(cmd, retryWait, func(ctx context.Context, svc rebound.Service) (*rebound.Job, error) {
+				return ps.RetryJob(ctx, args[0])
+			})
+		},
+	}
+	retry.Flags().BoolVar(&retryWait, "wait", false, "wait for the job to end")
+	cmd.AddCommand(list, show, wait, cancel, resume, retry)
 	return cmd
 }
 

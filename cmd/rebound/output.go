@@ -188,6 +188,9 @@ func writeJob(w io.Writer, j *rebound.Job) {
 			row(w, "  "+s.Name, s.State, s.Message)
 		}
 	}
+	if j.Plan != nil {
+		writePlanJob(w, j.Plan)
+	}
 }
 
 func writeJobs(w io.Writer, jobs []rebound.Job) {

@@ -129,6 +129,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		Logger:  m.Logger,
 		Metrics: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
 		Loop:    m.Service,
+		Plans:   m.Service,
 		Power:   m.Service,
 		Catalog: m.Service,
 		Healthy: m.Service.StoreError,
