@@ -114,6 +114,10 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"TokenResponse": tokenBody{}, "Error": errorResponse{}, "Health": healthBody{},
 		"SiteMachineRole":   rebound.SiteMachineRole{},
 		"SetMachineRequest": setMachineBody{}, "MachineSettings": rebound.MachineSettings{},
+		"Plan": rebound.Plan{}, "PlanStage": rebound.PlanStage{}, "PlanAction": rebound.PlanAction{}, "BootCheck": rebound.BootCheck{},
+		"PlanRunRequest": planRunBody{}, "PlanPreflight": rebound.PlanPreflight{}, "PlanPreflightRow": rebound.PlanPreflightRow{},
+		"PlanProgress": rebound.PlanProgress{}, "StageProgress": rebound.StageProgress{}, "MemberProgress": rebound.MemberProgress{},
+		"ActionProgress": rebound.ActionProgress{},
 	} {
 		s, ok := doc.Components.Schemas[name]
 		if !ok {

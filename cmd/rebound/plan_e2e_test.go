@@ -295,3 +295,57 @@ func runOn(t *testing.T, svc rebound.Service, args ...string) result {
 	t.Helper()
 	return runWith(t, svc, append([]string{"--server", "https://server.test:8440", "--token", "tok"}, args...)...)
 }
+
+// TestPlanReadiness: a plan names only machines that exist; a plan
+// failover checks every member first and starts nothing when one is not
+// ready, unless --skip-unready leaves it behind.
+func TestPlanReadiness(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	_, svc := testUp(t, t.TempDir())
+	ps := svc.(rebound.PlanService)
+	const size = 4 << 20
+	o := newOracle(t, size, 5)
+	createProtected(t, svc, "db", size, o)
+	if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "cache", Site: "primary", Disks: []int64{size}}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := ps.ApplyPlan(ctx, rebound.Plan{Name: "p", Stages: []rebound.PlanStage{{Name: "s", Machines: []string{"db", "ghost"}}}})
+	wantErr(t, "a plan naming a missing machine", err, rebound.EINVALID, `machine "ghost" does not exist`)
+	if _, err := ps.ApplyPlan(ctx, rebound.Plan{Name: "p", Stages: []rebound.PlanStage{
+		{Name: "one", Machines: []string{"db"}}, {Name: "two", Machines: []string{"cache"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	r := runOn(t, svc, "plan", "preflight", "p", "-o", "json")
+	rep := decode[rebound.PlanPreflight](t, r.stdout)
+	if r.code != 1 || rep.OK || len(rep.Machines) != 2 || !rep.Machines[0].OK || rep.Machines[1].OK {
+		t.Fatalf("plan preflight: exit %d, %+v", r.code, rep)
+	}
+	_, err = ps.RunPlan(ctx, rebound.PlanRequest{Plan: "p", Verb: rebound.PlanFailover})
+	wantErr(t, "a plan failover with an unready member", err, rebound.ECONFLICT, "cache", "nothing started", "--skip-unready")
+	if m := getMachine(t, svc, "db"); m.State != rebound.MachineProtected {
+		t.Fatalf("db after the refused plan failover: %s", m.State)
+	}
+	_, err = ps.RunPlan(ctx, rebound.PlanRequest{Plan: "p", Verb: rebound.PlanFailover, SkipUnready: []string{"nobody"}})
+	wantErr(t, "--skip-unready of a non-member", err, rebound.EINVALID, "nobody")
+	j := waitJob(t, svc)(ps.RunPlan(ctx, rebound.PlanRequest{Plan: "p", Verb: rebound.PlanFailover, SkipUnready: []string{"cache"}}))
+	if mp := j.Plan.Stages[1].Members[0]; mp.State != rebound.MemberSkipped || !strings.Contains(mp.Error, "--skip-unready") {
+		t.Fatalf("cache in the plan job: %+v", mp)
+	}
+	m := getMachine(t, svc, "db")
+	if m.State != rebound.MachineFailedOver || j.Plan.Stages[0].Members[0].Point != m.Failover.Point.ID {
+		t.Fatalf("db after the plan failover: %s, job says point %q", m.State, j.Plan.Stages[0].Members[0].Point)
+	}
+	if got := diskSum(t, m.Disks[0].NBD); got != o.model.Sum() {
+		t.Fatal("db's disk after the plan failover differs")
+	}
+	_, err = ps.RetryJob(ctx, j.ID)
+	wantErr(t, "retry of a succeeded job", err, rebound.ECONFLICT, "only a failed or cancelled plan job")
+	_, err = ps.ResumeJob(ctx, j.ID)
+	wantErr(t, "resume of a job that is not suspended", err, rebound.ECONFLICT, "not suspended")
+	if err := ps.DeletePlan(ctx, "p"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = ps.GetPlan(ctx, "p")
+	wantErr(t, "a deleted plan", err, rebound.ENOTFOUND, "rebound plan list")
+}
