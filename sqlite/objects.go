@@ -491,7 +491,7 @@ func (db *DB) PutPlan(ctx context.Context, p rebound.Plan) error {
 	if err != nil {
 		return err
 	}
-	if _, err := db.db.ExecContext(ctx, `INSERT INTO plans (name, doc) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET doc = excluded.doc`, p.Name, doc); err != nil {
+	if _, err := db.exec(ctx, `INSERT INTO plans (name, doc) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET doc = excluded.doc`, p.Name, doc); err != nil {
 		return fmt.Errorf("put plan %q: %w", p.Name, err)
 	}
 	return nil
@@ -527,7 +527,7 @@ func (db *DB) ListPlans(ctx context.Context) ([]rebound.Plan, error) {
 
 // DeletePlan removes a plan; ENOTFOUND if there is none.
 func (db *DB) DeletePlan(ctx context.Context, name string) error {
-	res, err := db.db.ExecContext(ctx, `DELETE FROM plans WHERE name = ?`, name)
+	res, err := db.exec(ctx, `DELETE FROM plans WHERE name = ?`, name)
 	if err != nil {
 		return fmt.Errorf("delete plan %q: %w", name, err)
 	}
