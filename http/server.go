@@ -368,8 +368,10 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // decode reads a JSON request body into v strictly: JSON content type (if
-// any is given), at most MaxBodyBytes, no unknown fields, one value. An
-// empty body leaves v as it is when optional, else is an error.
+// any is given), at most MaxBodyBytes, one value, no unknown fields, no key
+// twice in an object and no key in another case than its field's (see
+// checkKeys). An empty body leaves v as it is when optional, else is an
+// error.
 func decode(w http.ResponseWriter, r *http.Request, v any, optional bool) error {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
@@ -377,8 +379,11 @@ func decode(w http.ResponseWriter, r *http.Request, v any, optional bool) error 
 			return rebound.Errorf(rebound.EINVALID, "Content-Type must be application/json, not %q", ct)
 		}
 	}
-	body := http.MaxBytesReader(w, r.Body, MaxBodyBytes)
-	dec := json.NewDecoder(body)
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
+	if err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err == io.EOF {
 		if optional {
@@ -389,11 +394,10 @@ func decode(w http.ResponseWriter, r *http.Request, v any, optional bool) error 
 		return decodeError(err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return err
-		}
 		return rebound.Errorf(rebound.EINVALID, "request body must hold a single JSON value")
+	}
+	if err := checkKeys(data, v); err != nil {
+		return decodeError(err)
 	}
 	return nil
 }
