@@ -35,12 +35,14 @@ var openAPI []byte
 type Server struct {
 	Service rebound.Service
 	// Authenticate checks a bearer token; it is called for every route
-	// but /healthz, /metrics and /api/v1/openapi.json. An error with code
+	// but /healthz and /api/v1/openapi.json. An error with code
 	// EUNAUTHORIZED is answered 401 with its message. A nil Authenticate
 	// refuses every request: there is no unauthenticated mode.
 	Authenticate func(ctx context.Context, token string) error
 	Logger       *slog.Logger
-	Metrics      http.Handler // optional, served at /metrics without auth
+	// Metrics is served at /metrics, with authentication like every
+	// read route (the series name machines and sites). Optional.
+	Metrics http.Handler
 	// Loop serves reprotect, failback and preflight. When nil those routes
 	// answer 501 with code CodeNotImplemented.
 	Loop rebound.LoopService
@@ -134,7 +136,10 @@ func (s *Server) Handler() http.Handler {
 		mux.Handle(rt.method+" "+rt.path, h)
 	}
 	if s.Metrics != nil {
-		mux.Handle("GET /metrics", s.Metrics)
+		mux.Handle("GET /metrics", s.wrap(route{"GET", "/metrics", false, func(w http.ResponseWriter, r *http.Request) error {
+			s.Metrics.ServeHTTP(w, r)
+			return nil
+		}}))
 	}
 	return s.logRequests(s.notFound(mux))
 }
