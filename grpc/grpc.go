@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -101,6 +102,15 @@ func (h *handshakeConn) Close() error {
 		return nil
 	}
 	return h.Conn.Close()
+}
+
+// SyscallConn keeps the socket reachable through the wrapper, as grpc-go
+// expects of a TCP connection.
+func (h *handshakeConn) SyscallConn() (syscall.RawConn, error) {
+	if sc, ok := h.Conn.(syscall.Conn); ok {
+		return sc.SyscallConn()
+	}
+	return nil, errors.ErrUnsupported
 }
 
 func (c *loggedCreds) Clone() credentials.TransportCredentials {

@@ -130,6 +130,7 @@ func jsonFields(t reflect.Type) map[string]reflect.Type {
 }
 
 func addFields(m map[string]reflect.Type, t reflect.Type) {
+	var embedded []reflect.Type
 	for i := range t.NumField() {
 		f := t.Field(i)
 		tag := f.Tag.Get("json")
@@ -142,7 +143,7 @@ func addFields(m map[string]reflect.Type, t reflect.Type) {
 			ft = ft.Elem()
 		}
 		if f.Anonymous && name == "" && ft.Kind() == reflect.Struct {
-			addFields(m, ft)
+			embedded = append(embedded, ft)
 			continue
 		}
 		if !f.IsExported() {
@@ -151,8 +152,16 @@ func addFields(m map[string]reflect.Type, t reflect.Type) {
 		if name == "" {
 			name = f.Name
 		}
-		if _, dup := m[name]; !dup {
-			m[name] = f.Type
+		m[name] = f.Type
+	}
+	// An outer field hides a promoted one of the same name.
+	for _, et := range embedded {
+		inner := map[string]reflect.Type{}
+		addFields(inner, et)
+		for name, ft := range inner {
+			if _, ok := m[name]; !ok {
+				m[name] = ft
+			}
 		}
 	}
 }

@@ -54,3 +54,41 @@ func TestStrictJSON(t *testing.T) {
 		t.Fatalf("exact body decoded as %+v", req)
 	}
 }
+
+// TestCheckKeys covers the shapes no route body has yet: arrays of
+// objects, maps, embedded structs, untyped values and self-decoding types.
+func TestCheckKeys(t *testing.T) {
+	type Inner struct {
+		Size int `json:"size"`
+	}
+	type Embedded struct {
+		Label string `json:"label"`
+	}
+	type body struct {
+		Embedded
+		Disks  []Inner           `json:"disks"`
+		ByName map[string]Inner  `json:"byName"`
+		Any    any               `json:"any"`
+		Every  *rebound.Duration `json:"every"`
+		Plain  int               // no tag: the Go name
+		Skip   int               `json:"-"`
+	}
+	for _, tc := range []struct{ body, err string }{
+		{`{"label":"a","disks":[{"size":1},{"size":2}],"byName":{"a":{"size":1},"B":{"size":2}},"any":{"x":1,"X":2},"every":"1h","Plain":3}`, ""},
+		{`{"disks":[{"size":1},{"size":2,"size":3}]}`, `duplicate key "disks[1].size"`},
+		{`{"disks":[{"Size":1}]}`, `unknown field "disks[0].Size"; field names are case-sensitive: use "size"`},
+		{`{"byName":{"a":{"size":1},"a":{"size":2}}}`, `duplicate key "byName.a"`},
+		{`{"byName":{"a":{"SIZE":1}}}`, `use "size"`},
+		{`{"Label":"a"}`, `unknown field "Label"; field names are case-sensitive: use "label"`},
+		{`{"plain":1}`, `use "Plain"`},
+		{`{"any":{"x":1,"x":2}}`, `duplicate key "any.x"`},
+		{`{"any":[{"x":1},{"y":1,"y":2}]}`, `duplicate key "any[1].y"`},
+		{`{"skip":1}`, `unknown field "skip"`},
+	} {
+		var v body
+		err := checkKeys([]byte(tc.body), &v)
+		if tc.err == "" && err != nil || tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err) || rebound.ErrorCode(err) != rebound.EINVALID) {
+			t.Errorf("%s: %v, want %q", tc.body, err, tc.err)
+		}
+	}
+}

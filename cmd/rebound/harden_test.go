@@ -124,7 +124,8 @@ func TestAPITimeouts(t *testing.T) {
 }
 
 // TestMetricsAuth: /metrics on the API needs a token; --metrics-addr
-// serves it over plain HTTP without one, and only it.
+// serves it over plain HTTP without one, and only it. A server configured
+// without timeouts runs the API with the default ones.
 func TestMetricsAuth(t *testing.T) {
 	m := testServer(t, ServerConfig{MetricsAddr: "127.0.0.1:0"})
 	ctx := context.Background()
@@ -167,6 +168,11 @@ func TestMetricsAuth(t *testing.T) {
 	// The plain listener serves metrics only, never the API.
 	if st, _ := get(strings.TrimSuffix(m.MetricsURL, "/metrics")+"/api/v1/sites", tok); st != 404 {
 		t.Fatalf("API route on the metrics listener: %d", st)
+	}
+
+	// Zero timeouts in the config take the defaults.
+	if h := m.http; h.ReadHeaderTimeout != DefaultAPITimeouts.ReadHeader || h.ReadTimeout != DefaultAPITimeouts.Read || h.IdleTimeout != DefaultAPITimeouts.Idle {
+		t.Fatalf("API timeouts %v %v %v, want the defaults", h.ReadHeaderTimeout, h.ReadTimeout, h.IdleTimeout)
 	}
 
 	// Without --metrics-addr there is no plain listener.
