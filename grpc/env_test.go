@@ -3,6 +3,7 @@ package grpc
 import (
 	"context"
 	"crypto/tls"
+	"log/slog"
 	"net"
 	"sync"
 	"testing"
@@ -69,6 +70,7 @@ type testServer struct {
 	conf     *tls.Config
 	register func(*ggrpc.Server)
 	opts     []ggrpc.ServerOption
+	logger   *slog.Logger // nil: discard
 
 	mu  sync.Mutex
 	srv *ggrpc.Server
@@ -96,7 +98,11 @@ func (ts *testServer) start() {
 		ts.t.Fatal(err)
 	}
 	ts.addr = ln.Addr().String()
-	srv := NewServer(ts.conf, ts.opts...)
+	logger := ts.logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	srv := NewServer(ts.conf, logger, ts.opts...)
 	ts.register(srv)
 	ts.mu.Lock()
 	ts.srv = srv

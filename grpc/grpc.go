@@ -7,11 +7,17 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
+	"log/slog"
 	"math/rand/v2"
+	"net"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/grpc/pb"
+	"github.com/rebound-dr/rebound/internal/lograte"
 	"github.com/rebound-dr/rebound/pki"
 	ggrpc "google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -38,10 +44,14 @@ const (
 // NewServer returns a gRPC server with Rebound's TLS, keepalive, message
 // size and authentication settings. Every method but Enroll requires a
 // client certificate verified against the CA (tlsConf's ClientCAs); callers
-// without one get Unauthenticated. opts are appended.
-func NewServer(tlsConf *tls.Config, opts ...ggrpc.ServerOption) *ggrpc.Server {
+// without one get Unauthenticated. Failed TLS handshakes are logged to log
+// (nil: slog.Default) at a bounded rate. opts are appended.
+func NewServer(tlsConf *tls.Config, log *slog.Logger, opts ...ggrpc.ServerOption) *ggrpc.Server {
+	if log == nil {
+		log = slog.Default()
+	}
 	o := []ggrpc.ServerOption{
-		ggrpc.Creds(credentials.NewTLS(tlsConf)),
+		ggrpc.Creds(&loggedCreds{TransportCredentials: credentials.NewTLS(tlsConf), log: log, limit: &lograte.Limiter{}}),
 		ggrpc.MaxRecvMsgSize(MaxMessageSize),
 		ggrpc.MaxSendMsgSize(MaxMessageSize),
 		ggrpc.KeepaliveParams(keepalive.ServerParameters{Time: keepaliveTime, Timeout: keepaliveTimeout}),
@@ -51,6 +61,60 @@ func NewServer(tlsConf *tls.Config, opts ...ggrpc.ServerOption) *ggrpc.Server {
 		ggrpc.ChainStreamInterceptor(authStream),
 	}
 	return ggrpc.NewServer(append(o, opts...)...)
+}
+
+// loggedCreds logs the server's failed TLS handshakes (garbage, a plain
+// TCP client, a certificate the CA did not issue, an old TLS version):
+// grpc-go reports them only at its info level, which is off, so a site with
+// a wrong certificate would fail to connect without a word here. The
+// limiter keeps a scanner from flooding the log. A connection closed before
+// its first byte (a TCP probe) is not logged, as grpc-go does not.
+type loggedCreds struct {
+	credentials.TransportCredentials
+	log   *slog.Logger
+	limit *lograte.Limiter
+}
+
+func (c *loggedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	hc := &handshakeConn{Conn: raw}
+	hc.holdClose.Store(true)
+	out, info, err := c.TransportCredentials.ServerHandshake(hc)
+	hc.holdClose.Store(false)
+	if err != nil {
+		if !errors.Is(err, io.EOF) && !errors.Is(err, credentials.ErrConnDispatched) {
+			c.limit.Warn(c.log, "grpc: refused a connection: TLS handshake failed", "listen", raw.LocalAddr().String(), "remote", raw.RemoteAddr().String(), "err", err)
+		}
+		raw.Close()
+		return nil, nil, err
+	}
+	return out, info, nil
+}
+
+// handshakeConn holds back the close of a failed handshake until it is
+// logged, so that the log line comes before the peer sees the close.
+type handshakeConn struct {
+	net.Conn
+	holdClose atomic.Bool
+}
+
+func (h *handshakeConn) Close() error {
+	if h.holdClose.Load() {
+		return nil
+	}
+	return h.Conn.Close()
+}
+
+// SyscallConn keeps the socket reachable through the wrapper, as grpc-go
+// expects of a TCP connection.
+func (h *handshakeConn) SyscallConn() (syscall.RawConn, error) {
+	if sc, ok := h.Conn.(syscall.Conn); ok {
+		return sc.SyscallConn()
+	}
+	return nil, errors.ErrUnsupported
+}
+
+func (c *loggedCreds) Clone() credentials.TransportCredentials {
+	return &loggedCreds{TransportCredentials: c.TransportCredentials.Clone(), log: c.log, limit: c.limit}
 }
 
 // Dial returns a client connection with Rebound's settings: zstd on every

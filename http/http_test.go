@@ -389,10 +389,20 @@ func TestAuth(t *testing.T) {
 	}
 
 	// Public routes need no token.
-	for _, p := range []string{"/healthz", "/api/v1/openapi.json", "/metrics"} {
+	for _, p := range []string{"/healthz", "/api/v1/openapi.json"} {
 		if st, _, _, body := e.raw(t, "GET", p, "", "", nil); st != 200 || len(body) == 0 {
 			t.Fatalf("%s: %d", p, st)
 		}
+	}
+	// Metrics name machines and sites: a token is needed, like any read.
+	if st, _, er, _ := e.raw(t, "GET", "/metrics", "", "", nil); st != 401 || er.Error.Message != "missing bearer token" {
+		t.Fatalf("/metrics without token: %d %+v", st, er)
+	}
+	if st, _, _, _ := e.raw(t, "GET", "/metrics", "Bearer wrong", "", nil); st != 401 {
+		t.Fatalf("/metrics with a bad token: %d", st)
+	}
+	if st, _, _, body := e.raw(t, "GET", "/metrics", "Bearer "+testToken, "", nil); st != 200 || len(body) == 0 {
+		t.Fatalf("/metrics with token: %d", st)
 	}
 
 	// A server without Authenticate refuses, rather than allowing all.

@@ -35,12 +35,14 @@ var openAPI []byte
 type Server struct {
 	Service rebound.Service
 	// Authenticate checks a bearer token; it is called for every route
-	// but /healthz, /metrics and /api/v1/openapi.json. An error with code
+	// but /healthz and /api/v1/openapi.json. An error with code
 	// EUNAUTHORIZED is answered 401 with its message. A nil Authenticate
 	// refuses every request: there is no unauthenticated mode.
 	Authenticate func(ctx context.Context, token string) error
 	Logger       *slog.Logger
-	Metrics      http.Handler // optional, served at /metrics without auth
+	// Metrics is served at /metrics, with authentication like every
+	// read route (the series name machines and sites). Optional.
+	Metrics http.Handler
 	// Loop serves reprotect, failback and preflight. When nil those routes
 	// answer 501 with code CodeNotImplemented.
 	Loop rebound.LoopService
@@ -137,7 +139,10 @@ func (s *Server) Handler() http.Handler {
 		mux.Handle(rt.method+" "+rt.path, h)
 	}
 	if s.Metrics != nil {
-		mux.Handle("GET /metrics", s.Metrics)
+		mux.Handle("GET /metrics", s.wrap(route{"GET", "/metrics", false, func(w http.ResponseWriter, r *http.Request) error {
+			s.Metrics.ServeHTTP(w, r)
+			return nil
+		}}))
 	}
 	return s.logRequests(s.notFound(mux))
 }
@@ -371,8 +376,10 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // decode reads a JSON request body into v strictly: JSON content type (if
-// any is given), at most MaxBodyBytes, no unknown fields, one value. An
-// empty body leaves v as it is when optional, else is an error.
+// any is given), at most MaxBodyBytes, one value, no unknown fields, no key
+// twice in an object and no key in another case than its field's (see
+// checkKeys). An empty body leaves v as it is when optional, else is an
+// error.
 func decode(w http.ResponseWriter, r *http.Request, v any, optional bool) error {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
@@ -380,8 +387,11 @@ func decode(w http.ResponseWriter, r *http.Request, v any, optional bool) error 
 			return rebound.Errorf(rebound.EINVALID, "Content-Type must be application/json, not %q", ct)
 		}
 	}
-	body := http.MaxBytesReader(w, r.Body, MaxBodyBytes)
-	dec := json.NewDecoder(body)
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
+	if err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err == io.EOF {
 		if optional {
@@ -392,11 +402,10 @@ func decode(w http.ResponseWriter, r *http.Request, v any, optional bool) error 
 		return decodeError(err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return err
-		}
 		return rebound.Errorf(rebound.EINVALID, "request body must hold a single JSON value")
+	}
+	if err := checkKeys(data, v); err != nil {
+		return decodeError(err)
 	}
 	return nil
 }

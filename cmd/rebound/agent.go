@@ -121,7 +121,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 	m.ReplAddr = rl.Addr().String()
 	// The server's devices are not served over NBD: its own OS writes them.
 	m.Site.SetAddrs("", m.ReplAddr)
-	m.grpc = rgrpc.NewServer(serverTLS)
+	m.grpc = rgrpc.NewServer(serverTLS, m.Logger.With("agent", cfg.Name, "port", "replication"))
 	m.Site.Repl.Register(m.grpc)
 
 	rctx, cancel := context.WithCancel(context.Background())

@@ -96,7 +96,7 @@ token = rbd1.file
 
 func TestDaemonConfigErrors(t *testing.T) {
 	for _, c := range []struct{ daemon, text, want string }{
-		{"server", "api-addr = x\nbogus = 1\n", `daemon.conf:2: "bogus" is not a setting of rebound server (settings: admin-token-file, api-addr, data, grpc-addr, host)`},
+		{"server", "api-addr = x\nbogus = 1\n", `daemon.conf:2: "bogus" is not a setting of rebound server (settings: admin-token-file, api-addr, data, grpc-addr, host, metrics-addr)`},
 		{"site", "name primary\n", `daemon.conf:1: want "flag-name = value", not "name primary"`},
 		{"agent", "interval = soon\n", `daemon.conf:1: interval = soon: invalid argument`},
 		{"site", "config = other.conf\n", `"config" is not a setting`},
@@ -118,7 +118,7 @@ func TestDaemonConfigErrors(t *testing.T) {
 func TestServerRunsFromConfig(t *testing.T) {
 	dir := t.TempDir()
 	tokenFile := filepath.Join(dir, "admin-token")
-	path := writeConfig(t, "data = "+filepath.Join(dir, "data")+"\napi-addr = 127.0.0.1:0\ngrpc-addr = 127.0.0.1:0\nadmin-token-file = "+tokenFile+"\n")
+	path := writeConfig(t, "data = "+filepath.Join(dir, "data")+"\napi-addr = 127.0.0.1:0\ngrpc-addr = 127.0.0.1:0\nmetrics-addr = 127.0.0.1:0\nadmin-token-file = "+tokenFile+"\n")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
 	var errb bytes.Buffer

@@ -37,6 +37,37 @@ type ServerConfig struct {
 	GRPCAddr string // enrollment and control channel for sites
 	// Hosts are extra names and IPs the server certificate covers.
 	Hosts []string
+	// MetricsAddr, when set, serves /metrics over plain HTTP without
+	// authentication, for a Prometheus that cannot send a bearer token.
+	// The API serves /metrics with a token either way.
+	MetricsAddr string
+	// API connection timeouts; zero takes DefaultAPITimeouts.
+	APITimeouts APITimeouts
+}
+
+// APITimeouts bound how long the API waits on a client, authenticated or
+// not, so that idle and slow connections are closed.
+type APITimeouts struct {
+	ReadHeader time.Duration // TLS handshake and request headers
+	Read       time.Duration // a whole request, body included
+	Idle       time.Duration // between requests on a keep-alive connection
+}
+
+// DefaultAPITimeouts are the API's timeouts.
+var DefaultAPITimeouts = APITimeouts{ReadHeader: 10 * time.Second, Read: time.Minute, Idle: 2 * time.Minute}
+
+func (t APITimeouts) orDefault() APITimeouts {
+	d := DefaultAPITimeouts
+	if t.ReadHeader > 0 {
+		d.ReadHeader = t.ReadHeader
+	}
+	if t.Read > 0 {
+		d.Read = t.Read
+	}
+	if t.Idle > 0 {
+		d.Idle = t.Idle
+	}
+	return d
 }
 
 // ServerMain runs the control plane: store, CA, job engine, REST API and
@@ -51,11 +82,15 @@ type ServerMain struct {
 	Control  *rgrpc.ControlServer
 	APIURL   string // https://host:port after Run
 	GRPCAddr string // host:port after Run
+	// MetricsURL is http://host:port/metrics after Run when
+	// Config.MetricsAddr is set.
+	MetricsURL string
 
-	http  *nethttp.Server
-	grpc  *ggrpc.Server
-	wg    sync.WaitGroup
-	close sync.Once
+	http    *nethttp.Server
+	metrics *nethttp.Server
+	grpc    *ggrpc.Server
+	wg      sync.WaitGroup
+	close   sync.Once
 }
 
 // Run opens everything and starts serving; it returns once listening.
@@ -110,7 +145,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		return fmt.Errorf("listen for sites on %s: %w", cfg.GRPCAddr, err)
 	}
 	m.GRPCAddr = gl.Addr().String()
-	m.grpc = rgrpc.NewServer(tlsConf)
+	m.grpc = rgrpc.NewServer(tlsConf, m.Logger.With("port", "control"))
 	m.Control.Register(m.grpc)
 	(&rgrpc.EnrollServer{CA: m.CA, Validate: m.DB.UseEnrollToken}).Register(m.grpc)
 
@@ -120,6 +155,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		return fmt.Errorf("listen for the API on %s: %w", cfg.APIAddr, err)
 	}
 	m.APIURL = "https://" + al.Addr().String()
+	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	api := &rhttp.Server{
 		Service: m.Service,
 		Authenticate: func(ctx context.Context, token string) error {
@@ -127,7 +163,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 			return err
 		},
 		Logger:  m.Logger,
-		Metrics: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
+		Metrics: metrics,
 		Loop:    m.Service,
 		Plans:   m.Service,
 		Power:   m.Service,
@@ -136,10 +172,33 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	}
 	// Timeouts close slow and idle connections, authenticated or not;
 	// failed TLS handshakes are logged at a bounded rate.
+	to := cfg.APITimeouts.orDefault()
 	m.http = &nethttp.Server{Handler: api.Handler(), TLSConfig: tlsConf.Clone(),
-		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: 2 * time.Minute,
+		ReadHeaderTimeout: to.ReadHeader, ReadTimeout: to.Read, IdleTimeout: to.Idle,
 		ErrorLog: log.New(lograte.Writer{Limiter: &lograte.Limiter{}, Logger: m.Logger, Msg: "api connection error"}, "", 0)}
 	m.http.TLSConfig.ClientAuth = 0 // the API authenticates with bearer tokens
+
+	var ml net.Listener
+	if cfg.MetricsAddr != "" {
+		if ml, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			gl.Close()
+			al.Close()
+			return fmt.Errorf("listen for metrics on %s: %w", cfg.MetricsAddr, err)
+		}
+		m.MetricsURL = "http://" + ml.Addr().String() + "/metrics"
+		mux := nethttp.NewServeMux()
+		mux.Handle("GET /metrics", metrics)
+		m.metrics = &nethttp.Server{Handler: mux,
+			ReadHeaderTimeout: to.ReadHeader, ReadTimeout: to.Read, IdleTimeout: to.Idle,
+			ErrorLog: log.New(lograte.Writer{Limiter: &lograte.Limiter{}, Logger: m.Logger, Msg: "metrics connection error"}, "", 0)}
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			if err := m.metrics.Serve(ml); err != nil && !errors.Is(err, nethttp.ErrServerClosed) {
+				m.Logger.Error("metrics server", "err", err)
+			}
+		}()
+	}
 
 	m.wg.Add(2)
 	go func() {
@@ -155,6 +214,9 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		}
 	}()
 	m.Logger.Info("server listening", "api", m.APIURL, "sites", m.GRPCAddr, "data", cfg.DataDir)
+	if m.MetricsURL != "" {
+		m.Logger.Warn("serving /metrics without authentication", "url", m.MetricsURL)
+	}
 	return nil
 }
 
@@ -174,6 +236,9 @@ func (m *ServerMain) Close() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			errs = append(errs, m.http.Shutdown(ctx))
 			cancel()
+		}
+		if m.metrics != nil {
+			errs = append(errs, m.metrics.Close())
 		}
 		if m.grpc != nil {
 			m.grpc.Stop()
@@ -221,6 +286,7 @@ func newServerCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.APIAddr, "api-addr", "127.0.0.1:8440", "HTTPS REST API listen address")
 	f.StringVar(&cfg.GRPCAddr, "grpc-addr", "127.0.0.1:8441", "listen address for sites (enrollment and control)")
 	f.StringSliceVar(&cfg.Hosts, "host", nil, "extra host names or IPs for the server certificate")
+	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "also serve /metrics over plain HTTP without authentication at this address, for Prometheus (the API serves it with a token either way)")
 	f.StringVar(&tokenFile, "admin-token-file", "", "create an admin API token if this file does not exist and write it there (0600)")
 	addConfigFlag(cmd, "server")
 	return cmd

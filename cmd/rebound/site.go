@@ -122,7 +122,7 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	}
 	m.ReplAddr = rl.Addr().String()
 	m.Site.SetAddrs(m.NBDAddr, m.ReplAddr)
-	m.grpc = rgrpc.NewServer(serverTLS)
+	m.grpc = rgrpc.NewServer(serverTLS, m.Logger.With("site", cfg.Name, "port", "replication"))
 	m.Site.Repl.Register(m.grpc)
 
 	rctx, cancel := context.WithCancel(context.Background())

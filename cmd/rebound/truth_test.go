@@ -128,7 +128,9 @@ func metricsText(t *testing.T, up *UpMain) string {
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(up.Server.CA.CertPEM())
 	cl := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-	resp, err := cl.Get(up.Server.APIURL + "/metrics")
+	req, _ := http.NewRequest("GET", up.Server.APIURL+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+up.AdminToken)
+	resp, err := cl.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,6 +138,9 @@ func metricsText(t *testing.T, up *UpMain) string {
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if resp.StatusCode != 200 {
+		t.Fatalf("/metrics: %s: %s", resp.Status, b)
 	}
 	return string(b)
 }

@@ -25,6 +25,8 @@ type UpConfig struct {
 	DataDir  string
 	APIAddr  string
 	GRPCAddr string
+	// MetricsAddr is the server's ServerConfig.MetricsAddr.
+	MetricsAddr string
 	// Sites maps a site name to its NBD and replication addresses.
 	Sites      []UpSite
 	SpoolLimit int64
@@ -74,6 +76,7 @@ func (m *UpMain) Run(ctx context.Context) (err error) {
 	cfg := m.Config
 	m.Server = &ServerMain{Logger: m.Logger, Config: ServerConfig{
 		DataDir: filepath.Join(cfg.DataDir, "server"), APIAddr: cfg.APIAddr, GRPCAddr: cfg.GRPCAddr,
+		MetricsAddr: cfg.MetricsAddr,
 	}}
 	if err := m.Server.Run(ctx); err != nil {
 		return err
@@ -207,6 +210,7 @@ func newUpCommand(c *CLI) *cobra.Command {
 	f.BoolVar(&demo, "demo", false, "create a demo machine with a steady workload and protect it to recovery")
 	f.StringVar(&cfg.APIAddr, "api-addr", cfg.APIAddr, "HTTPS REST API listen address")
 	f.StringVar(&cfg.GRPCAddr, "grpc-addr", cfg.GRPCAddr, "listen address for sites")
+	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "also serve /metrics over plain HTTP without authentication at this address, for Prometheus")
 	f.StringVar(&spool, "spool-limit", "1GiB", "spool bound per machine")
 	f.StringVar(&cfg.Sites[0].NBDAddr, "primary-nbd-addr", cfg.Sites[0].NBDAddr, "primary site's NBD listen address")
 	f.StringVar(&cfg.Sites[0].ReplAddr, "primary-repl-addr", cfg.Sites[0].ReplAddr, "primary site's replication listen address")
