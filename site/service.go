@@ -71,7 +71,7 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 				ms.LastPointTime = pl.Points[n-1].Time
 			}
 			ms.Activated, ms.TestActivated = m.act != nil, m.test != nil
-			if m.journal.Corrupt() != nil {
+			if _, _, _, repairing := m.journal.Repairing(); repairing || m.journal.Corrupt() != nil {
 				ms.ReplError = journalDamage(s.cfg.Name, &m.state, m.journal)
 			}
 		}
@@ -247,7 +247,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		if err := os.MkdirAll(s.machineDir(spec.Machine), 0o700); err != nil {
 			return err
 		}
-		j, err := journal.Open(dir, spec.Disks, journal.Options{Logger: s.logger})
+		j, err := journal.Open(dir, spec.Disks, s.journalOptions(spec.Machine))
 		if err != nil {
 			return err
 		}
