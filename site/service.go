@@ -798,7 +798,9 @@ func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time)
 	s.resumeLocked(m)
 	// A copy written after the failover diverged from the one that took
 	// over: it is a new history, and reprotect must not trust it blindly.
-	if _, last, perr := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m)); perr == nil && !failoverTime.IsZero() && last.After(failoverTime) {
+	_, last, perr := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
+	s.spoolDamaged(name, perr) // then whether it took writes after the failover is unknown
+	if perr == nil && !failoverTime.IsZero() && last.After(failoverTime) {
 		m.state.Parent, m.state.Generation, m.state.Diverged = m.state.Generation, newGeneration(), true
 		s.logger.Warn("released copy took writes after the failover: split brain", "machine", name, "lastWrite", last, "failover", failoverTime)
 	}

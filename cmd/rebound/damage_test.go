@@ -235,3 +235,53 @@ func newestSegment(t *testing.T, dir string) int64 {
 	}
 	return st.Size()
 }
+
+// TestSpoolDamageReprotect flips 16 bytes in the middle of the released
+// copy's spool (its last segment, good records after them) before a
+// reprotect. That is damage, not a torn tail: the changes it held are
+// unknown, so the site reports it (a spool.damaged event) and the
+// reprotect compares block digests instead of trusting the spool; after a
+// failback the disk equals the source's.
+func TestSpoolDamageReprotect(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	up, svc := fixedUp(t, nil)
+	loop := svc.(rebound.LoopService)
+	o := loopOracle(t, loopDisk, 13)
+	failedOverAndCommitted(t, svc, o)
+
+	cfg := stopSite(t, up, "primary")
+	segs, _ := filepath.Glob(filepath.Join(cfg.DataDir, "machines", "vm1", "stream", "spool", "*.wal"))
+	if len(segs) == 0 {
+		t.Fatalf("no spool segment under %s", cfg.DataDir)
+	}
+	slices.Sort(segs)
+	last := segs[len(segs)-1]
+	b, err := os.ReadFile(last)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := len(b) / 2; i < len(b)/2+16; i++ {
+		b[i] ^= 0x5a
+	}
+	if err := os.WriteFile(last, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	startSite(t, up, cfg)
+
+	j := waitJob(t, svc)(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"}))
+	if msg := stepMessage(j, "preflight"); !strings.Contains(msg, "block digests are compared") || !strings.Contains(msg, "damaged") {
+		t.Fatalf("preflight step says %q, want a digest compare because the spool is damaged", msg)
+	}
+	if j.BytesCompared != loopDisk {
+		t.Fatalf("compared %d bytes, want the disk's %d", j.BytesCompared, loopDisk)
+	}
+	ev := waitEvent(t, svc, "spool.damaged")
+	if !strings.Contains(ev.Message, "not a torn tail") || ev.Site != "primary" {
+		t.Fatalf("spool.damaged event: %+v", ev)
+	}
+	if st, _ := os.Stat(last); st.Size() != int64(len(b)) {
+		t.Fatalf("the damaged spool segment was cut to %d of %d bytes", st.Size(), len(b))
+	}
+	failbackAndCheck(t, svc, o.model.Sum(), "primary")
+}
