@@ -114,7 +114,7 @@ type Protection struct {
 	// "stopped" once the machine failed over (the stream replicates
 	// nothing until a commit and reprotect, or a cancel).
 	ReplState     string    `json:"replState,omitempty"`
-	SyncProgress  float64   `json:"syncProgress,omitempty"` // 0..1 during initial copy
+	SyncProgress  float64   `json:"syncProgress,omitempty"` // 0..1 during initial copy or a resync
 	LagSeconds    float64   `json:"lagSeconds"`
 	BacklogBytes  int64     `json:"backlogBytes"`
 	DirtyBytes    int64     `json:"dirtyBytes,omitempty"`

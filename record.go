@@ -20,7 +20,17 @@ const (
 	RecordResyncBegin RecordKind = 5
 	// RecordResyncEnd closes the window; its position is consistent again.
 	RecordResyncEnd RecordKind = 6
+	// RecordGap is never on the wire: a target's journal writes it where it
+	// dropped damaged records (Offset = the first seq lost, Seq = the last).
+	// It opens a window that only a repair resync (a ResyncBegin tagged
+	// ResyncRepair, then its ResyncEnd) closes.
+	RecordGap RecordKind = 7
 )
+
+// ResyncRepair tags (in PointKind) the ResyncBegin of a resync that
+// repairs a target's damaged journal: it follows the source's compare of
+// its disks with the target's digests.
+const ResyncRepair PointKind = "repair"
 
 func (k RecordKind) String() string {
 	switch k {
@@ -36,6 +46,8 @@ func (k RecordKind) String() string {
 		return "resync-begin"
 	case RecordResyncEnd:
 		return "resync-end"
+	case RecordGap:
+		return "gap"
 	}
 	return "unknown"
 }

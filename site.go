@@ -230,3 +230,25 @@ type ReplSink interface {
 	// Durable() are ignored, so a resent batch does no harm.
 	Append(recs []*Record) error
 }
+
+// RepairRequest is what a target whose journal dropped damaged records
+// (seqs From..To) asks of its source: the block digests of each disk at its
+// durable position, after the gap. The source resyncs every block whose
+// digest differs from its own, tagging the window's ResyncBegin
+// ResyncRepair. See docs/design/journal.md.
+type RepairRequest struct {
+	From, To  uint64
+	BlockSize int64
+	Digests   [][]byte // per disk, packed 16-byte block digests
+}
+
+// RepairSink is a ReplSink that may need a repair (journal.Journal): a
+// nil request means none.
+type RepairSink interface {
+	RepairRequest(ctx context.Context) (*RepairRequest, error)
+}
+
+// RepairSource is a ReplSource that can repair its target (capture.Stream).
+type RepairSource interface {
+	Repair(ctx context.Context, req *RepairRequest) error
+}

@@ -126,9 +126,28 @@ const (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
+// ErrSpoolDamaged marks a spool with a bad record that is not a torn tail:
+// the regions its records touched are unknown, and only a compare of the
+// disks (a digest resync) recovers them.
+var ErrSpoolDamaged = errors.New("spool damaged")
+
+// spoolDamage is an EINTERNAL error that is ErrSpoolDamaged.
+type spoolDamage struct{ err *rebound.Error }
+
+func (e *spoolDamage) Error() string        { return e.err.Message }
+func (e *spoolDamage) Unwrap() error        { return e.err }
+func (e *spoolDamage) Is(target error) bool { return target == ErrSpoolDamaged }
+
+func damaged(format string, args ...any) error {
+	return &spoolDamage{rebound.Errorf(rebound.EINTERNAL, format, args...)}
+}
+
 // scanSpool calls fn for every intact record of the spool in dir, in
-// order. A bad frame ends the scan if it is in the last segment (a torn
-// tail) and is an EINTERNAL error elsewhere.
+// order. Only an incomplete final write is a torn tail: a bad frame in the
+// last segment with nothing readable after it ends the scan. A bad frame
+// followed by a readable one (a good checksum and a seq after the last
+// good record), or a bad frame in any other segment, is damage: an
+// EINTERNAL error wrapping ErrSpoolDamaged.
 func scanSpool(dir string, fn func(seq uint64, t int64, kind rebound.RecordKind, disk uint32, off, length int64) error) error {
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -151,59 +170,97 @@ func scanSpool(dir string, fn func(seq uint64, t int64, kind rebound.RecordKind,
 	prev := uint64(0)
 	for i, first := range segs {
 		isLast := i == len(segs)-1
-		bad, err := scanSegmentFile(filepath.Join(dir, fmt.Sprintf("%020d.wal", first)), &prev, fn)
+		path := filepath.Join(dir, fmt.Sprintf("%020d.wal", first))
+		bad, at, err := scanSegmentFile(path, &prev, fn)
 		if err != nil {
 			return err
 		}
-		if bad != nil && !isLast {
-			return rebound.Errorf(rebound.EINTERNAL, "capture: spool segment %d is corrupt (%v); pending regions are unknown", first, bad)
+		if bad == nil {
+			continue
+		}
+		if !isLast {
+			return damaged("capture: spool segment %d is damaged at offset %d (%v); the regions of its records are unknown", first, at, bad)
+		}
+		if next, ok := frameAfter(path, at, prev); ok {
+			return damaged("capture: spool segment %d is damaged at offset %d (%v) and readable records follow at offset %d: not a torn tail; the regions of its records are unknown", first, at, bad, next)
 		}
 	}
 	return nil
 }
 
-func scanSegmentFile(path string, prev *uint64, fn func(uint64, int64, rebound.RecordKind, uint32, int64, int64) error) (bad error, err error) {
+// scanSegmentFile scans one segment; bad says why it stopped early and at
+// is the offset of the bad frame.
+func scanSegmentFile(path string, prev *uint64, fn func(uint64, int64, rebound.RecordKind, uint32, int64, int64) error) (bad error, at int64, err error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("capture: read spool: %w", err)
+		return nil, 0, fmt.Errorf("capture: read spool: %w", err)
 	}
 	defer f.Close()
 	r := bufio.NewReaderSize(f, 1<<20)
 	var hdr [8]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil || string(hdr[:]) != spoolMagic {
-		return fmt.Errorf("bad segment header"), nil
+		return fmt.Errorf("bad segment header"), 0, nil
 	}
 	var payload []byte
+	off := int64(len(hdr))
 	for {
 		var h [8]byte
 		if _, err := io.ReadFull(r, h[:]); err == io.EOF {
-			return nil, nil
+			return nil, off, nil
 		} else if err != nil {
-			return fmt.Errorf("short frame: %v", err), nil
+			return fmt.Errorf("short frame: %v", err), off, nil
 		}
 		plen := binary.LittleEndian.Uint32(h[0:])
 		if plen < spoolFixed || plen > spoolMaxPayload {
-			return fmt.Errorf("bad record length %d", plen), nil
+			return fmt.Errorf("bad record length %d", plen), off, nil
 		}
 		if cap(payload) < int(plen) {
 			payload = make([]byte, plen)
 		}
 		p := payload[:plen]
 		if _, err := io.ReadFull(r, p); err != nil {
-			return fmt.Errorf("short record: %v", err), nil
+			return fmt.Errorf("short record: %v", err), off, nil
 		}
-		crc := crc32.Update(0, castagnoli, h[0:4])
-		if crc32.Update(crc, castagnoli, p) != binary.LittleEndian.Uint32(h[4:]) {
-			return fmt.Errorf("checksum mismatch"), nil
+		if !frameSumOK(h[:], p) {
+			return fmt.Errorf("checksum mismatch"), off, nil
 		}
 		seq := binary.LittleEndian.Uint64(p[0:])
 		if seq <= *prev {
-			return fmt.Errorf("seq %d does not follow %d", seq, *prev), nil
+			return fmt.Errorf("seq %d does not follow %d", seq, *prev), off, nil
 		}
 		*prev = seq
 		if err := fn(seq, int64(binary.LittleEndian.Uint64(p[8:])), rebound.RecordKind(p[16]),
 			binary.LittleEndian.Uint32(p[17:]), int64(binary.LittleEndian.Uint64(p[21:])), int64(binary.LittleEndian.Uint64(p[29:]))); err != nil {
-			return nil, err
+			return nil, off, err
+		}
+		off += int64(len(h)) + int64(plen)
+	}
+}
+
+func frameSumOK(h, p []byte) bool {
+	crc := crc32.Update(0, castagnoli, h[0:4])
+	return crc32.Update(crc, castagnoli, p) == binary.LittleEndian.Uint32(h[4:])
+}
+
+// frameAfter looks for a good frame whose seq follows prev anywhere after
+// the bad one at off (byte by byte, cheap length and seq tests before the
+// checksum), as wal.Open does: one means the bad frame is damage.
+func frameAfter(path string, off int64, prev uint64) (int64, bool) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, false
+	}
+	for o := off + 1; o+8+spoolFixed <= int64(len(b)); o++ {
+		plen := int64(binary.LittleEndian.Uint32(b[o:]))
+		if plen < spoolFixed || plen > spoolMaxPayload || o+8+plen > int64(len(b)) {
+			continue
+		}
+		if seq := binary.LittleEndian.Uint64(b[o+8:]); seq <= prev {
+			continue
+		}
+		if frameSumOK(b[o:o+8], b[o+8:o+8+plen]) {
+			return o, true
 		}
 	}
+	return 0, false
 }

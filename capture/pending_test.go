@@ -2,11 +2,13 @@ package capture
 
 import (
 	"crypto/sha256"
+	"errors"
 	"io/fs"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -138,6 +140,23 @@ func TestPendingRegions(t *testing.T) {
 		t.Fatal("PendingRegions repaired the torn tail")
 	}
 
+	// Bytes flipped in the last segment with good records after them are
+	// damage, not a torn tail: an error (the regions are unknown), and
+	// nothing is cut.
+	lastSeg := segs[len(segs)-1]
+	lb, _ := os.ReadFile(lastSeg)
+	if err := os.WriteFile(lastSeg, flipped(lb, 8+8+20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before = snapshotTree(t, h.dir)
+	if _, _, err := PendingRegions(dir, h.specs); rebound.ErrorCode(err) != rebound.EINTERNAL || !errors.Is(err, ErrSpoolDamaged) || !strings.Contains(err.Error(), "not a torn tail") {
+		t.Fatalf("damaged last segment: %v", err)
+	}
+	if after := snapshotTree(t, h.dir); !reflect.DeepEqual(before, after) {
+		t.Fatal("PendingRegions changed a damaged spool")
+	}
+	os.WriteFile(lastSeg, lb, 0o600)
+
 	// Bad input.
 	if _, _, err := PendingRegions(filepath.Join(h.dir, "nothing"), h.specs); rebound.ErrorCode(err) != rebound.ENOTFOUND {
 		t.Fatalf("missing dir: %v", err)
@@ -149,7 +168,7 @@ func TestPendingRegions(t *testing.T) {
 	b, _ := os.ReadFile(segs[0])
 	b[len(b)/2] ^= 0xff
 	os.WriteFile(segs[0], b, 0o600)
-	if _, _, err := PendingRegions(dir, h.specs); rebound.ErrorCode(err) != rebound.EINTERNAL {
+	if _, _, err := PendingRegions(dir, h.specs); rebound.ErrorCode(err) != rebound.EINTERNAL || !errors.Is(err, ErrSpoolDamaged) {
 		t.Fatalf("corrupt spool: %v", err)
 	}
 
@@ -192,4 +211,13 @@ func TestPendingRegionsAcked(t *testing.T) {
 	if !last.Equal(time.Unix(0, recs[len(recs)-1].Time)) {
 		t.Fatalf("last write %v", last)
 	}
+}
+
+// flipped returns a copy of b with 16 bytes from off inverted.
+func flipped(b []byte, off int) []byte {
+	c := append([]byte(nil), b...)
+	for i := off; i < off+16 && i < len(c); i++ {
+		c[i] ^= 0x5a
+	}
+	return c
 }

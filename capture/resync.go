@@ -2,12 +2,14 @@ package capture
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"syscall"
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/digest"
 )
 
 // lseek's SEEK_DATA and SEEK_HOLE whence.
@@ -315,4 +317,67 @@ func allZero(b []byte) bool {
 		b = b[n:]
 	}
 	return true
+}
+
+// Repair answers a target that dropped damaged records (req.From..To): it
+// compares every block of the disks with the target's digests, taken
+// after the gap, and resyncs the blocks that differ. The regions become
+// dirty and, under the same lock, a ResyncBegin tagged ResyncRepair is
+// appended (inside a running resync too, which then also sends them): the
+// target's gap window closes at the ResyncEnd that follows, when every
+// dirty region has been sent. A block whose digest matches is right at the
+// target already: its bytes not written after the gap are equal at both
+// ends, and the rest arrive as records.
+func (s *Stream) Repair(ctx context.Context, req *rebound.RepairRequest) error {
+	if len(req.Digests) != len(s.disks) {
+		return rebound.Errorf(rebound.EINVALID, "capture: repair digests cover %d disks, stream has %d", len(req.Digests), len(s.disks))
+	}
+	bs := req.BlockSize
+	regions := make([][]rebound.Region, len(s.disks))
+	var differ int64
+	for i, d := range s.disks {
+		size := d.fd.size
+		n := (size + bs - 1) / bs
+		if bs <= 0 || int64(len(req.Digests[i])) != n*digest.Size {
+			return rebound.Errorf(rebound.EINVALID, "capture: repair digests of disk %d: %d bytes for %d-byte blocks of %d bytes", i, len(req.Digests[i]), bs, size)
+		}
+		theirs := make([][]byte, n)
+		for k := range theirs {
+			theirs[k] = req.Digests[i][k*digest.Size : (k+1)*digest.Size]
+		}
+		ours, err := digest.ReaderAt(ctx, d.fd.f, size, bs, 0)
+		if err != nil {
+			return fmt.Errorf("capture: repair: digests of disk %d: %w", i, err)
+		}
+		regions[i] = digest.Diff(ours, theirs, bs, size)
+		for _, r := range regions[i] {
+			differ += r.Length
+		}
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	for i, rs := range regions {
+		for _, r := range rs {
+			if _, err := s.disks[i].dirty.markRange(r.Offset, r.Length); err != nil {
+				s.mu.Unlock()
+				return fmt.Errorf("capture: repair: %w", err)
+			}
+		}
+	}
+	if s.resyncing {
+		s.syncTotal = s.syncDone + s.dirtyBytesLocked()
+	} else {
+		s.startResyncLocked()
+	}
+	err := s.appendLocked(&rebound.Record{Kind: rebound.RecordResyncBegin, PointKind: rebound.ResyncRepair})
+	s.mu.Unlock()
+	if err != nil {
+		// The target asks again on the next connect.
+		return fmt.Errorf("capture: repair: %w", err)
+	}
+	s.logger.Warn("repairing the target's damaged journal", "lost_from", req.From, "lost_to", req.To, "differing_bytes", differ)
+	return s.saveMeta()
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/grpc/pb"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/pki"
 	ggrpc "google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -114,7 +115,19 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 	sink := tgt.Sink
 	slog.Debug("replication stream connected", "stream", hello.StreamId, "from", site)
 	lock := r.lock(hello.StreamId)
-	if err := stream.Send(&pb.ReplicateResponse{Body: &pb.ReplicateResponse_HelloAck{HelloAck: &pb.HelloAck{Version: ProtocolVersion, DurableSeq: sink.Durable()}}}); err != nil {
+	helloAck := &pb.HelloAck{Version: ProtocolVersion, DurableSeq: sink.Durable()}
+	if rs, ok := sink.(rebound.RepairSink); ok {
+		// A journal that dropped damaged records asks for its repair on
+		// every connect until the repair resync has begun.
+		req, err := rs.RepairRequest(stream.Context())
+		if err != nil {
+			return toStatus(fmt.Errorf("replicate: repair digests: %w", err))
+		}
+		if req != nil {
+			helloAck.Repair = &pb.RepairRequest{LostFrom: req.From, LostTo: req.To, BlockSize: req.BlockSize, Digests: req.Digests}
+		}
+	}
+	if err := stream.Send(&pb.ReplicateResponse{Body: &pb.ReplicateResponse_HelloAck{HelloAck: helloAck}}); err != nil {
 		return err
 	}
 
@@ -435,6 +448,17 @@ func (s *Sender) runOnce(ctx context.Context) (connected bool, err error) {
 		return false, err
 	}
 	s.Source.Acked(ack.DurableSeq)
+	if r := ack.Repair; r != nil {
+		rs, ok := s.Source.(rebound.RepairSource)
+		if !ok {
+			return false, stop("replication of stream %s stopped: the target dropped damaged records %d..%d and needs a repair resync this source cannot run. %s", s.StreamID, r.LostFrom, r.LostTo, resyncHint)
+		}
+		req := &rebound.RepairRequest{From: r.LostFrom, To: r.LostTo, BlockSize: r.BlockSize, Digests: r.Digests}
+		failpoint.Hit(ctx, "grpc/sender/repair") // tests hold the repair here
+		if err := rs.Repair(ctx, req); err != nil {
+			return false, fmt.Errorf("repair of stream %s: %w", s.StreamID, err)
+		}
+	}
 	s.mu.Lock()
 	s.stats.Connected, s.stats.LastError = true, ""
 	s.stats.AckedSeq = max(s.stats.AckedSeq, ack.DurableSeq)

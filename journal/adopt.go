@@ -104,7 +104,14 @@ func (j *Journal) RegionsAfter(seq uint64) [][]rebound.Region {
 		}
 		return out
 	}
-	for _, r := range j.recs[min(seq-j.base, uint64(len(j.recs))):] {
+	if n := len(j.gaps); n > 0 && j.gaps[n-1] > seq {
+		// Records after seq were lost to damage: their ranges are unknown.
+		for i, d := range j.disks {
+			out[i] = []rebound.Region{{Offset: 0, Length: d.Size}}
+		}
+		return out
+	}
+	for _, r := range j.recs[j.recIndex(seq+1):] {
 		switch r.kind {
 		case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
 			if r.length > 0 {

@@ -99,7 +99,7 @@ func (j *Journal) fold(f uint64) error {
 		return fmt.Errorf("journal: fold to %d past durable position %d: the wal lost records", f, j.durable.Load())
 	}
 	roots := j.rootsAt(f)
-	fm := j.recs[f-b-1]
+	fm := *j.rec(f)
 	j.mu.Unlock()
 
 	// The index at f holds, per byte range, the newest record <= f. Writing
@@ -166,7 +166,9 @@ func (j *Journal) fold(f uint64) error {
 	j.meta = m
 	j.base = f
 	j.folding = 0
-	j.recs = append([]recMeta(nil), j.recs[f-b:]...)
+	j.recs = append([]recMeta(nil), j.recs[j.recIndex(f+1):]...)
+	g := sort.Search(len(j.gaps), func(i int) bool { return j.gaps[i] > f })
+	j.gaps = append([]uint64(nil), j.gaps[g:]...)
 	i := sort.Search(len(j.checkpoints), func(i int) bool { return j.checkpoints[i].seq > f }) - 1
 	j.checkpoints = j.checkpoints[i:]
 	k := sort.Search(len(j.marks), func(i int) bool { return j.marks[i] > f })

@@ -41,6 +41,10 @@ const (
 type Options struct {
 	SegmentSize int64 // wal segment size; default wal's
 	Logger      *slog.Logger
+	// OnRepaired, if set, is called (outside the journal's locks) when a
+	// repair resync closes the window of a gap: seqs from..to were lost
+	// and their regions are whole again.
+	OnRepaired func(from, to uint64)
 }
 
 // DiskReader reads one disk of a view.
@@ -71,6 +75,12 @@ type checkpoint struct {
 type window struct {
 	lo, hi uint64
 	open   bool
+	// gap: the window was opened by a gap (damaged records dropped at
+	// Open). Only a ResyncEnd after a ResyncBegin tagged ResyncRepair
+	// (armed) closes it: an unrelated resync's end would leave the lost
+	// regions stale.
+	gap, armed bool
+	lost       [2]uint64 // first and last seq the gap dropped
 }
 
 type meta struct {
@@ -80,6 +90,10 @@ type meta struct {
 	BaseTime int64             `json:"baseTime"`           // time of the record at B
 	BaseKind rebound.PointKind `json:"baseKind,omitempty"` // set if the record at B was a mark
 	FoldTo   uint64            `json:"foldTo,omitempty"`   // a fold to this position was in progress
+	// Lost is the intent of a repair: seqs Lost[0]..Lost[1] were dropped
+	// as damage. Written before the wal is cut, so a crash before the gap
+	// record lands still knows the gap (Open writes it then).
+	Lost *[2]uint64 `json:"lost,omitempty"`
 }
 
 // Journal is one stream's journal. It implements rebound.ReplSink. Methods
@@ -113,6 +127,9 @@ type Journal struct {
 	pins        map[uint64]int
 	folding     uint64 // target of a fold in progress, 0 if none
 	corrupt     error
+	gaps        []uint64 // seqs of gap records above B
+	repaired    [][2]uint64
+	onRepaired  func(from, to uint64)
 	err         error // sticky: an append failed in a way that leaves the wal unknown
 	closed      bool
 
@@ -137,7 +154,7 @@ func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
 			return nil, rebound.Errorf(rebound.EINVALID, "disk %d (%s): invalid size %d", i, d.Name, d.Size)
 		}
 	}
-	j := &Journal{dir: dir, logger: opts.Logger, pins: map[uint64]int{}, cpEvery: checkpointEvery}
+	j := &Journal{dir: dir, logger: opts.Logger, pins: map[uint64]int{}, cpEvery: checkpointEvery, onRepaired: opts.OnRepaired}
 	if testCheckpointEvery != 0 {
 		j.cpEvery = testCheckpointEvery
 	}
@@ -194,6 +211,14 @@ func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
 	if err := j.log.Corrupt(); err != nil && j.corrupt == nil {
 		j.setCorrupt(fmt.Errorf("journal: records after seq %d are unreadable: %w", j.durable.Load(), err))
 	}
+	if l := j.meta.Lost; l != nil && j.corrupt == nil && j.durable.Load() < l[1] && j.durable.Load()+1 >= l[0] {
+		// A repair cut the wal but its gap record never landed.
+		if err := j.appendGap(l[0], l[1]); err != nil {
+			j.log.Close()
+			j.closeFiles()
+			return nil, err
+		}
+	}
 	if j.meta.FoldTo != 0 {
 		// A fold was interrupted: redo it; applying its records again is
 		// idempotent.
@@ -204,6 +229,7 @@ func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
 			return nil, err
 		}
 	}
+	j.repaired = nil // repairs finished before this Open are history
 	return j, nil
 }
 
@@ -275,6 +301,10 @@ func (j *Journal) prepare() {
 // fit: the journal is then corrupt and ends before it.
 func (j *Journal) visit(rec *rebound.Record, loc wal.Location) error {
 	if rec.Seq <= j.base || j.corrupt != nil {
+		return nil
+	}
+	if rec.Kind == rebound.RecordGap && rec.Seq > j.durable.Load() {
+		j.index(rec, loc)
 		return nil
 	}
 	if d := j.durable.Load(); rec.Seq != d+1 {
@@ -391,7 +421,15 @@ func (j *Journal) Append(recs []*rebound.Record) error {
 	for k, r := range recs {
 		j.index(r, locs[k])
 	}
+	repaired := j.repaired
+	j.repaired = nil
 	j.mu.Unlock()
+	for _, l := range repaired {
+		j.logger.Info("journal: repaired", "dir", j.dir, "lost_from", l[0], "lost_to", l[1])
+		if j.onRepaired != nil {
+			j.onRepaired(l[0], l[1])
+		}
+	}
 	return nil
 }
 
@@ -413,16 +451,31 @@ func (j *Journal) index(r *rebound.Record, loc wal.Location) {
 	case rebound.RecordResyncBegin:
 		if !open {
 			j.windows = append(j.windows, window{lo: r.Seq + 1, open: true})
+		} else if w := &j.windows[len(j.windows)-1]; w.gap && r.PointKind == rebound.ResyncRepair {
+			w.armed = true
 		}
 	case rebound.RecordResyncEnd:
-		if open {
-			w := &j.windows[len(j.windows)-1]
+		if w := &j.windows[len(j.windows)-1]; open && (!w.gap || w.armed) {
 			w.open = false
 			w.hi = r.Seq - 1
+			if w.gap {
+				j.repaired = append(j.repaired, w.lost)
+			}
 			if w.hi < w.lo {
 				j.windows = j.windows[:len(j.windows)-1]
 			}
 		}
+	case rebound.RecordGap:
+		// Seqs r.Offset..r.Seq are lost: no position from the first of
+		// them on is consistent until a repair resync ends.
+		lost := [2]uint64{uint64(r.Offset), r.Seq}
+		if open {
+			w := &j.windows[len(j.windows)-1]
+			w.gap, w.armed, w.lost = true, false, lost
+		} else {
+			j.windows = append(j.windows, window{lo: max(uint64(r.Offset), j.base+1), open: true, gap: true, lost: lost})
+		}
+		j.gaps = append(j.gaps, r.Seq)
 	}
 	j.durable.Store(r.Seq)
 	if r.Seq-j.checkpoints[len(j.checkpoints)-1].seq >= j.cpEvery {

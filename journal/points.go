@@ -81,7 +81,7 @@ func (j *Journal) timeOf(s uint64) time.Time {
 	if s == j.base {
 		return time.Unix(0, j.meta.BaseTime).UTC()
 	}
-	return time.Unix(0, j.recs[s-j.base-1].time).UTC()
+	return time.Unix(0, j.rec(s).time).UTC()
 }
 
 func pointID(s uint64) string { return "p" + strconv.FormatUint(s, 10) }
@@ -93,7 +93,7 @@ func (j *Journal) pointAt(s uint64) rebound.RecoveryPoint {
 		if j.meta.BaseKind != "" {
 			kind = j.meta.BaseKind
 		}
-	} else if m := &j.recs[s-j.base-1]; m.kind == rebound.RecordMark && m.pk != "" {
+	} else if m := j.rec(s); m.kind == rebound.RecordMark && m.pk != "" {
 		kind = m.pk
 	}
 	return rebound.RecoveryPoint{ID: pointID(s), Time: j.timeOf(s), Kind: kind, Seq: s}

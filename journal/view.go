@@ -70,8 +70,8 @@ func (j *Journal) layersAt(seq uint64) [][]*node {
 	cp := j.checkpoints[i]
 	delta := make([]*node, len(j.disks))
 	ep := newEpoch()
-	for s := max(cp.seq, j.base) + 1; s <= seq; s++ {
-		m := &j.recs[s-j.base-1]
+	for k := j.recIndex(max(cp.seq, j.base) + 1); k < len(j.recs) && j.recs[k].seq <= seq; k++ {
+		m := &j.recs[k]
 		switch m.kind {
 		case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
 			if m.length > 0 {
@@ -94,8 +94,8 @@ func (j *Journal) rootsAt(seq uint64) []*node {
 	cp := j.checkpoints[i] // checkpoints[0].seq <= B <= seq
 	roots := append([]*node(nil), cp.roots...)
 	ep := newEpoch()
-	for s := max(cp.seq, j.base) + 1; s <= seq; s++ {
-		m := &j.recs[s-j.base-1]
+	for k := j.recIndex(max(cp.seq, j.base) + 1); k < len(j.recs) && j.recs[k].seq <= seq; k++ {
+		m := &j.recs[k]
 		switch m.kind {
 		case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
 			if m.length > 0 {

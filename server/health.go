@@ -192,7 +192,7 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 				p.ReplState, p.LagSeconds, p.BacklogBytes = ms.ReplState, ms.LagSeconds, ms.BacklogBytes
 				p.DirtyBytes, p.ThroughputBps, p.ReportedAt = ms.DirtyBytes, ms.ThroughputBps, st.Time
 				p.ReplError = ms.ReplError
-				if ms.SyncTotal > 0 && m.State == rebound.MachineSyncing {
+				if ms.SyncTotal > 0 && (m.State == rebound.MachineSyncing || ms.ReplState == "resyncing") {
 					p.SyncProgress = float64(ms.SyncDone) / float64(ms.SyncTotal)
 				}
 				s.metrics.lag.WithLabelValues(m.Name).Set(ms.LagSeconds)

@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/capture"
@@ -62,6 +64,7 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 		regions, last, err := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
 		if err != nil {
 			ci.Untrusted = fmt.Sprintf("the released copy's stream at site %s cannot be read: %s", s.cfg.Name, rebound.ErrorMessage(err))
+			s.spoolDamaged(name, err)
 			break
 		}
 		ci.Tracked, ci.Changed, ci.LastWrite = !m.state.Diverged, regions, last
@@ -80,6 +83,7 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 		regions, last, err := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
 		if err != nil {
 			ci.Untrusted = fmt.Sprintf("the adopted copy's old stream at site %s cannot be read: %s", s.cfg.Name, rebound.ErrorMessage(err))
+			s.spoolDamaged(name, err)
 			break
 		}
 		ci.Tracked, ci.Changed, ci.LastWrite = true, regions, last
@@ -92,6 +96,18 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 		ci.Untrusted = fmt.Sprintf("the %s copy at site %s has no change tracking", m.state.Role, s.cfg.Name)
 	}
 	return ci, nil
+}
+
+// spoolDamaged reports a closed stream whose spool is damaged (not a torn
+// tail): the regions it held are unknown, so a reprotect compares block
+// digests of both copies instead (CopyInfo.Untrusted); nothing is skipped.
+func (s *Site) spoolDamaged(name string, err error) {
+	if !errors.Is(err, capture.ErrSpoolDamaged) {
+		return
+	}
+	s.logger.Error("spool damaged", "machine", name, "err", err)
+	s.emit(rebound.Event{Time: time.Now().UTC(), Machine: name, Site: s.cfg.Name, Kind: "spool.damaged",
+		Message: fmt.Sprintf("%s; a reprotect of %s compares block digests of both copies and resyncs every block that differs", rebound.ErrorMessage(err), name)})
 }
 
 // Digests returns block digests of the site's copy of each disk.

@@ -71,7 +71,7 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 				ms.LastPointTime = pl.Points[n-1].Time
 			}
 			ms.Activated, ms.TestActivated = m.act != nil, m.test != nil
-			if m.journal.Corrupt() != nil {
+			if _, _, _, repairing := m.journal.Repairing(); repairing || m.journal.Corrupt() != nil {
 				ms.ReplError = journalDamage(s.cfg.Name, &m.state, m.journal)
 			}
 		}
@@ -247,7 +247,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		if err := os.MkdirAll(s.machineDir(spec.Machine), 0o700); err != nil {
 			return err
 		}
-		j, err := journal.Open(dir, spec.Disks, journal.Options{Logger: s.logger})
+		j, err := journal.Open(dir, spec.Disks, s.journalOptions(spec.Machine))
 		if err != nil {
 			return err
 		}
@@ -798,7 +798,9 @@ func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time)
 	s.resumeLocked(m)
 	// A copy written after the failover diverged from the one that took
 	// over: it is a new history, and reprotect must not trust it blindly.
-	if _, last, perr := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m)); perr == nil && !failoverTime.IsZero() && last.After(failoverTime) {
+	_, last, perr := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
+	s.spoolDamaged(name, perr) // then whether it took writes after the failover is unknown
+	if perr == nil && !failoverTime.IsZero() && last.After(failoverTime) {
 		m.state.Parent, m.state.Generation, m.state.Diverged = m.state.Generation, newGeneration(), true
 		s.logger.Warn("released copy took writes after the failover: split brain", "machine", name, "lastWrite", last, "failover", failoverTime)
 	}

@@ -60,6 +60,9 @@ type Config struct {
 	FreezeHook, ThawHook string
 	HookTimeout          time.Duration
 	SpoolLimit           int64
+	// JournalSegment is the target journals' wal segment size (0: the
+	// wal's default); tests make it small to get many segments.
+	JournalSegment int64
 	// QEMU runs the VMs of qemu machines; nil: this site runs none.
 	QEMU *qemu.Driver
 	// NBDSocket is the unix socket VMs reach the exports through.
@@ -269,14 +272,13 @@ func (s *Site) openMachine(m *machine) error {
 	case RoleSource:
 		return s.startSource(m, false)
 	case RoleTarget:
-		j, err := journal.Open(filepath.Join(s.machineDir(st.Name), "journal"), st.Disks, journal.Options{Logger: s.logger})
+		j, err := journal.Open(filepath.Join(s.machineDir(st.Name), "journal"), st.Disks, s.journalOptions(st.Name))
 		if err != nil {
 			return err
 		}
 		m.journal = j
-		if jerr := j.Corrupt(); jerr != nil {
-			s.emit(rebound.Event{Time: time.Now().UTC(), Machine: st.Name, Site: s.cfg.Name, Kind: "journal.damaged",
-				Message: journalDamage(s.cfg.Name, st, j)})
+		if j.Corrupt() != nil {
+			s.repairJournal(st, j)
 		}
 		s.startExpiry(st.Name, j)
 		if st.Act != nil {
@@ -386,7 +388,7 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 	peerTLS.ServerName = spec.PeerSite
 	m.sender = &rgrpc.Sender{
 		Addr: spec.PeerAddr, TLS: peerTLS, StreamID: spec.StreamID,
-		SourceSite: s.cfg.Name, Generation: spec.Generation, Source: stream,
+		SourceSite: s.cfg.Name, Generation: spec.Generation, Source: repairingStream{stream, s, st.Name, spec.PeerSite},
 	}
 	sender := m.sender
 	sent := make(chan struct{})
@@ -690,6 +692,8 @@ func (s *Site) runHook(ctx context.Context, hook, machine string) error {
 
 // journalDamage says what a damaged journal lost and what to run. The
 // points before the damage are still served; those after it are gone.
+// While the automatic repair runs it says so, and names the manual resync
+// for a repair that does not finish.
 func journalDamage(site string, st *machineState, j *journal.Journal) string {
 	kept := "no recovery point is left"
 	if pl := j.Points(); len(pl.Points) > 0 {
@@ -700,6 +704,64 @@ func journalDamage(site string, st *machineState, j *journal.Journal) string {
 	if st.Spec != nil {
 		from = st.Spec.PeerSite
 	}
-	return fmt.Sprintf("journal of %s at %s is damaged (%v): %s; resync it: rebound unprotect %s --wait, then rebound protect %s --to %s --wait (at %s)",
-		st.Name, site, j.Corrupt(), kept, st.Name, st.Name, site, from)
+	manual := fmt.Sprintf("rebound unprotect %s --wait, then rebound protect %s --to %s --wait (at %s)", st.Name, st.Name, site, from)
+	if lo, hi, armed, ok := j.Repairing(); ok {
+		step := "waiting for " + from + " to compare its disks with this journal's digests"
+		if armed {
+			step = "the repair resync from " + from + " is running (see the machine's sync progress)"
+		}
+		return fmt.Sprintf("journal of %s at %s is damaged: records %d..%d were dropped, %s; repairing automatically: %s. If it does not finish: %s",
+			st.Name, site, lo, hi, kept, step, manual)
+	}
+	return fmt.Sprintf("journal of %s at %s is damaged (%v): %s; resync it: %s", st.Name, site, j.Corrupt(), kept, manual)
+}
+
+// journalOptions are a target journal's: it logs to the site's log and a
+// finished repair is an event.
+func (s *Site) journalOptions(name string) journal.Options {
+	return journal.Options{Logger: s.logger, SegmentSize: s.cfg.JournalSegment, OnRepaired: func(from, to uint64) {
+		s.emit(rebound.Event{Time: time.Now().UTC(), Machine: name, Site: s.cfg.Name, Kind: "journal.repaired",
+			Message: fmt.Sprintf("journal of %s at %s is repaired: the regions records %d..%d changed were resynced; new points are cut again", name, s.cfg.Name, from, to)})
+	}}
+}
+
+// repairJournal reports a damaged journal (journal.damaged) and starts its
+// repair: the damaged records are dropped (the points before them stay)
+// and the source is asked for a digest-compare resync on its next connect
+// (journal.repair.started). A journal that cannot repair itself stays
+// damaged, and the message names the manual resync.
+func (s *Site) repairJournal(st *machineState, j *journal.Journal) {
+	damage := journalDamage(s.cfg.Name, st, j)
+	from, to, err := j.Repair()
+	if err != nil {
+		s.logger.Error("journal: automatic repair failed", "machine", st.Name, "err", err)
+		s.emit(rebound.Event{Time: time.Now().UTC(), Machine: st.Name, Site: s.cfg.Name, Kind: "journal.damaged", Message: damage})
+		return
+	}
+	peer := "the source"
+	if st.Spec != nil {
+		peer = st.Spec.PeerSite
+	}
+	s.emit(rebound.Event{Time: time.Now().UTC(), Machine: st.Name, Site: s.cfg.Name, Kind: "journal.damaged", Message: journalDamage(s.cfg.Name, st, j)})
+	s.emit(rebound.Event{Time: time.Now().UTC(), Machine: st.Name, Site: s.cfg.Name, Kind: "journal.repair.started",
+		Message: fmt.Sprintf("repair of the journal of %s at %s started: damaged records %d..%d dropped; %s compares its disks with this journal's digests and resyncs the blocks that differ", st.Name, s.cfg.Name, from, to, peer)})
+}
+
+// repairingStream is a source stream whose repairs of the target's journal
+// are events at this site.
+type repairingStream struct {
+	*capture.Stream
+	s        *Site
+	name, to string
+}
+
+func (r repairingStream) Repair(ctx context.Context, req *rebound.RepairRequest) error {
+	if err := r.Stream.Repair(ctx, req); err != nil {
+		return err
+	}
+	st := r.Stream.Stats()
+	r.s.emit(rebound.Event{Time: time.Now().UTC(), Machine: r.name, Site: r.s.cfg.Name, Kind: "journal.repair.resync",
+		Message: fmt.Sprintf("repairing the journal of %s at %s (records %d..%d lost): its digests were compared with the disks here; %d bytes to resync",
+			r.name, r.to, req.From, req.To, st.SyncTotal-st.SyncDone)})
+	return nil
 }

@@ -809,6 +809,18 @@ func (l *Log) DropCorrupt() (from, to uint64, err error) {
 	return newLast + 1, oldLast, nil
 }
 
+// Skip lets the next Append start at seq+1 although the records after
+// LastSeq up to seq were never appended: the journal marks where it
+// dropped damaged records this way. Only forward; the jump is kept on disk
+// by the record appended next (a segment's seqs need only increase).
+func (l *Log) Skip(seq uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if seq > l.last {
+		l.last = seq
+	}
+}
+
 // Close closes the log. Readers still open keep their segment files until
 // they are closed; their next Next returns ErrClosed.
 func (l *Log) Close() error {

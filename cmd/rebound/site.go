@@ -41,6 +41,8 @@ type SiteConfig struct {
 	ThawHook    string
 	SpoolLimit  int64
 	ReportEvery time.Duration
+	// JournalSegment is the journals' wal segment size (0: default).
+	JournalSegment int64
 	// Networks is the network mapping: logical network -> local NIC.
 	Networks map[string]qemu.NICConfig
 	// enrollRole is the certificate the site enrolls for: an agent's
@@ -94,7 +96,7 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	m.Site = site.New(site.Config{
 		Name: cfg.Name, DataDir: cfg.DataDir, PeerTLS: peerTLS, NBDHost: cfg.NBDHost,
 		FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook, SpoolLimit: cfg.SpoolLimit,
-		NBDSocket: cfg.NBDSocket, Networks: cfg.Networks,
+		NBDSocket: cfg.NBDSocket, Networks: cfg.Networks, JournalSegment: cfg.JournalSegment,
 		QEMU:   &qemu.Driver{Logger: m.Logger},
 		Logger: m.Logger,
 	})

@@ -1172,9 +1172,13 @@ func (*ReplicateResponse_HelloAck) isReplicateResponse_Body() {}
 func (*ReplicateResponse_Ack) isReplicateResponse_Body() {}
 
 type HelloAck struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
-	DurableSeq    uint64                 `protobuf:"varint,2,opt,name=durable_seq,json=durableSeq,proto3" json:"durable_seq,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Version    uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	DurableSeq uint64                 `protobuf:"varint,2,opt,name=durable_seq,json=durableSeq,proto3" json:"durable_seq,omitempty"`
+	// repair, if set, says the target dropped damaged records and waits for
+	// a repair resync: the source compares its disks with these digests and
+	// resyncs the blocks that differ (ResyncBegin tagged "repair").
+	Repair        *RepairRequest `protobuf:"bytes,3,opt,name=repair,proto3" json:"repair,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1223,6 +1227,82 @@ func (x *HelloAck) GetDurableSeq() uint64 {
 	return 0
 }
 
+func (x *HelloAck) GetRepair() *RepairRequest {
+	if x != nil {
+		return x.Repair
+	}
+	return nil
+}
+
+type RepairRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	LostFrom  uint64                 `protobuf:"varint,1,opt,name=lost_from,json=lostFrom,proto3" json:"lost_from,omitempty"`
+	LostTo    uint64                 `protobuf:"varint,2,opt,name=lost_to,json=lostTo,proto3" json:"lost_to,omitempty"`
+	BlockSize int64                  `protobuf:"varint,3,opt,name=block_size,json=blockSize,proto3" json:"block_size,omitempty"`
+	// per disk, the packed 16-byte digests of its blocks at durable_seq
+	Digests       [][]byte `protobuf:"bytes,4,rep,name=digests,proto3" json:"digests,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RepairRequest) Reset() {
+	*x = RepairRequest{}
+	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RepairRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RepairRequest) ProtoMessage() {}
+
+func (x *RepairRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RepairRequest.ProtoReflect.Descriptor instead.
+func (*RepairRequest) Descriptor() ([]byte, []int) {
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RepairRequest) GetLostFrom() uint64 {
+	if x != nil {
+		return x.LostFrom
+	}
+	return 0
+}
+
+func (x *RepairRequest) GetLostTo() uint64 {
+	if x != nil {
+		return x.LostTo
+	}
+	return 0
+}
+
+func (x *RepairRequest) GetBlockSize() int64 {
+	if x != nil {
+		return x.BlockSize
+	}
+	return 0
+}
+
+func (x *RepairRequest) GetDigests() [][]byte {
+	if x != nil {
+		return x.Digests
+	}
+	return nil
+}
+
 type Ack struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	DurableSeq    uint64                 `protobuf:"varint,1,opt,name=durable_seq,json=durableSeq,proto3" json:"durable_seq,omitempty"`
@@ -1232,7 +1312,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1244,7 +1324,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1257,7 +1337,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{17}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Ack) GetDurableSeq() uint64 {
@@ -1346,11 +1426,18 @@ const file_rebound_v1_rebound_proto_rawDesc = "" +
 	"\x11ReplicateResponse\x123\n" +
 	"\thello_ack\x18\x01 \x01(\v2\x14.rebound.v1.HelloAckH\x00R\bhelloAck\x12#\n" +
 	"\x03ack\x18\x02 \x01(\v2\x0f.rebound.v1.AckH\x00R\x03ackB\x06\n" +
-	"\x04body\"E\n" +
+	"\x04body\"x\n" +
 	"\bHelloAck\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1f\n" +
 	"\vdurable_seq\x18\x02 \x01(\x04R\n" +
-	"durableSeq\"&\n" +
+	"durableSeq\x121\n" +
+	"\x06repair\x18\x03 \x01(\v2\x19.rebound.v1.RepairRequestR\x06repair\"~\n" +
+	"\rRepairRequest\x12\x1b\n" +
+	"\tlost_from\x18\x01 \x01(\x04R\blostFrom\x12\x17\n" +
+	"\alost_to\x18\x02 \x01(\x04R\x06lostTo\x12\x1d\n" +
+	"\n" +
+	"block_size\x18\x03 \x01(\x03R\tblockSize\x12\x18\n" +
+	"\adigests\x18\x04 \x03(\fR\adigests\"&\n" +
 	"\x03Ack\x12\x1f\n" +
 	"\vdurable_seq\x18\x01 \x01(\x04R\n" +
 	"durableSeq2M\n" +
@@ -1374,7 +1461,7 @@ func file_rebound_v1_rebound_proto_rawDescGZIP() []byte {
 	return file_rebound_v1_rebound_proto_rawDescData
 }
 
-var file_rebound_v1_rebound_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_rebound_v1_rebound_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_rebound_v1_rebound_proto_goTypes = []any{
 	(*EnrollRequest)(nil),     // 0: rebound.v1.EnrollRequest
 	(*EnrollResponse)(nil),    // 1: rebound.v1.EnrollResponse
@@ -1393,7 +1480,8 @@ var file_rebound_v1_rebound_proto_goTypes = []any{
 	(*Record)(nil),            // 14: rebound.v1.Record
 	(*ReplicateResponse)(nil), // 15: rebound.v1.ReplicateResponse
 	(*HelloAck)(nil),          // 16: rebound.v1.HelloAck
-	(*Ack)(nil),               // 17: rebound.v1.Ack
+	(*RepairRequest)(nil),     // 17: rebound.v1.RepairRequest
+	(*Ack)(nil),               // 18: rebound.v1.Ack
 }
 var file_rebound_v1_rebound_proto_depIdxs = []int32{
 	4,  // 0: rebound.v1.SiteMessage.hello:type_name -> rebound.v1.Hello
@@ -1407,18 +1495,19 @@ var file_rebound_v1_rebound_proto_depIdxs = []int32{
 	13, // 8: rebound.v1.ReplicateRequest.batch:type_name -> rebound.v1.Batch
 	14, // 9: rebound.v1.Batch.records:type_name -> rebound.v1.Record
 	16, // 10: rebound.v1.ReplicateResponse.hello_ack:type_name -> rebound.v1.HelloAck
-	17, // 11: rebound.v1.ReplicateResponse.ack:type_name -> rebound.v1.Ack
-	0,  // 12: rebound.v1.Enrollment.Enroll:input_type -> rebound.v1.EnrollRequest
-	2,  // 13: rebound.v1.Control.Connect:input_type -> rebound.v1.SiteMessage
-	11, // 14: rebound.v1.Replication.Replicate:input_type -> rebound.v1.ReplicateRequest
-	1,  // 15: rebound.v1.Enrollment.Enroll:output_type -> rebound.v1.EnrollResponse
-	8,  // 16: rebound.v1.Control.Connect:output_type -> rebound.v1.ServerMessage
-	15, // 17: rebound.v1.Replication.Replicate:output_type -> rebound.v1.ReplicateResponse
-	15, // [15:18] is the sub-list for method output_type
-	12, // [12:15] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	18, // 11: rebound.v1.ReplicateResponse.ack:type_name -> rebound.v1.Ack
+	17, // 12: rebound.v1.HelloAck.repair:type_name -> rebound.v1.RepairRequest
+	0,  // 13: rebound.v1.Enrollment.Enroll:input_type -> rebound.v1.EnrollRequest
+	2,  // 14: rebound.v1.Control.Connect:input_type -> rebound.v1.SiteMessage
+	11, // 15: rebound.v1.Replication.Replicate:input_type -> rebound.v1.ReplicateRequest
+	1,  // 16: rebound.v1.Enrollment.Enroll:output_type -> rebound.v1.EnrollResponse
+	8,  // 17: rebound.v1.Control.Connect:output_type -> rebound.v1.ServerMessage
+	15, // 18: rebound.v1.Replication.Replicate:output_type -> rebound.v1.ReplicateResponse
+	16, // [16:19] is the sub-list for method output_type
+	13, // [13:16] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_rebound_v1_rebound_proto_init() }
@@ -1453,7 +1542,7 @@ func file_rebound_v1_rebound_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rebound_v1_rebound_proto_rawDesc), len(file_rebound_v1_rebound_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
