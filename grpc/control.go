@@ -3,6 +3,7 @@ package grpc
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,8 +16,11 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/grpc/pb"
+	"github.com/rebound-dr/rebound/pki"
 	ggrpc "google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -34,9 +38,18 @@ type ControlServer struct {
 	// OnEvent receives the events a site reports (e.g. a replication
 	// stream it refused), for the server's event log.
 	OnEvent func(site string, e rebound.Event)
+	// Admit, if set, decides whether a site's certificate may open its
+	// channel (an error refuses it with PermissionDenied), and whether the
+	// channel replaces the site's open one (a rotated certificate's first
+	// use) instead of being refused as a second connection.
+	Admit func(site string, cert *x509.Certificate) (replace bool, err error)
+	// Revocations, if set, returns the revocation list each site gets as
+	// its channel opens (see PushRevocations).
+	Revocations func() []string
 
 	mu       sync.Mutex
 	sessions map[string]*session
+	refusals map[string]time.Time // site -> last duplicate refusal reported
 
 	pb.UnimplementedControlServer
 }
@@ -75,7 +88,10 @@ func (c *ControlServer) session(name string) *session {
 
 // session is one open control channel.
 type session struct {
-	site string
+	site   string
+	serial string // of the certificate the channel opened with
+	since  time.Time
+	kick   chan error // receives why the server closes the channel; cap 1
 	// agent is the one machine an agent's channel may speak of; empty for
 	// a site.
 	agent  string
@@ -120,31 +136,51 @@ func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
 	if hello.Site != name {
 		return status.Errorf(codes.PermissionDenied, "control: certificate is for site %q, hello says %q", name, hello.Site)
 	}
-	s := &session{site: name, agent: id.Machine, stream: stream, pending: make(map[uint64]*pendingCall)}
+	cert, _ := peerCert(stream.Context())
+	replace := false
+	if c.Admit != nil {
+		if replace, err = c.Admit(name, cert); err != nil {
+			return status.Errorf(codes.PermissionDenied, "control: %s", rebound.ErrorMessage(err))
+		}
+	}
+	s := &session{site: name, serial: pki.Serial(cert), since: time.Now(), kick: make(chan error, 1),
+		agent: id.Machine, stream: stream, pending: make(map[uint64]*pendingCall)}
 	st, err := s.decodeStatus(hello.Status)
 	if err != nil {
 		return err
 	}
-
-	if err := s.send(&pb.ServerMessage{Body: &pb.ServerMessage_Welcome{Welcome: &pb.Welcome{Version: ProtocolVersion}}}); err != nil {
+	if err := c.claim(s, replace); err != nil {
 		return err
 	}
-	c.mu.Lock()
-	if c.sessions == nil {
-		c.sessions = make(map[string]*session)
+
+	if err := s.send(&pb.ServerMessage{Body: &pb.ServerMessage_Welcome{Welcome: &pb.Welcome{Version: ProtocolVersion}}}); err != nil {
+		c.release(s)
+		return err
 	}
-	// A newer channel replaces an older one (the old one is probably a
-	// dead connection keepalive has not caught yet).
-	c.sessions[name] = s
-	c.mu.Unlock()
 	if c.OnConnect != nil {
 		c.OnConnect(name)
 	}
 	if c.OnReport != nil {
 		c.OnReport(name, st)
 	}
+	if c.Revocations != nil {
+		// On its own goroutine: the answer comes through serve below. It
+		// ends with the call, at the latest when the channel closes.
+		list := c.Revocations()
+		go func() {
+			if err := c.pushRevocations(context.Background(), s, list); err != nil {
+				slog.Warn("control: revocation list not delivered", "site", name, "err", err)
+			}
+		}()
+	}
 
-	err = c.serve(s)
+	errc := make(chan error, 1)
+	go func() { errc <- c.serve(s) }()
+	select {
+	case err = <-errc:
+	case err = <-s.kick:
+		// Returning ends the stream, which ends serve's Recv.
+	}
 
 	s.mu.Lock()
 	s.closed = rebound.Errorf(rebound.EUNAVAILABLE, "site %s disconnected", name)
@@ -153,12 +189,7 @@ func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
 		p.done <- &pb.SiteMessage{Id: id, Body: &pb.SiteMessage_Error{Error: &pb.CallError{Code: rebound.EUNAVAILABLE, Message: s.closed.Error()}}}
 	}
 	s.mu.Unlock()
-	c.mu.Lock()
-	current := c.sessions[name] == s
-	if current {
-		delete(c.sessions, name)
-	}
-	c.mu.Unlock()
+	current := c.release(s)
 	if current && c.OnDisconnect != nil {
 		c.OnDisconnect(name)
 	}
@@ -166,6 +197,154 @@ func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
 		return nil
 	}
 	return err
+}
+
+// duplicateProbe bounds how long a site's open channel has to answer when
+// a second one claims the site; a var for tests.
+var duplicateProbe = 10 * time.Second
+
+// duplicateEvery bounds how often a refused second channel of the same
+// site is reported: a rogue retrying in a loop must not flood the log.
+const duplicateEvery = time.Minute
+
+// claim makes s the site's channel. A site already connected keeps its
+// channel and s is refused (AlreadyExists, with an event), unless replace
+// (a rotated certificate's first use) or the open channel does not answer
+// a Status call within duplicateProbe: then it is a dead connection
+// keepalive has not caught yet, and s replaces it.
+func (c *ControlServer) claim(s *session, replace bool) error {
+	c.mu.Lock()
+	if c.sessions == nil {
+		c.sessions = make(map[string]*session)
+	}
+	old := c.sessions[s.site]
+	if old == nil || replace {
+		c.sessions[s.site] = s
+		c.mu.Unlock()
+		if old != nil {
+			old.close(status.Errorf(codes.PermissionDenied, "control: site %s connected with its new certificate", s.site))
+		}
+		return nil
+	}
+	c.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), duplicateProbe)
+	probe := old.call(ctx, "Status", nil, nil, nil)
+	cancel()
+	dead := probe != nil && (errors.Is(probe, context.DeadlineExceeded) || rebound.ErrorCode(probe) == rebound.EUNAVAILABLE)
+	c.mu.Lock()
+	cur := c.sessions[s.site]
+	if dead && cur == old {
+		c.sessions[s.site] = s
+		c.mu.Unlock()
+		slog.Warn("control: a site's open channel did not answer; the new one replaces it", "site", s.site, "err", probe)
+		old.close(status.Errorf(codes.Unavailable, "control: site %s reconnected", s.site))
+		return nil
+	}
+	now := time.Now()
+	if c.refusals == nil {
+		c.refusals = make(map[string]time.Time)
+	}
+	last, seen := c.refusals[s.site]
+	report := !seen || now.Sub(last) >= duplicateEvery
+	if report {
+		c.refusals[s.site] = now
+	}
+	c.mu.Unlock()
+
+	from := "?"
+	if p, ok := peer.FromContext(s.stream.Context()); ok && p.Addr != nil {
+		from = p.Addr.String()
+	}
+	since := old.since.UTC().Format(time.RFC3339)
+	if cur != nil && cur != old {
+		since = cur.since.UTC().Format(time.RFC3339)
+	}
+	msg := fmt.Sprintf("refused a second control connection for site %s from %s (certificate serial %s): the site is already connected (since %s, serial %s) and keeps its connection. "+
+		"Stop the other process running as %s; to give the site a new certificate use rebound site token %s --rotate",
+		s.site, from, s.serial, since, old.serial, s.site, s.site)
+	slog.Warn("control: "+msg, "site", s.site)
+	if report && c.OnEvent != nil {
+		c.OnEvent(s.site, rebound.Event{Time: now.UTC(), Kind: "site.duplicate", Message: msg})
+	}
+	return status.Errorf(codes.AlreadyExists, "control: site %s is already connected (since %s); this connection is refused: stop the other process running as %s, or replace the site's certificate with rebound site token %s --rotate", s.site, since, s.site, s.site)
+}
+
+// release drops s as its site's channel, and reports whether it was the
+// current one.
+func (c *ControlServer) release(s *session) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	current := c.sessions[s.site] == s
+	if current {
+		delete(c.sessions, s.site)
+	}
+	return current
+}
+
+// close ends the channel: Connect returns err to the site.
+func (s *session) close(err error) {
+	select {
+	case s.kick <- err:
+	default:
+	}
+}
+
+// methodSetRevocations carries the revocation list to a site: a call the
+// site's control loop answers itself (WithRevocations), not its
+// SiteService.
+const methodSetRevocations = "SetRevocations"
+
+type revocationArgs struct {
+	Serials []string `json:"serials"`
+}
+
+func (c *ControlServer) pushRevocations(ctx context.Context, s *session, list []string) error {
+	if list == nil {
+		list = []string{}
+	}
+	return s.call(ctx, methodSetRevocations, revocationArgs{Serials: list}, nil, nil)
+}
+
+// PushRevocations sends the revocation list (every revoked serial) to the
+// connected sites and closes the channels opened with a certificate on it.
+// It returns once every site has it, or with the errors of those that did
+// not answer (they get the list again when they reconnect).
+func (c *ControlServer) PushRevocations(ctx context.Context, list []string) error {
+	revoked := make(map[string]bool, len(list))
+	for _, s := range list {
+		revoked[s] = true
+	}
+	c.mu.Lock()
+	sessions := make([]*session, 0, len(c.sessions))
+	for _, s := range c.sessions {
+		sessions = append(sessions, s)
+	}
+	c.mu.Unlock()
+	var errs []error
+	for _, s := range sessions {
+		if revoked[s.serial] {
+			s.close(status.Errorf(codes.PermissionDenied, "control: the certificate of site %s (serial %s) is revoked", s.site, s.serial))
+			continue
+		}
+		if err := c.pushRevocations(ctx, s, list); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// peerCert returns the caller's verified leaf certificate.
+func peerCert(ctx context.Context) (*x509.Certificate, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "no peer information")
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
+		return nil, status.Error(codes.Unauthenticated, "a client certificate issued by the Rebound CA is required (enroll first)")
+	}
+	return ti.State.VerifiedChains[0][0], nil
 }
 
 func (c *ControlServer) serve(s *session) error {
@@ -273,6 +452,12 @@ func (c *ControlServer) call(ctx context.Context, site, method string, args, res
 	if m := machineOf(args); s.agent != "" && m != "" && m != s.agent {
 		return rebound.Errorf(rebound.EINVALID, "%s is the agent of machine %s (its certificate is bound to it): it cannot hold machine %s; use a site", site, s.agent, m)
 	}
+	return s.call(ctx, method, args, result, progress)
+}
+
+// call runs method on this channel (see ControlServer.call).
+func (s *session) call(ctx context.Context, method string, args, result any, progress func(done, total int64)) error {
+	site := s.site
 	argb, err := json.Marshal(args)
 	if err != nil {
 		return fmt.Errorf("%s: encode arguments: %w", method, err)
@@ -586,7 +771,14 @@ var controlMaxBackoff = 5 * time.Second
 type ControlOption func(*controlOpts)
 
 type controlOpts struct {
-	events <-chan rebound.Event
+	events  <-chan rebound.Event
+	revoked func(serials []string)
+}
+
+// WithRevocations hands the revocation lists the server pushes to set
+// (e.g. pki.Revocations.Set, and a copy kept on disk for the next start).
+func WithRevocations(set func(serials []string)) ControlOption {
+	return func(o *controlOpts) { o.revoked = set }
 }
 
 // WithEvents forwards the events read from ch to the server (they wait in
@@ -739,7 +931,16 @@ func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local
 				progress := func(done, total int64) {
 					_ = send(&pb.SiteMessage{Id: id, Body: &pb.SiteMessage_Progress{Progress: &pb.Progress{Done: done, Total: total}}})
 				}
-				res, err := dispatch(cctx, local, call.Method, call.Args, progress)
+				var res any
+				var err error
+				if call.Method == methodSetRevocations && o.revoked != nil {
+					var a revocationArgs
+					if err = json.Unmarshal(call.Args, &a); err == nil {
+						o.revoked(a.Serials)
+					}
+				} else {
+					res, err = dispatch(cctx, local, call.Method, call.Args, progress)
+				}
 				var reply *pb.SiteMessage
 				if err != nil {
 					reply = &pb.SiteMessage{Id: id, Body: &pb.SiteMessage_Error{Error: &pb.CallError{Code: rebound.ErrorCode(err), Message: rebound.ErrorMessage(err)}}}

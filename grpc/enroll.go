@@ -13,9 +13,11 @@ import (
 )
 
 // EnrollFunc validates and consumes the one-time token secret a site
-// enrolls with as name. It returns a rebound error (EUNAUTHORIZED for a
-// bad, used or expired token) the site's operator will read.
-type EnrollFunc func(ctx context.Context, secret, name string) error
+// enrolls with as name, for a certificate of role whose serial
+// (pki.Serial) it records. It returns a rebound error (EUNAUTHORIZED for a
+// bad, used or expired token, or one minted for another role) the site's
+// operator will read; the certificate is then never handed out.
+type EnrollFunc func(ctx context.Context, secret, name string, role pki.Role, serial string) error
 
 // EnrollServer signs the certificate requests of enrolling sites.
 type EnrollServer struct {
@@ -36,19 +38,25 @@ func (e *EnrollServer) Enroll(ctx context.Context, req *pb.EnrollRequest) (*pb.E
 		return nil, status.Error(codes.InvalidArgument, "enroll: site name is empty")
 	}
 	// An agent's certificate is bound to its one machine, named like it.
-	agent := ""
+	agent, role := "", pki.RoleSite
 	switch pki.Role(req.Role) {
 	case "", pki.RoleSite:
 	case pki.RoleAgent:
-		agent = req.SiteName
+		agent, role = req.SiteName, pki.RoleAgent
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "enroll: unknown role %q (site or agent)", req.Role)
 	}
-	if err := e.Validate(ctx, req.TokenSecret, req.SiteName); err != nil {
-		return nil, toStatus(err)
-	}
+	// Signed first so the token's use and the serial are recorded
+	// together; a refused token leaves the certificate unsent.
 	certPEM, err := e.CA.SignCSRAs(req.CsrPem, req.SiteName, pki.Site, agent)
 	if err != nil {
+		return nil, toStatus(err)
+	}
+	cert, err := pki.ParseCert(certPEM)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := e.Validate(ctx, req.TokenSecret, req.SiteName, role, pki.Serial(cert)); err != nil {
 		return nil, toStatus(err)
 	}
 	return &pb.EnrollResponse{CertPem: certPEM, CaPem: e.CA.CertPEM()}, nil

@@ -24,7 +24,7 @@ type tokens struct {
 	live map[string]bool
 }
 
-func (tk *tokens) validate(_ context.Context, secret, name string) error {
+func (tk *tokens) validate(_ context.Context, secret, name string, _ pki.Role, _ string) error {
 	tk.mu.Lock()
 	defer tk.mu.Unlock()
 	if !tk.live[secret] {
@@ -144,7 +144,8 @@ func TestAuth_NoClientCert(t *testing.T) {
 	}
 
 	// Enrollment stays open without a certificate.
-	_, err = pb.NewEnrollmentClient(cc).Enroll(ctx, &pb.EnrollRequest{Version: ProtocolVersion, SiteName: "x", TokenSecret: "nope"})
+	_, csr, _ := pki.NewKeyAndCSR("x")
+	_, err = pb.NewEnrollmentClient(cc).Enroll(ctx, &pb.EnrollRequest{Version: ProtocolVersion, SiteName: "x", TokenSecret: "nope", CsrPem: csr})
 	if status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "join token") {
 		t.Fatalf("enroll with bad token: %v", err)
 	}

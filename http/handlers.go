@@ -72,15 +72,6 @@ func (s *Server) listSites(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) createEnrollToken(w http.ResponseWriter, r *http.Request) error {
-	tok, err := s.Service.CreateEnrollToken(r.Context(), r.PathValue("name"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusCreated, tokenBody{Token: tok})
-	return nil
-}
-
 func (s *Server) createMachine(w http.ResponseWriter, r *http.Request) error {
 	var req rebound.CreateMachineRequest
 	if err := decode(w, r, &req, false); err != nil {

@@ -117,7 +117,8 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"Plan": rebound.Plan{}, "PlanStage": rebound.PlanStage{}, "PlanAction": rebound.PlanAction{}, "BootCheck": rebound.BootCheck{},
 		"PlanRunRequest": planRunBody{}, "PlanPreflight": rebound.PlanPreflight{}, "PlanPreflightRow": rebound.PlanPreflightRow{},
 		"PlanProgress": rebound.PlanProgress{}, "StageProgress": rebound.StageProgress{}, "MemberProgress": rebound.MemberProgress{},
-		"ActionProgress": rebound.ActionProgress{},
+		"ActionProgress":   rebound.ActionProgress{},
+		"JoinTokenRequest": rebound.JoinTokenRequest{}, "SiteRemoval": rebound.SiteRemoval{},
 	} {
 		s, ok := doc.Components.Schemas[name]
 		if !ok {

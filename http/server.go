@@ -88,7 +88,7 @@ func (s *Server) routes() []route {
 		{"GET", "/api/v1/openapi.json", true, s.openAPI},
 
 		{"GET", "/api/v1/sites", false, s.listSites},
-		{"POST", "/api/v1/sites/{name}/enroll-tokens", false, s.createEnrollToken},
+		{"POST", "/api/v1/sites/{name}/enroll-tokens", false, s.createJoinToken},
 
 		{"POST", "/api/v1/machines", false, s.createMachine},
 		{"GET", "/api/v1/machines", false, s.listMachines},
@@ -124,6 +124,7 @@ func (s *Server) routes() []route {
 
 		{"GET", "/api/v1/sites/{name}", false, s.getSite},
 		{"DELETE", "/api/v1/policies/{name}", false, s.deletePolicy},
+		{"DELETE", "/api/v1/sites/{name}", false, s.removeSite},
 	}, s.planRoutes()...)
 }
 

@@ -167,6 +167,12 @@ func (s *Server) SiteDisconnected(name string) {
 // replication figures and health of its machines.
 func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 	ctx := context.Background()
+	s.mu.Lock()
+	removed := s.removed[name]
+	s.mu.Unlock()
+	if removed {
+		return // a report that raced the site's removal
+	}
 	site := rebound.Site{
 		Name: name, Status: rebound.SiteOnline, NBDAddr: st.NBDAddr, ReplAddr: st.ReplAddr,
 		FreeBytes: st.FreeBytes, LastSeen: time.Now().UTC(), Version: st.Version,

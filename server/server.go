@@ -55,6 +55,14 @@ type Server struct {
 	// StepHook, if set, is called by a job as it enters each step, with the
 	// job's context; tests block a job inside a step with it.
 	StepHook func(ctx context.Context, job *rebound.Job, step string)
+
+	// Revocations is the revocation list the server's listener checks
+	// (Open loads it from the store); PushRevocations hands it to the
+	// connected sites (grpc.ControlServer.PushRevocations). See sites.go.
+	Revocations     *pki.Revocations
+	PushRevocations func(ctx context.Context, list []string) error
+	removed         map[string]bool      // sites removed since start: their late reports are dropped
+	refusedAt       map[string]time.Time // revoked serial -> last refusal reported
 }
 
 // runningJob is a job's goroutine as CancelJob sees it.
@@ -93,6 +101,9 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 		s.Logger.Warn("failed jobs interrupted by a restart", "count", n)
 	}
 	if err := s.resumePlanJobs(s.ctx); err != nil {
+		return err
+	}
+	if err := s.loadRevocations(s.ctx); err != nil {
 		return err
 	}
 	s.wg.Add(2)
@@ -391,22 +402,16 @@ func (s *Server) ListEvents(ctx context.Context, machine string) ([]rebound.Even
 	return s.DB.ListEvents(ctx, machine, 500)
 }
 
-// ListSites returns the enrolled sites.
+// ListSites returns the enrolled sites, those that never connected
+// included (see sites.go).
 func (s *Server) ListSites(ctx context.Context) ([]rebound.Site, error) {
-	return s.listSites(ctx)
+	return s.listEnrolledSites(ctx)
 }
 
-// CreateEnrollToken returns a one-time token a site enrolls with.
+// CreateEnrollToken returns a one-time token a new site enrolls with
+// (CreateJoinToken without options).
 func (s *Server) CreateEnrollToken(ctx context.Context, site string) (string, error) {
-	if err := validName(site); err != nil {
-		return "", err
-	}
-	secret, err := s.DB.CreateEnrollToken(ctx, site, time.Hour)
-	if err != nil {
-		return "", err
-	}
-	s.event("", site, "site.token", "one-time enrollment token created for site "+site)
-	return pki.FormatJoinToken(secret, s.CAFingerprint), nil
+	return s.CreateJoinToken(ctx, site, rebound.JoinTokenRequest{})
 }
 
 // ListPolicies returns the policies.

@@ -643,6 +643,11 @@ func (s *Site) refused(f rgrpc.Refusal) {
 		Message: fmt.Sprintf("site %s refused a replication stream from %s: %s", s.cfg.Name, who, f.Reason)})
 }
 
+// Refused reports a connection refused before any stream (e.g. a
+// handshake with a revoked certificate), rate-limited like a refused
+// stream.
+func (s *Site) Refused(f rgrpc.Refusal) { s.refused(f) }
+
 // emit queues an event for the server; when the queue is full (the server
 // has been unreachable long) the event is only logged.
 func (s *Site) emit(e rebound.Event) {

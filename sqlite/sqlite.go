@@ -86,6 +86,21 @@ var migrations = []string{
 		name TEXT PRIMARY KEY,
 		doc  TEXT NOT NULL
 	);`,
+	// 3: role-bound and rotating join tokens; the certificates the CA
+	// issued, for revocation (see certs.go).
+	`ALTER TABLE enroll_tokens ADD COLUMN role TEXT NOT NULL DEFAULT '';
+	ALTER TABLE enroll_tokens ADD COLUMN rotate INTEGER NOT NULL DEFAULT 0;
+	CREATE TABLE certs (
+		serial     TEXT PRIMARY KEY,
+		site       TEXT NOT NULL,
+		role       TEXT NOT NULL,
+		issued_at  INTEGER NOT NULL,
+		used_at    INTEGER,
+		rotates    INTEGER NOT NULL DEFAULT 0,
+		revoked_at INTEGER,
+		reason     TEXT NOT NULL DEFAULT ''
+	);
+	CREATE INDEX certs_site ON certs (site);`,
 }
 
 // Open opens (creating if needed) the database at path, applies pending

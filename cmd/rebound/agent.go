@@ -95,6 +95,9 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	rev, setRevoked := siteRevocations(cfg.DataDir, m.Logger, func() *site.Site { return m.Site })
+	rev.Apply(serverTLS)
+	rev.Apply(peerTLS)
 	m.Site = site.New(site.Config{
 		Name: cfg.Name, DataDir: cfg.DataDir, PeerTLS: peerTLS, SpoolLimit: cfg.SpoolLimit,
 		External: m.Agent.External(), Scan: m.Agent.Scan, ReadExternal: m.Agent.ReadDisk, Logger: m.Logger,
@@ -141,7 +144,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 		every = 2 * time.Second
 	}
 	serve("control", func() error {
-		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, svc, every, rgrpc.WithEvents(m.Site.Events()))
+		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, svc, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(setRevoked))
 		if errors.Is(err, context.Canceled) {
 			return nil
 		}

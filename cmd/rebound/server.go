@@ -136,6 +136,13 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	m.Control.OnConnect = m.Service.SiteConnected // runs its work in a goroutine the server owns
 	m.Control.OnDisconnect = m.Service.SiteDisconnected
 	m.Control.OnEvent = m.Service.SiteEvent
+	// Removed and rotated certificates: refused at the handshake, their
+	// channels closed, the list pushed to every site (docs/design/security.md).
+	m.Service.Revocations = &pki.Revocations{OnRefuse: m.Service.RevokedRefused}
+	m.Service.Revocations.Apply(tlsConf)
+	m.Service.PushRevocations = m.Control.PushRevocations
+	m.Control.Admit = m.Service.AdmitSite
+	m.Control.Revocations = m.Service.RevocationList
 	if err := m.Service.Open(reg); err != nil {
 		return err
 	}
@@ -147,7 +154,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	m.GRPCAddr = gl.Addr().String()
 	m.grpc = rgrpc.NewServer(tlsConf, m.Logger.With("port", "control"))
 	m.Control.Register(m.grpc)
-	(&rgrpc.EnrollServer{CA: m.CA, Validate: m.DB.UseEnrollToken}).Register(m.grpc)
+	(&rgrpc.EnrollServer{CA: m.CA, Validate: m.Service.Enroll}).Register(m.grpc)
 
 	al, err := net.Listen("tcp", cfg.APIAddr)
 	if err != nil {
@@ -226,6 +233,11 @@ const serverCertName = "rebound-server"
 // JoinToken creates a one-time enrollment token for a site.
 func (m *ServerMain) JoinToken(ctx context.Context, site string) (string, error) {
 	return m.Service.CreateEnrollToken(ctx, site)
+}
+
+// JoinTokenAs creates a one-time enrollment token for a site or an agent.
+func (m *ServerMain) JoinTokenAs(ctx context.Context, name string, role pki.Role, rotate bool) (string, error) {
+	return m.Service.CreateJoinToken(ctx, name, rebound.JoinTokenRequest{Agent: role == pki.RoleAgent, Rotate: rotate})
 }
 
 // Close stops serving and closes the store.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
+	"github.com/rebound-dr/rebound/internal/fsutil"
 	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/qemu"
 	"github.com/rebound-dr/rebound/site"
@@ -92,6 +94,9 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	rev, setRevoked := siteRevocations(cfg.DataDir, m.Logger, func() *site.Site { return m.Site })
+	rev.Apply(serverTLS)
+	rev.Apply(peerTLS)
 
 	m.Site = site.New(site.Config{
 		Name: cfg.Name, DataDir: cfg.DataDir, PeerTLS: peerTLS, NBDHost: cfg.NBDHost,
@@ -154,7 +159,7 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 		every = 2 * time.Second
 	}
 	serve("control", func() error {
-		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, m.Site, every, rgrpc.WithEvents(m.Site.Events()))
+		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, m.Site, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(setRevoked))
 		if errors.Is(err, context.Canceled) {
 			return nil
 		}
@@ -177,6 +182,35 @@ func siteTLS(certPEM, keyPEM, caPEM []byte) (server, peer, control *tls.Config, 
 		return nil, nil, nil, err
 	}
 	return server, peer, control, nil
+}
+
+// siteRevocations returns the revocation list a site checks its peers
+// against, as last pushed by the server (kept in tls/revoked.json so a
+// restarted site refuses revoked peers before the server is back), and
+// the function that takes a new push. Refusals are reported through the
+// site that site returns once it is open.
+func siteRevocations(dataDir string, logger *slog.Logger, site func() *site.Site) (*pki.Revocations, func([]string)) {
+	path := filepath.Join(dataDir, "tls", "revoked.json")
+	rev := &pki.Revocations{OnRefuse: func(peer pki.Identity, serial string) {
+		if s := site(); s != nil {
+			s.Refused(rgrpc.Refusal{Peer: peer, Reason: fmt.Sprintf("its certificate (serial %s) is revoked", serial)})
+		}
+	}}
+	if b, err := os.ReadFile(path); err == nil {
+		var list []string
+		if err := json.Unmarshal(b, &list); err != nil {
+			logger.Warn("revocation list unreadable; waiting for the server's", "path", path, "err", err)
+		}
+		rev.Set(list)
+	}
+	set := func(list []string) {
+		rev.Set(list)
+		b, _ := json.Marshal(rev.List())
+		if err := fsutil.WriteFileAtomic(path, b, 0o600); err != nil {
+			logger.Warn("keep revocation list", "path", path, "err", err)
+		}
+	}
+	return rev, set
 }
 
 // credentials loads the site's certificate, enrolling first if it has none.
