@@ -26,16 +26,18 @@ func init() { extraCommands = append(extraCommands, newAgentCommand) }
 
 // AgentConfig configures `rebound agent`.
 type AgentConfig struct {
-	Name        string // the server's name: the agent's site and its machine
-	DataDir     string
-	Server      string // the server's gRPC address for sites
-	JoinToken   string
-	ReplAddr    string
-	Disks       []string
-	FreezeMount string
-	Interval    time.Duration
-	SpoolLimit  int64
-	ReportEvery time.Duration
+	Name      string // the server's name: the agent's site and its machine
+	DataDir   string
+	Server    string // the server's gRPC address for sites
+	JoinToken string
+	// JoinTokenFile holds the join token when JoinToken is empty.
+	JoinTokenFile string
+	ReplAddr      string
+	Disks         []string
+	FreezeMount   string
+	Interval      time.Duration
+	SpoolLimit    int64
+	ReportEvery   time.Duration
 	// OnFrozen and OnPoint are agent.Config's test hooks.
 	OnFrozen func()
 	OnPoint  func(rebound.RecoveryPoint)
@@ -86,7 +88,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 		return err
 	}
 	// Enrollment and certificates are a site's.
-	enroll := &SiteMain{Config: SiteConfig{Name: cfg.Name, DataDir: cfg.DataDir, Server: cfg.Server, JoinToken: cfg.JoinToken, enrollRole: pki.RoleAgent}, Logger: m.Logger}
+	enroll := &SiteMain{Config: SiteConfig{Name: cfg.Name, DataDir: cfg.DataDir, Server: cfg.Server, JoinToken: cfg.JoinToken, JoinTokenFile: cfg.JoinTokenFile, enrollRole: pki.RoleAgent}, Logger: m.Logger}
 	certPEM, keyPEM, caPEM, err := enroll.credentials(ctx)
 	if err != nil {
 		return err
@@ -195,7 +197,7 @@ func newAgentCommand(c *CLI) *cobra.Command {
 	cfg := AgentConfig{}
 	var spool string
 	cmd := &cobra.Command{
-		Use:   "agent --name NAME --server-addr ADDR --token T --disk PATH...",
+		Use:   "agent --name NAME --server-addr ADDR --token-file FILE --disk PATH...",
 		Short: "Protect this Linux server's block devices or files (no kernel module)",
 		Long: `Run on a Linux server: the agent enrolls like a site named after the server
 and holds one machine of that name whose disks are the given devices, used
@@ -216,6 +218,9 @@ protect it like any machine:
 			}
 			if cfg.Name == "" {
 				return cmd.Help()
+			}
+			if err := tokenSource(cmd, &cfg.JoinToken, cfg.JoinTokenFile); err != nil {
+				return err
 			}
 			n, err := ParseSize(spool)
 			if err != nil {
@@ -240,7 +245,8 @@ protect it like any machine:
 	f.StringVar(&cfg.Name, "name", "", "the server's name: the agent's site and machine (runs the agent)")
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (default ./rebound-data/agents/NAME)")
 	f.StringVar(&cfg.Server, "server-addr", "127.0.0.1:8441", "the server's address for sites")
-	f.StringVar(&cfg.JoinToken, "token", os.Getenv("REBOUND_JOIN_TOKEN"), "one-time enrollment token (first start only)")
+	f.StringVar(&cfg.JoinToken, "token", os.Getenv("REBOUND_JOIN_TOKEN"), "one-time enrollment token from `rebound site token NAME --agent` (first start only; default $REBOUND_JOIN_TOKEN; --token-file keeps it out of ps)")
+	f.StringVar(&cfg.JoinTokenFile, "token-file", "", "read the one-time enrollment token from FILE (first start only)")
 	f.StringVar(&cfg.ReplAddr, "repl-addr", "127.0.0.1:0", "replication listen address")
 	f.StringArrayVar(&cfg.Disks, "disk", nil, "block device or file to protect, by absolute path (repeatable, in disk order)")
 	f.StringVar(&cfg.FreezeMount, "freeze-mount", "", "mount point frozen (fsfreeze) while a cycle reads the disks: app-consistent points")

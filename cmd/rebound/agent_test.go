@@ -26,6 +26,7 @@ import (
 	"github.com/rebound-dr/rebound/internal/guestimage"
 	"github.com/rebound-dr/rebound/internal/guestimage/record"
 	"github.com/rebound-dr/rebound/nbd"
+	"github.com/rebound-dr/rebound/pki"
 )
 
 // needTools fails the test when a tool it runs is missing (CI has them).
@@ -251,7 +252,7 @@ func TestAgentLoopDevice(t *testing.T) {
 	up, svc := testUp(t, filepath.Join(dir, "up"))
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	token, err := up.Server.JoinToken(ctx, "srv1")
+	token, err := up.Server.JoinTokenAs(ctx, "srv1", pki.RoleAgent, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -577,7 +578,7 @@ func TestAgentP2V(t *testing.T) {
 	power := svc.(rebound.PowerService)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	token, err := up.Server.JoinToken(ctx, "srv1")
+	token, err := up.Server.JoinTokenAs(ctx, "srv1", pki.RoleAgent, false)
 	if err != nil {
 		t.Fatal(err)
 	}

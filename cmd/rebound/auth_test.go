@@ -32,7 +32,7 @@ func enrollPeer(t *testing.T, up *UpMain, name string, role pki.Role) *peerClien
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	tok, err := up.Server.JoinToken(ctx, name)
+	tok, err := up.Server.JoinTokenAs(ctx, name, role, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -64,25 +64,86 @@ func (c *CLI) siteCommand() *cobra.Command {
 			return c.print(d, func(w io.Writer) { writeSite(w, d, time.Now()) })
 		},
 	})
-	cmd.AddCommand(&cobra.Command{
+	var req rebound.JoinTokenRequest
+	token := &cobra.Command{
 		Use:   "token NAME",
-		Short: "Print a one-time token a new site named NAME enrolls with",
-		Args:  argNames("NAME"),
+		Short: "Print a one-time token a new site (or, with --agent, an agent) named NAME enrolls with",
+		Long: `Print a one-time join token (valid one hour) that enrolls NAME. A token
+enrolls a site, or with --agent the agent of the server NAME; each is
+refused for the other. A name already enrolled needs --rotate: the new
+certificate replaces the old one, which is revoked when the new one first
+connects.`,
+		Args: argNames("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			svc, err := c.Service()
-			if err != nil {
-				return err
-			}
-			tok, err := svc.CreateEnrollToken(cmd.Context(), args[0])
-			if err != nil {
-				return err
+			var tok string
+			if req == (rebound.JoinTokenRequest{}) {
+				svc, err := c.Service()
+				if err != nil {
+					return err
+				}
+				if tok, err = svc.CreateEnrollToken(cmd.Context(), args[0]); err != nil {
+					return err
+				}
+			} else {
+				a, err := c.SiteAdmin()
+				if err != nil {
+					return err
+				}
+				if tok, err = a.CreateJoinToken(cmd.Context(), args[0], req); err != nil {
+					return err
+				}
 			}
 			return c.print(EnrollToken{Site: args[0], Token: tok}, func(w io.Writer) {
 				fmt.Fprintln(w, tok)
 			})
 		},
-	})
+	}
+	token.Flags().BoolVar(&req.Agent, "agent", false, "the token enrolls `rebound agent --name NAME` (a certificate bound to machine NAME), not a site")
+	token.Flags().BoolVar(&req.Rotate, "rotate", false, "NAME is enrolled: replace its certificate (the old one is revoked when the new one connects)")
+	cmd.AddCommand(token)
+
+	var force bool
+	remove := &cobra.Command{
+		Use:   "remove NAME",
+		Short: "Remove a site: revoke its certificates, disconnect it and forget it",
+		Long: `Remove a site: its certificates are revoked (the server and every site
+refuse them from then on), its control channel is closed and the server
+forgets it. A site that still holds machines is refused unless --force.
+To bring the site back, enroll it again with a new token.`,
+		Args: argNames("NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			a, err := c.SiteAdmin()
+			if err != nil {
+				return err
+			}
+			res, err := a.RemoveSite(cmd.Context(), args[0], force)
+			if err != nil {
+				return err
+			}
+			return c.print(res, func(w io.Writer) {
+				fmt.Fprintf(w, "site %s removed; %d certificate(s) revoked\n", res.Site, len(res.Revoked))
+				if len(res.Machines) > 0 {
+					fmt.Fprintf(w, "machines still naming it: %v\n", res.Machines)
+				}
+			})
+		},
+	}
+	remove.Flags().BoolVar(&force, "force", false, "remove the site even though machines are still active, protected or replicated there")
+	cmd.AddCommand(remove)
 	return cmd
+}
+
+// SiteAdmin returns the service that enrolls and removes sites.
+func (c *CLI) SiteAdmin() (rebound.SiteAdminService, error) {
+	svc, err := c.Service()
+	if err != nil {
+		return nil, err
+	}
+	a, ok := svc.(rebound.SiteAdminService)
+	if !ok {
+		return nil, rebound.Errorf(rebound.EINTERNAL, "this client cannot remove sites or mint agent and rotation tokens")
+	}
+	return a, nil
 }
 
 func writeSite(w io.Writer, d *rebound.SiteDetail, now time.Time) {

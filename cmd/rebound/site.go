@@ -31,18 +31,21 @@ func init() { extraCommands = append(extraCommands, newSiteCommand) }
 
 // SiteConfig configures a site appliance.
 type SiteConfig struct {
-	Name        string
-	DataDir     string
-	Server      string // the server's gRPC address
-	JoinToken   string // needed only for the first start
-	NBDAddr     string
-	NBDSocket   string
-	ReplAddr    string
-	NBDHost     string
-	FreezeHook  string
-	ThawHook    string
-	SpoolLimit  int64
-	ReportEvery time.Duration
+	Name      string
+	DataDir   string
+	Server    string // the server's gRPC address
+	JoinToken string // needed only for the first start
+	// JoinTokenFile holds the join token when JoinToken is empty (keeps
+	// it off the command line and out of the environment).
+	JoinTokenFile string
+	NBDAddr       string
+	NBDSocket     string
+	ReplAddr      string
+	NBDHost       string
+	FreezeHook    string
+	ThawHook      string
+	SpoolLimit    int64
+	ReportEvery   time.Duration
 	// JournalSegment is the journals' wal segment size (0: default).
 	JournalSegment int64
 	// Networks is the network mapping: logical network -> local NIC.
@@ -226,16 +229,30 @@ func (m *SiteMain) credentials(ctx context.Context) (certPEM, keyPEM, caPEM []by
 		}
 		return certPEM, keyPEM, caPEM, nil
 	}
-	if m.Config.JoinToken == "" {
-		return nil, nil, nil, rebound.Errorf(rebound.EINVALID, "site %s is not enrolled: pass --token with a one-time token from `rebound site token %s`", m.Config.Name, m.Config.Name)
-	}
-	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
 	role := m.Config.enrollRole
 	if role == "" {
 		role = pki.RoleSite
 	}
-	certPEM, keyPEM, caPEM, err = rgrpc.EnrollAs(ectx, m.Config.Server, m.Config.JoinToken, m.Config.Name, role)
+	tokenCmd := "rebound site token " + m.Config.Name
+	if role == pki.RoleAgent {
+		tokenCmd += " --agent"
+	}
+	joinToken := m.Config.JoinToken
+	if joinToken == "" && m.Config.JoinTokenFile != "" {
+		b, err := os.ReadFile(m.Config.JoinTokenFile)
+		if err != nil {
+			return nil, nil, nil, rebound.Errorf(rebound.EINVALID, "%s %s is not enrolled and its join token file cannot be read: %v; write the token from `%s` there", role, m.Config.Name, err, tokenCmd)
+		}
+		if joinToken = strings.TrimSpace(string(b)); joinToken == "" {
+			return nil, nil, nil, rebound.Errorf(rebound.EINVALID, "join token file %s is empty; write the token from `%s` there", m.Config.JoinTokenFile, tokenCmd)
+		}
+	}
+	if joinToken == "" {
+		return nil, nil, nil, rebound.Errorf(rebound.EINVALID, "%s %s is not enrolled: pass a one-time token from `%s` with --token-file FILE, REBOUND_JOIN_TOKEN or --token", role, m.Config.Name, tokenCmd)
+	}
+	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	certPEM, keyPEM, caPEM, err = rgrpc.EnrollAs(ectx, m.Config.Server, joinToken, m.Config.Name, role)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("enroll site %s with %s: %w", m.Config.Name, m.Config.Server, err)
 	}
@@ -290,6 +307,9 @@ func newSiteCommand(c *CLI) *cobra.Command {
 			if cfg.Name == "" {
 				return cmd.Help()
 			}
+			if err := tokenSource(cmd, &cfg.JoinToken, cfg.JoinTokenFile); err != nil {
+				return err
+			}
 			n, err := ParseSize(spool)
 			if err != nil {
 				return err
@@ -319,7 +339,8 @@ func newSiteCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.Name, "name", "", "site name (runs the appliance)")
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (default ./rebound-data/sites/NAME)")
 	f.StringVar(&cfg.Server, "server-addr", "127.0.0.1:8441", "the server's address for sites")
-	f.StringVar(&cfg.JoinToken, "token", os.Getenv("REBOUND_JOIN_TOKEN"), "one-time enrollment token (first start only)")
+	f.StringVar(&cfg.JoinToken, "token", os.Getenv("REBOUND_JOIN_TOKEN"), "one-time enrollment token (first start only; default $REBOUND_JOIN_TOKEN; --token-file keeps it out of ps)")
+	f.StringVar(&cfg.JoinTokenFile, "token-file", "", "read the one-time enrollment token from FILE (first start only)")
 	f.StringVar(&cfg.NBDAddr, "nbd-addr", "127.0.0.1:10809", "NBD listen address")
 	f.StringVar(&cfg.NBDSocket, "nbd-socket", "", "NBD unix socket (default DATA/nbd.sock)")
 	f.StringVar(&cfg.ReplAddr, "repl-addr", "127.0.0.1:8451", "replication listen address (peer sites connect here)")
@@ -330,6 +351,20 @@ func newSiteCommand(c *CLI) *cobra.Command {
 	f.StringToStringVar(&networks, "network", nil, "network mapping LOGICAL=user|tap:IFNAME|bridge:BRIDGE for VM NICs (repeatable)")
 	addConfigFlag(cmd, "site")
 	return cmd
+}
+
+// tokenSource settles where a daemon's join token comes from: --token on
+// the command line and --token-file together are refused; a token file
+// wins over REBOUND_JOIN_TOKEN (the --token default), which is cleared.
+func tokenSource(cmd *cobra.Command, token *string, file string) error {
+	if file == "" {
+		return nil
+	}
+	if cmd.Flags().Changed("token") && *token != "" {
+		return usagef("give the join token with --token or --token-file, not both")
+	}
+	*token = ""
+	return nil
 }
 
 // signalContext is cancelled on SIGINT or SIGTERM.
