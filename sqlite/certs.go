@@ -36,10 +36,10 @@ func (db *DB) Enroll(ctx context.Context, secret, site, role, serial string) err
 		}
 		if tokRole != role {
 			next := "rebound site token " + site
-			if tokRole == "site" {
+			if role == "agent" {
 				next += " --agent"
 			}
-			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token for %s was minted for a %s: it cannot enroll a %s certificate; mint one for a %s (%s)", site, tokRole, role, role, next)
+			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token for %s was minted for %s: it cannot enroll %s certificate; mint one with %s", site, article(tokRole), article(role), next)
 		}
 		if _, err := tx.ExecContext(ctx, `INSERT INTO certs (serial, site, role, issued_at, rotates) VALUES (?, ?, ?, ?, ?)`,
 			serial, site, role, db.now().UnixNano(), rotate); err != nil {
@@ -202,4 +202,11 @@ func (db *DB) DeleteSite(ctx context.Context, name string) error {
 		return fmt.Errorf("delete site %q: %w", name, err)
 	}
 	return nil
+}
+
+func article(role string) string {
+	if role == "agent" {
+		return "an agent"
+	}
+	return "a " + role
 }
