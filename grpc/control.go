@@ -149,11 +149,15 @@ func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
 	if err != nil {
 		return err
 	}
+	// The welcome goes first: calls to the new channel wait for sendMu.
+	s.sendMu.Lock()
 	if err := c.claim(s, replace); err != nil {
+		s.sendMu.Unlock()
 		return err
 	}
-
-	if err := s.send(&pb.ServerMessage{Body: &pb.ServerMessage_Welcome{Welcome: &pb.Welcome{Version: ProtocolVersion}}}); err != nil {
+	err = s.stream.Send(&pb.ServerMessage{Body: &pb.ServerMessage_Welcome{Welcome: &pb.Welcome{Version: ProtocolVersion}}})
+	s.sendMu.Unlock()
+	if err != nil {
 		c.release(s)
 		return err
 	}

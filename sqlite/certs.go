@@ -103,7 +103,7 @@ func (db *DB) RevokeSite(ctx context.Context, site, reason string) (revoked []st
 
 // revokeTx revokes the live certificates of site but keep.
 func revokeTx(ctx context.Context, tx *sql.Tx, site, keep, reason string, now int64) ([]string, error) {
-	rows, err := tx.QueryContext(ctx, `SELECT serial FROM certs WHERE site = ? AND serial != ? AND revoked_at IS NULL`, site, keep)
+	rows, err := tx.QueryContext(ctx, `SELECT serial FROM certs WHERE site = ? AND serial != ? AND revoked_at IS NULL ORDER BY serial`, site, keep)
 	if err != nil {
 		return nil, err
 	}
