@@ -18,6 +18,9 @@ func (s *Server) GetSite(ctx context.Context, name string) (*rebound.SiteDetail,
 	st, err := s.getSite(ctx, name)
 	if err != nil {
 		if rebound.ErrorCode(err) == rebound.ENOTFOUND {
+			if d := s.unreportedSite(ctx, name); d != nil {
+				return d, nil
+			}
 			return nil, rebound.Errorf(rebound.ENOTFOUND, "site %q not found: `rebound site list` shows the enrolled sites", name)
 		}
 		return nil, err

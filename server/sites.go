@@ -315,3 +315,22 @@ func (l *live) dropSite(name string) {
 	delete(l.sites, name)
 	l.mu.Unlock()
 }
+
+// unreportedSite is the detail of a site that never reported (enrolled or
+// invited), or nil.
+func (s *Server) unreportedSite(ctx context.Context, name string) *rebound.SiteDetail {
+	sites, err := s.listEnrolledSites(ctx)
+	if err != nil {
+		return nil
+	}
+	for _, st := range sites {
+		if st.Name == name && (st.Status == rebound.SiteEnrolled || st.Status == rebound.SiteInvited) {
+			reason := "enrolled, it has never connected: start it (rebound site --name " + name + " ...)"
+			if st.Status == rebound.SiteInvited {
+				reason = "a join token was minted and not used yet: start the site with it"
+			}
+			return &rebound.SiteDetail{Site: st, Health: rebound.HealthWarning, HealthReason: reason, Machines: []rebound.SiteMachineRole{}}
+		}
+	}
+	return nil
+}

@@ -150,6 +150,9 @@ func TestSiteRemoveRevokes(t *testing.T) {
 	if s := listSites(t, up, svc)["edge"]; s.Status != rebound.SiteEnrolled {
 		t.Fatalf("enrolled, never connected edge is listed as %+v", s)
 	}
+	if r := upCLI(t, up, svc, "site", "show", "edge"); r.code != 0 || !strings.Contains(r.stdout, "never connected") {
+		t.Fatalf("site show edge: %d %s %s", r.code, r.stdout, r.stderr)
+	}
 	m, cs, closeCtl, err := edge.control(ctx, up)
 	defer closeCtl()
 	if err != nil || m.GetWelcome() == nil {
