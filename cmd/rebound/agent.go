@@ -126,7 +126,9 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 	m.ReplAddr = rl.Addr().String()
 	// The server's devices are not served over NBD: its own OS writes them.
 	m.Site.SetAddrs("", m.ReplAddr)
-	m.grpc = rgrpc.NewServer(serverTLS, m.Logger.With("agent", cfg.Name, "port", "replication"))
+	// Tracks connections by peer: a revoked peer's open streams are cut.
+	var creds *rgrpc.RevocableCreds
+	m.grpc, creds = rgrpc.NewRevocableServer(serverTLS, m.Logger.With("agent", cfg.Name, "port", "replication"), rev)
 	m.Site.Repl.Register(m.grpc)
 
 	rctx, cancel := context.WithCancel(context.Background())
@@ -146,7 +148,12 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 		every = 2 * time.Second
 	}
 	serve("control", func() error {
-		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, svc, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(setRevoked))
+		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, svc, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(func(list []string) {
+			setRevoked(list)
+			if n := creds.CloseRevoked(); n > 0 {
+				m.Logger.Warn("closed replication connections of revoked certificates", "count", n)
+			}
+		}))
 		if errors.Is(err, context.Canceled) {
 			return nil
 		}

@@ -372,3 +372,58 @@ func TestJoinTokenRoleAndFile(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// localRepl is the replication state a site itself reports for machine.
+func localRepl(t *testing.T, up *UpMain, site, machine string) string {
+	t.Helper()
+	st, err := up.Sites[site].Site.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range st.Machines {
+		if m.Name == machine {
+			return m.ReplState
+		}
+	}
+	return ""
+}
+
+// TestSiteRemoveForceCutsStreams: removing a source site with --force
+// cuts its open replication stream at the target, and the stream cannot
+// reopen: the source spools.
+func TestSiteRemoveForceCutsStreams(t *testing.T) {
+	t.Parallel()
+	up, svc := testUp(t, t.TempDir())
+	const size = 8 << 20
+	o := newOracle(t, size, 7)
+	src := protectQuiet(t, up, svc, o, size)
+	o.write(src, 5)
+	waitState := func(want string) {
+		t.Helper()
+		deadline := time.Now().Add(time.Minute)
+		for localRepl(t, up, "primary", "vm1") != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("primary's vm1 is %q, want %q", localRepl(t, up, "primary", "vm1"), want)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitState("streaming")
+
+	r := upCLI(t, up, svc, "site", "remove", "primary")
+	if r.code != ExitConflict || !strings.Contains(r.stderr, "vm1 (source)") {
+		t.Fatalf("remove primary holding vm1: %d %s", r.code, r.stderr)
+	}
+	r = upCLI(t, up, svc, "site", "remove", "primary", "--force", "-o", "json")
+	if r.code != 0 {
+		t.Fatalf("remove --force: %d %s", r.code, r.stderr)
+	}
+	if res := decode[rebound.SiteRemoval](t, r.stdout); len(res.Machines) != 1 || res.Machines[0] != "vm1" || len(res.Revoked) != 1 {
+		t.Fatalf("forced removal: %+v", res)
+	}
+	// The open stream was cut and the sender cannot get back in.
+	o.write(src, 5)
+	waitState("spooling")
+	waitEvent(t, svc, "replication.refused", "recovery", "from site primary", "revoked")
+	waitEvent(t, svc, "site.removed", "primary", "forced", "vm1")
+}

@@ -132,7 +132,9 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	}
 	m.ReplAddr = rl.Addr().String()
 	m.Site.SetAddrs(m.NBDAddr, m.ReplAddr)
-	m.grpc = rgrpc.NewServer(serverTLS, m.Logger.With("site", cfg.Name, "port", "replication"))
+	// Tracks connections by peer: a revoked peer's open streams are cut.
+	var creds *rgrpc.RevocableCreds
+	m.grpc, creds = rgrpc.NewRevocableServer(serverTLS, m.Logger.With("site", cfg.Name, "port", "replication"), rev)
 	m.Site.Repl.Register(m.grpc)
 
 	rctx, cancel := context.WithCancel(context.Background())
@@ -162,7 +164,12 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 		every = 2 * time.Second
 	}
 	serve("control", func() error {
-		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, m.Site, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(setRevoked))
+		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, m.Site, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(func(list []string) {
+			setRevoked(list)
+			if n := creds.CloseRevoked(); n > 0 {
+				m.Logger.Warn("closed replication connections of revoked certificates", "count", n)
+			}
+		}))
 		if errors.Is(err, context.Canceled) {
 			return nil
 		}
