@@ -150,7 +150,11 @@ func (s *Server) AdmitSite(name string, cert *x509.Certificate) (replace bool, e
 	id := pki.IdentityOf(cert)
 	revoked, err := s.DB.CertUsed(ctx, pki.Serial(cert), name, string(id.Role))
 	if err != nil {
-		return false, err
+		// The site is let in: its live status must not wait for the
+		// store (a full disk). A rotation is finished at its next
+		// connection, as its first use was not recorded.
+		s.Logger.Warn("record certificate use", "site", name, "serial", pki.Serial(cert), "err", err)
+		return false, nil
 	}
 	s.mu.Lock()
 	delete(s.removed, name)
