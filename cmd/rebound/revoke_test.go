@@ -88,9 +88,9 @@ func handshakeRefused(err error) bool {
 	return err != nil && status.Code(err) == codes.Unavailable
 }
 
-// waitEvent waits for an event of kind about site whose message holds
+// waitSiteEvent waits for an event of kind about site whose message holds
 // all of want, and returns it.
-func waitEvent(t *testing.T, svc rebound.Service, kind, site string, want ...string) rebound.Event {
+func waitSiteEvent(t *testing.T, svc rebound.Service, kind, site string, want ...string) rebound.Event {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -201,9 +201,9 @@ func TestSiteRemoveRevokes(t *testing.T) {
 	if err := edge.probeRepl(ctx, up); !handshakeRefused(err) {
 		t.Fatalf("edge at recovery's replication port after the removal: %v", err)
 	}
-	waitEvent(t, svc, "site.removed", "edge", edge.serial(t))
-	waitEvent(t, svc, "site.revoked-refused", "edge", edge.serial(t))
-	waitEvent(t, svc, "replication.refused", "recovery", "from site edge", "revoked")
+	waitSiteEvent(t, svc, "site.removed", "edge", edge.serial(t))
+	waitSiteEvent(t, svc, "site.revoked-refused", "edge", edge.serial(t))
+	waitSiteEvent(t, svc, "replication.refused", "recovery", "from site edge", "revoked")
 	if _, ok := listSites(t, up, svc)["edge"]; ok {
 		t.Fatal("edge is still listed after its removal")
 	}
@@ -265,7 +265,7 @@ func TestSiteTokenRotate(t *testing.T) {
 	if err != nil || m.GetWelcome() == nil {
 		t.Fatalf("new certificate's control channel: %v %v", m, err)
 	}
-	waitEvent(t, svc, "site.rotated", "primary", fresh.serial(t), old.serial(t))
+	waitSiteEvent(t, svc, "site.rotated", "primary", fresh.serial(t), old.serial(t))
 	if _, _, c, err := old.control(ctx, up); !handshakeRefused(err) {
 		c()
 		t.Fatalf("old certificate's control channel after the rotation: %v", err)
@@ -276,7 +276,7 @@ func TestSiteTokenRotate(t *testing.T) {
 	if err := fresh.probeRepl(ctx, up); status.Code(err) != codes.NotFound {
 		t.Fatalf("new certificate at recovery: %v", err)
 	}
-	waitEvent(t, svc, "site.revoked-refused", "primary", old.serial(t))
+	waitSiteEvent(t, svc, "site.revoked-refused", "primary", old.serial(t))
 }
 
 // TestSecondControlConnectionRefused: a second process with a site's
@@ -293,7 +293,7 @@ func TestSecondControlConnectionRefused(t *testing.T) {
 	if status.Code(err) != codes.AlreadyExists || !strings.Contains(err.Error(), "already connected") {
 		t.Fatalf("second channel for primary: %v", err)
 	}
-	waitEvent(t, svc, "site.duplicate", "primary", "refused a second control connection", "keeps its connection")
+	waitSiteEvent(t, svc, "site.duplicate", "primary", "refused a second control connection", "keeps its connection")
 	if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{1 << 20}}); err != nil {
 		t.Fatalf("primary after the refused second channel: %v", err)
 	}
@@ -322,7 +322,7 @@ func TestJoinTokenRoleAndFile(t *testing.T) {
 	if rebound.ErrorCode(err) != rebound.EUNAUTHORIZED || !strings.Contains(err.Error(), "minted for an agent") {
 		t.Fatalf("site enrolment with an agent's token: %v", err)
 	}
-	waitEvent(t, svc, "site.enroll-refused", "srv9", "minted for an agent")
+	waitSiteEvent(t, svc, "site.enroll-refused", "srv9", "minted for an agent")
 	// The refused attempt did not use the token up.
 	cert, _, _, err := rgrpc.EnrollAs(ctx, up.Server.GRPCAddr, agentTok, "srv9", pki.RoleAgent)
 	if err != nil {
@@ -424,6 +424,6 @@ func TestSiteRemoveForceCutsStreams(t *testing.T) {
 	// The open stream was cut and the sender cannot get back in.
 	o.write(src, 5)
 	waitState("spooling")
-	waitEvent(t, svc, "replication.refused", "recovery", "from site primary", "revoked")
-	waitEvent(t, svc, "site.removed", "primary", "forced", "vm1")
+	waitSiteEvent(t, svc, "replication.refused", "recovery", "from site primary", "revoked")
+	waitSiteEvent(t, svc, "site.removed", "primary", "forced", "vm1")
 }
