@@ -61,26 +61,34 @@ func (s *Stream) StartResync(regions [][]rebound.Region) error {
 		}
 	}
 	s.mu.Lock()
-	if s.closed {
+	if err := s.markResyncLocked(regions); err != nil {
 		s.mu.Unlock()
+		return fmt.Errorf("capture: %w", err)
+	}
+	s.initial = true
+	s.mu.Unlock()
+	return s.saveMeta()
+}
+
+// markResyncLocked makes regions dirty and starts a resync, or widens the
+// running one. Called with s.mu held.
+func (s *Stream) markResyncLocked(regions [][]rebound.Region) error {
+	if s.closed {
 		return ErrClosed
 	}
 	for i, rs := range regions {
 		for _, r := range rs {
 			if _, err := s.disks[i].dirty.markRange(r.Offset, r.Length); err != nil {
-				s.mu.Unlock()
-				return fmt.Errorf("capture: %w", err)
+				return err
 			}
 		}
 	}
-	s.initial = true
 	if s.resyncing {
 		s.syncTotal = s.syncDone + s.dirtyBytesLocked()
 	} else {
 		s.startResyncLocked()
 	}
-	s.mu.Unlock()
-	return s.saveMeta()
+	return nil
 }
 
 // startResyncLocked starts the resync goroutine. Called with s.mu held.
@@ -355,22 +363,9 @@ func (s *Stream) Repair(ctx context.Context, req *rebound.RepairRequest) error {
 		}
 	}
 	s.mu.Lock()
-	if s.closed {
+	if err := s.markResyncLocked(regions); err != nil {
 		s.mu.Unlock()
-		return ErrClosed
-	}
-	for i, rs := range regions {
-		for _, r := range rs {
-			if _, err := s.disks[i].dirty.markRange(r.Offset, r.Length); err != nil {
-				s.mu.Unlock()
-				return fmt.Errorf("capture: repair: %w", err)
-			}
-		}
-	}
-	if s.resyncing {
-		s.syncTotal = s.syncDone + s.dirtyBytesLocked()
-	} else {
-		s.startResyncLocked()
+		return fmt.Errorf("capture: repair: %w", err)
 	}
 	err := s.appendLocked(&rebound.Record{Kind: rebound.RecordResyncBegin, PointKind: rebound.ResyncRepair})
 	s.mu.Unlock()

@@ -1,7 +1,6 @@
 package nbd
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -16,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rebound-dr/rebound/internal/syncbuf"
 	"github.com/rebound-dr/rebound/nbd/internal/rawfile"
 )
 
@@ -30,22 +30,8 @@ type testServer struct {
 	serveErrs chan error
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a log sink safe for concurrent writers.
+type syncBuffer = syncbuf.Buffer
 
 // exportSpec describes an export to create: a file of Size bytes.
 type exportSpec struct {

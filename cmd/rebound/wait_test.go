@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/syncbuf"
 )
 
 // jobScript is a GetJob that returns the given states one per poll, then
@@ -152,23 +153,8 @@ func TestWaitInterrupted(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for mpb's goroutine.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
+// syncBuffer is a log sink safe for concurrent writers.
+type syncBuffer = syncbuf.Buffer
 
 func TestWaitProgressBar(t *testing.T) {
 	t.Setenv("XDG_CONFIG_HOME", t.TempDir())
