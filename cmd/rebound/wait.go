@@ -58,6 +58,9 @@ func (c *CLI) WaitJob(ctx context.Context, svc rebound.Service, job *rebound.Job
 					extra = ", " + r
 				}
 				fmt.Fprintf(c.Stderr, "job %s %s (%s%s)\n", j.ID, line, fmtPercent(j.Progress), extra)
+				if j.State == rebound.JobSuspended {
+					fmt.Fprintf(c.Stderr, "%s\n", suspendedHint(j))
+				}
 				last = line
 			}
 		}
@@ -132,6 +135,9 @@ func (c *CLI) progressBar(ctx context.Context, job *rebound.Job) (show, stop fun
 // barStep is the text after the bar: the step, and for a resync the bytes
 // sent and the ETA.
 func barStep(j *rebound.Job) string {
+	if j.State == rebound.JobSuspended {
+		return suspendedHint(j)
+	}
 	if r := fmtResync(j); r != "" {
 		if j.Step == "" {
 			return r
@@ -171,4 +177,15 @@ func (c *CLI) waitAndPrint(ctx context.Context, svc rebound.Service, job *reboun
 		return &jobError{job}
 	}
 	return nil
+}
+
+// suspendedHint says what a suspended plan job waits for and how to go on.
+func suspendedHint(j *rebound.Job) string {
+	msg := "waiting"
+	for _, st := range j.Steps {
+		if st.State == rebound.JobRunning && st.Message != "" {
+			msg = st.Message
+		}
+	}
+	return fmt.Sprintf("%s; then: rebound job resume %s", msg, j.ID)
 }

@@ -196,3 +196,23 @@ func TestWaitProgressBar(t *testing.T) {
 		}
 	}
 }
+
+// TestWaitSuspended: --wait on a job that suspends at a manual step says
+// what it waits for and the command that goes on, once, and keeps waiting.
+func TestWaitSuspended(t *testing.T) {
+	f := &fakeService{
+		GetJobFn: jobScript(
+			rebound.Job{Type: "plan-failover", State: rebound.JobSuspended, Step: "stage web",
+				Steps: []rebound.JobStep{{Name: "stage web", State: rebound.JobRunning, Message: "manual step: switch the DNS"}}},
+			rebound.Job{Type: "plan-failover", State: rebound.JobSuspended, Step: "stage web",
+				Steps: []rebound.JobStep{{Name: "stage web", State: rebound.JobRunning, Message: "manual step: switch the DNS"}}},
+			rebound.Job{Type: "plan-failover", State: rebound.JobSucceeded, Step: "stage web", Progress: 1},
+		),
+	}
+	r := runCLI(t, f, "job", "wait", "j7")
+	wantCode(t, r, 0)
+	want := "job j7 suspended: stage web (0%)\nmanual step: switch the DNS; then: rebound job resume j7\njob j7 succeeded: stage web (100%)\n"
+	if r.stderr != want {
+		t.Fatalf("stderr:\n%s\nwant:\n%s", r.stderr, want)
+	}
+}
