@@ -19,22 +19,22 @@ import (
 // once complete, so an interrupted detach leaves the replica as it was.
 func (s *Site) Detach(ctx context.Context, name string, seq uint64) ([]string, error) {
 	s.mu.Lock()
-	m, err := s.getLocked(name)
+	_, u, err := s.unitLocked(name)
 	switch {
 	case err != nil:
-	case m.state.Role == RoleDetached:
+	case u.state.Role == RoleDetached:
 		s.mu.Unlock()
-		return s.detachedPaths(m), nil
-	case m.state.Role != RoleTarget || m.journal == nil:
+		return s.detachedPaths(u), nil
+	case u.state.Role != RoleTarget || u.journal == nil:
 		err = rebound.Errorf(rebound.ECONFLICT, "site %s is not the recovery site of machine %q; only a replica can be detached", s.cfg.Name, name)
-	case m.act != nil || m.test != nil:
+	case u.act != nil || u.test != nil:
 		err = rebound.Errorf(rebound.ECONFLICT, "machine %q has a failover or test failover at site %s; commit, cancel or clean it up first", name, s.cfg.Name)
 	}
 	if err != nil {
 		s.mu.Unlock()
 		return nil, err
 	}
-	j, disks := m.journal, m.state.Disks
+	j, disks, udir := u.journal, u.disks(), s.unitDir(u)
 	s.mu.Unlock()
 
 	// The view pins seq: expiry cannot fold past it while it is copied.
@@ -42,7 +42,7 @@ func (s *Site) Detach(ctx context.Context, name string, seq uint64) ([]string, e
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(s.machineDir(name), "detach")
+	dir := filepath.Join(udir, "detach")
 	err = os.RemoveAll(dir) // an interrupted earlier run, maybe at another seq
 	if err == nil {
 		err = os.MkdirAll(dir, 0o700)
@@ -61,34 +61,35 @@ func (s *Site) Detach(ctx context.Context, name string, seq uint64) ([]string, e
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if cur, ok := s.machines[name]; !ok || cur != m || m.journal != j {
+	if cur, ok := s.units[u.name]; !ok || cur != u || u.journal != j {
 		_ = os.RemoveAll(dir)
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %q changed at site %s while it was being detached; retry", name, s.cfg.Name)
 	}
 	if err := j.Close(); err != nil {
 		return nil, err
 	}
-	m.journal = nil
+	u.journal = nil
 	for i := range disks {
-		if err := os.Rename(filepath.Join(dir, fmt.Sprintf("disk%d.raw", i)), s.diskPath(name, i)); err != nil {
+		if err := os.Rename(filepath.Join(dir, fmt.Sprintf("disk%d.raw", i)), s.unitDiskPath(u, i)); err != nil {
 			return nil, err
 		}
 	}
-	m.state.Role, m.state.Spec, m.state.Act, m.state.Test, m.state.Fenced = RoleDetached, nil, nil, nil, false
+	u.state.Role, u.state.Spec, u.state.Act, u.state.Test, u.state.Fenced = RoleDetached, nil, nil, nil, false
 	if err := s.saveLocked(); err != nil {
 		return nil, err
 	}
 	_ = os.RemoveAll(dir)
-	if err := journal.Remove(filepath.Join(s.machineDir(name), "journal")); err != nil {
+	if err := journal.Remove(filepath.Join(udir, "journal")); err != nil {
 		s.logger.Warn("detach: the old journal stays until the site restarts", "machine", name, "err", err)
 	}
-	return s.detachedPaths(m), nil
+	return s.detachedPaths(u), nil
 }
 
-func (s *Site) detachedPaths(m *machine) []string {
-	paths := make([]string, len(m.state.Disks))
+// detachedPaths are the files of the unit's disks, in unit order.
+func (s *Site) detachedPaths(u *unit) []string {
+	paths := make([]string, len(u.disks()))
 	for i := range paths {
-		paths[i] = s.diskPath(m.state.Name, i)
+		paths[i] = s.unitDiskPath(u, i)
 	}
 	return paths
 }

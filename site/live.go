@@ -93,47 +93,56 @@ func (s *Site) liveLocked(m *machine) []*liveDisk {
 	if len(m.live) != len(m.state.Disks) {
 		m.live = make([]*liveDisk, len(m.state.Disks))
 		for i, d := range m.state.Disks {
-			m.live[i] = &liveDisk{size: d.Size, name: exportName(m.state.Name, i, false)}
+			m.live[i] = &liveDisk{size: d.Size, name: exportName(m.state.Name, i, false), b: currentLocked(m, i)}
 		}
-		s.setLiveLocked(m)
 	}
 	return m.live
 }
 
-// currentLocked is the backend that serves disk i of m now, or nil.
+// currentLocked is the backend that serves disk i of m now, or nil: its
+// own file while its unit is active, else its unit's stream or activation
+// at its disk offset.
 func currentLocked(m *machine, i int) nbd.Backend {
+	u := m.unit
 	switch {
-	case m.state.Role == RoleActive && i < len(m.files):
+	case u.state.Role == RoleActive && i < len(m.files):
 		return m.files[i]
-	case m.state.Role == RoleSource && m.stream != nil:
-		return m.stream.Disk(i)
-	case m.state.Role == RoleTarget && m.act != nil:
-		return m.act.backend(i)
+	case u.state.Role == RoleSource && u.stream != nil:
+		return u.stream.Disk(m.offset + i)
+	case u.state.Role == RoleTarget && u.act != nil:
+		return u.act.backend(m.offset + i)
 	}
 	return nil
 }
 
-// setLiveLocked points the live disks at the current backends, after the
-// requests in flight on the old ones.
-func (s *Site) setLiveLocked(m *machine) {
-	for i, d := range m.live {
-		d.mu.Lock()
-		d.b = currentLocked(m, i)
-		d.mu.Unlock()
+// setLiveLocked points the live disks of the unit's members at the current
+// backends, after the requests in flight on the old ones.
+func (s *Site) setLiveLocked(u *unit) {
+	for _, m := range u.members {
+		for i, d := range m.live {
+			d.mu.Lock()
+			d.b = currentLocked(m, i)
+			d.mu.Unlock()
+		}
 	}
 }
 
-// pauseLocked waits for requests in flight on m's disks and holds new ones
-// until resumeLocked, which serves them from the backends of then.
-func (s *Site) pauseLocked(m *machine) {
-	for _, d := range s.liveLocked(m) {
-		d.mu.Lock()
+// pauseLocked waits for requests in flight on the disks of u's members and
+// holds new ones until resumeLocked, which serves them from the backends
+// of then: a unit changes role as a whole.
+func (s *Site) pauseLocked(u *unit) {
+	for _, m := range u.members {
+		for _, d := range s.liveLocked(m) {
+			d.mu.Lock()
+		}
 	}
 }
 
-func (s *Site) resumeLocked(m *machine) {
-	for i, d := range m.live {
-		d.b = currentLocked(m, i)
-		d.mu.Unlock()
+func (s *Site) resumeLocked(u *unit) {
+	for _, m := range u.members {
+		for i, d := range m.live {
+			d.b = currentLocked(m, i)
+			d.mu.Unlock()
+		}
 	}
 }

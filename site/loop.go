@@ -24,18 +24,31 @@ func newGeneration() string {
 	return "g-" + hex.EncodeToString(b[:])
 }
 
-// streamDir is where a machine's capture stream lives.
-func (s *Site) streamDir(name string) string {
-	return filepath.Join(s.machineDir(name), "stream")
+// streamDir is where a unit's capture stream lives.
+func (s *Site) streamDir(u *unit) string {
+	return filepath.Join(s.unitDir(u), "stream")
 }
 
-// diskSpecs returns the capture specs of a machine's disks.
-func (s *Site) diskSpecs(m *machine) []capture.DiskSpec {
-	specs := make([]capture.DiskSpec, len(m.state.Disks))
-	for i, d := range m.state.Disks {
-		specs[i] = capture.DiskSpec{Path: s.diskPath(m.state.Name, i), Size: d.Size}
+// diskSpecs returns the capture specs of a unit's disks, in unit order.
+func (s *Site) diskSpecs(u *unit) []capture.DiskSpec {
+	var specs []capture.DiskSpec
+	for _, m := range u.members {
+		for i, d := range m.state.Disks {
+			specs = append(specs, capture.DiskSpec{Path: s.diskPath(m.state.Name, i), Size: d.Size})
+		}
 	}
 	return specs
+}
+
+// memberRegions cuts a member's disks out of per-unit-disk regions.
+func memberRegions(m *machine, regions [][]rebound.Region) [][]rebound.Region {
+	out := make([][]rebound.Region, len(m.state.Disks))
+	for i := range out {
+		if k := m.offset + i; k < len(regions) {
+			out[i] = regions[k]
+		}
+	}
+	return out
 }
 
 // CopyInfo describes this site's copy of a machine.
@@ -47,28 +60,30 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 	if !ok {
 		return ci, nil
 	}
-	ci.Role, ci.Disks = m.state.Role, m.state.Disks
-	ci.Generation, ci.Parent = m.state.Generation, m.state.Parent
+	u := m.unit
+	ci.Role, ci.Disks = u.state.Role, m.state.Disks
+	ci.Generation, ci.Parent = u.state.Generation, u.state.Parent
 	switch {
-	case m.state.Role == RoleActive && len(m.trackers) == len(m.state.Disks):
+	case u.state.Role == RoleActive && len(m.trackers) == len(m.state.Disks):
 		ci.Tracked = true
 		for _, t := range m.trackers {
 			ci.Changed = append(ci.Changed, t.Regions())
 			ci.ChangedBytes += t.Bytes()
 		}
-	case m.state.Role == RoleActive:
+	case u.state.Role == RoleActive:
 		ci.Untrusted = fmt.Sprintf("site %s tracks no changes for this copy (it did not become active through a failover)", s.cfg.Name)
-	case m.state.Role == RoleReleased:
+	case u.state.Role == RoleReleased:
 		// The old source: what it wrote that its peer may lack is in its
 		// closed stream (spool and dirty maps).
-		regions, last, err := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
+		regions, last, err := capture.PendingRegions(s.streamDir(u), s.diskSpecs(u))
 		if err != nil {
 			ci.Untrusted = fmt.Sprintf("the released copy's stream at site %s cannot be read: %s", s.cfg.Name, rebound.ErrorMessage(err))
 			s.spoolDamaged(name, err)
 			break
 		}
-		ci.Tracked, ci.Changed, ci.LastWrite = !m.state.Diverged, regions, last
-		if m.state.Diverged {
+		regions = memberRegions(m, regions)
+		ci.Tracked, ci.Changed, ci.LastWrite = !u.state.Diverged, regions, last
+		if u.state.Diverged {
 			ci.Untrusted = "the copy took writes after the failover"
 		}
 		for _, rs := range regions {
@@ -76,16 +91,17 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 				ci.ChangedBytes += r.Length
 			}
 		}
-	case m.state.Role == RoleTarget && m.act == nil && m.state.Spec != nil && m.state.Spec.AdoptDisks:
+	case u.state.Role == RoleTarget && u.act == nil && u.state.Spec != nil && u.state.Spec.AdoptDisks:
 		// A reprotect target that adopted its released disks: what they
 		// lack is still in the released copy's stream, which adoption
 		// leaves in place. A retried reprotect resumes from it.
-		regions, last, err := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
+		regions, last, err := capture.PendingRegions(s.streamDir(u), s.diskSpecs(u))
 		if err != nil {
 			ci.Untrusted = fmt.Sprintf("the adopted copy's old stream at site %s cannot be read: %s", s.cfg.Name, rebound.ErrorMessage(err))
 			s.spoolDamaged(name, err)
 			break
 		}
+		regions = memberRegions(m, regions)
 		ci.Tracked, ci.Changed, ci.LastWrite = true, regions, last
 		for _, rs := range regions {
 			for _, r := range rs {
@@ -93,7 +109,7 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 			}
 		}
 	default:
-		ci.Untrusted = fmt.Sprintf("the %s copy at site %s has no change tracking", m.state.Role, s.cfg.Name)
+		ci.Untrusted = fmt.Sprintf("the %s copy at site %s has no change tracking", u.state.Role, s.cfg.Name)
 	}
 	return ci, nil
 }
@@ -120,8 +136,8 @@ func (s *Site) Digests(ctx context.Context, name string, blockSize int64) ([]reb
 	var paths []string
 	var disks []rebound.Disk
 	if err == nil {
-		if m.state.Role != RoleActive && m.state.Role != RoleReleased {
-			err = rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; digests are taken of active or released copies", name, m.state.Role, s.cfg.Name)
+		if r := m.unit.state.Role; r != RoleActive && r != RoleReleased {
+			err = rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; digests are taken of active or released copies", name, r, s.cfg.Name)
 		}
 		disks = m.state.Disks
 		for i := range disks {
@@ -158,24 +174,24 @@ func fileDigests(ctx context.Context, path string, size, blockSize int64) ([][]b
 func (s *Site) Reactivate(ctx context.Context, name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, err := s.getLocked(name)
+	_, u, err := s.unitLocked(name)
 	if err != nil {
 		return err
 	}
-	switch m.state.Role {
+	switch u.state.Role {
 	case RoleActive:
 		return nil
 	case RoleReleased:
 	default:
-		return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; only a released copy can be reactivated", name, m.state.Role, s.cfg.Name)
+		return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; only a released copy can be reactivated", name, u.state.Role, s.cfg.Name)
 	}
-	s.pauseLocked(m)
-	defer s.resumeLocked(m)
-	if err := s.openFiles(m); err != nil {
+	s.pauseLocked(u)
+	defer s.resumeLocked(u)
+	if err := s.openUnitFiles(u); err != nil {
 		return err
 	}
-	m.state.Role, m.state.Fenced, m.state.Spec = RoleActive, false, nil
-	m.state.Parent, m.state.Generation, m.state.Diverged = m.state.Generation, newGeneration(), false
+	u.state.Role, u.state.Fenced, u.state.Spec = RoleActive, false, nil
+	u.state.Parent, u.state.Generation, u.state.Diverged = u.state.Generation, newGeneration(), false
 	return s.saveLocked()
 }
 
@@ -209,16 +225,24 @@ func (s *Site) removeTrackers(name string, disks int) {
 	}
 }
 
-// deltaSeed returns the regions a delta resync sends: those asked for plus
-// every write tracked at this copy. Called with s.mu held.
-func (s *Site) deltaSeed(m *machine, extra [][]rebound.Region) [][]rebound.Region {
-	seed := make([][]rebound.Region, len(m.state.Disks))
+// removeUnitTrackers removes the change maps of every member of u.
+func (s *Site) removeUnitTrackers(u *unit) {
+	for _, m := range u.members {
+		s.removeTrackers(m.state.Name, len(m.state.Disks))
+	}
+}
+
+// deltaSeed returns the regions a delta resync sends, per disk of the
+// unit: those asked for plus every write tracked at this copy. Called with
+// s.mu held.
+func (s *Site) deltaSeed(u *unit, extra [][]rebound.Region) [][]rebound.Region {
+	seed := make([][]rebound.Region, len(u.disks()))
 	for i := range seed {
 		if i < len(extra) {
 			seed[i] = append(seed[i], extra[i]...)
 		}
-		if i < len(m.trackers) {
-			seed[i] = append(seed[i], m.trackers[i].Regions()...)
+		if m, j := u.locate(i); j < len(m.trackers) {
+			seed[i] = append(seed[i], m.trackers[j].Regions()...)
 		}
 		if seed[i] == nil {
 			seed[i] = []rebound.Region{}
@@ -271,19 +295,22 @@ func (d trackedDisk) Trim(off, length int64) error {
 	return d.Disk.Trim(off, length)
 }
 
-// deltaSeedFromFiles is deltaSeed for a machine whose change maps are not
+// deltaSeedFromFiles is deltaSeed for a unit whose change maps are not
 // open (a source reopened after a crash): it reads them from their files.
-func (s *Site) deltaSeedFromFiles(m *machine, extra [][]rebound.Region) [][]rebound.Region {
-	seed := make([][]rebound.Region, len(m.state.Disks))
-	for i, d := range m.state.Disks {
+func (s *Site) deltaSeedFromFiles(u *unit, extra [][]rebound.Region) [][]rebound.Region {
+	disks := u.disks()
+	seed := make([][]rebound.Region, len(disks))
+	for i, d := range disks {
 		seed[i] = []rebound.Region{}
 		if i < len(extra) {
 			seed[i] = append(seed[i], extra[i]...)
 		}
-		if _, err := os.Stat(s.trackerPath(m.state.Name, i)); err != nil {
+		m, j := u.locate(i)
+		path := s.trackerPath(m.state.Name, j)
+		if _, err := os.Stat(path); err != nil {
 			continue
 		}
-		t, err := capture.OpenTracker(s.trackerPath(m.state.Name, i), d.Size, 4096)
+		t, err := capture.OpenTracker(path, d.Size, 4096)
 		if err != nil {
 			// Unknown changes: the whole disk is the only safe seed.
 			seed[i] = []rebound.Region{{Offset: 0, Length: d.Size}}

@@ -29,50 +29,51 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 	}
 	s.addrMu.Unlock()
 	for _, m := range s.machines {
-		ms := rebound.MachineStatus{Name: m.state.Name, Role: m.state.Role, Fenced: m.state.Fenced,
+		u := m.unit
+		ms := rebound.MachineStatus{Name: m.state.Name, Role: u.state.Role, Fenced: u.state.Fenced,
 			VM: s.vmStatusLocked(m, false), TestVM: s.vmStatusLocked(m, true)}
-		switch m.state.Role {
+		switch u.state.Role {
 		case RoleActive, RoleSource:
 			ms.Disks = s.disksWithURIs(m.state.Name, m.state.Disks, false)
 		case RoleTarget:
-			if m.act != nil {
+			if u.act != nil {
 				ms.Disks = s.disksWithURIs(m.state.Name, m.state.Disks, false)
 			}
 		}
-		if m.stream != nil {
-			cs := m.stream.Stats()
+		if u.stream != nil {
+			cs := u.stream.Stats()
 			ms.ReplState = cs.State
 			ms.SyncDone, ms.SyncTotal = cs.SyncDone, cs.SyncTotal
 			ms.HeadSeq, ms.AckedSeq = cs.HeadSeq, cs.AckedSeq
 			ms.BacklogBytes, ms.DirtyBytes = cs.BacklogBytes, cs.DirtyBytes
 			ms.LagSeconds, ms.ThroughputBps = cs.LagSeconds, cs.ThroughputBps
 			ms.ReplError = cs.Error
-			if m.sender != nil {
-				switch ss := m.sender.Stats(); {
+			if u.sender != nil {
+				switch ss := u.sender.Stats(); {
 				case ss.Stopped != "":
 					// The stream cannot go on without a resync: say so.
 					to := "SITE"
-					if m.state.Spec != nil {
-						to = m.state.Spec.PeerSite
+					if u.state.Spec != nil {
+						to = u.state.Spec.PeerSite
 					}
 					ms.ReplState = "broken"
 					ms.ReplError = strings.TrimSpace(fmt.Sprintf("%s %s: run `rebound unprotect %s --wait`, then `rebound protect %s --to %s --wait`",
-						ms.ReplError, ss.Stopped, m.state.Name, m.state.Name, to))
+						ms.ReplError, ss.Stopped, u.name, u.name, to))
 				case !ss.Connected && ms.ReplState == "streaming":
 					ms.ReplState = "spooling"
 				}
 			}
 		}
-		if m.journal != nil {
-			ms.DurableSeq = m.journal.Durable()
-			pl := m.journal.Points()
+		if u.journal != nil {
+			ms.DurableSeq = u.journal.Durable()
+			pl := u.journal.Points()
 			ms.Consistent = len(pl.Points) > 0
 			if n := len(pl.Points); n > 0 {
 				ms.LastPointTime = pl.Points[n-1].Time
 			}
-			ms.Activated, ms.TestActivated = m.act != nil, m.test != nil
-			if _, _, _, repairing := m.journal.Repairing(); repairing || m.journal.Corrupt() != nil {
-				ms.ReplError = journalDamage(s.cfg.Name, &m.state, m.journal)
+			ms.Activated, ms.TestActivated = u.act != nil, u.test != nil
+			if _, _, _, repairing := u.journal.Repairing(); repairing || u.journal.Corrupt() != nil {
+				ms.ReplError = journalDamage(s.cfg.Name, u, u.journal)
 			}
 		}
 		st.Machines = append(st.Machines, ms)
@@ -102,12 +103,13 @@ func (s *Site) CreateMachine(ctx context.Context, req rebound.SiteMachine) error
 		_ = os.RemoveAll(s.machineDir(req.Name))
 		return err
 	}
-	m := &machine{state: machineState{Name: req.Name, Disks: disks, Role: RoleActive, Generation: newGeneration(), VM: req.VM}}
+	m := &machine{state: machineState{Name: req.Name, Disks: disks, VM: req.VM}}
+	u := newUnit(req.Name, unitFields{Role: RoleActive, Generation: newGeneration()}, []*machine{m})
 	if err := s.openFiles(m); err != nil {
 		s.closeFiles(m)
 		return err
 	}
-	s.machines[req.Name] = m
+	s.addUnitLocked(u)
 	return s.saveLocked()
 }
 
@@ -123,7 +125,8 @@ func sameDisks(a, b []rebound.Disk) bool {
 	return true
 }
 
-// DeleteMachine stops serving the machine and removes its files.
+// DeleteMachine stops serving the machine and removes its files, and its
+// unit's.
 func (s *Site) DeleteMachine(ctx context.Context, name string) error {
 	s.mu.Lock()
 	m, ok := s.machines[name]
@@ -131,16 +134,28 @@ func (s *Site) DeleteMachine(ctx context.Context, name string) error {
 		s.mu.Unlock()
 		return nil
 	}
-	delete(s.machines, name)
+	u := m.unit
+	if !u.lone() {
+		s.mu.Unlock()
+		return rebound.Errorf(rebound.ECONFLICT, "machine %q is a member of group %s at site %s; remove it from the group first", name, u.name, s.cfg.Name)
+	}
+	s.dropUnitLocked(u)
 	s.killVMLocked(m, false)
 	s.killVMLocked(m, true)
 	err := s.saveLocked()
 	s.mu.Unlock()
 	s.disconnectAll(name, len(m.state.Disks))
 	s.mu.Lock()
-	err = errors.Join(err, s.closeMachine(m))
+	err = errors.Join(err, s.closeUnit(u))
 	s.mu.Unlock()
 	return errors.Join(err, os.RemoveAll(s.machineDir(name)))
+}
+
+// disconnectUnit disconnects the exports of every member of u.
+func (s *Site) disconnectUnit(u *unit) {
+	for _, m := range u.members {
+		s.disconnectAll(m.state.Name, len(m.state.Disks))
+	}
 }
 
 func (s *Site) disconnectAll(name string, disks int) {
@@ -150,13 +165,15 @@ func (s *Site) disconnectAll(name string, disks int) {
 	}
 }
 
-// StartReplication makes this site the source or target of a stream.
+// StartReplication makes this site the source or target of a stream. The
+// stream is the unit's of spec.Machine: a source captures all its members'
+// disks into it.
 func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpec) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch spec.Role {
 	case RoleSource:
-		m, err := s.getLocked(spec.Machine)
+		m, u, err := s.unitLocked(spec.Machine)
 		if err != nil {
 			return err
 		}
@@ -166,14 +183,14 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 				return err
 			}
 		}
-		if m.state.Role == RoleSource {
-			if m.state.Spec != nil && m.state.Spec.StreamID == spec.StreamID {
+		if u.state.Role == RoleSource {
+			if u.state.Spec != nil && u.state.Spec.StreamID == spec.StreamID {
 				return nil
 			}
-			return rebound.Errorf(rebound.ECONFLICT, "machine %q already replicates as stream %q", spec.Machine, m.state.Spec.StreamID)
+			return rebound.Errorf(rebound.ECONFLICT, "machine %q already replicates as stream %q", spec.Machine, u.state.Spec.StreamID)
 		}
-		if m.state.Role != RoleActive {
-			return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; only an active machine can be a source", spec.Machine, m.state.Role, s.cfg.Name)
+		if u.state.Role != RoleActive {
+			return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; only an active machine can be a source", spec.Machine, u.state.Role, s.cfg.Name)
 		}
 		if spec.PeerAddr == "" {
 			return rebound.Errorf(rebound.EINVALID, "a source needs the peer's replication address")
@@ -182,88 +199,118 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		// the given regions plus every write tracked since the failover.
 		seed := allDisks
 		if spec.Seed == rebound.SeedDelta {
-			seed = s.deltaSeed(m, spec.Regions)
+			seed = s.deltaSeed(u, spec.Regions)
 		}
-		streamDir := filepath.Join(s.machineDir(spec.Machine), "stream")
-		_ = capture.Remove(streamDir)
+		_ = capture.Remove(s.streamDir(u))
 		// Connected clients (a running VM) wait while the disks move from
 		// plain files to the capture stream.
-		s.pauseLocked(m)
-		defer s.resumeLocked(m)
-		if err := s.closeFiles(m); err != nil {
+		s.pauseLocked(u)
+		defer s.resumeLocked(u)
+		if err := s.closeUnitFiles(u); err != nil {
 			return err
 		}
 		sp := spec
-		m.state.Role, m.state.Spec = RoleSource, &sp
-		if err := s.startSourceSeed(m, seed); err != nil {
-			m.state.Role, m.state.Spec = RoleActive, nil
-			return errors.Join(err, s.openFiles(m))
+		u.state.Role, u.state.Spec = RoleSource, &sp
+		if err := s.startSourceSeed(u, seed); err != nil {
+			u.state.Role, u.state.Spec = RoleActive, nil
+			return errors.Join(err, s.openUnitFiles(u))
 		}
 		if err := s.saveLocked(); err != nil {
 			return err
 		}
 		// The stream's dirty map holds the regions now.
-		s.removeTrackers(m.state.Name, len(m.state.Disks))
+		s.removeUnitTrackers(u)
 		return nil
 	case RoleTarget:
-		dir := filepath.Join(s.machineDir(spec.Machine), "journal")
+		var adopt []string // the released disks that become the journal's base
+		var old *unit
 		if m, ok := s.machines[spec.Machine]; ok {
-			if m.state.Role == RoleTarget && m.state.Spec != nil && m.state.Spec.StreamID == spec.StreamID {
+			u := m.unit
+			if u.state.Role == RoleTarget && u.state.Spec != nil && u.state.Spec.StreamID == spec.StreamID {
 				return nil
 			}
-			if !spec.AdoptDisks || m.state.Role != RoleReleased {
-				return rebound.Errorf(rebound.ECONFLICT, "site %s already holds machine %q as %s", s.cfg.Name, spec.Machine, m.state.Role)
+			if !spec.AdoptDisks || u.state.Role != RoleReleased {
+				return rebound.Errorf(rebound.ECONFLICT, "site %s already holds machine %q as %s", s.cfg.Name, spec.Machine, u.state.Role)
 			}
-			// The old disks become the journal's base: the delta resync
-			// lands on top of them. A journal directory is removed only
-			// while every disk is still in place (then it is stale): after
-			// a crash between Adopt and the state save it holds the
-			// adopted disks, the only seed. Adopt resumes a partial move,
-			// and a complete one (meta written; no stream could land
-			// before the save) is opened as it is.
-			paths := make([]string, len(m.state.Disks))
-			inPlace := true
-			for i := range paths {
-				paths[i] = s.diskPath(spec.Machine, i)
-				if _, err := os.Stat(paths[i]); err != nil {
-					inPlace = false
-				}
+			if !u.lone() {
+				return rebound.Errorf(rebound.ECONFLICT, "machine %q is a member of group %s at site %s; its disks are adopted with the group's", spec.Machine, u.name, s.cfg.Name)
 			}
-			if inPlace {
-				_ = journal.Remove(dir)
-			}
-			if err := journal.Adopt(dir, spec.Disks, paths); err != nil {
-				if _, serr := os.Stat(filepath.Join(dir, "meta.json")); serr != nil || rebound.ErrorCode(err) != rebound.ECONFLICT {
-					return err
-				}
-				s.logger.Warn("reusing the journal an interrupted adopt left", "machine", spec.Machine)
-			}
-			delete(s.machines, spec.Machine)
+			adopt, old = s.detachedPaths(u), u
 		} else if spec.AdoptDisks {
 			return rebound.Errorf(rebound.ECONFLICT, "site %s holds no disks of machine %q to adopt", s.cfg.Name, spec.Machine)
-		} else {
-			_ = journal.Remove(dir)
-		}
-		if err := os.MkdirAll(s.machineDir(spec.Machine), 0o700); err != nil {
-			return err
-		}
-		j, err := journal.Open(dir, spec.Disks, s.journalOptions(spec.Machine))
-		if err != nil {
-			return err
 		}
 		sp := spec
-		m := &machine{state: machineState{Name: spec.Machine, Disks: spec.Disks, Role: RoleTarget, Spec: &sp, Generation: spec.Generation, VM: spec.VM}, journal: j}
-		s.machines[spec.Machine] = m
-		s.startExpiry(m.state.Name, j)
+		m := &machine{state: machineState{Name: spec.Machine, Disks: spec.Disks, VM: spec.VM}}
+		u := newUnit(spec.Machine, unitFields{Role: RoleTarget, Spec: &sp, Generation: spec.Generation}, []*machine{m})
+		if err := s.startTarget(u, adopt); err != nil {
+			return err
+		}
+		if old != nil {
+			s.dropUnitLocked(old)
+		}
+		s.addUnitLocked(u)
 		return s.saveLocked()
 	}
 	return rebound.Errorf(rebound.EINVALID, "unknown replication role %q", spec.Role)
 }
 
+// startTarget opens a new journal for the target unit u over its disks,
+// empty or (adopt) over the released disk files at those paths.
+func (s *Site) startTarget(u *unit, adopt []string) error {
+	dir := filepath.Join(s.unitDir(u), "journal")
+	if adopt != nil {
+		// The old disks become the journal's base: the delta resync
+		// lands on top of them. A journal directory is removed only
+		// while every disk is still in place (then it is stale): after
+		// a crash between Adopt and the state save it holds the
+		// adopted disks, the only seed. Adopt resumes a partial move,
+		// and a complete one (meta written; no stream could land
+		// before the save) is opened as it is.
+		inPlace := true
+		for _, p := range adopt {
+			if _, err := os.Stat(p); err != nil {
+				inPlace = false
+			}
+		}
+		if inPlace {
+			_ = journal.Remove(dir)
+		}
+		if err := journal.Adopt(dir, u.disks(), adopt); err != nil {
+			if _, serr := os.Stat(filepath.Join(dir, "meta.json")); serr != nil || rebound.ErrorCode(err) != rebound.ECONFLICT {
+				return err
+			}
+			s.logger.Warn("reusing the journal an interrupted adopt left", "machine", u.name)
+		}
+	} else {
+		_ = journal.Remove(dir)
+	}
+	for _, d := range append([]string{s.unitDir(u)}, memberDirs(s, u)...) {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
+	}
+	j, err := journal.Open(dir, u.disks(), s.journalOptions(u.name))
+	if err != nil {
+		return err
+	}
+	u.journal = j
+	s.startExpiry(u, j)
+	return nil
+}
+
+func memberDirs(s *Site, u *unit) []string {
+	var dirs []string
+	for _, m := range u.members {
+		dirs = append(dirs, s.machineDir(m.state.Name))
+	}
+	return dirs
+}
+
 // startExpiry folds records older than the retention window into the base.
 // The window is read at every pass, so a policy change (SetPolicy) applies
 // without reopening the journal.
-func (s *Site) startExpiry(name string, j *journal.Journal) {
+func (s *Site) startExpiry(u *unit, j *journal.Journal) {
+	name := u.name
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -276,11 +323,11 @@ func (s *Site) startExpiry(name string, j *journal.Journal) {
 			case <-t.C:
 			}
 			s.mu.Lock()
-			m, ok := s.machines[name]
-			live := ok && m.journal == j
+			cur, ok := s.units[name]
+			live := ok && cur == u && u.journal == j
 			var retention time.Duration
-			if live && m.state.Spec != nil {
-				retention = time.Duration(m.state.Spec.Policy.Retention)
+			if live && u.state.Spec != nil {
+				retention = time.Duration(u.state.Spec.Policy.Retention)
 			}
 			s.mu.Unlock()
 			if !live {
@@ -307,22 +354,23 @@ func (s *Site) SetPolicy(ctx context.Context, name string, p rebound.Policy) err
 	if !ok {
 		return rebound.Errorf(rebound.ENOTFOUND, "site %s holds no machine %q", s.cfg.Name, name)
 	}
-	if m.state.Spec == nil || m.state.Spec.Policy == p {
+	u := m.unit
+	if u.state.Spec == nil || u.state.Spec.Policy == p {
 		return nil
 	}
-	old := m.state.Spec.Policy
-	m.state.Spec.Policy = p
+	old := u.state.Spec.Policy
+	u.state.Spec.Policy = p
 	if err := s.saveLocked(); err != nil {
-		m.state.Spec.Policy = old
+		u.state.Spec.Policy = old
 		return err
 	}
-	if m.policyC != nil {
+	if u.policyC != nil {
 		// The cutter takes the newest policy; an older unread one is dropped.
 		select {
-		case <-m.policyC:
+		case <-u.policyC:
 		default:
 		}
-		m.policyC <- p
+		u.policyC <- p
 	}
 	s.logger.Info("policy changed", "machine", name, "policy", p.Name, "crashInterval", p.CrashInterval, "retention", p.Retention)
 	return nil
@@ -337,26 +385,31 @@ func (s *Site) StopReplication(ctx context.Context, name string) error {
 	if !ok {
 		return nil
 	}
-	switch m.state.Role {
+	u := m.unit
+	switch u.state.Role {
 	case RoleSource:
-		s.pauseLocked(m)
-		defer s.resumeLocked(m)
-		if err := s.stopSource(m); err != nil {
+		s.pauseLocked(u)
+		defer s.resumeLocked(u)
+		if err := s.stopSource(u); err != nil {
 			return err
 		}
-		_ = capture.Remove(filepath.Join(s.machineDir(name), "stream"))
-		m.state.Role, m.state.Spec, m.state.Fenced = RoleActive, nil, false
-		if err := s.openFiles(m); err != nil {
+		_ = capture.Remove(s.streamDir(u))
+		u.state.Role, u.state.Spec, u.state.Fenced = RoleActive, nil, false
+		if err := s.openUnitFiles(u); err != nil {
 			return err
 		}
 		return s.saveLocked()
 	case RoleTarget:
-		if m.act != nil {
+		if u.act != nil {
 			return rebound.Errorf(rebound.ECONFLICT, "machine %q is failed over at site %s; commit or cancel first", name, s.cfg.Name)
 		}
-		err := s.closeMachine(m)
-		delete(s.machines, name)
-		return errors.Join(err, s.saveLocked(), os.RemoveAll(s.machineDir(name)))
+		err := s.closeUnit(u)
+		s.dropUnitLocked(u)
+		errs := []error{err, s.saveLocked()}
+		for _, d := range append(memberDirs(s, u), s.unitDir(u)) {
+			errs = append(errs, os.RemoveAll(d))
+		}
+		return errors.Join(errs...)
 	}
 	return nil
 }
@@ -365,13 +418,14 @@ func (s *Site) StopReplication(ctx context.Context, name string) error {
 // and thaw hooks for an app-consistent point.
 func (s *Site) CutPoint(ctx context.Context, name string, kind rebound.PointKind) (rebound.RecoveryPoint, error) {
 	s.mu.Lock()
-	m, err := s.getLocked(name)
+	m, u, err := s.unitLocked(name)
 	var stream *capture.Stream
+	lone := false
 	if err == nil {
-		if m.state.Role != RoleSource || m.stream == nil {
+		if u.state.Role != RoleSource || u.stream == nil {
 			err = rebound.Errorf(rebound.ECONFLICT, "machine %q is not replicated from site %s", name, s.cfg.Name)
 		} else {
-			stream = m.stream
+			stream, lone = u.stream, u.lone()
 		}
 	}
 	s.mu.Unlock()
@@ -385,6 +439,10 @@ func (s *Site) CutPoint(ctx context.Context, name string, kind rebound.PointKind
 	case rebound.PointCrash:
 		return stream.Mark(kind)
 	case rebound.PointApp:
+		if !lone {
+			// Freezing every member around one mark is not built yet.
+			return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "machine %q replicates in a group: app-consistent group points are not supported yet", name)
+		}
 		s.mu.Lock()
 		vm, hooks := m.vm, m.state.Hooks
 		s.mu.Unlock()
@@ -450,14 +508,14 @@ func (s *Site) SetHooks(ctx context.Context, name string, hooks rebound.Hooks) e
 func (s *Site) targetJournal(name string) (*journal.Journal, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, err := s.getLocked(name)
+	_, u, err := s.unitLocked(name)
 	if err != nil {
 		return nil, err
 	}
-	if m.state.Role != RoleTarget || m.journal == nil {
+	if u.state.Role != RoleTarget || u.journal == nil {
 		return nil, rebound.Errorf(rebound.ECONFLICT, "site %s is not the recovery site of machine %q", s.cfg.Name, name)
 	}
-	return m.journal, nil
+	return u.journal, nil
 }
 
 // ListPoints returns the target journal's points.
@@ -479,57 +537,61 @@ func (s *Site) ResolvePoint(ctx context.Context, name, selector string) (rebound
 	return j.Resolve(selector)
 }
 
-// Fence stops I/O on the source's exports and flushes.
+// Fence stops I/O on the exports of the machine's unit (every member) and
+// flushes: a unit fails over as a whole.
 func (s *Site) Fence(ctx context.Context, name string) (uint64, error) {
 	s.mu.Lock()
-	m, err := s.getLocked(name)
+	_, u, err := s.unitLocked(name)
 	if err != nil {
 		s.mu.Unlock()
 		return 0, err
 	}
-	if m.state.Role != RoleSource && m.state.Role != RoleActive {
+	if u.state.Role != RoleSource && u.state.Role != RoleActive {
 		s.mu.Unlock()
 		return 0, rebound.Errorf(rebound.ECONFLICT, "machine %q is not served at site %s", name, s.cfg.Name)
 	}
-	m.state.Fenced = true
+	u.state.Fenced = true
 	if err := s.saveLocked(); err != nil {
 		s.mu.Unlock()
 		return 0, err
 	}
-	disks := len(m.state.Disks)
 	s.mu.Unlock()
 	// Disconnect waits for in-flight requests, so the head below is final.
-	for i := 0; i < disks; i++ {
-		s.NBD.Disconnect(exportName(name, i, false))
+	for _, m := range u.members {
+		for i := range m.state.Disks {
+			s.NBD.Disconnect(exportName(m.state.Name, i, false))
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if m.stream != nil {
-		if err := m.stream.Flush(); err != nil {
+	if u.stream != nil {
+		if err := u.stream.Flush(); err != nil {
 			return 0, err
 		}
-		return m.stream.Head(), nil
+		return u.stream.Head(), nil
 	}
-	for _, f := range m.files {
-		if err := f.Flush(); err != nil {
-			return 0, err
+	for _, m := range u.members {
+		for _, f := range m.files {
+			if err := f.Flush(); err != nil {
+				return 0, err
+			}
 		}
 	}
 	return 0, nil
 }
 
-// Unfence serves the machine's exports again.
+// Unfence serves the exports of the machine's unit again.
 func (s *Site) Unfence(ctx context.Context, name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, err := s.getLocked(name)
+	_, u, err := s.unitLocked(name)
 	if err != nil {
 		return err
 	}
-	if !m.state.Fenced {
+	if !u.state.Fenced {
 		return nil
 	}
-	m.state.Fenced = false
+	u.state.Fenced = false
 	return s.saveLocked()
 }
 
@@ -543,24 +605,25 @@ func (s *Site) Replicated(ctx context.Context, name string) (uint64, error) {
 }
 
 // Activate exports the journal's state at a point, with writes going to a
-// new active copy.
+// new active copy. It activates the machine's unit: every member's disks,
+// which it returns in unit order.
 func (s *Site) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebound.Disk, error) {
 	s.mu.Lock()
-	m, err := s.getLocked(spec.Machine)
-	if err == nil && (m.state.Role != RoleTarget || m.journal == nil) {
+	_, u, err := s.unitLocked(spec.Machine)
+	if err == nil && (u.state.Role != RoleTarget || u.journal == nil) {
 		err = rebound.Errorf(rebound.ECONFLICT, "site %s is not the recovery site of machine %q", s.cfg.Name, spec.Machine)
 	}
 	if err != nil {
 		s.mu.Unlock()
 		return nil, err
 	}
-	cur := m.act
+	cur := u.act
 	if spec.Test {
-		cur = m.test
+		cur = u.test
 	}
 	if cur != nil && cur.spec.Seq == spec.Seq && cur.spec.PointID == spec.PointID {
 		s.mu.Unlock()
-		return s.disksWithURIs(spec.Machine, m.state.Disks, spec.Test), nil
+		return s.unitDisksWithURIs(u, spec.Test), nil
 	}
 	s.mu.Unlock()
 	// Replace an earlier activation: its clients go, its writes are dropped.
@@ -577,46 +640,47 @@ func (s *Site) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebou
 	if !spec.Test {
 		// A new point: writes made on the previous one are gone, and so is
 		// their tracking.
-		s.removeTrackers(m.state.Name, len(m.state.Disks))
+		s.removeUnitTrackers(u)
 	}
-	a, err := s.activate(m, spec)
+	a, err := s.activate(u, spec)
 	if err != nil {
 		return nil, err
 	}
 	sp := spec
 	if spec.Test {
-		m.test, m.state.Test = a, &sp
+		u.test, u.state.Test = a, &sp
 	} else {
-		m.act, m.state.Act = a, &sp
-		s.setLiveLocked(m)
+		u.act, u.state.Act = a, &sp
+		s.setLiveLocked(u)
 	}
 	if err := s.saveLocked(); err != nil {
 		return nil, err
 	}
-	return s.disksWithURIs(spec.Machine, m.state.Disks, spec.Test), nil
+	return s.unitDisksWithURIs(u, spec.Test), nil
 }
 
-func (s *Site) activationDir(name string, test bool) string {
+func (s *Site) activationDir(u *unit, test bool) string {
 	if test {
-		return filepath.Join(s.machineDir(name), "test-failover")
+		return filepath.Join(s.unitDir(u), "test-failover")
 	}
-	return filepath.Join(s.machineDir(name), "failover")
+	return filepath.Join(s.unitDir(u), "failover")
 }
 
-// activate opens a view of the journal at spec.Seq and overlays over it.
+// activate opens a view of the journal at spec.Seq and overlays over it,
+// one per disk of the unit (a member's disk i is overlay m.offset+i).
 // Overlay files left by an earlier run are reopened, keeping their writes.
-func (s *Site) activate(m *machine, spec rebound.ActivateSpec) (*activation, error) {
-	view, err := m.journal.View(spec.Seq)
+func (s *Site) activate(u *unit, spec rebound.ActivateSpec) (*activation, error) {
+	view, err := u.journal.View(spec.Seq)
 	if err != nil {
 		return nil, err
 	}
 	a := &activation{spec: spec, view: view}
-	dir := s.activationDir(m.state.Name, spec.Test)
+	dir := s.activationDir(u, spec.Test)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		a.close()
 		return nil, err
 	}
-	for i, d := range m.state.Disks {
+	for i, d := range u.disks() {
 		o, err := overlay.Open(filepath.Join(dir, fmt.Sprintf("disk%d.raw", i)), view.Disk(i), d.Size)
 		if err != nil {
 			a.close()
@@ -624,7 +688,8 @@ func (s *Site) activate(m *machine, spec rebound.ActivateSpec) (*activation, err
 		}
 		a.disks = append(a.disks, o)
 		if !spec.Test {
-			t, err := capture.OpenTracker(s.trackerPath(m.state.Name, i), d.Size, 4096)
+			m, j := u.locate(i)
+			t, err := capture.OpenTracker(s.trackerPath(m.state.Name, j), d.Size, 4096)
 			if err != nil {
 				a.close()
 				return nil, err
@@ -635,7 +700,8 @@ func (s *Site) activate(m *machine, spec rebound.ActivateSpec) (*activation, err
 	return a, nil
 }
 
-// Deactivate drops an activation and everything written to it.
+// Deactivate drops an activation of the machine's unit and everything
+// written to it.
 func (s *Site) Deactivate(ctx context.Context, name string, test bool) error {
 	s.mu.Lock()
 	m, ok := s.machines[name]
@@ -643,51 +709,58 @@ func (s *Site) Deactivate(ctx context.Context, name string, test bool) error {
 		s.mu.Unlock()
 		return nil
 	}
-	a := m.act
+	u := m.unit
+	a := u.act
 	if test {
-		a = m.test
+		a = u.test
 	}
 	if a == nil {
 		s.mu.Unlock()
 		return nil
 	}
 	if test {
-		m.test, m.state.Test = nil, nil
+		u.test, u.state.Test = nil, nil
 	} else {
-		m.act, m.state.Act = nil, nil
-		s.setLiveLocked(m)
+		u.act, u.state.Act = nil, nil
+		s.setLiveLocked(u)
 	}
-	// The VM on those disks goes with them.
-	s.killVMLocked(m, test)
+	// The VMs on those disks go with them.
+	for _, m := range u.members {
+		s.killVMLocked(m, test)
+	}
 	err := s.saveLocked()
+	dir := s.activationDir(u, test)
 	s.mu.Unlock()
-	for i := range m.state.Disks {
-		s.NBD.Disconnect(exportName(name, i, test))
+	for _, m := range u.members {
+		for i := range m.state.Disks {
+			s.NBD.Disconnect(exportName(m.state.Name, i, test))
+		}
 	}
-	return errors.Join(err, a.close(), os.RemoveAll(s.activationDir(name, test)))
+	return errors.Join(err, a.close(), os.RemoveAll(dir))
 }
 
-// Commit flattens the activation into the machine's disks at this site and
-// drops the journal. The machine is then active here.
+// Commit flattens the activation into the disks of the machine's unit at
+// this site and drops the journal. The unit is then active here.
 func (s *Site) Commit(ctx context.Context, name string, progress func(done, total int64)) error {
 	s.mu.Lock()
-	m, err := s.getLocked(name)
+	_, u, err := s.unitLocked(name)
 	if err != nil {
 		s.mu.Unlock()
 		return err
 	}
-	if m.state.Role == RoleActive {
+	if u.state.Role == RoleActive {
 		s.mu.Unlock()
 		return nil // already committed
 	}
-	if m.state.Role != RoleTarget || m.act == nil {
+	if u.state.Role != RoleTarget || u.act == nil {
 		s.mu.Unlock()
 		return rebound.Errorf(rebound.ECONFLICT, "machine %q is not failed over to site %s", name, s.cfg.Name)
 	}
-	a := m.act
+	a := u.act
+	disks := u.disks()
 	// What the old source wrote after the point (and the journal holds)
 	// differs from this copy too: a reprotect must send it back.
-	after := m.journal.RegionsAfter(a.spec.Seq)
+	after := u.journal.RegionsAfter(a.spec.Seq)
 	s.mu.Unlock()
 	for i, t := range a.trackers {
 		if i < len(after) {
@@ -701,7 +774,7 @@ func (s *Site) Commit(ctx context.Context, name string, progress func(done, tota
 	}
 
 	var total int64
-	for _, d := range m.state.Disks {
+	for _, d := range disks {
 		total += d.Size
 	}
 	var base int64
@@ -720,60 +793,63 @@ func (s *Site) Commit(ctx context.Context, name string, progress func(done, tota
 		if err := d.Flush(); err != nil {
 			return err
 		}
-		base += m.state.Disks[i].Size
+		base += disks[i].Size
 	}
 
 	// The flattened overlays become the active disks. Clients of the
-	// failover exports (the VM) wait while the backends switch; test
+	// failover exports (the VMs) wait while the backends switch; test
 	// failover clients go with their activation.
-	for i := range m.state.Disks {
-		s.NBD.Disconnect(exportName(name, i, true))
+	for _, m := range u.members {
+		for i := range m.state.Disks {
+			s.NBD.Disconnect(exportName(m.state.Name, i, true))
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.pauseLocked(m)
-	defer s.resumeLocked(m)
+	s.pauseLocked(u)
+	defer s.resumeLocked(u)
 	var errs []error
-	for _, x := range []*activation{m.act, m.test} {
+	for _, x := range []*activation{u.act, u.test} {
 		if x != nil {
 			errs = append(errs, x.close())
 		}
 	}
-	m.act, m.test = nil, nil
+	u.act, u.test = nil, nil
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	dir := s.activationDir(name, false)
-	for i := range m.state.Disks {
+	dir := s.activationDir(u, false)
+	for i := range disks {
 		src := filepath.Join(dir, fmt.Sprintf("disk%d.raw", i))
-		if err := os.Rename(src, s.diskPath(name, i)); err != nil {
+		if err := os.Rename(src, s.unitDiskPath(u, i)); err != nil {
 			return err
 		}
 	}
-	if err := m.journal.Close(); err != nil {
+	if err := u.journal.Close(); err != nil {
 		return err
 	}
-	m.journal = nil
-	m.state.Role, m.state.Spec, m.state.Act, m.state.Test, m.state.Fenced = RoleActive, nil, nil, nil, false
+	u.journal = nil
+	u.state.Role, u.state.Spec, u.state.Act, u.state.Test, u.state.Fenced = RoleActive, nil, nil, nil, false
 	// The committed copy starts a new history that descends from the one it
 	// replicated.
-	m.state.Parent, m.state.Generation = m.state.Generation, newGeneration()
-	if err := s.openFiles(m); err != nil {
+	u.state.Parent, u.state.Generation = u.state.Generation, newGeneration()
+	if err := s.openUnitFiles(u); err != nil {
 		return err
 	}
 	if err := s.saveLocked(); err != nil {
 		return err
 	}
 	_ = os.RemoveAll(dir)
-	_ = os.RemoveAll(s.activationDir(name, true))
-	return journal.Remove(filepath.Join(s.machineDir(name), "journal"))
+	_ = os.RemoveAll(s.activationDir(u, true))
+	return journal.Remove(filepath.Join(s.unitDir(u), "journal"))
 }
 
-// Release stops serving and capturing a machine that was failed over
-// elsewhere and committed. Its disks and stream stay, the seed for reprotect.
+// Release stops serving and capturing the machine's unit, failed over
+// elsewhere and committed. Its disks and stream stay, the seed for
+// reprotect.
 func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time) error {
 	s.mu.Lock()
-	m, err := s.getLocked(name)
+	_, u, err := s.unitLocked(name)
 	if err != nil {
 		s.mu.Unlock()
 		if rebound.ErrorCode(err) == rebound.ENOTFOUND {
@@ -781,28 +857,29 @@ func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time)
 		}
 		return err
 	}
-	if m.state.Role == RoleReleased {
+	if u.state.Role == RoleReleased {
 		s.mu.Unlock()
 		return nil
 	}
-	m.state.Fenced = true
-	s.killVMLocked(m, false)
-	disks := len(m.state.Disks)
+	u.state.Fenced = true
+	for _, m := range u.members {
+		s.killVMLocked(m, false)
+	}
 	s.mu.Unlock()
-	s.disconnectAll(name, disks)
+	s.disconnectUnit(u)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.pauseLocked(m)
-	err = errors.Join(s.closeFiles(m), s.stopSource(m))
-	m.state.Role = RoleReleased
-	s.resumeLocked(m)
+	s.pauseLocked(u)
+	err = errors.Join(s.closeUnitFiles(u), s.stopSource(u))
+	u.state.Role = RoleReleased
+	s.resumeLocked(u)
 	// A copy written after the failover diverged from the one that took
 	// over: it is a new history, and reprotect must not trust it blindly.
-	_, last, perr := capture.PendingRegions(s.streamDir(name), s.diskSpecs(m))
-	s.spoolDamaged(name, perr) // then whether it took writes after the failover is unknown
+	_, last, perr := capture.PendingRegions(s.streamDir(u), s.diskSpecs(u))
+	s.spoolDamaged(u.name, perr) // then whether it took writes after the failover is unknown
 	if perr == nil && !failoverTime.IsZero() && last.After(failoverTime) {
-		m.state.Parent, m.state.Generation, m.state.Diverged = m.state.Generation, newGeneration(), true
-		s.logger.Warn("released copy took writes after the failover: split brain", "machine", name, "lastWrite", last, "failover", failoverTime)
+		u.state.Parent, u.state.Generation, u.state.Diverged = u.state.Generation, newGeneration(), true
+		s.logger.Warn("released copy took writes after the failover: split brain", "machine", u.name, "lastWrite", last, "failover", failoverTime)
 	}
 	return errors.Join(err, s.saveLocked())
 }

@@ -100,47 +100,31 @@ type Site struct {
 	evLast   map[string]time.Time // refusal key → last reported
 	mu       sync.Mutex
 	machines map[string]*machine
+	units    map[string]*unit
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 }
 
-// machine is a machine as this site holds it. Fields are guarded by Site.mu.
+// machine is a machine as this site holds it: its disks and what serves
+// them. Its stream is its unit's. Fields are guarded by Site.mu.
 type machine struct {
-	state machineState
+	state  machineState
+	unit   *unit
+	offset int // the unit's index of this machine's disk 0
 
 	files    []*capture.FileDisk // RoleActive
 	trackers []*capture.Tracker  // RoleActive after a failover: writes since the point
-	stream   *capture.Stream     // RoleSource
-	stop     context.CancelFunc  // stops the source's sender and tickers
-	policyC  chan rebound.Policy // RoleSource: policy changes for the point cutter
-	sender   *rgrpc.Sender
-	sent     chan struct{} // closed when the sender's goroutine has returned
 
 	vm, testVM *qemu.VM    // qemu machines: the VM here, the test failover's VM
 	live       []*liveDisk // what NBD connections hold (see liveDisk)
-
-	journal *journal.Journal // RoleTarget
-	act     *activation      // failover activation
-	test    *activation      // test failover activation
 }
 
-// machineState is what survives a restart (state.json).
+// machineState is what survives a restart of a machine (state.json, in
+// its unit's members).
 type machineState struct {
-	Name   string                   `json:"name"`
-	Disks  []rebound.Disk           `json:"disks"`
-	Role   string                   `json:"role"`
-	Fenced bool                     `json:"fenced,omitempty"`
-	Spec   *rebound.ReplicationSpec `json:"spec,omitempty"`
-	Act    *rebound.ActivateSpec    `json:"act,omitempty"`
-	Test   *rebound.ActivateSpec    `json:"test,omitempty"`
-
-	// Generation identifies this copy's history; Parent is the generation
-	// it came from (see rebound.CopyInfo). Diverged marks a released copy
-	// that took writes after the failover that released it.
-	Generation string `json:"generation,omitempty"`
-	Parent     string `json:"parent,omitempty"`
-	Diverged   bool   `json:"diverged,omitempty"`
+	Name  string         `json:"name"`
+	Disks []rebound.Disk `json:"disks"`
 
 	// VM runs the machine under QEMU; Power and TestPower are the desired
 	// states of its VM here and of the test failover's VM.
@@ -173,7 +157,7 @@ func New(cfg Config) *Site {
 	if cfg.ExpireEvery == 0 {
 		cfg.ExpireEvery = 10 * time.Second
 	}
-	s := &Site{cfg: cfg, logger: cfg.Logger.With("site", cfg.Name), machines: map[string]*machine{},
+	s := &Site{cfg: cfg, logger: cfg.Logger.With("site", cfg.Name), machines: map[string]*machine{}, units: map[string]*unit{},
 		events: make(chan rebound.Event, 64), evLast: map[string]time.Time{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.NBD = &nbd.Server{Lookup: s.lookupExport, List: s.listExports, Logger: s.logger}
@@ -189,35 +173,42 @@ func (s *Site) SetAddrs(nbdAddr, replAddr string) {
 }
 
 // Open loads the site's state from its data directory and reopens every
-// machine's disks, streams and journals.
+// unit's disks, streams and journals.
 func (s *Site) Open() error {
 	if err := os.MkdirAll(filepath.Join(s.cfg.DataDir, "machines"), 0o700); err != nil {
 		return err
 	}
-	var states []machineState
+	var states []unitState
+	migrated := false
 	b, err := os.ReadFile(s.statePath())
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	} else if err == nil {
-		if err := json.Unmarshal(b, &states); err != nil {
-			return fmt.Errorf("read site state: %w", err)
+		if states, migrated, err = decodeState(b); err != nil {
+			return fmt.Errorf("read site state %s: %w", s.statePath(), err)
 		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	named := false
+	save := migrated
 	for _, st := range states {
 		if st.Generation == "" { // state from before generations
-			st.Generation, named = newGeneration(), true
+			st.Generation, save = newGeneration(), true
 		}
-		m := &machine{state: st}
-		if err := s.openMachine(m); err != nil {
+		ms := make([]*machine, len(st.Members))
+		for i, mst := range st.Members {
+			ms[i] = &machine{state: mst}
+		}
+		u := newUnit(st.Name, st.unitFields, ms)
+		if err := s.openUnit(u); err != nil {
 			return fmt.Errorf("open machine %s: %w", st.Name, err)
 		}
-		s.machines[st.Name] = m
+		s.addUnitLocked(u)
 	}
-	if named {
-		return s.saveLocked() // a generation must not change at the next start
+	if save {
+		// A generation must not change at the next start; a migrated
+		// state is written in the current version at once.
+		return s.saveLocked()
 	}
 	return nil
 }
@@ -230,8 +221,8 @@ func (s *Site) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var errs []error
-	for _, m := range s.machines {
-		errs = append(errs, s.closeMachine(m))
+	for _, u := range s.units {
+		errs = append(errs, s.closeUnit(u))
 	}
 	return errors.Join(errs...)
 }
@@ -251,43 +242,47 @@ func (s *Site) diskPath(name string, i int) string {
 
 // saveLocked writes state.json atomically: temp file, fsync, rename, fsync dir.
 func (s *Site) saveLocked() error {
-	states := make([]machineState, 0, len(s.machines))
-	for _, m := range s.machines {
-		states = append(states, m.state)
+	st := siteState{Version: stateVersion, Units: make([]unitState, 0, len(s.units))}
+	for _, u := range s.units {
+		us := unitState{Name: u.name, unitFields: u.state}
+		for _, m := range u.members {
+			us.Members = append(us.Members, m.state)
+		}
+		st.Units = append(st.Units, us)
 	}
-	sort.Slice(states, func(i, j int) bool { return states[i].Name < states[j].Name })
-	b, err := json.MarshalIndent(states, "", "  ")
+	sort.Slice(st.Units, func(i, j int) bool { return st.Units[i].Name < st.Units[j].Name })
+	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return err
 	}
 	return fsutil.WriteFileAtomic(s.statePath(), b, 0o600)
 }
 
-// openMachine opens the files of m according to its persisted role.
-func (s *Site) openMachine(m *machine) error {
-	st := &m.state
+// openUnit opens the files of u according to its persisted role.
+func (s *Site) openUnit(u *unit) error {
+	st := &u.state
 	switch st.Role {
 	case RoleActive:
-		return s.openFiles(m)
+		return s.openUnitFiles(u)
 	case RoleSource:
-		return s.startSource(m, false)
+		return s.startSource(u, false)
 	case RoleTarget:
-		j, err := journal.Open(filepath.Join(s.machineDir(st.Name), "journal"), st.Disks, s.journalOptions(st.Name))
+		j, err := journal.Open(filepath.Join(s.unitDir(u), "journal"), u.disks(), s.journalOptions(u.name))
 		if err != nil {
 			return err
 		}
-		m.journal = j
+		u.journal = j
 		if j.Corrupt() != nil {
-			s.repairJournal(st, j)
+			s.repairJournal(u, j)
 		}
-		s.startExpiry(st.Name, j)
+		s.startExpiry(u, j)
 		if st.Act != nil {
-			if m.act, err = s.activate(m, *st.Act); err != nil {
+			if u.act, err = s.activate(u, *st.Act); err != nil {
 				return err
 			}
 		}
 		if st.Test != nil {
-			if m.test, err = s.activate(m, *st.Test); err != nil {
+			if u.test, err = s.activate(u, *st.Test); err != nil {
 				return err
 			}
 		}
@@ -296,9 +291,27 @@ func (s *Site) openMachine(m *machine) error {
 		return nil
 	case RoleDetached:
 		// A crash after the detach was saved can leave its journal.
-		return journal.Remove(filepath.Join(s.machineDir(st.Name), "journal"))
+		return journal.Remove(filepath.Join(s.unitDir(u), "journal"))
 	}
 	return fmt.Errorf("unknown role %q", st.Role)
+}
+
+// openUnitFiles opens every member's disk files (RoleActive).
+func (s *Site) openUnitFiles(u *unit) error {
+	for _, m := range u.members {
+		if err := s.openFiles(m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Site) closeUnitFiles(u *unit) error {
+	var errs []error
+	for _, m := range u.members {
+		errs = append(errs, s.closeFiles(m))
+	}
+	return errors.Join(errs...)
 }
 
 func (s *Site) openFiles(m *machine) error {
@@ -326,35 +339,47 @@ func (s *Site) closeFiles(m *machine) error {
 	return errors.Join(errs...)
 }
 
-// startSource opens the capture stream over the machine's disks and starts
+// startSource opens the capture stream over the unit's disks and starts
 // shipping it. A new stream begins with the initial copy.
-func (s *Site) startSource(m *machine, initial bool) error {
+func (s *Site) startSource(u *unit, initial bool) error {
 	var seed [][]rebound.Region
 	if initial {
 		seed = allDisks
 	}
-	return s.startSourceSeed(m, seed)
+	return s.startSourceSeed(u, seed)
 }
 
 // allDisks asks startSourceSeed for a full initial copy.
 var allDisks = [][]rebound.Region{}
 
+// external returns the one member of u whose disks are a server's own
+// devices (rebound agent), or "".
+func (s *Site) external(u *unit) string {
+	for _, m := range u.members {
+		if s.cfg.External[m.state.Name] != nil {
+			return m.state.Name
+		}
+	}
+	return ""
+}
+
 // startSourceSeed opens the capture stream and starts shipping it. A nil
 // seed reopens an existing stream; allDisks starts with a full copy; other
 // regions start with a delta resync of just those regions.
-func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
-	st := &m.state
-	specs := make([]capture.DiskSpec, len(st.Disks))
-	for i, d := range st.Disks {
-		specs[i] = capture.DiskSpec{Path: s.diskPath(st.Name, i), Size: d.Size}
-	}
+func (s *Site) startSourceSeed(u *unit, seed [][]rebound.Region) error {
+	st := &u.state
+	specs := s.diskSpecs(u)
 	// 4 KiB regions: a delta resync sends what changed, not 64 KiB around it.
-	ext := s.cfg.External[st.Name] != nil
-	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Logger: s.logger.With("machine", st.Name)}
-	if read := s.cfg.ReadExternal; ext && read != nil {
-		opts.ReadDisk = func(disk int, p []byte, off int64) (int, error) { return read(st.Name, disk, p, off) }
+	extName := s.external(u)
+	ext := extName != ""
+	if ext && !u.lone() {
+		return rebound.Errorf(rebound.EINVALID, "machine %s is a server's own disks (rebound agent): it replicates alone, not in a group", extName)
 	}
-	stream, err := capture.Open(filepath.Join(s.machineDir(st.Name), "stream"), specs, opts)
+	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Logger: s.logger.With("machine", u.name)}
+	if read := s.cfg.ReadExternal; ext && read != nil {
+		opts.ReadDisk = func(disk int, p []byte, off int64) (int, error) { return read(extName, disk, p, off) }
+	}
+	stream, err := capture.Open(s.streamDir(u), specs, opts)
 	if err != nil {
 		return err
 	}
@@ -363,7 +388,7 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 		// or the target never gets the resync's end and its first point.
 		seed = allDisks
 		if st.Spec.Seed == rebound.SeedDelta {
-			seed = s.deltaSeedFromFiles(m, st.Spec.Regions)
+			seed = s.deltaSeedFromFiles(u, st.Spec.Regions)
 		}
 	}
 	switch {
@@ -377,37 +402,38 @@ func (s *Site) startSourceSeed(m *machine, seed [][]rebound.Region) error {
 		stream.Close()
 		return err
 	}
-	m.stream = stream
+	u.stream = stream
 	ctx, cancel := context.WithCancel(s.ctx)
-	m.stop = cancel
+	u.stop = cancel
 	spec := *st.Spec
-	m.policyC = make(chan rebound.Policy, 1)
-	policyC := m.policyC
+	u.policyC = make(chan rebound.Policy, 1)
+	policyC := u.policyC
 	// Site certificates name the site, not its address.
 	peerTLS := s.cfg.PeerTLS.Clone()
 	peerTLS.ServerName = spec.PeerSite
-	m.sender = &rgrpc.Sender{
+	name := u.name
+	u.sender = &rgrpc.Sender{
 		Addr: spec.PeerAddr, TLS: peerTLS, StreamID: spec.StreamID,
-		SourceSite: s.cfg.Name, Generation: spec.Generation, Source: repairingStream{stream, s, st.Name, spec.PeerSite},
+		SourceSite: s.cfg.Name, Generation: spec.Generation, Source: repairingStream{stream, s, name, spec.PeerSite},
 	}
-	sender := m.sender
+	sender := u.sender
 	sent := make(chan struct{})
-	m.sent = sent
+	u.sent = sent
 	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()
 		defer close(sent)
 		if err := sender.Run(ctx); err != nil && ctx.Err() == nil {
-			s.logger.Error("replication sender stopped", "machine", st.Name, "err", err)
+			s.logger.Error("replication sender stopped", "machine", name, "err", err)
 		}
 	}()
 	go func() {
 		defer s.wg.Done()
 		if ext && s.cfg.Scan != nil {
-			s.cfg.Scan(ctx, st.Name, spec.StreamID, stream)
+			s.cfg.Scan(ctx, extName, spec.StreamID, stream)
 			return
 		}
-		s.cutPoints(ctx, st.Name, stream, spec.Policy, policyC)
+		s.cutPoints(ctx, name, stream, spec.Policy, policyC)
 	}()
 	return nil
 }
@@ -466,43 +492,45 @@ func (s *Site) cutPointsUntil(ctx context.Context, name string, stream *capture.
 // for the sender to return, so no send of the old stream reaches the peer
 // after it (a new stream or a stopped target). The tickers are not waited
 // for: an app-consistent cut takes s.mu, which the caller holds.
-func (s *Site) stopSource(m *machine) error {
-	if m.stop != nil {
-		m.stop()
-		m.stop = nil
+func (s *Site) stopSource(u *unit) error {
+	if u.stop != nil {
+		u.stop()
+		u.stop = nil
 	}
-	if m.sent != nil {
-		<-m.sent
-		m.sent = nil
+	if u.sent != nil {
+		<-u.sent
+		u.sent = nil
 	}
 	var err error
-	if m.stream != nil {
-		err = m.stream.Close()
-		m.stream = nil
+	if u.stream != nil {
+		err = u.stream.Close()
+		u.stream = nil
 	}
-	m.sender = nil
+	u.sender = nil
 	return err
 }
 
-func (s *Site) closeMachine(m *machine) error {
+func (s *Site) closeUnit(u *unit) error {
 	var errs []error
-	// VMs outlive the site process: a restarted site attaches to them.
-	for _, vm := range []*qemu.VM{m.vm, m.testVM} {
-		if vm != nil {
-			vm.Close()
+	for _, m := range u.members {
+		// VMs outlive the site process: a restarted site attaches to them.
+		for _, vm := range []*qemu.VM{m.vm, m.testVM} {
+			if vm != nil {
+				vm.Close()
+			}
 		}
+		m.vm, m.testVM = nil, nil
 	}
-	m.vm, m.testVM = nil, nil
-	errs = append(errs, s.closeFiles(m), s.stopSource(m))
-	for _, a := range []*activation{m.act, m.test} {
+	errs = append(errs, s.closeUnitFiles(u), s.stopSource(u))
+	for _, a := range []*activation{u.act, u.test} {
 		if a != nil {
 			errs = append(errs, a.close())
 		}
 	}
-	m.act, m.test = nil, nil
-	if m.journal != nil {
-		errs = append(errs, m.journal.Close())
-		m.journal = nil
+	u.act, u.test = nil, nil
+	if u.journal != nil {
+		errs = append(errs, u.journal.Close())
+		u.journal = nil
 	}
 	return errors.Join(errs...)
 }
@@ -550,6 +578,16 @@ func (s *Site) disksWithURIs(name string, disks []rebound.Disk, test bool) []reb
 	return out
 }
 
+// unitDisksWithURIs returns the unit's disks with the exports of their
+// members, in unit order.
+func (s *Site) unitDisksWithURIs(u *unit, test bool) []rebound.Disk {
+	var out []rebound.Disk
+	for _, m := range u.members {
+		out = append(out, s.disksWithURIs(m.state.Name, m.state.Disks, test)...)
+	}
+	return out
+}
+
 // lookupExport resolves an NBD export name to the disk behind it.
 func (s *Site) lookupExport(name string) (*nbd.Export, error) {
 	test := strings.HasSuffix(name, "-test")
@@ -568,13 +606,14 @@ func (s *Site) lookupExport(name string) (*nbd.Export, error) {
 	if !ok || idx < 0 || idx >= len(m.state.Disks) || exportName(m.state.Name, idx, test) != name {
 		return nil, fmt.Errorf("unknown export %q", name)
 	}
+	u := m.unit
 	var b nbd.Backend
 	switch {
 	case test:
-		if m.test != nil {
-			b = m.test.disks[idx]
+		if u.test != nil {
+			b = u.test.disks[m.offset+idx]
 		}
-	case m.state.Fenced:
+	case u.state.Fenced:
 		return nil, fmt.Errorf("export %q is fenced: machine %s is failing over", name, m.state.Name)
 	case currentLocked(m, idx) != nil:
 		b = s.liveLocked(m)[idx]
@@ -590,13 +629,12 @@ func (s *Site) listExports() []string {
 	defer s.mu.Unlock()
 	var names []string
 	for _, m := range s.machines {
-		served := (m.state.Role == RoleActive || m.state.Role == RoleSource) && !m.state.Fenced ||
-			m.state.Role == RoleTarget && m.act != nil
+		served := servedLocked(m, false)
 		for i := range m.state.Disks {
 			if served {
 				names = append(names, exportName(m.state.Name, i, false))
 			}
-			if m.test != nil {
+			if m.unit.test != nil {
 				names = append(names, exportName(m.state.Name, i, true))
 			}
 		}
@@ -610,9 +648,9 @@ func (s *Site) listExports() []string {
 func (s *Site) target(streamID string) (rgrpc.Target, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, m := range s.machines {
-		if sp := m.state.Spec; m.state.Role == RoleTarget && sp != nil && sp.StreamID == streamID && m.journal != nil {
-			return rgrpc.Target{Sink: m.journal, Machine: m.state.Name, SourceSite: sp.PeerSite, Generation: sp.Generation}, nil
+	for _, u := range s.units {
+		if sp := u.state.Spec; u.state.Role == RoleTarget && sp != nil && sp.StreamID == streamID && u.journal != nil {
+			return rgrpc.Target{Sink: u.journal, Machine: u.name, SourceSite: sp.PeerSite, Generation: sp.Generation}, nil
 		}
 	}
 	return rgrpc.Target{}, rebound.Errorf(rebound.ENOTFOUND, "site %s receives no stream %q", s.cfg.Name, streamID)
@@ -699,7 +737,8 @@ func (s *Site) runHook(ctx context.Context, hook, machine string) error {
 // points before the damage are still served; those after it are gone.
 // While the automatic repair runs it says so, and names the manual resync
 // for a repair that does not finish.
-func journalDamage(site string, st *machineState, j *journal.Journal) string {
+func journalDamage(site string, u *unit, j *journal.Journal) string {
+	st := &u.state
 	kept := "no recovery point is left"
 	if pl := j.Points(); len(pl.Points) > 0 {
 		p := pl.Points[len(pl.Points)-1]
@@ -709,16 +748,16 @@ func journalDamage(site string, st *machineState, j *journal.Journal) string {
 	if st.Spec != nil {
 		from = st.Spec.PeerSite
 	}
-	manual := fmt.Sprintf("rebound unprotect %s --wait, then rebound protect %s --to %s --wait (at %s)", st.Name, st.Name, site, from)
+	manual := fmt.Sprintf("rebound unprotect %s --wait, then rebound protect %s --to %s --wait (at %s)", u.name, u.name, site, from)
 	if lo, hi, armed, ok := j.Repairing(); ok {
 		step := "waiting for " + from + " to compare its disks with this journal's digests"
 		if armed {
 			step = "the repair resync from " + from + " is running (see the machine's sync progress)"
 		}
 		return fmt.Sprintf("journal of %s at %s is damaged: records %d..%d were dropped, %s; repairing automatically: %s. If it does not finish: %s",
-			st.Name, site, lo, hi, kept, step, manual)
+			u.name, site, lo, hi, kept, step, manual)
 	}
-	return fmt.Sprintf("journal of %s at %s is damaged (%v): %s; resync it: %s", st.Name, site, j.Corrupt(), kept, manual)
+	return fmt.Sprintf("journal of %s at %s is damaged (%v): %s; resync it: %s", u.name, site, j.Corrupt(), kept, manual)
 }
 
 // journalOptions are a target journal's: it logs to the site's log and a
@@ -735,21 +774,22 @@ func (s *Site) journalOptions(name string) journal.Options {
 // and the source is asked for a digest-compare resync on its next connect
 // (journal.repair.started). A journal that cannot repair itself stays
 // damaged, and the message names the manual resync.
-func (s *Site) repairJournal(st *machineState, j *journal.Journal) {
-	damage := journalDamage(s.cfg.Name, st, j)
+func (s *Site) repairJournal(u *unit, j *journal.Journal) {
+	st := &u.state
+	damage := journalDamage(s.cfg.Name, u, j)
 	from, to, err := j.Repair()
 	if err != nil {
-		s.logger.Error("journal: automatic repair failed", "machine", st.Name, "err", err)
-		s.emit(rebound.Event{Time: time.Now().UTC(), Machine: st.Name, Site: s.cfg.Name, Kind: "journal.damaged", Message: damage})
+		s.logger.Error("journal: automatic repair failed", "machine", u.name, "err", err)
+		s.emit(rebound.Event{Time: time.Now().UTC(), Machine: u.name, Site: s.cfg.Name, Kind: "journal.damaged", Message: damage})
 		return
 	}
 	peer := "the source"
 	if st.Spec != nil {
 		peer = st.Spec.PeerSite
 	}
-	s.emit(rebound.Event{Time: time.Now().UTC(), Machine: st.Name, Site: s.cfg.Name, Kind: "journal.damaged", Message: journalDamage(s.cfg.Name, st, j)})
-	s.emit(rebound.Event{Time: time.Now().UTC(), Machine: st.Name, Site: s.cfg.Name, Kind: "journal.repair.started",
-		Message: fmt.Sprintf("repair of the journal of %s at %s started: damaged records %d..%d dropped; %s compares its disks with this journal's digests and resyncs the blocks that differ", st.Name, s.cfg.Name, from, to, peer)})
+	s.emit(rebound.Event{Time: time.Now().UTC(), Machine: u.name, Site: s.cfg.Name, Kind: "journal.damaged", Message: journalDamage(s.cfg.Name, u, j)})
+	s.emit(rebound.Event{Time: time.Now().UTC(), Machine: u.name, Site: s.cfg.Name, Kind: "journal.repair.started",
+		Message: fmt.Sprintf("repair of the journal of %s at %s started: damaged records %d..%d dropped; %s compares its disks with this journal's digests and resyncs the blocks that differ", u.name, s.cfg.Name, from, to, peer)})
 }
 
 // repairingStream is a source stream whose repairs of the target's journal

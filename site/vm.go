@@ -59,14 +59,15 @@ func (s *Site) vmConfigLocked(m *machine, test bool) qemu.VMConfig {
 // servedLocked reports whether the machine's exports (or its test
 // failover's) are served here, so a VM can run on them.
 func servedLocked(m *machine, test bool) bool {
+	u := m.unit
 	if test {
-		return m.test != nil
+		return u.test != nil
 	}
-	switch m.state.Role {
+	switch u.state.Role {
 	case RoleActive, RoleSource:
-		return !m.state.Fenced
+		return !u.state.Fenced
 	case RoleTarget:
-		return m.act != nil
+		return u.act != nil
 	}
 	return false
 }
@@ -99,7 +100,7 @@ func (s *Site) Power(ctx context.Context, name, state string, test bool) error {
 		}
 		if !servedLocked(m, test) {
 			s.mu.Unlock()
-			return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s: its disks are not served here, so its VM cannot run here", name, m.state.Role, s.cfg.Name)
+			return rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s: its disks are not served here, so its VM cannot run here", name, m.unit.state.Role, s.cfg.Name)
 		}
 		cfg := s.vmConfigLocked(m, test)
 		s.mu.Unlock()
