@@ -95,16 +95,23 @@ func siteSpec(t *testing.T, dataDir, machine string) *rebound.ReplicationSpec {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var states []struct {
-		Name string                   `json:"name"`
-		Spec *rebound.ReplicationSpec `json:"spec"`
+	// state.json holds stream units; a machine's stream is its unit's.
+	var state struct {
+		Units []struct {
+			Members []struct {
+				Name string `json:"name"`
+			} `json:"members"`
+			Spec *rebound.ReplicationSpec `json:"spec"`
+		} `json:"units"`
 	}
-	if err := json.Unmarshal(b, &states); err != nil {
+	if err := json.Unmarshal(b, &state); err != nil {
 		t.Fatal(err)
 	}
-	for _, s := range states {
-		if s.Name == machine && s.Spec != nil {
-			return s.Spec
+	for _, u := range state.Units {
+		for _, m := range u.Members {
+			if m.Name == machine && u.Spec != nil {
+				return u.Spec
+			}
 		}
 	}
 	t.Fatalf("%s holds no stream of %s: %s", dataDir, machine, b)

@@ -112,12 +112,15 @@ func reopenDetached(t *testing.T, up *UpMain, name string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var states []map[string]any
-	if err := json.Unmarshal(b, &states); err != nil {
+	var state struct {
+		Version int              `json:"version"`
+		Units   []map[string]any `json:"units"`
+	}
+	if err := json.Unmarshal(b, &state); err != nil {
 		t.Fatal(err)
 	}
 	var keep []map[string]any
-	for _, st := range states {
+	for _, st := range state.Units {
 		if st["name"] == name {
 			keep = append(keep, st)
 		}
@@ -125,7 +128,8 @@ func reopenDetached(t *testing.T, up *UpMain, name string) {
 	if len(keep) != 1 || keep[0]["role"] != "detached" {
 		t.Fatalf("recovery's saved state of %s: %v", name, keep)
 	}
-	b, _ = json.Marshal(keep)
+	state.Units = keep
+	b, _ = json.Marshal(state)
 	mdir := filepath.Join(dir, "machines", name)
 	if err := os.MkdirAll(filepath.Join(mdir, "journal"), 0o700); err != nil {
 		t.Fatal(err)
