@@ -163,6 +163,20 @@ func TestUnitTwoMembersOneStream(t *testing.T) {
 	if want := []uint32{0, 2, 0}; len(writes) != 3 || writes[0] != want[0] || writes[1] != want[1] || writes[2] != want[2] {
 		t.Fatalf("write records carry disks %v, want %v (a's disk 0, b's disk 1 at offset 1, a's disk 0)", writes, want)
 	}
+	// Fencing a member fences its unit: every member's exports.
+	head, err := src.Fence(ctx, "a")
+	if err != nil || head != stream.Head() {
+		t.Fatalf("fence a: head %d, %v; want the stream's head %d", head, err, stream.Head())
+	}
+	if _, err := src.lookupExport("b-disk0"); err == nil || !strings.Contains(err.Error(), "fenced") {
+		t.Fatalf("b-disk0 is served while its unit is fenced: %v", err)
+	}
+	if err := src.Unfence(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.lookupExport("a-disk0"); err != nil {
+		t.Fatalf("a-disk0 after its unit was unfenced: %v", err)
+	}
 	p, err := stream.Mark(rebound.PointCrash)
 	if err != nil {
 		t.Fatal(err)
@@ -240,6 +254,23 @@ func TestUnitTwoMembersOneStream(t *testing.T) {
 		t.Fatalf("unit g after restart: %+v", u)
 	}
 	check(tgt)
+
+	// Commit renames the unit's disk k into its member's file.
+	if err := tgt.Commit(ctx, "a", nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []struct {
+		m string
+		i int
+		w []byte
+	}{{"a", 0, wantA0}, {"b", 0, want["b-disk0"]}, {"b", 1, wantB1}} {
+		if got, err := os.ReadFile(tgt.diskPath(f.m, f.i)); err != nil || !bytes.Equal(got, f.w) {
+			t.Errorf("after commit, disk %d of %s does not hold its bytes at the point (%v)", f.i, f.m, err)
+		}
+	}
+	if u := tgt.units["g"]; u.state.Role != RoleActive || len(u.members[1].files) != 2 {
+		t.Fatalf("unit g after commit: role %s, b has %d open disks", u.state.Role, len(u.members[1].files))
+	}
 }
 
 // TestStateV1Migrates opens a data dir whose state.json is the version 1
