@@ -43,8 +43,8 @@ func (s *Server) ApplyPlan(ctx context.Context, p rebound.Plan) (*rebound.Plan, 
 		return nil, err
 	}
 	for _, st := range p.Stages {
-		for _, g := range st.Groups {
-			return nil, rebound.Errorf(rebound.EINVALID, "plan %s, stage %s: replication group %q does not exist (this server has no replication groups yet); list the machines under machines:", p.Name, st.Name, g)
+		if len(st.Groups) > 0 {
+			return nil, rebound.Errorf(rebound.EINVALID, "plan %s, stage %s: replication group %q does not exist (this server has no replication groups yet); list the machines under machines:", p.Name, st.Name, st.Groups[0])
 		}
 		for _, name := range st.Machines {
 			if _, err := s.DB.GetMachine(ctx, name); rebound.ErrorCode(err) == rebound.ENOTFOUND {
@@ -77,8 +77,8 @@ func (s *Server) ApplyPlan(ctx context.Context, p rebound.Plan) (*rebound.Plan, 
 }
 
 func planEqual(a, b rebound.Plan) bool {
-	ja, _ := jsonMarshal(a)
-	jb, _ := jsonMarshal(b)
+	ja, _ := json.Marshal(a)
+	jb, _ := json.Marshal(b)
 	return bytes.Equal(ja, jb)
 }
 
@@ -742,7 +742,7 @@ func (s *Server) manualStep(ctx context.Context, r *jobRun, i, k int) error {
 	r.mu.Unlock()
 	r.save(true)
 	s.event("", "", "plan.suspended", fmt.Sprintf("plan %s, job %s waits for a manual step: %s (then rebound job resume %s)", name, id, text, id))
-	failpointHook(ctx, "server/plan/suspended")
+	failpoint.Hit(ctx, "server/plan/suspended")
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
@@ -853,8 +853,6 @@ func (b *limitedBuffer) String() string {
 	return b.buf.String()
 }
 
-func jsonMarshal(v any) ([]byte, error) { return json.Marshal(v) }
-
 // cloneJob copies a job deeply enough that the copy can be read while the
 // job's goroutine changes the original.
 func cloneJob(j rebound.Job) rebound.Job {
@@ -876,5 +874,3 @@ func clonePlan(p *rebound.PlanProgress) rebound.PlanProgress {
 	}
 	return out
 }
-
-func failpointHook(ctx context.Context, name string) { failpoint.Hit(ctx, name) }

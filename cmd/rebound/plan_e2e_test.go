@@ -312,6 +312,8 @@ func TestPlanReadiness(t *testing.T) {
 	}
 	_, err := ps.ApplyPlan(ctx, rebound.Plan{Name: "p", Stages: []rebound.PlanStage{{Name: "s", Machines: []string{"db", "ghost"}}}})
 	wantErr(t, "a plan naming a missing machine", err, rebound.EINVALID, `machine "ghost" does not exist`)
+	_, err = ps.ApplyPlan(ctx, rebound.Plan{Name: "p", Stages: []rebound.PlanStage{{Name: "s", Groups: []string{"db"}}}})
+	wantErr(t, "a plan naming a replication group", err, rebound.EINVALID, `replication group "db"`)
 	if _, err := ps.ApplyPlan(ctx, rebound.Plan{Name: "p", Stages: []rebound.PlanStage{
 		{Name: "one", Machines: []string{"db"}}, {Name: "two", Machines: []string{"cache"}}}}); err != nil {
 		t.Fatal(err)
