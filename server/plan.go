@@ -791,7 +791,9 @@ func (s *Server) runScript(ctx context.Context, r *jobRun, i, k int) error {
 	defer cancel()
 	cmd := exec.CommandContext(sctx, a.Script, args...)
 	cmd.Dir = filepath.Dir(a.Script)
-	cmd.Env = append(os.Environ(),
+	// A clean environment: the server's own (tokens, credentials) stays
+	// out of scripts and so out of the output the job keeps.
+	cmd.Env = append(scriptBaseEnv(),
 		"REBOUND_PLAN="+p.Name, "REBOUND_STAGE="+p.Stages[i].Name, "REBOUND_VERB="+p.Verb,
 		"REBOUND_DIRECTION="+p.Direction, "REBOUND_POINT="+point, "REBOUND_MACHINES="+strings.Join(machines, " "),
 		"REBOUND_JOB="+r.job.ID)
@@ -873,4 +875,16 @@ func clonePlan(p *rebound.PlanProgress) rebound.PlanProgress {
 		out.Stages[i] = st
 	}
 	return out
+}
+
+// scriptBaseEnv is what a plan script inherits from the server's
+// environment.
+func scriptBaseEnv() []string {
+	var env []string
+	for _, k := range []string{"PATH", "HOME", "LANG", "LC_ALL", "TZ"} {
+		if v, ok := os.LookupEnv(k); ok {
+			env = append(env, k+"="+v)
+		}
+	}
+	return env
 }

@@ -59,7 +59,10 @@ func newPlanFixture(t *testing.T) *planFixture {
 	}
 	dir := t.TempDir()
 	f.log = filepath.Join(dir, "scripts.log")
-	script := "#!/bin/sh\necho \"$2 $REBOUND_STAGE $REBOUND_VERB $REBOUND_DIRECTION $REBOUND_POINT [$REBOUND_MACHINES]\" >> \"$1\"\necho \"ran $2 $REBOUND_STAGE\"\n"
+	// REBOUND_SECRET stands for the server's own environment, which
+	// scripts must not see.
+	os.Setenv("REBOUND_SECRET", "s3cret") // the same value from every test: no race on its meaning
+	script := "#!/bin/sh\necho \"$2 $REBOUND_STAGE $REBOUND_VERB $REBOUND_DIRECTION $REBOUND_POINT [$REBOUND_MACHINES]$REBOUND_SECRET\" >> \"$1\"\necho \"ran $2 $REBOUND_STAGE\"\n"
 	if err := os.WriteFile(filepath.Join(dir, "log.sh"), []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
