@@ -139,17 +139,20 @@ as after a failover.`,
 }
 
 // checksFailed is returned when preflight checks failed (exit 1); the
-// report has already been printed.
-type checksFailed struct{ rep *rebound.PreflightReport }
+// report has already been printed, so only msg goes to stderr.
+type checksFailed struct{ msg string }
 
-func (e *checksFailed) Error() string {
+func (e *checksFailed) Error() string { return e.msg }
+
+// machineChecksFailed summarises a machine's failed preflight.
+func machineChecksFailed(rep *rebound.PreflightReport) *checksFailed {
 	n := 0
-	for _, ch := range e.rep.Checks {
+	for _, ch := range rep.Checks {
 		if !ch.OK {
 			n++
 		}
 	}
-	return fmt.Sprintf("preflight %s %s: %d of %d checks failed", e.rep.Operation, e.rep.Machine, n, len(e.rep.Checks))
+	return &checksFailed{fmt.Sprintf("preflight %s %s: %d of %d checks failed", rep.Operation, rep.Machine, n, len(rep.Checks))}
 }
 
 func (c *CLI) preflightCommand() *cobra.Command {
@@ -185,7 +188,7 @@ passed, 1 when any failed.`,
 				return err
 			}
 			if !rep.OK {
-				return &checksFailed{rep}
+				return machineChecksFailed(rep)
 			}
 			return nil
 		},

@@ -172,7 +172,7 @@ docs/plans.md for the format.`,
 				return err
 			}
 			if !rep.OK {
-				return &preflightError{fmt.Sprintf("plan %s is not ready to %s", rep.Plan, rep.Operation)}
+				return &checksFailed{fmt.Sprintf("plan %s is not ready to %s", rep.Plan, rep.Operation)}
 			}
 			return nil
 		},
@@ -192,11 +192,6 @@ docs/plans.md for the format.`,
 	)
 	return cmd
 }
-
-// preflightError is a failed preflight (exit 1); the report is printed.
-type preflightError struct{ msg string }
-
-func (e *preflightError) Error() string { return e.msg }
 
 // planVerbCommand is a plan verb: it starts a plan job.
 func (c *CLI) planVerbCommand(verb, use, short string) *cobra.Command {
