@@ -60,6 +60,12 @@ type Machine struct {
 	// DetachedCopies are replicas unprotect --keep-replica kept: plain
 	// disks at a site, neither replicated nor served, one per site.
 	DetachedCopies []DetachedCopy `json:"detachedCopies,omitempty"`
+	// Group is the replication group the machine replicates in; its
+	// lifecycle fields mirror the group's, and its verbs take --group.
+	Group string `json:"group,omitempty"`
+	// Members is set on a group's own record (the server stores a group's
+	// lifecycle like a machine's; the API shows it as a Group).
+	Members []string `json:"members,omitempty"`
 }
 
 // DetachedCopy is a machine's replica kept at a site when its protection

@@ -61,6 +61,9 @@ type ProtectRequest struct {
 	Machine string `json:"machine"`
 	To      string `json:"to"`
 	Policy  string `json:"policy,omitempty"` // default "default"
+	// Group, if set, protects the machine in that replication group,
+	// creating it or adding the machine to its stream.
+	Group string `json:"group,omitempty"`
 }
 
 // FailoverRequest fails a machine over to its protection's target site.

@@ -191,6 +191,11 @@ type ReplicationSpec struct {
 	// AdoptDisks, for a target: use the disks this site already holds for
 	// the machine as the journal's base instead of empty ones.
 	AdoptDisks bool `json:"adoptDisks,omitempty"`
+	// Members, for a group's stream: Machine is the group's name and Disks
+	// are the members' disks concatenated in this order. A member already
+	// replicating (in a stream of its own or another group's) moves into
+	// this stream without a full copy; see docs/design/groups.md.
+	Members []MemberDisks `json:"members,omitempty"`
 }
 
 // ActivateSpec asks a target to export a point.
