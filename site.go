@@ -133,6 +133,8 @@ type MachineStatus struct {
 	Fenced bool      `json:"fenced,omitempty"`
 	VM     *VMStatus `json:"vm,omitempty"`
 	TestVM *VMStatus `json:"testVm,omitempty"`
+	// Members is set on a group's stream: its machines, in disk order.
+	Members []string `json:"members,omitempty"`
 
 	// Source side.
 	ReplState     string  `json:"replState,omitempty"`

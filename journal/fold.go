@@ -2,6 +2,7 @@ package journal
 
 import (
 	"fmt"
+	"path/filepath"
 	"sort"
 	"syscall"
 	"time"
@@ -221,3 +222,53 @@ func (j *Journal) abandon() {
 	j.log.Close()
 	j.closeFiles()
 }
+
+// FoldAll folds every durable record into the base files, so they hold the
+// journal's newest state: a group changing members adopts them as the base
+// of its new journal (site/group.go). No view may be open; the journal's
+// points end at its head.
+func (j *Journal) FoldAll() error {
+	j.foldMu.Lock()
+	defer j.foldMu.Unlock()
+	j.mu.Lock()
+	switch {
+	case j.closed:
+		j.mu.Unlock()
+		return rebound.Errorf(rebound.ECONFLICT, "journal is closed")
+	case len(j.pins) > 0:
+		j.mu.Unlock()
+		return rebound.Errorf(rebound.ECONFLICT, "journal: a view is open; close the failover or test failover first")
+	case len(j.gaps) > 0 || j.corrupt != nil:
+		j.mu.Unlock()
+		return rebound.Errorf(rebound.ECONFLICT, "journal: damaged records are being repaired; retry when the repair is done")
+	}
+	pending, f := j.meta.FoldTo, j.durable.Load()
+	j.mu.Unlock()
+	if pending != 0 {
+		if err := j.fold(pending); err != nil {
+			return err
+		}
+	}
+	j.mu.Lock()
+	if f <= j.base {
+		j.mu.Unlock()
+		return nil
+	}
+	j.folding = f
+	m := j.meta
+	j.mu.Unlock()
+	m.FoldTo = f
+	if err := writeMeta(j.dir, m); err != nil {
+		j.mu.Lock()
+		j.folding = 0
+		j.mu.Unlock()
+		return err
+	}
+	j.mu.Lock()
+	j.meta = m
+	j.mu.Unlock()
+	return j.fold(f)
+}
+
+// BasePath is the base file of disk i of the journal in dir.
+func BasePath(dir string, i int) string { return filepath.Join(dir, baseName(i)) }

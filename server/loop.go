@@ -62,6 +62,9 @@ func (s *Server) Failback(ctx context.Context, req rebound.FailoverRequest) (*re
 	if err != nil {
 		return nil, err
 	}
+	if err := memberRefused(m, "failback"); err != nil {
+		return nil, err
+	}
 	if err := s.checkIdle(m.Name); err != nil {
 		return nil, err
 	}
@@ -109,6 +112,9 @@ func (s *Server) readiness(ctx context.Context, site string, wait time.Duration)
 func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*rebound.Job, error) {
 	m, err := s.DB.GetMachine(ctx, req.Machine)
 	if err != nil {
+		return nil, err
+	}
+	if err := memberRefused(m, "reprotect"); err != nil {
 		return nil, err
 	}
 	if err := s.checkIdle(m.Name); err != nil {
@@ -218,10 +224,11 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		// retry after a failed attempt finds the target it prepared (and
 		// the disks it adopted) and StartReplication is idempotent.
 		streamID := m.Name + "." + srcInfo.Generation
-		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: srcInfo.Generation, VM: m.VM}
-		if h := m.Settings.Hooks(); h != (rebound.Hooks{}) {
-			spec.Hooks = &h
+		spec, err := s.streamSpec(ctx, m)
+		if err != nil {
+			return err
 		}
+		spec.StreamID, spec.Policy, spec.Generation = streamID, *pol, srcInfo.Generation
 
 		r.Step("prepare target")
 		tspec := spec
@@ -539,6 +546,9 @@ func nextOperation(m *rebound.Machine) string {
 func (s *Server) Preflight(ctx context.Context, name, op string) (*rebound.PreflightReport, error) {
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
+		return nil, err
+	}
+	if err := memberRefused(m, "preflight"); err != nil {
 		return nil, err
 	}
 	if op == "" {

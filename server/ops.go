@@ -80,12 +80,18 @@ func applyDisks(m *rebound.Machine, disks []rebound.Disk) {
 
 // ListMachines returns every machine.
 func (s *Server) ListMachines(ctx context.Context) ([]rebound.Machine, error) {
-	return s.listMachines(ctx)
+	ms, err := s.listMachines(ctx)
+	// A group's own record is served as a Group.
+	return slices.DeleteFunc(ms, func(m rebound.Machine) bool { return len(m.Members) > 0 }), err
 }
 
 // GetMachine returns a machine.
 func (s *Server) GetMachine(ctx context.Context, name string) (*rebound.Machine, error) {
-	return s.getMachine(ctx, name)
+	m, err := s.getMachine(ctx, name)
+	if err == nil && len(m.Members) > 0 {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "machine %q not found: %s is a replication group (rebound group show %s)", name, name, name)
+	}
+	return m, err
 }
 
 // DeleteMachine removes an unprotected machine and its disks.
@@ -161,9 +167,18 @@ func (s *Server) unlockMachine(name string) {
 
 // Protect starts replication of a machine to a site.
 func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebound.Job, error) {
+	if req.Group != "" {
+		return s.protectGroup(ctx, req)
+	}
 	m, err := s.DB.GetMachine(ctx, req.Machine)
 	if err != nil {
 		return nil, err
+	}
+	if err := memberRefused(m, "protect"); err != nil {
+		return nil, err
+	}
+	if len(m.Members) > 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "%s is a group; add machines with rebound protect NAME --to SITE --group %s", m.Name, m.Name)
 	}
 	if err := s.checkIdle(m.Name); err != nil {
 		return nil, err
@@ -231,10 +246,11 @@ func (s *Server) protect(ctx context.Context, r *jobRun, m *rebound.Machine, req
 		if err := s.dropDetachedCopy(ctx, r, m.Name, req.To, dst); err != nil {
 			return err
 		}
-		spec := rebound.ReplicationSpec{Machine: m.Name, StreamID: streamID, Disks: diskShapes(m.Disks), Policy: *pol, Generation: ci.Generation, VM: m.VM}
-		if h := m.Settings.Hooks(); h != (rebound.Hooks{}) {
-			spec.Hooks = &h
+		spec, err := s.streamSpec(ctx, m)
+		if err != nil {
+			return err
 		}
+		spec.StreamID, spec.Policy, spec.Generation = streamID, *pol, ci.Generation
 		tspec := spec
 		tspec.Role, tspec.PeerSite = "target", m.ActiveSite
 		if err := dst.StartReplication(ctx, tspec); err != nil {
@@ -359,6 +375,9 @@ func (s *Server) updateMachineLive(ctx context.Context, name string, fn func(m *
 	if err == nil || live && rebound.ErrorCode(err) != rebound.ENOTFOUND {
 		s.live.record(m)
 	}
+	if err == nil && !live && len(m.Members) > 0 {
+		err = s.mirrorMembers(ctx, m)
+	}
 	return err
 }
 
@@ -367,6 +386,9 @@ func (s *Server) updateMachineLive(ctx context.Context, name string, fn func(m *
 func (s *Server) protection(ctx context.Context, name, verb string) (*rebound.Machine, error) {
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
+		return nil, err
+	}
+	if err := memberRefused(m, verb); err != nil {
 		return nil, err
 	}
 	if m.Protection == nil {
@@ -553,19 +575,22 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 		if err := s.setState(ctx, m.Name, rebound.MachineFailingOver); err != nil {
 			return err
 		}
-		if m.VM != nil && src != nil {
+		for _, vm := range s.vmMachines(ctx, m) {
+			if src == nil {
+				break
+			}
 			// Planned: the guest shuts down cleanly before the drain (or
 			// is powered off after the timeout, with --shutdown force);
 			// unplanned: the source VM is stopped where it can be reached.
 			if req.Planned {
-				r.Message("shutting the VM down at %s (%s, timeout %s)", from, shutdown.Mode, shutdown.Timeout)
-				if err := src.Shutdown(ctx, m.Name, shutdown); err != nil {
-					return s.rollbackFailover(m.Name, from, nil, fmt.Errorf("shut down the VM at %s: %w", from, err))
+				r.Message("shutting the VM of %s down at %s (%s, timeout %s)", vm.Name, from, shutdown.Mode, shutdown.Timeout)
+				if err := src.Shutdown(ctx, vm.Name, shutdown); err != nil {
+					return s.rollbackFailover(m.Name, from, nil, fmt.Errorf("shut down the VM of %s at %s: %w", vm.Name, from, err))
 				}
 			} else {
-				r.Message("stopping the VM at %s (kill)", from)
-				if err := src.Power(ctx, m.Name, rebound.PowerKill, false); err != nil {
-					r.Message("VM at %s not stopped: %s", from, rebound.ErrorMessage(err))
+				r.Message("stopping the VM of %s at %s (kill)", vm.Name, from)
+				if err := src.Power(ctx, vm.Name, rebound.PowerKill, false); err != nil {
+					r.Message("VM of %s at %s not stopped: %s", vm.Name, from, rebound.ErrorMessage(err))
 				}
 			}
 		}
@@ -798,6 +823,9 @@ func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) 
 	if err != nil {
 		return nil, err
 	}
+	if err := memberRefused(m, "commit"); err != nil {
+		return nil, err
+	}
 	if err := s.checkIdle(name); err != nil {
 		return nil, err
 	}
@@ -949,6 +977,9 @@ func (s *Server) TestFailover(ctx context.Context, name, point string) (*rebound
 func (s *Server) TestFailoverCleanup(ctx context.Context, name string) (*rebound.Job, error) {
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
+		return nil, err
+	}
+	if err := memberRefused(m, "clean up a test failover"); err != nil {
 		return nil, err
 	}
 	if err := s.checkIdle(name); err != nil {

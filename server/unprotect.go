@@ -20,6 +20,12 @@ func (s *Server) Unprotect(ctx context.Context, req rebound.UnprotectRequest) (*
 	if err != nil {
 		return nil, err
 	}
+	if err := memberRefused(m, "unprotect"); err != nil {
+		return nil, err
+	}
+	if len(m.Members) > 0 && req.KeepReplica {
+		return nil, rebound.Errorf(rebound.EINVALID, "--keep-replica keeps one machine's replica; take the machines out of group %s first (rebound group remove-machine %s NAME)", name, name)
+	}
 	if err := s.checkIdle(name); err != nil {
 		return nil, err
 	}
@@ -52,6 +58,9 @@ func (s *Server) Unprotect(ctx context.Context, req rebound.UnprotectRequest) (*
 	return s.startJob(ctx, "unprotect", name, []string{"stop source", "remove replica"}, func(ctx context.Context, r *jobRun) error {
 		if err := s.stopProtection(ctx, name, p, src, dst, r.Step, func(msg string) { r.Message("%s", msg) }); err != nil {
 			return err
+		}
+		if len(m.Members) > 0 {
+			return s.dissolveGroup(ctx, name)
 		}
 		s.event(name, p.TargetSite, "protection.stopped", fmt.Sprintf("replication of %s from %s to %s stopped; the replica at %s is removed", name, p.SourceSite, p.TargetSite, p.TargetSite))
 		return nil

@@ -136,13 +136,12 @@ func (s *Server) Console(ctx context.Context, name string, tail int) ([]byte, er
 // active there (failover, change-point, cancel, test failover). The disks
 // stay active if the VM does not start; the error says how to retry.
 func (s *Server) powerOn(ctx context.Context, r *jobRun, m *rebound.Machine, site rebound.SiteService, at string, test bool) error {
-	if m.VM == nil {
-		return nil
+	for _, vm := range s.vmMachines(ctx, m) {
+		r.Message("starting the VM of %s at %s", vm.Name, at)
+		if err := site.Power(ctx, vm.Name, rebound.PowerOn, test); err != nil {
+			return fmt.Errorf("the disks are active at %s but the VM of %s did not start: %w (retry with rebound machine start %s)", at, vm.Name, err, vm.Name)
+		}
+		s.event(vm.Name, at, "machine.start", "VM started at "+at)
 	}
-	r.Message("starting the VM at %s", at)
-	if err := site.Power(ctx, m.Name, rebound.PowerOn, test); err != nil {
-		return fmt.Errorf("the disks are active at %s but the VM did not start: %w (retry with rebound machine start %s)", at, err, m.Name)
-	}
-	s.event(m.Name, at, "machine.start", "VM started at "+at)
 	return nil
 }

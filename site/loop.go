@@ -56,19 +56,33 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	ci := &rebound.CopyInfo{Machine: name, Site: s.cfg.Name}
-	m, ok := s.machines[name]
+	u, ms, ok := s.scopeLocked(name)
 	if !ok {
 		return ci, nil
 	}
-	u := m.unit
-	ci.Role, ci.Disks = u.state.Role, m.state.Disks
+	ci.Role = u.state.Role
+	tracked := true
+	for _, m := range ms {
+		ci.Disks = append(ci.Disks, m.state.Disks...)
+		tracked = tracked && len(m.trackers) == len(m.state.Disks)
+	}
 	ci.Generation, ci.Parent = u.state.Generation, u.state.Parent
+	// scoped cuts per-unit-disk regions down to the machines named.
+	scoped := func(regions [][]rebound.Region) [][]rebound.Region {
+		var out [][]rebound.Region
+		for _, m := range ms {
+			out = append(out, memberRegions(m, regions)...)
+		}
+		return out
+	}
 	switch {
-	case u.state.Role == RoleActive && len(m.trackers) == len(m.state.Disks):
+	case u.state.Role == RoleActive && tracked:
 		ci.Tracked = true
-		for _, t := range m.trackers {
-			ci.Changed = append(ci.Changed, t.Regions())
-			ci.ChangedBytes += t.Bytes()
+		for _, m := range ms {
+			for _, t := range m.trackers {
+				ci.Changed = append(ci.Changed, t.Regions())
+				ci.ChangedBytes += t.Bytes()
+			}
 		}
 	case u.state.Role == RoleActive:
 		ci.Untrusted = fmt.Sprintf("site %s tracks no changes for this copy (it did not become active through a failover)", s.cfg.Name)
@@ -81,7 +95,7 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 			s.spoolDamaged(name, err)
 			break
 		}
-		regions = memberRegions(m, regions)
+		regions = scoped(regions)
 		ci.Tracked, ci.Changed, ci.LastWrite = !u.state.Diverged, regions, last
 		if u.state.Diverged {
 			ci.Untrusted = "the copy took writes after the failover"
@@ -101,7 +115,7 @@ func (s *Site) CopyInfo(ctx context.Context, name string) (*rebound.CopyInfo, er
 			s.spoolDamaged(name, err)
 			break
 		}
-		regions = memberRegions(m, regions)
+		regions = scoped(regions)
 		ci.Tracked, ci.Changed, ci.LastWrite = true, regions, last
 		for _, rs := range regions {
 			for _, r := range rs {
@@ -132,16 +146,20 @@ func (s *Site) Digests(ctx context.Context, name string, blockSize int64) ([]reb
 		return nil, rebound.Errorf(rebound.EINVALID, "block size %d must be a multiple of 512 up to 16 MiB", blockSize)
 	}
 	s.mu.Lock()
-	m, err := s.getLocked(name)
 	var paths []string
 	var disks []rebound.Disk
-	if err == nil {
-		if r := m.unit.state.Role; r != RoleActive && r != RoleReleased {
-			err = rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; digests are taken of active or released copies", name, r, s.cfg.Name)
-		}
-		disks = m.state.Disks
-		for i := range disks {
-			paths = append(paths, s.diskPath(name, i))
+	u, ms, ok := s.scopeLocked(name)
+	err := error(nil)
+	if !ok {
+		err = rebound.Errorf(rebound.ENOTFOUND, "machine %q is not held at site %s", name, s.cfg.Name)
+	} else if r := u.state.Role; r != RoleActive && r != RoleReleased {
+		err = rebound.Errorf(rebound.ECONFLICT, "machine %q is %s at site %s; digests are taken of active or released copies", name, r, s.cfg.Name)
+	} else {
+		for _, m := range ms {
+			disks = append(disks, m.state.Disks...)
+			for i := range m.state.Disks {
+				paths = append(paths, s.diskPath(m.state.Name, i))
+			}
 		}
 	}
 	s.mu.Unlock()

@@ -78,6 +78,29 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 		}
 		st.Machines = append(st.Machines, ms)
 	}
+	// A group's stream is reported under the group's name too, with the
+	// members' disks in unit order.
+	for _, u := range s.units {
+		if u.lone() {
+			continue
+		}
+		ms := rebound.MachineStatus{Name: u.name, Role: u.state.Role, Fenced: u.state.Fenced}
+		for _, e := range st.Machines {
+			if len(u.members) > 0 && e.Name == u.members[0].state.Name {
+				ms = e
+				ms.Name, ms.VM, ms.TestVM, ms.Disks = u.name, nil, nil, nil
+			}
+		}
+		for _, m := range u.members {
+			for _, e := range st.Machines {
+				if e.Name == m.state.Name {
+					ms.Disks = append(ms.Disks, e.Disks...)
+				}
+			}
+		}
+		ms.Members = memberNames(u)
+		st.Machines = append(st.Machines, ms)
+	}
 	sort.Slice(st.Machines, func(i, j int) bool { return st.Machines[i].Name < st.Machines[j].Name })
 	return st, nil
 }
@@ -173,11 +196,16 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 	defer s.mu.Unlock()
 	switch spec.Role {
 	case RoleSource:
+		if len(spec.Members) > 0 {
+			if u, ok := s.units[spec.Machine]; !ok || !sameMembers(u, spec.Members) {
+				return s.regroupSourceLocked(spec)
+			}
+		}
 		m, u, err := s.unitLocked(spec.Machine)
 		if err != nil {
 			return err
 		}
-		if spec.Hooks != nil && m.state.Hooks != *spec.Hooks {
+		if len(spec.Members) == 0 && spec.Hooks != nil && m.state.Hooks != *spec.Hooks {
 			m.state.Hooks = *spec.Hooks
 			if err := s.saveLocked(); err != nil {
 				return err
@@ -222,17 +250,21 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		s.removeUnitTrackers(u)
 		return nil
 	case RoleTarget:
+		if len(spec.Members) > 0 {
+			if u, ok := s.units[spec.Machine]; !ok || !sameMembers(u, spec.Members) {
+				return s.regroupTargetLocked(spec)
+			}
+		}
 		var adopt []string // the released disks that become the journal's base
 		var old *unit
-		if m, ok := s.machines[spec.Machine]; ok {
-			u := m.unit
+		if u, ok := s.unitOf(spec.Machine); ok {
 			if u.state.Role == RoleTarget && u.state.Spec != nil && u.state.Spec.StreamID == spec.StreamID {
 				return nil
 			}
 			if !spec.AdoptDisks || u.state.Role != RoleReleased {
 				return rebound.Errorf(rebound.ECONFLICT, "site %s already holds machine %q as %s", s.cfg.Name, spec.Machine, u.state.Role)
 			}
-			if !u.lone() {
+			if u.name != spec.Machine {
 				return rebound.Errorf(rebound.ECONFLICT, "machine %q is a member of group %s at site %s; its disks are adopted with the group's", spec.Machine, u.name, s.cfg.Name)
 			}
 			adopt, old = s.detachedPaths(u), u
@@ -240,8 +272,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 			return rebound.Errorf(rebound.ECONFLICT, "site %s holds no disks of machine %q to adopt", s.cfg.Name, spec.Machine)
 		}
 		sp := spec
-		m := &machine{state: machineState{Name: spec.Machine, Disks: spec.Disks, VM: spec.VM}}
-		u := newUnit(spec.Machine, unitFields{Role: RoleTarget, Spec: &sp, Generation: spec.Generation}, []*machine{m})
+		u := newUnit(spec.Machine, unitFields{Role: RoleTarget, Spec: &sp, Generation: spec.Generation}, specMachines(spec))
 		if err := s.startTarget(u, adopt); err != nil {
 			return err
 		}
@@ -252,6 +283,19 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		return s.saveLocked()
 	}
 	return rebound.Errorf(rebound.EINVALID, "unknown replication role %q", spec.Role)
+}
+
+// specMachines are the machines a target unit of spec holds: its members,
+// or the one machine it names.
+func specMachines(spec rebound.ReplicationSpec) []*machine {
+	if len(spec.Members) == 0 {
+		return []*machine{{state: machineState{Name: spec.Machine, Disks: spec.Disks, VM: spec.VM}}}
+	}
+	var ms []*machine
+	for _, md := range spec.Members {
+		ms = append(ms, &machine{state: machineState{Name: md.Name, Disks: md.Disks, VM: md.VM}})
+	}
+	return ms
 }
 
 // startTarget opens a new journal for the target unit u over its disks,
@@ -350,11 +394,10 @@ func (s *Site) startExpiry(u *unit, j *journal.Journal) {
 func (s *Site) SetPolicy(ctx context.Context, name string, p rebound.Policy) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, ok := s.machines[name]
+	u, ok := s.unitOf(name)
 	if !ok {
 		return rebound.Errorf(rebound.ENOTFOUND, "site %s holds no machine %q", s.cfg.Name, name)
 	}
-	u := m.unit
 	if u.state.Spec == nil || u.state.Spec.Policy == p {
 		return nil
 	}
@@ -381,12 +424,15 @@ func (s *Site) SetPolicy(ctx context.Context, name string, p rebound.Policy) err
 func (s *Site) StopReplication(ctx context.Context, name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, ok := s.machines[name]
+	u, ok := s.unitOf(name)
 	if !ok {
 		return nil
 	}
-	u := m.unit
 	switch u.state.Role {
+	case RoleActive:
+		if !u.lone() {
+			return s.splitLocked(u)
+		}
 	case RoleSource:
 		s.pauseLocked(u)
 		defer s.resumeLocked(u)
@@ -398,7 +444,14 @@ func (s *Site) StopReplication(ctx context.Context, name string) error {
 		if err := s.openUnitFiles(u); err != nil {
 			return err
 		}
-		return s.saveLocked()
+		if err := s.saveLocked(); err != nil {
+			return err
+		}
+		if !u.lone() {
+			// A group no longer replicated is its machines again.
+			return s.splitLocked(u)
+		}
+		return nil
 	case RoleTarget:
 		if u.act != nil {
 			return rebound.Errorf(rebound.ECONFLICT, "machine %q is failed over at site %s; commit or cancel first", name, s.cfg.Name)
@@ -634,8 +687,8 @@ func (s *Site) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebou
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, err := s.getLocked(spec.Machine); err != nil {
-		return nil, err
+	if cur, ok := s.unitOf(spec.Machine); !ok || cur != u {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "machine %q is not held at site %s", spec.Machine, s.cfg.Name)
 	}
 	if !spec.Test {
 		// A new point: writes made on the previous one are gone, and so is
@@ -704,12 +757,11 @@ func (s *Site) activate(u *unit, spec rebound.ActivateSpec) (*activation, error)
 // written to it.
 func (s *Site) Deactivate(ctx context.Context, name string, test bool) error {
 	s.mu.Lock()
-	m, ok := s.machines[name]
+	u, ok := s.unitOf(name)
 	if !ok {
 		s.mu.Unlock()
 		return nil
 	}
-	u := m.unit
 	a := u.act
 	if test {
 		a = u.test

@@ -150,13 +150,40 @@ func (s *Site) unitDiskPath(u *unit, i int) string {
 	return s.diskPath(m.state.Name, j)
 }
 
-// unitLocked returns the unit a machine belongs to, or a not-found error.
-func (s *Site) unitLocked(name string) (*machine, *unit, error) {
-	m, err := s.getLocked(name)
-	if err != nil {
-		return nil, nil, err
+// unitOf resolves a name to a unit: a unit's own name (a group, or a lone
+// machine), else the unit of the machine so named.
+func (s *Site) unitOf(name string) (*unit, bool) {
+	if u, ok := s.units[name]; ok {
+		return u, true
 	}
-	return m, m.unit, nil
+	if m, ok := s.machines[name]; ok {
+		return m.unit, true
+	}
+	return nil, false
+}
+
+// unitLocked returns the unit a name resolves to (unitOf) and the machine
+// so named, or the unit's first member for a group's name.
+func (s *Site) unitLocked(name string) (*machine, *unit, error) {
+	if m, ok := s.machines[name]; ok {
+		return m, m.unit, nil
+	}
+	if u, ok := s.units[name]; ok && len(u.members) > 0 {
+		return u.members[0], u, nil
+	}
+	return nil, nil, rebound.Errorf(rebound.ENOTFOUND, "machine %q is not held at site %s", name, s.cfg.Name)
+}
+
+// scopeLocked resolves a name to the machines a per-copy call covers: a
+// unit's name covers all its members, a member's name only itself.
+func (s *Site) scopeLocked(name string) (*unit, []*machine, bool) {
+	if m, ok := s.machines[name]; ok {
+		return m.unit, []*machine{m}, true
+	}
+	if u, ok := s.units[name]; ok {
+		return u, u.members, true
+	}
+	return nil, nil, false
 }
 
 // addUnitLocked holds a unit and its members (not yet opened).
@@ -177,4 +204,13 @@ func (s *Site) dropUnitLocked(u *unit) {
 			delete(s.machines, m.state.Name)
 		}
 	}
+}
+
+// memberNames are the names of u's members, in unit order.
+func memberNames(u *unit) []string {
+	var names []string
+	for _, m := range u.members {
+		names = append(names, m.state.Name)
+	}
+	return names
 }

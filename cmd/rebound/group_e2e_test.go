@@ -1,0 +1,166 @@
+package main
+
+import (
+	"context"
+	"testing"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// groupFixture is machines a, b, c at primary, each with an oracle.
+type groupFixture struct {
+	t       *testing.T
+	up      *UpMain
+	svc     rebound.Service
+	names   []string
+	oracles map[string]*oracle
+	uris    map[string]string
+}
+
+func newGroupFixture(t *testing.T, names ...string) *groupFixture {
+	up, svc := testUp(t, t.TempDir())
+	f := &groupFixture{t: t, up: up, svc: svc, names: names, oracles: map[string]*oracle{}, uris: map[string]string{}}
+	for i, n := range names {
+		m, err := svc.CreateMachine(context.Background(), rebound.CreateMachineRequest{Name: n, Site: "primary", Disks: []int64{4 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.oracles[n] = newOracle(t, 4<<20, int64(100+i))
+		f.uris[n] = m.Disks[0].NBD
+		f.oracles[n].write(f.uris[n], 30)
+	}
+	return f
+}
+
+// writeAll writes n operations to every machine through its active export.
+func (f *groupFixture) writeAll(n int) {
+	for _, name := range f.names {
+		m := getMachine(f.t, f.svc, name)
+		f.oracles[name].write(m.Disks[0].NBD, n)
+	}
+}
+
+// checkActive checks every machine's active disk against its model.
+func (f *groupFixture) checkActive(what string) {
+	f.t.Helper()
+	for _, name := range f.names {
+		m := getMachine(f.t, f.svc, name)
+		if got, want := diskSum(f.t, m.Disks[0].NBD), f.oracles[name].model.Sum(); got != want {
+			f.t.Fatalf("%s: %s at %s holds %s, want %s", what, name, m.ActiveSite, got, want)
+		}
+	}
+}
+
+func (f *groupFixture) group(name string) *rebound.Group {
+	f.t.Helper()
+	g, err := f.up.Server.Service.GetGroup(context.Background(), name)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return g
+}
+
+// TestGroupRoundTrip protects three machines in one group (two new, one
+// joining from its own stream without a full copy), and takes the group
+// around the loop with --group verbs at shared points, checking every
+// member's bytes; member verbs are refused naming the group; a member
+// leaves without a full copy; unprotect dissolves the group.
+func TestGroupRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	f := newGroupFixture(t, "a", "b", "c")
+	svc := f.svc
+	wait := waitJob(t, svc)
+
+	srv := f.up.Server.Service
+	wait(srv.Protect(ctx, rebound.ProtectRequest{Machine: "a", To: "recovery", Group: "g"}))
+	wait(srv.Protect(ctx, rebound.ProtectRequest{Machine: "b", To: "recovery", Group: "g"}))
+	// c replicates alone first, then joins.
+	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "c", To: "recovery"}))
+	f.writeAll(20)
+	wait(srv.Protect(ctx, rebound.ProtectRequest{Machine: "c", To: "recovery", Group: "g"}))
+	g := f.group("g")
+	if g.State != rebound.MachineProtected || len(g.Machines) != 3 || g.SourceSite != "primary" || g.TargetSite != "recovery" {
+		t.Fatalf("group after joins: %+v", g)
+	}
+	for _, n := range f.names {
+		if m := getMachine(t, svc, n); m.Group != "g" || m.State != rebound.MachineProtected {
+			t.Fatalf("member %s: group %q state %s", n, m.Group, m.State)
+		}
+	}
+	// Member verbs name the group.
+	_, err := svc.Failover(ctx, rebound.FailoverRequest{Machine: "b"})
+	wantErr(t, "failover of a member", err, rebound.ECONFLICT, "group g", "--group g")
+	_, err = svc.GetMachine(ctx, "g")
+	wantErr(t, "machine show of a group", err, rebound.ENOTFOUND, "replication group")
+
+	// A shared point: every member's bytes at it.
+	f.writeAll(20)
+	p, err := svc.CreatePoint(ctx, "g", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := map[string]string{}
+	for _, n := range f.names {
+		at[n] = f.oracles[n].model.Sum()
+	}
+	f.writeAll(10)
+	wait(svc.TestFailover(ctx, "g", p.ID))
+	for _, n := range f.names {
+		m := getMachine(t, svc, n)
+		if m.TestFailover == nil || len(m.TestFailover.Disks) != 1 {
+			t.Fatalf("test failover of %s: %+v", n, m.TestFailover)
+		}
+		if got := diskSum(t, m.TestFailover.Disks[0].NBD); got != at[n] {
+			t.Fatalf("test failover of g at %s: %s holds %s, want %s", p.ID, n, got, at[n])
+		}
+	}
+	wait(svc.TestFailoverCleanup(ctx, "g"))
+
+	// Around the loop twice: planned failover, commit, reprotect, and
+	// the planned failback home.
+	loop := svc.(rebound.LoopService)
+	for round := 0; round < 2; round++ {
+		wait(svc.Failover(ctx, rebound.FailoverRequest{Machine: "g", Planned: true}))
+		f.checkActive("after planned failover")
+		if g := f.group("g"); g.State != rebound.MachineFailedOver || g.ActiveSite != "recovery" {
+			t.Fatalf("group after failover: %+v", g)
+		}
+		wait(svc.Commit(ctx, "g"))
+		f.writeAll(10)
+		wait(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "g"}))
+		f.writeAll(10)
+		wait(loop.Failback(ctx, rebound.FailoverRequest{Machine: "g"}))
+		f.checkActive("after failback")
+		wait(svc.Commit(ctx, "g"))
+		wait(loop.Reprotect(ctx, rebound.ReprotectRequest{Machine: "g"}))
+		f.writeAll(10)
+	}
+
+	// c leaves without a full copy and replicates alone.
+	wait(f.up.Server.Service.RemoveGroupMember(ctx, "g", "c"))
+	if g := f.group("g"); len(g.Machines) != 2 || g.State != rebound.MachineProtected {
+		t.Fatalf("group after remove: %+v", g)
+	}
+	if m := getMachine(t, svc, "c"); m.Group != "" || m.State != rebound.MachineProtected {
+		t.Fatalf("c after remove: group %q state %s", m.Group, m.State)
+	}
+	f.writeAll(10)
+	wait(svc.Failover(ctx, rebound.FailoverRequest{Machine: "c", Planned: true}))
+	wait(svc.Failover(ctx, rebound.FailoverRequest{Machine: "g", Planned: true}))
+	f.checkActive("after the split failovers")
+	wait(svc.CancelFailover(ctx, "c"))
+	wait(svc.CancelFailover(ctx, "g"))
+	f.checkActive("after cancels")
+
+	wait(loop.Unprotect(ctx, rebound.UnprotectRequest{Machine: "g"}))
+	if _, err := f.up.Server.Service.GetGroup(ctx, "g"); rebound.ErrorCode(err) != rebound.ENOTFOUND {
+		t.Fatalf("group after unprotect: %v", err)
+	}
+	for _, n := range []string{"a", "b"} {
+		if m := getMachine(t, svc, n); m.Group != "" || m.State != rebound.MachineUnprotected {
+			t.Fatalf("%s after unprotect: group %q state %s", n, m.Group, m.State)
+		}
+	}
+	f.writeAll(5)
+	f.checkActive("after unprotect")
+}

@@ -1,0 +1,392 @@
+package site
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/capture"
+	"github.com/rebound-dr/rebound/journal"
+)
+
+// Regrouping: a ReplicationSpec with Members whose unit does not exist here
+// with exactly those members moves the members into a new unit (a group's
+// stream) without a full copy. See docs/design/groups.md ("Joining and
+// leaving"). The server calls the source first, then the target: the
+// source stops the members' old streams before the target folds their
+// journals, so no record reaches an old journal after it was folded.
+
+// sameMembers reports whether u's members are the spec's, in order.
+func sameMembers(u *unit, ms []rebound.MemberDisks) bool {
+	if len(u.members) != len(ms) {
+		return false
+	}
+	for i, m := range u.members {
+		if m.state.Name != ms[i].Name {
+			return false
+		}
+	}
+	return true
+}
+
+// checkMembers checks a group spec's shape: members named once, not the
+// group's own name, and the stream's disks their disks in member order.
+func checkMembers(spec rebound.ReplicationSpec) error {
+	var disks []rebound.Disk
+	seen := map[string]bool{}
+	for _, m := range spec.Members {
+		if m.Name == "" || m.Name == spec.Machine || seen[m.Name] || len(m.Disks) == 0 {
+			return rebound.Errorf(rebound.EINVALID, "group %s: bad member %q (members need a name of their own, once, and disks)", spec.Machine, m.Name)
+		}
+		seen[m.Name] = true
+		disks = append(disks, m.Disks...)
+	}
+	if !sameDisks(disks, spec.Disks) {
+		return rebound.Errorf(rebound.EINVALID, "group %s: the stream's disks are not its members' disks in order", spec.Machine)
+	}
+	return nil
+}
+
+// oldUnits returns the distinct units the spec's members are in now, and
+// the members this site does not hold.
+func (s *Site) oldUnits(spec rebound.ReplicationSpec) (olds []*unit, missing []string) {
+	for _, md := range spec.Members {
+		m, ok := s.machines[md.Name]
+		if !ok {
+			missing = append(missing, md.Name)
+			continue
+		}
+		if !sameDisks(m.state.Disks, md.Disks) {
+			missing = append(missing, md.Name) // caught by the caller as a conflict
+			continue
+		}
+		if !slices.Contains(olds, m.unit) {
+			olds = append(olds, m.unit)
+		}
+	}
+	if u, ok := s.units[spec.Machine]; ok && !slices.Contains(olds, u) {
+		olds = append(olds, u) // a group losing every member it had
+	}
+	return olds, missing
+}
+
+// regroupSourceLocked makes the active or replicating members one source
+// unit. A member that replicated (to this spec's peer) sends only what its
+// old stream had not delivered; one that did not sends all of its disks.
+// Members of the old units that are not in the spec stay active alone,
+// with their undelivered regions in change maps, so protecting them alone
+// again is a delta resync.
+func (s *Site) regroupSourceLocked(spec rebound.ReplicationSpec) error {
+	if err := checkMembers(spec); err != nil {
+		return err
+	}
+	if spec.PeerAddr == "" {
+		return rebound.Errorf(rebound.EINVALID, "a source needs the peer's replication address")
+	}
+	olds, missing := s.oldUnits(spec)
+	if len(missing) > 0 {
+		return rebound.Errorf(rebound.ECONFLICT, "group %s: site %s does not hold %v with those disks; members must be active here", spec.Machine, s.cfg.Name, missing)
+	}
+	for _, u := range olds {
+		switch {
+		case u.state.Role != RoleActive && u.state.Role != RoleSource:
+			return rebound.Errorf(rebound.ECONFLICT, "group %s: %s is %s at site %s; only active machines join a group's stream", spec.Machine, u.name, u.state.Role, s.cfg.Name)
+		case u.state.Fenced:
+			return rebound.Errorf(rebound.ECONFLICT, "group %s: %s is fenced at site %s (a failover runs)", spec.Machine, u.name, s.cfg.Name)
+		case u.state.Role == RoleSource && u.state.Spec != nil && u.state.Spec.PeerSite != spec.PeerSite:
+			return rebound.Errorf(rebound.ECONFLICT, "group %s: %s replicates to %s, not %s", spec.Machine, u.name, u.state.Spec.PeerSite, spec.PeerSite)
+		}
+		if name := s.external(u); name != "" {
+			return rebound.Errorf(rebound.EINVALID, "machine %s is a server's own disks (rebound agent): it replicates alone, not in a group", name)
+		}
+	}
+	for _, u := range olds {
+		s.pauseLocked(u)
+	}
+	// Every member's exports resume on its new unit's backends.
+	var all []*machine
+	for _, u := range olds {
+		all = append(all, u.members...)
+	}
+	defer func() {
+		for _, m := range all {
+			for i, d := range m.live {
+				d.b = currentLocked(m, i)
+				d.mu.Unlock()
+			}
+		}
+	}()
+	// What each member must send, per its own disks.
+	send := map[*machine][][]rebound.Region{}
+	for _, u := range olds {
+		var pending [][]rebound.Region
+		if u.state.Role == RoleSource {
+			if err := s.stopSource(u); err != nil {
+				return err
+			}
+			p, _, err := capture.PendingRegions(s.streamDir(u), s.diskSpecs(u))
+			if err != nil {
+				s.logger.Warn("regroup: undelivered regions unknown; sending whole disks", "unit", u.name, "err", err)
+				p = nil
+				for _, d := range u.disks() {
+					p = append(p, []rebound.Region{{Offset: 0, Length: d.Size}})
+				}
+			}
+			pending = p
+		}
+		for _, m := range u.members {
+			rs := make([][]rebound.Region, len(m.state.Disks))
+			for i, d := range m.state.Disks {
+				switch {
+				case pending != nil:
+					rs[i] = append(rs[i], pending[m.offset+i]...)
+					if i < len(m.trackers) {
+						rs[i] = append(rs[i], m.trackers[i].Regions()...)
+					}
+				default:
+					// Never replicated to this peer: the target has nothing.
+					rs[i] = []rebound.Region{{Offset: 0, Length: d.Size}}
+				}
+			}
+			send[m] = rs
+		}
+		if err := s.closeUnitFiles(u); err != nil {
+			return err
+		}
+	}
+	// Leftovers keep their undelivered regions in change maps (written
+	// before the old stream's spool is removed).
+	in := map[string]bool{}
+	for _, md := range spec.Members {
+		in[md.Name] = true
+	}
+	var left []*unit
+	for _, u := range olds {
+		for _, m := range u.members {
+			if in[m.state.Name] {
+				continue
+			}
+			if err := s.trackRegions(m, send[m]); err != nil {
+				return err
+			}
+			lu := newUnit(m.state.Name, unitFields{Role: RoleActive, Generation: newGeneration()}, []*machine{m})
+			if err := s.openUnitFiles(lu); err != nil {
+				return err
+			}
+			left = append(left, lu)
+		}
+	}
+	var members []*machine
+	var seed [][]rebound.Region
+	for _, md := range spec.Members {
+		m := s.machines[md.Name]
+		members = append(members, m)
+		seed = append(seed, send[m]...)
+	}
+	for _, u := range olds {
+		_ = capture.Remove(s.streamDir(u))
+		s.dropUnitLocked(u)
+		if !u.lone() && u.name != spec.Machine {
+			_ = os.RemoveAll(s.unitDir(u))
+		}
+	}
+	sp := spec
+	gen := spec.Generation
+	if gen == "" {
+		gen = newGeneration()
+	}
+	sp.Generation, sp.Regions, sp.Seed = gen, nil, rebound.SeedDelta
+	u := newUnit(spec.Machine, unitFields{Role: RoleSource, Spec: &sp, Generation: gen}, members)
+	if err := os.MkdirAll(s.unitDir(u), 0o700); err != nil {
+		return err
+	}
+	_ = capture.Remove(s.streamDir(u))
+	for i := range seed {
+		seed[i] = rebound.MergeRegions(seed[i])
+		if seed[i] == nil {
+			seed[i] = []rebound.Region{}
+		}
+	}
+	if err := s.startSourceSeed(u, seed); err != nil {
+		return err
+	}
+	s.addUnitLocked(u)
+	for _, lu := range left {
+		s.addUnitLocked(lu)
+	}
+	if err := s.saveLocked(); err != nil {
+		return err
+	}
+	// The stream's dirty map holds the members' tracked regions now.
+	s.removeUnitTrackers(u)
+	s.logger.Info("regrouped stream", "group", spec.Machine, "members", len(members), "left", len(left))
+	return nil
+}
+
+// trackRegions writes regions into m's change maps (created if missing),
+// synced: a later delta resync of m alone sends them.
+func (s *Site) trackRegions(m *machine, rs [][]rebound.Region) error {
+	for i, d := range m.state.Disks {
+		t, err := capture.OpenTracker(s.trackerPath(m.state.Name, i), d.Size, 4096)
+		if err != nil {
+			return err
+		}
+		if i < len(rs) {
+			err = t.MarkRegions(rs[i])
+		}
+		err = errors.Join(err, t.Sync(), t.Close())
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// regroupTargetLocked makes the members' replicas one target unit. Each
+// old journal is folded to its durable head, whose base files become the
+// new journal's base; members this site does not hold start from zeroes
+// (their source sends all of their disks). Members of old units that are
+// not in the spec are kept as released copies, adopted by their own stream
+// next. Old points end here: the new journal has no point until the
+// source's delta resync ends.
+func (s *Site) regroupTargetLocked(spec rebound.ReplicationSpec) error {
+	if err := checkMembers(spec); err != nil {
+		return err
+	}
+	olds, missing := s.oldUnits(spec)
+	for _, name := range missing {
+		if _, ok := s.machines[name]; ok {
+			return rebound.Errorf(rebound.ECONFLICT, "group %s: site %s holds %s with other disks", spec.Machine, s.cfg.Name, name)
+		}
+	}
+	for _, u := range olds {
+		switch {
+		case u.state.Role != RoleTarget || u.journal == nil:
+			return rebound.Errorf(rebound.ECONFLICT, "group %s: %s is %s at site %s; only replicas join a group's journal", spec.Machine, u.name, u.state.Role, s.cfg.Name)
+		case u.act != nil || u.test != nil:
+			return rebound.Errorf(rebound.ECONFLICT, "group %s: %s is failed over or in a test failover at site %s; finish it first", spec.Machine, u.name, s.cfg.Name)
+		}
+	}
+	// Fold and close every old journal, then move it aside: the new
+	// journal may live in the same directory (a group changing members).
+	aside := map[*unit]string{}
+	for _, u := range olds {
+		if err := u.journal.FoldAll(); err != nil {
+			return fmt.Errorf("group %s: fold the journal of %s: %w", spec.Machine, u.name, err)
+		}
+		if err := s.closeUnit(u); err != nil {
+			return err
+		}
+		dir := filepath.Join(s.unitDir(u), "journal")
+		old := dir + ".regroup"
+		_ = os.RemoveAll(old)
+		if err := os.Rename(dir, old); err != nil {
+			return fmt.Errorf("group %s: %w", spec.Machine, err)
+		}
+		aside[u] = old
+	}
+	// The base file of each new disk.
+	where := map[string]struct {
+		u *unit
+		m *machine
+	}{}
+	for _, u := range olds {
+		for _, m := range u.members {
+			where[m.state.Name] = struct {
+				u *unit
+				m *machine
+			}{u, m}
+		}
+	}
+	sp := spec
+	members := specMachines(spec)
+	u := newUnit(spec.Machine, unitFields{Role: RoleTarget, Spec: &sp, Generation: spec.Generation}, members)
+	if err := os.MkdirAll(s.unitDir(u), 0o700); err != nil {
+		return err
+	}
+	var paths []string
+	for _, m := range members {
+		w, held := where[m.state.Name]
+		for i, d := range m.state.Disks {
+			if held {
+				paths = append(paths, journal.BasePath(aside[w.u], w.m.offset+i))
+				continue
+			}
+			p := filepath.Join(s.unitDir(u), fmt.Sprintf("new-%s-%d.raw", m.state.Name, i))
+			if err := zeroFile(p, d.Size); err != nil {
+				return err
+			}
+			paths = append(paths, p)
+		}
+	}
+	// Leftovers: their folded disks become released copies.
+	var left []*unit
+	in := map[string]bool{}
+	for _, md := range spec.Members {
+		in[md.Name] = true
+	}
+	for _, ou := range olds {
+		for _, m := range ou.members {
+			if in[m.state.Name] {
+				continue
+			}
+			if err := os.MkdirAll(s.machineDir(m.state.Name), 0o700); err != nil {
+				return err
+			}
+			for i := range m.state.Disks {
+				if err := os.Rename(journal.BasePath(aside[ou], m.offset+i), s.diskPath(m.state.Name, i)); err != nil {
+					return fmt.Errorf("group %s: keep %s: %w", spec.Machine, m.state.Name, err)
+				}
+			}
+			lm := &machine{state: m.state}
+			left = append(left, newUnit(m.state.Name, unitFields{Role: RoleReleased, Generation: ou.state.Generation}, []*machine{lm}))
+		}
+	}
+	if err := s.startTarget(u, paths); err != nil {
+		return err
+	}
+	for _, ou := range olds {
+		s.dropUnitLocked(ou)
+	}
+	s.addUnitLocked(u)
+	for _, lu := range left {
+		s.addUnitLocked(lu)
+	}
+	err := s.saveLocked()
+	for _, old := range aside {
+		err = errors.Join(err, journal.Remove(old), os.RemoveAll(old))
+	}
+	for _, ou := range olds {
+		if !ou.lone() && ou.name != spec.Machine {
+			err = errors.Join(err, os.RemoveAll(s.unitDir(ou)))
+		}
+	}
+	s.logger.Info("regrouped journal", "group", spec.Machine, "members", len(members), "left", len(left))
+	return err
+}
+
+// zeroFile creates a sparse file of size bytes.
+func zeroFile(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	return errors.Join(f.Truncate(size), f.Sync(), f.Close())
+}
+
+// splitLocked makes the members of an active unit lone units again (a
+// group that stopped replicating). Their files stay open: the exports
+// keep serving them.
+func (s *Site) splitLocked(u *unit) error {
+	s.dropUnitLocked(u)
+	for _, m := range u.members {
+		lu := &unit{name: m.state.Name, state: unitFields{Role: RoleActive, Generation: newGeneration()}, members: []*machine{m}}
+		m.unit, m.offset = lu, 0
+		s.addUnitLocked(lu)
+	}
+	err := s.saveLocked()
+	return errors.Join(err, os.RemoveAll(s.unitDir(u)))
+}
