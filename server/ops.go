@@ -471,9 +471,21 @@ func (s *Server) CreatePoint(ctx context.Context, name string, app bool) (*rebou
 		kind = rebound.PointApp
 	}
 	if app {
-		// The site may have missed a `machine set` while it was away.
-		if err := src.SetHooks(ctx, name, m.Settings.Hooks()); err != nil && m.Settings.Hooks() != (rebound.Hooks{}) {
-			return nil, fmt.Errorf("pass the machine's hooks to %s: %w", m.Protection.SourceSite, err)
+		// The site may have missed a `machine set` while it was away; a
+		// group's members each have their own hooks.
+		hooked := []*rebound.Machine{m}
+		if len(m.Members) > 0 {
+			hooked = nil
+			for _, n := range m.Members {
+				if mm, err := s.DB.GetMachine(ctx, n); err == nil {
+					hooked = append(hooked, mm)
+				}
+			}
+		}
+		for _, hm := range hooked {
+			if err := src.SetHooks(ctx, hm.Name, hm.Settings.Hooks()); err != nil && hm.Settings.Hooks() != (rebound.Hooks{}) {
+				return nil, fmt.Errorf("pass the hooks of %s to %s: %w", hm.Name, m.Protection.SourceSite, err)
+			}
 		}
 	}
 	p, err := src.CutPoint(ctx, name, kind)

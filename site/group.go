@@ -1,11 +1,14 @@
 package site
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
+	"sync"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/capture"
@@ -389,4 +392,111 @@ func (s *Site) splitLocked(u *unit) error {
 	}
 	err := s.saveLocked()
 	return errors.Join(err, os.RemoveAll(s.unitDir(u)))
+}
+
+// cutGroupApp cuts one app-consistent point of a group: every member is
+// frozen in parallel (its hooks, its VM's guest agent, or the site's
+// hooks) within one time budget, one mark is cut, and every member is
+// thawed, also when another's freeze failed. A member that cannot freeze
+// fails the point, named in the error.
+func (s *Site) cutGroupApp(ctx context.Context, u *unit, stream *capture.Stream) (rebound.RecoveryPoint, error) {
+	type member struct {
+		name   string
+		freeze func(ctx context.Context, cut func() error) error
+	}
+	s.mu.Lock()
+	var ms []member
+	var missing []string
+	for _, m := range u.members {
+		name, vm, hooks := m.state.Name, m.vm, m.state.Hooks
+		switch {
+		case hooks.Freeze != "" || hooks.Thaw != "":
+		case vm != nil && vm.Running():
+			ms = append(ms, member{name, vm.FreezeThaw})
+			continue
+		case s.cfg.FreezeHook != "":
+			hooks = rebound.Hooks{Freeze: s.cfg.FreezeHook, Thaw: s.cfg.ThawHook}
+		default:
+			missing = append(missing, name)
+			continue
+		}
+		ms = append(ms, member{name, func(ctx context.Context, cut func() error) error {
+			if err := s.runHook(ctx, hooks.Freeze, name); err != nil {
+				// Thaw even after a failed freeze: part of it may have frozen.
+				_ = s.runHook(context.Background(), hooks.Thaw, name)
+				return fmt.Errorf("freeze hook: %w", err)
+			}
+			err := cut()
+			if terr := s.runHook(context.Background(), hooks.Thaw, name); terr != nil {
+				s.logger.Error("thaw hook failed", "machine", name, "err", terr)
+				err = errors.Join(err, fmt.Errorf("thaw hook: %w", terr))
+			}
+			return err
+		}})
+	}
+	s.mu.Unlock()
+	if len(missing) > 0 {
+		return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "app-consistent point of group %s: %s have no freeze hook and no running guest agent at site %s: set hooks with rebound machine set NAME --freeze-hook CMD --thaw-hook CMD",
+			u.name, strings.Join(missing, ", "), s.cfg.Name)
+	}
+	// One budget for every freeze; thaws run whatever happens (each
+	// member's freeze func thaws on its own context).
+	fctx, cancel := context.WithTimeout(ctx, s.cfg.HookTimeout)
+	defer cancel()
+	release := make(chan struct{})
+	frozen := make(chan int, len(ms))
+	errs := make([]error, len(ms))
+	returned := make(chan int, len(ms))
+	var wg sync.WaitGroup
+	for i, m := range ms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = m.freeze(fctx, func() error {
+				frozen <- i
+				<-release
+				return nil
+			})
+			returned <- i
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	// Wait until every member is frozen, one returns before the cut (its
+	// freeze failed), or the budget ends.
+	n := 0
+	failed := false
+	for n < len(ms) && !failed {
+		select {
+		case <-frozen:
+			n++
+		case <-returned:
+			failed = true
+		case <-fctx.Done():
+			failed = true
+		}
+	}
+	var p rebound.RecoveryPoint
+	var cutErr error
+	if !failed {
+		p, cutErr = stream.Mark(rebound.PointApp)
+	}
+	close(release)
+	<-done
+	var bad []string
+	for i, err := range errs {
+		if err != nil {
+			bad = append(bad, fmt.Sprintf("%s: %s", ms[i].name, rebound.ErrorMessage(err)))
+		}
+	}
+	if failed && len(bad) == 0 {
+		bad = append(bad, fmt.Sprintf("the freezes did not finish within %s", s.cfg.HookTimeout))
+	}
+	if len(bad) > 0 || cutErr != nil {
+		if cutErr != nil {
+			bad = append(bad, cutErr.Error())
+		}
+		return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "app-consistent point of group %s failed (every member was thawed): %s", u.name, strings.Join(bad, "; "))
+	}
+	return p, nil
 }

@@ -493,8 +493,7 @@ func (s *Site) CutPoint(ctx context.Context, name string, kind rebound.PointKind
 		return stream.Mark(kind)
 	case rebound.PointApp:
 		if !lone {
-			// Freezing every member around one mark is not built yet.
-			return rebound.RecoveryPoint{}, rebound.Errorf(rebound.ECONFLICT, "machine %q replicates in a group: app-consistent group points are not supported yet", name)
+			return s.cutGroupApp(ctx, u, stream)
 		}
 		s.mu.Lock()
 		vm, hooks := m.vm, m.state.Hooks

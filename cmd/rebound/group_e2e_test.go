@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/rebound-dr/rebound"
@@ -163,4 +165,88 @@ func TestGroupRoundTrip(t *testing.T) {
 	}
 	f.writeAll(5)
 	f.checkActive("after unprotect")
+}
+
+// TestGroupAppPoints: an app-consistent group point freezes every member,
+// cuts one mark and thaws every member; a member without hooks, or one
+// whose freeze fails, fails the point naming it, and every member that
+// froze is thawed.
+func TestGroupAppPoints(t *testing.T) {
+	ctx := context.Background()
+	f := newGroupFixture(t, "a", "b", "c")
+	svc, srv := f.svc, f.up.Server.Service
+	wait := waitJob(t, svc)
+	for _, n := range f.names {
+		wait(srv.Protect(ctx, rebound.ProtectRequest{Machine: n, To: "recovery", Group: "g"}))
+	}
+	logs, dirs := map[string]string{}, map[string]string{}
+	for _, n := range []string{"a", "b"} {
+		dirs[n] = t.TempDir()
+		freeze, thaw, log := hookScripts(t, dirs[n])
+		logs[n] = log
+		if _, err := svc.SetMachine(ctx, rebound.SetMachineRequest{Name: n, FreezeHook: &freeze, ThawHook: &thaw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := svc.CreatePoint(ctx, "g", true)
+	wantErr(t, "app point with a member without hooks", err, rebound.ECONFLICT, "c", "no freeze hook")
+
+	dirs["c"] = t.TempDir()
+	freeze, thaw, log := hookScripts(t, dirs["c"])
+	logs["c"] = log
+	if _, err := svc.SetMachine(ctx, rebound.SetMachineRequest{Name: "c", FreezeHook: &freeze, ThawHook: &thaw}); err != nil {
+		t.Fatal(err)
+	}
+	f.writeAll(20)
+	p, err := svc.CreatePoint(ctx, "g", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Kind != rebound.PointApp {
+		t.Fatalf("group app point kind %s", p.Kind)
+	}
+	want := map[string]string{}
+	for _, n := range f.names {
+		want[n] = f.oracles[n].model.Sum()
+		if got := readLines(t, logs[n]); len(got) != 2 || got[0] != "freeze_"+n || got[1] != "thaw_"+n {
+			t.Fatalf("hooks of %s: %q, want freeze then thaw", n, got)
+		}
+	}
+	f.writeAll(10)
+	wait(svc.TestFailover(ctx, "g", rebound.PointLatestAppConsistent))
+	for _, n := range f.names {
+		m := getMachine(t, svc, n)
+		if m.TestFailover.Point.ID != p.ID {
+			t.Fatalf("latest-app-consistent of g is %s, want %s", m.TestFailover.Point.ID, p.ID)
+		}
+		if got := diskSum(t, m.TestFailover.Disks[0].NBD); got != want[n] {
+			t.Fatalf("app point of g: %s holds %s, want %s", n, got, want[n])
+		}
+	}
+	wait(svc.TestFailoverCleanup(ctx, "g"))
+
+	// b's freeze fails: the point fails naming b, and a, b and c thaw.
+	if err := os.WriteFile(filepath.Join(dirs["b"], "fail-freeze"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = svc.CreatePoint(ctx, "g", true)
+	wantErr(t, "app point with a failing freeze", err, rebound.ECONFLICT, "b: ", "database refused to freeze", "thawed")
+	for _, n := range f.names {
+		got := readLines(t, logs[n])
+		if len(got) != 4 || got[3] != "thaw_"+n {
+			t.Fatalf("hooks of %s after a failed group freeze: %q, want a thaw last", n, got)
+		}
+	}
+	if got := readLines(t, logs["b"]); got[2] != "freeze-failed_b" {
+		t.Fatalf("hooks of b: %q", got)
+	}
+	pl, err := svc.ListPoints(ctx, "g")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range pl {
+		if q.Kind == rebound.PointApp && q.ID != p.ID {
+			t.Fatalf("a failed group freeze cut app point %s", q.ID)
+		}
+	}
 }
