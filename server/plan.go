@@ -43,14 +43,22 @@ func (s *Server) ApplyPlan(ctx context.Context, p rebound.Plan) (*rebound.Plan, 
 		return nil, err
 	}
 	for _, st := range p.Stages {
-		if len(st.Groups) > 0 {
-			return nil, rebound.Errorf(rebound.EINVALID, "plan %s, stage %s: replication group %q does not exist (this server has no replication groups yet); list the machines under machines:", p.Name, st.Name, st.Groups[0])
-		}
-		for _, name := range st.Machines {
-			if _, err := s.DB.GetMachine(ctx, name); rebound.ErrorCode(err) == rebound.ENOTFOUND {
-				return nil, rebound.Errorf(rebound.EINVALID, "plan %s, stage %s: machine %q does not exist (rebound machine list shows the machines)", p.Name, st.Name, name)
+		for _, name := range st.Groups {
+			if g, err := s.DB.GetMachine(ctx, name); rebound.ErrorCode(err) == rebound.ENOTFOUND || err == nil && len(g.Members) == 0 {
+				return nil, rebound.Errorf(rebound.EINVALID, "plan %s, stage %s: replication group %q does not exist (rebound group list shows the groups)", p.Name, st.Name, name)
 			} else if err != nil {
 				return nil, err
+			}
+		}
+		for _, name := range st.Machines {
+			m, err := s.DB.GetMachine(ctx, name)
+			switch {
+			case rebound.ErrorCode(err) == rebound.ENOTFOUND || err == nil && len(m.Members) > 0:
+				return nil, rebound.Errorf(rebound.EINVALID, "plan %s, stage %s: machine %q does not exist (rebound machine list shows the machines; groups go under groups:)", p.Name, st.Name, name)
+			case err != nil:
+				return nil, err
+			case m.Group != "":
+				return nil, rebound.Errorf(rebound.EINVALID, "plan %s, stage %s: machine %s replicates in group %s; list the group under groups: (its machines move together)", p.Name, st.Name, name, m.Group)
 			}
 		}
 	}
@@ -105,11 +113,13 @@ func (s *Server) DeletePlan(ctx context.Context, name string) error {
 	return nil
 }
 
-// planMembers lists a plan's machines, stage by stage.
+// planMembers lists a plan's members, stage by stage: its groups, then
+// its lone machines. A group is one member: its verbs act on all of its
+// machines at one point.
 func planMembers(p rebound.Plan) [][]string {
 	out := make([][]string, len(p.Stages))
 	for i, st := range p.Stages {
-		out[i] = slices.Clone(st.Machines)
+		out[i] = append(slices.Clone(st.Groups), st.Machines...)
 	}
 	return out
 }
@@ -430,8 +440,11 @@ func (s *Server) shutdownStage(ctx context.Context, r *jobRun, p *rebound.PlanPr
 		if err != nil {
 			return err
 		}
-		if m.VM != nil && m.VMStatus != nil && m.VMStatus.Running {
-			names = append(names, m.Name)
+		for _, vm := range s.vmMachines(ctx, m) {
+			s.live.overlay(vm)
+			if vm.VMStatus != nil && vm.VMStatus.Running {
+				names = append(names, vm.Name)
+			}
 		}
 	}
 	if len(names) == 0 {
@@ -507,8 +520,9 @@ func (s *Server) runStage(ctx context.Context, r *jobRun, i int) error {
 	return nil
 }
 
-// memberPoint is the machine selector a plan selector means for a lone
-// machine.
+// memberPoint is the selector a plan selector means for a member: for a
+// group, its newest point of that kind is its newest common point (one
+// stream); for a lone machine, its own newest.
 func memberPoint(sel string) string {
 	switch sel {
 	case rebound.PointLatestMultiVMProcessed:
@@ -667,8 +681,10 @@ func (s *Server) waitBooted(ctx context.Context, r *jobRun, i int) error {
 	var names []string
 	for _, mp := range p.Stages[i].Members {
 		if mp.State == rebound.JobSucceeded {
-			if m, err := s.DB.GetMachine(ctx, mp.Machine); err == nil && m.VM != nil {
-				names = append(names, m.Name)
+			if m, err := s.DB.GetMachine(ctx, mp.Machine); err == nil {
+				for _, vm := range s.vmMachines(ctx, m) {
+					names = append(names, vm.Name)
+				}
 			}
 		}
 	}
@@ -772,11 +788,21 @@ func (s *Server) runScript(ctx context.Context, r *jobRun, i, k int) error {
 	if timeout == 0 {
 		timeout = defaultScriptTimeout
 	}
-	var machines []string
+	// A group's machines are listed in REBOUND_MACHINES, the group in
+	// REBOUND_GROUPS.
+	var machines, groups []string
 	for _, mp := range p.Stages[i].Members {
-		if mp.State != rebound.MemberSkipped {
-			machines = append(machines, mp.Machine)
+		if mp.State == rebound.MemberSkipped {
+			continue
 		}
+		if slices.Contains(p.Plan.Stages[i].Groups, mp.Machine) {
+			groups = append(groups, mp.Machine)
+			if g, err := s.DB.GetMachine(ctx, mp.Machine); err == nil {
+				machines = append(machines, g.Members...)
+			}
+			continue
+		}
+		machines = append(machines, mp.Machine)
 	}
 	point := p.Point
 	if point == "" {
@@ -795,7 +821,7 @@ func (s *Server) runScript(ctx context.Context, r *jobRun, i, k int) error {
 	// out of scripts and so out of the output the job keeps.
 	cmd.Env = append(scriptBaseEnv(),
 		"REBOUND_PLAN="+p.Name, "REBOUND_STAGE="+p.Stages[i].Name, "REBOUND_VERB="+p.Verb,
-		"REBOUND_DIRECTION="+p.Direction, "REBOUND_POINT="+point, "REBOUND_MACHINES="+strings.Join(machines, " "),
+		"REBOUND_DIRECTION="+p.Direction, "REBOUND_POINT="+point, "REBOUND_MACHINES="+strings.Join(machines, " "), "REBOUND_GROUPS="+strings.Join(groups, " "),
 		"REBOUND_JOB="+r.job.ID)
 	var out limitedBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out

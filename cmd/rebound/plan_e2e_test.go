@@ -26,7 +26,7 @@ type planFixture struct {
 const planYAML = `name: shop
 stages:
   - name: data
-    machines: [db]
+    groups: [dbg]
     before:
       - script: ./log.sh
         args: [%[1]s, before]
@@ -52,9 +52,20 @@ func newPlanFixture(t *testing.T) *planFixture {
 	up, svc := fixedUp(t, nil)
 	f := &planFixture{up: up, svc: svc, plans: svc.(rebound.PlanService), oracles: map[string]*oracle{}}
 	const size = 8 << 20
-	for i, name := range []string{"db", "app1", "web1"} {
+	for i, name := range []string{"app1", "web1"} {
 		o := newOracle(t, size, int64(100+i))
 		createProtected(t, svc, name, size, o)
+		f.oracles[name] = o
+	}
+	// Stage data is replication group dbg: db and db2.
+	for i, name := range []string{"db", "db2"} {
+		o := newOracle(t, size, int64(200+i))
+		m, err := svc.CreateMachine(context.Background(), rebound.CreateMachineRequest{Name: name, Site: "primary", Disks: []int64{size}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.write(m.Disks[0].NBD, 50)
+		waitJob(t, svc)(up.Server.Service.Protect(context.Background(), rebound.ProtectRequest{Machine: name, To: "recovery", Group: "dbg"}))
 		f.oracles[name] = o
 	}
 	dir := t.TempDir()
@@ -163,8 +174,8 @@ func TestPlanRoundTrip(t *testing.T) {
 		waitJob(t, svc)(g, nil)
 		f.checkAll(t, "recovery", fmt.Sprintf("round %d, failover", round))
 		want := []string{
-			"before data failover away latest [db]",
-			"after data failover away latest [db]",
+			"before data failover away latest [db db2]",
+			"after data failover away latest [db db2]",
 			"after web failover away latest [web1]",
 		}
 		if got := f.logLines(t); !slices.Equal(got, want) {
@@ -185,16 +196,16 @@ func TestPlanRoundTrip(t *testing.T) {
 		f.run(t, rebound.PlanCommit, false)
 		f.run(t, rebound.PlanReprotect, false)
 		want = []string{
-			"before data commit away latest [db]",
+			"before data commit away latest [db db2]",
 			"after web commit away latest [web1]",
-			"before data reprotect away latest [db]",
+			"before data reprotect away latest [db db2]",
 			"after web reprotect away latest [web1]",
-			"before data failback home latest [db]",
-			"after data failback home latest [db]",
+			"before data failback home latest [db db2]",
+			"after data failback home latest [db db2]",
 			"after web failback home latest [web1]",
-			"before data commit home latest [db]",
+			"before data commit home latest [db db2]",
 			"after web commit home latest [web1]",
-			"before data reprotect home latest [db]",
+			"before data reprotect home latest [db db2]",
 			"after web reprotect home latest [web1]",
 		}
 		if got := f.logLines(t); !slices.Equal(got, want) {
@@ -252,7 +263,7 @@ func TestPlanServerRestart(t *testing.T) {
 		t.Fatalf("db's failover ran again after the restart: job %s, was %s", g.Plan.Stages[0].Members[0].JobID, dbJob)
 	}
 	// Stage data's scripts ran once, before the restart.
-	want := []string{"before data failover away latest [db]", "after data failover away latest [db]", "after web failover away latest [web1]"}
+	want := []string{"before data failover away latest [db db2]", "after data failover away latest [db db2]", "after web failover away latest [web1]"}
 	if got := f.logLines(t); !slices.Equal(got, want) {
 		t.Fatalf("scripts across the restart: %q, want %q", got, want)
 	}
