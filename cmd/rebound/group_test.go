@@ -1,13 +1,21 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
+	"encoding/pem"
+	"io"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	rhttp "github.com/rebound-dr/rebound/http"
 )
 
 // groupFake answers every lifecycle verb with a running job (or a point,
@@ -369,4 +377,58 @@ func TestGroupCompletion(t *testing.T) {
 			t.Fatalf("complete %q: %q, want %q", c.args, got, c.want)
 		}
 	}
+}
+
+// TestGroupOverHTTP: the group verbs and --group through the real HTTP
+// client and server; a server without groups answers exit 1 with 501's
+// message.
+func TestGroupOverHTTP(t *testing.T) {
+	f := groupFake()
+	f.ListGroupsFn = func() ([]rebound.Group, error) { return sampleGroups(), nil }
+	f.RemoveGroupMemberFn = func(g, m string) (*rebound.Job, error) { return jobFn("group-remove", m), nil }
+	f.QueryPointsFn = func(m string, q rebound.ListQuery) (*rebound.PointPage, error) {
+		return &rebound.PointPage{Points: []rebound.RecoveryPoint{{ID: "p1", Time: t0, Kind: rebound.PointCrash, Seq: 1}}}, nil
+	}
+	auth := func(ctx context.Context, tok string) error { return nil }
+	with := httptest.NewTLSServer((&rhttp.Server{Service: f, Loop: f, Catalog: f, Groups: f, Authenticate: auth}).Handler())
+	defer with.Close()
+	without := httptest.NewTLSServer((&rhttp.Server{Service: f, Loop: f, Catalog: f, Authenticate: auth}).Handler())
+	defer without.Close()
+	dir := clearEnv(t)
+	ca := filepath.Join(dir, "ca.crt")
+	os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: with.Certificate().Raw}), 0o644)
+	run := func(url string, args ...string) result {
+		var out, errb bytes.Buffer
+		c := NewCLI(nil, &out, &errb)
+		c.PollInterval = time.Millisecond
+		c.IsTerminal = func(io.Writer) bool { return false }
+		code := c.Run(context.Background(), append(args, "--server", url, "--token", "t", "--ca", ca))
+		return result{code, out.String(), errb.String()}
+	}
+	r := run(with.URL, "group", "list", "-o", "json")
+	wantCode(t, r, 0)
+	if gs := decode[[]rebound.Group](t, r.stdout); len(gs) != 2 || gs[0].Name != "db" || len(gs[0].Machines) != 2 {
+		t.Fatalf("json %+v", gs)
+	}
+	wantCode(t, run(with.URL, "protect", "db3", "--to", "b", "--group", "db"), 0)
+	wantCode(t, run(with.URL, "failover", "--group", "db", "--planned"), 0)
+	r = run(with.URL, "points", "--group", "db", "-o", "json")
+	wantCode(t, r, 0)
+	if pts := decode[[]rebound.RecoveryPoint](t, r.stdout); len(pts) != 1 || pts[0].ID != "p1" {
+		t.Fatalf("points json %s", r.stdout)
+	}
+	wantCode(t, run(with.URL, "preflight", "--group", "db"), 0)
+	wantCode(t, run(with.URL, "group", "remove-machine", "db", "db2"), 0)
+	wantCalls(t, f, "ListGroups", "Protect {Machine:db3 To:b Policy: Group:db}", "Failover {Machine:db Point:latest Planned:true}",
+		"QueryPoints db limit=10000", "Preflight db ", "RemoveGroupMember db db2")
+
+	f.calls = nil
+	for _, args := range [][]string{{"group", "list"}, {"group", "show", "db"}, {"group", "remove-machine", "db", "db2"}} {
+		r := run(without.URL, args...)
+		wantCode(t, r, ExitFailed)
+		if !strings.Contains(r.stderr, "is not implemented by this server (it serves no replication groups)") {
+			t.Fatalf("%q: stderr %q", args, r.stderr)
+		}
+	}
+	wantCalls(t, f)
 }
