@@ -19,9 +19,9 @@ import (
 )
 
 // Client implements rebound.Service, rebound.LoopService,
-// rebound.PowerService and rebound.GroupService (group.go) over the REST API. Errors come back as
-// *rebound.Error with the server's code; a server that cannot be reached is
-// EUNAVAILABLE.
+// rebound.PowerService and rebound.GroupService (group.go) over the REST
+// API. Errors come back as *rebound.Error with the server's code; a server
+// that cannot be reached is EUNAVAILABLE.
 type Client struct {
 	BaseURL    string // "https://host:port", no trailing slash
 	Token      string // bearer token
