@@ -18,10 +18,10 @@ import (
 	"github.com/rebound-dr/rebound"
 )
 
-// Client implements rebound.Service, rebound.LoopService and
-// rebound.PowerService over the REST API. Errors come back as
-// *rebound.Error with the server's code; a server that cannot be reached is
-// EUNAVAILABLE.
+// Client implements rebound.Service, rebound.LoopService,
+// rebound.PowerService and rebound.GroupService (group.go) over the REST
+// API. Errors come back as *rebound.Error with the server's code; a server
+// that cannot be reached is EUNAVAILABLE.
 type Client struct {
 	BaseURL    string // "https://host:port", no trailing slash
 	Token      string // bearer token
@@ -201,7 +201,7 @@ func (c *Client) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound.Poli
 }
 
 func (c *Client) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebound.Job, error) {
-	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/protect", protectBody{To: req.To, Policy: req.Policy})
+	return c.job(ctx, "/api/v1/machines/"+seg(req.Machine)+"/protect", protectBody{To: req.To, Policy: req.Policy, Group: req.Group})
 }
 
 func (c *Client) CreatePoint(ctx context.Context, machine string, app bool) (*rebound.RecoveryPoint, error) {

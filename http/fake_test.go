@@ -33,6 +33,9 @@ type fakeService struct {
 	siteDetail *rebound.SiteDetail
 	pageSize   int    // QueryPoints pages at most this many (0: the limit)
 	next       string // QueryEvents' next cursor
+
+	groups []rebound.Group
+	group  *rebound.Group
 }
 
 var _ rebound.Service = (*fakeService)(nil)
@@ -218,4 +221,25 @@ func (f *fakeService) QueryEvents(ctx context.Context, q rebound.ListQuery) (*re
 
 func (f *fakeService) SetMachine(ctx context.Context, req rebound.SetMachineRequest) (*rebound.Machine, error) {
 	return f.machine, f.rec("SetMachine", req)
+}
+
+// The GroupService side: GetGroup knows only f.group.
+var _ rebound.GroupService = (*fakeService)(nil)
+
+func (f *fakeService) ListGroups(ctx context.Context) ([]rebound.Group, error) {
+	return f.groups, f.rec("ListGroups")
+}
+
+func (f *fakeService) GetGroup(ctx context.Context, name string) (*rebound.Group, error) {
+	if err := f.rec("GetGroup", name); err != nil {
+		return nil, err
+	}
+	if f.group == nil || f.group.Name != name {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "group %q not found", name)
+	}
+	return f.group, nil
+}
+
+func (f *fakeService) RemoveGroupMember(ctx context.Context, group, machine string) (*rebound.Job, error) {
+	return f.jobOrErr("RemoveGroupMember", group, machine)
 }

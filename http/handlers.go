@@ -13,6 +13,7 @@ type (
 	protectBody struct {
 		To     string `json:"to"`
 		Policy string `json:"policy,omitempty"`
+		Group  string `json:"group,omitempty"`
 	}
 	pointBody struct {
 		AppConsistent bool `json:"appConsistent"`
@@ -147,7 +148,7 @@ func (s *Server) protect(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &b, false); err != nil {
 		return err
 	}
-	return s.job(w)(s.Service.Protect(r.Context(), rebound.ProtectRequest{Machine: r.PathValue("name"), To: b.To, Policy: b.Policy}))
+	return s.job(w)(s.Service.Protect(r.Context(), rebound.ProtectRequest{Machine: r.PathValue("name"), To: b.To, Policy: b.Policy, Group: b.Group}))
 }
 
 func (s *Server) createPoint(w http.ResponseWriter, r *http.Request) error {

@@ -47,6 +47,7 @@ func newEnv(t *testing.T) *env {
 		Loop:    e.fake,
 		Power:   e.fake,
 		Catalog: e.fake,
+		Groups:  e.fake,
 		Authenticate: func(ctx context.Context, tok string) error {
 			if tok != testToken {
 				return rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")

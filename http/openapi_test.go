@@ -119,6 +119,7 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"PlanProgress": rebound.PlanProgress{}, "StageProgress": rebound.StageProgress{}, "MemberProgress": rebound.MemberProgress{},
 		"ActionProgress":   rebound.ActionProgress{},
 		"JoinTokenRequest": rebound.JoinTokenRequest{}, "SiteRemoval": rebound.SiteRemoval{},
+		"Group": rebound.Group{},
 	} {
 		s, ok := doc.Components.Schemas[name]
 		if !ok {

@@ -56,6 +56,10 @@ type Server struct {
 	// point and event lists. When nil those answer 501 (points and events
 	// without query parameters fall back to Service).
 	Catalog rebound.CatalogService
+	// Groups serves replication groups (list, show, remove a member) and
+	// the group form of the lifecycle routes, /api/v1/groups/{name}/...;
+	// when nil those routes answer 501.
+	Groups rebound.GroupService
 	// Healthy, if set, says why the server cannot do its work (its store
 	// cannot be written); /healthz answers it with the error's status.
 	Healthy func(ctx context.Context) error
@@ -83,6 +87,11 @@ type route struct {
 }
 
 func (s *Server) routes() []route {
+	return append(s.routes0(), s.groupRoutes()...)
+}
+
+// routes0 is every route but the groups'.
+func (s *Server) routes0() []route {
 	return append([]route{
 		{"GET", "/healthz", true, s.healthz},
 		{"GET", "/api/v1/openapi.json", true, s.openAPI},

@@ -91,7 +91,7 @@ func (c *CLI) morePages(cmd *cobra.Command, what, next string, args []string) {
 		return
 	}
 	line := append([]string{"rebound", cmdPath(cmd)}, args...)
-	for _, n := range []string{"machine", "since", "until", "kind", "limit"} {
+	for _, n := range []string{"machine", "group", "since", "until", "kind", "limit"} {
 		if f := cmd.Flags().Lookup(n); f != nil && f.Changed {
 			line = append(line, "--"+n+"="+f.Value.String())
 		}
@@ -100,7 +100,9 @@ func (c *CLI) morePages(cmd *cobra.Command, what, next string, args []string) {
 }
 
 // listPoints lists a machine's points: all of them, or the filtered page.
-func (c *CLI) listPoints(cmd *cobra.Command, machine string, l *listFlags) error {
+// positional is the command line's arguments for morePages (none when
+// --group names the group).
+func (c *CLI) listPoints(cmd *cobra.Command, machine string, positional []string, l *listFlags) error {
 	if !l.filtered(cmd) {
 		svc, err := c.Service()
 		if err != nil {
@@ -139,7 +141,7 @@ func (c *CLI) listPoints(cmd *cobra.Command, machine string, l *listFlags) error
 	if err := c.print(ps, func(w io.Writer) { writePoints(w, ps) }); err != nil {
 		return err
 	}
-	c.morePages(cmd, "points", next, []string{machine})
+	c.morePages(cmd, "points", next, positional)
 	return nil
 }
 

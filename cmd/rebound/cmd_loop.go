@@ -45,9 +45,10 @@ func (c *CLI) reprotectCommand() *cobra.Command {
 		req  rebound.ReprotectRequest
 		wr   time.Duration
 		wait bool
+		tgt  *target
 	)
 	cmd := &cobra.Command{
-		Use:   "reprotect NAME [--to SITE] [--policy P] [--verify] [--wait-ready[=DURATION]] [--keep SITE] [--wait]",
+		Use:   "reprotect NAME|--group G [--to SITE] [--policy P] [--verify] [--wait-ready[=DURATION]] [--keep SITE] [--wait]",
 		Short: "Replicate a failed-over, committed machine back to the site it came from",
 		Long: `Start replicating a committed, failed-over machine from its active site back to
 the site it came from (or --to another). The target keeps the disks it holds:
@@ -63,8 +64,8 @@ capture side is not ready; --wait-ready waits up to 15m for it, and
 --wait-ready=DURATION up to DURATION (the = is required).`,
 		Example: `  rebound reprotect web1 --wait
   rebound reprotect web1 --to a --verify --wait-ready=5m --wait
-  rebound reprotect web1 --keep b   # after a split brain: b's copy wins`,
-		Args: argNames("NAME"),
+  rebound reprotect web1 --keep b   # after a split brain: b's copy wins
+  rebound reprotect --group db --wait`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			for _, f := range []string{"to", "policy", "keep"} {
 				if cmd.Flags().Changed(f) && cmd.Flags().Lookup(f).Value.String() == "" {
@@ -74,7 +75,7 @@ capture side is not ready; --wait-ready waits up to 15m for it, and
 			if wr < 0 {
 				return usagef("reprotect: --wait-ready must not be negative, not %s", wr)
 			}
-			req.Machine, req.WaitReady = args[0], rebound.Duration(wr)
+			req.Machine, req.WaitReady = tgt.name(args), rebound.Duration(wr)
 			return c.startLoopJob(cmd, wait, func(ctx context.Context, l rebound.LoopService) (*rebound.Job, error) {
 				return l.Reprotect(ctx, req)
 			})
@@ -88,6 +89,7 @@ capture side is not ready; --wait-ready waits up to 15m for it, and
 	fl.Lookup("wait-ready").NoOptDefVal = DefaultWaitReady.String()
 	fl.StringVar(&req.Keep, "keep", "", "after a split brain, the site whose copy wins")
 	addWaitFlag(cmd, &wait)
+	tgt = addTarget(cmd)
 	return cmd
 }
 
@@ -96,9 +98,10 @@ func (c *CLI) failbackCommand() *cobra.Command {
 		point         string
 		planned, wait bool
 		shutdownFlags func() (rebound.ShutdownOptions, error)
+		tgt           *target
 	)
 	cmd := &cobra.Command{
-		Use:   "failback NAME [--planned | --point P] [--shutdown graceful|force] [--shutdown-timeout D] [--wait]",
+		Use:   "failback NAME|--group G [--planned | --point P] [--shutdown graceful|force] [--shutdown-timeout D] [--wait]",
 		Short: "Fail a reprotected machine over back to the site it came from",
 		Long: `Fail a reprotected machine over back to the site it came from. By default the
 failback is planned: the active site is fenced and everything it wrote is
@@ -108,8 +111,8 @@ first (--shutdown, --shutdown-timeout; defaults from rebound machine set).
 as after a failover.`,
 		Example: `  rebound failback web1 --wait
   rebound failback web1 --point latest-app-consistent
-  rebound failback web1 --shutdown force --shutdown-timeout 30s`,
-		Args: argNames("NAME"),
+  rebound failback web1 --shutdown force --shutdown-timeout 30s
+  rebound failback --group db --wait`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			pointSet := cmd.Flags().Changed("point")
 			if pointSet && cmd.Flags().Changed("planned") {
@@ -125,7 +128,7 @@ as after a failover.`,
 			if pointSet && sh != (rebound.ShutdownOptions{}) {
 				return usagef("failback: --shutdown and --shutdown-timeout are for a planned failback; --point makes it unplanned")
 			}
-			req := rebound.FailoverRequest{Machine: args[0], Point: point, Planned: !pointSet, Shutdown: sh}
+			req := rebound.FailoverRequest{Machine: tgt.name(args), Point: point, Planned: !pointSet, Shutdown: sh}
 			return c.startLoopJob(cmd, wait, func(ctx context.Context, l rebound.LoopService) (*rebound.Job, error) {
 				return l.Failback(ctx, req)
 			})
@@ -135,6 +138,7 @@ as after a failover.`,
 	cmd.Flags().StringVar(&point, "point", "", pointHelp+" (unplanned)")
 	shutdownFlags = addShutdownFlags(cmd)
 	addWaitFlag(cmd, &wait)
+	tgt = addTarget(cmd)
 	return cmd
 }
 
@@ -157,8 +161,9 @@ func machineChecksFailed(rep *rebound.PreflightReport) *checksFailed {
 
 func (c *CLI) preflightCommand() *cobra.Command {
 	var op string
+	var tgt *target
 	cmd := &cobra.Command{
-		Use:   "preflight NAME [--operation protect|failover|commit|reprotect|failback]",
+		Use:   "preflight NAME|--group G [--operation protect|failover|commit|reprotect|failback]",
 		Short: "Check whether the machine's next operation would succeed now; exit 1 if not",
 		Long: `Run the checks an operation makes before it starts, without starting it.
 Without --operation the server checks the next operation the machine's state
@@ -167,8 +172,8 @@ allows: protect for a machine never protected, failover for a protected one
 failed-over one, reprotect for a committed one. Exit code 0 when every check
 passed, 1 when any failed.`,
 		Example: `  rebound preflight web1
-  rebound preflight web1 --operation failback -o json`,
-		Args: argNames("NAME"),
+  rebound preflight web1 --operation failback -o json
+  rebound preflight --group db --operation failover`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.Flags().Changed("operation") && !contains(preflightOps, op) {
 				return usagef("preflight: --operation must be protect, failover, failback, commit or reprotect, not %q", op)
@@ -177,7 +182,7 @@ passed, 1 when any failed.`,
 			if err != nil {
 				return err
 			}
-			rep, err := l.Preflight(cmd.Context(), args[0], op)
+			rep, err := l.Preflight(cmd.Context(), tgt.name(args), op)
 			if err != nil {
 				return err
 			}
@@ -194,6 +199,7 @@ passed, 1 when any failed.`,
 		},
 	}
 	cmd.Flags().StringVar(&op, "operation", "", "protect, failover, failback, commit or reprotect (default: the next one the machine's state allows)")
+	tgt = addTarget(cmd)
 	return cmd
 }
 

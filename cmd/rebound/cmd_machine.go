@@ -41,15 +41,28 @@ func (c *CLI) machineCommand() *cobra.Command {
 			}
 			rpo := c.rpoThresholds(cmd.Context(), svc, ms)
 			now := time.Now()
+			// A GROUP column only when some machine is in a replication group.
+			grouped := false
+			for _, m := range ms {
+				grouped = grouped || m.Group != ""
+			}
 			return c.print(ms, func(w io.Writer) {
-				row(w, "NAME", "STATE", "DIRECTION", "HEALTH", "LAG/RPO", "LAST-POINT", "HOME", "DISKS")
+				head := []any{"NAME", "STATE", "DIRECTION", "HEALTH", "LAG/RPO", "LAST-POINT", "HOME", "DISKS"}
+				if grouped {
+					head = append(head[:1:1], append([]any{"GROUP"}, head[1:]...)...)
+				}
+				row(w, head...)
 				for i := range ms {
 					m := &ms[i]
 					var th time.Duration
 					if m.Protection != nil {
 						th = rpo[m.Protection.Policy]
 					}
-					row(w, m.Name, m.State, fmtDirection(m), orDash(m.Health), fmtLagRPO(m, th), fmtPointAge(m, now), fmtHome(m), fmtDisks(m.Disks))
+					cells := []any{m.Name, m.State, fmtDirection(m), orDash(m.Health), fmtLagRPO(m, th), fmtPointAge(m, now), fmtHome(m), fmtDisks(m.Disks)}
+					if grouped {
+						cells = append(cells[:1:1], append([]any{orDash(m.Group)}, cells[1:]...)...)
+					}
+					row(w, cells...)
 				}
 			})
 		},

@@ -24,6 +24,7 @@ const (
 	nounSite    noun = "site"
 	nounPoint   noun = "point" // of the machine named by the first argument
 	nounPolicy  noun = "policy"
+	nounGroup   noun = "group"
 )
 
 // argNouns: the noun of a command's first argument, by command path.
@@ -36,6 +37,7 @@ var argNouns = map[string]noun{
 	"test-failover": nounMachine, "test-failover cleanup": nounMachine, "unprotect": nounMachine,
 	"site show":  nounSite,
 	"policy set": nounPolicy, "policy delete": nounPolicy,
+	"group show": nounGroup, "group remove-machine": nounGroup,
 }
 
 // flagNouns: the noun of a flag's value, whatever the command.
@@ -44,6 +46,7 @@ var flagNouns = map[string]noun{
 	"site":    nounSite, "to": nounSite, "keep": nounSite,
 	"point":  nounPoint,
 	"policy": nounPolicy,
+	"group":  nounGroup,
 }
 
 // completionTimeout bounds a completion's call to the server: a shell
@@ -80,6 +83,9 @@ func (c *CLI) completer(n noun, arg bool) cobra.CompletionFunc {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), completionTimeout)
 		defer cancel()
+		if g := cmd.Flags().Lookup("group"); n == nounPoint && len(args) == 0 && g != nil && g.Value.String() != "" {
+			args = []string{g.Value.String()} // a group's points: the verb's --group
+		}
 		names, err := c.names(ctx, n, args)
 		if err != nil {
 			return nil, cobra.ShellCompDirectiveNoFileComp | cobra.ShellCompDirectiveError
@@ -129,6 +135,18 @@ func (c *CLI) names(ctx context.Context, n noun, args []string) ([]string, error
 		}
 		for _, p := range ps {
 			out = append(out, p.Name)
+		}
+	case nounGroup:
+		g, ok := svc.(rebound.GroupService)
+		if !ok {
+			return nil, nil
+		}
+		gs, err := g.ListGroups(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, v := range gs {
+			out = append(out, v.Name)
 		}
 	case nounPoint:
 		out = []string{rebound.PointLatest, rebound.PointLatestProcessed, rebound.PointLatestAppConsistent}

@@ -52,12 +52,17 @@ type fakeService struct {
 	QueryPointsFn  func(machine string, q rebound.ListQuery) (*rebound.PointPage, error)
 	QueryEventsFn  func(q rebound.ListQuery) (*rebound.EventPage, error)
 	SetMachineFn   func(req rebound.SetMachineRequest) (*rebound.Machine, error)
+
+	ListGroupsFn        func() ([]rebound.Group, error)
+	GetGroupFn          func(name string) (*rebound.Group, error)
+	RemoveGroupMemberFn func(group, machine string) (*rebound.Job, error)
 }
 
 var (
 	_ rebound.Service      = (*fakeService)(nil)
 	_ rebound.LoopService  = (*fakeService)(nil)
 	_ rebound.PowerService = (*fakeService)(nil)
+	_ rebound.GroupService = (*fakeService)(nil)
 )
 
 func (f *fakeService) record(format string, args ...any) {
@@ -146,7 +151,7 @@ func (f *fakeService) PutPolicy(ctx context.Context, p rebound.Policy) (*rebound
 }
 
 func (f *fakeService) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebound.Job, error) {
-	f.record("Protect %+v", req)
+	f.record("Protect %s", protectCall(req))
 	if f.ProtectFn == nil {
 		return nil, unexpected("Protect")
 	}
@@ -379,4 +384,38 @@ func failoverCall(req rebound.FailoverRequest) string {
 		s += fmt.Sprintf(" Shutdown:%+v", req.Shutdown)
 	}
 	return s + "}"
+}
+
+// protectCall prints a protect request as %+v did before it had a group,
+// which it shows only when given.
+func protectCall(req rebound.ProtectRequest) string {
+	s := fmt.Sprintf("{Machine:%s To:%s Policy:%s", req.Machine, req.To, req.Policy)
+	if req.Group != "" {
+		s += " Group:" + req.Group
+	}
+	return s + "}"
+}
+
+func (f *fakeService) ListGroups(ctx context.Context) ([]rebound.Group, error) {
+	f.record("ListGroups")
+	if f.ListGroupsFn == nil {
+		return nil, unexpected("ListGroups")
+	}
+	return f.ListGroupsFn()
+}
+
+func (f *fakeService) GetGroup(ctx context.Context, name string) (*rebound.Group, error) {
+	f.record("GetGroup %s", name)
+	if f.GetGroupFn == nil {
+		return nil, unexpected("GetGroup")
+	}
+	return f.GetGroupFn(name)
+}
+
+func (f *fakeService) RemoveGroupMember(ctx context.Context, group, machine string) (*rebound.Job, error) {
+	f.record("RemoveGroupMember %s %s", group, machine)
+	if f.RemoveGroupMemberFn == nil {
+		return nil, unexpected("RemoveGroupMember")
+	}
+	return f.RemoveGroupMemberFn(group, machine)
 }

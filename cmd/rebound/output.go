@@ -87,6 +87,9 @@ func fmtPoint(p rebound.RecoveryPoint) string {
 
 func writeMachine(w io.Writer, m *rebound.Machine) {
 	row(w, "Name:", m.Name)
+	if m.Group != "" {
+		row(w, "Group:", m.Group+" (its verbs take --group "+m.Group+")")
+	}
 	row(w, "State:", m.State)
 	row(w, "Active site:", orDash(m.ActiveSite))
 	row(w, "Home site:", orDash(m.HomeSite))

@@ -175,6 +175,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		Plans:   m.Service,
 		Power:   m.Service,
 		Catalog: m.Service,
+		Groups:  m.Service,
 		Healthy: m.Service.StoreError,
 	}
 	// Timeouts close slow and idle connections, authenticated or not;
