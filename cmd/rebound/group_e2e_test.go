@@ -55,7 +55,7 @@ func (f *groupFixture) checkActive(what string) {
 
 func (f *groupFixture) group(name string) *rebound.Group {
 	f.t.Helper()
-	g, err := f.up.Server.Service.GetGroup(context.Background(), name)
+	g, err := f.svc.(rebound.GroupService).GetGroup(context.Background(), name)
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -73,13 +73,12 @@ func TestGroupRoundTrip(t *testing.T) {
 	svc := f.svc
 	wait := waitJob(t, svc)
 
-	srv := f.up.Server.Service
-	wait(srv.Protect(ctx, rebound.ProtectRequest{Machine: "a", To: "recovery", Group: "g"}))
-	wait(srv.Protect(ctx, rebound.ProtectRequest{Machine: "b", To: "recovery", Group: "g"}))
+	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "a", To: "recovery", Group: "g"}))
+	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "b", To: "recovery", Group: "g"}))
 	// c replicates alone first, then joins.
 	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "c", To: "recovery"}))
 	f.writeAll(20)
-	wait(srv.Protect(ctx, rebound.ProtectRequest{Machine: "c", To: "recovery", Group: "g"}))
+	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "c", To: "recovery", Group: "g"}))
 	g := f.group("g")
 	if g.State != rebound.MachineProtected || len(g.Machines) != 3 || g.SourceSite != "primary" || g.TargetSite != "recovery" {
 		t.Fatalf("group after joins: %+v", g)
@@ -139,7 +138,7 @@ func TestGroupRoundTrip(t *testing.T) {
 	}
 
 	// c leaves without a full copy and replicates alone.
-	wait(f.up.Server.Service.RemoveGroupMember(ctx, "g", "c"))
+	wait(f.svc.(rebound.GroupService).RemoveGroupMember(ctx, "g", "c"))
 	if g := f.group("g"); len(g.Machines) != 2 || g.State != rebound.MachineProtected {
 		t.Fatalf("group after remove: %+v", g)
 	}
@@ -155,7 +154,7 @@ func TestGroupRoundTrip(t *testing.T) {
 	f.checkActive("after cancels")
 
 	wait(loop.Unprotect(ctx, rebound.UnprotectRequest{Machine: "g"}))
-	if _, err := f.up.Server.Service.GetGroup(ctx, "g"); rebound.ErrorCode(err) != rebound.ENOTFOUND {
+	if _, err := f.svc.(rebound.GroupService).GetGroup(ctx, "g"); rebound.ErrorCode(err) != rebound.ENOTFOUND {
 		t.Fatalf("group after unprotect: %v", err)
 	}
 	for _, n := range []string{"a", "b"} {
@@ -174,10 +173,10 @@ func TestGroupRoundTrip(t *testing.T) {
 func TestGroupAppPoints(t *testing.T) {
 	ctx := context.Background()
 	f := newGroupFixture(t, "a", "b", "c")
-	svc, srv := f.svc, f.up.Server.Service
+	svc := f.svc
 	wait := waitJob(t, svc)
 	for _, n := range f.names {
-		wait(srv.Protect(ctx, rebound.ProtectRequest{Machine: n, To: "recovery", Group: "g"}))
+		wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: n, To: "recovery", Group: "g"}))
 	}
 	logs, dirs := map[string]string{}, map[string]string{}
 	for _, n := range []string{"a", "b"} {

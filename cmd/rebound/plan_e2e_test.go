@@ -65,7 +65,7 @@ func newPlanFixture(t *testing.T) *planFixture {
 			t.Fatal(err)
 		}
 		o.write(m.Disks[0].NBD, 50)
-		waitJob(t, svc)(up.Server.Service.Protect(context.Background(), rebound.ProtectRequest{Machine: name, To: "recovery", Group: "dbg"}))
+		waitJob(t, svc)(svc.Protect(context.Background(), rebound.ProtectRequest{Machine: name, To: "recovery", Group: "dbg"}))
 		f.oracles[name] = o
 	}
 	dir := t.TempDir()
