@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -297,7 +298,10 @@ func (s *Server) protectGroup(ctx context.Context, req rebound.ProtectRequest) (
 			if len(g.Members) == 0 {
 				s.dropEmptyGroup(ctx, g.Name)
 			}
-			return err
+			if ctx.Err() != nil {
+				return err
+			}
+			return rebound.Errorf(rebound.ErrorCode(err), "%s; once that is fixed, run the same protect again: it resumes (rebound protect %s --to %s --group %s)", rebound.ErrorMessage(err), m.Name, req.To, g.Name)
 		}
 		if joining {
 			s.event(m.Name, req.To, "group.joined", fmt.Sprintf("%s joined group %s without a full copy; the group's earlier points end here", m.Name, g.Name))
@@ -321,7 +325,17 @@ func (s *Server) regroup(ctx context.Context, r *jobRun, group string, members [
 	if err != nil {
 		return err
 	}
-	spec.StreamID = fmt.Sprintf("%s.%d", group, time.Now().UnixNano())
+	// A retried regroup (the job failed at the target, the server
+	// restarted) reuses its stream ID, so the sites' steps are idempotent.
+	key, want := "regroup/"+group, strings.Join(members, ",")
+	if v, ok, err := s.DB.GetSetting(ctx, key); err == nil && ok && strings.HasSuffix(v, " "+want) {
+		spec.StreamID = strings.TrimSuffix(v, " "+want)
+	} else {
+		spec.StreamID = fmt.Sprintf("%s.%d", group, time.Now().UnixNano())
+		if err := s.DB.PutSetting(ctx, key, spec.StreamID+" "+want); err != nil {
+			return err
+		}
+	}
 	spec.Policy = *pol
 	r.Step("start source")
 	sspec := spec
@@ -350,10 +364,13 @@ func (s *Server) regroup(ctx context.Context, r *jobRun, group string, members [
 			return err
 		}
 	}
-	return s.updateMachine(ctx, group, func(x *rebound.Machine) {
+	if err := s.updateMachine(ctx, group, func(x *rebound.Machine) {
 		x.Members, x.Disks, x.State = members, disks, rebound.MachineSyncing
 		x.Protection = &rebound.Protection{SourceSite: x.ActiveSite, TargetSite: dstSite.Name, Policy: pol.Name, ReplState: "syncing"}
-	})
+	}); err != nil {
+		return err
+	}
+	return s.DB.PutSetting(ctx, key, "")
 }
 
 // dropEmptyGroup removes the record of a group whose creation failed.

@@ -4,9 +4,12 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 )
 
 // groupFixture is machines a, b, c at primary, each with an oracle.
@@ -248,4 +251,58 @@ func TestGroupAppPoints(t *testing.T) {
 			t.Fatalf("a failed group freeze cut app point %s", q.ID)
 		}
 	}
+}
+
+// TestGroupJoinRetry: a join whose target step fails (the recovery site
+// goes away right after the source moved the machine into the group's
+// stream) is resumed by running the same protect again, and the group's
+// points then hold both machines' bytes.
+func TestGroupJoinRetry(t *testing.T) {
+	ctx := context.Background()
+	up, svc := fixedUp(t, nil)
+	wait := waitJob(t, svc)
+	oracles := map[string]*oracle{}
+	for i, n := range []string{"a", "b"} {
+		oracles[n] = newOracle(t, 4<<20, int64(300+i))
+		m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: n, Site: "primary", Disks: []int64{4 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		oracles[n].write(m.Disks[0].NBD, 40)
+	}
+	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "a", To: "recovery", Group: "g"}))
+	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "b", To: "recovery"}))
+	oracles["b"].write(getMachine(t, svc, "b").Disks[0].NBD, 20)
+
+	var cfg SiteConfig
+	var once sync.Once
+	disable := failpoint.Enable("server/job/protect/prepare target", func(context.Context) {
+		once.Do(func() { cfg = stopSite(t, up, "recovery") })
+	})
+	j, err := svc.Protect(ctx, rebound.ProtectRequest{Machine: "b", To: "recovery", Group: "g"})
+	j = jobEnd(t, svc, j, err)
+	disable()
+	if j.State != rebound.JobFailed || !strings.Contains(j.Error, "rebound protect b --to recovery --group g") {
+		t.Fatalf("join with the target gone: %s %q", j.State, j.Error)
+	}
+	startSite(t, up, cfg)
+	for _, n := range []string{"a", "b"} {
+		oracles[n].write(getMachine(t, svc, n).Disks[0].NBD, 20)
+	}
+	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "b", To: "recovery", Group: "g"}))
+	g, err := svc.(rebound.GroupService).GetGroup(ctx, "g")
+	if err != nil || len(g.Machines) != 2 || g.State != rebound.MachineProtected {
+		t.Fatalf("group after the retried join: %+v %v", g, err)
+	}
+	p, err := svc.CreatePoint(ctx, "g", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait(svc.TestFailover(ctx, "g", p.ID))
+	for _, n := range []string{"a", "b"} {
+		if got := diskSum(t, getMachine(t, svc, n).TestFailover.Disks[0].NBD); got != oracles[n].model.Sum() {
+			t.Fatalf("%s after the retried join: %s, want %s", n, got, oracles[n].model.Sum())
+		}
+	}
+	wait(svc.TestFailoverCleanup(ctx, "g"))
 }
