@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/internal/failpoint"
@@ -91,6 +92,12 @@ func TestGroupRoundTrip(t *testing.T) {
 			t.Fatalf("member %s: group %q state %s", n, m.Group, m.State)
 		}
 	}
+	// The source reports the group's stream: its health and lag.
+	since := time.Now()
+	waitUntil(t, time.Minute, "the group's stream reported", func() bool {
+		g := f.group("g")
+		return g.Health == rebound.HealthNormal && g.Protection != nil && g.Protection.ReportedAt.After(since) && g.Protection.ReplState == "streaming"
+	})
 	// Member verbs name the group.
 	_, err := svc.Failover(ctx, rebound.FailoverRequest{Machine: "b"})
 	wantErr(t, "failover of a member", err, rebound.ECONFLICT, "group g", "--group g")
