@@ -285,18 +285,21 @@ func (s *Server) protectGroup(ctx context.Context, req rebound.ProtectRequest) (
 	if dstSite.ReplAddr == "" {
 		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "site %q has not reported its replication address yet; retry in a few seconds", req.To)
 	}
-	if len(g.Members) == 0 {
+	members := append(slices.Clone(g.Members), m.Name)
+	fresh := len(g.Members) == 0
+	if fresh {
 		// A new group: its record exists from here on, so it is locked
-		// and listed while the job runs.
+		// and listed (unprotected, with its first machine) while the job
+		// runs.
+		g.Members = members
 		if err := s.DB.CreateMachine(ctx, g); err != nil {
 			return nil, err
 		}
 	}
-	members := append(slices.Clone(g.Members), m.Name)
 	return s.startJob(ctx, "protect", g.Name, []string{"start source", "prepare target", "initial copy"}, func(ctx context.Context, r *jobRun) error {
 		if err := s.regroup(ctx, r, g.Name, members, pol, src, dst, dstSite); err != nil {
-			if len(g.Members) == 0 {
-				s.dropEmptyGroup(ctx, g.Name)
+			if fresh {
+				s.dropNewGroup(ctx, g.Name)
 			}
 			if ctx.Err() != nil {
 				return err
@@ -373,11 +376,23 @@ func (s *Server) regroup(ctx context.Context, r *jobRun, group string, members [
 	return s.DB.PutSetting(ctx, key, "")
 }
 
-// dropEmptyGroup removes the record of a group whose creation failed.
-func (s *Server) dropEmptyGroup(ctx context.Context, name string) {
-	if g, err := s.DB.GetMachine(ctx, name); err == nil && len(g.Members) == 0 {
-		_ = s.DB.DeleteMachine(ctx, name)
+// dropNewGroup removes the record of a group whose first protect failed
+// before the group was recorded as replicating; running the protect again
+// resumes at the sites (regroup).
+func (s *Server) dropNewGroup(ctx context.Context, name string) {
+	g, err := s.DB.GetMachine(ctx, name)
+	if err != nil || g.State != rebound.MachineUnprotected {
+		return
 	}
+	for _, mn := range g.Members {
+		_ = s.updateMachine(ctx, mn, func(x *rebound.Machine) {
+			if x.Group == name {
+				x.Group = ""
+			}
+		})
+	}
+	_ = s.DB.DeleteMachine(ctx, name)
+	s.live.forget(name)
 }
 
 // RemoveGroupMember takes a machine out of its group without a full copy:
