@@ -57,6 +57,10 @@ REBOUND_BENCH_OUT="$tmp/resync.md" go test ./cmd/rebound -run '^$' -bench 'Resyn
 : >"$tmp/vm.md"
 REBOUND_BENCH_OUT="$tmp/vm.md" go test ./cmd/rebound -run '^$' -bench 'VMFailoverRTO|GuestDisk' -benchtime 1x -count=1 -timeout 15m >"$tmp/vm.txt" 2>&1 || { cat "$tmp/vm.txt" >&2; exit 1; }
 
+# 6. Replication groups against separate streams, and a plan failover.
+REBOUND_BENCH_OUT="$tmp/group.md" go test ./cmd/rebound -run '^$' -bench 'GroupStream' -benchtime 2x -count=1 -timeout 15m >"$tmp/group.txt" 2>&1 || { cat "$tmp/group.txt" >&2; exit 1; }
+go test ./cmd/rebound -run '^$' -bench 'PlanFailover' -benchtime 1x -count=1 -timeout 15m >"$tmp/plan.txt" 2>&1 || { cat "$tmp/plan.txt" >&2; exit 1; }
+
 # 5. The agent's scan rate against b3sum and sha256sum on the same device.
 command -v b3sum >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq b3sum >/dev/null 2>&1 || true; }
 go test ./agent -run '^$' -bench 'Scan' -benchtime 1x -count=1 >"$tmp/scan.txt" 2>&1 || { cat "$tmp/scan.txt" >&2; exit 1; }
@@ -121,6 +125,20 @@ PY
 	cat "$tmp/vm.md"
 	echo
 	echo "The guest disk rows run the same guest benchmark (\`rebound.bench=256\`: sequential 1 MiB then 3 s of random 4 KiB O_DIRECT writes, each ended by fdatasync, queue depth 1) on a second disk served by a protected Rebound machine and by qemu-nbd on a raw file."
+	echo
+	echo "## Replication groups and recovery plans"
+	echo
+	echo "\`go test ./cmd/rebound -run '^\$' -bench GroupStream -benchtime 2x\`: three machines (512 MiB disks) in one group's stream against three machines each in its own stream, in one process and one run. Throughput: one NBD client per machine writes 192 MiB in 1 MiB writes; timed until the target holds every stream's head. Lag: 10 MB/s of 64 KiB random writes per machine for 6 s, the worst stream's lag sampled every 50 ms. Go runs the benchmark once (run 1), then twice (runs 1 and 2, the second in the other order)."
+	echo
+	echo "| configuration and measurement | result |"
+	echo "|---|---|"
+	cat "$tmp/group.md"
+	echo
+	echo "\`go test ./cmd/rebound -run '^\$' -bench PlanFailover -benchtime 1x\`: 10 protected machines (64 MiB disks, 8 MiB written, 1 MiB more just before) in a plan of 3 stages; an unplanned plan failover to \`latest\`, timed by the plan job, against the same 10 failovers one after the other (plan-s/op against serial-s/op):"
+	echo
+	echo '```'
+	grep -E '^Benchmark' "$tmp/plan.txt"
+	echo '```'
 	echo
 	echo "## Agent scan rate"
 	echo
