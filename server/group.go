@@ -270,20 +270,9 @@ func (s *Server) protectGroup(ctx context.Context, req rebound.ProtectRequest) (
 	if err != nil {
 		return nil, err
 	}
-	src, err := s.site(m.ActiveSite)
+	src, dst, dstSite, err := s.streamSites(ctx, m.ActiveSite, req.To)
 	if err != nil {
 		return nil, err
-	}
-	dst, err := s.site(req.To)
-	if err != nil {
-		return nil, err
-	}
-	dstSite, err := s.DB.GetSite(ctx, req.To)
-	if err != nil {
-		return nil, err
-	}
-	if dstSite.ReplAddr == "" {
-		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "site %q has not reported its replication address yet; retry in a few seconds", req.To)
 	}
 	members := append(slices.Clone(g.Members), m.Name)
 	fresh := len(g.Members) == 0
@@ -416,15 +405,7 @@ func (s *Server) RemoveGroupMember(ctx context.Context, group, machine string) (
 	if err != nil {
 		return nil, err
 	}
-	src, err := s.site(p.SourceSite)
-	if err != nil {
-		return nil, err
-	}
-	dst, err := s.site(p.TargetSite)
-	if err != nil {
-		return nil, err
-	}
-	dstSite, err := s.DB.GetSite(ctx, p.TargetSite)
+	src, dst, dstSite, err := s.streamSites(ctx, p.SourceSite, p.TargetSite)
 	if err != nil {
 		return nil, err
 	}

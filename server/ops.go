@@ -206,20 +206,9 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 	case req.To == m.ActiveSite:
 		return nil, rebound.Errorf(rebound.EINVALID, "machine %q is active at %s; protect it to another site", m.Name, req.To)
 	}
-	src, err := s.site(m.ActiveSite)
+	src, dst, dstSite, err := s.streamSites(ctx, m.ActiveSite, req.To)
 	if err != nil {
 		return nil, err
-	}
-	dst, err := s.site(req.To)
-	if err != nil {
-		return nil, err
-	}
-	dstSite, err := s.DB.GetSite(ctx, req.To)
-	if err != nil {
-		return nil, err
-	}
-	if dstSite.ReplAddr == "" {
-		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "site %q has not reported its replication address yet; retry in a few seconds", req.To)
 	}
 	var need int64
 	for _, d := range m.Disks {
@@ -234,6 +223,24 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 		// A cancel stops what the job started, at both sites.
 		return s.undoCancelled(ctx, r, m.Name, prot, src, dst, s.protect(ctx, r, m, req, pol, streamID, src, dst, dstSite))
 	})
+}
+
+// streamSites returns the sites of a new stream and the target's record,
+// refusing a target that has not reported its replication address yet.
+func (s *Server) streamSites(ctx context.Context, from, to string) (src, dst rebound.SiteService, dstSite *rebound.Site, err error) {
+	if src, err = s.site(from); err != nil {
+		return nil, nil, nil, err
+	}
+	if dst, err = s.site(to); err != nil {
+		return nil, nil, nil, err
+	}
+	if dstSite, err = s.DB.GetSite(ctx, to); err != nil {
+		return nil, nil, nil, err
+	}
+	if dstSite.ReplAddr == "" {
+		return nil, nil, nil, rebound.Errorf(rebound.EUNAVAILABLE, "site %q has not reported its replication address yet; retry in a few seconds", to)
+	}
+	return src, dst, dstSite, nil
 }
 
 func (s *Server) protect(ctx context.Context, r *jobRun, m *rebound.Machine, req rebound.ProtectRequest, pol *rebound.Policy, streamID string, src, dst rebound.SiteService, dstSite *rebound.Site) error {

@@ -6,8 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"math/rand/v2"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -154,26 +152,7 @@ func TestGroupWriteOrder(t *testing.T) {
 	w := &causal{t: t, svc: svc, cls: map[string]*nbd.Client{}, rng: rand.New(rand.NewPCG(3, 4))}
 	defer w.close()
 
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var kills atomic.Int32
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		rng := rand.New(rand.NewPCG(5, 6))
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(time.Duration(700+rng.IntN(1500)) * time.Millisecond):
-			}
-			p := c.sites[[]string{"primary", "recovery"}[rng.IntN(2)]]
-			p.kill()
-			kills.Add(1)
-			time.Sleep(time.Duration(100+rng.IntN(600)) * time.Millisecond)
-			p.start()
-		}
-	}()
+	kills, stop := c.killSites(5)
 	exact := map[string]int{} // on-demand point -> records acknowledged before it
 	for i := 0; i < 12 || kills.Load() < 5; i++ {
 		for range 15 {
@@ -189,9 +168,7 @@ func TestGroupWriteOrder(t *testing.T) {
 			return err
 		})
 	}
-	close(stop)
-	wg.Wait()
-	c.waitOnline("primary", "recovery")
+	stop()
 
 	var pl []rebound.RecoveryPoint
 	retry(t, "list points", func() (err error) {

@@ -309,28 +309,7 @@ func TestOracleWithKills(t *testing.T) {
 	resilientWrite(t, src, o, 100)
 	waitJob(t, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
 
-	// The killer: SIGKILL one site at a random moment, restart it shortly after.
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var kills atomic.Int32
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		rng := rand.New(rand.NewPCG(1, 2))
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(time.Duration(700+rng.IntN(1500)) * time.Millisecond):
-			}
-			name := []string{"primary", "recovery"}[rng.IntN(2)]
-			p := c.sites[name]
-			p.kill()
-			kills.Add(1)
-			time.Sleep(time.Duration(100+rng.IntN(600)) * time.Millisecond)
-			p.start()
-		}
-	}()
+	kills, stop := c.killSites(1)
 	// Keep writing and cutting points until several kills have happened.
 	for i := 0; i < 10 || kills.Load() < 5; i++ {
 		resilientWrite(t, src, o, 30)
@@ -344,9 +323,7 @@ func TestOracleWithKills(t *testing.T) {
 			return nil
 		})
 	}
-	close(stop)
-	wg.Wait()
-	c.waitOnline("primary", "recovery")
+	stop()
 	t.Logf("%d site kills during the run, %d points recorded", kills.Load(), len(o.order))
 
 	for _, id := range o.order {
@@ -369,6 +346,37 @@ func TestOracleWithKills(t *testing.T) {
 	mm := getMachine(t, svc, "vm1")
 	if got := diskSum(t, mm.Disks[0].NBD); got != final {
 		t.Fatalf("failover to latest after kills: hash %s, want %s", got, final)
+	}
+}
+
+// killSites sends SIGKILL to one site at a random moment, every 0.7 to
+// 2.2 s, and restarts it 0.1 to 0.7 s later, until stop; stop waits for
+// both sites to be online again. kills counts them.
+func (c *cluster) killSites(seed uint64) (kills *atomic.Int32, stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	kills = new(atomic.Int32)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		rng := rand.New(rand.NewPCG(seed, seed+1))
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(time.Duration(700+rng.IntN(1500)) * time.Millisecond):
+			}
+			p := c.sites[[]string{"primary", "recovery"}[rng.IntN(2)]]
+			p.kill()
+			kills.Add(1)
+			time.Sleep(time.Duration(100+rng.IntN(600)) * time.Millisecond)
+			p.start()
+		}
+	}()
+	return kills, func() {
+		close(done)
+		wg.Wait()
+		c.waitOnline("primary", "recovery")
 	}
 }
 
