@@ -43,17 +43,7 @@ func benchMachine(b *testing.B, size int64) (*UpMain, rebound.Service, string) {
 
 // sourceStatus returns the source site's view of the bench machine.
 func sourceStatus(b *testing.B, up *UpMain) rebound.MachineStatus {
-	st, err := up.Sites["primary"].Site.Status(context.Background())
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, ms := range st.Machines {
-		if ms.Name == "bench" {
-			return ms
-		}
-	}
-	b.Fatal("bench machine not at primary")
-	return rebound.MachineStatus{}
+	return streamStatus(b, up, "bench")
 }
 
 // randomBlock returns semi-compressible data, like real disk contents:
