@@ -221,6 +221,18 @@ func (s *Server) protectGroup(ctx context.Context, req rebound.ProtectRequest) (
 	case len(m.Members) > 0:
 		return nil, rebound.Errorf(rebound.EINVALID, "%s is a group; protect its machines with --group %s", m.Name, m.Name)
 	case m.Group == req.Group && m.State == rebound.MachineProtected:
+		g, err := s.DB.GetMachine(ctx, req.Group)
+		if err != nil {
+			return nil, err
+		}
+		if req.Policy != "" && g.Protection != nil && g.Protection.Policy != req.Policy {
+			// A named policy changes the group's, as it does a machine's.
+			pol, err := s.DB.GetPolicy(ctx, req.Policy)
+			if err != nil {
+				return nil, err
+			}
+			return s.changePolicy(ctx, g, pol)
+		}
 		return s.doneJob(ctx, "protect", req.Group, fmt.Sprintf("machine %s is already protected in group %s", m.Name, req.Group))
 	case m.Group != "" && m.Group != req.Group:
 		return nil, rebound.Errorf(rebound.ECONFLICT, "machine %s replicates in group %s; take it out first: rebound group remove-machine %s %s", m.Name, m.Group, m.Group, m.Name)

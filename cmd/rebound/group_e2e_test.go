@@ -312,4 +312,16 @@ func TestGroupJoinRetry(t *testing.T) {
 		}
 	}
 	wait(svc.TestFailoverCleanup(ctx, "g"))
+
+	// A named policy on a member's protect changes the group's.
+	if _, err := svc.PutPolicy(ctx, rebound.Policy{Name: "hourly", CrashInterval: rebound.Duration(time.Hour), RPOThreshold: rebound.Duration(time.Hour), Retention: rebound.Duration(48 * time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "a", To: "recovery", Group: "g", Policy: "hourly"}))
+	if g, err := svc.(rebound.GroupService).GetGroup(ctx, "g"); err != nil || g.Policy != "hourly" {
+		t.Fatalf("group policy after protect --policy hourly: %+v %v", g, err)
+	}
+	if m := getMachine(t, svc, "b"); m.Protection == nil || m.Protection.Policy != "hourly" {
+		t.Fatalf("member b's policy: %+v", m.Protection)
+	}
 }
