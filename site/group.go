@@ -12,6 +12,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/capture"
+	"github.com/rebound-dr/rebound/internal/fsutil"
 	"github.com/rebound-dr/rebound/journal"
 )
 
@@ -255,6 +256,10 @@ func (s *Site) trackRegions(m *machine, rs [][]rebound.Region) error {
 // not in the spec are kept as released copies, adopted by their own stream
 // next. Old points end here: the new journal has no point until the
 // source's delta resync ends.
+//
+// The file moves are recorded in state.json before the first one (the
+// unit's Regroup), so a crash part way is finished at the next open
+// (finishRegroup): no replica is lost or left half moved.
 func (s *Site) regroupTargetLocked(spec rebound.ReplicationSpec) error {
 	if err := checkMembers(spec); err != nil {
 		return err
@@ -273,35 +278,15 @@ func (s *Site) regroupTargetLocked(spec rebound.ReplicationSpec) error {
 			return rebound.Errorf(rebound.ECONFLICT, "group %s: %s is failed over or in a test failover at site %s; finish it first", spec.Machine, u.name, s.cfg.Name)
 		}
 	}
-	// Fold and close every old journal, then move it aside: the new
-	// journal may live in the same directory (a group changing members).
-	aside := map[*unit]string{}
+	// Fold and close every old journal: its base then holds every
+	// acknowledged record. A crash from here until the state is saved
+	// reopens the old journals as they are (a fold changes no state).
 	for _, u := range olds {
 		if err := u.journal.FoldAll(); err != nil {
 			return fmt.Errorf("group %s: fold the journal of %s: %w", spec.Machine, u.name, err)
 		}
 		if err := s.closeUnit(u); err != nil {
 			return err
-		}
-		dir := filepath.Join(s.unitDir(u), "journal")
-		old := dir + ".regroup"
-		_ = os.RemoveAll(old)
-		if err := os.Rename(dir, old); err != nil {
-			return fmt.Errorf("group %s: %w", spec.Machine, err)
-		}
-		aside[u] = old
-	}
-	// The base file of each new disk.
-	where := map[string]struct {
-		u *unit
-		m *machine
-	}{}
-	for _, u := range olds {
-		for _, m := range u.members {
-			where[m.state.Name] = struct {
-				u *unit
-				m *machine
-			}{u, m}
 		}
 	}
 	sp := spec
@@ -310,47 +295,71 @@ func (s *Site) regroupTargetLocked(spec rebound.ReplicationSpec) error {
 	if err := os.MkdirAll(s.unitDir(u), 0o700); err != nil {
 		return err
 	}
-	var paths []string
+	// The old journals move aside: the new one may use the same directory
+	// (a group changing members).
+	in := &regroupIntent{}
+	aside := map[*unit]string{}
+	where := map[string]*unit{}
+	for _, ou := range olds {
+		dir := filepath.Join(s.unitDir(ou), "journal")
+		aside[ou] = dir + ".regroup"
+		if err := os.RemoveAll(aside[ou]); err != nil { // stale: no regroup is under way
+			return err
+		}
+		in.Aside = append(in.Aside, fileMove{From: dir, To: aside[ou]})
+		in.Remove = append(in.Remove, aside[ou])
+		if !ou.lone() && ou.name != spec.Machine {
+			in.Remove = append(in.Remove, s.unitDir(ou))
+		}
+		for _, m := range ou.members {
+			where[m.state.Name] = ou
+		}
+	}
 	for _, m := range members {
-		w, held := where[m.state.Name]
+		ou, held := where[m.state.Name]
+		var om *machine
+		if held {
+			for _, x := range ou.members {
+				if x.state.Name == m.state.Name {
+					om = x
+				}
+			}
+		}
 		for i, d := range m.state.Disks {
 			if held {
-				paths = append(paths, journal.BasePath(aside[w.u], w.m.offset+i))
+				in.Adopt = append(in.Adopt, journal.BasePath(aside[ou], om.offset+i))
 				continue
 			}
 			p := filepath.Join(s.unitDir(u), fmt.Sprintf("new-%s-%d.raw", m.state.Name, i))
 			if err := zeroFile(p, d.Size); err != nil {
 				return err
 			}
-			paths = append(paths, p)
+			in.Adopt = append(in.Adopt, p)
 		}
 	}
 	// Leftovers: their folded disks become released copies.
-	var left []*unit
-	in := map[string]bool{}
+	inSpec := map[string]bool{}
 	for _, md := range spec.Members {
-		in[md.Name] = true
+		inSpec[md.Name] = true
 	}
+	var left []*unit
 	for _, ou := range olds {
 		for _, m := range ou.members {
-			if in[m.state.Name] {
+			if inSpec[m.state.Name] {
 				continue
 			}
 			if err := os.MkdirAll(s.machineDir(m.state.Name), 0o700); err != nil {
 				return err
 			}
 			for i := range m.state.Disks {
-				if err := os.Rename(journal.BasePath(aside[ou], m.offset+i), s.diskPath(m.state.Name, i)); err != nil {
-					return fmt.Errorf("group %s: keep %s: %w", spec.Machine, m.state.Name, err)
-				}
+				in.Keep = append(in.Keep, fileMove{From: journal.BasePath(aside[ou], m.offset+i), To: s.diskPath(m.state.Name, i)})
 			}
 			lm := &machine{state: m.state}
 			left = append(left, newUnit(m.state.Name, unitFields{Role: RoleReleased, Generation: ou.state.Generation}, []*machine{lm}))
 		}
 	}
-	if err := s.startTarget(u, paths); err != nil {
-		return err
-	}
+	// The commit point: from here on the new units are the site's.
+	u.state.Regroup = in
 	for _, ou := range olds {
 		s.dropUnitLocked(ou)
 	}
@@ -358,17 +367,120 @@ func (s *Site) regroupTargetLocked(spec rebound.ReplicationSpec) error {
 	for _, lu := range left {
 		s.addUnitLocked(lu)
 	}
-	err := s.saveLocked()
-	for _, old := range aside {
-		err = errors.Join(err, journal.Remove(old), os.RemoveAll(old))
+	if err := s.saveLocked(); err != nil {
+		return err
 	}
-	for _, ou := range olds {
-		if !ou.lone() && ou.name != spec.Machine {
-			err = errors.Join(err, os.RemoveAll(s.unitDir(ou)))
-		}
+	if s.regroupCrash != nil && s.regroupCrash() {
+		return errRegroupCrash
+	}
+	remove, err := s.finishRegroup(u)
+	if err != nil {
+		return err
+	}
+	if err := s.saveLocked(); err != nil {
+		return err
+	}
+	if err := s.openTargetJournal(u); err != nil {
+		return err
+	}
+	if err := removeAll(remove); err != nil {
+		s.logger.Warn("regroup: remove old journals", "group", spec.Machine, "err", err)
 	}
 	s.logger.Info("regrouped journal", "group", spec.Machine, "members", len(members), "left", len(left))
-	return err
+	return nil
+}
+
+// fileMove is a rename a regroup still has to do.
+type fileMove struct {
+	From string `json:"from"`
+	To   string `json:"to"`
+}
+
+// regroupIntent is what a target regroup still has to do, saved before it
+// starts moving files.
+type regroupIntent struct {
+	Aside  []fileMove `json:"aside,omitempty"`  // old journal directories, out of the way
+	Keep   []fileMove `json:"keep,omitempty"`   // leftovers' folded disks to their machines' files
+	Adopt  []string   `json:"adopt"`            // the new journal's base files, in disk order
+	Remove []string   `json:"remove,omitempty"` // left over once adopted
+}
+
+// moveOnce renames m.From to m.To unless an earlier run did. For a keep
+// (a file that never comes back once moved) that is From gone and To
+// there; a stale To is replaced. For an aside (a journal directory whose
+// path the new journal may take again) it is To there: the regroup
+// removed stale asides before it saved its intent.
+func moveOnce(m fileMove, aside bool) error {
+	_, ferr := os.Stat(m.From)
+	_, terr := os.Stat(m.To)
+	switch {
+	case aside && terr == nil, os.IsNotExist(ferr) && terr == nil:
+		return nil
+	case os.IsNotExist(ferr):
+		return rebound.Errorf(rebound.EINTERNAL, "regroup: neither %s nor %s exists", m.From, m.To)
+	}
+	if err := os.RemoveAll(m.To); err != nil {
+		return err
+	}
+	if err := os.Rename(m.From, m.To); err != nil {
+		return err
+	}
+	return fsutil.SyncDir(filepath.Dir(m.To))
+}
+
+// finishRegroup does the moves of u's saved regroup intent, each at most
+// once, adopts the base files into u's journal, and clears the intent in
+// memory; the caller saves the state, then removes the returned leftover
+// directories. It runs right after the intent is saved and again at open
+// after a crash.
+func (s *Site) finishRegroup(u *unit) (remove []string, err error) {
+	in := u.state.Regroup
+	if in == nil {
+		return nil, nil
+	}
+	for _, m := range in.Aside {
+		if err := moveOnce(m, true); err != nil {
+			return nil, fmt.Errorf("group %s: %w", u.name, err)
+		}
+	}
+	for _, m := range in.Keep {
+		if err := moveOnce(m, false); err != nil {
+			return nil, fmt.Errorf("group %s: %w", u.name, err)
+		}
+	}
+	dir := filepath.Join(s.unitDir(u), "journal")
+	if _, err := os.Stat(filepath.Join(dir, "meta.json")); err != nil {
+		if err := journal.Adopt(dir, u.disks(), in.Adopt); err != nil {
+			return nil, fmt.Errorf("group %s: %w", u.name, err)
+		}
+	}
+	for _, d := range memberDirs(s, u) {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	u.state.Regroup = nil
+	return in.Remove, nil
+}
+
+// removeAll removes leftover directories of a finished regroup.
+func removeAll(dirs []string) error {
+	var errs []error
+	for _, d := range dirs {
+		errs = append(errs, os.RemoveAll(d))
+	}
+	return errors.Join(errs...)
+}
+
+// openTargetJournal opens a target unit's existing journal.
+func (s *Site) openTargetJournal(u *unit) error {
+	j, err := journal.Open(filepath.Join(s.unitDir(u), "journal"), u.disks(), s.journalOptions(u.name))
+	if err != nil {
+		return err
+	}
+	u.journal = j
+	s.startExpiry(u, j)
+	return nil
 }
 
 // zeroFile creates a sparse file of size bytes.
@@ -500,3 +612,7 @@ func (s *Site) cutGroupApp(ctx context.Context, u *unit, stream *capture.Stream)
 	}
 	return p, nil
 }
+
+// errRegroupCrash is returned where a test stops a regroup as a crash
+// would (Site.regroupCrash).
+var errRegroupCrash = errors.New("site: simulated crash in a regroup")

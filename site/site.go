@@ -87,6 +87,9 @@ type Config struct {
 type Site struct {
 	cfg    Config
 	logger *slog.Logger
+	// regroupCrash, set by tests, stops a target regroup right after its
+	// intent is saved, as a crash there would.
+	regroupCrash func() bool
 	NBD    *nbd.Server
 	Repl   *rgrpc.ReplicationServer
 
@@ -191,6 +194,7 @@ func (s *Site) Open() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	save := migrated
+	var cleanup []string
 	for _, st := range states {
 		if st.Generation == "" { // state from before generations
 			st.Generation, save = newGeneration(), true
@@ -200,6 +204,14 @@ func (s *Site) Open() error {
 			ms[i] = &machine{state: mst}
 		}
 		u := newUnit(st.Name, st.unitFields, ms)
+		if u.state.Regroup != nil {
+			// A regroup the site was killed in is finished first.
+			rm, err := s.finishRegroup(u)
+			if err != nil {
+				return fmt.Errorf("open machine %s: %w", st.Name, err)
+			}
+			cleanup, save = append(cleanup, rm...), true
+		}
 		if err := s.openUnit(u); err != nil {
 			return fmt.Errorf("open machine %s: %w", st.Name, err)
 		}
@@ -208,7 +220,12 @@ func (s *Site) Open() error {
 	if save {
 		// A generation must not change at the next start; a migrated
 		// state is written in the current version at once.
-		return s.saveLocked()
+		if err := s.saveLocked(); err != nil {
+			return err
+		}
+		if err := removeAll(cleanup); err != nil {
+			s.logger.Warn("regroup: remove old journals", "err", err)
+		}
 	}
 	return nil
 }

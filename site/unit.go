@@ -48,6 +48,10 @@ type unitFields struct {
 	Generation string `json:"generation,omitempty"`
 	Parent     string `json:"parent,omitempty"`
 	Diverged   bool   `json:"diverged,omitempty"`
+
+	// Regroup, on a target unit made from other units' replicas, holds
+	// the file moves still to do (site/group.go).
+	Regroup *regroupIntent `json:"regroup,omitempty"`
 }
 
 // unitState is a unit as state.json holds it.
