@@ -90,8 +90,8 @@ type Site struct {
 	// regroupCrash, set by tests, stops a target regroup right after its
 	// intent is saved, as a crash there would.
 	regroupCrash func() bool
-	NBD    *nbd.Server
-	Repl   *rgrpc.ReplicationServer
+	NBD          *nbd.Server
+	Repl         *rgrpc.ReplicationServer
 
 	addrMu   sync.Mutex // guards nbdAddr and replAddr, read under mu too
 	nbdAddr  string     // TCP address NBD listens on
