@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
+	"fmt"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -220,5 +221,77 @@ func TestGroupWriteOrder(t *testing.T) {
 		if got := recordsAt(t, getMachine(t, svc, n).Disks[0].NBD, n); got != w.done {
 			t.Fatalf("failover to latest: %s holds %d records, want %d", n, got, w.done)
 		}
+	}
+}
+
+// TestPlanServerKilled runs the real binaries: a plan failover of a lone
+// machine (stage one) and a group of two (stage two) whose server is
+// killed with SIGKILL as stage two starts. The restarted server resumes
+// the job without redoing stage one, and every machine is active at the
+// recovery site with the bytes written before the failover.
+func TestPlanServerKilled(t *testing.T) {
+	t.Parallel()
+	c := startCluster(t, "plan-failover/stage two")
+	svc, ctx := c.svc, context.Background()
+	oracles := map[string]*oracle{}
+	for i, n := range []string{"m1", "m2", "m3"} {
+		m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: n, Site: "primary", Disks: []int64{4 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		oracles[n] = newOracle(t, 4<<20, int64(400+i))
+		oracles[n].write(m.Disks[0].NBD, 40)
+		req := rebound.ProtectRequest{Machine: n, To: "recovery"}
+		if n != "m1" {
+			req.Group = "g"
+		}
+		waitJob(t, svc)(svc.Protect(ctx, req))
+	}
+	plans := svc.(rebound.PlanService)
+	if _, err := plans.ApplyPlan(ctx, rebound.Plan{Name: "app", Stages: []rebound.PlanStage{
+		{Name: "one", Machines: []string{"m1"}}, {Name: "two", Groups: []string{"g"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	j, err := plans.RunPlan(ctx, rebound.PlanRequest{Plan: "app", Verb: rebound.PlanFailover})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.atStep("plan-failover/stage two", func() { c.srv.kill() })
+	c.srv.start()
+	// The restarted server resumes the job and enters stage two again.
+	c.atStep("plan-failover/stage two", func() {})
+	var end *rebound.Job
+	retry(t, "the resumed plan job", func() error {
+		var err error
+		end, err = svc.GetJob(ctx, j.ID)
+		if err == nil && end.State != rebound.JobSucceeded {
+			err = fmt.Errorf("job %s is %s: %s", end.ID, end.State, end.Error)
+		}
+		return err
+	})
+	if n := len(end.Plan.Stages[0].Members); n != 1 || end.Plan.Stages[0].Members[0].JobID == "" {
+		t.Fatalf("stage one after the kill: %+v", end.Plan.Stages[0])
+	}
+	for n, o := range oracles {
+		m := getMachine(t, svc, n)
+		if m.ActiveSite != "recovery" || m.State != rebound.MachineFailedOver {
+			t.Fatalf("%s after the plan: %s at %s", n, m.State, m.ActiveSite)
+		}
+		if got := diskSum(t, m.Disks[0].NBD); got != o.model.Sum() {
+			t.Fatalf("%s after the plan across a server kill: %s, want %s", n, got, o.model.Sum())
+		}
+	}
+	evs, err := svc.ListEvents(ctx, "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	failovers := 0
+	for _, e := range evs {
+		if e.Kind == "failover" {
+			failovers++
+		}
+	}
+	if failovers != 1 {
+		t.Fatalf("m1 failed over %d times: stage one was redone after the kill", failovers)
 	}
 }
