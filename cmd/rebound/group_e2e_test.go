@@ -83,6 +83,20 @@ func TestGroupRoundTrip(t *testing.T) {
 	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "c", To: "recovery"}))
 	f.writeAll(20)
 	wait(svc.Protect(ctx, rebound.ProtectRequest{Machine: "c", To: "recovery", Group: "g"}))
+	// The join resent only what had not reached the recovery site, not
+	// c's disk (4 MiB) nor the group's (8 MiB).
+	st, err := f.up.Sites["primary"].Site.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ms := range st.Machines {
+		if ms.Name == "g" {
+			t.Logf("join of c: the group's delta resync copied %d of %d bytes", ms.SyncDone, ms.SyncTotal)
+			if ms.SyncTotal >= 4<<20 {
+				t.Fatalf("joining c resent %d bytes: a full copy", ms.SyncTotal)
+			}
+		}
+	}
 	g := f.group("g")
 	if g.State != rebound.MachineProtected || len(g.Machines) != 3 || g.SourceSite != "primary" || g.TargetSite != "recovery" {
 		t.Fatalf("group after joins: %+v", g)
@@ -99,7 +113,7 @@ func TestGroupRoundTrip(t *testing.T) {
 		return g.Health == rebound.HealthNormal && g.Protection != nil && g.Protection.ReportedAt.After(since) && g.Protection.ReplState == "streaming"
 	})
 	// Member verbs name the group.
-	_, err := svc.Failover(ctx, rebound.FailoverRequest{Machine: "b"})
+	_, err = svc.Failover(ctx, rebound.FailoverRequest{Machine: "b"})
 	wantErr(t, "failover of a member", err, rebound.ECONFLICT, "group g", "--group g")
 	_, err = svc.GetMachine(ctx, "g")
 	wantErr(t, "machine show of a group", err, rebound.ENOTFOUND, "replication group")
