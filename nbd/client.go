@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -38,6 +39,7 @@ var ErrClientClosed = errors.New("nbd: client closed")
 // matched to replies by handle.
 type Client struct {
 	nc       net.Conn
+	tlsConf  *tls.Config // negotiate TLS first (nil: plain)
 	size     int64
 	flags    uint16
 	maxBlock int
@@ -61,11 +63,25 @@ type call struct {
 var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
 
 // Dial connects to the export named by an NBD URI (see ParseURI) and
-// negotiates with NBD_OPT_GO, falling back to NBD_OPT_EXPORT_NAME.
+// negotiates with NBD_OPT_GO, falling back to NBD_OPT_EXPORT_NAME. An
+// nbds:// URI negotiates TLS first with the certificates of its
+// tls-certificates=DIR parameter (see DialTLS).
 func Dial(ctx context.Context, uri string) (*Client, error) {
-	network, addr, export, err := ParseURI(uri)
+	return dial(ctx, uri, nil)
+}
+
+func dial(ctx context.Context, uri string, conf *tls.Config) (*Client, error) {
+	p, err := parseURI(uri)
 	if err != nil {
 		return nil, err
+	}
+	network, addr, export := p.network, p.addr, p.export
+	if conf, err = dialTLSConfig(uri, p.tls, p.certDir, p.host, conf); err != nil {
+		return nil, err
+	}
+	if conf != nil && conf.ServerName == "" {
+		conf = conf.Clone()
+		conf.ServerName = p.host
 	}
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, network, addr)
@@ -78,7 +94,7 @@ func Dial(ctx context.Context, uri string) (*Client, error) {
 		nc.SetDeadline(time.Now().Add(handshakeTimeout))
 	}
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Unix(1, 0)) })
-	c := &Client{nc: nc, pending: make(map[uint64]*call), maxBlock: MaxPayload, readerD: make(chan struct{})}
+	c := &Client{nc: nc, tlsConf: conf, pending: make(map[uint64]*call), maxBlock: MaxPayload, readerD: make(chan struct{})}
 	err = c.handshake(export)
 	if !stop() && err == nil {
 		err = ctx.Err()
@@ -88,7 +104,7 @@ func Dial(ctx context.Context, uri string) (*Client, error) {
 		return nil, fmt.Errorf("nbd handshake with %s: %w", uri, err)
 	}
 	nc.SetDeadline(time.Time{})
-	c.out.w = nc
+	c.out.w = c.nc // the TLS connection once negotiated
 	go c.readReplies()
 	return c, nil
 }
@@ -115,6 +131,13 @@ func (c *Client) handshake(export string) error {
 		cflags |= flagNoZeroes
 	}
 	req := binary.BigEndian.AppendUint32(nil, cflags)
+	if c.tlsConf != nil {
+		var err error
+		if br, err = c.startTLS(br, req); err != nil {
+			return err
+		}
+		req = nil
+	}
 
 	// NBD_OPT_GO with the export name, asking for block size constraints.
 	data := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
@@ -191,8 +214,11 @@ func (c *Client) handshake(export string) error {
 				msg = fmt.Sprintf("error %#x", typ)
 			}
 			code := rebound.EUNAVAILABLE
-			if typ == repErrUnknown {
+			switch typ {
+			case repErrUnknown:
 				code = rebound.ENOTFOUND
+			case repErrTLSReqd:
+				code = rebound.EUNAUTHORIZED
 			}
 			return rebound.Errorf(code, "export %q: %s", export, msg)
 		default:

@@ -191,6 +191,7 @@ func TestParseURI(t *testing.T) {
 		{"nbd://[::1]:99/", "tcp", "[::1]:99", ""},
 		{"nbd+unix:///d%20x?socket=/run/s.sock", "unix", "/run/s.sock", "d x"},
 		{"nbd+unix:///d?socket=%2Ftmp%2Fa+b%26c", "unix", "/tmp/a b&c", "d"},
+		{"nbds://h:7/x?tls-certificates=/d", "tcp", "h:7", "x"},
 	} {
 		n, a, e, err := ParseURI(tc.uri)
 		if err != nil || n != tc.network || a != tc.addr || e != tc.export {
@@ -200,7 +201,7 @@ func TestParseURI(t *testing.T) {
 			t.Errorf("URI round trip of %q: %q %q %q", tc.uri, n2, a2, e2)
 		}
 	}
-	for _, bad := range []string{"http://x/y", "nbd+unix:///x", "nbd:///x", "nbds://h/x", "::"} {
+	for _, bad := range []string{"http://x/y", "nbd+unix:///x", "nbd:///x", "nbds:///x", "::"} {
 		if _, _, _, err := ParseURI(bad); err == nil {
 			t.Errorf("ParseURI(%q) succeeded", bad)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"fmt"
 	"log/slog"
@@ -42,6 +43,19 @@ type exportSpec struct {
 
 func startServer(t testing.TB, specs ...exportSpec) *testServer {
 	t.Helper()
+	return startServerWith(t, serverOpts{}, specs...)
+}
+
+// serverOpts changes what startServerWith starts.
+type serverOpts struct {
+	tls *tls.Config
+	// offLoopback makes the TCP listener's connections report a
+	// non-loopback local address, as on a site's network port.
+	offLoopback bool
+}
+
+func startServerWith(t testing.TB, opts serverOpts, specs ...exportSpec) *testServer {
+	t.Helper()
 	dir := t.TempDir()
 	ts := &testServer{files: map[string]string{}, exports: map[string]*Export{}, logs: &syncBuffer{}, serveErrs: make(chan error, 2)}
 	for _, sp := range specs {
@@ -79,11 +93,15 @@ func startServer(t testing.TB, specs ...exportSpec) *testServer {
 			}
 			return names
 		},
-		Logger: slog.New(slog.NewTextHandler(ts.logs, nil)),
+		Logger:    slog.New(slog.NewTextHandler(ts.logs, nil)),
+		TLSConfig: opts.tls,
 	}
 	tl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if opts.offLoopback {
+		tl = offLoopbackListener{tl}
 	}
 	ts.tcp = tl.Addr().String()
 	// Unix socket paths are limited to 108 bytes; t.TempDir can be long.

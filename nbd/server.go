@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -54,6 +55,11 @@ type Server struct {
 	List func() []string
 	// Logger receives connection errors. Nil discards them.
 	Logger *slog.Logger
+	// TLSConfig enables NBD_OPT_STARTTLS (see tls.go). Nil: plain only.
+	TLSConfig *tls.Config
+	// RequireTLS says whether a connection with this local address must
+	// negotiate TLS first. Nil: TCP off loopback does (tlsRequiredFor).
+	RequireTLS func(local net.Addr) bool
 
 	mu        sync.Mutex
 	closed    bool
@@ -211,6 +217,9 @@ type conn struct {
 	gen      uint64
 	attached bool
 
+	// TLS state: tlsRequired refuses other options until tlsDone.
+	tlsRequired, tlsDone, tlsRefused bool
+
 	stopping atomic.Bool
 	export   *Export
 	out      batchWriter
@@ -232,6 +241,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 	c.log = s.logger().With("remote", remote)
 	c.out.w = nc
 	c.bcond = sync.NewCond(&c.bmu)
+	c.initTLS()
 	return c
 }
 
@@ -353,6 +363,12 @@ func (c *conn) handshake() (*Export, error) {
 			return nil, fmt.Errorf("read option %d data: %w", opt, err)
 		}
 
+		if done, err := c.tlsOption(opt, data); done || err != nil {
+			if err != nil {
+				return nil, err
+			}
+			continue
+		}
 		switch opt {
 		case optExportName:
 			name := string(data)

@@ -12,36 +12,55 @@ import (
 // DefaultPort is the IANA NBD port.
 const DefaultPort = "10809"
 
-// ParseURI splits an NBD URI ("nbd://host[:port]/export" or
+// ParseURI splits an NBD URI ("nbd://host[:port]/export", "nbds://..." or
 // "nbd+unix:///export?socket=/path") into a network ("tcp" or "unix"), an
 // address for net.Dial and the export name.
 func ParseURI(uri string) (network, addr, export string, err error) {
+	p, err := parseURI(uri)
+	return p.network, p.addr, p.export, err
+}
+
+// parsedURI is an NBD URI taken apart.
+type parsedURI struct {
+	network, addr, export string
+	host                  string // the TCP host, checked against the server's certificate
+	tls                   bool   // nbds, nbds+unix
+	certDir               string // tls-certificates=DIR (libnbd's name)
+}
+
+func parseURI(uri string) (parsedURI, error) {
+	var p parsedURI
 	u, err := url.Parse(uri)
 	if err != nil {
-		return "", "", "", rebound.Errorf(rebound.EINVALID, "bad NBD URI %q: %v", uri, err)
+		return p, rebound.Errorf(rebound.EINVALID, "bad NBD URI %q: %v", uri, err)
 	}
-	export = strings.TrimPrefix(u.Path, "/")
+	p.export = strings.TrimPrefix(u.Path, "/")
+	p.certDir = u.Query().Get("tls-certificates")
 	switch u.Scheme {
-	case "nbd", "nbd+tcp":
+	case "nbd", "nbd+tcp", "nbds", "nbds+tcp":
 		if u.Host == "" {
-			return "", "", "", rebound.Errorf(rebound.EINVALID, "NBD URI %q has no host", uri)
+			return p, rebound.Errorf(rebound.EINVALID, "NBD URI %q has no host", uri)
 		}
 		host, port := u.Hostname(), u.Port()
 		if port == "" {
 			port = DefaultPort
 		}
-		return "tcp", net.JoinHostPort(host, port), export, nil
-	case "nbd+unix":
+		p.network, p.addr, p.host = "tcp", net.JoinHostPort(host, port), host
+		p.tls = strings.HasPrefix(u.Scheme, "nbds")
+		return p, nil
+	case "nbd+unix", "nbds+unix":
 		sock := u.Query().Get("socket")
 		if sock == "" {
-			return "", "", "", rebound.Errorf(rebound.EINVALID, "NBD URI %q has no socket= parameter", uri)
+			return p, rebound.Errorf(rebound.EINVALID, "NBD URI %q has no socket= parameter", uri)
 		}
 		if u.Host != "" {
-			return "", "", "", rebound.Errorf(rebound.EINVALID, "NBD URI %q: nbd+unix takes no host", uri)
+			return p, rebound.Errorf(rebound.EINVALID, "NBD URI %q: nbd+unix takes no host", uri)
 		}
-		return "unix", sock, export, nil
+		p.network, p.addr = "unix", sock
+		p.tls = u.Scheme == "nbds+unix"
+		return p, nil
 	}
-	return "", "", "", rebound.Errorf(rebound.EINVALID, "NBD URI %q: unsupported scheme %q (want nbd or nbd+unix)", uri, u.Scheme)
+	return p, rebound.Errorf(rebound.EINVALID, "NBD URI %q: unsupported scheme %q (want nbd, nbds or nbd+unix)", uri, u.Scheme)
 }
 
 // URI builds an NBD URI that qemu, libnbd (nbdinfo, nbdcopy) and Dial accept.
@@ -55,4 +74,15 @@ func URI(network, addr, export string) string {
 		return "nbd+unix://" + path + "?socket=" + addr
 	}
 	return fmt.Sprintf("nbd://%s%s", addr, path)
+}
+
+// TLSURI builds an nbds:// URI (NBD over TLS) for a TCP address.
+func TLSURI(addr, export string) string {
+	return "nbds" + strings.TrimPrefix(URI("tcp", addr, export), "nbd")
+}
+
+// IsTLSURI reports whether an NBD URI asks for TLS (nbds://).
+func IsTLSURI(uri string) bool {
+	p, err := parseURI(uri)
+	return err == nil && p.tls
 }
