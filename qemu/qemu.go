@@ -49,7 +49,8 @@ type VMConfig struct {
 	CPUs      int // default 1
 	MemoryMiB int // default 512
 	// Disks are attached as virtio disks in order: NBD URIs
-	// (nbd://host[:port]/export or nbd+unix:///export?socket=PATH) or, for
+	// (nbd://host[:port]/export, nbds://... with NBDTLS, or
+	// nbd+unix:///export?socket=PATH) or, for
 	// tests and imports, raw image file paths.
 	Disks []string
 	// Direct kernel boot. An empty Kernel boots disk 0 through the BIOS.
@@ -64,7 +65,22 @@ type VMConfig struct {
 	// ReconnectDelay is how long QEMU holds guest I/O while an NBD export
 	// is unreachable (a site restart) before failing it; default 30 s.
 	ReconnectDelay time.Duration
+	// NBDTLS is how QEMU reaches nbds:// disks (NBD over TLS); required
+	// when a disk is nbds://.
+	NBDTLS *NBDTLS
 }
+
+// NBDTLS are QEMU's credentials for NBD over TLS: an x509 directory for
+// tls-creds-x509 (ca-cert.pem, client-cert.pem, client-key.pem, see
+// nbd.WriteClientDir) and the name the server's certificate must carry
+// (tls-hostname; a site's certificate names the site). Empty Hostname
+// checks the URI's host.
+type NBDTLS struct {
+	Dir, Hostname string
+}
+
+// nbdTLSObject is the id of the tls-creds-x509 object nbds:// disks use.
+const nbdTLSObject = "nbdtls0"
 
 // NIC modes.
 const (
@@ -323,9 +339,17 @@ func (d *Driver) args(cfg VMConfig, accel string) ([]string, error) {
 	if delay == 0 {
 		delay = 30 * time.Second
 	}
+	tlsAdded := false
 	for i, disk := range cfg.Disks {
 		node := fmt.Sprintf("disk%d", i)
-		bd, err := blockdev(node, disk, delay)
+		if strings.HasPrefix(disk, "nbds") && !tlsAdded {
+			if cfg.NBDTLS == nil || cfg.NBDTLS.Dir == "" {
+				return nil, rebound.Errorf(rebound.EINVALID, "vm %s: disk %d is %s (NBD over TLS) but the VM has no TLS credentials", cfg.Name, i, disk)
+			}
+			a = append(a, "-object", "tls-creds-x509,id="+nbdTLSObject+",dir="+opt(cfg.NBDTLS.Dir)+",endpoint=client")
+			tlsAdded = true
+		}
+		bd, err := blockdev(node, disk, delay, cfg.NBDTLS)
 		if err != nil {
 			return nil, rebound.Errorf(rebound.EINVALID, "vm %s: disk %d: %v", cfg.Name, i, err)
 		}
@@ -361,7 +385,7 @@ func opt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 // blockdev returns the -blockdev option for a disk: an NBD client that
 // reconnects for delay while the export is unreachable, or a raw file.
 // JSON syntax avoids escaping paths and export names.
-func blockdev(node, disk string, delay time.Duration) (string, error) {
+func blockdev(node, disk string, delay time.Duration, tls *NBDTLS) (string, error) {
 	var spec map[string]any
 	if strings.HasPrefix(disk, "nbd") {
 		u, err := url.Parse(disk)
@@ -372,7 +396,13 @@ func blockdev(node, disk string, delay time.Duration) (string, error) {
 		spec = map[string]any{"driver": "nbd", "node-name": node, "export": export,
 			"reconnect-delay": int(delay / time.Second)}
 		switch u.Scheme {
-		case "nbd":
+		case "nbd", "nbds":
+			if u.Scheme == "nbds" {
+				spec["tls-creds"] = nbdTLSObject
+				if tls.Hostname != "" {
+					spec["tls-hostname"] = tls.Hostname
+				}
+			}
 			port := u.Port()
 			if port == "" {
 				port = "10809"
