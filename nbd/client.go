@@ -65,7 +65,8 @@ var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}
 // Dial connects to the export named by an NBD URI (see ParseURI) and
 // negotiates with NBD_OPT_GO, falling back to NBD_OPT_EXPORT_NAME. An
 // nbds:// URI negotiates TLS first with the certificates of its
-// tls-certificates=DIR parameter (see DialTLS).
+// tls-certificates=DIR parameter, checking that the server's certificate
+// names the URI's host or tls-hostname=NAME (see DialTLS).
 func Dial(ctx context.Context, uri string) (*Client, error) {
 	return dial(ctx, uri, nil)
 }
@@ -76,12 +77,16 @@ func dial(ctx context.Context, uri string, conf *tls.Config) (*Client, error) {
 		return nil, err
 	}
 	network, addr, export := p.network, p.addr, p.export
-	if conf, err = dialTLSConfig(uri, p.tls, p.certDir, p.host, conf); err != nil {
+	serverName := p.host
+	if p.tlsHost != "" {
+		serverName = p.tlsHost
+	}
+	if conf, err = dialTLSConfig(uri, p.tls, p.certDir, serverName, conf); err != nil {
 		return nil, err
 	}
 	if conf != nil && conf.ServerName == "" {
 		conf = conf.Clone()
-		conf.ServerName = p.host
+		conf.ServerName = serverName
 	}
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, network, addr)

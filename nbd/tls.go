@@ -218,12 +218,12 @@ func (c *Client) startTLS(br *bufio.Reader, cflags []byte) (*bufio.Reader, error
 
 // dialTLSConfig is the TLS config a URI asks for: nbds:// needs one, from
 // conf or from the URI's tls-certificates=DIR.
-func dialTLSConfig(uri string, useTLS bool, certDir, host string, conf *tls.Config) (*tls.Config, error) {
+func dialTLSConfig(uri string, useTLS bool, certDir, serverName string, conf *tls.Config) (*tls.Config, error) {
 	if conf != nil {
 		return conf, nil
 	}
 	if certDir != "" {
-		return LoadClientTLS(certDir, host)
+		return LoadClientTLS(certDir, serverName)
 	}
 	if useTLS {
 		return nil, rebound.Errorf(rebound.EINVALID, "NBD URI %q asks for TLS: add ?tls-certificates=DIR (a directory with %s, %s and %s)", uri, TLSCAFile, TLSCertFile, TLSKeyFile)

@@ -148,6 +148,12 @@ func TestTLSGoClient(t *testing.T) {
 	if err := dialErr(TLSURI(ts.tcp, "disk0")); rebound.ErrorCode(err) != rebound.EINVALID || !strings.Contains(err.Error(), "tls-certificates=DIR") {
 		t.Errorf("nbds:// without certificates: %v", err)
 	}
+	// tls-hostname names the certificate's holder when the host does not.
+	named := ts.dial(t, tlsURI(ts.tcp, "disk0", f.good)+"&tls-hostname=site1")
+	named.Close()
+	if err := dialErr(tlsURI(ts.tcp, "disk0", f.good) + "&tls-hostname=elsewhere"); err == nil {
+		t.Error("TLS client checking for another server name got in")
+	}
 	// The connection that got in still works after the refusals.
 	if _, err := c.ReadAt(got, 0); err != nil {
 		t.Fatal(err)

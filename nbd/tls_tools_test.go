@@ -88,6 +88,19 @@ func TestTLSQemuIO(t *testing.T) {
 	checkRange(t, b, 0, 1<<20, 0xa5)
 	checkRange(t, b, 2<<20, 512<<10, 0x5a)
 
+	// tls-hostname picks the name the server's certificate must carry (a
+	// site's certificate names the site): the right one works, another is
+	// refused.
+	withHost := func(h string) []string {
+		a := qemuTLSArgs(ts.tcp, "disk0", f.good)
+		a[len(a)-1] += ",tls-hostname=" + h
+		return append(a, "-c", "read -P 0xa5 0 4k")
+	}
+	run(t, "qemu-io", withHost("site1")...)
+	if out, err := runErr(t, "qemu-io", withHost("elsewhere")...); err == nil {
+		t.Fatalf("qemu-io with tls-hostname=elsewhere got in:\n%s", out)
+	}
+
 	out, err := runErr(t, "qemu-io", "-f", "raw", "-c", "read 0 4k", ts.tcpURI("disk0"))
 	if err == nil || !strings.Contains(out, "TLS required") {
 		t.Fatalf("plain qemu-io off loopback: %v\n%s", err, out)

@@ -26,6 +26,7 @@ type parsedURI struct {
 	host                  string // the TCP host, checked against the server's certificate
 	tls                   bool   // nbds, nbds+unix
 	certDir               string // tls-certificates=DIR (libnbd's name)
+	tlsHost               string // tls-hostname=NAME: the name the server's certificate carries
 }
 
 func parseURI(uri string) (parsedURI, error) {
@@ -36,6 +37,7 @@ func parseURI(uri string) (parsedURI, error) {
 	}
 	p.export = strings.TrimPrefix(u.Path, "/")
 	p.certDir = u.Query().Get("tls-certificates")
+	p.tlsHost = u.Query().Get("tls-hostname")
 	switch u.Scheme {
 	case "nbd", "nbd+tcp", "nbds", "nbds+tcp":
 		if u.Host == "" {

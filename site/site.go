@@ -67,6 +67,9 @@ type Config struct {
 	QEMU *qemu.Driver
 	// NBDSocket is the unix socket VMs reach the exports through.
 	NBDSocket string
+	// NBDTLS, when set, says the TCP NBD listener serves its exports over
+	// TLS: their URIs are nbds:// and a VM on them uses these credentials.
+	NBDTLS *qemu.NBDTLS
 	// Networks maps a machine's logical network to this site's (network
 	// mapping); an unmapped network is QEMU user networking.
 	Networks map[string]qemu.NICConfig
@@ -574,7 +577,8 @@ func exportName(machine string, disk int, test bool) string {
 	return fmt.Sprintf("%s-disk%d", machine, disk)
 }
 
-// nbdURI builds the URI of an export that qemu-io and nbdcopy accept.
+// nbdURI builds the URI of an export that qemu-io and nbdcopy accept:
+// nbds:// when the TCP listener requires TLS.
 func (s *Site) nbdURI(export string) string {
 	s.addrMu.Lock()
 	addr := s.nbdAddr
@@ -583,6 +587,9 @@ func (s *Site) nbdURI(export string) string {
 		if _, port, err := net.SplitHostPort(addr); err == nil {
 			addr = net.JoinHostPort(s.cfg.NBDHost, port)
 		}
+	}
+	if s.cfg.NBDTLS != nil {
+		return nbd.TLSURI(addr, export)
 	}
 	return nbd.URI("tcp", addr, export)
 }

@@ -43,6 +43,7 @@ func (s *Site) vmConfigLocked(m *machine, test bool) qemu.VMConfig {
 			cfg.Disks = append(cfg.Disks, nbd.URI("unix", s.cfg.NBDSocket, export))
 		} else {
 			cfg.Disks = append(cfg.Disks, s.nbdURI(export))
+			cfg.NBDTLS = s.cfg.NBDTLS // nbds:// then
 		}
 	}
 	if spec.Network != "" {

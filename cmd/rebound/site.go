@@ -53,6 +53,9 @@ type SiteConfig struct {
 	// enrollRole is the certificate the site enrolls for: an agent's
 	// (pki.RoleAgent) is bound to its machine, named like it.
 	enrollRole pki.Role
+
+	// NBDTLS is auto (default), on or off: see siteNBDTLS.
+	NBDTLS string
 }
 
 // SiteMain runs one site: enrollment, NBD, replication and the control
@@ -100,14 +103,20 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	rev, setRevoked := siteRevocations(cfg.DataDir, m.Logger, func() *site.Site { return m.Site })
 	rev.Apply(serverTLS)
 	rev.Apply(peerTLS)
+	nbdTLS, nbdRequire, nbdCreds, err := siteNBDTLS(cfg, certPEM, keyPEM, caPEM, rev)
+	if err != nil {
+		return err
+	}
 
 	m.Site = site.New(site.Config{
 		Name: cfg.Name, DataDir: cfg.DataDir, PeerTLS: peerTLS, NBDHost: cfg.NBDHost,
 		FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook, SpoolLimit: cfg.SpoolLimit,
 		NBDSocket: cfg.NBDSocket, Networks: cfg.Networks, JournalSegment: cfg.JournalSegment,
+		NBDTLS: nbdCreds,
 		QEMU:   &qemu.Driver{Logger: m.Logger},
 		Logger: m.Logger,
 	})
+	m.Site.NBD.TLSConfig, m.Site.NBD.RequireTLS = nbdTLS, nbdRequire
 	if err := m.Site.Open(); err != nil {
 		return fmt.Errorf("open site %s: %w", cfg.Name, err)
 	}
@@ -352,6 +361,7 @@ func newSiteCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.NBDSocket, "nbd-socket", "", "NBD unix socket (default DATA/nbd.sock)")
 	f.StringVar(&cfg.ReplAddr, "repl-addr", "127.0.0.1:8451", "replication listen address (peer sites connect here)")
 	f.StringVar(&cfg.NBDHost, "nbd-host", "", "host written into NBD URIs (default: the listen address)")
+	f.StringVar(&cfg.NBDTLS, "nbd-tls", nbdTLSAuto, "NBD over TLS: auto (required off loopback, URIs nbds://), on (required on every TCP connection) or off (plain NBD)")
 	f.StringVar(&cfg.FreezeHook, "freeze-hook", "", "script run before an app-consistent point (argument: machine name)")
 	f.StringVar(&cfg.ThawHook, "thaw-hook", "", "script run after an app-consistent point, always")
 	f.StringVar(&spool, "spool-limit", "1GiB", "local spool bound per machine before only a dirty-region map is kept")

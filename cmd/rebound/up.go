@@ -37,7 +37,10 @@ type UpConfig struct {
 }
 
 // UpSite is one site of `up`.
-type UpSite struct{ Name, NBDAddr, ReplAddr string }
+type UpSite struct {
+	Name, NBDAddr, ReplAddr string
+	NBDTLS                  string // --nbd-tls; empty: auto
+}
 
 // DefaultUpConfig is what `rebound up` runs on.
 func DefaultUpConfig() UpConfig {
@@ -97,7 +100,7 @@ func (m *UpMain) Run(ctx context.Context) (err error) {
 		sc := SiteConfig{
 			Name: s.Name, DataDir: dir, Server: m.Server.GRPCAddr, NBDAddr: s.NBDAddr,
 			NBDSocket: filepath.Join(dir, "nbd.sock"), ReplAddr: s.ReplAddr, SpoolLimit: cfg.SpoolLimit,
-			FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook,
+			FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook, NBDTLS: s.NBDTLS,
 		}
 		if _, err := os.Stat(filepath.Join(dir, "tls", "site.crt")); err != nil {
 			if sc.JoinToken, err = m.Server.JoinToken(ctx, s.Name); err != nil {

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
+	"github.com/rebound-dr/rebound/pki"
+)
+
+// TestSiteNBDTLS: a site with --nbd-tls on serves its TCP exports only over
+// TLS and lists them as nbds:// in machine show. Its own certificate (the
+// credentials directory its VMs use) and another site's get in, with the
+// Go client and with qemu-io; plain NBD gets a TLS-required error; an
+// agent's certificate, one without client auth and one from another CA are
+// refused; the unix socket and the other (loopback, auto) site stay plain.
+func TestSiteNBDTLS(t *testing.T) {
+	ctx := context.Background()
+	m, svc := fixedUp(t, func(c *UpConfig) { c.Sites[0].NBDTLS = nbdTLSOn })
+	const size = 4 << 20
+	if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}}); err != nil {
+		t.Fatal(err)
+	}
+	r := runCLI(t, svc, "machine", "show", "vm1", "-o", "json")
+	shown := decode[rebound.Machine](t, r.stdout)
+	primary := m.Sites["primary"]
+	want := nbd.TLSURI(primary.NBDAddr, "vm1-disk0")
+	if len(shown.Disks) != 1 || shown.Disks[0].NBD != want {
+		t.Fatalf("machine show disks %+v, want %s", shown.Disks, want)
+	}
+	uri := shown.Disks[0].NBD
+
+	dial := func(uri string) (*nbd.Client, error) {
+		ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		defer cancel()
+		return nbd.Dial(ctx, uri)
+	}
+	// The site's certificate names the site, so clients check that name.
+	creds := filepath.Join(primary.Config.DataDir, "tls", "nbd-client")
+	withCreds := func(dir string) string { return uri + "?tls-certificates=" + dir + "&tls-hostname=primary" }
+	pattern := bytes.Repeat([]byte{0xe7}, 64<<10)
+	cl, err := dial(withCreds(creds))
+	if err != nil {
+		t.Fatalf("the site's own credentials: %v", err)
+	}
+	if _, err := cl.WriteAtFUA(pattern, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	cl.Close()
+
+	plain := nbd.URI("tcp", primary.NBDAddr, "vm1-disk0")
+	if _, err := dial(plain); rebound.ErrorCode(err) != rebound.EUNAUTHORIZED || !strings.Contains(err.Error(), "TLS required") {
+		t.Fatalf("plain NBD to primary: %v, want TLS required", err)
+	}
+
+	// Another site's certificate gets in; read the bytes back with it.
+	recoveryCreds := filepath.Join(t.TempDir(), "recovery")
+	writeCreds(t, recoveryCreds, filepath.Join(m.Sites["recovery"].Config.DataDir, "tls"), "site.crt", "site.key")
+	cl, err = dial(withCreds(recoveryCreds))
+	if err != nil {
+		t.Fatalf("recovery's certificate: %v", err)
+	}
+	got := make([]byte, len(pattern))
+	if _, err := cl.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, pattern) {
+		t.Fatalf("read over TLS with recovery's certificate: %v", err)
+	}
+	cl.Close()
+
+	// qemu-io with the directory the site gives its VMs.
+	out, err := exec.Command("qemu-io",
+		"--object", "tls-creds-x509,id=tls0,dir="+creds+",endpoint=client",
+		"--image-opts", "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port="+port(t, primary.NBDAddr)+",export=vm1-disk0,tls-creds=tls0,tls-hostname=primary",
+		"-c", "read -P 0xe7 1M 64k", "-c", "read -P 0 0 1M").CombinedOutput()
+	if err != nil || strings.Contains(string(out), "failed") {
+		t.Fatalf("qemu-io over TLS: %v\n%s", err, out)
+	}
+
+	// Refused: an agent's certificate (bound to one machine), one without
+	// client auth, one from another CA.
+	ca := m.Server.CA
+	refused := map[string]func() ([]byte, []byte, []byte){
+		"an agent's certificate": func() ([]byte, []byte, []byte) {
+			c, k, err := ca.IssueAs("vm1", nil, pki.Site, "vm1")
+			mustOK(t, err)
+			return c, k, ca.CertPEM()
+		},
+		"a server-only certificate": func() ([]byte, []byte, []byte) {
+			c, k, err := ca.Issue("x", nil, pki.ServerAuth)
+			mustOK(t, err)
+			return c, k, ca.CertPEM()
+		},
+		"a certificate from another CA": func() ([]byte, []byte, []byte) {
+			other, err := pki.LoadOrCreateCA(t.TempDir())
+			mustOK(t, err)
+			c, k, err := other.Issue("primary", nil, pki.Site)
+			mustOK(t, err)
+			return c, k, ca.CertPEM()
+		},
+	}
+	for name, issue := range refused {
+		dir := t.TempDir()
+		c, k, caPEM := issue()
+		mustOK(t, nbd.WriteClientDir(dir, c, k, caPEM))
+		if cl, err := dial(withCreds(dir)); err == nil {
+			cl.Close()
+			t.Errorf("%s opened primary's export", name)
+		}
+	}
+
+	// The unix socket stays plain, and so does recovery (auto, on loopback).
+	cl, err = dial(nbd.URI("unix", primary.Config.NBDSocket, "vm1-disk0"))
+	if err != nil {
+		t.Fatalf("plain NBD on primary's unix socket: %v", err)
+	}
+	if _, err := cl.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, pattern) {
+		t.Fatalf("read over the unix socket: %v", err)
+	}
+	cl.Close()
+	if _, err := dial(nbd.URI("tcp", m.Sites["recovery"].NBDAddr, "none-disk0")); rebound.ErrorCode(err) != rebound.ENOTFOUND {
+		t.Fatalf("plain NBD to recovery (loopback, auto): %v, want the export's not-found error", err)
+	}
+}
+
+func writeCreds(t *testing.T, dst, tlsDir, cert, key string) {
+	t.Helper()
+	read := func(n string) []byte {
+		b, err := os.ReadFile(filepath.Join(tlsDir, n))
+		mustOK(t, err)
+		return b
+	}
+	mustOK(t, nbd.WriteClientDir(dst, read(cert), read(key), read("ca.crt")))
+}
+
+func port(t *testing.T, addr string) string {
+	t.Helper()
+	i := strings.LastIndex(addr, ":")
+	if i < 0 {
+		t.Fatalf("address %q has no port", addr)
+	}
+	return addr[i+1:]
+}
+
+func mustOK(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
