@@ -26,16 +26,9 @@ const (
 // VMs and tools use (the site's own certificate, in DATA/tls/nbd-client,
 // checked against the site's name).
 func siteNBDTLS(cfg SiteConfig, certPEM, keyPEM, caPEM []byte, rev *pki.Revocations) (conf *tls.Config, require func(net.Addr) bool, creds *qemu.NBDTLS, err error) {
-	mode := cfg.NBDTLS
-	if mode == "" {
-		mode = nbdTLSAuto
-	}
-	switch mode {
-	case nbdTLSOff:
-		return nil, nil, nil, nil
-	case nbdTLSAuto, nbdTLSOn:
-	default:
-		return nil, nil, nil, rebound.Errorf(rebound.EINVALID, "--nbd-tls %q: use auto (TLS required off loopback), on (required on every TCP connection) or off (plain NBD)", mode)
+	mode, err := nbdTLSMode(cfg.NBDTLS)
+	if err != nil || mode == nbdTLSOff {
+		return nil, nil, nil, err
 	}
 	if conf, err = nbd.ServerTLSConfig(certPEM, keyPEM, caPEM); err != nil {
 		return nil, nil, nil, err
@@ -67,6 +60,17 @@ func siteNBDTLS(cfg SiteConfig, certPEM, keyPEM, caPEM []byte, rev *pki.Revocati
 		creds = &qemu.NBDTLS{Dir: dir, Hostname: cfg.Name}
 	}
 	return conf, require, creds, nil
+}
+
+// nbdTLSMode checks a --nbd-tls value; empty is auto.
+func nbdTLSMode(mode string) (string, error) {
+	switch mode {
+	case "":
+		return nbdTLSAuto, nil
+	case nbdTLSAuto, nbdTLSOn, nbdTLSOff:
+		return mode, nil
+	}
+	return "", rebound.Errorf(rebound.EINVALID, "--nbd-tls %q: use auto (TLS required off loopback), on (required on every TCP connection) or off (plain NBD)", mode)
 }
 
 // loopbackAddr reports whether a listen address is on loopback only (a

@@ -153,3 +153,24 @@ func mustOK(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// TestNBDTLSMode: --nbd-tls takes auto, on and off; anything else stops the
+// site before it enrolls, naming the three; which listen addresses count as
+// loopback (so auto keeps their URIs plain).
+func TestNBDTLSMode(t *testing.T) {
+	for in, want := range map[string]string{"": "auto", "auto": "auto", "on": "on", "off": "off"} {
+		if got, err := nbdTLSMode(in); err != nil || got != want {
+			t.Errorf("nbdTLSMode(%q) = %q, %v", in, got, err)
+		}
+	}
+	r := runCLI(t, nil, "site", "--name", "edge", "--data", t.TempDir(), "--nbd-tls", "yes", "--token", "rbd1.x.y")
+	if r.code == 0 || !strings.Contains(r.stderr, `--nbd-tls "yes"`) || !strings.Contains(r.stderr, "auto") || strings.Contains(r.stderr, "enroll") {
+		t.Fatalf("site --nbd-tls yes: exit %d\n%s", r.code, r.stderr)
+	}
+	for addr, want := range map[string]bool{"127.0.0.1:10809": true, "[::1]:1": true, "localhost:10809": true,
+		"0.0.0.0:10809": false, ":10809": false, "192.0.2.5:10809": false, "[::]:10809": false, "primary:10809": false} {
+		if got := loopbackAddr(addr); got != want {
+			t.Errorf("loopbackAddr(%q) = %v", addr, got)
+		}
+	}
+}

@@ -89,6 +89,9 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	if cfg.Name == "" {
 		return rebound.Errorf(rebound.EINVALID, "a site needs a name (--name)")
 	}
+	if _, err := nbdTLSMode(cfg.NBDTLS); err != nil {
+		return err // before enrolment uses the token
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return err
 	}
