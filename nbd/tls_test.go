@@ -308,3 +308,20 @@ func TestTLSOptionsBeforeTLS(t *testing.T) {
 		t.Fatalf("ABORT before TLS: %#x", typ)
 	}
 }
+
+// TestTLSDisconnect: Disconnect finds and closes a TLS connection like a
+// plain one, after its in-flight requests.
+func TestTLSDisconnect(t *testing.T) {
+	f := newTLSFixture(t)
+	ts := startServerWith(t, serverOpts{tls: f.server, offLoopback: true}, exportSpec{Name: "disk0", Size: 1 << 20})
+	c := ts.dial(t, tlsURI(ts.tcp, "disk0", f.good))
+	if _, err := c.WriteAt([]byte("x"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if n := ts.Disconnect("disk0"); n != 1 {
+		t.Fatalf("Disconnect closed %d connections, want 1", n)
+	}
+	if _, err := c.ReadAt(make([]byte, 1), 0); err == nil {
+		t.Fatal("read on a disconnected TLS connection succeeded")
+	}
+}

@@ -174,3 +174,74 @@ func TestNBDTLSMode(t *testing.T) {
 		}
 	}
 }
+
+// TestNBDCert: `rebound nbd-cert hv1` enrolls with a site token and writes
+// the credentials directory qemu reads; qemu-io and the Go client open a
+// TLS export with it; `rebound site remove hv1` revokes it and primary's
+// NBD port then refuses it at the handshake.
+func TestNBDCert(t *testing.T) {
+	ctx := context.Background()
+	m, svc := fixedUp(t, func(c *UpConfig) { c.Sites[0].NBDTLS = nbdTLSOn })
+	if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{1 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := m.Server.JoinToken(ctx, "hv1")
+	mustOK(t, err)
+	tokFile := filepath.Join(t.TempDir(), "hv1.token")
+	mustOK(t, os.WriteFile(tokFile, []byte(tok+"\n"), 0o600))
+	dir := filepath.Join(t.TempDir(), "nbd")
+	r := runCLI(t, svc, "nbd-cert", "hv1", "--server-addr", m.Server.GRPCAddr, "--token-file", tokFile, "--out", dir, "-o", "json")
+	if r.code != 0 {
+		t.Fatalf("nbd-cert: exit %d\n%s", r.code, r.stderr)
+	}
+	res := decode[NBDCert](t, r.stdout)
+	if res.Name != "hv1" || res.Dir != dir || res.Serial == "" {
+		t.Fatalf("nbd-cert output %+v", res)
+	}
+	for _, f := range []string{nbd.TLSCAFile, nbd.TLSCertFile, nbd.TLSKeyFile} {
+		st, err := os.Stat(filepath.Join(dir, f))
+		if err != nil || st.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v %v", f, st, err)
+		}
+	}
+	primary := m.Sites["primary"]
+	qemuRead := func() ([]byte, error) {
+		return exec.Command("qemu-io",
+			"--object", "tls-creds-x509,id=tls0,dir="+dir+",endpoint=client",
+			"--image-opts", "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port="+port(t, primary.NBDAddr)+",export=vm1-disk0,tls-creds=tls0,tls-hostname=primary",
+			"-c", "read -P 0 0 64k").CombinedOutput()
+	}
+	if out, err := qemuRead(); err != nil || !strings.Contains(string(out), "read 65536/65536") {
+		t.Fatalf("qemu-io with nbd-cert's directory: %v\n%s", err, out)
+	}
+	uri := nbd.TLSURI(primary.NBDAddr, "vm1-disk0") + "?tls-certificates=" + dir + "&tls-hostname=primary"
+	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	cl, err := nbd.Dial(dctx, uri)
+	if err != nil {
+		t.Fatalf("Go client with nbd-cert's directory: %v", err)
+	}
+	cl.Close()
+
+	// No token: the command to get one.
+	t.Setenv("REBOUND_JOIN_TOKEN", "")
+	if r := runCLI(t, svc, "nbd-cert", "hv2", "--out", t.TempDir()); r.code != 2 || !strings.Contains(r.stderr, "rebound site token hv2") {
+		t.Fatalf("nbd-cert without a token: exit %d\n%s", r.code, r.stderr)
+	}
+	// A second run does not overwrite the key.
+	if r := runCLI(t, svc, "nbd-cert", "hv1", "--server-addr", m.Server.GRPCAddr, "--token", "rbd1.x.y", "--out", dir); r.code != 4 || !strings.Contains(r.stderr, "already holds a client key") {
+		t.Fatalf("nbd-cert into a used directory: exit %d\n%s", r.code, r.stderr)
+	}
+
+	// Revoked: primary hears of it before site remove returns.
+	if r := runCLI(t, svc, "site", "remove", "hv1"); r.code != 0 {
+		t.Fatalf("site remove hv1: exit %d\n%s", r.code, r.stderr)
+	}
+	if out, err := qemuRead(); err == nil {
+		t.Fatalf("qemu-io with a revoked certificate got in:\n%s", out)
+	}
+	if cl, err := nbd.Dial(dctx, uri); err == nil {
+		cl.Close()
+		t.Fatal("Go client with a revoked certificate got in")
+	}
+}
