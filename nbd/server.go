@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -219,6 +220,7 @@ type conn struct {
 
 	// TLS state: tlsRequired refuses other options until tlsDone.
 	tlsRequired, tlsDone, tlsRefused bool
+	tlsPeer                          *x509.Certificate // under s.mu
 
 	stopping atomic.Bool
 	export   *Export

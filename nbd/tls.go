@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -109,8 +110,12 @@ func (c *conn) startTLS(data []byte) error {
 		return fmt.Errorf("tls handshake: %w", err)
 	}
 	// stop() reads c.nc under s.mu (Close, Disconnect).
+	cs := tc.ConnectionState()
 	c.s.mu.Lock()
 	c.nc = tc
+	if len(cs.PeerCertificates) > 0 {
+		c.tlsPeer = cs.PeerCertificates[0]
+	}
 	c.s.mu.Unlock()
 	c.br.Reset(tc)
 	c.out.w = tc
@@ -119,6 +124,25 @@ func (c *conn) startTLS(data []byte) error {
 		c.log = c.log.With("peer", id)
 	}
 	return nil
+}
+
+// CloseTLSPeers closes every connection whose TLS client certificate
+// matches (one just revoked) once its in-flight requests have finished,
+// and waits for that, like Disconnect. It returns how many it closed.
+func (s *Server) CloseTLSPeers(match func(*x509.Certificate) bool) int {
+	s.mu.Lock()
+	var victims []*conn
+	for c := range s.conns {
+		if c.tlsPeer != nil && match(c.tlsPeer) {
+			victims = append(victims, c)
+			c.stop()
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range victims {
+		<-c.done
+	}
+	return len(victims)
 }
 
 func peerIdentity(cs tls.ConnectionState) string {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"io"
 	"net"
@@ -42,6 +43,7 @@ type tlsFixture struct {
 	server               *tls.Config
 	good, wrongCA, noCli string // certificate directories
 	serverOnly           string // a certificate without client auth, from the right CA
+	second               string // another good client
 }
 
 func newTLSFixture(t *testing.T) *tlsFixture {
@@ -75,6 +77,7 @@ func newTLSFixture(t *testing.T) *tlsFixture {
 		return d
 	}
 	f.good = write("client", ca, pki.ClientAuth)
+	f.second = write("client2", ca, pki.ClientAuth)
 	f.serverOnly = write("server-only", ca, pki.ServerAuth)
 	// Trusts the right CA but holds a certificate from another one.
 	f.wrongCA = write("wrong-ca", other, pki.ClientAuth)
@@ -323,5 +326,28 @@ func TestTLSDisconnect(t *testing.T) {
 	}
 	if _, err := c.ReadAt(make([]byte, 1), 0); err == nil {
 		t.Fatal("read on a disconnected TLS connection succeeded")
+	}
+}
+
+// TestTLSCloseTLSPeers: the connections of a matching (revoked) client
+// certificate are closed; another certificate's and a plain one go on.
+func TestTLSCloseTLSPeers(t *testing.T) {
+	f := newTLSFixture(t)
+	ts := startServerWith(t, serverOpts{tls: f.server}, exportSpec{Name: "disk0", Size: 1 << 20})
+	victim := ts.dial(t, tlsURI(ts.tcp, "disk0", f.good))
+	other := ts.dial(t, tlsURI(ts.tcp, "disk0", f.second))
+	plain := ts.dial(t, ts.tcpURI("disk0"))
+	n := ts.CloseTLSPeers(func(c *x509.Certificate) bool { return c.Subject.CommonName == "client" })
+	if n != 1 {
+		t.Fatalf("closed %d connections, want 1", n)
+	}
+	buf := make([]byte, 512)
+	if _, err := victim.ReadAt(buf, 0); err == nil {
+		t.Fatal("the revoked certificate's connection still reads")
+	}
+	for name, c := range map[string]*Client{"another certificate": other, "plain": plain} {
+		if _, err := c.ReadAt(buf, 0); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
 	}
 }

@@ -217,11 +217,14 @@ func TestNBDCert(t *testing.T) {
 	uri := nbd.TLSURI(primary.NBDAddr, "vm1-disk0") + "?tls-certificates=" + dir + "&tls-hostname=primary"
 	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	cl, err := nbd.Dial(dctx, uri)
+	open, err := nbd.Dial(dctx, uri) // stays open across the revocation
 	if err != nil {
 		t.Fatalf("Go client with nbd-cert's directory: %v", err)
 	}
-	cl.Close()
+	defer open.Close()
+	if _, err := open.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
 
 	// No token: the command to get one.
 	t.Setenv("REBOUND_JOIN_TOKEN", "")
@@ -233,9 +236,13 @@ func TestNBDCert(t *testing.T) {
 		t.Fatalf("nbd-cert into a used directory: exit %d\n%s", r.code, r.stderr)
 	}
 
-	// Revoked: primary hears of it before site remove returns.
+	// Revoked: primary hears of it before site remove returns, and closes
+	// the open connection.
 	if r := runCLI(t, svc, "site", "remove", "hv1"); r.code != 0 {
 		t.Fatalf("site remove hv1: exit %d\n%s", r.code, r.stderr)
+	}
+	if _, err := open.ReadAt(make([]byte, 512), 0); err == nil {
+		t.Fatal("the revoked certificate's open NBD connection still reads")
 	}
 	if out, err := qemuRead(); err == nil {
 		t.Fatalf("qemu-io with a revoked certificate got in:\n%s", out)

@@ -181,6 +181,9 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 			if n := creds.CloseRevoked(); n > 0 {
 				m.Logger.Warn("closed replication connections of revoked certificates", "count", n)
 			}
+			if n := m.Site.NBD.CloseTLSPeers(rev.Revoked); n > 0 {
+				m.Logger.Warn("closed NBD connections of revoked certificates", "count", n)
+			}
 		}))
 		if errors.Is(err, context.Canceled) {
 			return nil
