@@ -252,3 +252,45 @@ func TestNBDCert(t *testing.T) {
 		t.Fatal("Go client with a revoked certificate got in")
 	}
 }
+
+// TestSiteNBDTLSNbdinfo: libnbd checks the URI's host against the site's
+// certificate, which names the site; a site reached by its name (here a
+// site named localhost) is read over TLS by nbdinfo and nbdcopy with its
+// nbd-client directory, and nbdinfo by address is refused (the name does
+// not match).
+func TestSiteNBDTLSNbdinfo(t *testing.T) {
+	ctx := context.Background()
+	m, svc := fixedUp(t, func(c *UpConfig) { c.Sites[0].Name, c.Sites[0].NBDTLS = "localhost", nbdTLSOn })
+	if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "localhost", Disks: []int64{2 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	site := m.Sites["localhost"]
+	creds := filepath.Join(site.Config.DataDir, "tls", "nbd-client")
+	pattern := bytes.Repeat([]byte{0x4b}, 128<<10)
+	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	cl, err := nbd.Dial(dctx, nbd.TLSURI(site.NBDAddr, "vm1-disk0")+"?tls-certificates="+creds+"&tls-hostname=localhost")
+	mustOK(t, err)
+	_, err = cl.WriteAtFUA(pattern, 0)
+	mustOK(t, err)
+	cl.Close()
+
+	byName := "nbds://localhost:" + port(t, site.NBDAddr) + "/vm1-disk0?tls-certificates=" + creds
+	out, err := exec.Command("nbdinfo", "--json", byName).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), `"TLS": true`) || !strings.Contains(string(out), `"export-size": 2097152`) {
+		t.Fatalf("nbdinfo by the site's name: %v\n%s", err, out)
+	}
+	img := filepath.Join(t.TempDir(), "copy.raw")
+	if out, err := exec.Command("nbdcopy", byName, img).CombinedOutput(); err != nil {
+		t.Fatalf("nbdcopy over TLS: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(img)
+	mustOK(t, err)
+	if len(b) != 2<<20 || !bytes.Equal(b[:len(pattern)], pattern) || !bytes.Equal(b[len(pattern):], make([]byte, len(b)-len(pattern))) {
+		t.Fatal("nbdcopy over TLS copied other bytes than the disk holds")
+	}
+	byAddr := nbd.TLSURI(site.NBDAddr, "vm1-disk0") + "?tls-certificates=" + creds
+	if out, err := exec.Command("nbdinfo", byAddr).CombinedOutput(); err == nil {
+		t.Fatalf("nbdinfo by address accepted a certificate that names the site only:\n%s", out)
+	}
+}
