@@ -131,7 +131,7 @@ func TestBadInput(t *testing.T) {
 		io.ReadFull(nc, make([]byte, 18))
 		msg := binary.BigEndian.AppendUint32(nil, flagFixedNewstyle)
 		msg = appendOpt(msg, 99, []byte("x"))                  // unknown option
-		msg = appendOpt(msg, optStructuredReply, nil)          // unsupported
+		msg = appendOpt(msg, 11, nil)                          // unsupported (extended headers)
 		msg = appendOpt(msg, optGo, []byte{0, 0, 0, 200, 'a'}) // malformed
 		msg = appendOpt(msg, optList, []byte("junk"))          // LIST with data
 		msg = appendOpt(msg, optExportName, []byte("d"))       // finally a good one
