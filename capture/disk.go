@@ -2,6 +2,7 @@ package capture
 
 import (
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
 )
 
 // Disk is one disk of a Stream, the backend the NBD server serves. Every
@@ -123,3 +124,8 @@ func (d *Disk) dirtyBytes() int64 {
 	}
 	return n
 }
+
+// Extents reports the allocation of [off, off+length) of the disk file
+// (nbd.Extenter). The file holds every acknowledged change (the stream
+// records it first, then writes the file), so its holes read as zeroes.
+func (d *Disk) Extents(off, length int64) ([]nbd.Extent, error) { return d.fd.Extents(off, length) }

@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
 )
 
 // fallocate modes (linux/falloc.h); syscall has Fallocate but not the flags.
@@ -218,4 +219,14 @@ func checkRange(size, off, length int64) error {
 		return rebound.Errorf(rebound.EINVALID, "I/O out of range: offset %d length %d on a %d-byte disk", off, length, size)
 	}
 	return nil
+}
+
+// Extents reports the allocation of [off, off+length) from SEEK_DATA and
+// SEEK_HOLE on the file (nbd.Extenter): holes read as zeroes. A block
+// device reports everything as data.
+func (d *FileDisk) Extents(off, length int64) ([]nbd.Extent, error) {
+	if err := checkRange(d.size, off, length); err != nil {
+		return nil, err
+	}
+	return nbd.SeekExtents(d.f, off, length)
 }

@@ -339,3 +339,7 @@ func (s *Site) deltaSeedFromFiles(u *unit, extra [][]rebound.Region) [][]rebound
 	}
 	return seed
 }
+
+// trackedDisk must keep reporting the overlay's allocation (block status
+// of a failover export); the embedded *overlay.Disk provides it.
+var _ nbd.Extenter = trackedDisk{}
