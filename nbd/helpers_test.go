@@ -33,6 +33,13 @@ type testServer struct {
 // syncBuffer is a log sink safe for concurrent writers.
 type syncBuffer = syncbuf.Buffer
 
+// sparseFile reports the raw file's holes (block status, hole chunks).
+type sparseFile struct{ *rawfile.File }
+
+func (f sparseFile) Extents(off, length int64) ([]Extent, error) {
+	return SeekExtents(f.OSFile(), off, length)
+}
+
 // exportSpec describes an export to create: a file of Size bytes.
 type exportSpec struct {
 	Name     string
@@ -58,7 +65,7 @@ func startServer(t testing.TB, specs ...exportSpec) *testServer {
 		}
 		t.Cleanup(func() { f.Close() })
 		ts.files[sp.Name] = path
-		ts.exports[sp.Name] = &Export{Name: sp.Name, Description: "disk " + sp.Name, Backend: f, ReadOnly: sp.ReadOnly}
+		ts.exports[sp.Name] = &Export{Name: sp.Name, Description: "disk " + sp.Name, Backend: sparseFile{f}, ReadOnly: sp.ReadOnly}
 	}
 	ts.Server = &Server{
 		Lookup: func(name string) (*Export, error) {
