@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -75,13 +76,10 @@ type Result struct {
 // then it serves b over NBD and asserts the same of the block status and
 // reads libnbd gets (structured replies, base:allocation), and that
 // libnbd reads the same bytes as b.ReadAt.
-func Check(t testing.TB, b nbd.Backend) Result {
+func Check(t testing.TB, b Disk) Result {
 	t.Helper()
 	size := b.Size()
-	x, ok := b.(nbd.Extenter)
-	if !ok {
-		t.Fatalf("%T does not implement nbd.Extenter", b)
-	}
+	x := b
 	all := make([]byte, size)
 	if _, err := b.ReadAt(all, 0); err != nil {
 		t.Fatalf("read disk: %v", err)
@@ -142,6 +140,23 @@ func Check(t testing.TB, b nbd.Backend) Result {
 	return res
 }
 
+// Disk is what Check needs: a readable disk that reports extents. One
+// that is not an nbd.Backend is served read-only.
+type Disk interface {
+	Size() int64
+	ReadAt(p []byte, off int64) (int, error)
+	nbd.Extenter
+}
+
+// readOnly serves a Disk that has no write methods.
+type readOnly struct{ Disk }
+
+func (readOnly) WriteAt([]byte, int64) (int, error)   { return 0, syscall.EPERM }
+func (readOnly) Flush() error                         { return nil }
+func (readOnly) Trim(int64, int64) error              { return syscall.EPERM }
+func (readOnly) WriteZeroes(int64, int64) error       { return syscall.EPERM }
+func (readOnly) WriteZeroesNoHole(int64, int64) error { return syscall.EPERM }
+
 // script walks the whole export with block_status, reads every extent
 // reported zero and counts the non-zero ones, and hashes a full read.
 const script = `
@@ -194,7 +209,7 @@ func Python(t testing.TB) string {
 	return ""
 }
 
-func libnbd(t testing.TB, b nbd.Backend) string {
+func libnbd(t testing.TB, b Disk) string {
 	t.Helper()
 	py := Python(t)
 	uri := Serve(t, b)
@@ -209,9 +224,9 @@ func libnbd(t testing.TB, b nbd.Backend) string {
 	return string(out)
 }
 
-// Serve serves b as export "d" on a unix socket until the test ends and
-// returns its URI.
-func Serve(t testing.TB, b nbd.Backend) string {
+// Serve serves d as export "d" on a unix socket until the test ends and
+// returns its URI; read-only unless d is an nbd.Backend.
+func Serve(t testing.TB, d Disk) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "bc") // short: unix socket paths are limited
 	if err != nil {
@@ -223,12 +238,16 @@ func Serve(t testing.TB, b nbd.Backend) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	b, ok := d.(nbd.Backend)
+	if !ok {
+		b = readOnly{d}
+	}
 	s := &nbd.Server{
 		Lookup: func(name string) (*nbd.Export, error) {
 			if name != "d" {
 				return nil, fmt.Errorf("no export %q", name)
 			}
-			return &nbd.Export{Name: "d", Backend: b}, nil
+			return &nbd.Export{Name: "d", Backend: b, ReadOnly: !ok}, nil
 		},
 		List:   func() []string { return []string{"d"} },
 		Logger: slog.New(slog.DiscardHandler),
