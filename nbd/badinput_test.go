@@ -361,6 +361,11 @@ func FuzzServerInput(f *testing.F) {
 	f.Add(appendOpt(appendOpt(hello, optInfo, goData), optAbort, nil))
 	f.Add(append(appendOpt(hello, optExportName, []byte("m")), append(reqHeader(cmdTrim, 0, 1, 0, 4096), reqHeader(cmdDisc, 0, 2, 0, 0)...)...))
 	f.Add(append(appendOpt(hello, optExportName, []byte("x")), 1, 2, 3))
+	meta := append(binary.BigEndian.AppendUint32(nil, 1), 'm', 0, 0, 0, 1, 0, 0, 0, 15)
+	meta = append(meta, metaAllocation...)
+	sr := appendOpt(appendOpt(appendOpt(hello, optStructuredReply, nil), optListMetaContext, meta), optSetMetaContext, meta)
+	f.Add(append(appendOpt(sr, optGo, goData), append(reqHeader(cmdBlockStatus, cmdFlagReqOne, 1, 0, 4096), reqHeader(cmdRead, cmdFlagDF, 2, 0, 8192)...)...))
+	f.Add(append(appendOpt(hello, optExportName, nil), reqHeader(cmdBlockStatus, 0, 1, 0, 0)...))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		exp := &Export{Name: "m", Backend: &memBackend{b: make([]byte, 64<<10)}}
 		s := &Server{
