@@ -129,3 +129,13 @@ func (d *Disk) dirtyBytes() int64 {
 // (nbd.Extenter). The file holds every acknowledged change (the stream
 // records it first, then writes the file), so its holes read as zeroes.
 func (d *Disk) Extents(off, length int64) ([]nbd.Extent, error) { return d.fd.Extents(off, length) }
+
+// WriteZeroesFast records a zero and punches a hole (nbd.FastZeroer), or
+// returns nbd.ErrNotFast, recording nothing, where the file system cannot
+// punch holes.
+func (d *Disk) WriteZeroesFast(off, length int64) error {
+	if d.fd.nohole.Load() {
+		return nbd.ErrNotFast
+	}
+	return d.WriteZeroes(off, length)
+}

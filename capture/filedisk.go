@@ -230,3 +230,30 @@ func (d *FileDisk) Extents(off, length int64) ([]nbd.Extent, error) {
 	}
 	return nbd.SeekExtents(d.f, off, length)
 }
+
+// WriteZeroesFast punches a hole (nbd.FastZeroer, NBD_CMD_FLAG_FAST_ZERO);
+// where the file system cannot, it returns nbd.ErrNotFast with the file
+// unchanged and the client writes the zeroes.
+func (d *FileDisk) WriteZeroesFast(off, length int64) error {
+	if err := checkRange(d.size, off, length); err != nil {
+		return err
+	}
+	if d.nohole.Load() {
+		return nbd.ErrNotFast
+	}
+	if err := d.mark(off, length); err != nil {
+		return err
+	}
+	if length == 0 {
+		return nil
+	}
+	err := syscall.Fallocate(int(d.f.Fd()), fallocPunchHole|fallocKeepSize, off, length)
+	if errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS) {
+		d.nohole.Store(true)
+		return nbd.ErrNotFast
+	}
+	if err != nil {
+		return fmt.Errorf("zero range: %w", err)
+	}
+	return nil
+}

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"syscall"
 )
@@ -88,4 +89,27 @@ func AppendExtent(out []Extent, x Extent) []Extent {
 		return out
 	}
 	return append(out, x)
+}
+
+// FastZeroer is an optional Backend interface for NBD_CMD_FLAG_FAST_ZERO:
+// WriteZeroesFast makes the range read as zeroes only if it can do so
+// faster than writing them (punching a hole, recording a zero); otherwise
+// it returns ErrNotFast having changed nothing the client can read. A
+// backend without it answers every fast zero with NBD_ENOTSUP. Wrappers
+// that act on writes (trackers) must implement it themselves rather than
+// let an embedded backend's method through.
+type FastZeroer interface {
+	WriteZeroesFast(off, length int64) error
+}
+
+// ErrNotFast is what WriteZeroesFast returns when zeroing would not be
+// fast; the client gets NBD_ENOTSUP and writes the zeroes itself.
+var ErrNotFast = fmt.Errorf("zeroing would not be faster than writing: %w", syscall.EOPNOTSUPP)
+
+// WriteZeroesFast calls b's WriteZeroesFast, or returns ErrNotFast.
+func WriteZeroesFast(b any, off, length int64) error {
+	if z, ok := b.(FastZeroer); ok {
+		return z.WriteZeroesFast(off, length)
+	}
+	return ErrNotFast
 }

@@ -668,9 +668,7 @@ func (c *conn) exec(r *request, data **[]byte) uint32 {
 			return errNoSpc
 		}
 		if r.flags&cmdFlagFastZero != 0 {
-			// We cannot promise zeroing beats writing on every backend
-			// (some write zeroes); the spec lets us refuse fast, untouched.
-			return errNotSup
+			return c.fastZero(r)
 		}
 		zero := b.WriteZeroes
 		if r.flags&cmdFlagNoHole != 0 {

@@ -301,17 +301,39 @@ func TestStructuredCommands(t *testing.T) {
 		t.Fatalf("read past end: errno %d", e)
 	}
 
-	// FAST_ZERO: refused fast, data untouched; CACHE: success.
-	nc.Write(reqHeader(cmdWriteZeroes, cmdFlagFastZero, 20, 256<<10, 4096))
+	// FAST_ZERO: a punch is fast; with NO_HOLE it is refused untouched.
+	// CACHE: success.
+	nc.Write(reqHeader(cmdWriteZeroes, cmdFlagFastZero|cmdFlagNoHole, 20, 256<<10, 4096))
 	if errno, h := readReply(t, nc); errno != errNotSup || h != 20 {
+		t.Fatalf("fast zero with NO_HOLE: errno %d handle %d", errno, h)
+	}
+	nc.Write(reqHeader(cmdWriteZeroes, cmdFlagFastZero, 21, 316<<10, 4096))
+	if errno, h := readReply(t, nc); errno != 0 || h != 21 {
 		t.Fatalf("fast zero: errno %d handle %d", errno, h)
 	}
-	nc.Write(reqHeader(cmdCache, 0, 21, 0, size))
-	if errno, h := readReply(t, nc); errno != 0 || h != 21 {
+	nc.Write(reqHeader(cmdCache, 0, 22, 0, size))
+	if errno, h := readReply(t, nc); errno != 0 || h != 22 {
 		t.Fatalf("cache: errno %d handle %d", errno, h)
 	}
 	b := readFile(t, ts.files["a"])
-	checkRange(t, b, 256<<10, 64<<10, 0x5a)
+	checkRange(t, b, 256<<10, 60<<10, 0x5a)
+	checkRange(t, b, 316<<10, 4<<10, 0)
+
+	// A backend that cannot zero fast refuses, untouched.
+	mem := &memBackend{b: bytes.Repeat([]byte{1}, 8192)}
+	s := &Server{Lookup: func(string) (*Export, error) { return &Export{Name: "m", Backend: mem}, nil }, Logger: ts.Logger}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Serve(l)
+	defer s.Close()
+	mc := rawConn(t, l.Addr().String(), "m")
+	mc.Write(reqHeader(cmdWriteZeroes, cmdFlagFastZero, 30, 0, 4096))
+	if errno, h := readReply(t, mc); errno != errNotSup || h != 30 {
+		t.Fatalf("fast zero on memBackend: errno %d handle %d", errno, h)
+	}
+	checkRange(t, mem.b, 0, 8192, 1)
 }
 
 // TestDefaultExport: the empty name is the only export; with several it

@@ -579,3 +579,8 @@ func (d *Disk) runEnd(pos, end int64, here bool) int64 {
 	}
 	return end
 }
+
+// WriteZeroesFast is WriteZeroes (nbd.FastZeroer): whole blocks are
+// punched out of the data file and marked, only partial edge blocks are
+// written, so it beats writing the zeroes.
+func (d *Disk) WriteZeroesFast(off, n int64) error { return d.WriteZeroes(off, n) }

@@ -101,6 +101,17 @@ func (d *liveDisk) Extents(off, length int64) ([]nbd.Extent, error) {
 	return nbd.ExtentsOf(b, off, length)
 }
 
+// WriteZeroesFast forwards NBD_CMD_FLAG_FAST_ZERO (nbd.FastZeroer).
+func (d *liveDisk) WriteZeroesFast(off, length int64) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return err
+	}
+	return nbd.WriteZeroesFast(b, off, length)
+}
+
 // liveLocked returns the machine's live disks, creating them.
 func (s *Site) liveLocked(m *machine) []*liveDisk {
 	if len(m.live) != len(m.state.Disks) {

@@ -12,7 +12,8 @@ import (
 
 // TestLiveDiskExtents: the wrappers the site serves (liveDisk, and
 // trackedDisk of a failover) report their backend's holes, so block status
-// works on the real exports; a live disk not served any more refuses.
+// works on the real exports, and pass fast zeroes on, tracked; a live disk
+// not served any more refuses.
 func TestLiveDiskExtents(t *testing.T) {
 	const size = 4 << 20
 	dir := t.TempDir()
@@ -46,6 +47,24 @@ func TestLiveDiskExtents(t *testing.T) {
 	d.b = td
 	if res := blockcheck.Check(t, d); res.Zero != 3<<20-4096 {
 		t.Fatalf("live disk over a failover overlay: %d zero bytes, want 3 MiB - 4 KiB", res.Zero)
+	}
+
+	// A fast zero through the live disk is marked for the resync back.
+	if err := d.WriteZeroesFast(2<<20, 8192); err != nil {
+		t.Fatal(err)
+	}
+	marked := false
+	for _, r := range tr.Regions() {
+		if r.Offset <= 2<<20 && r.Offset+r.Length >= 2<<20+8192 {
+			marked = true
+		}
+	}
+	if !marked {
+		t.Fatalf("fast zero not tracked: %v", tr.Regions())
+	}
+	got := make([]byte, 8192)
+	if _, err := d.ReadAt(got, 2<<20); err != nil || !bytes.Equal(got, make([]byte, 8192)) {
+		t.Fatalf("fast zero did not zero: %v", err)
 	}
 
 	d.b = nil

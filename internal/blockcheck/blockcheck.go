@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -24,8 +25,8 @@ import (
 	"github.com/rebound-dr/rebound/nbd"
 )
 
-// Mutate applies n random writes, zeroes (with and without NO_HOLE) and
-// trims to b inside [0, limit), leaving the rest of the disk untouched.
+// Mutate applies n random writes, zeroes (with and without NO_HOLE, fast
+// where b can) and trims to b inside [0, limit), leaving the rest of the disk untouched.
 func Mutate(t testing.TB, b nbd.Backend, seed uint64, n int, limit int64) {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, seed^0x5eed))
@@ -57,8 +58,12 @@ func Mutate(t testing.TB, b nbd.Backend, seed uint64, n int, limit int64) {
 			err = b.WriteZeroes(off, length)
 		case k < 8:
 			err = b.WriteZeroesNoHole(off, length)
-		default:
+		case k < 9:
 			err = b.Trim(off, length)
+		default:
+			if err = nbd.WriteZeroesFast(b, off, length); errors.Is(err, nbd.ErrNotFast) {
+				err = b.WriteZeroes(off, length)
+			}
 		}
 		if err != nil {
 			t.Fatalf("op %d at %d+%d: %v", k, off, length, err)
