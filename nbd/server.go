@@ -44,13 +44,16 @@ type Export struct {
 	ReadOnly          bool
 }
 
-// Server serves exports over NBD (fixed newstyle handshake, simple replies).
+// Server serves exports over NBD (fixed newstyle handshake; simple or
+// structured replies, see structured.go).
 type Server struct {
 	// Lookup returns the export for a name. An error (e.g. unknown or
 	// fenced) is sent to the client as NBD_REP_ERR_UNKNOWN with the error
 	// text as the message.
 	Lookup func(name string) (*Export, error)
-	// List returns the names for NBD_OPT_LIST. Nil lists nothing.
+	// List returns the names for NBD_OPT_LIST (descriptions come from
+	// Lookup) and picks the default export: the empty name is the only
+	// export if there is exactly one. Nil lists nothing.
 	List func() []string
 	// Logger receives connection errors. Nil discards them.
 	Logger *slog.Logger

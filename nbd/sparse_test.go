@@ -47,7 +47,7 @@ func (c countingConn) Write(p []byte) (int, error) {
 
 // sparseExport serves a 1 GiB raw file holding 16 MiB of data (16 runs of
 // 1 MiB spread over the disk) and counts the bytes the server sends.
-func sparseExport(t *testing.T) (uri, path string, sent *atomic.Int64, data int64) {
+func sparseExport(t testing.TB) (uri, path string, sent *atomic.Int64, data int64) {
 	const size, chunk = 1 << 30, 1 << 20
 	path = filepath.Join(t.TempDir(), "sparse.raw")
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
@@ -171,7 +171,7 @@ func TestSparseCopyWire(t *testing.T) {
 }
 
 // sameFile compares two files a chunk at a time (they are 1 GiB).
-func sameFile(t *testing.T, a, b string) bool {
+func sameFile(t testing.TB, a, b string) bool {
 	t.Helper()
 	fa, err := os.Open(a)
 	if err != nil {
