@@ -290,11 +290,16 @@ func (d *diskView) Extents(off, length int64) ([]nbd.Extent, error) {
 			pos = b
 			switch {
 			case n.seq <= j.base:
-				return fromBase(a, b) // folded: the base holds these bytes
+				if err := fromBase(a, b); err != nil { // folded: the base holds these bytes
+					return err
+				}
 			case n.zero:
 				out = nbd.AppendExtent(out, nbd.Extent{Length: b - a, Zero: true})
 			default:
 				out = nbd.AppendExtent(out, nbd.Extent{Length: b - a})
+			}
+			if len(out) >= nbd.MaxExtents {
+				return errEnough // a prefix is a valid answer
 			}
 			return nil
 		})
@@ -303,8 +308,10 @@ func (d *diskView) Extents(off, length int64) ([]nbd.Extent, error) {
 		}
 		return walk(k+1, pos, hi)
 	}
-	if err := walk(0, off, off+length); err != nil {
+	if err := walk(0, off, off+length); err != nil && err != errEnough {
 		return nil, err
 	}
 	return out, nil
 }
+
+var errEnough = errors.New("enough extents")

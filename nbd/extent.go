@@ -20,11 +20,12 @@ type Extent struct {
 }
 
 // Extenter is an optional Backend interface: the allocation status of a
-// range. Extents returns extents in order from off; they should cover
-// [off, off+length) exactly (the server clips longer answers and serves a
-// shorter one as it is, so a client asks again for the rest). A backend
-// without it reports every byte as allocated data. Wrappers of backends
-// should forward it (see ExtentsOf).
+// range. Extents returns extents in order from off; they cover
+// [off, off+length) exactly, or a prefix of it once there are MaxExtents
+// (the server clips longer answers and serves a shorter one as it is, so
+// a client asks again for the rest). A backend without it reports every
+// byte as allocated data. Wrappers of backends should forward it (see
+// ExtentsOf).
 type Extenter interface {
 	Extents(off, length int64) ([]Extent, error)
 }
@@ -37,6 +38,10 @@ func ExtentsOf(b any, off, length int64) ([]Extent, error) {
 	}
 	return []Extent{{Length: length}}, nil
 }
+
+// MaxExtents bounds one answer of Extents and one BLOCK_STATUS reply (the
+// spec asks for at most 2^20 descriptors).
+const MaxExtents = 1 << 16
 
 const (
 	seekData = 3 // SEEK_DATA
@@ -53,7 +58,7 @@ func SeekExtents(f *os.File, off, length int64) ([]Extent, error) {
 	fd := int(f.Fd())
 	end := off + length
 	var out []Extent
-	for pos := off; pos < end; {
+	for pos := off; pos < end && len(out) < MaxExtents; {
 		data, err := syscall.Seek(fd, pos, seekData)
 		switch {
 		case errors.Is(err, syscall.ENXIO):

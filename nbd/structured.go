@@ -47,9 +47,10 @@ const (
 	// holeChunkMin: zero runs shorter than this in a READ are sent as
 	// data; a hole chunk costs 32 bytes and splits the reply.
 	holeChunkMin = 4096
-	// maxDescriptors bounds one BLOCK_STATUS reply (the spec asks for at
-	// most 2^20); a client asks again from where the reply stopped.
-	maxDescriptors = 1 << 16
+	// holeQueryMin: smaller READs do not ask the backend for extents
+	// (seeks, locks) and go out as one data chunk: small random reads
+	// must stay as cheap as with simple replies.
+	holeQueryMin = 64 << 10
 )
 
 // negotiated is what a connection agreed to in the handshake.
@@ -265,7 +266,7 @@ func (c *conn) structuredRead(r *request) {
 		zero   bool
 	}
 	runs := []run{{0, int64(len(buf)), false}}
-	if r.flags&cmdFlagDF == 0 && len(buf) >= holeChunkMin {
+	if r.flags&cmdFlagDF == 0 && len(buf) >= holeQueryMin {
 		if xs, err := ExtentsOf(c.export.Backend, int64(r.off), int64(len(buf))); err == nil {
 			runs = runs[:0]
 			var pos int64
@@ -349,7 +350,7 @@ func (c *conn) blockStatus(r *request) {
 		x.Length = n
 		out = AppendExtent(out, x)
 		pos += n
-		if len(out) >= maxDescriptors {
+		if len(out) >= MaxExtents {
 			break
 		}
 	}

@@ -359,3 +359,43 @@ func TestDefaultExport(t *testing.T) {
 		}
 	}
 }
+
+// manyExtents alternates 512-byte data and zero extents.
+type manyExtents struct{ memBackend }
+
+func (m *manyExtents) Extents(off, length int64) ([]Extent, error) {
+	var out []Extent
+	for pos := off; pos < off+length; pos += 512 {
+		out = append(out, Extent{Length: min(512, off+length-pos), Zero: pos/512%2 == 1, Hole: pos/512%2 == 1})
+	}
+	return out, nil
+}
+
+// TestBlockStatusManyExtents: a reply carries at most MaxExtents
+// descriptors, a prefix of the range; the client asks on from there.
+func TestBlockStatusManyExtents(t *testing.T) {
+	const size = 100000 * 512
+	b := &manyExtents{memBackend{b: make([]byte, size)}}
+	s := &Server{Lookup: func(string) (*Export, error) { return &Export{Name: "m", Backend: b}, nil }}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Serve(l)
+	defer s.Close()
+	n := dialNeg(t, l.Addr().String())
+	n.opt(optStructuredReply, nil)
+	n.opt(optSetMetaContext, metaData("m", metaAllocation))
+	n.goExport("m")
+	n.nc.Write(reqHeader(cmdBlockStatus, 0, 1, 0, size))
+	cs := readReplyChunks(t, n.nc)
+	p := cs[0].payload[4:]
+	if len(p) != 8*MaxExtents {
+		t.Fatalf("%d descriptors, want %d", len(p)/8, MaxExtents)
+	}
+	for i := 0; i < len(p); i += 8 {
+		if l, st := binary.BigEndian.Uint32(p[i:]), binary.BigEndian.Uint32(p[i+4:]); l != 512 || st != uint32(i/8%2)*(stateHole|stateZero) {
+			t.Fatalf("descriptor %d: %d bytes, status %d", i/8, l, st)
+		}
+	}
+}

@@ -534,7 +534,7 @@ func (d *Disk) Extents(off, length int64) ([]nbd.Extent, error) {
 	defer d.closeMu.RUnlock()
 	end := off + length
 	var out []nbd.Extent
-	for pos := off; pos < end; {
+	for pos := off; pos < end && len(out) < nbd.MaxExtents; {
 		here := d.present(pos / BlockSize)
 		runEnd := d.runEnd(pos, end, here)
 		var xs []nbd.Extent
