@@ -261,6 +261,10 @@ func (c *conn) structuredRead(r *request) {
 		return
 	}
 	buf := *data
+	if len(buf) == 0 { // a data chunk must carry data
+		c.send(chunk(nil, replyFlagDone, replyTypeNone, r.handle, 0), nil)
+		return
+	}
 	type run struct {
 		off, n int64
 		zero   bool

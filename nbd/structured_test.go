@@ -295,6 +295,11 @@ func TestStructuredCommands(t *testing.T) {
 	if len(cs) != 1 || cs[0].typ != replyTypeOffsetData || !bytes.Equal(cs[0].payload[8+128<<10:8+192<<10], data) {
 		t.Fatalf("DF read: %d chunks, first type %d", len(cs), cs[0].typ)
 	}
+	// An empty read is one NONE chunk.
+	nc.Write(reqHeader(cmdRead, 0, 13, 0, 0))
+	if cs := readReplyChunks(t, nc); len(cs) != 1 || cs[0].typ != replyTypeNone || len(cs[0].payload) != 0 {
+		t.Fatalf("empty read: %+v", cs)
+	}
 	// A bad read is an error chunk, not a simple reply.
 	nc.Write(reqHeader(cmdRead, 0, 12, size-1, 2))
 	if e := chunkErrno(t, readReplyChunks(t, nc)); e != errInval {
