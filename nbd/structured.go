@@ -62,6 +62,10 @@ type negotiated struct {
 	metaSet  bool
 }
 
+// resetNegotiation forgets structured replies and meta contexts: the spec
+// makes a client renegotiate them after NBD_OPT_STARTTLS.
+func (c *conn) resetNegotiation() { c.neg = negotiated{} }
+
 // blockStatusOK reports whether the client may send BLOCK_STATUS.
 func (c *conn) blockStatusOK() bool {
 	return c.neg.structured && c.neg.metaSet && c.neg.metaName == c.name
