@@ -261,7 +261,11 @@ func (c *conn) structuredRead(r *request) {
 	errno := c.exec(r, &data)
 	defer putBuf(data)
 	if errno != 0 {
-		c.replyError(r.handle, errno, fmt.Sprintf("read of %d bytes at %d failed", r.length, r.off))
+		msg := fmt.Sprintf("read of %d bytes at %d failed", r.length, r.off)
+		if errno == errInval {
+			msg = fmt.Sprintf("read of %d bytes at %d: outside the %d-byte export, over %d bytes, or a bad flag", r.length, r.off, c.export.Backend.Size(), MaxPayload)
+		}
+		c.replyError(r.handle, errno, msg)
 		return
 	}
 	buf := *data
