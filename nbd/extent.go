@@ -41,7 +41,7 @@ func ExtentsOf(b any, off, length int64) ([]Extent, error) {
 
 // MaxExtents bounds one answer of Extents and one BLOCK_STATUS reply (the
 // spec asks for at most 2^20 descriptors).
-const MaxExtents = 1 << 16
+const MaxExtents = 1 << 14
 
 const (
 	seekData = 3 // SEEK_DATA

@@ -327,6 +327,24 @@ func (c *conn) structuredRead(r *request) {
 	}
 }
 
+// extents asks the backend for the extents of r's range. With REQ_ONE
+// only the first extent matters, and clients (qemu) send REQ_ONE with up
+// to 2 GiB per request, extent after extent: asking windows that grow
+// from 1 MiB until one holds the first extent's end keeps each request's
+// work small on a fragmented disk, and a long hole costs a few calls.
+func (c *conn) extents(r *request) ([]Extent, error) {
+	off, length := int64(r.off), int64(r.length)
+	if r.flags&cmdFlagReqOne == 0 {
+		return ExtentsOf(c.export.Backend, off, length)
+	}
+	for w := min(int64(1<<20), length); ; w = min(w*16, length) {
+		xs, err := ExtentsOf(c.export.Backend, off, w)
+		if err != nil || len(xs) != 1 || xs[0].Length < w || w == length {
+			return xs, err
+		}
+	}
+}
+
 // blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation.
 func (c *conn) blockStatus(r *request) {
 	if !c.neg.structured {
@@ -346,7 +364,7 @@ func (c *conn) blockStatus(r *request) {
 		c.replyError(r.handle, errInval, fmt.Sprintf("block status of %d bytes at %d: outside the %d-byte export or empty", r.length, r.off, size))
 		return
 	}
-	xs, err := ExtentsOf(c.export.Backend, int64(r.off), int64(r.length))
+	xs, err := c.extents(r)
 	if err != nil {
 		c.replyError(r.handle, c.fail("block status", r, err), "block status failed")
 		return
