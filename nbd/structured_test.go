@@ -3,9 +3,11 @@ package nbd
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -365,10 +367,23 @@ func TestDefaultExport(t *testing.T) {
 	}
 }
 
-// manyExtents alternates 512-byte data and zero extents.
-type manyExtents struct{ memBackend }
+// manyExtents alternates 512-byte data and zero extents, or with hole
+// set is one hole; it records the lengths it was asked for.
+type manyExtents struct {
+	memBackend
+	amu   sync.Mutex
+	hole  bool
+	asked []int64
+}
 
 func (m *manyExtents) Extents(off, length int64) ([]Extent, error) {
+	m.amu.Lock()
+	m.asked = append(m.asked, length)
+	hole := m.hole
+	m.amu.Unlock()
+	if hole {
+		return []Extent{{Length: length, Hole: true, Zero: true}}, nil
+	}
 	var out []Extent
 	for pos := off; pos < off+length; pos += 512 {
 		out = append(out, Extent{Length: min(512, off+length-pos), Zero: pos/512%2 == 1, Hole: pos/512%2 == 1})
@@ -380,7 +395,7 @@ func (m *manyExtents) Extents(off, length int64) ([]Extent, error) {
 // descriptors, a prefix of the range; the client asks on from there.
 func TestBlockStatusManyExtents(t *testing.T) {
 	const size = 100000 * 512
-	b := &manyExtents{memBackend{b: make([]byte, size)}}
+	b := &manyExtents{memBackend: memBackend{b: make([]byte, size)}}
 	s := &Server{Lookup: func(string) (*Export, error) { return &Export{Name: "m", Backend: b}, nil }}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -402,5 +417,29 @@ func TestBlockStatusManyExtents(t *testing.T) {
 		if l, st := binary.BigEndian.Uint32(p[i:]), binary.BigEndian.Uint32(p[i+4:]); l != 512 || st != uint32(i/8%2)*(stateHole|stateZero) {
 			t.Fatalf("descriptor %d: %d bytes, status %d", i/8, l, st)
 		}
+	}
+	// REQ_ONE (qemu) asks a 1 MiB window on a fragmented disk, and
+	// windows growing x16 over one long hole, which comes back whole.
+	b.amu.Lock()
+	b.asked = nil
+	b.amu.Unlock()
+	n.nc.Write(reqHeader(cmdBlockStatus, cmdFlagReqOne, 2, 0, size))
+	if cs := readReplyChunks(t, n.nc); len(cs[0].payload) != 12 || binary.BigEndian.Uint32(cs[0].payload[4:]) != 512 {
+		t.Fatalf("REQ_ONE reply %x", cs[0].payload)
+	}
+	b.amu.Lock()
+	if len(b.asked) != 1 || b.asked[0] != 1<<20 {
+		t.Fatalf("REQ_ONE on fragments asked %v", b.asked)
+	}
+	b.asked, b.hole = nil, true
+	b.amu.Unlock()
+	n.nc.Write(reqHeader(cmdBlockStatus, cmdFlagReqOne, 3, 0, size))
+	if cs := readReplyChunks(t, n.nc); len(cs[0].payload) != 12 || binary.BigEndian.Uint32(cs[0].payload[4:]) != size || binary.BigEndian.Uint32(cs[0].payload[8:]) != stateHole|stateZero {
+		t.Fatalf("REQ_ONE reply over a hole %x", cs[0].payload)
+	}
+	b.amu.Lock()
+	defer b.amu.Unlock()
+	if want := []int64{1 << 20, 16 << 20, size}; fmt.Sprint(b.asked) != fmt.Sprint(want) {
+		t.Fatalf("REQ_ONE over a hole asked %v, want %v", b.asked, want)
 	}
 }
