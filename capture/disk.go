@@ -2,6 +2,7 @@ package capture
 
 import (
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
 )
 
 // Disk is one disk of a Stream, the backend the NBD server serves. Every
@@ -122,4 +123,19 @@ func (d *Disk) dirtyBytes() int64 {
 		n -= m.regions*m.regionSize - d.fd.size
 	}
 	return n
+}
+
+// Extents reports the allocation of [off, off+length) of the disk file
+// (nbd.Extenter). The file holds every acknowledged change (the stream
+// records it first, then writes the file), so its holes read as zeroes.
+func (d *Disk) Extents(off, length int64) ([]nbd.Extent, error) { return d.fd.Extents(off, length) }
+
+// WriteZeroesFast records a zero and punches a hole (nbd.FastZeroer), or
+// returns nbd.ErrNotFast, recording nothing, where the file system cannot
+// punch holes.
+func (d *Disk) WriteZeroesFast(off, length int64) error {
+	if d.fd.nohole.Load() {
+		return nbd.ErrNotFast
+	}
+	return d.WriteZeroes(off, length)
 }

@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
 )
 
 // fallocate modes (linux/falloc.h); syscall has Fallocate but not the flags.
@@ -216,6 +217,43 @@ func (d *FileDisk) rezero(off, end int64, keep bool) error {
 func checkRange(size, off, length int64) error {
 	if off < 0 || length < 0 || off > size || length > size-off {
 		return rebound.Errorf(rebound.EINVALID, "I/O out of range: offset %d length %d on a %d-byte disk", off, length, size)
+	}
+	return nil
+}
+
+// Extents reports the allocation of [off, off+length) from SEEK_DATA and
+// SEEK_HOLE on the file (nbd.Extenter): holes read as zeroes. A block
+// device reports everything as data.
+func (d *FileDisk) Extents(off, length int64) ([]nbd.Extent, error) {
+	if err := checkRange(d.size, off, length); err != nil {
+		return nil, err
+	}
+	return nbd.SeekExtents(d.f, off, length)
+}
+
+// WriteZeroesFast punches a hole (nbd.FastZeroer, NBD_CMD_FLAG_FAST_ZERO);
+// where the file system cannot, it returns nbd.ErrNotFast with the file
+// unchanged and the client writes the zeroes.
+func (d *FileDisk) WriteZeroesFast(off, length int64) error {
+	if err := checkRange(d.size, off, length); err != nil {
+		return err
+	}
+	if d.nohole.Load() {
+		return nbd.ErrNotFast
+	}
+	if err := d.mark(off, length); err != nil {
+		return err
+	}
+	if length == 0 {
+		return nil
+	}
+	err := syscall.Fallocate(int(d.f.Fd()), fallocPunchHole|fallocKeepSize, off, length)
+	if errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS) {
+		d.nohole.Store(true)
+		return nbd.ErrNotFast
+	}
+	if err != nil {
+		return fmt.Errorf("zero range: %w", err)
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
 )
 
 // View is the read-only state of every disk at one consistent position.
@@ -232,3 +233,85 @@ func (d *diskView) ReadAt(p []byte, off int64) (int, error) {
 	}
 	return len(p), eof
 }
+
+// Extents reports the allocation of [off, off+length) at the view's
+// position (nbd.Extenter), following ReadAt: bytes of a zero or trim
+// record are Zero, of a write record data, and bytes read from the base
+// file take its holes (SEEK_DATA/SEEK_HOLE).
+func (d *diskView) Extents(off, length int64) ([]nbd.Extent, error) {
+	v, j := d.v, d.v.j
+	if d.i < 0 || d.i >= len(j.disks) {
+		return nil, rebound.Errorf(rebound.EINVALID, "disk %d does not exist (view has %d disks)", d.i, len(j.disks))
+	}
+	size := j.disks[d.i].Size
+	if off < 0 || length < 0 || off > size || length > size-off {
+		return nil, rebound.Errorf(rebound.EINVALID, "range %d+%d is outside the %d-byte disk", off, length, size)
+	}
+	v.mu.Lock()
+	closed := v.closed
+	v.mu.Unlock()
+	if closed {
+		return nil, errViewClosed
+	}
+	j.baseMu.RLock()
+	defer j.baseMu.RUnlock()
+	if j.shut.Load() {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "journal is closed")
+	}
+	base := j.bases[d.i]
+	var out []nbd.Extent
+	fromBase := func(lo, hi int64) error {
+		if lo >= hi {
+			return nil
+		}
+		xs, err := nbd.SeekExtents(base, lo, hi-lo)
+		if err != nil {
+			return fmt.Errorf("journal: extents of base of disk %d at %d: %w", d.i, lo, err)
+		}
+		for _, x := range xs {
+			out = nbd.AppendExtent(out, x)
+		}
+		return nil
+	}
+	var walk func(k int, lo, hi int64) error
+	walk = func(k int, lo, hi int64) error {
+		if lo >= hi {
+			return nil
+		}
+		if k == len(v.layers) {
+			return fromBase(lo, hi)
+		}
+		pos := lo
+		err := visit(v.layers[k][d.i], lo, hi, func(n *node) error {
+			a, b := max(n.start, lo), min(n.end, hi)
+			if err := walk(k+1, pos, a); err != nil {
+				return err
+			}
+			pos = b
+			switch {
+			case n.seq <= j.base:
+				if err := fromBase(a, b); err != nil { // folded: the base holds these bytes
+					return err
+				}
+			case n.zero:
+				out = nbd.AppendExtent(out, nbd.Extent{Length: b - a, Zero: true})
+			default:
+				out = nbd.AppendExtent(out, nbd.Extent{Length: b - a})
+			}
+			if len(out) >= nbd.MaxExtents {
+				return errEnough // a prefix is a valid answer
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		return walk(k+1, pos, hi)
+	}
+	if err := walk(0, off, off+length); err != nil && err != errEnough {
+		return nil, err
+	}
+	return out, nil
+}
+
+var errEnough = errors.New("enough extents")

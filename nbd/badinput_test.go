@@ -131,7 +131,7 @@ func TestBadInput(t *testing.T) {
 		io.ReadFull(nc, make([]byte, 18))
 		msg := binary.BigEndian.AppendUint32(nil, flagFixedNewstyle)
 		msg = appendOpt(msg, 99, []byte("x"))                  // unknown option
-		msg = appendOpt(msg, optStructuredReply, nil)          // unsupported
+		msg = appendOpt(msg, 11, nil)                          // unsupported (extended headers)
 		msg = appendOpt(msg, optGo, []byte{0, 0, 0, 200, 'a'}) // malformed
 		msg = appendOpt(msg, optList, []byte("junk"))          // LIST with data
 		msg = appendOpt(msg, optExportName, []byte("d"))       // finally a good one
@@ -361,6 +361,11 @@ func FuzzServerInput(f *testing.F) {
 	f.Add(appendOpt(appendOpt(hello, optInfo, goData), optAbort, nil))
 	f.Add(append(appendOpt(hello, optExportName, []byte("m")), append(reqHeader(cmdTrim, 0, 1, 0, 4096), reqHeader(cmdDisc, 0, 2, 0, 0)...)...))
 	f.Add(append(appendOpt(hello, optExportName, []byte("x")), 1, 2, 3))
+	meta := append(binary.BigEndian.AppendUint32(nil, 1), 'm', 0, 0, 0, 1, 0, 0, 0, 15)
+	meta = append(meta, metaAllocation...)
+	sr := appendOpt(appendOpt(appendOpt(hello, optStructuredReply, nil), optListMetaContext, meta), optSetMetaContext, meta)
+	f.Add(append(appendOpt(sr, optGo, goData), append(reqHeader(cmdBlockStatus, cmdFlagReqOne, 1, 0, 4096), reqHeader(cmdRead, cmdFlagDF, 2, 0, 8192)...)...))
+	f.Add(append(appendOpt(hello, optExportName, nil), reqHeader(cmdBlockStatus, 0, 1, 0, 0)...))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		exp := &Export{Name: "m", Backend: &memBackend{b: make([]byte, 64<<10)}}
 		s := &Server{

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -33,6 +34,22 @@ type testServer struct {
 
 // syncBuffer is a log sink safe for concurrent writers.
 type syncBuffer = syncbuf.Buffer
+
+// sparseFile reports the raw file's holes (block status, hole chunks).
+type sparseFile struct{ *rawfile.File }
+
+func (f sparseFile) Extents(off, length int64) ([]Extent, error) {
+	return SeekExtents(f.OSFile(), off, length)
+}
+
+// WriteZeroesFast punches a hole, or is not fast.
+func (f sparseFile) WriteZeroesFast(off, length int64) error {
+	const punchHole, keepSize = 0x02, 0x01
+	if syscall.Fallocate(int(f.OSFile().Fd()), punchHole|keepSize, off, length) != nil {
+		return ErrNotFast
+	}
+	return nil
+}
 
 // exportSpec describes an export to create: a file of Size bytes.
 type exportSpec struct {
@@ -72,7 +89,7 @@ func startServerWith(t testing.TB, opts serverOpts, specs ...exportSpec) *testSe
 		}
 		t.Cleanup(func() { f.Close() })
 		ts.files[sp.Name] = path
-		ts.exports[sp.Name] = &Export{Name: sp.Name, Description: "disk " + sp.Name, Backend: f, ReadOnly: sp.ReadOnly}
+		ts.exports[sp.Name] = &Export{Name: sp.Name, Description: "disk " + sp.Name, Backend: sparseFile{f}, ReadOnly: sp.ReadOnly}
 	}
 	ts.Server = &Server{
 		Lookup: func(name string) (*Export, error) {

@@ -1,6 +1,7 @@
-// Package nbd implements a Network Block Device server and client (fixed
-// newstyle handshake, simple replies) as described in the NBD protocol,
-// NetworkBlockDevice/nbd doc/proto.md.
+// Package nbd implements a Network Block Device server (fixed newstyle
+// handshake, simple or structured replies, base:allocation block status)
+// and a client (simple replies) as described in the NBD protocol,
+// NetworkBlockDevice/nbd doc/proto.md. See docs/design/nbd.md.
 package nbd
 
 import (

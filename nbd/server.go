@@ -46,13 +46,16 @@ type Export struct {
 	ReadOnly          bool
 }
 
-// Server serves exports over NBD (fixed newstyle handshake, simple replies).
+// Server serves exports over NBD (fixed newstyle handshake; simple or
+// structured replies, see structured.go).
 type Server struct {
 	// Lookup returns the export for a name. An error (e.g. unknown or
 	// fenced) is sent to the client as NBD_REP_ERR_UNKNOWN with the error
 	// text as the message.
 	Lookup func(name string) (*Export, error)
-	// List returns the names for NBD_OPT_LIST. Nil lists nothing.
+	// List returns the names for NBD_OPT_LIST (descriptions come from
+	// Lookup) and picks the default export: the empty name is the only
+	// export if there is exactly one. Nil lists nothing.
 	List func() []string
 	// Logger receives connection errors. Nil discards them.
 	Logger *slog.Logger
@@ -224,6 +227,7 @@ type conn struct {
 
 	stopping atomic.Bool
 	export   *Export
+	neg      negotiated // see structured.go
 	out      batchWriter
 	wg       sync.WaitGroup // in-flight requests
 
@@ -297,6 +301,9 @@ func (c *conn) lookup(name string) (*Export, uint64, error) {
 	c.s.mu.Lock()
 	gen := c.s.gen[name]
 	c.s.mu.Unlock()
+	if name == "" {
+		return nil, 0, c.noDefault()
+	}
 	if c.s.Lookup == nil {
 		return nil, 0, fmt.Errorf("no export %q", name)
 	}
@@ -305,14 +312,6 @@ func (c *conn) lookup(name string) (*Export, uint64, error) {
 		err = fmt.Errorf("no export %q", name)
 	}
 	return e, gen, err
-}
-
-func transmissionFlags(e *Export) uint16 {
-	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes | tflagCanMultiConn)
-	if e.ReadOnly {
-		f |= tflagReadOnly
-	}
-	return f
 }
 
 // handshake runs the fixed newstyle negotiation and returns the export the
@@ -373,7 +372,7 @@ func (c *conn) handshake() (*Export, error) {
 		}
 		switch opt {
 		case optExportName:
-			name := string(data)
+			name := c.resolveName(string(data))
 			e, gen, err := c.lookup(name)
 			if err == nil {
 				err = c.attach(name, gen)
@@ -384,7 +383,7 @@ func (c *conn) handshake() (*Export, error) {
 			}
 			reply := make([]byte, 10, 134)
 			binary.BigEndian.PutUint64(reply[0:], uint64(e.Backend.Size()))
-			binary.BigEndian.PutUint16(reply[8:], transmissionFlags(e))
+			binary.BigEndian.PutUint16(reply[8:], c.transmissionFlags(e))
 			if !noZeroes {
 				reply = reply[:134]
 			}
@@ -410,7 +409,8 @@ func (c *conn) handshake() (*Export, error) {
 			}
 			for _, name := range names {
 				p := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-				if err := c.optReply(opt, repServer, append(p, name...)); err != nil {
+				p = append(append(p, name...), c.describe(name)...)
+				if err := c.optReply(opt, repServer, p); err != nil {
 					return nil, err
 				}
 			}
@@ -422,6 +422,11 @@ func (c *conn) handshake() (*Export, error) {
 			e, err := c.infoOrGo(opt, data)
 			if err != nil || e != nil {
 				return e, err
+			}
+
+		case optStructuredReply, optListMetaContext, optSetMetaContext:
+			if err := c.negotiateOpt(opt, data); err != nil {
+				return nil, err
 			}
 
 		default:
@@ -443,7 +448,7 @@ func (c *conn) infoOrGo(opt uint32, data []byte) (*Export, error) {
 	if uint64(nlen)+6 > uint64(len(data)) {
 		return nil, c.optReply(opt, repErrInvalid, []byte("bad export name length"))
 	}
-	name := string(data[4 : 4+nlen])
+	name := c.resolveName(string(data[4 : 4+nlen]))
 	rest := data[4+nlen:]
 	nreq := int(binary.BigEndian.Uint16(rest))
 	if len(rest) != 2+2*nreq {
@@ -468,7 +473,7 @@ func (c *conn) infoOrGo(opt uint32, data []byte) (*Export, error) {
 	info := make([]byte, 12)
 	binary.BigEndian.PutUint16(info[0:], infoExport)
 	binary.BigEndian.PutUint64(info[2:], uint64(e.Backend.Size()))
-	binary.BigEndian.PutUint16(info[10:], transmissionFlags(e))
+	binary.BigEndian.PutUint16(info[10:], c.transmissionFlags(e))
 	if err := c.optReply(opt, repInfo, info); err != nil {
 		return nil, err
 	}
@@ -623,6 +628,15 @@ func (c *conn) release(cost int) {
 func (c *conn) handle(r request) {
 	defer c.wg.Done()
 	defer c.release(r.cost)
+	switch {
+	case r.typ == cmdBlockStatus:
+		c.blockStatus(&r)
+		putBuf(r.buf)
+		return
+	case r.typ == cmdRead && c.neg.structured:
+		c.structuredRead(&r)
+		return
+	}
 	var data *[]byte
 	errno := c.exec(&r, &data)
 	if errno != 0 || data == nil {
@@ -641,8 +655,8 @@ func (c *conn) exec(r *request, data **[]byte) uint32 {
 	b := e.Backend
 	size := uint64(b.Size())
 	inRange := r.off <= size && uint64(r.length) <= size-r.off
-	if r.flags&^(cmdFlagFUA|cmdFlagNoHole) != 0 {
-		return errInval
+	if errno := c.checkFlags(r); errno != 0 {
+		return errno
 	}
 	fua := r.flags&cmdFlagFUA != 0
 	off, n := int64(r.off), int64(r.length)
@@ -674,6 +688,9 @@ func (c *conn) exec(r *request, data **[]byte) uint32 {
 		if !inRange {
 			return errNoSpc
 		}
+		if r.flags&cmdFlagFastZero != 0 {
+			return c.fastZero(r)
+		}
 		zero := b.WriteZeroes
 		if r.flags&cmdFlagNoHole != 0 {
 			zero = b.WriteZeroesNoHole
@@ -693,6 +710,12 @@ func (c *conn) exec(r *request, data **[]byte) uint32 {
 		}
 	case cmdFlush:
 		fua = true
+	case cmdCache:
+		// A hint; the page cache does the caching. Success, no effect.
+		if !inRange {
+			return errInval
+		}
+		return 0
 	default:
 		return errInval
 	}

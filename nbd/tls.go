@@ -120,6 +120,8 @@ func (c *conn) startTLS(data []byte) error {
 	c.br.Reset(tc)
 	c.out.w = tc
 	c.tlsDone = true
+	// What was negotiated in plain text does not carry over (doc/proto.md).
+	c.resetNegotiation()
 	if id := peerIdentity(tc.ConnectionState()); id != "" {
 		c.log = c.log.With("peer", id)
 	}

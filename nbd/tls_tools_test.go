@@ -40,6 +40,11 @@ func TestTLSNbdinfo(t *testing.T) {
 		t.Fatalf("nbdinfo over TLS: %s", out)
 	}
 	run(t, "nbdinfo", "--is", "tls", tlsURI(ts.tcp, "disk0", f.good))
+	// Structured replies and block status are negotiated inside TLS: the
+	// empty disk maps as one hole.
+	if out := run(t, "nbdinfo", "--map", tlsURI(ts.tcp, "disk0", f.good)); !strings.Contains(out, "hole,zero") || strings.Contains(out, "data") {
+		t.Fatalf("nbdinfo --map over TLS:\n%s", out)
+	}
 	// --list is answered inside TLS only.
 	if out := run(t, "nbdinfo", "--list", tlsURI(ts.tcp, "", f.good)); !strings.Contains(out, "disk0") {
 		t.Fatalf("nbdinfo --list over TLS:\n%s", out)

@@ -27,6 +27,7 @@ import (
 	"syscall"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/nbd"
 )
 
 // BlockSize is the granularity of the map.
@@ -516,3 +517,70 @@ func (d *Disk) Close() error {
 	}
 	return err
 }
+
+// Extents reports the allocation of [off, off+length) (nbd.Extenter):
+// blocks written here from the data file's holes (a punched block reads
+// zeroes), the others from the base if it can tell, else as data.
+func (d *Disk) Extents(off, length int64) ([]nbd.Extent, error) {
+	if length < 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "overlay: invalid length %d", length)
+	}
+	if err := d.check(int(length), off); err != nil {
+		return nil, err
+	}
+	if err := d.enter(); err != nil {
+		return nil, err
+	}
+	defer d.closeMu.RUnlock()
+	end := off + length
+	var out []nbd.Extent
+	for pos := off; pos < end && len(out) < nbd.MaxExtents; {
+		here := d.present(pos / BlockSize)
+		runEnd := d.runEnd(pos, end, here)
+		var xs []nbd.Extent
+		var err error
+		if here {
+			xs, err = nbd.SeekExtents(d.data, pos, runEnd-pos)
+		} else {
+			xs, err = nbd.ExtentsOf(d.base, pos, runEnd-pos)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("overlay: extents at %d: %w", pos, err)
+		}
+		// Keep exactly the run: a base answering short or long is
+		// clipped, and what it left out counts as data.
+		var got int64
+		for _, x := range xs {
+			x.Length = min(x.Length, runEnd-pos-got)
+			out = nbd.AppendExtent(out, x)
+			got += max(x.Length, 0)
+		}
+		out = nbd.AppendExtent(out, nbd.Extent{Length: runEnd - pos - got})
+		pos = runEnd
+	}
+	return out, nil
+}
+
+// runEnd returns where the run of blocks at pos that are (here) or are
+// not present ends, at most end; whole map words are skipped at once.
+func (d *Disk) runEnd(pos, end int64, here bool) int64 {
+	for blk := pos/BlockSize + 1; blk*BlockSize < end; {
+		if blk%64 == 0 {
+			w := d.words[blk/64].Load()
+			if here && w == ^uint64(0) || !here && w == 0 {
+				blk += 64
+				continue
+			}
+		}
+		if d.present(blk) != here {
+			return blk * BlockSize
+		}
+		blk++
+	}
+	return end
+}
+
+// WriteZeroesFast is WriteZeroes (nbd.FastZeroer): whole blocks are
+// punched out of the data file and marked, only partial edge blocks are
+// written, so it beats writing the zeroes.
+func (d *Disk) WriteZeroesFast(off, n int64) error { return d.WriteZeroes(off, n) }

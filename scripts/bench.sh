@@ -7,7 +7,9 @@
 #   2. replication throughput and lag under churn (go test -bench Replication);
 #   3. reprotect resync of a 4 GiB disk with 1/10/50% of its blocks changed,
 #      tracked and with digest compare, against rsync over loopback
-#      (go test -bench Resync; needs rsync and ~16 GiB free in $TMPDIR).
+#      (go test -bench Resync; needs rsync and ~16 GiB free in $TMPDIR);
+#   7. bytes on the wire reading out a sparse disk with nbdcopy and qemu-img
+#      convert, Rebound against qemu-nbd (go test ./nbd -bench SparseReadOut).
 #
 #   scripts/bench.sh [--out docs/benchmarks.md] [--runtime 10]
 set -euo pipefail
@@ -64,6 +66,9 @@ go test ./cmd/rebound -run '^$' -bench 'PlanFailover' -benchtime 1x -count=1 -ti
 # 5. The agent's scan rate against b3sum and sha256sum on the same device.
 command -v b3sum >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq b3sum >/dev/null 2>&1 || true; }
 go test ./agent -run '^$' -bench 'Scan' -benchtime 1x -count=1 >"$tmp/scan.txt" 2>&1 || { cat "$tmp/scan.txt" >&2; exit 1; }
+
+# 7. Reading out a sparse disk: bytes on the wire, Rebound against qemu-nbd.
+REBOUND_BENCH_OUT="$tmp/sparse.md" go test ./nbd -run '^$' -bench 'SparseReadOut' -benchtime 1x -count=1 >"$tmp/sparse.txt" 2>&1 || { cat "$tmp/sparse.txt" >&2; exit 1; }
 
 ratio() { python3 - "$tmp/nbd.md" <<'PY'
 import sys
@@ -147,5 +152,13 @@ PY
 	echo '```'
 	grep -E '^Benchmark' "$tmp/scan.txt"
 	echo '```'
+	echo
+	echo "## Reading out a sparse disk"
+	echo
+	echo "\`go test ./nbd -run '^\$' -bench SparseReadOut -benchtime 1x\`: \`nbdcopy\` and \`qemu-img convert -n --target-is-zero\` copy a 1 GiB raw disk holding 16 MiB of data (16 runs of 1 MiB) to a local file, from Rebound's NBD server and from qemu-nbd serving the same file; a TCP proxy in front of each server counts the bytes it sends (structured replies, \`base:allocation\` block status)."
+	echo
+	echo "| client | server | bytes sent | × data | time | target | met? |"
+	echo "|---|---|---|---|---|---|---|"
+	cat "$tmp/sparse.md"
 } >"$out"
 echo "wrote $out" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Rebound's whole test suite. It installs the real tools the tests use
-# (qemu-utils, libnbd-bin, nbdkit, fio, rsync, and for the VM tests
+# (qemu-utils, libnbd-bin, python3-libnbd (nbdsh, libnbd for the block
+# status checks), nbdkit, fio, rsync, and for the VM tests
 # qemu-system-x86, Debian's kernel, busybox, qemu-guest-agent, e2fsprogs, btrfs-progs
 # for the full-state-directory tests on loop devices; systemd-analyze checks
 # the unit files in dist/systemd)
@@ -9,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/go/bin:$HOME/go/bin:$PATH"
 
-tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdkit fio rsync qemu-system-x86_64 busybox mkfs.ext4 mkfs.btrfs losetup systemd-analyze)
-packages=(qemu-utils libnbd-bin nbdkit fio rsync qemu-system-x86 linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs xz-utils zstd btrfs-progs mount systemd)
+tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdsh nbdkit fio rsync qemu-system-x86_64 busybox mkfs.ext4 mkfs.btrfs losetup systemd-analyze)
+packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio rsync qemu-system-x86 linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs xz-utils zstd btrfs-progs mount systemd)
 missing=()
 for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -88,6 +88,30 @@ func (d *liveDisk) WriteZeroesNoHole(off, length int64) error {
 	return b.WriteZeroesNoHole(off, length)
 }
 
+// Extents forwards the backend's allocation status (nbd.Extenter), so
+// block status works on the real exports; a backend that cannot tell
+// reports data.
+func (d *liveDisk) Extents(off, length int64) ([]nbd.Extent, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return nil, err
+	}
+	return nbd.ExtentsOf(b, off, length)
+}
+
+// WriteZeroesFast forwards NBD_CMD_FLAG_FAST_ZERO (nbd.FastZeroer).
+func (d *liveDisk) WriteZeroesFast(off, length int64) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	b, err := d.backend()
+	if err != nil {
+		return err
+	}
+	return nbd.WriteZeroesFast(b, off, length)
+}
+
 // liveLocked returns the machine's live disks, creating them.
 func (s *Site) liveLocked(m *machine) []*liveDisk {
 	if len(m.live) != len(m.state.Disks) {

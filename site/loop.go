@@ -339,3 +339,19 @@ func (s *Site) deltaSeedFromFiles(u *unit, extra [][]rebound.Region) [][]rebound
 	}
 	return seed
 }
+
+// WriteZeroesFast marks the range first like every change; without it
+// the embedded overlay's method would zero untracked.
+func (d trackedDisk) WriteZeroesFast(off, length int64) error {
+	if err := d.t.Mark(off, length); err != nil {
+		return err
+	}
+	return d.Disk.WriteZeroesFast(off, length)
+}
+
+// trackedDisk must keep reporting the overlay's allocation (block status
+// of a failover export); the embedded *overlay.Disk provides it.
+var (
+	_ nbd.Extenter   = trackedDisk{}
+	_ nbd.FastZeroer = trackedDisk{}
+)

@@ -48,7 +48,7 @@ func run(file, name, listen, socket string) error {
 	if err != nil {
 		return err
 	}
-	exp := &nbd.Export{Name: name, Description: "benchserve " + file, Backend: f}
+	exp := &nbd.Export{Name: name, Description: "benchserve " + file, Backend: sparse{f}}
 	s := &nbd.Server{
 		Lookup: func(n string) (*nbd.Export, error) {
 			if n != name {
@@ -67,4 +67,11 @@ func run(file, name, listen, socket string) error {
 		return err
 	}
 	return nil
+}
+
+// sparse reports the file's holes, as the site's disk backends do.
+type sparse struct{ *rawfile.File }
+
+func (f sparse) Extents(off, length int64) ([]nbd.Extent, error) {
+	return nbd.SeekExtents(f.OSFile(), off, length)
 }

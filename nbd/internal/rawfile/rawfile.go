@@ -34,6 +34,10 @@ func (f *File) WriteAt(p []byte, off int64) (int, error) { return f.f.WriteAt(p,
 func (f *File) Flush() error                             { return syscall.Fdatasync(int(f.f.Fd())) }
 func (f *File) Close() error                             { return f.f.Close() }
 
+// OSFile returns the open file (for SEEK_DATA/SEEK_HOLE; this package
+// cannot import nbd, whose tests use it).
+func (f *File) OSFile() *os.File { return f.f }
+
 const (
 	fallocKeepSize  = 0x01
 	fallocPunchHole = 0x02
