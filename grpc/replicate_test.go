@@ -465,3 +465,46 @@ func TestSender_Errors(t *testing.T) {
 	t.Logf("unknown stream: %s", bad.Stats().LastError)
 	t.Logf("wrong name: %s", w.Stats().LastError)
 }
+
+// CompressAuto sends a loopback stream uncompressed (zstd would only cost
+// CPU on both ends of one machine) and every record still arrives intact.
+func TestReplicate_AutoCompressionLoopback(t *testing.T) {
+	e := newEnv(t)
+	sink := newMemSink()
+	seen := &compressionSeen{}
+	ts, _ := newReplServer(t, e, sink, ggrpc.StatsHandler(seen))
+	_, cli := e.site(t, "site-a", "site-b")
+	src := newMemSource()
+	const n = 200
+	for i := 0; i < n; i++ {
+		src.add(testRecord(i))
+	}
+	s := &Sender{Addr: ts.addr, TLS: cli, StreamID: "vm1", SourceSite: "site-a", Source: src, Compression: CompressAuto}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- s.Run(ctx) }()
+	waitFor(t, 20*time.Second, "all records acked", func() bool { return s.Stats().AckedSeq == n })
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatal(err)
+	}
+	checkSink(t, sink, src, n)
+	seen.mu.Lock()
+	got, ok := seen.seen[pb.Replication_Replicate_FullMethodName]
+	seen.mu.Unlock()
+	if !ok || got == Compressor {
+		t.Fatalf("loopback stream: header seen %v, compression %q", ok, got)
+	}
+	for _, c := range []struct {
+		mode, addr string
+		want       bool
+	}{
+		{CompressAuto, "127.0.0.1:1", false}, {CompressAuto, "[::1]:1", false}, {CompressAuto, "localhost:1", false},
+		{CompressAuto, "10.0.0.1:1", true}, {CompressAuto, "site-b.example:1", true},
+		{"", "127.0.0.1:1", true}, {CompressZstd, "127.0.0.1:1", true}, {CompressNone, "10.0.0.1:1", false},
+	} {
+		if got := compressTo(c.mode, c.addr); got != c.want {
+			t.Errorf("compressTo(%q, %q) = %v, want %v", c.mode, c.addr, got, c.want)
+		}
+	}
+}

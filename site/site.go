@@ -435,6 +435,7 @@ func (s *Site) startSourceSeed(u *unit, seed [][]rebound.Region) error {
 	u.sender = &rgrpc.Sender{
 		Addr: spec.PeerAddr, TLS: peerTLS, StreamID: spec.StreamID,
 		SourceSite: s.cfg.Name, Generation: spec.Generation, Source: repairingStream{stream, s, name, spec.PeerSite},
+		Compression: rgrpc.CompressAuto,
 	}
 	sender := u.sender
 	sent := make(chan struct{})
