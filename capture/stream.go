@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -35,6 +36,21 @@ const (
 	// metaInterval is how often the acked seq is persisted and the spool
 	// truncated.
 	metaInterval = 100 * time.Millisecond
+	// DefaultThrottleStall is how long a throttled write waits for the
+	// peer to ack anything before the stream stops waiting and tracks.
+	DefaultThrottleStall = 5 * time.Second
+)
+
+// Congestion policies: what a stream does when the peer falls behind and
+// the spool fills (rebound.Policy.Congestion).
+const (
+	// CongestionTrack: writes never wait; a full spool switches to dirty
+	// region tracking and a resync (overflow).
+	CongestionTrack = "track"
+	// CongestionThrottle: writes wait before they are recorded while the
+	// spool is above its high-water mark (3/4 of SpoolLimit) and the peer
+	// is acking, so the backlog, and the lag, stay bounded.
+	CongestionThrottle = "throttle"
 )
 
 // Stream states reported by Stats.
@@ -69,6 +85,15 @@ type Options struct {
 	// disk files: the agent reads a device past its page cache, which a
 	// mounted filesystem's writes leave stale.
 	ReadDisk func(disk int, p []byte, off int64) (int, error)
+	// Congestion is CongestionTrack (default, also "") or
+	// CongestionThrottle; SetCongestion changes it on an open stream.
+	Congestion string
+	// ThrottleStall bounds a throttled write's wait for an ack; after it
+	// the write proceeds (and the stream may overflow): a dead link must
+	// not hang the machine. Default DefaultThrottleStall.
+	ThrottleStall time.Duration
+	// OnThrottle, if set, is called when a write starts waiting (tests).
+	OnThrottle func()
 }
 
 // Stats is a snapshot of a stream's replication state.
@@ -86,6 +111,9 @@ type Stats struct {
 	// the spool nor a dirty map could record them. Empty once a change is
 	// recorded again.
 	Error string
+	// Throttled counts the writes that waited for the spool to drain
+	// (congestion policy throttle).
+	Throttled int64
 }
 
 // pending is an unacked record, for backlog, lag and spool accounting.
@@ -153,6 +181,10 @@ type Stream struct {
 	unsynced   int64         // spool bytes appended since the last background sync kick
 	syncKick   chan struct{} // wakes the background spool syncer
 
+	throttle   atomic.Bool  // congestion policy is throttle
+	spoolLevel atomic.Int64 // spoolBytes, readable without mu
+	throttled  int64        // Stats.Throttled
+
 	samples [12]sample // throughput samples, one per second, ring
 	nsample int
 
@@ -188,6 +220,12 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.ThrottleStall <= 0 {
+		opts.ThrottleStall = DefaultThrottleStall
+	}
+	if opts.Congestion != "" && opts.Congestion != CongestionTrack && opts.Congestion != CongestionThrottle {
+		return nil, rebound.Errorf(rebound.EINVALID, "capture: unknown congestion policy %q (want %s or %s)", opts.Congestion, CongestionThrottle, CongestionTrack)
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -202,6 +240,7 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 		done:     make(chan struct{}),
 		syncKick: make(chan struct{}, 1),
 	}
+	s.throttle.Store(opts.Congestion == CongestionThrottle)
 	m, err := s.readMeta()
 	if err != nil {
 		return nil, err
@@ -337,6 +376,7 @@ func (s *Stream) replay() (open bool, err error) {
 			s.backlog += int64(len(rec.Data))
 		}
 	}
+	s.spoolLevel.Store(s.spoolBytes)
 	if n > 0 {
 		s.logger.Info("replayed spool onto disks", "records", n, "from", first)
 	}
@@ -384,6 +424,7 @@ func (s *Stream) appendBatchLocked(recs []*rebound.Record) error {
 		n := int64(len(rec.Data))
 		s.unacked = append(s.unacked, pending{seq: rec.Seq, bytes: n, time: rec.Time})
 		s.spoolBytes += n + recOverhead
+		s.spoolLevel.Store(s.spoolBytes)
 		s.backlog += n
 		s.unsynced += n + recOverhead
 		s.cache.add(rec)
@@ -424,6 +465,9 @@ type change struct {
 // same order, all under the stream mutex, so stream order stays disk order
 // while concurrent writers share the spool's syscall.
 func (s *Stream) change(d *Disk, rec *rebound.Record, apply func() error) error {
+	if s.throttle.Load() {
+		s.throttleWait(int64(len(rec.Data)) + recOverhead)
+	}
 	c := &change{d: d, rec: rec, apply: apply}
 	s.qmu.Lock()
 	s.queue = append(s.queue, c)
@@ -455,6 +499,76 @@ func (s *Stream) change(d *Disk, rec *rebound.Record, apply func() error) error 
 			s.leading = false
 			s.qmu.Unlock()
 			return c.err
+		}
+	}
+}
+
+// highWater is the spool level above which throttled writes wait.
+func (s *Stream) highWater() int64 { return s.opts.SpoolLimit / 4 * 3 }
+
+// SetCongestion sets the congestion policy (CongestionTrack or
+// CongestionThrottle) of an open stream.
+func (s *Stream) SetCongestion(mode string) error {
+	switch mode {
+	case "", CongestionTrack:
+		s.throttle.Store(false)
+	case CongestionThrottle:
+		s.throttle.Store(true)
+	default:
+		return rebound.Errorf(rebound.EINVALID, "capture: unknown congestion policy %q (want %s or %s)", mode, CongestionThrottle, CongestionTrack)
+	}
+	s.mu.Lock()
+	if s.ackCh != nil { // wake throttled writers: they re-check the mode
+		close(s.ackCh)
+		s.ackCh = nil
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+// throttleWait holds a change of n spool bytes, before it is queued and
+// outside every lock, while the spool is above the high-water mark: the
+// NBD write is acknowledged only once the peer has drained the backlog.
+// It gives up (and the write goes on, tracked if the spool is full) when
+// no ack comes for ThrottleStall, in overflow (tracking is already
+// on), and on close. Concurrent writers may each pass the check, so the
+// spool can pass the mark by the writes in flight; the quarter of
+// SpoolLimit above it absorbs them.
+func (s *Stream) throttleWait(n int64) {
+	high := s.highWater()
+	if lvl := s.spoolLevel.Load(); lvl == 0 || lvl+n <= high {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	waited := false
+	for s.throttle.Load() && !s.closed && !s.overflow && s.spoolBytes > 0 && s.spoolBytes+n > high {
+		first := !waited
+		if first {
+			waited = true
+			s.throttled++
+		}
+		if s.ackCh == nil {
+			s.ackCh = make(chan struct{})
+		}
+		ch := s.ackCh
+		s.mu.Unlock()
+		if first && s.opts.OnThrottle != nil {
+			s.opts.OnThrottle()
+		}
+		t := time.NewTimer(s.opts.ThrottleStall)
+		stalled := false
+		select {
+		case <-ch:
+		case <-s.done:
+		case <-t.C:
+			stalled = true
+		}
+		t.Stop()
+		s.mu.Lock()
+		if stalled {
+			s.logger.Warn("throttled write got no ack in time: the peer is stalled; the write goes on", "wait", s.opts.ThrottleStall, "backlog", s.backlog)
+			return
 		}
 	}
 }
@@ -666,6 +780,7 @@ func (s *Stream) Acked(seq uint64) {
 		s.ackedBytes += p.bytes
 	}
 	s.unacked = s.unacked[i:]
+	s.spoolLevel.Store(s.spoolBytes)
 	if len(s.unacked) == 0 {
 		s.unacked = s.unacked[:0:0] // let the backing array go
 	}
@@ -773,6 +888,7 @@ func (s *Stream) Stats() Stats {
 		SyncDone:     s.syncDone,
 		SyncTotal:    s.syncTotal,
 		Error:        s.refusing,
+		Throttled:    s.throttled,
 	}
 	switch {
 	case s.resyncing && s.initial:
