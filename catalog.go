@@ -80,7 +80,8 @@ type CatalogService interface {
 
 // ValidatePolicy checks a policy's values: the crash interval at least a
 // second, a positive RPO threshold, retention no shorter than the crash
-// interval, an app interval of 0 (never) or at least a second.
+// interval, an app interval of 0 (never) or at least a second, a known
+// congestion policy.
 func ValidatePolicy(p Policy) error {
 	const sec = Duration(time.Second)
 	switch {
@@ -92,6 +93,8 @@ func ValidatePolicy(p Policy) error {
 		return Errorf(EINVALID, "policy %s: retention (--retention) %s is shorter than the crash interval %s: no point would be kept", p.Name, p.Retention, p.CrashInterval)
 	case p.AppInterval < 0 || p.AppInterval > 0 && p.AppInterval < sec:
 		return Errorf(EINVALID, "policy %s: appInterval (--app-interval) must be 0 (never) or at least 1s, not %s", p.Name, p.AppInterval)
+	case p.Congestion != "" && p.Congestion != CongestionTrack && p.Congestion != CongestionThrottle:
+		return Errorf(EINVALID, "policy %s: congestion (--congestion) must be %s or %s, not %q", p.Name, CongestionThrottle, CongestionTrack, p.Congestion)
 	}
 	return nil
 }

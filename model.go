@@ -96,7 +96,21 @@ type Policy struct {
 	CrashInterval Duration `json:"crashInterval"`
 	// AppInterval: an app-consistent point is cut this often; 0 is never.
 	AppInterval Duration `json:"appInterval"`
+	// Congestion: what the source does when the target falls behind and
+	// the spool fills: CongestionTrack (default; "" means it) or
+	// CongestionThrottle.
+	Congestion string `json:"congestion,omitempty"`
 }
+
+// Congestion policies (Policy.Congestion).
+const (
+	// CongestionTrack: writes never wait; a full spool switches to
+	// dirty-region tracking and a resync, during which no point is cut.
+	CongestionTrack = "track"
+	// CongestionThrottle: writes wait before they are acknowledged while
+	// the spool is above its high-water mark, so the lag stays bounded.
+	CongestionThrottle = "throttle"
+)
 
 // DefaultPolicy is the policy named "default".
 func DefaultPolicy() Policy {

@@ -257,10 +257,11 @@ type policyBody struct {
 	Retention     *rebound.Duration `json:"retention"`
 	CrashInterval *rebound.Duration `json:"crashInterval"`
 	AppInterval   *rebound.Duration `json:"appInterval"`
+	Congestion    string            `json:"congestion,omitempty"` // "" takes the default (track)
 }
 
 func (b policyBody) policy() (rebound.Policy, error) {
-	p := rebound.Policy{Name: b.Name}
+	p := rebound.Policy{Name: b.Name, Congestion: b.Congestion}
 	def := rebound.DefaultPolicy()
 	for _, f := range []struct {
 		name     string
@@ -288,7 +289,7 @@ func (b policyBody) policy() (rebound.Policy, error) {
 // bodyOfPolicy is the PUT body of a Policy: its zero durations are left
 // out, so the server applies the defaults as Service.PutPolicy does.
 func bodyOfPolicy(p rebound.Policy) policyBody {
-	b := policyBody{Name: p.Name}
+	b := policyBody{Name: p.Name, Congestion: p.Congestion}
 	for _, f := range []struct {
 		v   rebound.Duration
 		dst **rebound.Duration

@@ -407,6 +407,11 @@ func (s *Site) SetPolicy(ctx context.Context, name string, p rebound.Policy) err
 		u.state.Spec.Policy = old
 		return err
 	}
+	if u.stream != nil {
+		if err := u.stream.SetCongestion(p.Congestion); err != nil {
+			return err
+		}
+	}
 	if u.policyC != nil {
 		// The cutter takes the newest policy; an older unread one is dropped.
 		select {
@@ -415,7 +420,7 @@ func (s *Site) SetPolicy(ctx context.Context, name string, p rebound.Policy) err
 		}
 		u.policyC <- p
 	}
-	s.logger.Info("policy changed", "machine", name, "policy", p.Name, "crashInterval", p.CrashInterval, "retention", p.Retention)
+	s.logger.Info("policy changed", "machine", name, "policy", p.Name, "crashInterval", p.CrashInterval, "retention", p.Retention, "congestion", p.Congestion)
 	return nil
 }
 

@@ -396,6 +396,9 @@ func (s *Site) startSourceSeed(u *unit, seed [][]rebound.Region) error {
 		return rebound.Errorf(rebound.EINVALID, "machine %s is a server's own disks (rebound agent): it replicates alone, not in a group", extName)
 	}
 	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Logger: s.logger.With("machine", u.name)}
+	if st.Spec != nil {
+		opts.Congestion = st.Spec.Policy.Congestion
+	}
 	if read := s.cfg.ReadExternal; ext && read != nil {
 		opts.ReadDisk = func(disk int, p []byte, off int64) (int, error) { return read(extName, disk, p, off) }
 	}

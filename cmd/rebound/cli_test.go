@@ -313,8 +313,8 @@ func TestPolicy(t *testing.T) {
 	r := runCLI(t, f, "policy", "list")
 	wantCode(t, r, 0)
 	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
-	if len(lines) != 3 || strings.Join(strings.Fields(lines[1]), " ") != "default 30s 24h0m0s 5s never" ||
-		strings.Join(strings.Fields(lines[2]), " ") != "gold 10s 72h0m0s 2s 15m0s" {
+	if len(lines) != 3 || strings.Join(strings.Fields(lines[1]), " ") != "default 30s 24h0m0s 5s never track" ||
+		strings.Join(strings.Fields(lines[2]), " ") != "gold 10s 72h0m0s 2s 15m0s track" {
 		t.Fatalf("table:\n%s", r.stdout)
 	}
 	r = runCLI(t, f, "policy", "list", "-o", "json")
@@ -335,10 +335,17 @@ func TestPolicy(t *testing.T) {
 	r = runCLI(t, f, "policy", "set", "silver", "--retention", "48h", "--app-interval", "1h", "--crash-interval", "10s")
 	wantCode(t, r, 0)
 	wantCalls(t, f, "ListPolicies", "PutPolicy silver rpo=30s retention=48h0m0s crash=10s app=1h0m0s")
+	// --congestion changes only the congestion policy.
+	r = runCLI(t, f, "policy", "set", "gold", "--congestion", "throttle", "-o", "json")
+	wantCode(t, r, 0)
+	if p := decode[rebound.Policy](t, r.stdout); p.Congestion != rebound.CongestionThrottle || p.RPOThreshold != gold.RPOThreshold {
+		t.Fatalf("json %+v", p)
+	}
 
 	for _, args := range [][]string{
 		{"policy", "set", "x", "--rpo", "soon"},
 		{"policy", "set", "x", "--retention", "-1h"},
+		{"policy", "set", "x", "--congestion", "block"},
 		{"policy", "set"},
 	} {
 		f := &fakeService{ListPoliciesFn: func() ([]rebound.Policy, error) { return nil, nil }}

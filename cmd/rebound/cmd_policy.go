@@ -55,14 +55,23 @@ The default policy cannot be deleted.`,
 
 func (c *CLI) policySetCommand() *cobra.Command {
 	var rpo, retention, crash, app time.Duration
+	var congestion string
 	cmd := &cobra.Command{
-		Use:   "set NAME [--rpo D] [--retention D] [--crash-interval D] [--app-interval D]",
+		Use:   "set NAME [--rpo D] [--retention D] [--crash-interval D] [--app-interval D] [--congestion throttle|track]",
 		Short: "Create or update a policy",
 		Long: `Create or update a policy. Flags not given keep the policy's current
 values, or the defaults (rpo 30s, retention 24h, crash-interval 5s,
 app-interval 0 = never) for a new policy. The crash interval is at least 1s,
 retention at least the crash interval, the RPO positive, the app interval 0
 (never) or at least 1s; other values are refused.
+
+--congestion says what a protected machine's writes do when the target falls
+behind and the source's spool fills: track (the default) lets them go on at
+full speed and switches to dirty-region tracking plus a resync (no recovery
+point is cut until it ends); throttle makes them wait before they are
+acknowledged while the spool is above 3/4 of its limit, so the lag stays
+bounded and points keep coming (a target that acks nothing for 5s releases
+them and the stream tracks as above).
 
 A changed policy takes effect on every machine that uses it: the source site
 cuts points at the new intervals and the recovery site keeps the new
@@ -104,6 +113,9 @@ retention (a site that is offline gets it when it reconnects).`,
 				}
 				*o.dst = rebound.Duration(o.v)
 			}
+			if f.Changed("congestion") {
+				p.Congestion = congestion
+			}
 			if err := rebound.ValidatePolicy(p); err != nil {
 				return usagef("policy set: %s", rebound.ErrorMessage(err))
 			}
@@ -119,5 +131,6 @@ retention (a site that is offline gets it when it reconnects).`,
 	f.DurationVar(&retention, "retention", 24*time.Hour, "how far back points are kept")
 	f.DurationVar(&crash, "crash-interval", 5*time.Second, "how often a crash-consistent point is cut")
 	f.DurationVar(&app, "app-interval", 0, "how often an app-consistent point is cut (0: never)")
+	f.StringVar(&congestion, "congestion", rebound.CongestionTrack, "when the target falls behind: throttle (writes wait) or track (dirty regions, then a resync)")
 	return cmd
 }

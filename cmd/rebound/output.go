@@ -211,13 +211,17 @@ func writePoints(w io.Writer, points []rebound.RecoveryPoint) {
 }
 
 func writePolicies(w io.Writer, policies []rebound.Policy) {
-	row(w, "NAME", "RPO", "RETENTION", "CRASH-INTERVAL", "APP-INTERVAL")
+	row(w, "NAME", "RPO", "RETENTION", "CRASH-INTERVAL", "APP-INTERVAL", "CONGESTION")
 	for _, p := range policies {
 		app := p.AppInterval.String()
 		if p.AppInterval == 0 {
 			app = "never"
 		}
-		row(w, p.Name, p.RPOThreshold, p.Retention, p.CrashInterval, app)
+		congestion := p.Congestion
+		if congestion == "" {
+			congestion = rebound.CongestionTrack
+		}
+		row(w, p.Name, p.RPOThreshold, p.Retention, p.CrashInterval, app, congestion)
 	}
 }
 
