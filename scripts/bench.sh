@@ -25,6 +25,10 @@ while [ $# -gt 0 ]; do
 done
 
 tmp=$(mktemp -d)
+# Hand-written sections (the CPU-per-byte profile note and what follows it)
+# are kept from the previous file.
+notes=""
+[ -f "$out" ] && notes=$(sed -n '/^## CPU per written byte/,$p' "$out")
 pid=""
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
@@ -160,5 +164,9 @@ PY
 	echo "| client | server | bytes sent | × data | time | target | met? |"
 	echo "|---|---|---|---|---|---|---|"
 	cat "$tmp/sparse.md"
+	if [ -n "$notes" ]; then
+		echo
+		echo "$notes"
+	fi
 } >"$out"
 echo "wrote $out" >&2
