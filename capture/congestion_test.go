@@ -176,3 +176,34 @@ func TestCongestionSwitchReleasesWriters(t *testing.T) {
 		t.Fatalf("stats %+v", st)
 	}
 }
+
+// With a peer that acks nothing, one throttled write waits ThrottleStall
+// and then no write waits until an ack comes: the writer goes on and the
+// stream tracks, as under track. The next ack re-arms the throttle.
+func TestCongestionStalledPeer(t *testing.T) {
+	const limit = 1 << 20
+	h := newHarness(t, 1, 8*limit, Options{
+		SpoolLimit: limit, SegmentSize: 256 << 10, Congestion: CongestionThrottle, ThrottleStall: 100 * time.Millisecond,
+	})
+	buf := make([]byte, 128<<10)
+	for off := int64(0); off < 8*limit; off += int64(len(buf)) {
+		buf[0]++
+		if _, err := h.s.Disk(0).WriteAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := h.s.Stats()
+	if st.State != StateOverflow || st.Throttled != 1 || st.DirtyBytes == 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	h.s.mu.Lock()
+	stalled := h.s.stalled
+	h.s.mu.Unlock()
+	h.s.Acked(1)
+	h.s.mu.Lock()
+	rearmed := !h.s.stalled
+	h.s.mu.Unlock()
+	if !stalled || !rearmed {
+		t.Fatalf("stalled %v, re-armed after an ack %v", stalled, rearmed)
+	}
+}

@@ -184,6 +184,7 @@ type Stream struct {
 	throttle   atomic.Bool  // congestion policy is throttle
 	spoolLevel atomic.Int64 // spoolBytes, readable without mu
 	throttled  int64        // Stats.Throttled
+	stalled    bool         // a throttled write got no ack in ThrottleStall; cleared by the next ack
 
 	samples [12]sample // throughput samples, one per second, ring
 	nsample int
@@ -530,8 +531,9 @@ func (s *Stream) SetCongestion(mode string) error {
 // outside every lock, while the spool is above the high-water mark: the
 // NBD write is acknowledged only once the peer has drained the backlog.
 // It gives up (and the write goes on, tracked if the spool is full) when
-// no ack comes for ThrottleStall, in overflow (tracking is already
-// on), and on close. Concurrent writers may each pass the check, so the
+// no ack comes for ThrottleStall, and then no write waits until an ack
+// comes (a dead link costs one stall, not one per write); also in
+// overflow (tracking is already on) and on close. Concurrent writers may each pass the check, so the
 // spool can pass the mark by the writes in flight; the quarter of
 // SpoolLimit above it absorbs them.
 func (s *Stream) throttleWait(n int64) {
@@ -542,7 +544,7 @@ func (s *Stream) throttleWait(n int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	waited := false
-	for s.throttle.Load() && !s.closed && !s.overflow && s.spoolBytes > 0 && s.spoolBytes+n > high {
+	for s.throttle.Load() && !s.closed && !s.overflow && !s.stalled && s.spoolBytes > 0 && s.spoolBytes+n > high {
 		first := !waited
 		if first {
 			waited = true
@@ -567,6 +569,7 @@ func (s *Stream) throttleWait(n int64) {
 		t.Stop()
 		s.mu.Lock()
 		if stalled {
+			s.stalled = true
 			s.logger.Warn("throttled write got no ack in time: the peer is stalled; the write goes on", "wait", s.opts.ThrottleStall, "backlog", s.backlog)
 			return
 		}
@@ -772,6 +775,7 @@ func (s *Stream) Acked(seq uint64) {
 		return
 	}
 	s.acked = seq
+	s.stalled = false
 	i := 0
 	for ; i < len(s.unacked) && s.unacked[i].seq <= seq; i++ {
 		p := s.unacked[i]
