@@ -1,6 +1,7 @@
 package grpc
 
 import (
+	"encoding/binary"
 	"io"
 	"sync"
 
@@ -47,7 +48,11 @@ func (w *zstdWriter) Write(p []byte) (int, error) {
 }
 
 func (w *zstdWriter) Close() error {
-	w.dst = w.c.enc.EncodeAll(w.src, w.dst[:0])
+	if incompressible(w.c.enc, w.src, w.dst[:0]) {
+		w.dst = rawFrame(w.src, w.dst[:0])
+	} else {
+		w.dst = w.c.enc.EncodeAll(w.src, w.dst[:0])
+	}
 	_, err := w.w.Write(w.dst)
 	w.w, w.src = nil, w.src[:0]
 	if cap(w.src) <= 4<<20 { // do not pin huge buffers in the pool
@@ -103,4 +108,44 @@ func (c *zstdCompressor) Decompress(r io.Reader) (io.Reader, error) {
 		return nil, err
 	}
 	return &zstdReader{Decoder: d, c: c}, nil
+}
+
+// sampleSize is how much of a message is compressed to decide whether the
+// rest is worth compressing.
+const sampleSize = 64 << 10
+
+// incompressible says whether msg (at least 4 samples long) looks like
+// already compressed or encrypted data: its first sampleSize bytes shrink
+// by less than 5%. Compressing such a message costs CPU on both ends for
+// nothing; scratch is a buffer to compress the sample into.
+func incompressible(enc *zstd.Encoder, msg, scratch []byte) bool {
+	if len(msg) < 4*sampleSize {
+		return false
+	}
+	out := enc.EncodeAll(msg[:sampleSize], scratch)
+	return len(out) > sampleSize*95/100
+}
+
+// rawFrame appends a zstd frame holding src in raw (stored) blocks: any
+// zstd decoder reads it, and it costs one copy, no compression.
+func rawFrame(src, dst []byte) []byte {
+	const maxBlock = 128 << 10
+	// Magic, then a frame header: single segment with an 8-byte content
+	// size (so no window descriptor), no checksum, no dictionary.
+	dst = append(dst, 0x28, 0xb5, 0x2f, 0xfd, 0xe0)
+	dst = binary.LittleEndian.AppendUint64(dst, uint64(len(src)))
+	for {
+		n := min(len(src), maxBlock)
+		last := uint32(0)
+		if n == len(src) {
+			last = 1
+		}
+		h := last | 0<<1 | uint32(n)<<3 // block type 0: raw
+		dst = append(dst, byte(h), byte(h>>8), byte(h>>16))
+		dst = append(dst, src[:n]...)
+		src = src[n:]
+		if last == 1 {
+			return dst
+		}
+	}
 }
