@@ -46,11 +46,11 @@ const (
 const (
 	// CongestionTrack: writes never wait; a full spool switches to dirty
 	// region tracking and a resync (overflow).
-	CongestionTrack = "track"
+	CongestionTrack = rebound.CongestionTrack
 	// CongestionThrottle: writes wait before they are recorded while the
 	// spool is above its high-water mark (3/4 of SpoolLimit) and the peer
 	// is acking, so the backlog, and the lag, stay bounded.
-	CongestionThrottle = "throttle"
+	CongestionThrottle = rebound.CongestionThrottle
 )
 
 // Stream states reported by Stats.
@@ -533,9 +533,9 @@ func (s *Stream) SetCongestion(mode string) error {
 // It gives up (and the write goes on, tracked if the spool is full) when
 // no ack comes for ThrottleStall, and then no write waits until an ack
 // comes (a dead link costs one stall, not one per write); also in
-// overflow (tracking is already on) and on close. Concurrent writers may each pass the check, so the
-// spool can pass the mark by the writes in flight; the quarter of
-// SpoolLimit above it absorbs them.
+// overflow (tracking is already on) and on close. Concurrent writers may
+// each pass the check, so the spool can pass the mark by the writes in
+// flight; the quarter of SpoolLimit above it absorbs them.
 func (s *Stream) throttleWait(n int64) {
 	high := s.highWater()
 	if lvl := s.spoolLevel.Load(); lvl == 0 || lvl+n <= high {
