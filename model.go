@@ -139,6 +139,10 @@ type Protection struct {
 	BacklogBytes  int64     `json:"backlogBytes"`
 	DirtyBytes    int64     `json:"dirtyBytes,omitempty"`
 	ThroughputBps float64   `json:"throughputBps"`
+	// ThrottledWrites counts the writes the congestion policy throttle
+	// held back until the target caught up (since the source stream
+	// opened): writers were slowed so the lag stays bounded.
+	ThrottledWrites int64 `json:"throttledWrites,omitempty"`
 	LastPointTime time.Time `json:"lastPointTime,omitempty"`
 	ReportedAt    time.Time `json:"reportedAt,omitempty"`
 	// ReplError, as the source reports it, says why writes fail or why the

@@ -146,6 +146,9 @@ type MachineStatus struct {
 	DirtyBytes    int64   `json:"dirtyBytes,omitempty"`
 	LagSeconds    float64 `json:"lagSeconds,omitempty"`
 	ThroughputBps float64 `json:"throughputBps,omitempty"`
+	// ThrottledWrites counts the writes the congestion policy throttle
+	// held back since the stream opened.
+	ThrottledWrites int64 `json:"throttledWrites,omitempty"`
 	// ReplError says why writes are failing with EIO: neither the spool nor
 	// the dirty map can record them (the site's state directory is full or
 	// failing). Empty when writes are recorded.

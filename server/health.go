@@ -16,6 +16,7 @@ type metrics struct {
 	backlog    *prometheus.GaugeVec
 	dirty      *prometheus.GaugeVec
 	throughput *prometheus.GaugeVec
+	throttled  *prometheus.GaugeVec
 	health     *prometheus.GaugeVec
 	siteUp     *prometheus.GaugeVec
 	jobs       *prometheus.CounterVec
@@ -31,6 +32,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Bytes only tracked in the dirty-region map (spool overflowed)."}, []string{"machine"}),
 		throughput: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_replication_throughput_bytes_per_second",
 			Help: "Acknowledged replication throughput."}, []string{"machine"}),
+		throttled: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_replication_throttled_writes",
+			Help: "Writes the throttle congestion policy held back since the source stream opened."}, []string{"machine"}),
 		health: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_machine_health",
 			Help: "0 normal, 1 warning, 2 critical."}, []string{"machine"}),
 		siteUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "rebound_site_up",
@@ -39,7 +42,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Jobs ended, by type and state."}, []string{"type", "state"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.lag, m.backlog, m.dirty, m.throughput, m.health, m.siteUp, m.jobs)
+		reg.MustRegister(m.lag, m.backlog, m.dirty, m.throughput, m.throttled, m.health, m.siteUp, m.jobs)
 	}
 	return m
 }
@@ -47,7 +50,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 // forgetReplication drops a machine's replication series: it is not
 // replicated (any more), and a stale lag would read as a live one.
 func (m *metrics) forgetReplication(machine string) {
-	for _, g := range []*prometheus.GaugeVec{m.lag, m.backlog, m.dirty, m.throughput} {
+	for _, g := range []*prometheus.GaugeVec{m.lag, m.backlog, m.dirty, m.throughput, m.throttled} {
 		g.DeleteLabelValues(machine)
 	}
 }
@@ -197,7 +200,7 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 			if ms.Role == "source" && p.SourceSite == name && m.State != rebound.MachineFailedOver {
 				p.ReplState, p.LagSeconds, p.BacklogBytes = ms.ReplState, ms.LagSeconds, ms.BacklogBytes
 				p.DirtyBytes, p.ThroughputBps, p.ReportedAt = ms.DirtyBytes, ms.ThroughputBps, st.Time
-				p.ReplError = ms.ReplError
+				p.ReplError, p.ThrottledWrites = ms.ReplError, ms.ThrottledWrites
 				if ms.SyncTotal > 0 && (m.State == rebound.MachineSyncing || ms.ReplState == "resyncing") {
 					p.SyncProgress = float64(ms.SyncDone) / float64(ms.SyncTotal)
 				}
@@ -205,6 +208,7 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 				s.metrics.backlog.WithLabelValues(m.Name).Set(float64(ms.BacklogBytes))
 				s.metrics.dirty.WithLabelValues(m.Name).Set(float64(ms.DirtyBytes))
 				s.metrics.throughput.WithLabelValues(m.Name).Set(ms.ThroughputBps)
+				s.metrics.throttled.WithLabelValues(m.Name).Set(float64(ms.ThrottledWrites))
 			}
 			if ms.Role == "target" && p.TargetSite == name {
 				if !ms.LastPointTime.IsZero() {

@@ -71,7 +71,7 @@ func (l *live) overlay(m *rebound.Machine) {
 	}
 	p.ReplState, p.SyncProgress, p.LagSeconds, p.BacklogBytes = lp.ReplState, lp.SyncProgress, lp.LagSeconds, lp.BacklogBytes
 	p.DirtyBytes, p.ThroughputBps, p.LastPointTime, p.ReportedAt = lp.DirtyBytes, lp.ThroughputBps, lp.LastPointTime, lp.ReportedAt
-	p.ReplError, p.JournalError = lp.ReplError, lp.JournalError
+	p.ReplError, p.JournalError, p.ThrottledWrites = lp.ReplError, lp.JournalError, lp.ThrottledWrites
 }
 
 func (l *live) forget(machine string) {

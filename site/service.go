@@ -47,6 +47,7 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 			ms.HeadSeq, ms.AckedSeq = cs.HeadSeq, cs.AckedSeq
 			ms.BacklogBytes, ms.DirtyBytes = cs.BacklogBytes, cs.DirtyBytes
 			ms.LagSeconds, ms.ThroughputBps = cs.LagSeconds, cs.ThroughputBps
+			ms.ThrottledWrites = cs.Throttled
 			ms.ReplError = cs.Error
 			if u.sender != nil {
 				switch ss := u.sender.Stats(); {

@@ -124,6 +124,9 @@ func writeMachine(w io.Writer, m *rebound.Machine) {
 		}
 		row(w, "Replication:", fmt.Sprintf("%s, lag %s, backlog %s, %s/s", repl,
 			fmtSeconds(p.LagSeconds), formatSize(p.BacklogBytes), formatSize(int64(p.ThroughputBps))))
+		if p.ThrottledWrites > 0 {
+			row(w, "Throttled:", fmt.Sprintf("%d writes held back until the target caught up (congestion policy throttle)", p.ThrottledWrites))
+		}
 		row(w, "Last point:", fmtTime(p.LastPointTime))
 	}
 	if f := m.Failover; f != nil {
