@@ -133,18 +133,18 @@ type Protection struct {
 	// "overflow" (spool full, only a dirty-region map kept) or "resyncing";
 	// "stopped" once the machine failed over (the stream replicates
 	// nothing until a commit and reprotect, or a cancel).
-	ReplState     string    `json:"replState,omitempty"`
-	SyncProgress  float64   `json:"syncProgress,omitempty"` // 0..1 during initial copy or a resync
-	LagSeconds    float64   `json:"lagSeconds"`
-	BacklogBytes  int64     `json:"backlogBytes"`
-	DirtyBytes    int64     `json:"dirtyBytes,omitempty"`
-	ThroughputBps float64   `json:"throughputBps"`
+	ReplState     string  `json:"replState,omitempty"`
+	SyncProgress  float64 `json:"syncProgress,omitempty"` // 0..1 during initial copy or a resync
+	LagSeconds    float64 `json:"lagSeconds"`
+	BacklogBytes  int64   `json:"backlogBytes"`
+	DirtyBytes    int64   `json:"dirtyBytes,omitempty"`
+	ThroughputBps float64 `json:"throughputBps"`
 	// ThrottledWrites counts the writes the congestion policy throttle
 	// held back until the target caught up (since the source stream
 	// opened): writers were slowed so the lag stays bounded.
-	ThrottledWrites int64 `json:"throttledWrites,omitempty"`
-	LastPointTime time.Time `json:"lastPointTime,omitempty"`
-	ReportedAt    time.Time `json:"reportedAt,omitempty"`
+	ThrottledWrites int64     `json:"throttledWrites,omitempty"`
+	LastPointTime   time.Time `json:"lastPointTime,omitempty"`
+	ReportedAt      time.Time `json:"reportedAt,omitempty"`
 	// ReplError, as the source reports it, says why writes fail or why the
 	// stream stopped (e.g. the target acked records this source never
 	// wrote); the machine's health is critical while it is set.
