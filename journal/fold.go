@@ -37,26 +37,31 @@ func (j *Journal) Expire(before time.Time) (uint64, error) {
 		j.mu.Unlock()
 		return j.base - b, nil
 	}
+	if err := j.foldToLocked(f); err != nil {
+		return 0, err
+	}
+	return f - b, nil
+}
+
+// foldToLocked records in meta.json that the base is moving to f, then
+// folds. Called with j.mu held (it unlocks it) and foldMu held. From the
+// meta write on, a failure leaves folding and meta.FoldTo set: views below
+// f stay refused and the next Expire or Open finishes the fold.
+func (j *Journal) foldToLocked(f uint64) error {
 	j.folding = f // new views below f are refused from now on
 	m := j.meta
 	j.mu.Unlock()
-
 	m.FoldTo = f
 	if err := writeMeta(j.dir, m); err != nil {
 		j.mu.Lock()
 		j.folding = 0
 		j.mu.Unlock()
-		return 0, err
+		return err
 	}
 	j.mu.Lock()
 	j.meta = m
 	j.mu.Unlock()
-	// From here on a failure leaves folding and meta.FoldTo set: views
-	// below f stay refused and the next Expire or Open finishes the fold.
-	if err := j.fold(f); err != nil {
-		return 0, err
-	}
-	return f - b, nil
+	return j.fold(f)
 }
 
 // foldTarget picks F. Called with j.mu held.
@@ -254,20 +259,7 @@ func (j *Journal) FoldAll() error {
 		j.mu.Unlock()
 		return nil
 	}
-	j.folding = f
-	m := j.meta
-	j.mu.Unlock()
-	m.FoldTo = f
-	if err := writeMeta(j.dir, m); err != nil {
-		j.mu.Lock()
-		j.folding = 0
-		j.mu.Unlock()
-		return err
-	}
-	j.mu.Lock()
-	j.meta = m
-	j.mu.Unlock()
-	return j.fold(f)
+	return j.foldToLocked(f)
 }
 
 // BasePath is the base file of disk i of the journal in dir.

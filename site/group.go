@@ -36,6 +36,15 @@ func sameMembers(u *unit, ms []rebound.MemberDisks) bool {
 	return true
 }
 
+// memberSet is the set of a spec's member names.
+func memberSet(spec rebound.ReplicationSpec) map[string]bool {
+	in := map[string]bool{}
+	for _, md := range spec.Members {
+		in[md.Name] = true
+	}
+	return in
+}
+
 // checkMembers checks a group spec's shape: members named once, not the
 // group's own name, and the stream's disks their disks in member order.
 func checkMembers(spec rebound.ReplicationSpec) error {
@@ -163,10 +172,7 @@ func (s *Site) regroupSourceLocked(spec rebound.ReplicationSpec) error {
 	}
 	// Leftovers keep their undelivered regions in change maps (written
 	// before the old stream's spool is removed).
-	in := map[string]bool{}
-	for _, md := range spec.Members {
-		in[md.Name] = true
-	}
+	in := memberSet(spec)
 	var left []*unit
 	for _, u := range olds {
 		for _, m := range u.members {
@@ -338,10 +344,7 @@ func (s *Site) regroupTargetLocked(spec rebound.ReplicationSpec) error {
 		}
 	}
 	// Leftovers: their folded disks become released copies.
-	inSpec := map[string]bool{}
-	for _, md := range spec.Members {
-		inSpec[md.Name] = true
-	}
+	inSpec := memberSet(spec)
 	var left []*unit
 	for _, ou := range olds {
 		for _, m := range ou.members {
