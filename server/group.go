@@ -63,35 +63,11 @@ func (s *Server) GetGroup(ctx context.Context, name string) (*rebound.Group, err
 
 // memberRefused refuses a machine verb on a group's member: the group's
 // machines fail over, commit and resync together.
-func memberRefused(m *rebound.Machine, verb string) error {
+func memberRefused(m *rebound.Machine) error {
 	if m.Group == "" {
 		return nil
 	}
-	return rebound.Errorf(rebound.ECONFLICT, "machine %s replicates in group %s; %s the group: rebound %s --group %s", m.Name, m.Group, verb, verbCommand(verb), m.Group)
-}
-
-// verbCommand is the CLI verb for a refused verb's phrase.
-func verbCommand(verb string) string {
-	for _, v := range []string{"failover", "failback", "reprotect", "commit", "unprotect", "preflight", "points", "test-failover"} {
-		if len(verb) >= len(v) && verb[:len(v)] == v {
-			return v
-		}
-	}
-	switch verb {
-	case "list recovery points":
-		return "points"
-	case "cut a recovery point":
-		return "point create"
-	case "run a test failover":
-		return "test-failover"
-	case "change the point of a failover":
-		return "failover change-point"
-	case "cancel a failover":
-		return "failover cancel"
-	case "clean up a test failover":
-		return "test-failover cleanup"
-	}
-	return "VERB"
+	return rebound.Errorf(rebound.ECONFLICT, "machine %s replicates in group %s, whose lifecycle verbs act on all its machines: give --group %s instead of %s", m.Name, m.Group, m.Group, m.Name)
 }
 
 // memberSpecs are the stream members of a group record, from the members'

@@ -62,7 +62,7 @@ func (s *Server) Failback(ctx context.Context, req rebound.FailoverRequest) (*re
 	if err != nil {
 		return nil, err
 	}
-	if err := memberRefused(m, "failback"); err != nil {
+	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
 	if err := s.checkIdle(m.Name); err != nil {
@@ -114,7 +114,7 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 	if err != nil {
 		return nil, err
 	}
-	if err := memberRefused(m, "reprotect"); err != nil {
+	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
 	if err := s.checkIdle(m.Name); err != nil {
@@ -548,7 +548,7 @@ func (s *Server) Preflight(ctx context.Context, name, op string) (*rebound.Prefl
 	if err != nil {
 		return nil, err
 	}
-	if err := memberRefused(m, "preflight"); err != nil {
+	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
 	if op == "" {

@@ -174,7 +174,7 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 	if err != nil {
 		return nil, err
 	}
-	if err := memberRefused(m, "protect"); err != nil {
+	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
 	if len(m.Members) > 0 {
@@ -395,7 +395,7 @@ func (s *Server) protection(ctx context.Context, name, verb string) (*rebound.Ma
 	if err != nil {
 		return nil, err
 	}
-	if err := memberRefused(m, verb); err != nil {
+	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
 	if m.Protection == nil {
@@ -842,7 +842,7 @@ func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) 
 	if err != nil {
 		return nil, err
 	}
-	if err := memberRefused(m, "commit"); err != nil {
+	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
 	if err := s.checkIdle(name); err != nil {
@@ -998,7 +998,7 @@ func (s *Server) TestFailoverCleanup(ctx context.Context, name string) (*rebound
 	if err != nil {
 		return nil, err
 	}
-	if err := memberRefused(m, "clean up a test failover"); err != nil {
+	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
 	if err := s.checkIdle(name); err != nil {

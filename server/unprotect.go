@@ -20,7 +20,7 @@ func (s *Server) Unprotect(ctx context.Context, req rebound.UnprotectRequest) (*
 	if err != nil {
 		return nil, err
 	}
-	if err := memberRefused(m, "unprotect"); err != nil {
+	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
 	if len(m.Members) > 0 && req.KeepReplica {

@@ -79,25 +79,21 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 		}
 		st.Machines = append(st.Machines, ms)
 	}
-	// A group's stream is reported under the group's name too, with the
-	// members' disks in unit order.
+	// A group's stream is reported under the group's name too: its
+	// members' entries carry the stream's figures; the disks are theirs in
+	// unit order.
+	byName := map[string]rebound.MachineStatus{}
+	for _, e := range st.Machines {
+		byName[e.Name] = e
+	}
 	for _, u := range s.units {
 		if u.lone() {
 			continue
 		}
-		ms := rebound.MachineStatus{Name: u.name, Role: u.state.Role, Fenced: u.state.Fenced}
-		for _, e := range st.Machines {
-			if len(u.members) > 0 && e.Name == u.members[0].state.Name {
-				ms = e
-				ms.Name, ms.VM, ms.TestVM, ms.Disks = u.name, nil, nil, nil
-			}
-		}
+		ms := byName[u.members[0].state.Name]
+		ms.Name, ms.VM, ms.TestVM, ms.Disks = u.name, nil, nil, nil
 		for _, m := range u.members {
-			for _, e := range st.Machines {
-				if e.Name == m.state.Name {
-					ms.Disks = append(ms.Disks, e.Disks...)
-				}
-			}
+			ms.Disks = append(ms.Disks, byName[m.state.Name].Disks...)
 		}
 		ms.Members = memberNames(u)
 		st.Machines = append(st.Machines, ms)

@@ -123,27 +123,13 @@ func BenchmarkGroupStream(b *testing.B) {
 // lag of the streams every 50 ms.
 func groupLag(b *testing.B, up *UpMain, names, streams []string, uris map[string]string, size int64) []float64 {
 	const rate, run = 10e6, 6 * time.Second
-	var lags []float64
-	stop := make(chan struct{})
-	var sampler sync.WaitGroup
-	sampler.Add(1)
-	go func() {
-		defer sampler.Done()
-		t := time.NewTicker(50 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-				worst := 0.0
-				for _, s := range streams {
-					worst = max(worst, streamStatus(b, up, s).LagSeconds)
-				}
-				lags = append(lags, worst)
-			}
+	stopLags := sample(50*time.Millisecond, func() float64 {
+		worst := 0.0
+		for _, s := range streams {
+			worst = max(worst, streamStatus(b, up, s).LagSeconds)
 		}
-	}()
+		return worst
+	})
 	var wg sync.WaitGroup
 	for w, n := range names {
 		wg.Add(1)
@@ -173,8 +159,7 @@ func groupLag(b *testing.B, up *UpMain, names, streams []string, uris map[string
 		}()
 	}
 	wg.Wait()
-	close(stop)
-	sampler.Wait()
+	lags := stopLags()
 	for _, s := range streams {
 		for streamStatus(b, up, s).BacklogBytes > 0 {
 			time.Sleep(20 * time.Millisecond)

@@ -54,6 +54,33 @@ func sourceStatus(b *testing.B, up *UpMain) rebound.MachineStatus {
 	return streamStatus(b, up, "bench")
 }
 
+// sample calls fn every interval until the returned stop, which returns
+// the values.
+func sample(every time.Duration, fn func() float64) (stop func() []float64) {
+	var vals []float64
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				vals = append(vals, fn())
+			}
+		}
+	}()
+	return func() []float64 {
+		close(done)
+		wg.Wait()
+		return vals
+	}
+}
+
 // randomBlock returns semi-compressible data, like real disk contents:
 // half random, half repeated bytes.
 func randomBlock(rng *rand.Rand, n int) []byte {
@@ -139,23 +166,7 @@ func BenchmarkReplicationLag(b *testing.B) {
 			}
 			rng := rand.New(rand.NewPCG(uint64(rate), 2))
 			buf := randomBlock(rng, 64<<10)
-			var lags []float64
-			stop := make(chan struct{})
-			var wg sync.WaitGroup
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				t := time.NewTicker(50 * time.Millisecond)
-				defer t.Stop()
-				for {
-					select {
-					case <-stop:
-						return
-					case <-t.C:
-						lags = append(lags, sourceStatus(b, up).LagSeconds)
-					}
-				}
-			}()
+			stopLags := sample(50*time.Millisecond, func() float64 { return sourceStatus(b, up).LagSeconds })
 			start := time.Now()
 			var sent int64
 			for time.Since(start) < run {
@@ -171,8 +182,7 @@ func BenchmarkReplicationLag(b *testing.B) {
 				}
 			}
 			achieved := float64(sent) / time.Since(start).Seconds() / 1e6
-			close(stop)
-			wg.Wait()
+			lags := stopLags()
 			cl.Close()
 			sort.Float64s(lags)
 			p := func(q float64) float64 {
