@@ -16,6 +16,7 @@ const (
 	ECONFLICT     = "conflict"     // state does not allow the operation
 	EUNAVAILABLE  = "unavailable"  // a needed peer or site is not reachable
 	EUNAUTHORIZED = "unauthorized" // missing or bad credentials
+	EFORBIDDEN    = "forbidden"    // the caller's role does not allow the operation
 	EINTERNAL     = "internal"     // a bug or an unexpected failure
 	ENOSPACE      = "no_space"     // the server's data disk is full: its store cannot be written
 )

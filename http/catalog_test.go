@@ -99,7 +99,9 @@ func TestEventsPaging(t *testing.T) {
 // for the new routes but still lists points and events without filters.
 func TestCatalogNotImplemented(t *testing.T) {
 	e := newEnv(t)
-	s := &Server{Service: e.fake, Authenticate: func(context.Context, string) error { return nil }}
+	s := &Server{Service: e.fake, Authenticate: func(context.Context, string) (rebound.Principal, error) {
+		return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
+	}}
 	h := s.Handler()
 	for _, c := range []struct {
 		method, path string

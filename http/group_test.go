@@ -211,7 +211,9 @@ func TestGroupVerbRoutes(t *testing.T) {
 // and nothing is called; the machine routes keep working.
 func TestGroupsNotImplemented(t *testing.T) {
 	f := &fakeService{job: testJob(), group: testGroup()}
-	s := &Server{Service: f, Loop: f, Authenticate: func(context.Context, string) error { return nil }}
+	s := &Server{Service: f, Loop: f, Authenticate: func(context.Context, string) (rebound.Principal, error) {
+		return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
+	}}
 	srv := httptest.NewTLSServer(s.Handler())
 	defer srv.Close()
 	c := &Client{BaseURL: srv.URL, Token: "t", HTTPClient: srv.Client()}

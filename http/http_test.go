@@ -48,11 +48,11 @@ func newEnv(t *testing.T) *env {
 		Power:   e.fake,
 		Catalog: e.fake,
 		Groups:  e.fake,
-		Authenticate: func(ctx context.Context, tok string) error {
+		Authenticate: func(ctx context.Context, tok string) (rebound.Principal, error) {
 			if tok != testToken {
-				return rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")
+				return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")
 			}
-			return nil
+			return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
 		},
 		Logger:  slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Metrics: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "rebound_up 1\n") }),

@@ -151,7 +151,9 @@ func TestLoopBadRequests(t *testing.T) {
 // message, and the Service routes keep working.
 func TestLoopNotImplemented(t *testing.T) {
 	f := &fakeService{job: testJob()}
-	s := &Server{Service: f, Authenticate: func(context.Context, string) error { return nil }}
+	s := &Server{Service: f, Authenticate: func(context.Context, string) (rebound.Principal, error) {
+		return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
+	}}
 	srv := httptest.NewTLSServer(s.Handler())
 	defer srv.Close()
 	c := &Client{BaseURL: srv.URL, Token: "t", HTTPClient: srv.Client()}

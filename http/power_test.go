@@ -178,7 +178,9 @@ func TestPowerBadRequests(t *testing.T) {
 // message on the power routes, and the other routes keep working.
 func TestPowerNotImplemented(t *testing.T) {
 	f := &fakeService{job: testJob(), console: []byte("x")}
-	s := &Server{Service: f, Loop: f, Authenticate: func(context.Context, string) error { return nil }}
+	s := &Server{Service: f, Loop: f, Authenticate: func(context.Context, string) (rebound.Principal, error) {
+		return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
+	}}
 	srv := httptest.NewTLSServer(s.Handler())
 	defer srv.Close()
 	c := &Client{BaseURL: srv.URL, Token: "t", HTTPClient: srv.Client()}

@@ -34,12 +34,18 @@ var openAPI []byte
 // Handler once.
 type Server struct {
 	Service rebound.Service
-	// Authenticate checks a bearer token; it is called for every route
-	// but /healthz and /api/v1/openapi.json. An error with code
-	// EUNAUTHORIZED is answered 401 with its message. A nil Authenticate
-	// refuses every request: there is no unauthenticated mode.
-	Authenticate func(ctx context.Context, token string) error
-	Logger       *slog.Logger
+	// Authenticate checks a bearer token and returns who holds it; it is
+	// called for every route but /healthz and /api/v1/openapi.json. An
+	// error with code EUNAUTHORIZED is answered 401 with its message. A
+	// nil Authenticate refuses every request: there is no
+	// unauthenticated mode. Handlers find the caller with
+	// rebound.PrincipalFrom.
+	Authenticate func(ctx context.Context, token string) (rebound.Principal, error)
+	// Console, if set, serves every path outside /api/, /healthz and
+	// /metrics (the web console). It authenticates on its own and calls
+	// the API through ServeAs.
+	Console http.Handler
+	Logger  *slog.Logger
 	// Metrics is served at /metrics, with authentication like every
 	// read route (the series name machines and sites). Optional.
 	Metrics http.Handler
@@ -162,9 +168,13 @@ func (s *Server) Handler() http.Handler {
 func (s *Server) wrap(rt route) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !rt.public {
-			if err := s.authenticate(r); err != nil {
-				s.writeError(w, r, err)
-				return
+			if _, ok := r.Context().Value(trustedKey{}).(bool); !ok {
+				p, err := s.authenticate(r)
+				if err != nil {
+					s.writeError(w, r, err)
+					return
+				}
+				r = r.WithContext(rebound.WithPrincipal(r.Context(), p))
 			}
 		}
 		if err := rt.handle(w, r); err != nil {
@@ -173,21 +183,35 @@ func (s *Server) wrap(rt route) http.Handler {
 	})
 }
 
-func (s *Server) authenticate(r *http.Request) error {
+// trustedKey marks a request ServeAs authenticated already.
+type trustedKey struct{}
+
+// ServeAs returns h (the result of Handler) serving requests as p: the
+// console authenticates its user with a session and calls the API this
+// way, so roles, errors and the audit log are the API's own. The request
+// never carries a bearer token.
+func ServeAs(h http.Handler, p rebound.Principal) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := context.WithValue(rebound.WithPrincipal(r.Context(), p), trustedKey{}, true)
+		h.ServeHTTP(w, r.WithContext(ctx))
+	})
+}
+
+func (s *Server) authenticate(r *http.Request) (rebound.Principal, error) {
 	h := strings.TrimSpace(r.Header.Get("Authorization"))
 	if h == "" || strings.EqualFold(h, "Bearer") {
-		return rebound.Errorf(rebound.EUNAUTHORIZED, "missing bearer token")
+		return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "missing bearer token")
 	}
 	scheme, tok, ok := strings.Cut(h, " ")
 	tok = strings.TrimSpace(tok)
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
-		return rebound.Errorf(rebound.EUNAUTHORIZED, `authorization header must be "Bearer <token>"`)
+		return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, `authorization header must be "Bearer <token>"`)
 	}
 	if tok == "" {
-		return rebound.Errorf(rebound.EUNAUTHORIZED, "missing bearer token")
+		return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "missing bearer token")
 	}
 	if s.Authenticate == nil {
-		return rebound.Errorf(rebound.EUNAUTHORIZED, "authentication is not configured on this server")
+		return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "authentication is not configured on this server")
 	}
 	return s.Authenticate(r.Context(), tok)
 }
@@ -197,6 +221,10 @@ func (s *Server) notFound(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, pattern := mux.Handler(r); pattern != "" {
 			mux.ServeHTTP(w, r)
+			return
+		}
+		if s.Console != nil && !strings.HasPrefix(r.URL.Path, "/api/") {
+			s.Console.ServeHTTP(w, r)
 			return
 		}
 		// No pattern: the mux would answer 404, 405 (with Allow) or a
@@ -318,6 +346,8 @@ func statusOf(code string) int {
 		return http.StatusBadRequest
 	case rebound.EUNAUTHORIZED:
 		return http.StatusUnauthorized
+	case rebound.EFORBIDDEN:
+		return http.StatusForbidden
 	case rebound.ENOTFOUND:
 		return http.StatusNotFound
 	case rebound.ECONFLICT:
@@ -334,8 +364,10 @@ func statusOf(code string) int {
 // no error body (a proxy's, say).
 func codeOf(status int) string {
 	switch {
-	case status == http.StatusUnauthorized || status == http.StatusForbidden:
+	case status == http.StatusUnauthorized:
 		return rebound.EUNAUTHORIZED
+	case status == http.StatusForbidden:
+		return rebound.EFORBIDDEN
 	case status == http.StatusNotFound:
 		return rebound.ENOTFOUND
 	case status == http.StatusConflict:

@@ -389,7 +389,9 @@ func TestGroupOverHTTP(t *testing.T) {
 	f.QueryPointsFn = func(m string, q rebound.ListQuery) (*rebound.PointPage, error) {
 		return &rebound.PointPage{Points: []rebound.RecoveryPoint{{ID: "p1", Time: t0, Kind: rebound.PointCrash, Seq: 1}}}, nil
 	}
-	auth := func(ctx context.Context, tok string) error { return nil }
+	auth := func(ctx context.Context, tok string) (rebound.Principal, error) {
+		return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
+	}
 	with := httptest.NewTLSServer((&rhttp.Server{Service: f, Loop: f, Catalog: f, Groups: f, Authenticate: auth}).Handler())
 	defer with.Close()
 	without := httptest.NewTLSServer((&rhttp.Server{Service: f, Loop: f, Catalog: f, Authenticate: auth}).Handler())

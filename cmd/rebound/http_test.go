@@ -47,11 +47,11 @@ func TestOverHTTP(t *testing.T) {
 			rebound.Job{Type: "failover", Machine: "web1", State: rebound.JobSucceeded, Progress: 1},
 		),
 	}
-	hs := &rhttp.Server{Service: f, Authenticate: func(ctx context.Context, tok string) error {
+	hs := &rhttp.Server{Service: f, Authenticate: func(ctx context.Context, tok string) (rebound.Principal, error) {
 		if tok != "good" {
-			return rebound.Errorf(rebound.EUNAUTHORIZED, "bad token")
+			return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "bad token")
 		}
-		return nil
+		return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
 	}}
 	srv := httptest.NewTLSServer(hs.Handler())
 	defer srv.Close()

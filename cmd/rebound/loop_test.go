@@ -237,7 +237,9 @@ func TestLoopOverHTTP(t *testing.T) {
 		return &rebound.PreflightReport{Machine: machine, Operation: op, OK: op != "failover",
 			Checks: []rebound.PreflightCheck{{Name: "x", OK: op != "failover", Message: "m"}}}, nil
 	}
-	auth := func(ctx context.Context, tok string) error { return nil }
+	auth := func(ctx context.Context, tok string) (rebound.Principal, error) {
+		return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
+	}
 	withLoop := httptest.NewTLSServer((&rhttp.Server{Service: f, Loop: f, Authenticate: auth}).Handler())
 	defer withLoop.Close()
 	without := httptest.NewTLSServer((&rhttp.Server{Service: f, Authenticate: auth}).Handler())

@@ -38,6 +38,7 @@ const (
 	ExitUnavailable  = 5 // rebound.EUNAVAILABLE: server or site unreachable
 	ExitUnauthorized = 6 // rebound.EUNAUTHORIZED
 	ExitNoSpace      = 7 // rebound.ENOSPACE: the server's data disk is full
+	ExitForbidden    = 8 // rebound.EFORBIDDEN: the caller's role does not allow it
 )
 
 const exitCodesHelp = `Exit codes:
@@ -49,7 +50,8 @@ const exitCodesHelp = `Exit codes:
   4  conflict (the current state does not allow the operation)
   5  unavailable (server or site unreachable)
   6  unauthorized
-  7  the server's data disk is full (free space there)`
+  7  the server's data disk is full (free space there)
+  8  forbidden (your role does not allow the operation)`
 
 // extraCommands are root subcommands registered by other files of this
 // package (server.go, site.go, up.go) from their init functions. A command
@@ -210,6 +212,8 @@ func ExitCode(err error) int {
 		return ExitUnauthorized
 	case rebound.ENOSPACE:
 		return ExitNoSpace
+	case rebound.EFORBIDDEN:
+		return ExitForbidden
 	}
 	return ExitFailed
 }

@@ -323,7 +323,9 @@ func TestPowerOverHTTP(t *testing.T) {
 	f.ConsoleFn = func(name string, tail int) ([]byte, error) {
 		return console[max(0, len(console)-tail):], nil
 	}
-	auth := func(ctx context.Context, tok string) error { return nil }
+	auth := func(ctx context.Context, tok string) (rebound.Principal, error) {
+		return rebound.Principal{User: "admin", Role: rebound.RoleAdmin, Via: "token"}, nil
+	}
 	with := httptest.NewTLSServer((&rhttp.Server{Service: f, Loop: f, Power: f, Authenticate: auth}).Handler())
 	defer with.Close()
 	without := httptest.NewTLSServer((&rhttp.Server{Service: f, Loop: f, Authenticate: auth}).Handler())

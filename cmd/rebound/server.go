@@ -165,9 +165,9 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	api := &rhttp.Server{
 		Service: m.Service,
-		Authenticate: func(ctx context.Context, token string) error {
-			_, err := m.DB.CheckAPIToken(ctx, token)
-			return err
+		Authenticate: func(ctx context.Context, token string) (rebound.Principal, error) {
+			name, err := m.DB.CheckAPIToken(ctx, token)
+			return rebound.Principal{User: name, Role: rebound.RoleAdmin, Via: "token"}, err
 		},
 		Logger:  m.Logger,
 		Metrics: metrics,
