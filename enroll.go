@@ -15,6 +15,9 @@ type JoinTokenRequest struct {
 	// machine named like the site), not a site; each role's token is
 	// refused for the other.
 	Agent bool `json:"agent,omitempty"`
+	// NBD: the token enrolls `rebound nbd-cert`, an NBD client on another
+	// host: a certificate sites' NBD exports take and nothing else does.
+	NBD bool `json:"nbd,omitempty"`
 	// Rotate replaces an enrolled site's certificate: the old one is
 	// revoked when the new one first connects. Without it a token for an
 	// enrolled name is refused.

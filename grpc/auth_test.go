@@ -3,6 +3,7 @@ package grpc
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"strings"
 	"sync"
 	"testing"
@@ -82,6 +83,11 @@ func TestReplicate_OnlyTheSource(t *testing.T) {
 		t.Fatal(err)
 	}
 	server, _ := pki.ClientTLS(srvCert, srvKey, e.ca.CertPEM(), "site-b")
+	nbdCert, nbdKey, err := e.ca.Issue("site-a", nil, pki.NBDClient) // named like the source
+	if err != nil {
+		t.Fatal(err)
+	}
+	nbdClient, _ := pki.ClientTLS(nbdCert, nbdKey, e.ca.CertPEM(), "site-b")
 
 	// hello opens a stream, says hello and tries to append one record.
 	hello := func(conf *tls.Config, h *pb.ReplHello) error {
@@ -125,6 +131,7 @@ func TestReplicate_OnlyTheSource(t *testing.T) {
 		{"another site naming the source", rogue, &pb.ReplHello{StreamId: "web.g1", SourceSite: "site-a", Generation: "g1"}, `certificate is for site "site-c", hello says "site-a"`},
 		{"an agent", agent, &pb.ReplHello{StreamId: "web.g1", SourceSite: "srv1", Generation: "g1"}, `site "srv1" is not the source of stream "web.g1"`},
 		{"an agent for another machine", agent, &pb.ReplHello{StreamId: "db.g2", SourceSite: "srv1", Generation: "g2"}, `agent "srv1" is bound to machine "srv1" and may not feed stream "db.g2" of machine "db"`},
+		{"an NBD client named like the source", nbdClient, &pb.ReplHello{StreamId: "web.g1", SourceSite: "site-a", Generation: "g1"}, `"site-a" holds neither a site nor an agent certificate`},
 		{"the source, another generation", siteA, &pb.ReplHello{StreamId: "web.g1", SourceSite: "site-a", Generation: "g0"}, `follows generation "g1", the source sent "g0"`},
 		{"the source, no generation", siteA, &pb.ReplHello{StreamId: "web.g1", SourceSite: "site-a"}, `the source sent "none"`},
 	} {
@@ -281,7 +288,7 @@ func (f twoMachines) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 // another machine fail before reaching it. A site's channel is unchanged.
 func TestControl_Agent(t *testing.T) {
 	e := newEnv(t)
-	tk := &tokens{live: map[string]bool{"a1": true, "s1": true, "bad": true}}
+	tk := &tokens{live: map[string]bool{"a1": true, "s1": true, "bad": true, "n1": true}}
 	var (
 		mu      sync.Mutex
 		reports = map[string][]string{}
@@ -312,6 +319,34 @@ func TestControl_Agent(t *testing.T) {
 
 	if _, _, _, err := EnrollAs(ctx, ts.addr, pki.FormatJoinToken("bad", e.ca.Fingerprint()), "vm1", "admin"); rebound.ErrorCode(err) != rebound.EINVALID || !strings.Contains(err.Error(), `unknown role "admin"`) {
 		t.Fatalf("unknown role: %v", err)
+	}
+	// An NBD client's certificate has its role and client auth only, and
+	// the control channel refuses it: it cannot pose as a site.
+	nCert, nKey, nCA, err := EnrollAs(ctx, ts.addr, pki.FormatJoinToken("n1", e.ca.Fingerprint()), "hv1", pki.RoleNBD)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, _ := pki.ParseCert(nCert)
+	if id := pki.IdentityOf(nc); id != (pki.Identity{Name: "hv1", Role: pki.RoleNBD}) || len(nc.ExtKeyUsage) != 1 || nc.ExtKeyUsage[0] != x509.ExtKeyUsageClientAuth {
+		t.Fatalf("NBD client enrolled as %+v, usages %v", id, nc.ExtKeyUsage)
+	}
+	ncli, err := pki.ClientTLS(nCert, nKey, nCA, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ncc, err := Dial(ts.addr, ncli)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ncc.Close()
+	cs, err := pb.NewControlClient(ncc).Connect(ctx)
+	if err == nil {
+		if err = cs.Send(&pb.SiteMessage{Body: &pb.SiteMessage_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Site: "hv1", Status: []byte("{}")}}}); err == nil {
+			_, err = cs.Recv()
+		}
+	}
+	if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "neither a site nor an agent") {
+		t.Fatalf("NBD client on the control channel: %v", err)
 	}
 	certPEM, keyPEM, caPEM, err := EnrollAs(ctx, ts.addr, pki.FormatJoinToken("a1", e.ca.Fingerprint()), "vm1", pki.RoleAgent)
 	if err != nil {

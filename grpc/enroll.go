@@ -38,17 +38,19 @@ func (e *EnrollServer) Enroll(ctx context.Context, req *pb.EnrollRequest) (*pb.E
 		return nil, status.Error(codes.InvalidArgument, "enroll: site name is empty")
 	}
 	// An agent's certificate is bound to its one machine, named like it.
-	agent, role := "", pki.RoleSite
+	agent, role, usage := "", pki.RoleSite, pki.Site
 	switch pki.Role(req.Role) {
 	case "", pki.RoleSite:
 	case pki.RoleAgent:
 		agent, role = req.SiteName, pki.RoleAgent
+	case pki.RoleNBD:
+		role, usage = pki.RoleNBD, pki.NBDClient
 	default:
-		return nil, status.Errorf(codes.InvalidArgument, "enroll: unknown role %q (site or agent)", req.Role)
+		return nil, status.Errorf(codes.InvalidArgument, "enroll: unknown role %q (site, agent or nbd)", req.Role)
 	}
 	// Signed first so the token's use and the serial are recorded
 	// together; a refused token leaves the certificate unsent.
-	certPEM, err := e.CA.SignCSRAs(req.CsrPem, req.SiteName, pki.Site, agent)
+	certPEM, err := e.CA.SignCSRAs(req.CsrPem, req.SiteName, usage, agent)
 	if err != nil {
 		return nil, toStatus(err)
 	}

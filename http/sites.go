@@ -14,7 +14,7 @@ import (
 func (s *Server) siteAdmin(what string) (rebound.SiteAdminService, error) {
 	a, ok := s.Service.(rebound.SiteAdminService)
 	if !ok {
-		return nil, &errNotImplemented{what, "it serves no site removal, agent tokens or certificate rotation"}
+		return nil, &errNotImplemented{what, "it serves no site removal, agent or NBD client tokens or certificate rotation"}
 	}
 	return a, nil
 }
@@ -31,7 +31,7 @@ func (s *Server) createJoinToken(w http.ResponseWriter, r *http.Request) error {
 	if req == (rebound.JoinTokenRequest{}) {
 		tok, err = s.Service.CreateEnrollToken(r.Context(), r.PathValue("name"))
 	} else {
-		a, aerr := s.siteAdmin("site token --agent/--rotate")
+		a, aerr := s.siteAdmin("site token --agent/--nbd/--rotate")
 		if aerr != nil {
 			return aerr
 		}

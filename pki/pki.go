@@ -33,7 +33,13 @@ type Usage int
 const (
 	ServerAuth Usage = 1 << iota
 	ClientAuth
+	nbdOnly
 )
+
+// NBDClient is the usage of a certificate for an NBD client on another
+// host (qemu, nbdinfo): it authenticates to sites' NBD exports and to
+// nothing else, so a hypervisor's key cannot pose as a site.
+const NBDClient = ClientAuth | nbdOnly
 
 // Site is the usage of a site certificate: sites serve replication and
 // connect to the server and to other sites. Certificates issued with both
@@ -46,6 +52,7 @@ const Site = ServerAuth | ClientAuth
 const (
 	siteOU           = "rebound-site"
 	agentOU          = "rebound-agent"
+	nbdOU            = "rebound-nbd"
 	machineURIPrefix = "rebound:machine="
 )
 
@@ -59,6 +66,9 @@ const (
 	// RoleAgent is the agent of one Linux server: it may hold and feed only
 	// its own machine (Identity.Machine).
 	RoleAgent Role = "agent"
+	// RoleNBD is an NBD client on another host: sites' NBD exports take
+	// it, the control and replication channels refuse it.
+	RoleNBD Role = "nbd"
 )
 
 // Identity is who a verified certificate names.
@@ -86,6 +96,8 @@ func IdentityOf(cert *x509.Certificate) Identity {
 			id.Role = RoleSite
 		case ous[0] == agentOU && len(machines) == 1 && machines[0] != "":
 			id.Role, id.Machine = RoleAgent, machines[0]
+		case ous[0] == nbdOU && len(machines) == 0:
+			id.Role = RoleNBD
 		}
 	}
 	return id
@@ -280,6 +292,11 @@ func (ca *CA) sign(pub any, commonName string, hosts []string, usage Usage, agen
 		}
 		tmpl.Subject.OrganizationalUnit = []string{agentOU}
 		tmpl.URIs = []*url.URL{u}
+	case usage&nbdOnly != 0:
+		if usage != NBDClient {
+			return nil, rebound.Errorf(rebound.EINVALID, "an NBD client certificate is for client authentication only")
+		}
+		tmpl.Subject.OrganizationalUnit = []string{nbdOU}
 	case usage&Site == Site:
 		tmpl.Subject.OrganizationalUnit = []string{siteOU}
 	}

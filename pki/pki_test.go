@@ -278,3 +278,32 @@ func TestCA_AgentIdentity(t *testing.T) {
 		t.Fatal("machine name that does not survive a URI was bound")
 	}
 }
+
+// TestCA_NBDClientIdentity: an NBD client certificate carries its own role
+// and client authentication only; it cannot also be a server.
+func TestCA_NBDClientIdentity(t *testing.T) {
+	ca, err := pki.LoadOrCreateCA(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM, _, err := ca.Issue("hv1", nil, pki.NBDClient)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := pki.ParseCert(certPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id := pki.IdentityOf(cert); id != (pki.Identity{Name: "hv1", Role: pki.RoleNBD}) {
+		t.Fatalf("identity %+v", id)
+	}
+	if pki.IsSite(cert) {
+		t.Fatal("an NBD client certificate passes as a site's")
+	}
+	if len(cert.ExtKeyUsage) != 1 || cert.ExtKeyUsage[0] != x509.ExtKeyUsageClientAuth {
+		t.Fatalf("usages %v", cert.ExtKeyUsage)
+	}
+	if _, _, err := ca.Issue("hv1", nil, pki.NBDClient|pki.ServerAuth); rebound.ErrorCode(err) != rebound.EINVALID {
+		t.Fatalf("NBD client with server auth: %v", err)
+	}
+}

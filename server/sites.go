@@ -95,19 +95,20 @@ func (s *Server) CreateJoinToken(ctx context.Context, site string, req rebound.J
 	if err := validName(site); err != nil {
 		return "", err
 	}
-	role := pki.RoleSite
-	if req.Agent {
-		role = pki.RoleAgent
+	role, flag := pki.RoleSite, ""
+	switch {
+	case req.Agent && req.NBD:
+		return "", rebound.Errorf(rebound.EINVALID, "a join token is for an agent or an NBD client, not both: drop --agent or --nbd")
+	case req.Agent:
+		role, flag = pki.RoleAgent, " --agent"
+	case req.NBD:
+		role, flag = pki.RoleNBD, " --nbd"
 	}
 	enrolled, err := s.enrolled(ctx, site)
 	if err != nil {
 		return "", err
 	}
 	if enrolled && !req.Rotate {
-		flag := ""
-		if req.Agent {
-			flag = " --agent"
-		}
 		return "", rebound.Errorf(rebound.ECONFLICT, "%s is already enrolled: a second certificate would let two processes claim it. "+
 			"To replace its certificate (a new host or a lost key), run rebound site token %s%s --rotate; to drop the site, rebound site remove %s", site, site, flag, site)
 	}

@@ -36,8 +36,8 @@ func (db *DB) Enroll(ctx context.Context, secret, site, role, serial string) err
 		}
 		if tokRole != role {
 			next := "rebound site token " + site
-			if role == "agent" {
-				next += " --agent"
+			if role == "agent" || role == "nbd" {
+				next += " --" + role
 			}
 			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token for %s was minted for %s: it cannot enroll %s certificate; mint one with %s", site, article(tokRole), article(role), next)
 		}
@@ -205,8 +205,11 @@ func (db *DB) DeleteSite(ctx context.Context, name string) error {
 }
 
 func article(role string) string {
-	if role == "agent" {
+	switch role {
+	case "agent":
 		return "an agent"
+	case "nbd":
+		return "an NBD client"
 	}
 	return "a " + role
 }

@@ -67,10 +67,11 @@ func (c *CLI) siteCommand() *cobra.Command {
 	var req rebound.JoinTokenRequest
 	token := &cobra.Command{
 		Use:   "token NAME",
-		Short: "Print a one-time token a new site (or, with --agent, an agent) named NAME enrolls with",
+		Short: "Print a one-time token a new site (or, with --agent, an agent; with --nbd, an NBD client) named NAME enrolls with",
 		Long: `Print a one-time join token (valid one hour) that enrolls NAME. A token
-enrolls a site, or with --agent the agent of the server NAME; each is
-refused for the other. A name already enrolled needs --rotate: the new
+enrolls a site, with --agent the agent of the server NAME, or with --nbd
+an NBD client on another host (rebound nbd-cert NAME); each is refused
+for the others. A name already enrolled needs --rotate: the new
 certificate replaces the old one, which is revoked when the new one first
 connects.`,
 		Args: argNames("NAME"),
@@ -99,6 +100,7 @@ connects.`,
 		},
 	}
 	token.Flags().BoolVar(&req.Agent, "agent", false, "the token enrolls `rebound agent --name NAME` (a certificate bound to machine NAME), not a site")
+	token.Flags().BoolVar(&req.NBD, "nbd", false, "the token enrolls `rebound nbd-cert NAME`: a certificate that opens sites' NBD exports over TLS and nothing else")
 	token.Flags().BoolVar(&req.Rotate, "rotate", false, "NAME is enrolled: replace its certificate (the old one is revoked when the new one connects)")
 	cmd.AddCommand(token)
 

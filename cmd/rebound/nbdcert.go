@@ -27,20 +27,21 @@ type NBDCert struct {
 
 // newNBDCertCommand enrolls a certificate for an NBD client on another host
 // (qemu, nbdinfo, nbdcopy) with a site join token, and writes it where
-// those clients read it. It is a site certificate under its own name, so
-// the server records it and `rebound site remove NAME` revokes it.
+// those clients read it. The certificate has the NBD client role: sites'
+// exports take it, the control and replication channels refuse it. The
+// server records it, and `rebound site remove NAME` revokes it.
 func newNBDCertCommand(c *CLI) *cobra.Command {
 	var server, token, tokenFile, out string
 	cmd := &cobra.Command{
 		Use:   "nbd-cert NAME --out DIR --token-file FILE [--server-addr ADDR]",
 		Short: "Enroll a client certificate for NBD over TLS (qemu, nbdinfo) on this host",
-		Long: `Enroll NAME with a one-time token from ` + "`rebound site token NAME`" + ` and write
+		Long: `Enroll NAME with a one-time token from ` + "`rebound site token NAME --nbd`" + ` and write
 DIR/ca-cert.pem, DIR/client-cert.pem and DIR/client-key.pem (0600, DIR 0700):
 the credentials qemu's tls-creds-x509 (dir=DIR,endpoint=client) and libnbd's
 nbds://...?tls-certificates=DIR read to open a site's exports over TLS. The
-certificate is a site certificate named NAME: revoke it with
-rebound site remove NAME.`,
-		Example: `  rebound site token hv1 > hv1.token          # on the CLI computer
+certificate, named NAME, opens NBD exports and nothing else (it cannot
+pose as a site): revoke it with rebound site remove NAME.`,
+		Example: `  rebound site token hv1 --nbd > hv1.token    # on the CLI computer
   rebound nbd-cert hv1 --server-addr vault:8441 --token-file hv1.token --out /etc/rebound/nbd
   nbdinfo 'nbds://primary:10809/vm1-disk0?tls-certificates=/etc/rebound/nbd'`,
 		Args: cobra.ExactArgs(1),
@@ -55,19 +56,19 @@ rebound site remove NAME.`,
 			if token == "" && tokenFile != "" {
 				b, err := os.ReadFile(tokenFile)
 				if err != nil {
-					return rebound.Errorf(rebound.EINVALID, "read join token file: %v; write the token from `rebound site token %s` there", err, name)
+					return rebound.Errorf(rebound.EINVALID, "read join token file: %v; write the token from `rebound site token %s --nbd` there", err, name)
 				}
 				token = strings.TrimSpace(string(b))
 			}
 			if token == "" {
-				return rebound.Errorf(rebound.EINVALID, "nbd-cert %s needs a one-time token from `rebound site token %s`: pass it with --token-file FILE, REBOUND_JOIN_TOKEN or --token", name, name)
+				return rebound.Errorf(rebound.EINVALID, "nbd-cert %s needs a one-time token from `rebound site token %s --nbd`: pass it with --token-file FILE, REBOUND_JOIN_TOKEN or --token", name, name)
 			}
 			if _, err := os.Stat(out + "/" + nbd.TLSKeyFile); err == nil {
 				return rebound.Errorf(rebound.ECONFLICT, "%s already holds a client key: remove it first, or choose another --out", out)
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
 			defer cancel()
-			certPEM, keyPEM, caPEM, err := rgrpc.EnrollAs(ctx, server, token, name, pki.RoleSite)
+			certPEM, keyPEM, caPEM, err := rgrpc.EnrollAs(ctx, server, token, name, pki.RoleNBD)
 			if err != nil {
 				return fmt.Errorf("enroll %s with %s: %w", name, server, err)
 			}

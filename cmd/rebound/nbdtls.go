@@ -33,16 +33,16 @@ func siteNBDTLS(cfg SiteConfig, certPEM, keyPEM, caPEM []byte, rev *pki.Revocati
 	if conf, err = nbd.ServerTLSConfig(certPEM, keyPEM, caPEM); err != nil {
 		return nil, nil, nil, err
 	}
-	// Only sites' certificates: an agent's is bound to one machine and the
-	// server's authenticates no client.
+	// Sites' and NBD clients' certificates: an agent's is bound to one
+	// machine and the server's authenticates no client.
 	conf.VerifyConnection = func(cs tls.ConnectionState) error {
 		if len(cs.PeerCertificates) == 0 {
 			return errors.New("no client certificate")
 		}
 		leaf := cs.PeerCertificates[0]
 		id := pki.IdentityOf(leaf)
-		if id.Role != pki.RoleSite {
-			return fmt.Errorf("certificate of %q (role %q) may not open NBD exports: only site certificates may", id.Name, id.Role)
+		if id.Role != pki.RoleSite && id.Role != pki.RoleNBD {
+			return fmt.Errorf("certificate of %q (role %q) may not open NBD exports: only site and NBD client certificates may (rebound site token NAME --nbd, then rebound nbd-cert NAME)", id.Name, id.Role)
 		}
 		if rev != nil && rev.Revoked(leaf) {
 			return fmt.Errorf("certificate of %q (serial %s) is revoked", id.Name, pki.Serial(leaf))

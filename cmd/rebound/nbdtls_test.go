@@ -175,7 +175,8 @@ func TestNBDTLSMode(t *testing.T) {
 	}
 }
 
-// TestNBDCert: `rebound nbd-cert hv1` enrolls with a site token and writes
+// TestNBDCert: `rebound nbd-cert hv1` enrolls with an NBD client token
+// (`site token hv1 --nbd`; a site's token is refused) and writes
 // the credentials directory qemu reads; qemu-io and the Go client open a
 // TLS export with it; `rebound site remove hv1` revokes it and primary's
 // NBD port then refuses it at the handshake.
@@ -185,12 +186,22 @@ func TestNBDCert(t *testing.T) {
 	if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{1 << 20}}); err != nil {
 		t.Fatal(err)
 	}
+	// A site's token does not enroll an NBD client: the error names --nbd.
 	tok, err := m.Server.JoinToken(ctx, "hv1")
 	mustOK(t, err)
 	tokFile := filepath.Join(t.TempDir(), "hv1.token")
 	mustOK(t, os.WriteFile(tokFile, []byte(tok+"\n"), 0o600))
 	dir := filepath.Join(t.TempDir(), "nbd")
-	r := runCLI(t, svc, "nbd-cert", "hv1", "--server-addr", m.Server.GRPCAddr, "--token-file", tokFile, "--out", dir, "-o", "json")
+	if r := runCLI(t, svc, "nbd-cert", "hv1", "--server-addr", m.Server.GRPCAddr, "--token-file", tokFile, "--out", dir); r.code != ExitUnauthorized || !strings.Contains(r.stderr, "rebound site token hv1 --nbd") {
+		t.Fatalf("nbd-cert with a site token: exit %d\n%s", r.code, r.stderr)
+	}
+	mustOK(t, os.RemoveAll(dir))
+	r := runCLI(t, svc, "site", "token", "hv1", "--nbd")
+	if r.code != 0 {
+		t.Fatalf("site token --nbd: exit %d\n%s", r.code, r.stderr)
+	}
+	mustOK(t, os.WriteFile(tokFile, []byte(r.stdout), 0o600))
+	r = runCLI(t, svc, "nbd-cert", "hv1", "--server-addr", m.Server.GRPCAddr, "--token-file", tokFile, "--out", dir, "-o", "json")
 	if r.code != 0 {
 		t.Fatalf("nbd-cert: exit %d\n%s", r.code, r.stderr)
 	}
@@ -228,7 +239,7 @@ func TestNBDCert(t *testing.T) {
 
 	// No token: the command to get one.
 	t.Setenv("REBOUND_JOIN_TOKEN", "")
-	if r := runCLI(t, svc, "nbd-cert", "hv2", "--out", t.TempDir()); r.code != 2 || !strings.Contains(r.stderr, "rebound site token hv2") {
+	if r := runCLI(t, svc, "nbd-cert", "hv2", "--out", t.TempDir()); r.code != 2 || !strings.Contains(r.stderr, "rebound site token hv2 --nbd") {
 		t.Fatalf("nbd-cert without a token: exit %d\n%s", r.code, r.stderr)
 	}
 	// A second run does not overwrite the key.
