@@ -14,9 +14,10 @@ import (
 )
 
 // TestCongestionPolicy writes 4x the spool limit sequentially through a
-// protected machine's export. Under a policy with congestion throttle the
-// stream never overflows (no "spool full" in the log) while the target
-// keeps up; after `policy set --congestion track` reaches the site, the
+// protected machine's export. Under a policy with congestion throttle,
+// over a replication link slower than the writer (slowLink, 8 MiB/s),
+// writes are throttled (throttledWrites > 0) and the stream never
+// overflows (no "spool full" in the log); after `policy set --congestion track` reaches the site, the
 // same write with the recovery site down overflows, and the dirty regions
 // resync when it returns. Each time a test failover of a new point holds
 // exactly the bytes written.
@@ -36,6 +37,22 @@ func TestCongestionPolicy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The recovery site advertises a slow link to its replication port.
+	rec := up.Sites["recovery"]
+	slow := slowLink(t, rec.ReplAddr, 8<<20)
+	rec.Site.SetAddrs(rec.NBDAddr, slow)
+	waitUntil(t, 15*time.Second, "the server to learn the slow link", func() bool {
+		sites, err := svc.ListSites(ctx)
+		if err != nil {
+			return false
+		}
+		for _, s := range sites {
+			if s.Name == "recovery" && s.ReplAddr == slow {
+				return true
+			}
+		}
+		return false
+	})
 	waitJob(t, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery", Policy: "steady"}))
 	uri := m.Disks[0].NBD
 	model := make([]byte, size)
@@ -91,6 +108,13 @@ func TestCongestionPolicy(t *testing.T) {
 	writeAll()
 	if strings.Contains(log.String(), "spool full") {
 		t.Fatalf("throttle: the stream overflowed:\n%s", log.String())
+	}
+	got, err := svc.GetMachine(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Protection == nil || got.Protection.ThrottledWrites == 0 {
+		t.Fatalf("throttle: no write was throttled behind a link slower than the writer: %+v", got.Protection)
 	}
 	checkPoint("throttle")
 
