@@ -1,5 +1,6 @@
 // Package sqlite persists the control plane's state (sites, machines,
-// policies, jobs, events, tokens, settings) in one SQLite file.
+// policies, jobs, events, users, tokens, settings, the audit log) in one
+// SQLite file.
 //
 // Objects are stored as a JSON document column next to the key columns that
 // queries filter and sort on, so adding a field to a domain type needs no
@@ -101,6 +102,53 @@ var migrations = []string{
 		reason     TEXT NOT NULL DEFAULT ''
 	);
 	CREATE INDEX certs_site ON certs (site);`,
+	// 4: users, API tokens owned by users (the old ones move to user
+	// "admin", created without a password), console sessions, the audit
+	// log (see users.go).
+	`CREATE TABLE users (
+		name       TEXT PRIMARY KEY,
+		role       TEXT NOT NULL,
+		password   TEXT NOT NULL DEFAULT '',
+		created_at INTEGER NOT NULL
+	);
+	INSERT INTO users (name, role, created_at)
+		SELECT 'admin', 'admin', (SELECT min(created_at) FROM api_tokens)
+		WHERE EXISTS (SELECT 1 FROM api_tokens);
+	CREATE TABLE api_tokens_4 (
+		id         TEXT PRIMARY KEY,
+		hash       TEXT NOT NULL UNIQUE,
+		owner      TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+		name       TEXT NOT NULL,
+		created_at INTEGER NOT NULL,
+		last_used  INTEGER NOT NULL DEFAULT 0
+	);
+	INSERT INTO api_tokens_4 (id, hash, owner, name, created_at)
+		SELECT lower(hex(randomblob(6))), hash, 'admin', name, created_at FROM api_tokens;
+	DROP TABLE api_tokens;
+	ALTER TABLE api_tokens_4 RENAME TO api_tokens;
+	CREATE INDEX api_tokens_owner ON api_tokens (owner);
+	CREATE TABLE sessions (
+		hash       TEXT PRIMARY KEY,
+		owner      TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+		ttl        INTEGER NOT NULL,
+		expires_at INTEGER NOT NULL
+	);
+	CREATE INDEX sessions_owner ON sessions (owner);
+	CREATE TABLE audit (
+		id         INTEGER PRIMARY KEY AUTOINCREMENT,
+		time       INTEGER NOT NULL,
+		username   TEXT NOT NULL,
+		role       TEXT NOT NULL,
+		via        TEXT NOT NULL,
+		remote     TEXT NOT NULL,
+		action     TEXT NOT NULL,
+		target     TEXT NOT NULL,
+		status     INTEGER NOT NULL,
+		error      TEXT NOT NULL,
+		request_id TEXT NOT NULL
+	);
+	CREATE INDEX audit_time ON audit (time);
+	CREATE INDEX audit_user ON audit (username, id);`,
 }
 
 // Open opens (creating if needed) the database at path, applies pending

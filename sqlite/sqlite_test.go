@@ -391,8 +391,12 @@ func TestAPITokens(t *testing.T) {
 	db.Close()
 	db, _ = Open(path)
 	defer db.Close()
-	if name, err := db.CheckAPIToken(ctx, tok2); err != nil || name != "ci" {
+	// Both belong to user admin, named after what they are for.
+	if name, err := db.CheckAPIToken(ctx, tok2); err != nil || name != "admin" {
 		t.Fatalf("after reopen: %q %v", name, err)
+	}
+	if ts, _ := db.ListTokens(ctx, "admin"); len(ts) != 2 || ts[0].Name != "admin" || ts[1].Name != "ci" {
+		t.Fatalf("tokens %+v", ts)
 	}
 }
 

@@ -37,33 +37,26 @@ func hashToken(tok string) string {
 
 func unixNano(n int64) time.Time { return time.Unix(0, n).UTC() }
 
-// CreateAPIToken creates an API token for name and returns it. Only its
-// hash is stored, so this is the only time it can be read.
+// CreateAPIToken creates an API token named name of user "admin" (role
+// admin, created without a password if missing) and returns its secret.
 func (db *DB) CreateAPIToken(ctx context.Context, name string) (string, error) {
 	if name == "" {
 		return "", rebound.Errorf(rebound.EINVALID, "token name is empty")
 	}
-	tok, err := newSecret(APITokenPrefix)
+	if _, err := db.EnsureUser(ctx, "admin", rebound.RoleAdmin); err != nil {
+		return "", err
+	}
+	res, err := db.CreateToken(ctx, "admin", name)
 	if err != nil {
 		return "", err
 	}
-	if _, err := db.exec(ctx, `INSERT INTO api_tokens (hash, name, created_at) VALUES (?, ?, ?)`,
-		hashToken(tok), name, db.now().UnixNano()); err != nil {
-		return "", fmt.Errorf("create API token: %w", err)
-	}
-	return tok, nil
+	return res.Secret, nil
 }
 
-// CheckAPIToken returns the name of the token's owner, or EUNAUTHORIZED.
+// CheckAPIToken returns the user who owns the token, or EUNAUTHORIZED.
 func (db *DB) CheckAPIToken(ctx context.Context, token string) (string, error) {
-	var name string
-	err := db.db.QueryRowContext(ctx, `SELECT name FROM api_tokens WHERE hash = ?`, hashToken(token)).Scan(&name)
-	if errors.Is(err, sql.ErrNoRows) {
-		return "", rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")
-	} else if err != nil {
-		return "", fmt.Errorf("check API token: %w", err)
-	}
-	return name, nil
+	p, err := db.CheckToken(ctx, token)
+	return p.User, err
 }
 
 // CreateEnrollToken creates a one-time token that enrolls site (as a

@@ -1,0 +1,565 @@
+package sqlite
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"database/sql"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+	"time"
+
+	"golang.org/x/crypto/argon2"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// SessionPrefix marks a console session secret (the cookie's value).
+const SessionPrefix = "rbs_"
+
+// MinPasswordLen is the shortest password CreateUser and SetPassword take.
+const MinPasswordLen = 12
+
+// maxPasswordLen bounds the work one login attempt can ask for.
+const maxPasswordLen = 1024
+
+// lastUsedEvery throttles the writes that record a token's use and slide a
+// session's expiry: a read-only API call writes at most once a minute per
+// credential, and a store that cannot be written still authenticates.
+const lastUsedEvery = time.Minute
+
+var userNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._@-]*$`)
+
+func validUserName(name string) error {
+	if len(name) == 0 || len(name) > 63 || !userNameRE.MatchString(name) {
+		return rebound.Errorf(rebound.EINVALID, "invalid user name %q: use 1-63 lower-case letters, digits, '.', '_', '@' and '-'", name)
+	}
+	return nil
+}
+
+func validPassword(pw string) error {
+	if len(pw) < MinPasswordLen {
+		return rebound.Errorf(rebound.EINVALID, "password is too short: use at least %d characters", MinPasswordLen)
+	}
+	if len(pw) > maxPasswordLen {
+		return rebound.Errorf(rebound.EINVALID, "password is too long: use at most %d characters", maxPasswordLen)
+	}
+	return nil
+}
+
+// Password hashing: argon2id with the parameters OWASP recommends (19 MiB,
+// two passes, one lane), a 16-byte random salt, stored in the PHC string
+// format so that the parameters can change without a migration.
+const (
+	argonTime    = 2
+	argonMemory  = 19 * 1024 // KiB
+	argonThreads = 1
+	argonKeyLen  = 32
+)
+
+func hashPassword(pw string) (string, error) {
+	var salt [16]byte
+	if _, err := rand.Read(salt[:]); err != nil {
+		return "", fmt.Errorf("random salt: %w", err)
+	}
+	key := argon2.IDKey([]byte(pw), salt[:], argonTime, argonMemory, argonThreads, argonKeyLen)
+	b64 := base64.RawStdEncoding
+	return fmt.Sprintf("$argon2id$v=%d$m=%d,t=%d,p=%d$%s$%s", argon2.Version, argonMemory, argonTime, argonThreads,
+		b64.EncodeToString(salt[:]), b64.EncodeToString(key)), nil
+}
+
+// dummyHash is compared against when the user does not exist or has no
+// password, so that an unknown name takes as long as a wrong password.
+var dummyHash, _ = hashPassword("rebound-no-such-user")
+
+func checkPassword(encoded, pw string) bool {
+	parts := strings.Split(encoded, "$")
+	if len(parts) != 6 || parts[1] != "argon2id" {
+		return false
+	}
+	var v int
+	var m uint32
+	var t uint32
+	var p uint8
+	if _, err := fmt.Sscanf(parts[2], "v=%d", &v); err != nil || v != argon2.Version {
+		return false
+	}
+	if _, err := fmt.Sscanf(parts[3], "m=%d,t=%d,p=%d", &m, &t, &p); err != nil || p == 0 || t == 0 {
+		return false
+	}
+	b64 := base64.RawStdEncoding
+	salt, err1 := b64.DecodeString(parts[4])
+	want, err2 := b64.DecodeString(parts[5])
+	if err1 != nil || err2 != nil || len(want) == 0 {
+		return false
+	}
+	got := argon2.IDKey([]byte(pw), salt, t, m, p, uint32(len(want)))
+	return subtle.ConstantTimeCompare(got, want) == 1
+}
+
+// GeneratePassword returns a random password of 26 characters (128 bits).
+func GeneratePassword() string { return rand.Text() }
+
+func newTokenID() (string, error) {
+	var b [6]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("random token ID: %w", err)
+	}
+	return hex.EncodeToString(b[:]), nil
+}
+
+func noUser(name string) error {
+	return rebound.Errorf(rebound.ENOTFOUND, "no user %q: list them with rebound user list", name)
+}
+
+// CreateUser creates a user; with no password given it generates one,
+// returned once in the result.
+func (db *DB) CreateUser(ctx context.Context, req rebound.CreateUserRequest) (*rebound.CreateUserResult, error) {
+	if err := validUserName(req.Name); err != nil {
+		return nil, err
+	}
+	if _, err := rebound.ParseRole(string(req.Role)); err != nil {
+		return nil, err
+	}
+	res := &rebound.CreateUserResult{}
+	pw := req.Password
+	if pw == "" {
+		pw = GeneratePassword()
+		res.Password = pw
+	} else if err := validPassword(pw); err != nil {
+		return nil, err
+	}
+	hash, err := hashPassword(pw)
+	if err != nil {
+		return nil, err
+	}
+	r, err := db.exec(ctx, `INSERT INTO users (name, role, password, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING`,
+		req.Name, string(req.Role), hash, db.now().UnixNano())
+	if err != nil {
+		return nil, fmt.Errorf("create user: %w", err)
+	}
+	if n, err := r.RowsAffected(); err != nil {
+		return nil, fmt.Errorf("create user: %w", err)
+	} else if n != 1 {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "user %q already exists: change it with rebound user set-role or rebound user passwd", req.Name)
+	}
+	u, err := db.GetUser(ctx, req.Name)
+	if err != nil {
+		return nil, err
+	}
+	res.User = *u
+	return res, nil
+}
+
+// EnsureUser creates name with role and no password unless it exists, and
+// says whether it did. It does not change an existing user.
+func (db *DB) EnsureUser(ctx context.Context, name string, role rebound.Role) (bool, error) {
+	if err := validUserName(name); err != nil {
+		return false, err
+	}
+	res, err := db.exec(ctx, `INSERT INTO users (name, role, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING`,
+		name, string(role), db.now().UnixNano())
+	if err != nil {
+		return false, fmt.Errorf("create user: %w", err)
+	}
+	n, err := res.RowsAffected()
+	return n == 1, err
+}
+
+const userCols = `name, role, password != '', created_at`
+
+func scanUser(row interface{ Scan(...any) error }) (*rebound.User, error) {
+	var u rebound.User
+	var role string
+	var created int64
+	if err := row.Scan(&u.Name, &role, &u.PasswordSet, &created); err != nil {
+		return nil, err
+	}
+	u.Role, u.CreatedAt = rebound.Role(role), unixNano(created)
+	return &u, nil
+}
+
+// GetUser returns the user name, or ENOTFOUND.
+func (db *DB) GetUser(ctx context.Context, name string) (*rebound.User, error) {
+	u, err := scanUser(db.db.QueryRowContext(ctx, `SELECT `+userCols+` FROM users WHERE name = ?`, name))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, noUser(name)
+	} else if err != nil {
+		return nil, fmt.Errorf("get user: %w", err)
+	}
+	return u, nil
+}
+
+// ListUsers lists the users by name.
+func (db *DB) ListUsers(ctx context.Context) ([]rebound.User, error) {
+	rows, err := db.db.QueryContext(ctx, `SELECT `+userCols+` FROM users ORDER BY name`)
+	if err != nil {
+		return nil, fmt.Errorf("list users: %w", err)
+	}
+	defer rows.Close()
+	out := []rebound.User{}
+	for rows.Next() {
+		u, err := scanUser(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list users: %w", err)
+		}
+		out = append(out, *u)
+	}
+	return out, rows.Err()
+}
+
+// lastAdmin refuses, inside tx, to take the admin role from name if it is
+// the only admin: nobody could manage users any more.
+func lastAdmin(ctx context.Context, tx *sql.Tx, name, doing string) error {
+	var role string
+	err := tx.QueryRowContext(ctx, `SELECT role FROM users WHERE name = ?`, name).Scan(&role)
+	if errors.Is(err, sql.ErrNoRows) {
+		return noUser(name)
+	} else if err != nil {
+		return err
+	}
+	if rebound.Role(role) != rebound.RoleAdmin {
+		return nil
+	}
+	var n int
+	if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM users WHERE role = 'admin'`).Scan(&n); err != nil {
+		return err
+	}
+	if n <= 1 {
+		return rebound.Errorf(rebound.ECONFLICT, "cannot %s user %q: it is the last admin; make another user admin first (rebound user set-role NAME admin)", doing, name)
+	}
+	return nil
+}
+
+// DeleteUser deletes a user with its tokens and sessions. The last admin
+// cannot be deleted (ECONFLICT).
+func (db *DB) DeleteUser(ctx context.Context, name string) error {
+	return db.tx(ctx, func(tx *sql.Tx) error {
+		if err := lastAdmin(ctx, tx, name, "delete"); err != nil {
+			return err
+		}
+		for _, q := range []string{
+			`DELETE FROM api_tokens WHERE owner = ?`,
+			`DELETE FROM sessions WHERE owner = ?`,
+			`DELETE FROM users WHERE name = ?`,
+		} {
+			if _, err := tx.ExecContext(ctx, q, name); err != nil {
+				return fmt.Errorf("delete user: %w", err)
+			}
+		}
+		return nil
+	})
+}
+
+// SetRole changes a user's role; its tokens and sessions carry the new
+// role from their next call. The last admin cannot lose the role
+// (ECONFLICT).
+func (db *DB) SetRole(ctx context.Context, name string, role rebound.Role) error {
+	if _, err := rebound.ParseRole(string(role)); err != nil {
+		return err
+	}
+	return db.tx(ctx, func(tx *sql.Tx) error {
+		if role != rebound.RoleAdmin {
+			if err := lastAdmin(ctx, tx, name, "take the admin role from"); err != nil {
+				return err
+			}
+		}
+		res, err := tx.ExecContext(ctx, `UPDATE users SET role = ? WHERE name = ?`, string(role), name)
+		if err != nil {
+			return fmt.Errorf("set role: %w", err)
+		}
+		if n, _ := res.RowsAffected(); n != 1 {
+			return noUser(name)
+		}
+		return nil
+	})
+}
+
+// SetPassword replaces a user's password and ends its sessions.
+func (db *DB) SetPassword(ctx context.Context, name, password string) error {
+	if err := validPassword(password); err != nil {
+		return err
+	}
+	hash, err := hashPassword(password)
+	if err != nil {
+		return err
+	}
+	return db.tx(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `UPDATE users SET password = ? WHERE name = ?`, hash, name)
+		if err != nil {
+			return fmt.Errorf("set password: %w", err)
+		}
+		if n, _ := res.RowsAffected(); n != 1 {
+			return noUser(name)
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM sessions WHERE owner = ?`, name); err != nil {
+			return fmt.Errorf("set password: %w", err)
+		}
+		return nil
+	})
+}
+
+var errBadLogin = rebound.Errorf(rebound.EUNAUTHORIZED, "invalid user name or password")
+
+// CheckPassword returns the user if password is theirs. An unknown user, a
+// user without a password and a wrong password are the same error, and
+// take the same time.
+func (db *DB) CheckPassword(ctx context.Context, name, password string) (*rebound.User, error) {
+	var hash string
+	err := db.db.QueryRowContext(ctx, `SELECT password FROM users WHERE name = ?`, name).Scan(&hash)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("check password: %w", err)
+	}
+	if len(password) > maxPasswordLen {
+		return nil, errBadLogin
+	}
+	if hash == "" {
+		checkPassword(dummyHash, password)
+		return nil, errBadLogin
+	}
+	if !checkPassword(hash, password) {
+		return nil, errBadLogin
+	}
+	return db.GetUser(ctx, name)
+}
+
+// CreateToken creates an API token of user named name and returns its
+// secret, which only its hash is kept of.
+func (db *DB) CreateToken(ctx context.Context, user, name string) (*rebound.CreateTokenResult, error) {
+	name = strings.TrimSpace(name)
+	if name == "" {
+		return nil, rebound.Errorf(rebound.EINVALID, "token name is empty: name it after its use (--name ci)")
+	}
+	if len(name) > 100 {
+		return nil, rebound.Errorf(rebound.EINVALID, "token name is longer than 100 characters")
+	}
+	secret, err := newSecret(APITokenPrefix)
+	if err != nil {
+		return nil, err
+	}
+	id, err := newTokenID()
+	if err != nil {
+		return nil, err
+	}
+	now := db.now().UTC()
+	err = db.tx(ctx, func(tx *sql.Tx) error {
+		var n int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM users WHERE name = ?`, user).Scan(&n); err != nil {
+			return fmt.Errorf("create token: %w", err)
+		}
+		if n == 0 {
+			return noUser(user)
+		}
+		_, err := tx.ExecContext(ctx, `INSERT INTO api_tokens (id, hash, owner, name, created_at) VALUES (?, ?, ?, ?, ?)`,
+			id, hashToken(secret), user, name, now.UnixNano())
+		if err != nil {
+			return fmt.Errorf("create token: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &rebound.CreateTokenResult{
+		Token:  rebound.APIToken{ID: id, User: user, Name: name, CreatedAt: unixNano(now.UnixNano())},
+		Secret: secret,
+	}, nil
+}
+
+// ListTokens lists user's tokens, or every token for "", oldest first.
+func (db *DB) ListTokens(ctx context.Context, user string) ([]rebound.APIToken, error) {
+	q := `SELECT id, owner, name, created_at, last_used FROM api_tokens`
+	var args []any
+	if user != "" {
+		if _, err := db.GetUser(ctx, user); err != nil {
+			return nil, err
+		}
+		q += ` WHERE owner = ?`
+		args = append(args, user)
+	}
+	rows, err := db.db.QueryContext(ctx, q+` ORDER BY created_at, rowid`, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list tokens: %w", err)
+	}
+	defer rows.Close()
+	out := []rebound.APIToken{}
+	for rows.Next() {
+		var t rebound.APIToken
+		var created, used int64
+		if err := rows.Scan(&t.ID, &t.User, &t.Name, &created, &used); err != nil {
+			return nil, fmt.Errorf("list tokens: %w", err)
+		}
+		t.CreatedAt = unixNano(created)
+		if used != 0 {
+			t.LastUsed = unixNano(used)
+		}
+		out = append(out, t)
+	}
+	return out, rows.Err()
+}
+
+// RevokeToken deletes the token with id.
+func (db *DB) RevokeToken(ctx context.Context, id string) error {
+	res, err := db.exec(ctx, `DELETE FROM api_tokens WHERE id = ?`, id)
+	if err != nil {
+		return fmt.Errorf("revoke token: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return rebound.Errorf(rebound.ENOTFOUND, "no API token %q: list them with rebound token list", id)
+	}
+	return nil
+}
+
+// CheckToken returns who holds the API token secret, with its owner's
+// current role, and notes its use (at most once a minute, best effort).
+func (db *DB) CheckToken(ctx context.Context, secret string) (rebound.Principal, error) {
+	var p rebound.Principal
+	var role string
+	var used int64
+	err := db.db.QueryRowContext(ctx, `SELECT t.id, t.owner, u.role, t.last_used FROM api_tokens t JOIN users u ON u.name = t.owner WHERE t.hash = ?`,
+		hashToken(secret)).Scan(&p.TokenID, &p.User, &role, &used)
+	if errors.Is(err, sql.ErrNoRows) {
+		return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")
+	} else if err != nil {
+		return rebound.Principal{}, fmt.Errorf("check API token: %w", err)
+	}
+	p.Role, p.Via = rebound.Role(role), "token"
+	if now := db.now(); now.Sub(unixNano(used)) >= lastUsedEvery {
+		db.exec(ctx, `UPDATE api_tokens SET last_used = ? WHERE id = ?`, now.UnixNano(), p.TokenID) // a full disk does not refuse the call
+	}
+	return p, nil
+}
+
+// CreateSession starts a console session of user that lasts ttl after its
+// last use, and returns its secret.
+func (db *DB) CreateSession(ctx context.Context, user string, ttl time.Duration) (string, error) {
+	if ttl <= 0 {
+		return "", rebound.Errorf(rebound.EINVALID, "session lifetime must be positive")
+	}
+	secret, err := newSecret(SessionPrefix)
+	if err != nil {
+		return "", err
+	}
+	now := db.now()
+	err = db.tx(ctx, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, `DELETE FROM sessions WHERE expires_at <= ?`, now.UnixNano()); err != nil {
+			return fmt.Errorf("create session: %w", err)
+		}
+		var n int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM users WHERE name = ?`, user).Scan(&n); err != nil {
+			return fmt.Errorf("create session: %w", err)
+		}
+		if n == 0 {
+			return noUser(user)
+		}
+		_, err := tx.ExecContext(ctx, `INSERT INTO sessions (hash, owner, ttl, expires_at) VALUES (?, ?, ?, ?)`,
+			hashToken(secret), user, int64(ttl), now.Add(ttl).UnixNano())
+		if err != nil {
+			return fmt.Errorf("create session: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	return secret, nil
+}
+
+// CheckSession returns who holds the session and slides its expiry (at
+// most once a minute, best effort), or EUNAUTHORIZED.
+func (db *DB) CheckSession(ctx context.Context, secret string) (rebound.Principal, error) {
+	var p rebound.Principal
+	var role string
+	var ttl, expires int64
+	h := hashToken(secret)
+	err := db.db.QueryRowContext(ctx, `SELECT s.owner, u.role, s.ttl, s.expires_at FROM sessions s JOIN users u ON u.name = s.owner WHERE s.hash = ?`, h).
+		Scan(&p.User, &role, &ttl, &expires)
+	if errors.Is(err, sql.ErrNoRows) {
+		return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "no such session: log in again")
+	} else if err != nil {
+		return rebound.Principal{}, fmt.Errorf("check session: %w", err)
+	}
+	now := db.now()
+	if now.UnixNano() >= expires {
+		return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "session expired: log in again")
+	}
+	if next := now.Add(time.Duration(ttl)); next.Sub(unixNano(expires)) >= lastUsedEvery {
+		db.exec(ctx, `UPDATE sessions SET expires_at = ? WHERE hash = ?`, next.UnixNano(), h)
+	}
+	p.Role, p.Via = rebound.Role(role), "session"
+	return p, nil
+}
+
+// DeleteSession ends a session; an unknown secret is not an error.
+func (db *DB) DeleteSession(ctx context.Context, secret string) error {
+	if _, err := db.exec(ctx, `DELETE FROM sessions WHERE hash = ?`, hashToken(secret)); err != nil {
+		return fmt.Errorf("delete session: %w", err)
+	}
+	return nil
+}
+
+// DefaultAuditLimit and MaxAuditLimit bound a page of the audit log.
+const (
+	DefaultAuditLimit = 100
+	MaxAuditLimit     = 10000
+)
+
+// RecordAudit appends e to the audit log (its ID is assigned, its time
+// set to now when zero).
+func (db *DB) RecordAudit(ctx context.Context, e rebound.AuditEntry) error {
+	if e.Time.IsZero() {
+		e.Time = db.now()
+	}
+	_, err := db.exec(ctx, `INSERT INTO audit (time, username, role, via, remote, action, target, status, error, request_id)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		e.Time.UnixNano(), e.User, string(e.Role), e.Via, e.Remote, e.Action, e.Target, e.Status, e.Error, e.RequestID)
+	if err != nil {
+		return fmt.Errorf("record audit: %w", err)
+	}
+	return nil
+}
+
+// ListAudit returns the entries f selects, newest first.
+func (db *DB) ListAudit(ctx context.Context, f rebound.AuditFilter) ([]rebound.AuditEntry, error) {
+	limit := f.Limit
+	if limit <= 0 {
+		limit = DefaultAuditLimit
+	}
+	limit = min(limit, MaxAuditLimit)
+	q := `SELECT id, time, username, role, via, remote, action, target, status, error, request_id FROM audit WHERE 1`
+	var args []any
+	if !f.Since.IsZero() {
+		q += ` AND time >= ?`
+		args = append(args, f.Since.UnixNano())
+	}
+	if f.User != "" {
+		q += ` AND username = ?`
+		args = append(args, f.User)
+	}
+	rows, err := db.db.QueryContext(ctx, q+` ORDER BY id DESC LIMIT ?`, append(args, limit)...)
+	if err != nil {
+		return nil, fmt.Errorf("list audit: %w", err)
+	}
+	defer rows.Close()
+	out := []rebound.AuditEntry{}
+	for rows.Next() {
+		var e rebound.AuditEntry
+		var t int64
+		var role string
+		if err := rows.Scan(&e.ID, &t, &e.User, &role, &e.Via, &e.Remote, &e.Action, &e.Target, &e.Status, &e.Error, &e.RequestID); err != nil {
+			return nil, fmt.Errorf("list audit: %w", err)
+		}
+		e.Time, e.Role = unixNano(t), rebound.Role(role)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+var (
+	_ rebound.UserService  = (*DB)(nil)
+	_ rebound.AuditService = (*DB)(nil)
+)
