@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"sync"
@@ -181,6 +182,26 @@ type storeState struct {
 	remind  lograte.Limiter // "still full"
 }
 
+// disk is the store's local disk, or noDisk for a store on a database
+// server (PostgreSQL), whose full disk its errors report.
+func (s *Server) disk() rebound.LocalStore {
+	if l, ok := s.DB.(rebound.LocalStore); ok {
+		return l
+	}
+	return noDisk{}
+}
+
+type noDisk struct{}
+
+func (noDisk) Dir() string { return "the database server" }
+func (noDisk) FullError() error {
+	return rebound.Errorf(rebound.ENOSPACE, "the database server's disk is full: free space there")
+}
+func (noDisk) DiskFull() <-chan struct{} { return nil }
+func (noDisk) FreeBytes() (int64, error) {
+	return 0, errors.New("the store is not on this server's disk")
+}
+
 // StoreError is nil while the store can be written, else the reason it
 // cannot (a rebound.ENOSPACE error naming the directory). /healthz answers
 // with it.
@@ -190,7 +211,7 @@ func (s *Server) StoreError(ctx context.Context) error {
 	if !s.store.full {
 		return nil
 	}
-	return rebound.Errorf(rebound.ENOSPACE, "%s (since %s)", rebound.ErrorMessage(s.DB.FullError()), s.store.since.Format(time.RFC3339))
+	return rebound.Errorf(rebound.ENOSPACE, "%s (since %s)", rebound.ErrorMessage(s.disk().FullError()), s.store.since.Format(time.RFC3339))
 }
 
 // storeReason is the health reason while the store is full, "" otherwise.
@@ -200,7 +221,7 @@ func (s *Server) storeReason() string {
 	if !s.store.full {
 		return ""
 	}
-	return fmt.Sprintf("server data disk full at %s: no job (a failover included) can start and changes are not saved; free space in %s", s.DB.Dir(), s.DB.Dir())
+	return fmt.Sprintf("server data disk full at %s: no job (a failover included) can start and changes are not saved; free space in %s", s.disk().Dir(), s.disk().Dir())
 }
 
 // storeFailed reports a store write that failed: a full disk is logged at
@@ -223,7 +244,7 @@ func (s *Server) watchStore() {
 		select {
 		case <-s.ctx.Done():
 			return
-		case <-s.DB.DiskFull():
+		case <-s.disk().DiskFull():
 			s.storeFull()
 		case <-t.C:
 			s.probeStore()
@@ -240,9 +261,9 @@ func (s *Server) storeFull() {
 	since := time.Now().UTC()
 	s.store.full, s.store.since, s.store.noted = true, since, false
 	s.store.mu.Unlock()
-	free, _ := s.DB.FreeBytes()
+	free, _ := s.disk().FreeBytes()
 	s.Logger.Error("server data disk full: the store cannot be written; status is kept in memory, jobs and changes are refused until space is freed",
-		"dir", s.DB.Dir(), "freeBytes", free)
+		"dir", s.disk().Dir(), "freeBytes", free)
 	// The event may still fit; if not, it is written once space returns.
 	if s.DB.AddEvent(s.ctx, s.fullEvent(since)) == nil {
 		s.store.mu.Lock()
@@ -261,13 +282,13 @@ func (s *Server) probeStore() {
 	if !full {
 		return
 	}
-	free, err := s.DB.FreeBytes()
+	free, err := s.disk().FreeBytes()
 	if err == nil && free < minFreeBytes {
-		s.store.remind.Warn(s.Logger, "server data disk still full", "dir", s.DB.Dir(), "freeBytes", free, "since", since)
+		s.store.remind.Warn(s.Logger, "server data disk still full", "dir", s.disk().Dir(), "freeBytes", free, "since", since)
 		return
 	}
 	if err := s.DB.PutSetting(s.ctx, "store-probe", time.Now().UTC().Format(time.RFC3339Nano)); err != nil {
-		s.store.remind.Warn(s.Logger, "server data disk still refuses writes", "dir", s.DB.Dir(), "freeBytes", free, "err", err)
+		s.store.remind.Warn(s.Logger, "server data disk still refuses writes", "dir", s.disk().Dir(), "freeBytes", free, "err", err)
 		return
 	}
 	s.store.mu.Lock()
@@ -276,7 +297,7 @@ func (s *Server) probeStore() {
 	s.store.pending, s.store.lost = nil, 0
 	s.store.mu.Unlock()
 	dur := time.Since(since).Round(time.Second)
-	s.Logger.Warn("server data disk has space again: the store is written again", "dir", s.DB.Dir(), "freeBytes", free,
+	s.Logger.Warn("server data disk has space again: the store is written again", "dir", s.disk().Dir(), "freeBytes", free,
 		"fullFor", dur, "eventsRecordedLate", len(pending), "eventsLost", lost)
 	if !noted {
 		pending = append([]rebound.Event{s.fullEvent(since)}, pending...)
@@ -284,7 +305,7 @@ func (s *Server) probeStore() {
 	for _, e := range pending {
 		s.addEvent(e)
 	}
-	msg := fmt.Sprintf("server data disk at %s has space again after %s full; %d events of that time were recorded late", s.DB.Dir(), dur, len(pending))
+	msg := fmt.Sprintf("server data disk at %s has space again after %s full; %d events of that time were recorded late", s.disk().Dir(), dur, len(pending))
 	if lost > 0 {
 		msg += fmt.Sprintf(", %d were lost", lost)
 	}
@@ -293,7 +314,7 @@ func (s *Server) probeStore() {
 }
 
 func (s *Server) fullEvent(since time.Time) rebound.Event {
-	return rebound.Event{Time: since, Kind: "server.disk_full", Message: rebound.ErrorMessage(s.DB.FullError())}
+	return rebound.Event{Time: since, Kind: "server.disk_full", Message: rebound.ErrorMessage(s.disk().FullError())}
 }
 
 // addEvent stores an event; one the full store refuses waits in memory.

@@ -19,7 +19,6 @@ import (
 	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/internal/lograte"
 	"github.com/rebound-dr/rebound/pki"
-	"github.com/rebound-dr/rebound/sqlite"
 )
 
 // SiteOfflineAfter is how long a site may stay silent before it counts as
@@ -28,7 +27,7 @@ const SiteOfflineAfter = 15 * time.Second
 
 // Server implements rebound.Service.
 type Server struct {
-	DB *sqlite.DB
+	DB rebound.Store
 	// Site returns the connected site's service.
 	Site   func(name string) (rebound.SiteService, bool)
 	Logger *slog.Logger

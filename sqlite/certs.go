@@ -5,32 +5,20 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/secret"
 )
 
-// Cert is a certificate the CA issued to a site or an agent, as the
-// revocation list sees it.
-type Cert struct {
-	Serial   string
-	Site     string
-	Role     string
-	IssuedAt time.Time
-	// UsedAt is the first control connection with it; zero if never.
-	UsedAt time.Time
-	// Rotates: on first use, the site's other certificates are revoked.
-	Rotates   bool
-	RevokedAt time.Time
-	Reason    string
-}
+// Cert is a certificate the CA issued, as the revocation list sees it.
+type Cert = rebound.Cert
 
 // Enroll consumes a join token for site and records the certificate
 // (serial) issued to it, in one transaction: a token minted for another
 // role is refused (EUNAUTHORIZED) and stays unused.
-func (db *DB) Enroll(ctx context.Context, secret, site, role, serial string) error {
+func (db *DB) Enroll(ctx context.Context, tok, site, role, serial string) error {
 	return db.tx(ctx, func(tx *sql.Tx) error {
-		tokRole, rotate, err := db.useToken(ctx, tx, secret, site)
+		tokRole, rotate, err := db.useToken(ctx, tx, tok, site)
 		if err != nil {
 			return err
 		}
@@ -39,7 +27,7 @@ func (db *DB) Enroll(ctx context.Context, secret, site, role, serial string) err
 			if role == "agent" || role == "nbd" {
 				next += " --" + role
 			}
-			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token for %s was minted for %s: it cannot enroll %s certificate; mint one with %s", site, article(tokRole), article(role), next)
+			return rebound.Errorf(rebound.EUNAUTHORIZED, "enrollment token for %s was minted for %s: it cannot enroll %s certificate; mint one with %s", site, secret.Article(tokRole), secret.Article(role), next)
 		}
 		if _, err := tx.ExecContext(ctx, `INSERT INTO certs (serial, site, role, issued_at, rotates) VALUES (?, ?, ?, ?, ?)`,
 			serial, site, role, db.now().UnixNano(), rotate); err != nil {
@@ -202,14 +190,4 @@ func (db *DB) DeleteSite(ctx context.Context, name string) error {
 		return fmt.Errorf("delete site %q: %w", name, err)
 	}
 	return nil
-}
-
-func article(role string) string {
-	switch role {
-	case "agent":
-		return "an agent"
-	case "nbd":
-		return "an NBD client"
-	}
-	return "a " + role
 }

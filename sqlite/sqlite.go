@@ -259,3 +259,5 @@ func (db *DB) tx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	}
 	return db.note(tx.Commit())
 }
+
+var _ rebound.Store = (*DB)(nil)

@@ -2,38 +2,27 @@ package sqlite
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
 	"database/sql"
-	"encoding/base64"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/secret"
 )
 
-// Token prefixes make a leaked secret recognizable (and greppable).
+// APITokenPrefix and EnrollTokenPrefix mark Rebound's secrets (see
+// internal/secret).
 const (
-	APITokenPrefix    = "rbt_"
-	EnrollTokenPrefix = "rbe_"
+	APITokenPrefix    = secret.APITokenPrefix
+	EnrollTokenPrefix = secret.EnrollTokenPrefix
 )
 
-func newSecret(prefix string) (string, error) {
-	var b [32]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		return "", fmt.Errorf("random token: %w", err)
-	}
-	return prefix + base64.RawURLEncoding.EncodeToString(b[:]), nil
-}
-
-// hashToken is what is stored: a database leak does not leak usable tokens.
-// The tokens carry 256 random bits, so an unsalted hash is enough.
-func hashToken(tok string) string {
-	h := sha256.Sum256([]byte(tok))
-	return hex.EncodeToString(h[:])
-}
+// newSecret and hashToken are internal/secret's, named for this package.
+var (
+	newSecret = secret.New
+	hashToken = secret.Hash
+)
 
 func unixNano(n int64) time.Time { return time.Unix(0, n).UTC() }
 
@@ -89,17 +78,17 @@ func (db *DB) CreateJoinToken(ctx context.Context, site, role string, rotate boo
 // UseEnrollToken consumes an enrollment token for site. It succeeds once:
 // an unknown, used, expired or other-site token is EUNAUTHORIZED. A failed
 // attempt does not consume the token.
-func (db *DB) UseEnrollToken(ctx context.Context, secret, site string) error {
+func (db *DB) UseEnrollToken(ctx context.Context, tok, site string) error {
 	return db.tx(ctx, func(tx *sql.Tx) error {
-		_, _, err := db.useToken(ctx, tx, secret, site)
+		_, _, err := db.useToken(ctx, tx, tok, site)
 		return err
 	})
 }
 
 // useToken consumes a token in tx and returns the role and rotation it
 // was minted with.
-func (db *DB) useToken(ctx context.Context, tx *sql.Tx, secret, site string) (role string, rotate bool, err error) {
-	h := hashToken(secret)
+func (db *DB) useToken(ctx context.Context, tx *sql.Tx, tok, site string) (role string, rotate bool, err error) {
+	h := hashToken(tok)
 	var tokSite string
 	var expires int64
 	var used sql.NullInt64

@@ -2,115 +2,24 @@ package sqlite
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/subtle"
 	"database/sql"
-	"encoding/base64"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"regexp"
 	"strings"
 	"time"
 
-	"golang.org/x/crypto/argon2"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/secret"
 )
 
-// SessionPrefix marks a console session secret (the cookie's value).
-const SessionPrefix = "rbs_"
-
-// MinPasswordLen is the shortest password CreateUser and SetPassword take.
-const MinPasswordLen = 12
-
-// maxPasswordLen bounds the work one login attempt can ask for.
-const maxPasswordLen = 1024
+// GeneratePassword returns a random password (see secret.GeneratePassword).
+func GeneratePassword() string { return secret.GeneratePassword() }
 
 // lastUsedEvery throttles the writes that record a token's use and slide a
 // session's expiry: a read-only API call writes at most once a minute per
 // credential, and a store that cannot be written still authenticates.
 const lastUsedEvery = time.Minute
-
-var userNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._@-]*$`)
-
-func validUserName(name string) error {
-	if len(name) == 0 || len(name) > 63 || !userNameRE.MatchString(name) {
-		return rebound.Errorf(rebound.EINVALID, "invalid user name %q: use 1-63 lower-case letters, digits, '.', '_', '@' and '-'", name)
-	}
-	return nil
-}
-
-func validPassword(pw string) error {
-	if len(pw) < MinPasswordLen {
-		return rebound.Errorf(rebound.EINVALID, "password is too short: use at least %d characters", MinPasswordLen)
-	}
-	if len(pw) > maxPasswordLen {
-		return rebound.Errorf(rebound.EINVALID, "password is too long: use at most %d characters", maxPasswordLen)
-	}
-	return nil
-}
-
-// Password hashing: argon2id with the parameters OWASP recommends (19 MiB,
-// two passes, one lane), a 16-byte random salt, stored in the PHC string
-// format so that the parameters can change without a migration.
-const (
-	argonTime    = 2
-	argonMemory  = 19 * 1024 // KiB
-	argonThreads = 1
-	argonKeyLen  = 32
-)
-
-func hashPassword(pw string) (string, error) {
-	var salt [16]byte
-	if _, err := rand.Read(salt[:]); err != nil {
-		return "", fmt.Errorf("random salt: %w", err)
-	}
-	key := argon2.IDKey([]byte(pw), salt[:], argonTime, argonMemory, argonThreads, argonKeyLen)
-	b64 := base64.RawStdEncoding
-	return fmt.Sprintf("$argon2id$v=%d$m=%d,t=%d,p=%d$%s$%s", argon2.Version, argonMemory, argonTime, argonThreads,
-		b64.EncodeToString(salt[:]), b64.EncodeToString(key)), nil
-}
-
-// dummyHash is compared against when the user does not exist or has no
-// password, so that an unknown name takes as long as a wrong password.
-var dummyHash, _ = hashPassword("rebound-no-such-user")
-
-func checkPassword(encoded, pw string) bool {
-	parts := strings.Split(encoded, "$")
-	if len(parts) != 6 || parts[1] != "argon2id" {
-		return false
-	}
-	var v int
-	var m uint32
-	var t uint32
-	var p uint8
-	if _, err := fmt.Sscanf(parts[2], "v=%d", &v); err != nil || v != argon2.Version {
-		return false
-	}
-	if _, err := fmt.Sscanf(parts[3], "m=%d,t=%d,p=%d", &m, &t, &p); err != nil || p == 0 || t == 0 {
-		return false
-	}
-	b64 := base64.RawStdEncoding
-	salt, err1 := b64.DecodeString(parts[4])
-	want, err2 := b64.DecodeString(parts[5])
-	if err1 != nil || err2 != nil || len(want) == 0 {
-		return false
-	}
-	got := argon2.IDKey([]byte(pw), salt, t, m, p, uint32(len(want)))
-	return subtle.ConstantTimeCompare(got, want) == 1
-}
-
-// GeneratePassword returns a random password of 26 characters (128 bits).
-func GeneratePassword() string { return rand.Text() }
-
-func newTokenID() (string, error) {
-	var b [6]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		return "", fmt.Errorf("random token ID: %w", err)
-	}
-	return hex.EncodeToString(b[:]), nil
-}
 
 func noUser(name string) error {
 	return rebound.Errorf(rebound.ENOTFOUND, "no user %q: list them with rebound user list", name)
@@ -119,7 +28,7 @@ func noUser(name string) error {
 // CreateUser creates a user; with no password given it generates one,
 // returned once in the result.
 func (db *DB) CreateUser(ctx context.Context, req rebound.CreateUserRequest) (*rebound.CreateUserResult, error) {
-	if err := validUserName(req.Name); err != nil {
+	if err := secret.ValidUserName(req.Name); err != nil {
 		return nil, err
 	}
 	if _, err := rebound.ParseRole(string(req.Role)); err != nil {
@@ -128,12 +37,12 @@ func (db *DB) CreateUser(ctx context.Context, req rebound.CreateUserRequest) (*r
 	res := &rebound.CreateUserResult{}
 	pw := req.Password
 	if pw == "" {
-		pw = GeneratePassword()
+		pw = secret.GeneratePassword()
 		res.Password = pw
-	} else if err := validPassword(pw); err != nil {
+	} else if err := secret.ValidPassword(pw); err != nil {
 		return nil, err
 	}
-	hash, err := hashPassword(pw)
+	hash, err := secret.HashPassword(pw)
 	if err != nil {
 		return nil, err
 	}
@@ -158,7 +67,7 @@ func (db *DB) CreateUser(ctx context.Context, req rebound.CreateUserRequest) (*r
 // EnsureUser creates name with role and no password unless it exists, and
 // says whether it did. It does not change an existing user.
 func (db *DB) EnsureUser(ctx context.Context, name string, role rebound.Role) (bool, error) {
-	if err := validUserName(name); err != nil {
+	if err := secret.ValidUserName(name); err != nil {
 		return false, err
 	}
 	res, err := db.exec(ctx, `INSERT INTO users (name, role, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING`,
@@ -281,10 +190,10 @@ func (db *DB) SetRole(ctx context.Context, name string, role rebound.Role) error
 
 // SetPassword replaces a user's password and ends its sessions.
 func (db *DB) SetPassword(ctx context.Context, name, password string) error {
-	if err := validPassword(password); err != nil {
+	if err := secret.ValidPassword(password); err != nil {
 		return err
 	}
-	hash, err := hashPassword(password)
+	hash, err := secret.HashPassword(password)
 	if err != nil {
 		return err
 	}
@@ -303,8 +212,6 @@ func (db *DB) SetPassword(ctx context.Context, name, password string) error {
 	})
 }
 
-var errBadLogin = rebound.Errorf(rebound.EUNAUTHORIZED, "invalid user name or password")
-
 // CheckPassword returns the user if password is theirs. An unknown user, a
 // user without a password and a wrong password are the same error, and
 // take the same time.
@@ -314,15 +221,8 @@ func (db *DB) CheckPassword(ctx context.Context, name, password string) (*reboun
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("check password: %w", err)
 	}
-	if len(password) > maxPasswordLen {
-		return nil, errBadLogin
-	}
-	if hash == "" {
-		checkPassword(dummyHash, password)
-		return nil, errBadLogin
-	}
-	if !checkPassword(hash, password) {
-		return nil, errBadLogin
+	if !secret.CheckPassword(hash, password) {
+		return nil, secret.ErrBadLogin
 	}
 	return db.GetUser(ctx, name)
 }
@@ -337,11 +237,11 @@ func (db *DB) CreateToken(ctx context.Context, user, name string) (*rebound.Crea
 	if len(name) > 100 {
 		return nil, rebound.Errorf(rebound.EINVALID, "token name is longer than 100 characters")
 	}
-	secret, err := newSecret(APITokenPrefix)
+	sec, err := secret.New(secret.APITokenPrefix)
 	if err != nil {
 		return nil, err
 	}
-	id, err := newTokenID()
+	id, err := secret.ID()
 	if err != nil {
 		return nil, err
 	}
@@ -355,7 +255,7 @@ func (db *DB) CreateToken(ctx context.Context, user, name string) (*rebound.Crea
 			return noUser(user)
 		}
 		_, err := tx.ExecContext(ctx, `INSERT INTO api_tokens (id, hash, owner, name, created_at) VALUES (?, ?, ?, ?, ?)`,
-			id, hashToken(secret), user, name, now.UnixNano())
+			id, secret.Hash(sec), user, name, now.UnixNano())
 		if err != nil {
 			return fmt.Errorf("create token: %w", err)
 		}
@@ -366,7 +266,7 @@ func (db *DB) CreateToken(ctx context.Context, user, name string) (*rebound.Crea
 	}
 	return &rebound.CreateTokenResult{
 		Token:  rebound.APIToken{ID: id, User: user, Name: name, CreatedAt: unixNano(now.UnixNano())},
-		Secret: secret,
+		Secret: sec,
 	}, nil
 }
 
@@ -416,12 +316,12 @@ func (db *DB) RevokeToken(ctx context.Context, id string) error {
 
 // CheckToken returns who holds the API token secret, with its owner's
 // current role, and notes its use (at most once a minute, best effort).
-func (db *DB) CheckToken(ctx context.Context, secret string) (rebound.Principal, error) {
+func (db *DB) CheckToken(ctx context.Context, tok string) (rebound.Principal, error) {
 	var p rebound.Principal
 	var role string
 	var used int64
 	err := db.db.QueryRowContext(ctx, `SELECT t.id, t.owner, u.role, t.last_used FROM api_tokens t JOIN users u ON u.name = t.owner WHERE t.hash = ?`,
-		hashToken(secret)).Scan(&p.TokenID, &p.User, &role, &used)
+		secret.Hash(tok)).Scan(&p.TokenID, &p.User, &role, &used)
 	if errors.Is(err, sql.ErrNoRows) {
 		return rebound.Principal{}, rebound.Errorf(rebound.EUNAUTHORIZED, "invalid API token")
 	} else if err != nil {
@@ -440,7 +340,7 @@ func (db *DB) CreateSession(ctx context.Context, user string, ttl time.Duration)
 	if ttl <= 0 {
 		return "", rebound.Errorf(rebound.EINVALID, "session lifetime must be positive")
 	}
-	secret, err := newSecret(SessionPrefix)
+	sec, err := secret.New(secret.SessionPrefix)
 	if err != nil {
 		return "", err
 	}
@@ -457,7 +357,7 @@ func (db *DB) CreateSession(ctx context.Context, user string, ttl time.Duration)
 			return noUser(user)
 		}
 		_, err := tx.ExecContext(ctx, `INSERT INTO sessions (hash, owner, ttl, expires_at) VALUES (?, ?, ?, ?)`,
-			hashToken(secret), user, int64(ttl), now.Add(ttl).UnixNano())
+			secret.Hash(sec), user, int64(ttl), now.Add(ttl).UnixNano())
 		if err != nil {
 			return fmt.Errorf("create session: %w", err)
 		}
@@ -466,16 +366,16 @@ func (db *DB) CreateSession(ctx context.Context, user string, ttl time.Duration)
 	if err != nil {
 		return "", err
 	}
-	return secret, nil
+	return sec, nil
 }
 
 // CheckSession returns who holds the session and slides its expiry (at
 // most once a minute, best effort), or EUNAUTHORIZED.
-func (db *DB) CheckSession(ctx context.Context, secret string) (rebound.Principal, error) {
+func (db *DB) CheckSession(ctx context.Context, tok string) (rebound.Principal, error) {
 	var p rebound.Principal
 	var role string
 	var ttl, expires int64
-	h := hashToken(secret)
+	h := secret.Hash(tok)
 	err := db.db.QueryRowContext(ctx, `SELECT s.owner, u.role, s.ttl, s.expires_at FROM sessions s JOIN users u ON u.name = s.owner WHERE s.hash = ?`, h).
 		Scan(&p.User, &role, &ttl, &expires)
 	if errors.Is(err, sql.ErrNoRows) {
@@ -495,8 +395,8 @@ func (db *DB) CheckSession(ctx context.Context, secret string) (rebound.Principa
 }
 
 // DeleteSession ends a session; an unknown secret is not an error.
-func (db *DB) DeleteSession(ctx context.Context, secret string) error {
-	if _, err := db.exec(ctx, `DELETE FROM sessions WHERE hash = ?`, hashToken(secret)); err != nil {
+func (db *DB) DeleteSession(ctx context.Context, tok string) error {
+	if _, err := db.exec(ctx, `DELETE FROM sessions WHERE hash = ?`, secret.Hash(tok)); err != nil {
 		return fmt.Errorf("delete session: %w", err)
 	}
 	return nil

@@ -1,0 +1,145 @@
+package rebound
+
+import (
+	"context"
+	"time"
+)
+
+// Store is everything the server keeps: sites, machines, policies, jobs,
+// events, settings, plans, enrolment (join tokens and certificates),
+// users, API tokens, sessions and the audit log. sqlite.DB (the embedded
+// default) and postgres.DB (several servers on one database) implement it,
+// and both pass the contract suite in internal/storetest.
+//
+// Objects are whole documents: Put and Update replace them. Names are
+// compared exactly. Errors carry codes: ENOTFOUND for a missing object,
+// ECONFLICT for a name taken, EINVALID for a bad argument; a store that
+// cannot be written answers ENOSPACE where it can tell (a full disk).
+type Store interface {
+	// PutSite creates or replaces a site's record (its last report).
+	PutSite(ctx context.Context, s Site) error
+	GetSite(ctx context.Context, name string) (*Site, error)
+	// ListSites lists the sites by name.
+	ListSites(ctx context.Context) ([]Site, error)
+	// DeleteSite forgets a site's record; its certificates stay, revoked,
+	// for the revocation list. A missing site is not an error.
+	DeleteSite(ctx context.Context, name string) error
+
+	// CreateMachine inserts m (ECONFLICT if the name is taken); a zero
+	// CreatedAt is set to now.
+	CreateMachine(ctx context.Context, m *Machine) error
+	GetMachine(ctx context.Context, name string) (*Machine, error)
+	// ListMachines lists the machines by name.
+	ListMachines(ctx context.Context) ([]Machine, error)
+	// UpdateMachine replaces a stored machine (ENOTFOUND if none).
+	UpdateMachine(ctx context.Context, m *Machine) error
+	// DeleteMachine removes a machine; its jobs and events stay.
+	DeleteMachine(ctx context.Context, name string) error
+
+	// PutPolicy creates or replaces a policy.
+	PutPolicy(ctx context.Context, p Policy) error
+	GetPolicy(ctx context.Context, name string) (*Policy, error)
+	// ListPolicies lists the policies by name; "default" always exists.
+	ListPolicies(ctx context.Context) ([]Policy, error)
+	DeletePolicy(ctx context.Context, name string) error
+
+	// CreateJob inserts j: an empty ID is set to "j-" and 8 hex digits, a
+	// zero CreatedAt to now, UpdatedAt to now, an empty State to queued.
+	CreateJob(ctx context.Context, j *Job) error
+	// UpdateJob replaces a stored job and sets UpdatedAt (ENOTFOUND if
+	// none).
+	UpdateJob(ctx context.Context, j *Job) error
+	GetJob(ctx context.Context, id string) (*Job, error)
+	// ListJobs lists jobs newest first, of machine unless "", at most
+	// limit unless limit <= 0.
+	ListJobs(ctx context.Context, machine string, limit int) ([]Job, error)
+	// FailInterruptedJobs fails every queued or running job that is not
+	// a plan's, with reason, and returns how many.
+	FailInterruptedJobs(ctx context.Context, reason string) (int, error)
+	// PlanJobs lists the plan jobs not ended (queued, running or
+	// suspended), oldest first.
+	PlanJobs(ctx context.Context) ([]Job, error)
+
+	// AddEvent appends an event; its ID is assigned, a zero Time is now.
+	AddEvent(ctx context.Context, e Event) error
+	// ListEvents lists events newest first, of machine unless "", at most
+	// limit unless limit <= 0.
+	ListEvents(ctx context.Context, machine string, limit int) ([]Event, error)
+	// QueryEvents returns a page of events newest first; the cursor is
+	// the ID of the previous page's last event. q.Limit must be positive.
+	QueryEvents(ctx context.Context, q ListQuery) (*EventPage, error)
+
+	// GetSetting returns a server setting and whether it is set.
+	GetSetting(ctx context.Context, key string) (string, bool, error)
+	PutSetting(ctx context.Context, key, value string) error
+
+	// PutPlan creates or replaces a plan.
+	PutPlan(ctx context.Context, p Plan) error
+	GetPlan(ctx context.Context, name string) (*Plan, error)
+	ListPlans(ctx context.Context) ([]Plan, error)
+	DeletePlan(ctx context.Context, name string) error
+
+	// CreateJoinToken creates a one-time token that enrolls site with a
+	// certificate of role ("site", "agent" or "nbd") within ttl, and
+	// returns its secret (only its hash is kept).
+	CreateJoinToken(ctx context.Context, site, role string, rotate bool, ttl time.Duration) (string, error)
+	// Enroll consumes a join token for site and records the certificate
+	// serial, in one transaction; a token of another role, site, used or
+	// expired is EUNAUTHORIZED and stays as it was.
+	Enroll(ctx context.Context, secret, site, role, serial string) error
+	// CertUsed records a connection with serial; on the first use of a
+	// rotating certificate the site's others are revoked and returned.
+	CertUsed(ctx context.Context, serial, site, role string) (revoked []string, err error)
+	// RevokeSite revokes every live certificate of site and drops its
+	// unused join tokens; it returns the serials revoked now.
+	RevokeSite(ctx context.Context, site, reason string) (revoked []string, err error)
+	// Certs lists the certificates of site ("" for all), oldest first.
+	Certs(ctx context.Context, site string) ([]Cert, error)
+	// RevokedSerials is the revocation list.
+	RevokedSerials(ctx context.Context) ([]string, error)
+	// PendingTokens lists the sites with a join token unused and not
+	// expired.
+	PendingTokens(ctx context.Context) ([]string, error)
+
+	UserService
+	AuditService
+	// GetUser returns a user or ENOTFOUND.
+	GetUser(ctx context.Context, name string) (*User, error)
+	// EnsureUser creates name with role and no password unless it
+	// exists, and says whether it did.
+	EnsureUser(ctx context.Context, name string, role Role) (bool, error)
+	// SetRole changes a user's role; the last admin keeps it (ECONFLICT).
+	SetRole(ctx context.Context, name string, role Role) error
+
+	// SchemaVersion is the number of migrations applied.
+	SchemaVersion(ctx context.Context) (int, error)
+	Close() error
+}
+
+// LocalStore is a Store kept on the server's own disk (SQLite): the server
+// watches that disk and keeps working in memory while it is full.
+type LocalStore interface {
+	// Dir is the directory to free space in.
+	Dir() string
+	// FullError is the error that names the full disk.
+	FullError() error
+	// DiskFull signals each time a write failed for want of space.
+	DiskFull() <-chan struct{}
+	// FreeBytes is the space left in Dir.
+	FreeBytes() (int64, error)
+}
+
+// Cert is a certificate the server's CA issued, as the store records it
+// for revocation.
+type Cert struct {
+	Serial   string
+	Site     string
+	Role     string
+	IssuedAt time.Time
+	// UsedAt is the first control connection with it; zero if never.
+	UsedAt time.Time
+	// Rotates: on first use, the site's other certificates are revoked.
+	Rotates   bool
+	RevokedAt time.Time
+	Reason    string
+}
