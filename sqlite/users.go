@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/internal/secret"
 )
