@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 
 	"golang.org/x/crypto/argon2"
 
@@ -102,7 +103,11 @@ func HashPassword(pw string) (string, error) {
 
 // dummyHash is compared against when the user does not exist or has no
 // password, so that an unknown name takes as long as a wrong password.
-var dummyHash, _ = HashPassword("rebound-no-such-user")
+// Made at first use: every CLI run links this package.
+var dummyHash = sync.OnceValue(func() string {
+	h, _ := HashPassword("rebound-no-such-user")
+	return h
+})
 
 // CheckPassword says whether pw matches encoded (a PHC string). An empty
 // encoded (no such user, or no password) still costs one hash, and fails.
@@ -111,7 +116,7 @@ func CheckPassword(encoded, pw string) bool {
 		return false
 	}
 	if encoded == "" {
-		checkPHC(dummyHash, pw)
+		checkPHC(dummyHash(), pw)
 		return false
 	}
 	return checkPHC(encoded, pw)
