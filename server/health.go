@@ -181,9 +181,12 @@ func (s *Server) SiteReport(name string, st *rebound.SiteStatus) {
 		FreeBytes: st.FreeBytes, LastSeen: time.Now().UTC(), Version: st.Version,
 	}
 	// Served from memory first; the store's copy is best-effort (live.go).
-	s.live.putSite(site)
-	if err := s.DB.PutSite(ctx, site); err != nil {
-		s.storeFailed("store site report", err, "site", name)
+	if s.live.putSite(site) {
+		if err := s.DB.PutSite(ctx, site); err != nil {
+			s.storeFailed("store site report", err, "site", name)
+		} else {
+			s.live.siteStored(site)
+		}
 	}
 	for _, ms := range st.Machines {
 		ms := ms
@@ -309,9 +312,11 @@ func (s *Server) watchdog() {
 		for _, st := range sites {
 			if st.Status == rebound.SiteOnline && s.siteOffline(ctx, st.Name) {
 				st.Status = rebound.SiteOffline
-				s.live.putSite(st)
+				s.live.putSite(st) // a change of status: stored below
 				if err := s.DB.PutSite(ctx, st); err != nil {
 					s.storeFailed("store site status", err, "site", st.Name)
+				} else {
+					s.live.siteStored(st)
 				}
 				s.metrics.siteUp.WithLabelValues(st.Name).Set(0)
 				s.event("", st.Name, "site.offline", "site "+st.Name+" went offline")

@@ -20,6 +20,7 @@ import (
 type live struct {
 	mu       sync.Mutex
 	sites    map[string]rebound.Site
+	siteAt   map[string]time.Time // report time of a site's stored copy
 	machines map[string]liveMachine
 }
 
@@ -31,7 +32,7 @@ type liveMachine struct {
 }
 
 func newLive() *live {
-	return &live{sites: map[string]rebound.Site{}, machines: map[string]liveMachine{}}
+	return &live{sites: map[string]rebound.Site{}, siteAt: map[string]time.Time{}, machines: map[string]liveMachine{}}
 }
 
 // record keeps m's live part. Every machine write goes through
@@ -88,9 +89,27 @@ func (l *live) site(name string) (rebound.Site, bool) {
 	return st, ok
 }
 
-func (l *live) putSite(st rebound.Site) {
+// siteStoreEvery is how often a site whose report changed only its
+// telemetry (last seen, free bytes) has its stored copy refreshed.
+const siteStoreEvery = 30 * time.Second
+
+// putSite keeps a site's report and says whether the store needs it: its
+// first report, a change of address, status or version, or a copy older
+// than siteStoreEvery. Call siteStored once the store has it.
+func (l *live) putSite(st rebound.Site) (store bool) {
 	l.mu.Lock()
+	defer l.mu.Unlock()
+	old, ok := l.sites[st.Name]
 	l.sites[st.Name] = st
+	at, stored := l.siteAt[st.Name]
+	return !ok || !stored || old.Status != st.Status || old.NBDAddr != st.NBDAddr || old.ReplAddr != st.ReplAddr ||
+		old.Version != st.Version || st.LastSeen.Sub(at) >= siteStoreEvery
+}
+
+// siteStored notes that the store holds st.
+func (l *live) siteStored(st rebound.Site) {
+	l.mu.Lock()
+	l.siteAt[st.Name] = st.LastSeen
 	l.mu.Unlock()
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -368,7 +369,10 @@ func (s *Server) updateLive(ctx context.Context, name string, fn func(m *rebound
 
 // updateMachineLive is the one place machines are written. fn sees the
 // stored machine with its live part; the result becomes the live part once
-// stored, or at once for a live update.
+// stored, or at once for a live update. A live update that changes only
+// telemetry (lag, backlog, throughput: telemetryOnly) is not written: the
+// sites report every 2 s, and a machine's durable record changes only with
+// its state, health or replication state (docs/design/store.md).
 func (s *Server) updateMachineLive(ctx context.Context, name string, fn func(m *rebound.Machine), live bool) error {
 	s.machMu.Lock()
 	defer s.machMu.Unlock()
@@ -377,7 +381,15 @@ func (s *Server) updateMachineLive(ctx context.Context, name string, fn func(m *
 		return err
 	}
 	s.live.overlay(m)
+	var before rebound.Machine
+	if live {
+		before = durablePart(m)
+	}
 	fn(m)
+	if live && reflect.DeepEqual(before, durablePart(m)) {
+		s.live.record(m)
+		return nil
+	}
 	err = s.DB.UpdateMachine(ctx, m)
 	if err == nil || live && rebound.ErrorCode(err) != rebound.ENOTFOUND {
 		s.live.record(m)
@@ -386,6 +398,21 @@ func (s *Server) updateMachineLive(ctx context.Context, name string, fn func(m *
 		err = s.mirrorMembers(ctx, m)
 	}
 	return err
+}
+
+// durablePart is m without its telemetry: what a store write must keep.
+// The telemetry is served from memory (live.go) and is in the store only
+// as of the machine's last durable change.
+func durablePart(m *rebound.Machine) rebound.Machine {
+	d := *m
+	if m.Protection != nil {
+		p := *m.Protection
+		p.SyncProgress, p.LagSeconds, p.BacklogBytes, p.DirtyBytes = 0, 0, 0, 0
+		p.ThroughputBps, p.ThrottledWrites = 0, 0
+		p.LastPointTime, p.ReportedAt = time.Time{}, time.Time{}
+		d.Protection = &p
+	}
+	return d
 }
 
 // protection returns a machine that has a protection, or refuses verb

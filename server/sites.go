@@ -318,6 +318,7 @@ func (s *Server) RevokedRefused(peer pki.Identity, serial string) {
 func (l *live) dropSite(name string) {
 	l.mu.Lock()
 	delete(l.sites, name)
+	delete(l.siteAt, name)
 	l.mu.Unlock()
 }
 
