@@ -215,6 +215,25 @@ type Job struct {
 	EndedAt       *time.Time `json:"endedAt,omitempty"`
 	// Plan is set on plan jobs: their stages and members.
 	Plan *PlanProgress `json:"plan,omitempty"`
+	// Owner is the server that runs the job, until LeaseUntil unless it
+	// renews its lease; Fence goes up with every claim, and a write
+	// carrying an older one is refused (docs/design/ha.md).
+	Owner      string     `json:"owner,omitempty"`
+	LeaseUntil *time.Time `json:"leaseUntil,omitempty"`
+	Fence      int64      `json:"fence,omitempty"`
+}
+
+// LockKey is what a job holds while it has not ended: its machine (or
+// group), "plan:NAME" for a plan job, or "" for a job that holds nothing.
+// A store keeps one job per key queued, running or suspended.
+func (j *Job) LockKey() string {
+	switch {
+	case j.Machine != "":
+		return j.Machine
+	case j.Plan != nil && j.Plan.Name != "":
+		return "plan:" + j.Plan.Name
+	}
+	return ""
 }
 
 // JobStep is one step of a job.

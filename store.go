@@ -2,6 +2,8 @@ package rebound
 
 import (
 	"context"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -45,10 +47,27 @@ type Store interface {
 
 	// CreateJob inserts j: an empty ID is set to "j-" and 8 hex digits, a
 	// zero CreatedAt to now, UpdatedAt to now, an empty State to queued.
+	// While a job of the same LockKey is queued, running or suspended, j
+	// is refused (ECONFLICT naming that job): one job per machine, among
+	// all the servers on the store.
 	CreateJob(ctx context.Context, j *Job) error
 	// UpdateJob replaces a stored job and sets UpdatedAt (ENOTFOUND if
-	// none).
+	// none). A job with a Fence is written only while the stored fence
+	// is the same: ECONFLICT means another server claimed the job, and
+	// the caller must stop running it. Owner, LeaseUntil and Fence are
+	// the store's: UpdateJob does not change them.
 	UpdateJob(ctx context.Context, j *Job) error
+	// ClaimJob makes owner the runner of a job that is not ended and has
+	// no owner, the same owner, or an expired lease, until now+ttl. It
+	// returns the job with its new Fence; ECONFLICT if another owner's
+	// lease is live or the job ended.
+	ClaimJob(ctx context.Context, id, owner string, ttl time.Duration) (*Job, error)
+	// RenewJob extends owner's lease to now+ttl while fence is the job's
+	// (ECONFLICT otherwise: the lease was lost).
+	RenewJob(ctx context.Context, id, owner string, fence int64, ttl time.Duration) error
+	// ExpiredJobs lists the jobs not ended whose owner's lease expired,
+	// oldest first: the jobs another server takes over.
+	ExpiredJobs(ctx context.Context) ([]Job, error)
 	GetJob(ctx context.Context, id string) (*Job, error)
 	// ListJobs lists jobs newest first, of machine unless "", at most
 	// limit unless limit <= 0.
@@ -142,4 +161,44 @@ type Cert struct {
 	Rotates   bool
 	RevokedAt time.Time
 	Reason    string
+}
+
+// BusyError is the ECONFLICT of a job refused because job id holds key
+// (Job.LockKey): the same words whichever server holds it.
+func BusyError(key, id string) error {
+	what := "machine " + strconv.Quote(key)
+	if p, ok := strings.CutPrefix(key, "plan:"); ok {
+		what = "plan " + strconv.Quote(p)
+	}
+	return Errorf(ECONFLICT, "%s has job %s running; wait for it (rebound job wait %s) or cancel it", what, id, id)
+}
+
+// LeaseLostError is the ECONFLICT of a write by a server whose lease on
+// job id another server took over.
+func LeaseLostError(id string) error {
+	return Errorf(ECONFLICT, "the lease on job %s was lost: another server runs it now (rebound job show %s)", id, id)
+}
+
+// Claimable says whether owner may claim j at now: j has not ended and
+// has no owner, owner's own lease, or an expired one.
+func Claimable(j *Job, owner string, now time.Time) error {
+	switch j.State {
+	case JobQueued, JobRunning, JobSuspended:
+	default:
+		return Errorf(ECONFLICT, "job %s has ended (%s)", j.ID, j.State)
+	}
+	if j.Owner != "" && j.Owner != owner && j.LeaseUntil != nil && now.Before(*j.LeaseUntil) {
+		return Errorf(ECONFLICT, "job %s is run by server %s until %s", j.ID, j.Owner, j.LeaseUntil.Format(time.RFC3339))
+	}
+	return nil
+}
+
+// FailJob ends j as failed with reason at now, and its unfinished steps.
+func FailJob(j *Job, reason string, now time.Time) {
+	j.State, j.Error, j.UpdatedAt, j.EndedAt = JobFailed, reason, now, &now
+	for i := range j.Steps {
+		if s := j.Steps[i].State; s == JobRunning || s == JobQueued {
+			j.Steps[i].State = JobFailed
+		}
+	}
 }

@@ -128,6 +128,13 @@ var migrations = []string{
 	);
 	CREATE INDEX audit_time ON audit (time);
 	CREATE INDEX audit_user ON audit (username, id);`,
+	// 2: job leases and one job per lock key (see jobs.go).
+	`ALTER TABLE jobs ADD COLUMN lock_key TEXT NOT NULL DEFAULT '';
+	ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+	ALTER TABLE jobs ADD COLUMN lease_until BIGINT NOT NULL DEFAULT 0;
+	ALTER TABLE jobs ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;
+	CREATE UNIQUE INDEX jobs_lock ON jobs (lock_key)
+		WHERE lock_key != '' AND state IN ('queued', 'running', 'suspended');`,
 }
 
 // migrateLock is the advisory lock key migrations hold ("rebound").
@@ -274,6 +281,15 @@ func retryable(err error) bool {
 }
 
 func isUniqueViolation(err error) bool { return pgCode(err) == "23505" }
+
+// constraint names the constraint or index a violation is of.
+func constraint(err error) string {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return pe.ConstraintName
+	}
+	return ""
+}
 
 // translate gives codes to the errors an operator can act on: a full disk
 // at the database server, and a database that cannot be reached.

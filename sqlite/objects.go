@@ -2,9 +2,7 @@ package sqlite
 
 import (
 	"context"
-	"crypto/rand"
 	"database/sql"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -202,156 +200,6 @@ func (db *DB) ListPolicies(ctx context.Context) ([]rebound.Policy, error) {
 	return out, nil
 }
 
-// Jobs
-
-// CreateJob inserts a job. An empty ID is set to "j-" and 8 random hex
-// digits; CreatedAt (if zero) and UpdatedAt are set to now.
-func (db *DB) CreateJob(ctx context.Context, j *rebound.Job) error {
-	if j.ID == "" {
-		var b [4]byte
-		if _, err := rand.Read(b[:]); err != nil {
-			return fmt.Errorf("job id: %w", err)
-		}
-		j.ID = "j-" + hex.EncodeToString(b[:])
-	}
-	now := db.now().UTC()
-	if j.CreatedAt.IsZero() {
-		j.CreatedAt = now
-	}
-	j.UpdatedAt = now
-	if j.State == "" {
-		j.State = rebound.JobQueued
-	}
-	if j.Steps == nil {
-		j.Steps = []rebound.JobStep{}
-	}
-	doc, err := marshal(j)
-	if err != nil {
-		return err
-	}
-	_, err = db.exec(ctx, `INSERT INTO jobs (id, machine, state, created_at, doc) VALUES (?, ?, ?, ?, ?)`,
-		j.ID, j.Machine, j.State, j.CreatedAt.UnixNano(), doc)
-	if isUniqueViolation(err) {
-		return rebound.Errorf(rebound.ECONFLICT, "job %q already exists", j.ID)
-	} else if err != nil {
-		return fmt.Errorf("create job %q: %w", j.ID, err)
-	}
-	return nil
-}
-
-// UpdateJob replaces a stored job and sets UpdatedAt; ENOTFOUND if the job
-// does not exist. Concurrent updates of one job: the last one wins.
-func (db *DB) UpdateJob(ctx context.Context, j *rebound.Job) error {
-	j.UpdatedAt = db.now().UTC()
-	doc, err := marshal(j)
-	if err != nil {
-		return err
-	}
-	res, err := db.exec(ctx, `UPDATE jobs SET machine = ?, state = ?, doc = ? WHERE id = ?`,
-		j.Machine, j.State, doc, j.ID)
-	if err != nil {
-		return fmt.Errorf("update job %q: %w", j.ID, err)
-	}
-	return notFoundIfNone(res, "job %q not found", j.ID)
-}
-
-// GetJob returns a job or ENOTFOUND.
-func (db *DB) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
-	var j rebound.Job
-	if err := db.getDoc(ctx, `SELECT doc FROM jobs WHERE id = ?`, id, &j); errors.Is(err, sql.ErrNoRows) {
-		return nil, rebound.Errorf(rebound.ENOTFOUND, "job %q not found", id)
-	} else if err != nil {
-		return nil, fmt.Errorf("get job %q: %w", id, err)
-	}
-	return &j, nil
-}
-
-// ListJobs returns jobs newest first, only those of machine unless it is
-// empty, at most limit unless limit <= 0.
-func (db *DB) ListJobs(ctx context.Context, machine string, limit int) ([]rebound.Job, error) {
-	q, args := `SELECT doc FROM jobs`, []any{}
-	if machine != "" {
-		q += ` WHERE machine = ?`
-		args = append(args, machine)
-	}
-	q += ` ORDER BY seq DESC`
-	if limit > 0 {
-		q += ` LIMIT ?`
-		args = append(args, limit)
-	}
-	out := []rebound.Job{}
-	err := db.listDocs(ctx, q, args, func(doc string) error {
-		var j rebound.Job
-		if err := unmarshal(doc, &j); err != nil {
-			return err
-		}
-		out = append(out, j)
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list jobs: %w", err)
-	}
-	return out, nil
-}
-
-// FailInterruptedJobs marks every queued or running job failed with reason
-// (their running steps too). The server calls it at start: no job but a
-// plan job (which resumes) survives a restart. It returns how many jobs it
-// failed.
-func (db *DB) FailInterruptedJobs(ctx context.Context, reason string) (int, error) {
-	n := 0
-	err := db.tx(ctx, func(tx *sql.Tx) error {
-		rows, err := tx.QueryContext(ctx, `SELECT doc FROM jobs WHERE state IN (?, ?)`, rebound.JobQueued, rebound.JobRunning)
-		if err != nil {
-			return err
-		}
-		var jobs []rebound.Job
-		for rows.Next() {
-			var doc string
-			if err := rows.Scan(&doc); err != nil {
-				rows.Close()
-				return err
-			}
-			var j rebound.Job
-			if err := unmarshal(doc, &j); err != nil {
-				rows.Close()
-				return err
-			}
-			if j.Plan == nil {
-				jobs = append(jobs, j)
-			}
-		}
-		if err := rows.Close(); err != nil {
-			return err
-		}
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		now := db.now().UTC()
-		for _, j := range jobs {
-			j.State, j.Error, j.UpdatedAt, j.EndedAt = rebound.JobFailed, reason, now, &now
-			for i := range j.Steps {
-				if s := j.Steps[i].State; s == rebound.JobRunning || s == rebound.JobQueued {
-					j.Steps[i].State = rebound.JobFailed
-				}
-			}
-			doc, err := marshal(j)
-			if err != nil {
-				return err
-			}
-			if _, err := tx.ExecContext(ctx, `UPDATE jobs SET state = ?, doc = ? WHERE id = ?`, j.State, doc, j.ID); err != nil {
-				return err
-			}
-			n++
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, fmt.Errorf("fail interrupted jobs: %w", err)
-	}
-	return n, nil
-}
-
 // Events
 
 // AddEvent appends an event. The ID is assigned; a zero Time is now.
@@ -460,27 +308,6 @@ func notFoundIfNone(res sql.Result, format string, args ...any) error {
 		return rebound.Errorf(rebound.ENOTFOUND, format, args...)
 	}
 	return nil
-}
-
-// PlanJobs returns the plan jobs that have not ended (running, queued or
-// suspended), oldest first: the jobs a starting server resumes.
-func (db *DB) PlanJobs(ctx context.Context) ([]rebound.Job, error) {
-	out := []rebound.Job{}
-	err := db.listDocs(ctx, `SELECT doc FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq`,
-		[]any{rebound.JobQueued, rebound.JobRunning, rebound.JobSuspended}, func(doc string) error {
-			var j rebound.Job
-			if err := unmarshal(doc, &j); err != nil {
-				return err
-			}
-			if j.Plan != nil {
-				out = append(out, j)
-			}
-			return nil
-		})
-	if err != nil {
-		return nil, fmt.Errorf("list plan jobs: %w", err)
-	}
-	return out, nil
 }
 
 // Plans

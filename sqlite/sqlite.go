@@ -149,6 +149,15 @@ var migrations = []string{
 	);
 	CREATE INDEX audit_time ON audit (time);
 	CREATE INDEX audit_user ON audit (username, id);`,
+	// 5: job leases and one job per lock key (see jobs.go). Jobs of
+	// older versions keep an empty key: only this process's map guards
+	// them, as before.
+	`ALTER TABLE jobs ADD COLUMN lock_key TEXT NOT NULL DEFAULT '';
+	ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+	ALTER TABLE jobs ADD COLUMN lease_until INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE jobs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+	CREATE UNIQUE INDEX jobs_lock ON jobs (lock_key)
+		WHERE lock_key != '' AND state IN ('queued', 'running', 'suspended');`,
 }
 
 // Open opens (creating if needed) the database at path, applies pending

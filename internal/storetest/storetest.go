@@ -60,7 +60,7 @@ func Run(t *testing.T, h Harness) {
 		{"Events", testEvents}, {"QueryEvents", testQueryEvents}, {"EnrollTokens", testEnrollTokens},
 		{"Settings", testSettings}, {"CertsAndRevocation", testCertsAndRevocation}, {"Users", testUsers},
 		{"LastAdmin", testLastAdmin}, {"UserTokens", testUserTokens}, {"Sessions", testSessions},
-		{"Audit", testAudit},
+		{"Audit", testAudit}, {"JobLocks", testJobLocks}, {"JobLeases", testJobLeases},
 	} {
 		t.Run(c.name, func(t *testing.T) { c.fn(t, h) })
 	}
@@ -251,12 +251,14 @@ func testJobs(t *testing.T, h Harness) {
 	ctx := context.Background()
 	db := h.open(t)
 	var ids []string
-	for i := range 5 {
-		machine := "a"
-		if i%2 == 1 {
-			machine = "b"
+	// One job per machine runs at a time (testJobLocks): job 1 of "b"
+	// starts queued and is the only one to end below.
+	for i, machine := range []string{"a", "b", "c", "", "d"} {
+		state := rebound.JobRunning
+		if i == 1 {
+			state = rebound.JobQueued
 		}
-		j := &rebound.Job{Type: "protect", Machine: machine, State: rebound.JobRunning,
+		j := &rebound.Job{Type: "protect", Machine: machine, State: state,
 			Steps: []rebound.JobStep{{Name: "copy", State: rebound.JobRunning}, {Name: "done", State: rebound.JobQueued}}}
 		if err := db.CreateJob(ctx, j); err != nil {
 			t.Fatal(err)
@@ -279,7 +281,7 @@ func testJobs(t *testing.T, h Harness) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(bs) != 1 || bs[0].ID != ids[3] {
+	if len(bs) != 1 || bs[0].ID != ids[1] {
 		t.Fatalf("filter/limit: %+v", bs)
 	}
 
@@ -968,4 +970,165 @@ func testAudit(t *testing.T, h Harness) {
 	if got, _ := db.ListAudit(ctx, rebound.AuditFilter{Limit: 1000}); len(got) != 150 {
 		t.Fatalf("after reopen %d entries", len(got))
 	}
+}
+
+// testJobLocks: one job per lock key (machine, or plan) is queued, running
+// or suspended; a second is refused naming the first, also when both are
+// created at once; the key is free again once the job ends.
+func testJobLocks(t *testing.T, h Harness) {
+	ctx := context.Background()
+	db := h.open(t)
+	first := &rebound.Job{Type: "failover", Machine: "vm1", State: rebound.JobRunning}
+	if err := db.CreateJob(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	err := db.CreateJob(ctx, &rebound.Job{Type: "commit", Machine: "vm1", State: rebound.JobRunning})
+	wantCode(t, err, rebound.ECONFLICT)
+	if want := rebound.BusyError("vm1", first.ID).Error(); err.Error() != want {
+		t.Fatalf("message %q, want %q", err, want)
+	}
+	for _, j := range []*rebound.Job{
+		{Type: "failover", Machine: "vm2", State: rebound.JobRunning},
+		{Type: "check", Machine: "vm1", State: rebound.JobSucceeded}, // ended: holds nothing
+		{Type: "plan-failover", State: rebound.JobRunning, Plan: &rebound.PlanProgress{Name: "p"}},
+		{Type: "sweep", State: rebound.JobRunning}, // no key
+		{Type: "sweep", State: rebound.JobRunning},
+	} {
+		if err := db.CreateJob(ctx, j); err != nil {
+			t.Fatalf("%s on %q: %v", j.Type, j.LockKey(), err)
+		}
+	}
+	err = db.CreateJob(ctx, &rebound.Job{Type: "plan-failback", State: rebound.JobSuspended, Plan: &rebound.PlanProgress{Name: "p"}})
+	wantCode(t, err, rebound.ECONFLICT)
+	if !strings.Contains(err.Error(), `plan "p" has job`) {
+		t.Fatalf("message %q", err)
+	}
+	first.State = rebound.JobSucceeded
+	if err := db.UpdateJob(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.CreateJob(ctx, &rebound.Job{Type: "commit", Machine: "vm1", State: rebound.JobRunning}); err != nil {
+		t.Fatalf("after the first job ended: %v", err)
+	}
+
+	// Eight servers start a job on vm3 at once: one wins.
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	won := 0
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := db.CreateJob(ctx, &rebound.Job{Type: "failover", Machine: "vm3", State: rebound.JobRunning})
+			mu.Lock()
+			defer mu.Unlock()
+			if err == nil {
+				won++
+			} else if rebound.ErrorCode(err) != rebound.ECONFLICT {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if won != 1 {
+		t.Fatalf("%d of 8 concurrent jobs on one machine were created", won)
+	}
+}
+
+// testJobLeases: a job is claimed by one server at a time; another claims
+// it once the lease expired, with a higher fence; the old owner's writes
+// and renewals are refused from then on.
+func testJobLeases(t *testing.T, h Harness) {
+	ctx := context.Background()
+	db := h.open(t)
+	now := time.Date(2026, 11, 30, 5, 0, 0, 0, time.UTC)
+	h.SetClock(db, func() time.Time { return now })
+	j := &rebound.Job{Type: "failover", Machine: "vm1", State: rebound.JobRunning, Steps: []rebound.JobStep{{Name: "drain", State: rebound.JobRunning}}}
+	if err := db.CreateJob(ctx, j); err != nil {
+		t.Fatal(err)
+	}
+	if exp, err := db.ExpiredJobs(ctx); err != nil || len(exp) != 0 {
+		t.Fatalf("a job never claimed counts as expired: %+v %v", exp, err)
+	}
+	a, err := db.ClaimJob(ctx, j.ID, "s1", 15*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Owner != "s1" || a.Fence != 1 || a.LeaseUntil == nil || !a.LeaseUntil.Equal(now.Add(15*time.Second)) || len(a.Steps) != 1 {
+		t.Fatalf("claimed %+v", a)
+	}
+	if again, err := db.ClaimJob(ctx, j.ID, "s1", 15*time.Second); err != nil || again.Fence != 2 {
+		t.Fatalf("the owner's own claim: %+v %v", again, err)
+	}
+	a.Fence = 2
+	_, err = db.ClaimJob(ctx, j.ID, "s2", 15*time.Second)
+	wantCode(t, err, rebound.ECONFLICT)
+	if !strings.Contains(err.Error(), "run by server s1") {
+		t.Fatalf("message %q", err)
+	}
+	now = now.Add(10 * time.Second)
+	if err := db.RenewJob(ctx, j.ID, "s1", a.Fence, 15*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(14 * time.Second) // 1 s left: still s1's
+	if exp, _ := db.ExpiredJobs(ctx); len(exp) != 0 {
+		t.Fatalf("a live lease counts as expired: %+v", exp)
+	}
+	a.Steps[0].State = rebound.JobSucceeded
+	if err := db.UpdateJob(ctx, a); err != nil {
+		t.Fatalf("the owner's write: %v", err)
+	}
+
+	now = now.Add(2 * time.Second) // s1 went silent
+	exp, err := db.ExpiredJobs(ctx)
+	if err != nil || len(exp) != 1 || exp[0].ID != j.ID || exp[0].Owner != "s1" {
+		t.Fatalf("expired %+v %v", exp, err)
+	}
+	// Eight servers race for it: one wins.
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var winners []*rebound.Job
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got, err := db.ClaimJob(ctx, j.ID, fmt.Sprint("s", i+2), 15*time.Second)
+			mu.Lock()
+			defer mu.Unlock()
+			if err == nil {
+				winners = append(winners, got)
+			} else if rebound.ErrorCode(err) != rebound.ECONFLICT {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if len(winners) != 1 {
+		t.Fatalf("%d servers claimed the expired job", len(winners))
+	}
+	b := winners[0]
+	if b.Fence != 3 || b.Steps[0].State != rebound.JobSucceeded {
+		t.Fatalf("taken over as %+v: the steps done must stay done", b)
+	}
+	// The old owner, back: fenced out.
+	a.Progress = 0.9
+	err = db.UpdateJob(ctx, a)
+	wantCode(t, err, rebound.ECONFLICT)
+	if !strings.Contains(err.Error(), "lease on job "+j.ID+" was lost") {
+		t.Fatalf("message %q", err)
+	}
+	wantCode(t, db.RenewJob(ctx, j.ID, "s1", a.Fence, 15*time.Second), rebound.ECONFLICT)
+	got, _ := db.GetJob(ctx, j.ID)
+	if got.Progress == 0.9 || got.Owner != b.Owner || got.Fence != 3 {
+		t.Fatalf("stored %+v", got)
+	}
+	b.State = rebound.JobSucceeded
+	if err := db.UpdateJob(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	_, err = db.ClaimJob(ctx, j.ID, "s9", 15*time.Second)
+	wantCode(t, err, rebound.ECONFLICT)
+	wantCode(t, db.RenewJob(ctx, "j-none", "s1", 1, time.Second), rebound.ENOTFOUND)
+	_, err = db.ClaimJob(ctx, "j-none", "s1", time.Second)
+	wantCode(t, err, rebound.ENOTFOUND)
 }

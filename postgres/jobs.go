@@ -1,0 +1,269 @@
+package postgres
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/rebound-dr/rebound"
+)
+
+// A job's lease is in its columns (owner, lease_until, fence), which win
+// over the copy in its document; lock_key is set at creation.
+const jobCols = `doc, owner, lease_until, fence`
+
+// active is the SQL list of the states of a job that has not ended.
+const active = `('queued', 'running', 'suspended')`
+
+func scanJob(row pgx.Row) (*rebound.Job, error) {
+	var doc, owner string
+	var until, fence int64
+	if err := row.Scan(&doc, &owner, &until, &fence); err != nil {
+		return nil, err
+	}
+	var j rebound.Job
+	if err := unmarshal(doc, &j); err != nil {
+		return nil, err
+	}
+	j.Owner, j.Fence, j.LeaseUntil = owner, fence, nil
+	if until != 0 {
+		t := unixNano(until)
+		j.LeaseUntil = &t
+	}
+	return &j, nil
+}
+
+func (db *DB) jobs(ctx context.Context, q string, args ...any) ([]rebound.Job, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+jobCols+` FROM jobs `+q, args...)
+	if err != nil {
+		return nil, translate(err)
+	}
+	defer rows.Close()
+	out := []rebound.Job{}
+	for rows.Next() {
+		j, err := scanJob(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *j)
+	}
+	return out, translate(rows.Err())
+}
+
+// CreateJob inserts a job (see rebound.Store).
+func (db *DB) CreateJob(ctx context.Context, j *rebound.Job) error {
+	if j.ID == "" {
+		var b [4]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return fmt.Errorf("job id: %w", err)
+		}
+		j.ID = "j-" + hex.EncodeToString(b[:])
+	}
+	now := db.now().UTC()
+	if j.CreatedAt.IsZero() {
+		j.CreatedAt = now
+	}
+	j.UpdatedAt = now
+	if j.State == "" {
+		j.State = rebound.JobQueued
+	}
+	if j.Steps == nil {
+		j.Steps = []rebound.JobStep{}
+	}
+	j.Owner, j.LeaseUntil, j.Fence = "", nil, 0
+	doc, err := marshal(j)
+	if err != nil {
+		return err
+	}
+	_, err = db.pool.Exec(ctx, `INSERT INTO jobs (id, machine, state, created_at, doc, lock_key) VALUES ($1, $2, $3, $4, $5, $6)`,
+		j.ID, j.Machine, j.State, j.CreatedAt.UnixNano(), doc, j.LockKey())
+	switch {
+	case isUniqueViolation(err) && constraint(err) == "jobs_lock":
+		var id string
+		if err := db.pool.QueryRow(ctx, `SELECT id FROM jobs WHERE lock_key = $1 AND state IN `+active, j.LockKey()).Scan(&id); err != nil {
+			id = "(ended meanwhile)"
+		}
+		return rebound.BusyError(j.LockKey(), id)
+	case isUniqueViolation(err):
+		return rebound.Errorf(rebound.ECONFLICT, "job %q already exists", j.ID)
+	case err != nil:
+		return fmt.Errorf("create job %q: %w", j.ID, translate(err))
+	}
+	return nil
+}
+
+// UpdateJob replaces a stored job (see rebound.Store).
+func (db *DB) UpdateJob(ctx context.Context, j *rebound.Job) error {
+	j.UpdatedAt = db.now().UTC()
+	doc, err := marshal(j)
+	if err != nil {
+		return err
+	}
+	q, args := `UPDATE jobs SET machine = $1, state = $2, doc = $3 WHERE id = $4`, []any{j.Machine, j.State, doc, j.ID}
+	if j.Fence != 0 {
+		q, args = q+` AND fence = $5`, append(args, j.Fence)
+	}
+	tag, err := db.exec(ctx, q, args...)
+	if err != nil {
+		return fmt.Errorf("update job %q: %w", j.ID, err)
+	}
+	if tag.RowsAffected() == 0 && j.Fence != 0 {
+		if _, err := db.GetJob(ctx, j.ID); err != nil {
+			return err
+		}
+		return rebound.LeaseLostError(j.ID)
+	}
+	return notFoundIfNone(tag, "job %q not found", j.ID)
+}
+
+// GetJob returns a job or ENOTFOUND.
+func (db *DB) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
+	j, err := scanJob(db.pool.QueryRow(ctx, `SELECT `+jobCols+` FROM jobs WHERE id = $1`, id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, rebound.Errorf(rebound.ENOTFOUND, "job %q not found", id)
+	} else if err != nil {
+		return nil, fmt.Errorf("get job %q: %w", id, translate(err))
+	}
+	return j, nil
+}
+
+// ListJobs returns jobs newest first.
+func (db *DB) ListJobs(ctx context.Context, machine string, limit int) ([]rebound.Job, error) {
+	q, args := ``, []any{}
+	if machine != "" {
+		args = append(args, machine)
+		q += `WHERE machine = $1`
+	}
+	q += ` ORDER BY seq DESC`
+	if limit > 0 {
+		args = append(args, limit)
+		q += ` LIMIT $` + strconv.Itoa(len(args))
+	}
+	out, err := db.jobs(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list jobs: %w", err)
+	}
+	return out, nil
+}
+
+// PlanJobs returns the plan jobs that have not ended, oldest first.
+func (db *DB) PlanJobs(ctx context.Context) ([]rebound.Job, error) {
+	all, err := db.jobs(ctx, `WHERE state IN `+active+` ORDER BY seq`)
+	if err != nil {
+		return nil, fmt.Errorf("list plan jobs: %w", err)
+	}
+	out := []rebound.Job{}
+	for _, j := range all {
+		if j.Plan != nil {
+			out = append(out, j)
+		}
+	}
+	return out, nil
+}
+
+// FailInterruptedJobs fails every queued or running job but plans'.
+func (db *DB) FailInterruptedJobs(ctx context.Context, reason string) (int, error) {
+	n := 0
+	err := db.tx(ctx, func(tx pgx.Tx) error {
+		n = 0
+		rows, err := tx.Query(ctx, `SELECT `+jobCols+` FROM jobs WHERE state IN ('queued', 'running')`)
+		if err != nil {
+			return err
+		}
+		var jobs []rebound.Job
+		for rows.Next() {
+			j, err := scanJob(rows)
+			if err != nil {
+				rows.Close()
+				return err
+			}
+			if j.Plan == nil {
+				jobs = append(jobs, *j)
+			}
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		now := db.now().UTC()
+		for _, j := range jobs {
+			rebound.FailJob(&j, reason, now)
+			doc, err := marshal(j)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `UPDATE jobs SET state = $1, doc = $2 WHERE id = $3`, j.State, doc, j.ID); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("fail interrupted jobs: %w", err)
+	}
+	return n, nil
+}
+
+// ClaimJob makes owner the job's runner (see rebound.Store).
+func (db *DB) ClaimJob(ctx context.Context, id, owner string, ttl time.Duration) (*rebound.Job, error) {
+	if owner == "" || ttl <= 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "claim job %s: an owner and a positive lease are needed", id)
+	}
+	var out *rebound.Job
+	err := db.tx(ctx, func(tx pgx.Tx) error {
+		j, err := scanJob(tx.QueryRow(ctx, `SELECT `+jobCols+` FROM jobs WHERE id = $1`, id))
+		if errors.Is(err, pgx.ErrNoRows) {
+			return rebound.Errorf(rebound.ENOTFOUND, "job %q not found", id)
+		} else if err != nil {
+			return err
+		}
+		now := db.now()
+		if err := rebound.Claimable(j, owner, now); err != nil {
+			return err
+		}
+		until := now.Add(ttl).UTC()
+		j.Owner, j.LeaseUntil, j.Fence = owner, &until, j.Fence+1
+		if _, err := tx.Exec(ctx, `UPDATE jobs SET owner = $1, lease_until = $2, fence = $3 WHERE id = $4`,
+			owner, until.UnixNano(), j.Fence, id); err != nil {
+			return err
+		}
+		out = j
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim job %s: %w", id, err)
+	}
+	return out, nil
+}
+
+// RenewJob extends owner's lease (see rebound.Store).
+func (db *DB) RenewJob(ctx context.Context, id, owner string, fence int64, ttl time.Duration) error {
+	tag, err := db.exec(ctx, `UPDATE jobs SET lease_until = $1 WHERE id = $2 AND owner = $3 AND fence = $4`,
+		db.now().Add(ttl).UnixNano(), id, owner, fence)
+	if err != nil {
+		return fmt.Errorf("renew the lease of job %s: %w", id, err)
+	}
+	if tag.RowsAffected() == 0 {
+		if _, err := db.GetJob(ctx, id); err != nil {
+			return err
+		}
+		return rebound.LeaseLostError(id)
+	}
+	return nil
+}
+
+// ExpiredJobs lists the jobs not ended whose lease expired, oldest first.
+func (db *DB) ExpiredJobs(ctx context.Context) ([]rebound.Job, error) {
+	out, err := db.jobs(ctx, `WHERE state IN `+active+` AND owner != '' AND lease_until <= $1 ORDER BY seq`, db.now().UnixNano())
+	if err != nil {
+		return nil, fmt.Errorf("expired jobs: %w", err)
+	}
+	return out, nil
+}
