@@ -170,14 +170,14 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		Authenticate: m.DB.CheckToken,
 		Users:        m.DB,
 		Audit:        m.DB,
-		Logger:  m.Logger,
-		Metrics: metrics,
-		Loop:    m.Service,
-		Plans:   m.Service,
-		Power:   m.Service,
-		Catalog: m.Service,
-		Groups:  m.Service,
-		Healthy: m.Service.StoreError,
+		Logger:       m.Logger,
+		Metrics:      metrics,
+		Loop:         m.Service,
+		Plans:        m.Service,
+		Power:        m.Service,
+		Catalog:      m.Service,
+		Groups:       m.Service,
+		Healthy:      m.Service.StoreError,
 	}
 	// Timeouts close slow and idle connections, authenticated or not;
 	// failed TLS handshakes are logged at a bounded rate.
