@@ -10,6 +10,7 @@ import (
 	"github.com/rebound-dr/rebound"
 	rhttp "github.com/rebound-dr/rebound/http"
 	"github.com/rebound-dr/rebound/internal/syncbuf"
+	"github.com/rebound-dr/rebound/sqlite"
 )
 
 // TestUsersCLIEndToEnd drives users, roles, tokens and the audit log
@@ -241,5 +242,61 @@ func TestUpConsolePassword(t *testing.T) {
 	}
 	if _, err := up.Server.DB.CheckPassword(ctx, "admin", "chosen by a human"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestEnsureAdminToken: --admin-token-file gets a token of user admin (the
+// user created if missing, role admin, no password), kept while valid and
+// replaced once revoked.
+func TestEnsureAdminToken(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	db, err := sqlite.Open(filepath.Join(dir, "rebound.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	path := filepath.Join(dir, "sub", "admin-token")
+	read := func() string {
+		t.Helper()
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st, _ := os.Stat(path); st.Mode().Perm() != 0o600 {
+			t.Fatalf("token file mode %v", st.Mode())
+		}
+		return strings.TrimSpace(string(b))
+	}
+	if err := ensureAdminToken(ctx, db, path); err != nil {
+		t.Fatal(err)
+	}
+	tok := read()
+	p, err := db.CheckToken(ctx, tok)
+	if err != nil || p.User != "admin" || p.Role != rebound.RoleAdmin {
+		t.Fatalf("admin token: %+v %v", p, err)
+	}
+	if u, _ := db.GetUser(ctx, "admin"); u.PasswordSet {
+		t.Fatal("the admin user got a password")
+	}
+	if err := ensureAdminToken(ctx, db, path); err != nil || read() != tok {
+		t.Fatalf("a valid token was replaced (%v)", err)
+	}
+	if err := db.RevokeToken(ctx, p.TokenID); err != nil {
+		t.Fatal(err)
+	}
+	if err := ensureAdminToken(ctx, db, path); err != nil || read() == tok {
+		t.Fatalf("a revoked token was kept (%v)", err)
+	}
+	// Deleted (another admin remains): created again at the next start.
+	db.EnsureUser(ctx, "root", rebound.RoleAdmin)
+	if err := db.DeleteUser(ctx, "admin"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ensureAdminToken(ctx, db, path); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := db.CheckToken(ctx, read()); err != nil || p.User != "admin" || p.Role != rebound.RoleAdmin {
+		t.Fatalf("after the deletion: %+v %v", p, err)
 	}
 }
