@@ -108,6 +108,24 @@ func TestUsersCLIEndToEnd(t *testing.T) {
 		t.Fatalf("user list: %s", r.stdout)
 	}
 
+	// Completion offers user names (to an admin) and one's own token IDs.
+	complete := func(svc rebound.Service, args ...string) string {
+		t.Helper()
+		r := runCLI(t, svc, append([]string{"__complete"}, args...)...)
+		wantCode(t, r, 0)
+		lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+		return strings.Join(lines[:len(lines)-1], " ")
+	}
+	if got := complete(admin, "user", "set-role", ""); got != "admin opa vic" {
+		t.Fatalf("complete user set-role: %q", got)
+	}
+	if got := complete(admin, "audit", "--user", "v"); got != "vic" {
+		t.Fatalf("complete audit --user: %q", got)
+	}
+	if got, ts := complete(operator, "token", "revoke", ""), decode[[]rebound.APIToken](t, runCLI(t, operator, "token", "list", "-o", "json").stdout); len(ts) != 1 || got != ts[0].ID {
+		t.Fatalf("complete token revoke: %q, tokens %+v", got, ts)
+	}
+
 	// A token revoked is refused from the next call on.
 	r = runCLI(t, operator, "token", "create", "--name", "spare", "-o", "json")
 	wantCode(t, r, 0)
