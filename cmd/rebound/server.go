@@ -23,6 +23,7 @@ import (
 	rgrpc "github.com/rebound-dr/rebound/grpc"
 	rhttp "github.com/rebound-dr/rebound/http"
 	"github.com/rebound-dr/rebound/internal/lograte"
+	"github.com/rebound-dr/rebound/internal/secret"
 	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/server"
 	"github.com/rebound-dr/rebound/sqlite"
@@ -313,7 +314,7 @@ const adminUser = "admin"
 // ensureAdminToken writes a new token of user "admin" to path unless path
 // holds a valid token. A missing user "admin" is created (role admin, no
 // password): whoever holds the server's files can always get back in.
-func ensureAdminToken(ctx context.Context, db *sqlite.DB, path string) error {
+func ensureAdminToken(ctx context.Context, db rebound.Store, path string) error {
 	if b, err := os.ReadFile(path); err == nil {
 		if _, err := db.CheckToken(ctx, string(trimSpace(b))); err == nil {
 			return nil
@@ -336,7 +337,7 @@ func ensureAdminToken(ctx context.Context, db *sqlite.DB, path string) error {
 // (it still works) if given, else a new generated one when the user has no
 // password yet. It returns "" when the user has a password it does not
 // know (someone set it): that one is left alone.
-func ensureAdminPassword(ctx context.Context, db *sqlite.DB, known string) (string, error) {
+func ensureAdminPassword(ctx context.Context, db rebound.Store, known string) (string, error) {
 	if known != "" {
 		if _, err := db.CheckPassword(ctx, adminUser, known); err == nil {
 			return known, nil
@@ -349,7 +350,7 @@ func ensureAdminPassword(ctx context.Context, db *sqlite.DB, known string) (stri
 	if u.PasswordSet {
 		return "", nil
 	}
-	pw := sqlite.GeneratePassword()
+	pw := secret.GeneratePassword()
 	if err := db.SetPassword(ctx, adminUser, pw); err != nil {
 		return "", err
 	}
