@@ -127,8 +127,6 @@ type Store interface {
 	// EnsureUser creates name with role and no password unless it
 	// exists, and says whether it did.
 	EnsureUser(ctx context.Context, name string, role Role) (bool, error)
-	// SetRole changes a user's role; the last admin keeps it (ECONFLICT).
-	SetRole(ctx context.Context, name string, role Role) error
 
 	// SchemaVersion is the number of migrations applied.
 	SchemaVersion(ctx context.Context) (int, error)

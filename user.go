@@ -121,6 +121,10 @@ type UserService interface {
 	// DeleteUser also revokes the user's tokens and sessions. Deleting the
 	// last admin is refused (ECONFLICT).
 	DeleteUser(ctx context.Context, name string) error
+	// SetRole changes name's role; its tokens and sessions carry the new
+	// role from their next call. Taking the admin role from the last admin
+	// is refused (ECONFLICT).
+	SetRole(ctx context.Context, name string, role Role) error
 	// SetPassword replaces name's password and ends its sessions.
 	SetPassword(ctx context.Context, name, password string) error
 	// CheckPassword returns the user, or EUNAUTHORIZED with one message

@@ -349,3 +349,102 @@ func (c *Client) SetMachine(ctx context.Context, req rebound.SetMachineRequest) 
 	}
 	return &v, nil
 }
+
+// Users, tokens, whoami and the audit log (http/users.go).
+
+// WhoAmI returns who the client's token authenticates as.
+func (c *Client) WhoAmI(ctx context.Context) (*rebound.Principal, error) {
+	var v rebound.Principal
+	if err := c.do(ctx, "GET", "/api/v1/whoami", nil, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) ListUsers(ctx context.Context) ([]rebound.User, error) {
+	var v []rebound.User
+	return v, c.do(ctx, "GET", "/api/v1/users", nil, &v)
+}
+
+// CreateUser creates a user; the result holds the generated password when
+// req has none.
+func (c *Client) CreateUser(ctx context.Context, req rebound.CreateUserRequest) (*rebound.CreateUserResult, error) {
+	var v rebound.CreateUserResult
+	if err := c.do(ctx, "POST", "/api/v1/users", req, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) DeleteUser(ctx context.Context, name string) error {
+	return c.do(ctx, "DELETE", "/api/v1/users/"+seg(name), nil, nil)
+}
+
+// SetRole changes a user's role and returns the user.
+func (c *Client) SetRole(ctx context.Context, name string, role rebound.Role) (*rebound.User, error) {
+	var v rebound.User
+	if err := c.do(ctx, "PATCH", "/api/v1/users/"+seg(name), setRoleBody{Role: role}, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+// SetPassword sets a user's password; with password "" the server
+// generates one and it is returned (this once).
+func (c *Client) SetPassword(ctx context.Context, name, password string) (string, error) {
+	var v setPasswordResult
+	err := c.do(ctx, "PUT", "/api/v1/users/"+seg(name)+"/password", setPasswordBody{Password: password}, &v)
+	return v.Password, err
+}
+
+// ListTokens lists the caller's tokens, user's (user != ""), or everyone's
+// (all).
+func (c *Client) ListTokens(ctx context.Context, user string, all bool) ([]rebound.APIToken, error) {
+	q := url.Values{}
+	if user != "" {
+		q.Set("user", user)
+	}
+	if all {
+		q.Set("all", "true")
+	}
+	path := "/api/v1/tokens"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var v []rebound.APIToken
+	return v, c.do(ctx, "GET", path, nil, &v)
+}
+
+// CreateToken creates an API token named name of user (the caller when
+// empty) and returns it with its secret.
+func (c *Client) CreateToken(ctx context.Context, user, name string) (*rebound.CreateTokenResult, error) {
+	var v rebound.CreateTokenResult
+	if err := c.do(ctx, "POST", "/api/v1/tokens", createTokenBody{Name: name, User: user}, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+func (c *Client) RevokeToken(ctx context.Context, id string) error {
+	return c.do(ctx, "DELETE", "/api/v1/tokens/"+seg(id), nil, nil)
+}
+
+// ListAudit returns the audit entries f selects, newest first.
+func (c *Client) ListAudit(ctx context.Context, f rebound.AuditFilter) ([]rebound.AuditEntry, error) {
+	q := url.Values{}
+	if !f.Since.IsZero() {
+		q.Set("since", f.Since.UTC().Format(time.RFC3339Nano))
+	}
+	if f.User != "" {
+		q.Set("user", f.User)
+	}
+	if f.Limit > 0 {
+		q.Set("limit", strconv.Itoa(f.Limit))
+	}
+	path := "/api/v1/audit"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var v []rebound.AuditEntry
+	return v, c.do(ctx, "GET", path, nil, &v)
+}

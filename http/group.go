@@ -27,9 +27,9 @@ var groupVerbRoutes = []struct{ method, path string }{
 
 func (s *Server) groupRoutes() []route {
 	rts := []route{
-		{"GET", "/api/v1/groups", false, s.listGroups},
-		{"GET", "/api/v1/groups/{name}", false, s.getGroup},
-		{"DELETE", "/api/v1/groups/{name}/machines/{machine}", false, s.removeGroupMember},
+		{"GET", "/api/v1/groups", viewer, s.listGroups},
+		{"GET", "/api/v1/groups/{name}", viewer, s.getGroup},
+		{"DELETE", "/api/v1/groups/{name}/machines/{machine}", operator, s.removeGroupMember},
 	}
 	machine := map[string]route{}
 	for _, rt := range s.routes0() {
@@ -40,7 +40,7 @@ func (s *Server) groupRoutes() []route {
 		if !ok {
 			panic("http: group route " + v.method + " " + v.path + " has no machine route")
 		}
-		rts = append(rts, route{v.method, "/api/v1/groups/{name}/" + v.path, false, s.groupAlias("group "+v.path, rt.handle)})
+		rts = append(rts, route{v.method, "/api/v1/groups/{name}/" + v.path, rt.role, s.groupAlias("group "+v.path, rt.handle)})
 	}
 	return rts
 }

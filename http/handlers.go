@@ -78,6 +78,7 @@ func (s *Server) createMachine(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &req, false); err != nil {
 		return err
 	}
+	auditTarget(r, req.Name)
 	m, err := s.Service.CreateMachine(r.Context(), req)
 	if err != nil {
 		return err

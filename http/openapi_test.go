@@ -119,7 +119,12 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 		"PlanProgress": rebound.PlanProgress{}, "StageProgress": rebound.StageProgress{}, "MemberProgress": rebound.MemberProgress{},
 		"ActionProgress":   rebound.ActionProgress{},
 		"JoinTokenRequest": rebound.JoinTokenRequest{}, "SiteRemoval": rebound.SiteRemoval{},
-		"Group": rebound.Group{},
+		"Group":     rebound.Group{},
+		"Principal": rebound.Principal{}, "User": rebound.User{}, "APIToken": rebound.APIToken{},
+		"CreateUserRequest": rebound.CreateUserRequest{}, "CreateUserResult": rebound.CreateUserResult{},
+		"SetRoleRequest": setRoleBody{}, "SetPasswordRequest": setPasswordBody{}, "SetPasswordResult": setPasswordResult{},
+		"CreateTokenRequest": createTokenBody{}, "CreateTokenResult": rebound.CreateTokenResult{},
+		"AuditEntry": rebound.AuditEntry{},
 	} {
 		s, ok := doc.Components.Schemas[name]
 		if !ok {
@@ -145,5 +150,37 @@ func TestOpenAPISchemasMatchTypes(t *testing.T) {
 				t.Errorf("schema %s requires unknown %q", name, r)
 			}
 		}
+	}
+}
+
+// TestOpenAPIRoles checks each operation's x-rebound-role is its route's
+// role, so the document tells clients what the server enforces.
+func TestOpenAPIRoles(t *testing.T) {
+	var doc struct {
+		Paths map[string]map[string]struct {
+			Role      string                     `json:"x-rebound-role"`
+			Responses map[string]json.RawMessage `json:"responses"`
+		} `json:"paths"`
+	}
+	if err := json.Unmarshal(openAPI, &doc); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, rt := range append((&Server{}).routes(), route{"GET", "/metrics", viewer, nil}) {
+		op := doc.Paths[rt.path][strings.ToLower(rt.method)]
+		want := string(rt.role)
+		if rt.role == public {
+			want = ""
+		}
+		if op.Role != want {
+			t.Errorf("%s %s: x-rebound-role %q, route needs %q", rt.method, rt.path, op.Role, want)
+		}
+		if _, ok := op.Responses["403"]; !ok && rt.role != public && rt.role != viewer {
+			t.Errorf("%s %s needs %s but documents no 403", rt.method, rt.path, rt.role)
+		}
+		n++
+	}
+	if n < 60 {
+		t.Fatalf("only %d routes", n)
 	}
 }

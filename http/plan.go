@@ -31,16 +31,16 @@ var planVerbPaths = map[string]string{
 
 func (s *Server) planRoutes() []route {
 	rts := []route{
-		{"GET", "/api/v1/plans", false, s.listPlans},
-		{"GET", "/api/v1/plans/{name}", false, s.getPlan},
-		{"PUT", "/api/v1/plans/{name}", false, s.applyPlan},
-		{"DELETE", "/api/v1/plans/{name}", false, s.deletePlan},
-		{"GET", "/api/v1/plans/{name}/preflight", false, s.preflightPlan},
-		{"POST", "/api/v1/jobs/{id}/resume", false, s.resumeJob},
-		{"POST", "/api/v1/jobs/{id}/retry", false, s.retryJob},
+		{"GET", "/api/v1/plans", viewer, s.listPlans},
+		{"GET", "/api/v1/plans/{name}", viewer, s.getPlan},
+		{"PUT", "/api/v1/plans/{name}", operator, s.applyPlan},
+		{"DELETE", "/api/v1/plans/{name}", operator, s.deletePlan},
+		{"GET", "/api/v1/plans/{name}/preflight", viewer, s.preflightPlan},
+		{"POST", "/api/v1/jobs/{id}/resume", operator, s.resumeJob},
+		{"POST", "/api/v1/jobs/{id}/retry", operator, s.retryJob},
 	}
 	for path, verb := range planVerbPaths {
-		rts = append(rts, route{"POST", "/api/v1/plans/{name}/" + path, false, s.runPlan(verb)})
+		rts = append(rts, route{"POST", "/api/v1/plans/{name}/" + path, operator, s.runPlan(verb)})
 	}
 	return rts
 }

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/lograte"
 )
 
 // MaxBodyBytes bounds a request body.
@@ -69,6 +70,16 @@ type Server struct {
 	// Healthy, if set, says why the server cannot do its work (its store
 	// cannot be written); /healthz answers it with the error's status.
 	Healthy func(ctx context.Context) error
+	// Users serves users, API tokens and /whoami's details; when nil the
+	// user and token routes answer 501.
+	Users rebound.UserService
+	// Audit, if set, records every mutating call (any method but GET and
+	// HEAD), refused ones included, and serves GET /api/v1/audit (501
+	// when nil).
+	Audit rebound.AuditService
+
+	// unauthAudit bounds the audit records of unauthenticated calls.
+	unauthAudit lograte.Limiter
 }
 
 // CodeNotImplemented is the error code of a 501 answer: the server has no
@@ -84,13 +95,24 @@ func (e *errNotImplemented) Error() string {
 	return e.what + " is not implemented by this server (" + e.lacks + ")"
 }
 
-// route is one API route. The table drives both the mux and the test that
-// checks the OpenAPI document covers every route.
+// route is one API route. The table drives the mux, the role check and
+// the test that checks the OpenAPI document covers every route.
 type route struct {
 	method, path string
-	public       bool
-	handle       func(w http.ResponseWriter, r *http.Request) error
+	// role is the least role a caller needs (viewer, operator, admin), or
+	// public: no authentication. A route without one is a bug (Handler
+	// panics), so none is open by mistake.
+	role   rebound.Role
+	handle func(w http.ResponseWriter, r *http.Request) error
 }
+
+// The roles of the route table (docs/security.md, "Roles").
+const (
+	public   rebound.Role = "(public)"
+	viewer                = rebound.RoleViewer
+	operator              = rebound.RoleOperator
+	admin                 = rebound.RoleAdmin
+)
 
 func (s *Server) routes() []route {
 	return append(s.routes0(), s.groupRoutes()...)
@@ -99,48 +121,48 @@ func (s *Server) routes() []route {
 // routes0 is every route but the groups'.
 func (s *Server) routes0() []route {
 	return append([]route{
-		{"GET", "/healthz", true, s.healthz},
-		{"GET", "/api/v1/openapi.json", true, s.openAPI},
+		{"GET", "/healthz", public, s.healthz},
+		{"GET", "/api/v1/openapi.json", public, s.openAPI},
 
-		{"GET", "/api/v1/sites", false, s.listSites},
-		{"POST", "/api/v1/sites/{name}/enroll-tokens", false, s.createJoinToken},
+		{"GET", "/api/v1/sites", viewer, s.listSites},
+		{"POST", "/api/v1/sites/{name}/enroll-tokens", admin, s.createJoinToken},
 
-		{"POST", "/api/v1/machines", false, s.createMachine},
-		{"GET", "/api/v1/machines", false, s.listMachines},
-		{"GET", "/api/v1/machines/{name}", false, s.getMachine},
-		{"DELETE", "/api/v1/machines/{name}", false, s.deleteMachine},
+		{"POST", "/api/v1/machines", operator, s.createMachine},
+		{"GET", "/api/v1/machines", viewer, s.listMachines},
+		{"GET", "/api/v1/machines/{name}", viewer, s.getMachine},
+		{"DELETE", "/api/v1/machines/{name}", operator, s.deleteMachine},
 
-		{"GET", "/api/v1/policies", false, s.listPolicies},
-		{"PUT", "/api/v1/policies/{name}", false, s.putPolicy},
+		{"GET", "/api/v1/policies", viewer, s.listPolicies},
+		{"PUT", "/api/v1/policies/{name}", admin, s.putPolicy},
 
-		{"POST", "/api/v1/machines/{name}/protect", false, s.protect},
-		{"GET", "/api/v1/machines/{name}/points", false, s.listPoints},
-		{"POST", "/api/v1/machines/{name}/points", false, s.createPoint},
-		{"POST", "/api/v1/machines/{name}/failover", false, s.failover},
-		{"POST", "/api/v1/machines/{name}/failover/change-point", false, s.changePoint},
-		{"POST", "/api/v1/machines/{name}/failover/cancel", false, s.cancelFailover},
-		{"POST", "/api/v1/machines/{name}/commit", false, s.commit},
-		{"POST", "/api/v1/machines/{name}/test-failover", false, s.testFailover},
-		{"POST", "/api/v1/machines/{name}/test-failover/cleanup", false, s.testFailoverCleanup},
-		{"POST", "/api/v1/machines/{name}/reprotect", false, s.reprotect},
-		{"POST", "/api/v1/machines/{name}/failback", false, s.failback},
-		{"POST", "/api/v1/machines/{name}/unprotect", false, s.unprotect},
-		{"GET", "/api/v1/machines/{name}/preflight", false, s.preflight},
-		{"POST", "/api/v1/machines/{name}/start", false, s.startMachine},
-		{"POST", "/api/v1/machines/{name}/stop", false, s.stopMachine},
-		{"GET", "/api/v1/machines/{name}/console", false, s.console},
-		{"PATCH", "/api/v1/machines/{name}", false, s.setMachine},
+		{"POST", "/api/v1/machines/{name}/protect", operator, s.protect},
+		{"GET", "/api/v1/machines/{name}/points", viewer, s.listPoints},
+		{"POST", "/api/v1/machines/{name}/points", operator, s.createPoint},
+		{"POST", "/api/v1/machines/{name}/failover", operator, s.failover},
+		{"POST", "/api/v1/machines/{name}/failover/change-point", operator, s.changePoint},
+		{"POST", "/api/v1/machines/{name}/failover/cancel", operator, s.cancelFailover},
+		{"POST", "/api/v1/machines/{name}/commit", operator, s.commit},
+		{"POST", "/api/v1/machines/{name}/test-failover", operator, s.testFailover},
+		{"POST", "/api/v1/machines/{name}/test-failover/cleanup", operator, s.testFailoverCleanup},
+		{"POST", "/api/v1/machines/{name}/reprotect", operator, s.reprotect},
+		{"POST", "/api/v1/machines/{name}/failback", operator, s.failback},
+		{"POST", "/api/v1/machines/{name}/unprotect", operator, s.unprotect},
+		{"GET", "/api/v1/machines/{name}/preflight", viewer, s.preflight},
+		{"POST", "/api/v1/machines/{name}/start", operator, s.startMachine},
+		{"POST", "/api/v1/machines/{name}/stop", operator, s.stopMachine},
+		{"GET", "/api/v1/machines/{name}/console", viewer, s.console},
+		{"PATCH", "/api/v1/machines/{name}", operator, s.setMachine},
 
-		{"GET", "/api/v1/jobs", false, s.listJobs},
-		{"GET", "/api/v1/jobs/{id}", false, s.getJob},
-		{"POST", "/api/v1/jobs/{id}/cancel", false, s.cancelJob},
+		{"GET", "/api/v1/jobs", viewer, s.listJobs},
+		{"GET", "/api/v1/jobs/{id}", viewer, s.getJob},
+		{"POST", "/api/v1/jobs/{id}/cancel", operator, s.cancelJob},
 
-		{"GET", "/api/v1/events", false, s.listEvents},
+		{"GET", "/api/v1/events", viewer, s.listEvents},
 
-		{"GET", "/api/v1/sites/{name}", false, s.getSite},
-		{"DELETE", "/api/v1/policies/{name}", false, s.deletePolicy},
-		{"DELETE", "/api/v1/sites/{name}", false, s.removeSite},
-	}, s.planRoutes()...)
+		{"GET", "/api/v1/sites/{name}", viewer, s.getSite},
+		{"DELETE", "/api/v1/policies/{name}", admin, s.deletePolicy},
+		{"DELETE", "/api/v1/sites/{name}", admin, s.removeSite},
+	}, append(s.planRoutes(), s.userRoutes()...)...)
 }
 
 // Handler returns the HTTP handler: routing, authentication, request IDs,
@@ -149,13 +171,14 @@ func (s *Server) Handler() http.Handler {
 	if s.Logger == nil {
 		s.Logger = slog.New(slog.DiscardHandler)
 	}
+	s.unauthAudit.Burst = MaxUnauthenticatedAudit
 	mux := http.NewServeMux()
 	for _, rt := range s.routes() {
 		h := s.wrap(rt)
 		mux.Handle(rt.method+" "+rt.path, h)
 	}
 	if s.Metrics != nil {
-		mux.Handle("GET /metrics", s.wrap(route{"GET", "/metrics", false, func(w http.ResponseWriter, r *http.Request) error {
+		mux.Handle("GET /metrics", s.wrap(route{"GET", "/metrics", viewer, func(w http.ResponseWriter, r *http.Request) error {
 			s.Metrics.ServeHTTP(w, r)
 			return nil
 		}}))
@@ -164,23 +187,77 @@ func (s *Server) Handler() http.Handler {
 }
 
 // wrap turns a route's error-returning handler into an http.Handler with
-// authentication in front of it.
+// authentication, the role check and the audit record in front of it.
 func (s *Server) wrap(rt route) http.Handler {
+	if rt.role != public && !rt.role.Valid() {
+		panic("http: route " + rt.method + " " + rt.path + " has no role")
+	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !rt.public {
-			if _, ok := r.Context().Value(trustedKey{}).(bool); !ok {
-				p, err := s.authenticate(r)
-				if err != nil {
-					s.writeError(w, r, err)
-					return
+		var a *auditRecord
+		if s.Audit != nil && r.Method != http.MethodGet && r.Method != http.MethodHead {
+			a = &auditRecord{}
+			r = r.WithContext(context.WithValue(r.Context(), auditKey{}, a))
+			sw := &statusWriter{ResponseWriter: w}
+			w = sw
+			defer func() {
+				if p := recover(); p != nil {
+					a.code, a.msg, a.panicked = rebound.EINTERNAL, "internal error (request ID "+requestID(r.Context())+")", true
+					s.recordAudit(r, rt, sw, a)
+					panic(p)
 				}
+				s.recordAudit(r, rt, sw, a)
+			}()
+		}
+		p, err := s.admit(rt, r)
+		if a != nil {
+			a.principal = p
+		}
+		if err == nil {
+			if rt.role != public {
 				r = r.WithContext(rebound.WithPrincipal(r.Context(), p))
 			}
+			err = rt.handle(w, r)
 		}
-		if err := rt.handle(w, r); err != nil {
-			s.writeError(w, r, err)
+		if err != nil {
+			code, msg := s.writeError(w, r, err)
+			if a != nil {
+				a.code, a.msg = code, msg
+			}
 		}
 	})
+}
+
+// admit returns who makes r, authenticating it unless ServeAs did, and
+// checks the principal's role allows the route. A refused role returns
+// the principal too, for the audit record.
+func (s *Server) admit(rt route, r *http.Request) (rebound.Principal, error) {
+	if rt.role == public {
+		return rebound.Principal{}, nil
+	}
+	p, ok := rebound.PrincipalFrom(r.Context())
+	if _, trusted := r.Context().Value(trustedKey{}).(bool); !trusted || !ok {
+		var err error
+		if p, err = s.authenticate(r); err != nil {
+			return rebound.Principal{}, err
+		}
+	}
+	if !p.Role.Allows(rt.role) {
+		return p, forbidden(p, rt.method+" "+rt.path, rt.role)
+	}
+	return p, nil
+}
+
+// forbidden is the 403 of a principal whose role does not allow what.
+func forbidden(p rebound.Principal, what string, need rebound.Role) error {
+	return rebound.Errorf(rebound.EFORBIDDEN, "forbidden: user %q has role %s; %s needs role %s (an admin can grant it: rebound user set-role %s %s)",
+		p.User, roleName(p.Role), what, need, p.User, need)
+}
+
+func roleName(r rebound.Role) string {
+	if r == "" {
+		return "(none)"
+	}
+	return string(r)
 }
 
 // trustedKey marks a request ServeAs authenticated already.
@@ -382,9 +459,9 @@ func codeOf(status int) string {
 
 // writeError answers err. Internal errors are logged with the request ID
 // and answered without their text, which may hold paths or SQL.
-func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
-	code := rebound.ErrorCode(err)
-	msg := rebound.ErrorMessage(err)
+func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) (code, msg string) {
+	code = rebound.ErrorCode(err)
+	msg = rebound.ErrorMessage(err)
 	status := statusOf(code)
 	var tooBig *http.MaxBytesError
 	var notImpl *errNotImplemented
@@ -400,6 +477,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		code, msg = rebound.EINTERNAL, "internal error (request ID "+id+")"
 	}
 	writeJSON(w, status, errorBody(code, msg))
+	return code, msg
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -25,6 +25,8 @@ const (
 	nounPoint   noun = "point" // of the machine named by the first argument
 	nounPolicy  noun = "policy"
 	nounGroup   noun = "group"
+	nounUser    noun = "user"
+	nounToken   noun = "token" // the caller's own tokens' IDs
 )
 
 // argNouns: the noun of a command's first argument, by command path.
@@ -38,6 +40,8 @@ var argNouns = map[string]noun{
 	"site show":  nounSite,
 	"policy set": nounPolicy, "policy delete": nounPolicy,
 	"group show": nounGroup, "group remove-machine": nounGroup,
+	"user delete": nounUser, "user set-role": nounUser, "user passwd": nounUser,
+	"token revoke": nounToken,
 }
 
 // flagNouns: the noun of a flag's value, whatever the command.
@@ -47,6 +51,7 @@ var flagNouns = map[string]noun{
 	"point":  nounPoint,
 	"policy": nounPolicy,
 	"group":  nounGroup,
+	"user":   nounUser,
 }
 
 // completionTimeout bounds a completion's call to the server: a shell
@@ -147,6 +152,28 @@ func (c *CLI) names(ctx context.Context, n noun, args []string) ([]string, error
 		}
 		for _, v := range gs {
 			out = append(out, v.Name)
+		}
+	case nounUser, nounToken:
+		u, ok := svc.(userClient)
+		if !ok {
+			return nil, nil
+		}
+		if n == nounToken {
+			ts, err := u.ListTokens(ctx, "", false)
+			if err != nil {
+				return nil, err
+			}
+			for _, t := range ts {
+				out = append(out, t.ID)
+			}
+			break
+		}
+		us, err := u.ListUsers(ctx) // an admin's: others get no names
+		if err != nil {
+			return nil, err
+		}
+		for _, x := range us {
+			out = append(out, x.Name)
 		}
 	case nounPoint:
 		out = []string{rebound.PointLatest, rebound.PointLatestProcessed, rebound.PointLatestAppConsistent}

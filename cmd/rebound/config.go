@@ -22,6 +22,10 @@ type ClientConfig struct {
 	// It is read from CAFile when the config is resolved; WriteClientConfig
 	// stores it as ca.crt next to the config when CAFile is empty.
 	CAPEM []byte `json:"-"`
+	// ConsoleUser and ConsolePassword log in to the web console at Server
+	// (`rebound up` writes its admin's; the file is 0600).
+	ConsoleUser     string `json:"consoleUser,omitempty"`
+	ConsolePassword string `json:"consolePassword,omitempty"`
 	// tokenFrom says where Token came from, for error messages.
 	tokenFrom string
 }
@@ -179,6 +183,6 @@ func (c *CLI) explainAuth(err error) error {
 	if c.tokenFrom != "" {
 		from = c.tokenFrom
 	}
-	return rebound.Errorf(rebound.EUNAUTHORIZED, "%s (token from %s): use the admin token of the server: the file `rebound server --admin-token-file FILE` writes on its host (delete it and restart the server for a new one), or run `rebound up` again, which writes its token to the config file; pass it with --token or REBOUND_TOKEN",
+	return rebound.Errorf(rebound.EUNAUTHORIZED, "%s (token from %s): use the admin token of the server: the file `rebound server --admin-token-file FILE` writes on its host (delete it and restart the server for a new one), or run `rebound up` again, which writes its token to the config file; or a token of your own user (an admin creates it: rebound token create --user NAME --name laptop); pass it with --token or REBOUND_TOKEN",
 		rebound.ErrorMessage(err), from)
 }

@@ -23,6 +23,7 @@ import (
 	rgrpc "github.com/rebound-dr/rebound/grpc"
 	rhttp "github.com/rebound-dr/rebound/http"
 	"github.com/rebound-dr/rebound/internal/lograte"
+	"github.com/rebound-dr/rebound/internal/secret"
 	"github.com/rebound-dr/rebound/pki"
 	"github.com/rebound-dr/rebound/server"
 	"github.com/rebound-dr/rebound/sqlite"
@@ -165,18 +166,19 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	api := &rhttp.Server{
 		Service: m.Service,
-		Authenticate: func(ctx context.Context, token string) (rebound.Principal, error) {
-			name, err := m.DB.CheckAPIToken(ctx, token)
-			return rebound.Principal{User: name, Role: rebound.RoleAdmin, Via: "token"}, err
-		},
-		Logger:  m.Logger,
-		Metrics: metrics,
-		Loop:    m.Service,
-		Plans:   m.Service,
-		Power:   m.Service,
-		Catalog: m.Service,
-		Groups:  m.Service,
-		Healthy: m.Service.StoreError,
+		// A token carries its user's role, read at every call; roles are
+		// enforced and mutating calls audited by the API itself.
+		Authenticate: m.DB.CheckToken,
+		Users:        m.DB,
+		Audit:        m.DB,
+		Logger:       m.Logger,
+		Metrics:      metrics,
+		Loop:         m.Service,
+		Plans:        m.Service,
+		Power:        m.Service,
+		Catalog:      m.Service,
+		Groups:       m.Service,
+		Healthy:      m.Service.StoreError,
 	}
 	// Timeouts close slow and idle connections, authenticated or not;
 	// failed TLS handshakes are logged at a bounded rate.
@@ -300,27 +302,59 @@ func newServerCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.GRPCAddr, "grpc-addr", "127.0.0.1:8441", "listen address for sites (enrollment and control)")
 	f.StringSliceVar(&cfg.Hosts, "host", nil, "extra host names or IPs for the server certificate")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "also serve /metrics over plain HTTP without authentication at this address, for Prometheus (the API serves it with a token either way)")
-	f.StringVar(&tokenFile, "admin-token-file", "", "create an admin API token if this file does not exist and write it there (0600)")
+	f.StringVar(&tokenFile, "admin-token-file", "", "create an API token of user admin (role admin; the user too, if missing) if this file does not hold a valid token, and write it there (0600)")
 	addConfigFlag(cmd, "server")
 	return cmd
 }
 
-// ensureAdminToken writes a new admin token to path unless path holds a
-// valid one.
-func ensureAdminToken(ctx context.Context, db *sqlite.DB, path string) error {
+// adminUser is the user `rebound server --admin-token-file` and `rebound
+// up` make sure exists, with the admin role.
+const adminUser = "admin"
+
+// ensureAdminToken writes a new token of user "admin" to path unless path
+// holds a valid token. A missing user "admin" is created (role admin, no
+// password): whoever holds the server's files can always get back in.
+func ensureAdminToken(ctx context.Context, db rebound.Store, path string) error {
 	if b, err := os.ReadFile(path); err == nil {
-		if _, err := db.CheckAPIToken(ctx, string(trimSpace(b))); err == nil {
+		if _, err := db.CheckToken(ctx, string(trimSpace(b))); err == nil {
 			return nil
 		}
 	}
-	tok, err := db.CreateAPIToken(ctx, "admin")
+	if _, err := db.EnsureUser(ctx, adminUser, rebound.RoleAdmin); err != nil {
+		return err
+	}
+	res, err := db.CreateToken(ctx, adminUser, "admin-token-file")
 	if err != nil {
 		return err
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	return os.WriteFile(path, []byte(tok+"\n"), 0o600)
+	return os.WriteFile(path, []byte(res.Secret+"\n"), 0o600)
+}
+
+// ensureAdminPassword returns the console password of user "admin": known
+// (it still works) if given, else a new generated one when the user has no
+// password yet. It returns "" when the user has a password it does not
+// know (someone set it): that one is left alone.
+func ensureAdminPassword(ctx context.Context, db rebound.Store, known string) (string, error) {
+	if known != "" {
+		if _, err := db.CheckPassword(ctx, adminUser, known); err == nil {
+			return known, nil
+		}
+	}
+	u, err := db.GetUser(ctx, adminUser)
+	if err != nil {
+		return "", err
+	}
+	if u.PasswordSet {
+		return "", nil
+	}
+	pw := secret.GeneratePassword()
+	if err := db.SetPassword(ctx, adminUser, pw); err != nil {
+		return "", err
+	}
+	return pw, nil
 }
 
 func trimSpace(b []byte) []byte {

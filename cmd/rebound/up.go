@@ -62,7 +62,11 @@ type UpMain struct {
 	Server     *ServerMain
 	Sites      map[string]*SiteMain
 	AdminToken string
-	ConfigPath string
+	// AdminPassword is the console password of user "admin": generated
+	// when the user had none, or the one in the CLI config that still
+	// works; "" when someone set another (up leaves it alone).
+	AdminPassword string
+	ConfigPath    string
 }
 
 // Run starts the server and the sites, and waits until every site has
@@ -93,6 +97,15 @@ func (m *UpMain) Run(ctx context.Context) (err error) {
 		return err
 	}
 	m.AdminToken = string(trimSpace(b))
+	var known string
+	if cfg.WriteConfig {
+		if old, err := readClientConfigFile(); err == nil {
+			known = old.ConsolePassword
+		}
+	}
+	if m.AdminPassword, err = ensureAdminPassword(ctx, m.Server.DB, known); err != nil {
+		return err
+	}
 
 	m.Sites = map[string]*SiteMain{}
 	for _, s := range cfg.Sites {
@@ -117,12 +130,25 @@ func (m *UpMain) Run(ctx context.Context) (err error) {
 		return err
 	}
 	if cfg.WriteConfig {
-		m.ConfigPath, err = WriteClientConfig(ClientConfig{Server: m.Server.APIURL, Token: m.AdminToken, CAPEM: m.Server.CA.CertPEM()})
+		cc := ClientConfig{Server: m.Server.APIURL, Token: m.AdminToken, CAPEM: m.Server.CA.CertPEM()}
+		if m.AdminPassword != "" {
+			cc.ConsoleUser, cc.ConsolePassword = adminUser, m.AdminPassword
+		}
+		m.ConfigPath, err = WriteClientConfig(cc)
 		if err != nil {
 			return fmt.Errorf("write CLI config: %w", err)
 		}
 	}
 	return nil
+}
+
+// consoleLogin says how to log in to the console, never with the
+// password itself: it is in the CLI config file (0600).
+func (m *UpMain) consoleLogin() string {
+	if m.AdminPassword != "" && m.ConfigPath != "" {
+		return "user " + adminUser + ", password in " + m.ConfigPath
+	}
+	return "user " + adminUser + ", password set earlier; set a new one with: rebound user passwd " + adminUser
 }
 
 // waitSites waits until every site is connected and has reported its
@@ -194,8 +220,8 @@ func newUpCommand(c *CLI) *cobra.Command {
 			}
 			defer m.Close()
 			out := c.Stdout
-			fmt.Fprintf(out, "Rebound is up.\n  API:      %s\n  sites:    primary (NBD %s), recovery (NBD %s)\n  data:     %s\n  log:      %s\n  CLI config written to %s\n\n",
-				m.Server.APIURL, m.Sites["primary"].NBDAddr, m.Sites["recovery"].NBDAddr, cfg.DataDir, logf.Name(), m.ConfigPath)
+			fmt.Fprintf(out, "Rebound is up.\n  API:      %s\n  console:  %s/ (%s)\n  sites:    primary (NBD %s), recovery (NBD %s)\n  data:     %s\n  log:      %s\n  CLI config written to %s\n\n",
+				m.Server.APIURL, m.Server.APIURL, m.consoleLogin(), m.Sites["primary"].NBDAddr, m.Sites["recovery"].NBDAddr, cfg.DataDir, logf.Name(), m.ConfigPath)
 			if demo {
 				if err := c.runDemo(ctx, m); err != nil && ctx.Err() == nil {
 					return err

@@ -771,6 +771,21 @@ func testLastAdmin(t *testing.T, h Harness) {
 	if got := userNames(t, db); !slices.Equal(got, []string{"ops:admin:false"}) {
 		t.Fatalf("users %v", got)
 	}
+
+	// Two admins deleting each other at once: the count and the delete are
+	// one transaction, so one of them stays.
+	db.EnsureUser(ctx, "a1", rebound.RoleAdmin)
+	errs := make(chan error, 2)
+	for _, n := range []string{"ops", "a1"} {
+		go func() { errs <- db.DeleteUser(ctx, n) }()
+	}
+	e1, e2 := <-errs, <-errs
+	if (e1 == nil) == (e2 == nil) || rebound.ErrorCode(e1)+rebound.ErrorCode(e2) != rebound.ECONFLICT {
+		t.Fatalf("concurrent deletions: %v, %v", e1, e2)
+	}
+	if us, _ := db.ListUsers(ctx); len(us) != 1 || us[0].Role != rebound.RoleAdmin {
+		t.Fatalf("users after concurrent deletions %+v", us)
+	}
 }
 
 // Tokens belong to a user and carry its current role; they are stored
