@@ -150,9 +150,9 @@ func Open(ctx context.Context, dsn string) (*DB, error) {
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("open PostgreSQL %s: %w", redact(dsn), err)
+		return nil, fmt.Errorf("open PostgreSQL %s: %w", Redact(dsn), err)
 	}
-	db := &DB{pool: pool, dsn: redact(dsn), now: time.Now}
+	db := &DB{pool: pool, dsn: Redact(dsn), now: time.Now}
 	if err := pool.Ping(ctx); err != nil {
 		pool.Close()
 		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "PostgreSQL at %s does not answer: %v; check the address, that the server runs and that it lets this user in", db.dsn, err)
@@ -168,8 +168,8 @@ func Open(ctx context.Context, dsn string) (*DB, error) {
 	return db, nil
 }
 
-// redact drops a password from dsn: it goes into messages and logs.
-func redact(dsn string) string {
+// Redact drops a password from dsn: it goes into messages and logs.
+func Redact(dsn string) string {
 	if u, err := url.Parse(dsn); err == nil && u.User != nil {
 		if _, ok := u.User.Password(); ok {
 			u.User = url.UserPassword(u.User.Username(), "xxxxx")
@@ -320,3 +320,24 @@ func (db *DB) exec(ctx context.Context, q string, args ...any) (pgconn.CommandTa
 func unixNano(n int64) time.Time { return time.Unix(0, n).UTC() }
 
 var _ rebound.Store = (*DB)(nil)
+
+// Check connects to dsn and reads its schema version without changing
+// anything: 0 for a database Rebound never opened.
+func Check(ctx context.Context, dsn string) (version int, err error) {
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return 0, rebound.Errorf(rebound.EUNAVAILABLE, "PostgreSQL at %s does not answer: %v; check the address, that the server runs and that it lets this user in", Redact(dsn), err)
+	}
+	defer conn.Close(ctx)
+	var exists bool
+	if err := conn.QueryRow(ctx, `SELECT to_regclass('schema_version') IS NOT NULL`).Scan(&exists); err != nil {
+		return 0, translate(err)
+	}
+	if !exists {
+		return 0, nil
+	}
+	if err := conn.QueryRow(ctx, `SELECT version FROM schema_version`).Scan(&version); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return 0, translate(err)
+	}
+	return version, nil
+}

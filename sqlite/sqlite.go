@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -270,3 +271,26 @@ func (db *DB) tx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 }
 
 var _ rebound.Store = (*DB)(nil)
+
+// Migrations is the number of migrations this binary knows.
+func Migrations() int { return len(migrations) }
+
+// Check reads the schema version of the database at path without
+// changing anything: 0 for a database not created yet.
+func Check(path string) (version int, err error) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	sqldb, err := sql.Open("sqlite", "file:"+(&url.URL{Path: path}).EscapedPath()+"?mode=ro")
+	if err != nil {
+		return 0, fmt.Errorf("open database %s: %w", path, err)
+	}
+	defer sqldb.Close()
+	err = sqldb.QueryRow(`SELECT version FROM schema_version`).Scan(&version)
+	if err != nil && strings.Contains(err.Error(), "no such table") {
+		return 0, nil
+	} else if err != nil {
+		return 0, fmt.Errorf("read the schema version of %s: %w", path, err)
+	}
+	return version, nil
+}

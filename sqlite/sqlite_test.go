@@ -28,45 +28,6 @@ func wantCode(t *testing.T, err error, code string) {
 	}
 }
 
-func TestAPITokens(t *testing.T) {
-	ctx := context.Background()
-	db, path := open(t)
-	tok, err := db.CreateAPIToken(ctx, "admin")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.HasPrefix(tok, "rbt_") || len(tok) != 4+43 {
-		t.Fatalf("token %q", tok)
-	}
-	tok2, _ := db.CreateAPIToken(ctx, "ci")
-	if tok2 == tok {
-		t.Fatal("tokens repeat")
-	}
-	if name, err := db.CheckAPIToken(ctx, tok); err != nil || name != "admin" {
-		t.Fatalf("check: %q %v", name, err)
-	}
-	_, err = db.CheckAPIToken(ctx, tok+"x")
-	wantCode(t, err, rebound.EUNAUTHORIZED)
-	_, err = db.CheckAPIToken(ctx, "")
-	wantCode(t, err, rebound.EUNAUTHORIZED)
-
-	// Only the hash is stored.
-	var n int
-	if err := db.db.QueryRow(`SELECT count(*) FROM api_tokens WHERE hash = ? OR name = ?`, tok, tok).Scan(&n); err != nil || n != 0 {
-		t.Fatalf("plaintext stored? n=%d err=%v", n, err)
-	}
-	db.Close()
-	db, _ = Open(path)
-	defer db.Close()
-	// Both belong to user admin, named after what they are for.
-	if name, err := db.CheckAPIToken(ctx, tok2); err != nil || name != "admin" {
-		t.Fatalf("after reopen: %q %v", name, err)
-	}
-	if ts, _ := db.ListTokens(ctx, "admin"); len(ts) != 2 || ts[0].Name != "admin" || ts[1].Name != "ci" {
-		t.Fatalf("tokens %+v", ts)
-	}
-}
-
 func TestMigrationIdempotent(t *testing.T) {
 	ctx := context.Background()
 	db, path := open(t)

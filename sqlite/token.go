@@ -26,34 +26,6 @@ var (
 
 func unixNano(n int64) time.Time { return time.Unix(0, n).UTC() }
 
-// CreateAPIToken creates an API token named name of user "admin" (role
-// admin, created without a password if missing) and returns its secret.
-func (db *DB) CreateAPIToken(ctx context.Context, name string) (string, error) {
-	if name == "" {
-		return "", rebound.Errorf(rebound.EINVALID, "token name is empty")
-	}
-	if _, err := db.EnsureUser(ctx, "admin", rebound.RoleAdmin); err != nil {
-		return "", err
-	}
-	res, err := db.CreateToken(ctx, "admin", name)
-	if err != nil {
-		return "", err
-	}
-	return res.Secret, nil
-}
-
-// CheckAPIToken returns the user who owns the token, or EUNAUTHORIZED.
-func (db *DB) CheckAPIToken(ctx context.Context, token string) (string, error) {
-	p, err := db.CheckToken(ctx, token)
-	return p.User, err
-}
-
-// CreateEnrollToken creates a one-time token that enrolls site (as a
-// site, not an agent) within ttl.
-func (db *DB) CreateEnrollToken(ctx context.Context, site string, ttl time.Duration) (string, error) {
-	return db.CreateJoinToken(ctx, site, "site", false, ttl)
-}
-
 // CreateJoinToken creates a one-time token that enrolls site within ttl
 // with a certificate of role ("site" or "agent"). A rotate token's
 // certificate replaces the site's others once it is used (CertUsed).
@@ -73,16 +45,6 @@ func (db *DB) CreateJoinToken(ctx context.Context, site, role string, rotate boo
 		return "", fmt.Errorf("create enrollment token: %w", err)
 	}
 	return tok, nil
-}
-
-// UseEnrollToken consumes an enrollment token for site. It succeeds once:
-// an unknown, used, expired or other-site token is EUNAUTHORIZED. A failed
-// attempt does not consume the token.
-func (db *DB) UseEnrollToken(ctx context.Context, tok, site string) error {
-	return db.tx(ctx, func(tx *sql.Tx) error {
-		_, _, err := db.useToken(ctx, tx, tok, site)
-		return err
-	})
 }
 
 // useToken consumes a token in tx and returns the role and rotation it

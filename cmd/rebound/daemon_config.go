@@ -30,7 +30,7 @@ func flagEnv(daemon, flag string) string {
 }
 
 // envAliases are older variables that set a flag too (after the prefixed one).
-var envAliases = map[string]string{"token": "REBOUND_JOIN_TOKEN"}
+var envAliases = map[string]string{"token": "REBOUND_JOIN_TOKEN", "db": "REBOUND_DB"}
 
 // addConfigFlag adds --config to a daemon command.
 func addConfigFlag(cmd *cobra.Command, daemon string) {

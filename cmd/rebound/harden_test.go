@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rebound-dr/rebound"
 )
 
 // testServer runs a ServerMain alone on ephemeral ports.
@@ -129,10 +131,14 @@ func TestAPITimeouts(t *testing.T) {
 func TestMetricsAuth(t *testing.T) {
 	m := testServer(t, ServerConfig{MetricsAddr: "127.0.0.1:0"})
 	ctx := context.Background()
-	tok, err := m.DB.CreateAPIToken(ctx, "prom")
+	if _, err := m.DB.EnsureUser(ctx, "prom", rebound.RoleViewer); err != nil {
+		t.Fatal(err)
+	}
+	res, err := m.DB.CreateToken(ctx, "prom", "scrape")
 	if err != nil {
 		t.Fatal(err)
 	}
+	tok := res.Secret
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(m.CA.CertPEM())
 	cl := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}

@@ -47,8 +47,14 @@ func checkDelta(t *testing.T, j *rebound.Job, changed, disk int64) {
 // stay close to the bytes changed.
 func TestRoundTrip(t *testing.T) {
 	t.Parallel()
-	ctx := context.Background()
 	_, svc := testUp(t, t.TempDir())
+	roundTrip(t, svc, 3)
+}
+
+// roundTrip runs TestRoundTrip's loop rounds times on a new machine vm1.
+func roundTrip(t *testing.T, svc rebound.Service, rounds int) {
+	t.Helper()
+	ctx := context.Background()
 	loop := svc.(rebound.LoopService)
 	const size = 32 << 20
 	m, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
@@ -60,7 +66,7 @@ func TestRoundTrip(t *testing.T) {
 	o.write(m.Disks[0].NBD, 100)
 	waitJob(t, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
 
-	for round := 0; round < 3; round++ {
+	for round := 0; round < rounds; round++ {
 		// Forward: write, fail over, write at recovery, commit.
 		m = getMachine(t, svc, "vm1")
 		if m.ActiveSite != "primary" || m.State != rebound.MachineProtected {

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"log/slog"
 	"net"
 	nethttp "net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -25,6 +27,7 @@ import (
 	"github.com/rebound-dr/rebound/internal/lograte"
 	"github.com/rebound-dr/rebound/internal/secret"
 	"github.com/rebound-dr/rebound/pki"
+	"github.com/rebound-dr/rebound/postgres"
 	"github.com/rebound-dr/rebound/server"
 	"github.com/rebound-dr/rebound/sqlite"
 )
@@ -44,6 +47,21 @@ type ServerConfig struct {
 	MetricsAddr string
 	// API connection timeouts; zero takes DefaultAPITimeouts.
 	APITimeouts APITimeouts
+	// DB is the store: "" for SQLite in DataDir, or a PostgreSQL address
+	// (postgres://USER@HOST/DB) that several servers share.
+	DB string
+}
+
+// openStore opens the store dsn names: SQLite in dataDir for "", else
+// PostgreSQL.
+func openStore(ctx context.Context, dataDir, dsn string) (rebound.Store, error) {
+	switch {
+	case dsn == "":
+		return sqlite.Open(filepath.Join(dataDir, "rebound.db"))
+	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
+		return postgres.Open(ctx, dsn)
+	}
+	return nil, rebound.Errorf(rebound.EINVALID, "--db %q: give a PostgreSQL address (postgres://USER@HOST/DB), or leave it out for SQLite in the data directory", dsn)
 }
 
 // APITimeouts bound how long the API waits on a client, authenticated or
@@ -77,7 +95,7 @@ type ServerMain struct {
 	Config ServerConfig
 	Logger *slog.Logger
 
-	DB       *sqlite.DB
+	DB       rebound.Store
 	CA       *pki.CA
 	Service  *server.Server
 	Control  *rgrpc.ControlServer
@@ -108,7 +126,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return err
 	}
-	if m.DB, err = sqlite.Open(filepath.Join(cfg.DataDir, "rebound.db")); err != nil {
+	if m.DB, err = openStore(ctx, cfg.DataDir, cfg.DB); err != nil {
 		return fmt.Errorf("open database: %w", err)
 	}
 	if m.CA, err = pki.LoadOrCreateCA(filepath.Join(cfg.DataDir, "ca")); err != nil {
@@ -272,6 +290,7 @@ func (m *ServerMain) Close() error {
 func newServerCommand(c *CLI) *cobra.Command {
 	cfg := ServerConfig{}
 	var tokenFile string
+	var checkDB bool
 	cmd := &cobra.Command{
 		Use:   "server",
 		Short: "Run the control plane (the vault): REST API, job engine, site enrollment",
@@ -282,6 +301,15 @@ func newServerCommand(c *CLI) *cobra.Command {
 			}
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
+			if checkDB {
+				st, err := checkStore(ctx, cfg)
+				if err != nil {
+					return err
+				}
+				return c.print(st, func(w io.Writer) {
+					fmt.Fprintf(w, "store:            %s (%s)\nschema version:   %d of %d\npending:          %d migration(s)\n", st.Kind, st.Address, st.Version, st.Latest, st.Pending)
+				})
+			}
 			m := &ServerMain{Config: cfg, Logger: newLogger(c.Stderr)}
 			if err := m.Run(ctx); err != nil {
 				return err
@@ -302,6 +330,8 @@ func newServerCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.GRPCAddr, "grpc-addr", "127.0.0.1:8441", "listen address for sites (enrollment and control)")
 	f.StringSliceVar(&cfg.Hosts, "host", nil, "extra host names or IPs for the server certificate")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "also serve /metrics over plain HTTP without authentication at this address, for Prometheus (the API serves it with a token either way)")
+	f.StringVar(&cfg.DB, "db", "", "store: a PostgreSQL address (postgres://USER@HOST/DB; also $REBOUND_DB) shared by several servers; default SQLite in --data")
+	f.BoolVar(&checkDB, "check-db", false, "report the store's schema version, pending migrations and connectivity, and exit (applies nothing)")
 	f.StringVar(&tokenFile, "admin-token-file", "", "create an API token of user admin (role admin; the user too, if missing) if this file does not hold a valid token, and write it there (0600)")
 	addConfigFlag(cmd, "server")
 	return cmd
@@ -365,3 +395,37 @@ func trimSpace(b []byte) []byte {
 }
 
 var _ rebound.Service = (*server.Server)(nil)
+
+// StoreCheck is what `rebound server --check-db` reports.
+type StoreCheck struct {
+	Kind    string `json:"kind"`    // sqlite or postgres
+	Address string `json:"address"` // the file, or the address without a password
+	Version int    `json:"version"` // migrations applied
+	Latest  int    `json:"latest"`  // migrations this binary knows
+	Pending int    `json:"pending"`
+}
+
+// checkStore reads the store's schema version without applying anything.
+// A database newer than this binary is an error naming what to run.
+func checkStore(ctx context.Context, cfg ServerConfig) (*StoreCheck, error) {
+	st := &StoreCheck{}
+	var err error
+	switch {
+	case cfg.DB == "":
+		st.Kind, st.Address, st.Latest = "sqlite", filepath.Join(cfg.DataDir, "rebound.db"), sqlite.Migrations()
+		st.Version, err = sqlite.Check(st.Address)
+	case strings.HasPrefix(cfg.DB, "postgres://"), strings.HasPrefix(cfg.DB, "postgresql://"):
+		st.Kind, st.Address, st.Latest = "postgres", postgres.Redact(cfg.DB), postgres.Migrations()
+		st.Version, err = postgres.Check(ctx, cfg.DB)
+	default:
+		_, err = openStore(ctx, cfg.DataDir, cfg.DB)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if st.Version > st.Latest {
+		return nil, rebound.Errorf(rebound.ECONFLICT, "the %s store at %s has schema version %d, newer than this binary's %d: run the newer rebound server", st.Kind, st.Address, st.Version, st.Latest)
+	}
+	st.Pending = st.Latest - st.Version
+	return st, nil
+}

@@ -27,6 +27,8 @@ type UpConfig struct {
 	GRPCAddr string
 	// MetricsAddr is the server's ServerConfig.MetricsAddr.
 	MetricsAddr string
+	// DB is the server's ServerConfig.DB: "" for SQLite.
+	DB string
 	// Sites maps a site name to its NBD and replication addresses.
 	Sites      []UpSite
 	SpoolLimit int64
@@ -83,7 +85,7 @@ func (m *UpMain) Run(ctx context.Context) (err error) {
 	cfg := m.Config
 	m.Server = &ServerMain{Logger: m.Logger, Config: ServerConfig{
 		DataDir: filepath.Join(cfg.DataDir, "server"), APIAddr: cfg.APIAddr, GRPCAddr: cfg.GRPCAddr,
-		MetricsAddr: cfg.MetricsAddr,
+		MetricsAddr: cfg.MetricsAddr, DB: cfg.DB,
 	}}
 	if err := m.Server.Run(ctx); err != nil {
 		return err
@@ -241,6 +243,7 @@ func newUpCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.GRPCAddr, "grpc-addr", cfg.GRPCAddr, "listen address for sites")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "also serve /metrics over plain HTTP without authentication at this address, for Prometheus")
 	f.StringVar(&spool, "spool-limit", "1GiB", "spool bound per machine")
+	f.StringVar(&cfg.DB, "db", os.Getenv("REBOUND_DB"), "the server's store: a PostgreSQL address (postgres://USER@HOST/DB; default $REBOUND_DB); default SQLite in --data")
 	f.StringVar(&cfg.Sites[0].NBDAddr, "primary-nbd-addr", cfg.Sites[0].NBDAddr, "primary site's NBD listen address")
 	f.StringVar(&cfg.Sites[0].ReplAddr, "primary-repl-addr", cfg.Sites[0].ReplAddr, "primary site's replication listen address")
 	f.StringVar(&cfg.Sites[1].NBDAddr, "recovery-nbd-addr", cfg.Sites[1].NBDAddr, "recovery site's NBD listen address")
