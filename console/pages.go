@@ -522,13 +522,15 @@ func (c *Console) timelineOf(a *caller, k kind, sj *subject, retention time.Dura
 	if a.get(p(k.api(), sj.Name, "points")+"?limit=1", &first) == nil && len(first) > 0 {
 		tl.Oldest = first[0].Time
 	}
-	tl.From = now.Add(-10 * time.Minute)
-	if len(pts) > 0 && pts[0].Time.Before(tl.From) {
-		tl.From = pts[0].Time
-	}
 	if len(pts) > 300 { // the dots: the newest 300
 		pts = pts[len(pts)-300:]
-		tl.From = pts[0].Time
+	}
+	// The axis runs from the oldest point shown (with a margin), at least
+	// a minute, to now.
+	tl.From = now.Add(-time.Minute)
+	if len(pts) > 0 {
+		first := pts[0].Time.Add(-now.Sub(pts[0].Time) / 20)
+		tl.From = minTime(tl.From, first)
 	}
 	span := now.Sub(tl.From).Seconds()
 	x := func(t time.Time) float64 {
@@ -1025,6 +1027,13 @@ func parseSince(v string, now time.Time) (time.Time, error) {
 }
 
 // Template helpers
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
 
 func age(d time.Duration) string {
 	if d < 0 {

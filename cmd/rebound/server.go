@@ -22,6 +22,7 @@ import (
 	ggrpc "google.golang.org/grpc"
 
 	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/console"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
 	rhttp "github.com/rebound-dr/rebound/http"
 	"github.com/rebound-dr/rebound/internal/lograte"
@@ -99,6 +100,7 @@ type ServerMain struct {
 	CA       *pki.CA
 	Service  *server.Server
 	Control  *rgrpc.ControlServer
+	Console  *console.Console // the web console at APIURL
 	APIURL   string // https://host:port after Run
 	GRPCAddr string // host:port after Run
 	// MetricsURL is http://host:port/metrics after Run when
@@ -201,10 +203,16 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	// Timeouts close slow and idle connections, authenticated or not;
 	// failed TLS handshakes are logged at a bounded rate.
 	to := cfg.APITimeouts.orDefault()
-	m.http = &nethttp.Server{Handler: api.Handler(), TLSConfig: tlsConf.Clone(),
+	// The console calls the API handler, which serves the console: make
+	// both, then close the loop (docs/console.md).
+	m.Console = &console.Console{Users: m.DB, Audit: m.DB, Logger: m.Logger}
+	api.Console = m.Console.Handler()
+	m.Console.API = api.Handler()
+	m.http = &nethttp.Server{Handler: m.Console.API, TLSConfig: tlsConf.Clone(),
 		ReadHeaderTimeout: to.ReadHeader, ReadTimeout: to.Read, IdleTimeout: to.Idle,
 		ErrorLog: log.New(lograte.Writer{Limiter: &lograte.Limiter{}, Logger: m.Logger, Msg: "api connection error"}, "", 0)}
 	m.http.TLSConfig.ClientAuth = 0 // the API authenticates with bearer tokens
+	m.http.RegisterOnShutdown(m.Console.Close) // its live streams end, so Shutdown need not wait for them
 
 	var ml net.Listener
 	if cfg.MetricsAddr != "" {
