@@ -101,8 +101,8 @@ type ServerMain struct {
 	Service  *server.Server
 	Control  *rgrpc.ControlServer
 	Console  *console.Console // the web console at APIURL
-	APIURL   string // https://host:port after Run
-	GRPCAddr string // host:port after Run
+	APIURL   string           // https://host:port after Run
+	GRPCAddr string           // host:port after Run
 	// MetricsURL is http://host:port/metrics after Run when
 	// Config.MetricsAddr is set.
 	MetricsURL string
@@ -211,7 +211,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	m.http = &nethttp.Server{Handler: m.Console.API, TLSConfig: tlsConf.Clone(),
 		ReadHeaderTimeout: to.ReadHeader, ReadTimeout: to.Read, IdleTimeout: to.Idle,
 		ErrorLog: log.New(lograte.Writer{Limiter: &lograte.Limiter{}, Logger: m.Logger, Msg: "api connection error"}, "", 0)}
-	m.http.TLSConfig.ClientAuth = 0 // the API authenticates with bearer tokens
+	m.http.TLSConfig.ClientAuth = 0            // the API authenticates with bearer tokens
 	m.http.RegisterOnShutdown(m.Console.Close) // its live streams end, so Shutdown need not wait for them
 
 	var ml net.Listener
