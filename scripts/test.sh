@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/go/bin:$HOME/go/bin:$PATH"
 
-tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdsh nbdkit fio rsync qemu-system-x86_64 busybox mkfs.ext4 mkfs.btrfs losetup systemd-analyze)
-packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio rsync qemu-system-x86 linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs xz-utils zstd btrfs-progs mount systemd postgresql)
+tools=(qemu-io qemu-img qemu-nbd nbdinfo nbdcopy nbdsh nbdkit fio rsync qemu-system-x86_64 busybox mkfs.ext4 mkfs.btrfs losetup systemd-analyze chromium)
+packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio rsync qemu-system-x86 linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs xz-utils zstd btrfs-progs mount systemd postgresql chromium)
 missing=()
 for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
 # Debian keeps initdb off PATH, under /usr/lib/postgresql/VERSION/bin.
