@@ -40,9 +40,10 @@ func newMemUsers() *memUsers {
 func (m *memUsers) CreateUser(ctx context.Context, req rebound.CreateUserRequest) (*rebound.CreateUserResult, error) {
 	return nil, rebound.Errorf(rebound.EINVALID, "not in this fake")
 }
-func (m *memUsers) ListUsers(ctx context.Context) ([]rebound.User, error)  { return nil, nil }
-func (m *memUsers) DeleteUser(ctx context.Context, name string) error      { return nil }
-func (m *memUsers) SetPassword(ctx context.Context, name, pw string) error { return nil }
+func (m *memUsers) ListUsers(ctx context.Context) ([]rebound.User, error)             { return nil, nil }
+func (m *memUsers) DeleteUser(ctx context.Context, name string) error                 { return nil }
+func (m *memUsers) SetPassword(ctx context.Context, name, pw string) error            { return nil }
+func (m *memUsers) SetRole(ctx context.Context, name string, role rebound.Role) error { return nil }
 func (m *memUsers) CreateToken(ctx context.Context, user, name string) (*rebound.CreateTokenResult, error) {
 	return nil, rebound.Errorf(rebound.EINVALID, "not in this fake")
 }
