@@ -25,6 +25,7 @@ type view struct {
 	Nav   string
 	S     *session // nil on the login page
 	Msg   string   // a notice (?msg=)
+	Back  string   // the page an error came from (same site only)
 	Err   *apiError
 	Now   time.Time
 	D     any
@@ -51,7 +52,7 @@ func (c *Console) fail(w http.ResponseWriter, r *http.Request, s *session, err e
 		c.Logger.Error("console", "path", r.URL.Path, "err", err)
 		ae = &apiError{Status: http.StatusInternalServerError, Code: rebound.EINTERNAL, Message: "internal error: see the server's log"}
 	}
-	c.render(w, ae.Status, "error", view{Title: http.StatusText(ae.Status), S: s, Err: ae, Now: c.Now()})
+	c.render(w, ae.Status, "error", view{Title: http.StatusText(ae.Status), S: s, Err: ae, Now: c.Now(), Back: backOf(r)})
 }
 
 func (c *Console) page(w http.ResponseWriter, r *http.Request, s *session, page, title, nav string, d any) {
@@ -75,6 +76,15 @@ func (c *Console) loginForm(w http.ResponseWriter, r *http.Request, status int, 
 		v.Err = &apiError{Status: status, Message: msg}
 	}
 	c.render(w, status, "login", v)
+}
+
+// backOf is the path of the page a request came from, on this site.
+func backOf(r *http.Request) string {
+	u, err := url.Parse(r.Referer())
+	if err != nil || u.Host != r.Host || u.Path == r.URL.Path {
+		return ""
+	}
+	return safeNext(u.RequestURI())
 }
 
 // safeNext keeps a redirect target on this site.
@@ -347,7 +357,8 @@ type subject struct {
 	Name    string
 	Base    string // the console's page, /machines/NAME
 	State   string
-	From    string // active (source) site
+	Active  string // where it runs now
+	From    string // the direction's source (the active site unless failed over)
 	To      string // target site
 	Home    string
 	Away    bool
@@ -369,9 +380,12 @@ func (c *Console) subject(a *caller, k kind, name string) (*subject, *rebound.Ma
 			return nil, nil, nil, err
 		}
 		sj := &subject{Kind: "group", Name: g.Name, Base: "/groups/" + url.PathEscape(g.Name), State: g.State,
-			From: g.ActiveSite, To: g.TargetSite, Lag: g.LagSeconds, Fail: g.Failover, Test: g.TestFailover, Policy: g.Policy}
+			Active: g.ActiveSite, From: cmp.Or(g.SourceSite, g.ActiveSite), To: g.TargetSite, Lag: g.LagSeconds, Fail: g.Failover, Test: g.TestFailover, Policy: g.Policy}
 		if g.Protection != nil {
 			sj.LastPt = g.Protection.LastPointTime
+		}
+		if g.Failover != nil {
+			sj.From, sj.To = g.Failover.FromSite, g.Failover.ToSite
 		}
 		return sj, nil, &g, nil
 	}
@@ -380,7 +394,7 @@ func (c *Console) subject(a *caller, k kind, name string) (*subject, *rebound.Ma
 		return nil, nil, nil, err
 	}
 	sj := &subject{Kind: "machine", Name: m.Name, Base: "/machines/" + url.PathEscape(m.Name), State: m.State,
-		From: m.ActiveSite, Home: m.HomeSite, Away: m.HomeSite != "" && m.ActiveSite != m.HomeSite, Group: m.Group,
+		Active: m.ActiveSite, From: m.ActiveSite, Home: m.HomeSite, Away: m.HomeSite != "" && m.ActiveSite != m.HomeSite, Group: m.Group,
 		Fail: m.Failover, Test: m.TestFailover, QEMU: m.Driver == rebound.DriverQEMU, Prev: m.PreviousSite}
 	if m.VMStatus != nil {
 		sj.Running = m.VMStatus.Running
@@ -671,13 +685,19 @@ var pointChoices = []choice{
 	{rebound.PointLatestAppConsistent, "latest app-consistent point"},
 }
 
-// pointSelector is the selector a form or a link chose.
+// pointSelector is the selector a form or a link chose; text is set when
+// it is an ID or a time (the picker's "other" field).
 func pointSelector(q url.Values) (sel, text string) {
 	sel, text = q.Get("point"), strings.TrimSpace(q.Get("pointText"))
 	if sel == "other" || sel == "" && text != "" {
 		return text, text
 	}
-	return sel, ""
+	switch sel {
+	case "", rebound.PointLatest, rebound.PointLatestProcessed, rebound.PointLatestAppConsistent,
+		rebound.PointLatestMultiVMProcessed, rebound.PointLatestMultiVMAppConsistent:
+		return sel, ""
+	}
+	return sel, sel // a point picked on the timeline
 }
 
 func (c *Console) confirm(k kind) func(w http.ResponseWriter, r *http.Request, s *session) {

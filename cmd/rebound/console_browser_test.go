@@ -162,6 +162,11 @@ func TestConsoleBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := m.Disks[0].NBD
+	for _, n := range []string{"db1", "web1"} { // more rows for the screenshots
+		if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: n, Site: "primary", Disks: []int64{1 << 20}}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	o := newOracle(t, size, 7)
 	o.write(src, 100)
 
