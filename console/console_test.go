@@ -145,6 +145,18 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, 200, []rebound.Event{{ID: 1, Time: now, Machine: "vm1", Kind: "job.failover", Message: "started"}})
 	case "/api/v1/groups", "/api/v1/plans":
 		writeJSON(w, 200, []any{})
+	case "/api/v1/groups/db":
+		writeJSON(w, 200, rebound.Group{Name: "db", Machines: []string{"vm1"}, State: rebound.MachineFailedOver, ActiveSite: "recovery",
+			SourceSite: "primary", TargetSite: "recovery", Health: "warning",
+			Failover: &rebound.FailoverInfo{FromSite: "primary", ToSite: "recovery", Point: rebound.RecoveryPoint{ID: "p5", Time: now.Add(-65 * time.Second)}}})
+	case "/api/v1/groups/db/points":
+		writeJSON(w, 200, []rebound.RecoveryPoint{{ID: "p5", Time: now.Add(-65 * time.Second), Kind: "crash", Seq: 5}})
+	case "/api/v1/plans/app":
+		writeJSON(w, 200, rebound.Plan{Name: "app", Stages: []rebound.PlanStage{{Name: "all", Machines: []string{"vm1"},
+			Before: []rebound.PlanAction{{Manual: "switch the DNS record"}}}}})
+	case "/api/v1/plans/app/preflight":
+		writeJSON(w, 200, rebound.PlanPreflight{Plan: "app", Operation: "failover", OK: false,
+			Machines: []rebound.PreflightReport{{Machine: "vm1", Operation: "failover", Checks: []rebound.PreflightCheck{{Name: "peer reachable", Message: "recovery is offline"}}}}})
 	default:
 		writeJSON(w, 404, map[string]any{"error": map[string]string{"code": "not_found", "message": "no route " + r.URL.Path}})
 	}
@@ -380,8 +392,12 @@ func TestPagesRender(t *testing.T) {
 		"/machines/vm1/confirm?action=failover&point=p5":                 "1m 5s of data",
 		"/machines/vm1/confirm?action=failover&planned=1":                "no data is lost",
 		"/machines/vm1/confirm?action=failover&point=other&pointText=p5": "1m 5s of data",
-		"/jobs/j-1": `id="job-progress"`,
-		"/audit":    "POST /api/v1/machines/{name}/failover",
+		"/jobs/j-1":                        `id="job-progress"`,
+		"/audit":                           "POST /api/v1/machines/{name}/failover",
+		"/groups/db":                       "change to here",
+		"/groups/db/confirm?action=cancel": "Writes made at recovery since the failover are deleted",
+		"/plans/app":                       "switch the DNS record",
+		"/plans/app/confirm?verb=failover": "recovery is offline",
 	} {
 		w := e.do("GET", path, cookie, nil, "")
 		if w.Code != 200 || !strings.Contains(w.Body.String(), want) {
