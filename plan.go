@@ -244,8 +244,10 @@ type PlanService interface {
 	RunPlan(ctx context.Context, req PlanRequest) (*Job, error)
 	// PreflightPlan checks every member's readiness for a verb.
 	PreflightPlan(ctx context.Context, name, verb string) (*PlanPreflight, error)
-	// ResumeJob continues a job suspended at a manual step.
-	ResumeJob(ctx context.Context, id string) (*Job, error)
+	// ResumeJob continues a job suspended at a manual step. note (may be
+	// empty) says what was done; it is kept, with who resumed, as the
+	// manual step's output and in an event.
+	ResumeJob(ctx context.Context, id, note string) (*Job, error)
 	// RetryJob continues a failed plan job from its failed member; members
 	// already done are not redone.
 	RetryJob(ctx context.Context, id string) (*Job, error)

@@ -118,13 +118,12 @@ func (c *Console) jobDo(w http.ResponseWriter, r *http.Request, s *session) {
 		c.fail(w, r, s, &apiError{Status: http.StatusNotFound, Code: rebound.ENOTFOUND, Message: "no such job action: use cancel, resume or retry"})
 		return
 	}
-	if act == "resume" {
-		if note := strings.TrimSpace(r.PostFormValue("note")); note != "" {
-			c.Logger.Info("console job resume note", "job", id, "user", s.User, "note", note)
-		}
+	var body any
+	if note := strings.TrimSpace(r.PostFormValue("note")); act == "resume" && note != "" {
+		body = map[string]string{"note": note}
 	}
 	var j rebound.Job
-	if err := c.caller(r, s).do("POST", p("jobs", id, act), nil, &j); err != nil {
+	if err := c.caller(r, s).do("POST", p("jobs", id, act), body, &j); err != nil {
 		c.fail(w, r, s, err)
 		return
 	}

@@ -147,7 +147,13 @@ func (s *Server) resumeJob(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	return s.job(w)(p.ResumeJob(r.Context(), r.PathValue("id")))
+	var b struct {
+		Note string `json:"note,omitempty"`
+	}
+	if err := decode(w, r, &b, true); err != nil {
+		return err
+	}
+	return s.job(w)(p.ResumeJob(r.Context(), r.PathValue("id"), b.Note))
 }
 
 func (s *Server) retryJob(w http.ResponseWriter, r *http.Request) error {
@@ -212,8 +218,11 @@ func (c *Client) RunPlan(ctx context.Context, req rebound.PlanRequest) (*rebound
 	return nil, rebound.Errorf(rebound.EINVALID, "unknown plan verb %q", req.Verb)
 }
 
-func (c *Client) ResumeJob(ctx context.Context, id string) (*rebound.Job, error) {
-	return c.job(ctx, "/api/v1/jobs/"+seg(id)+"/resume", nil)
+func (c *Client) ResumeJob(ctx context.Context, id, note string) (*rebound.Job, error) {
+	if note == "" {
+		return c.job(ctx, "/api/v1/jobs/"+seg(id)+"/resume", nil)
+	}
+	return c.job(ctx, "/api/v1/jobs/"+seg(id)+"/resume", map[string]string{"note": note})
 }
 
 func (c *Client) RetryJob(ctx context.Context, id string) (*rebound.Job, error) {

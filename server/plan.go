@@ -306,7 +306,7 @@ func planShutsDown(p *rebound.PlanProgress) bool {
 }
 
 // ResumeJob continues a job suspended at a manual step.
-func (s *Server) ResumeJob(ctx context.Context, id string) (*rebound.Job, error) {
+func (s *Server) ResumeJob(ctx context.Context, id, note string) (*rebound.Job, error) {
 	j, err := s.DB.GetJob(ctx, id)
 	if err != nil {
 		return nil, err
@@ -320,11 +320,19 @@ func (s *Server) ResumeJob(ctx context.Context, id string) (*rebound.Job, error)
 	if !ok {
 		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "job %s is suspended but not loaded yet (the server is starting); retry in a moment", id)
 	}
+	who := "an operator"
+	if p, ok := rebound.PrincipalFrom(ctx); ok && p.User != "" {
+		who = p.User
+	}
+	msg := "resumed by " + who
+	if note = strings.TrimSpace(note); note != "" {
+		msg += ": " + note
+	}
 	select {
-	case rj.resume <- struct{}{}:
+	case rj.resume <- msg:
 	default: // a resume is already pending
 	}
-	s.event("", "", "job."+j.Type, fmt.Sprintf("job %s resumed by an operator", id))
+	s.event("", "", "job."+j.Type, fmt.Sprintf("job %s %s", id, msg))
 	return j, nil
 }
 
@@ -759,12 +767,14 @@ func (s *Server) manualStep(ctx context.Context, r *jobRun, i, k int) error {
 	r.save(true)
 	s.event("", "", "plan.suspended", fmt.Sprintf("plan %s, job %s waits for a manual step: %s (then rebound job resume %s)", name, id, text, id))
 	failpoint.Hit(ctx, "server/plan/suspended")
+	var msg string
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-r.resume:
+	case msg = <-r.resume:
 	}
 	r.mu.Lock()
+	r.job.Plan.Stages[i].Actions[k].Output = msg // who resumed it, and the note
 	r.job.Plan.Stages[i].Actions[k].State = rebound.JobSucceeded
 	r.job.State = rebound.JobRunning
 	r.mu.Unlock()

@@ -68,7 +68,7 @@ type Server struct {
 type runningJob struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed once the job's state is saved
-	resume chan struct{} // ResumeJob's signal to a suspended job
+	resume chan string // ResumeJob's signal to a suspended job: who resumed it, and the note
 }
 
 var _ rebound.Service = (*Server)(nil)
@@ -162,7 +162,7 @@ type jobRun struct {
 	mu       sync.Mutex
 	job      rebound.Job
 	lastSave time.Time
-	resume   <-chan struct{}
+	resume   <-chan string
 }
 
 // Step marks the current step done and starts the named one.
@@ -277,7 +277,7 @@ func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create
 	if key != "" {
 		s.busy[key] = job.ID
 	}
-	rj := &runningJob{cancel: cancel, done: make(chan struct{}), resume: make(chan struct{}, 1)}
+	rj := &runningJob{cancel: cancel, done: make(chan struct{}), resume: make(chan string, 1)}
 	s.running[job.ID] = rj
 
 	// The job goroutine owns r.job.Steps; the caller gets its own copy.

@@ -96,8 +96,9 @@ func (c *CLI) jobCommand() *cobra.Command {
 			return c.print(j, func(w io.Writer) { writeJob(w, j) })
 		},
 	}
+	var note string
 	resume := &cobra.Command{
-		Use:   "resume ID",
+		Use:   "resume ID [--note TEXT]",
 		Short: "Continue a plan job suspended at a manual step",
 		Args:  argNames("ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -105,13 +106,14 @@ func (c *CLI) jobCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			j, err := ps.ResumeJob(cmd.Context(), args[0])
+			j, err := ps.ResumeJob(cmd.Context(), args[0], note)
 			if err != nil {
 				return err
 			}
 			return c.print(j, func(w io.Writer) { fmt.Fprintf(w, "job %s resumed\n", j.ID) })
 		},
 	}
+	resume.Flags().StringVar(&note, "note", "", "what was done at the manual step (kept in the job and the event)")
 	retry := &cobra.Command{
 		Use:   "retry ID [--wait]",
 		Short: "Run a failed or cancelled plan job again from its failed member",

@@ -253,10 +253,19 @@ func TestPlanServerRestart(t *testing.T) {
 	}
 	dbJob := g.Plan.Stages[0].Members[0].JobID
 	waitUntil(t, time.Minute, "the resumed job loaded", func() bool {
-		_, err := f.plans.ResumeJob(ctx, j.ID)
+		_, err := f.plans.ResumeJob(ctx, j.ID, "DNS switched")
 		return err == nil
 	})
-	waitJob(t, svc)(g, nil)
+	g = waitJob(t, svc)(g, nil)
+	noted := false // the note and who resumed are kept as the manual step's output
+	for _, st := range g.Plan.Stages {
+		for _, a := range st.Actions {
+			noted = noted || a.Manual != "" && a.Output == "resumed by admin: DNS switched"
+		}
+	}
+	if !noted {
+		t.Fatalf("the resume note is not in the plan job: %+v", g.Plan.Stages)
+	}
 	f.checkAll(t, "recovery", "after the restart")
 	g, _ = svc.GetJob(ctx, j.ID)
 	if g.Plan.Stages[0].Members[0].JobID != dbJob {
@@ -357,7 +366,7 @@ func TestPlanReadiness(t *testing.T) {
 	}
 	_, err = ps.RetryJob(ctx, j.ID)
 	wantErr(t, "retry of a succeeded job", err, rebound.ECONFLICT, "only a failed or cancelled plan job")
-	_, err = ps.ResumeJob(ctx, j.ID)
+	_, err = ps.ResumeJob(ctx, j.ID, "")
 	wantErr(t, "resume of a job that is not suspended", err, rebound.ECONFLICT, "not suspended")
 	if err := ps.DeletePlan(ctx, "p"); err != nil {
 		t.Fatal(err)
