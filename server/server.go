@@ -68,7 +68,7 @@ type Server struct {
 type runningJob struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed once the job's state is saved
-	resume chan string // ResumeJob's signal to a suspended job: who resumed it, and the note
+	resume chan string   // ResumeJob's signal to a suspended job: who resumed it, and the note
 }
 
 var _ rebound.Service = (*Server)(nil)
