@@ -57,7 +57,7 @@ func (c *Console) jobEvents(w http.ResponseWriter, r *http.Request, s *session) 
 	var last string
 	for {
 		var buf bytes.Buffer
-		if err := c.pages["job"].ExecuteTemplate(&buf, "jobLive", &j); err != nil {
+		if err := c.pages["job"].ExecuteTemplate(&buf, "jobLive", liveJob{J: &j, CSRF: s.CSRF}); err != nil {
 			c.Logger.Error("console job fragment", "err", err)
 			return
 		}

@@ -1048,6 +1048,13 @@ func parseSince(v string, now time.Time) (time.Time, error) {
 
 // Template helpers
 
+// liveJob is what the job page's live part shows: the job, and the
+// session's CSRF token for its buttons.
+type liveJob struct {
+	J    *rebound.Job
+	CSRF string
+}
+
 func minTime(a, b time.Time) time.Time {
 	if a.Before(b) {
 		return a
@@ -1134,6 +1141,7 @@ var funcs = template.FuncMap{
 		}
 		return age(time.Duration(s * float64(time.Second)))
 	},
+	"live": func(j *rebound.Job, csrf string) liveJob { return liveJob{J: j, CSRF: csrf} },
 	"progress": func(f float64) string { return strconv.FormatFloat(min(1, max(0, f)), 'f', 3, 64) },
 }
 

@@ -272,13 +272,37 @@ func TestConsoleBrowser(t *testing.T) {
 		t.Fatalf("after the console's reprotect: %s at %s", m.State, m.ActiveSite)
 	}
 
-	// Every page, for the record.
-	if _, err := up.Server.Service.ApplyPlan(ctx, rebound.Plan{Name: "app", Stages: []rebound.PlanStage{{Name: "all", Machines: []string{"vm1"}}}}); err != nil {
+	// A plan test failover stops at a manual step; the job page offers
+	// Resume (pushed when the job suspends), which takes a note.
+	const manual = "Check the test copy"
+	if _, err := up.Server.Service.ApplyPlan(ctx, rebound.Plan{Name: "app", Stages: []rebound.PlanStage{{Name: "all", Machines: []string{"vm1"},
+		Before: []rebound.PlanAction{{Manual: manual, Verbs: []string{rebound.PlanTestFailover}}}}}}); err != nil {
 		t.Fatal(err)
 	}
+	b.open("/plans/app", "#plan-test-failover")
+	b.do("plan test failover", chromedp.Click(chromedp.CSS("#plan-test-failover")), chromedp.WaitVisible(chromedp.CSS("#preflight")),
+		chromedp.Click(chromedp.CSS("#confirm-go")), chromedp.WaitVisible(chromedp.CSS("#job-live")))
+	planJob := strings.TrimPrefix(b.path(), "/jobs/")
+	b.do("resume offered", chromedp.WaitVisible(chromedp.CSS("#job-resume")))
+	b.shot("job-suspended")
+	b.do("resume with a note", chromedp.SendKeys(chromedp.CSS("#job-note"), "test copy checked"), chromedp.Click(chromedp.CSS("#job-resume")),
+		chromedp.WaitVisible(chromedp.CSS(`#job-live[data-ended="true"]`)))
+	j := waitJobDone(t, svc, &rebound.Job{ID: planJob}, nil)
+	if a := j.Plan.Stages[0].Actions; len(a) != 1 || a[0].Manual != manual || a[0].Output != "resumed by olivia: test copy checked" {
+		t.Fatalf("the plan job's manual step: %+v", a)
+	}
+	b.open("/plans/app", "#plan-test-failover-cleanup")
+	b.do("plan test failover cleanup", chromedp.Click(chromedp.CSS("#plan-test-failover-cleanup")),
+		chromedp.Click(chromedp.CSS("#confirm-go")), chromedp.WaitVisible(chromedp.CSS("#job-live")))
+	waitJobDone(t, svc, &rebound.Job{ID: strings.TrimPrefix(b.path(), "/jobs/")}, nil)
+
+	// A group, for its pages.
+	waitJob(t, svc)(svc.Protect(ctx, rebound.ProtectRequest{Machine: "db1", To: "recovery", Group: "db"}))
+
+	// Every page, for the record.
 	for _, pg := range []struct{ path, wait, name string }{
 		{"/", "#overview", "overview"}, {"/machines", "#items", "replicated-items"}, {"/machines/vm1", "#timeline", "machine-reprotected"},
-		{"/groups", "main table", "groups"}, {"/plans", "main table", "plans"}, {"/plans/app", "#actions", "plan"},
+		{"/groups", "main table", "groups"}, {"/groups/db", "#actions", "group"}, {"/plans", "main table", "plans"}, {"/plans/app", "#actions", "plan"},
 		{"/jobs", "main table", "jobs"}, {"/audit", "table.audit", "audit"},
 	} {
 		b.open(pg.path, pg.wait)
@@ -333,5 +357,19 @@ func TestConsoleBrowser(t *testing.T) {
 	b.shot("viewer-refused")
 	for _, v := range rebound.PlanVerbs {
 		refused("/plans/app", "#plan-"+v)
+	}
+	// A suspended job: neither resumed nor cancelled by a viewer.
+	j, err = up.Server.Service.RunPlan(ctx, rebound.PlanRequest{Plan: "app", Verb: rebound.PlanTestFailover})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, time.Minute, "the plan job suspended", func() bool {
+		g, err := svc.GetJob(ctx, j.ID)
+		return err == nil && g.State == rebound.JobSuspended
+	})
+	refused("/jobs/"+j.ID, "#job-resume")
+	refused("/jobs/"+j.ID, "#job-cancel")
+	if g, _ := svc.GetJob(ctx, j.ID); g.State != rebound.JobSuspended {
+		t.Fatalf("the viewer changed the job: %s", g.State)
 	}
 }
