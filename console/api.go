@@ -100,16 +100,13 @@ func (a *caller) do(method, path string, body, out any) error {
 
 func (a *caller) get(path string, out any) error { return a.do("GET", path, nil, out) }
 
-// p joins escaped path segments onto /api/v1.
+// p joins path-escaped segments onto /api/v1. A verb's path (a constant,
+// such as "failover/cancel") is appended to it as it is.
 func p(segs ...string) string {
 	var b strings.Builder
 	b.WriteString("/api/v1")
 	for _, s := range segs {
 		b.WriteByte('/')
-		if strings.Contains(s, "/") && !strings.Contains(s, "%") && (s == "failover/cancel" || s == "failover/change-point" || s == "test-failover/cleanup") {
-			b.WriteString(s) // a verb's two-part path
-			continue
-		}
 		b.WriteString(url.PathEscape(s))
 	}
 	return b.String()

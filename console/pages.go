@@ -146,20 +146,14 @@ func (c *Console) logout(w http.ResponseWriter, r *http.Request, s *session) {
 
 // Overview
 
-type siteRow struct {
-	rebound.SiteDetail
-}
-
 type overviewData struct {
-	Sites      []rebound.SiteDetail
-	Machines   int
-	ByState    []kv
-	ByHealth   []kv
-	Breaches   []itemRow
-	Active     []rebound.Job
-	Events     []rebound.Event
-	GroupCount int
-	PlanCount  int
+	Sites    []rebound.SiteDetail
+	Machines int
+	ByState  []kv
+	ByHealth []kv
+	Breaches []itemRow
+	Active   []rebound.Job
+	Events   []rebound.Event
 }
 
 type kv struct {
@@ -511,10 +505,9 @@ type timeline struct {
 }
 
 type dot struct {
-	X    float64 // percent of the width
-	P    rebound.RecoveryPoint
-	Cur  bool
-	Href string
+	X   float64 // percent of the width
+	P   rebound.RecoveryPoint
+	Cur bool
 }
 
 // timelineOf reads the points of the last hour (and the oldest point, the
@@ -843,7 +836,7 @@ func (c *Console) do(k kind) func(w http.ResponseWriter, r *http.Request, s *ses
 		a := c.caller(r, s)
 		if act.Path == "points" {
 			var pt rebound.RecoveryPoint
-			if err := a.do("POST", p(k.api(), name, act.Path), body, &pt); err != nil {
+			if err := a.do("POST", p(k.api(), name)+"/"+act.Path, body, &pt); err != nil {
 				c.fail(w, r, s, err)
 				return
 			}
@@ -851,7 +844,7 @@ func (c *Console) do(k kind) func(w http.ResponseWriter, r *http.Request, s *ses
 			return
 		}
 		var j rebound.Job
-		if err := a.do("POST", p(k.api(), name, act.Path), body, &j); err != nil {
+		if err := a.do("POST", p(k.api(), name)+"/"+act.Path, body, &j); err != nil {
 			c.fail(w, r, s, err)
 			return
 		}
@@ -1001,7 +994,7 @@ func (c *Console) planDo(w http.ResponseWriter, r *http.Request, s *session) {
 		delete(body, "point")
 	}
 	var j rebound.Job
-	if err := c.caller(r, s).do("POST", p("plans", name, path), body, &j); err != nil {
+	if err := c.caller(r, s).do("POST", p("plans", name)+"/"+path, body, &j); err != nil {
 		c.fail(w, r, s, err)
 		return
 	}
@@ -1141,7 +1134,7 @@ var funcs = template.FuncMap{
 		}
 		return age(time.Duration(s * float64(time.Second)))
 	},
-	"live": func(j *rebound.Job, csrf string) liveJob { return liveJob{J: j, CSRF: csrf} },
+	"live":     func(j *rebound.Job, csrf string) liveJob { return liveJob{J: j, CSRF: csrf} },
 	"progress": func(f float64) string { return strconv.FormatFloat(min(1, max(0, f)), 'f', 3, 64) },
 }
 
