@@ -414,4 +414,13 @@ func TestPagesRender(t *testing.T) {
 	if b := w.Body.String(); w.Header().Get("Content-Type") != "text/event-stream" || !strings.Contains(b, "event: update\ndata: ") || !strings.Contains(b, "event: end\ndata: succeeded") {
 		t.Fatalf("job events: %s", b)
 	}
+	// With the version the page shows, the stream sends no copy of it.
+	sse := regexp.MustCompile(`data-sse="([^"]+)"`).FindStringSubmatch(e.do("GET", "/jobs/j-1", cookie, nil, "").Body.String())
+	if sse == nil || !strings.Contains(sse[1], "?v=") {
+		t.Fatalf("job page's stream: %v", sse)
+	}
+	w = e.do("GET", strings.ReplaceAll(sse[1], "&amp;", "&"), cookie, nil, "")
+	if b := w.Body.String(); strings.Contains(b, "event: update") || !strings.Contains(b, "event: end") {
+		t.Fatalf("job events from the page's version: %s", b)
+	}
 }

@@ -2,6 +2,8 @@ package console
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"net/http"
 	"net/url"
 	"strings"
@@ -33,12 +35,36 @@ func (c *Console) job(w http.ResponseWriter, r *http.Request, s *session) {
 		c.fail(w, r, s, err)
 		return
 	}
-	c.page(w, r, s, "job", "Job "+j.ID, "jobs", &j)
+	frag, err := c.fragment(&j, s)
+	if err != nil {
+		c.fail(w, r, s, err)
+		return
+	}
+	c.page(w, r, s, "job", "Job "+j.ID, "jobs", jobPage{Job: &j, Version: version(frag)})
+}
+
+// jobPage is the job page's data: the job, and the version of its live
+// part the page shows, so the stream sends only what differs from it.
+type jobPage struct {
+	*rebound.Job
+	Version string
+}
+
+func (c *Console) fragment(j *rebound.Job, s *session) (string, error) {
+	var buf bytes.Buffer
+	err := c.pages["job"].ExecuteTemplate(&buf, "jobLive", liveJob{J: j, CSRF: s.CSRF})
+	return buf.String(), err
+}
+
+func version(frag string) string {
+	sum := sha256.Sum256([]byte(frag))
+	return hex.EncodeToString(sum[:8])
 }
 
 // jobEvents streams the job's progress fragment as server-sent events: an
-// "update" event with the fragment's HTML whenever the job changed, and
-// "end" once it ended. The job is read through the API every 250 ms (its
+// "update" event with the fragment's HTML whenever it differs from the
+// last one sent (at first, from the version ?v= the page shows), and "end"
+// once the job ended. The job is read through the API every 250 ms (its
 // progress is saved at most every 300 ms).
 func (c *Console) jobEvents(w http.ResponseWriter, r *http.Request, s *session) {
 	a := c.caller(r, s)
@@ -54,15 +80,15 @@ func (c *Console) jobEvents(w http.ResponseWriter, r *http.Request, s *session) 
 	w.WriteHeader(http.StatusOK)
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
-	var last string
+	last := r.URL.Query().Get("v") // the version the page shows
 	for {
-		var buf bytes.Buffer
-		if err := c.pages["job"].ExecuteTemplate(&buf, "jobLive", liveJob{J: &j, CSRF: s.CSRF}); err != nil {
+		frag, err := c.fragment(&j, s)
+		if err != nil {
 			c.Logger.Error("console job fragment", "err", err)
 			return
 		}
-		if frag := buf.String(); frag != last {
-			last = frag
+		if v := version(frag); v != last {
+			last = v
 			w.Write([]byte("event: update\n"))
 			for _, line := range strings.Split(strings.TrimRight(frag, "\n"), "\n") {
 				w.Write([]byte("data: " + line + "\n"))
