@@ -308,6 +308,19 @@ func TestConsoleBrowser(t *testing.T) {
 		b.open(pg.path, pg.wait)
 		b.shot(pg.name)
 	}
+	// Replicated items: the name filter applies as one types (htmx, under
+	// the strict CSP), without a reload; sorting is a query.
+	b.open("/machines", "#items")
+	b.eval(`window.notReloaded = "items"; "ok"`)
+	b.do("filter by name", chromedp.SendKeys(chromedp.CSS(`input[name="q"]`), "vm"),
+		chromedp.Poll[chromedp.Void](`document.querySelectorAll("#items tr[data-machine]").length === 1`))
+	if got := b.eval(`window.notReloaded + " " + document.querySelector("#items tr[data-machine]").dataset.machine + " " + location.search`); got != "items vm1 ?q=vm&state=&health=&group=&sort=name&dir=asc" {
+		t.Fatalf("after typing vm in the filter: %q", got)
+	}
+	b.open("/machines?state=protected&sort=name&dir=desc", "#items")
+	if got := b.eval(`Array.from(document.querySelectorAll("#items tr[data-machine]")).map(r => r.dataset.machine).join(" ")`); got != "vm1 db1" {
+		t.Fatalf("protected machines by name, descending: %q", got)
+	}
 	b.do("phone", chromedp.EmulateViewport(390, 844), chromedp.Navigate(b.base+"/machines"), chromedp.WaitVisible(chromedp.CSS("#items")))
 	b.shot("replicated-items-phone")
 	b.do("desktop", chromedp.EmulateViewport(1280, 900))
