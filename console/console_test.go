@@ -404,6 +404,13 @@ func TestPagesRender(t *testing.T) {
 			t.Fatalf("GET %s: %d, want %q in\n%s", path, w.Code, want, w.Body.String())
 		}
 	}
+	// Jobs and events name a group where a machine would be: its page.
+	if w := e.do("GET", "/machines/db", cookie, nil, ""); w.Code != http.StatusSeeOther || w.Header().Get("Location") != "/groups/db" {
+		t.Fatalf("/machines/db of group db: %d %q", w.Code, w.Header().Get("Location"))
+	}
+	if w := e.do("GET", "/machines/nope", cookie, nil, ""); w.Code != http.StatusNotFound {
+		t.Fatalf("/machines/nope: %d", w.Code)
+	}
 	// The confirmation of a failover shows the preflight before it starts.
 	w := e.do("GET", "/machines/vm1/confirm?action=failover", cookie, nil, "")
 	if !strings.Contains(w.Body.String(), `id="preflight"`) {

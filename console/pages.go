@@ -455,7 +455,11 @@ func actionByName(name string) (action, bool) {
 // decides (a state it refuses is a 409 naming the step that comes next).
 func (sj *subject) next() []action {
 	var names []string
-	switch sj.State {
+	state := sj.State
+	if sj.Group != "" {
+		state = "" // a member's loop verbs run on its group (its page links there)
+	}
+	switch state {
 	case rebound.MachineUnprotected:
 		if sj.Kind == "machine" {
 			names = append(names, "protect")
@@ -590,6 +594,14 @@ func (c *Console) group(w http.ResponseWriter, r *http.Request, s *session) {
 func (c *Console) subjectPage(w http.ResponseWriter, r *http.Request, s *session, k kind) {
 	a := c.caller(r, s)
 	sj, m, g, err := c.subject(a, k, r.PathValue("name"))
+	var ae *apiError
+	if k == kindMachine && errors.As(err, &ae) && ae.Status == http.StatusNotFound {
+		// Jobs and events name a group where a machine would be.
+		if a.get(p("groups", r.PathValue("name")), nil) == nil {
+			http.Redirect(w, r, "/groups/"+url.PathEscape(r.PathValue("name")), http.StatusSeeOther)
+			return
+		}
+	}
 	if err != nil {
 		c.fail(w, r, s, err)
 		return
