@@ -5,11 +5,13 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -168,10 +170,30 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
-type memAudit struct{}
+// memAudit keeps what the console records itself (logins, logouts).
+type memAudit struct {
+	mu  sync.Mutex
+	got []rebound.AuditEntry
+}
 
-func (memAudit) RecordAudit(ctx context.Context, e rebound.AuditEntry) error { return nil }
-func (memAudit) ListAudit(ctx context.Context, f rebound.AuditFilter) ([]rebound.AuditEntry, error) {
+func (m *memAudit) RecordAudit(ctx context.Context, e rebound.AuditEntry) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.got = append(m.got, e)
+	return nil
+}
+
+func (m *memAudit) recorded() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []string
+	for _, e := range m.got {
+		out = append(out, fmt.Sprintf("%s %s %s %d %s", e.Action, e.User, e.Remote, e.Status, e.Error))
+	}
+	return out
+}
+
+func (*memAudit) ListAudit(ctx context.Context, f rebound.AuditFilter) ([]rebound.AuditEntry, error) {
 	return []rebound.AuditEntry{{ID: 1, Time: time.Now(), User: "op", Role: "operator", Via: "session", Action: "POST /api/v1/machines/{name}/failover", Target: "vm1", Status: 202}}, nil
 }
 
@@ -179,12 +201,13 @@ type env struct {
 	t     *testing.T
 	api   *fakeAPI
 	users *memUsers
+	audit *memAudit
 	h     http.Handler
 }
 
 func newEnv(t *testing.T) *env {
-	e := &env{t: t, api: &fakeAPI{}, users: newMemUsers()}
-	c := &Console{API: e.api, Users: e.users, Audit: memAudit{}}
+	e := &env{t: t, api: &fakeAPI{}, users: newMemUsers(), audit: &memAudit{}}
+	c := &Console{API: e.api, Users: e.users, Audit: e.audit}
 	t.Cleanup(c.Close)
 	e.h = c.Handler()
 	return e
@@ -275,6 +298,9 @@ func TestCSRFRequired(t *testing.T) {
 	if w := e.do("GET", "/machines", cookie, nil, ""); w.Code != http.StatusSeeOther {
 		t.Fatalf("after logout: %d, want a redirect to the login page", w.Code)
 	}
+	if got := e.audit.recorded(); len(got) != 2 || !strings.HasPrefix(got[0], "POST /login op ") || !strings.HasPrefix(got[1], "POST /logout op ") {
+		t.Fatalf("audit of the login and the logout: %q", got)
+	}
 }
 
 func TestLoginCSRF(t *testing.T) {
@@ -359,6 +385,16 @@ func TestLoginRateLimit(t *testing.T) {
 	// Another user from another address is not affected.
 	if w := try("viewer", "viewer-password!", "198.51.100.8:4000"); w.Code != http.StatusSeeOther {
 		t.Fatalf("an unrelated login: %d", w.Code)
+	}
+	// The audit log has each failure (with the name tried) and the login;
+	// the limit's refusals are not recorded.
+	want := []string{}
+	for i := 0; i < LoginFailures; i++ {
+		want = append(want, "POST /login op 192.0.2.1:5000 401 unauthorized: wrong user name or password")
+	}
+	want = append(want, "POST /login viewer 198.51.100.8:4000 303 ")
+	if got := e.audit.recorded(); !slices.Equal(got, want) {
+		t.Fatalf("audit\n got %q\nwant %q", got, want)
 	}
 }
 

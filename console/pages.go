@@ -1,6 +1,7 @@
 package console
 
 import (
+	"context"
 	"bytes"
 	"cmp"
 	"crypto/rand"
@@ -121,6 +122,7 @@ func (c *Console) login(w http.ResponseWriter, r *http.Request) {
 		}
 		c.limit.fail(now, keys...)
 		c.Logger.Warn("console login failed", "user", user, "remote", r.RemoteAddr)
+		c.auditLogin(r, rebound.Principal{User: user, Via: "session"}, "POST /login", http.StatusUnauthorized, rebound.ErrorMessage(err))
 		c.loginForm(w, r, http.StatusUnauthorized, "wrong user name or password")
 		return
 	}
@@ -132,6 +134,7 @@ func (c *Console) login(w http.ResponseWriter, r *http.Request) {
 	http.SetCookie(w, &http.Cookie{Name: SessionCookie, Value: secret, Path: "/", Secure: true, HttpOnly: true, SameSite: http.SameSiteStrictMode})
 	http.SetCookie(w, &http.Cookie{Name: loginCookie, Value: "", Path: "/login", MaxAge: -1, Secure: true, HttpOnly: true, SameSite: http.SameSiteStrictMode})
 	c.Logger.Info("console login", "user", u.Name, "role", u.Role, "remote", r.RemoteAddr)
+	c.auditLogin(r, rebound.Principal{User: u.Name, Role: u.Role, Via: "session"}, "POST /login", http.StatusSeeOther, "")
 	http.Redirect(w, r, safeNext(r.PostFormValue("next")), http.StatusSeeOther)
 }
 
@@ -141,7 +144,25 @@ func (c *Console) logout(w http.ResponseWriter, r *http.Request, s *session) {
 		return
 	}
 	http.SetCookie(w, &http.Cookie{Name: SessionCookie, Value: "", Path: "/", MaxAge: -1, Secure: true, HttpOnly: true, SameSite: http.SameSiteStrictMode})
+	c.auditLogin(r, s.Principal, "POST /logout", http.StatusSeeOther, "")
 	http.Redirect(w, r, "/login", http.StatusSeeOther)
+}
+
+// auditLogin records a console login (failed ones too: the name tried)
+// or logout in the audit log, next to the API's calls. Refusals by the
+// login limit are not recorded: they are bounded only by the network.
+func (c *Console) auditLogin(r *http.Request, p rebound.Principal, action string, status int, msg string) {
+	if c.Audit == nil {
+		return
+	}
+	e := rebound.AuditEntry{Time: c.Now().UTC(), User: p.User, Role: p.Role, Via: "session", Remote: r.RemoteAddr,
+		Action: action, Target: p.User, Status: status}
+	if msg != "" {
+		e.Error = rebound.EUNAUTHORIZED + ": " + msg
+	}
+	if err := c.Audit.RecordAudit(context.WithoutCancel(r.Context()), e); err != nil {
+		c.Logger.Error("audit record lost", "action", action, "user", p.User, "err", err)
+	}
 }
 
 // Overview
