@@ -1,9 +1,9 @@
 package console
 
 import (
-	"context"
 	"bytes"
 	"cmp"
+	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"errors"
