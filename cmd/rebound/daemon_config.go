@@ -74,6 +74,10 @@ func readDaemonConfig(path string) ([]configLine, error) {
 	return out, nil
 }
 
+// notSetting are the flags a config file or the environment cannot set:
+// they say what to do, not how to run.
+var notSetting = map[string]bool{"config": true, "help": true, "check-db": true}
+
 // loadDaemonConfig applies the environment and the --config file to the
 // flags the command line did not set.
 func loadDaemonConfig(cmd *cobra.Command, daemon string) error {
@@ -93,10 +97,10 @@ func loadDaemonConfig(cmd *cobra.Command, daemon string) error {
 	byKey := map[string][]configLine{}
 	for _, l := range lines {
 		f := own.Lookup(l.key)
-		if f == nil || l.key == "config" || l.key == "help" {
+		if f == nil || notSetting[l.key] {
 			var names []string
 			own.VisitAll(func(f *pflag.Flag) {
-				if f.Name != "config" && f.Name != "help" {
+				if !notSetting[f.Name] {
 					names = append(names, f.Name)
 				}
 			})
@@ -107,7 +111,7 @@ func loadDaemonConfig(cmd *cobra.Command, daemon string) error {
 	}
 	var err error
 	own.VisitAll(func(f *pflag.Flag) {
-		if err != nil || f.Changed || f.Name == "config" || f.Name == "help" {
+		if err != nil || f.Changed || notSetting[f.Name] {
 			return
 		}
 		for _, env := range []string{flagEnv(daemon, f.Name), envAliases[f.Name]} {
