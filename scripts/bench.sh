@@ -9,7 +9,9 @@
 #      tracked and with digest compare, against rsync over loopback
 #      (go test -bench Resync; needs rsync and ~16 GiB free in $TMPDIR);
 #   7. bytes on the wire reading out a sparse disk with nbdcopy and qemu-img
-#      convert, Rebound against qemu-nbd (go test ./nbd -bench SparseReadOut).
+#      convert, Rebound against qemu-nbd (go test ./nbd -bench SparseReadOut);
+#   7. the API's machine list and show with 2,000 machines, on SQLite and on
+#      PostgreSQL (go test -bench APIStore; needs postgresql installed).
 #
 #   scripts/bench.sh [--out docs/benchmarks.md] [--runtime 10]
 set -euo pipefail
@@ -72,6 +74,7 @@ command -v b3sum >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq b3
 go test ./agent -run '^$' -bench 'Scan' -benchtime 1x -count=1 >"$tmp/scan.txt" 2>&1 || { cat "$tmp/scan.txt" >&2; exit 1; }
 
 # 7. Reading out a sparse disk: bytes on the wire, Rebound against qemu-nbd.
+REBOUND_BENCH_OUT="$tmp/store.md" go test ./cmd/rebound -run '^$' -bench 'APIStore' -benchtime 3s -count=1 -timeout 15m >"$tmp/store.txt" 2>&1 || { cat "$tmp/store.txt" >&2; exit 1; }
 REBOUND_BENCH_OUT="$tmp/sparse.md" go test ./nbd -run '^$' -bench 'SparseReadOut' -benchtime 1x -count=1 >"$tmp/sparse.txt" 2>&1 || { cat "$tmp/sparse.txt" >&2; exit 1; }
 
 ratio() { python3 - "$tmp/nbd.md" <<'PY'
@@ -165,6 +168,14 @@ PY
 	echo "| client | server | bytes sent | × data | time | target | met? |"
 	echo "|---|---|---|---|---|---|---|"
 	cat "$tmp/sparse.md"
+	echo
+	echo "## The server's store: API latency"
+	echo
+	echo "\`go test ./cmd/rebound -run '^\$' -bench APIStore -benchtime 3s\`: \`rebound server\` in-process with 2,000 protected machines (two disks and a VM each) in its store, on SQLite (its file in the data directory) and on PostgreSQL 15 (a local server on a unix socket, started by the test); the API's machine list and machine show over HTTPS with a token, by the Go client, one call at a time."
+	echo
+	echo "| store | call | latency |"
+	echo "|---|---|---|"
+	cat "$tmp/store.md"
 	if [ -n "$notes" ]; then
 		echo
 		echo "$notes"
