@@ -13,6 +13,9 @@ type Disk struct {
 	idx   uint32
 	fd    *FileDisk
 	dirty *dirtyMap // guarded by s.mu
+	// flights are the changes committed to the stream and not yet
+	// applied to fd. Guarded by s.fmu.
+	flights []*flight
 }
 
 // Size returns the disk size in bytes.

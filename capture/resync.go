@@ -137,8 +137,21 @@ func (s *Stream) resync(begun bool) {
 					s.mu.Unlock()
 					continue
 				}
-				next, err := s.copyRegionLocked(d, r, scratch)
+				next, busy, err := s.copyRegionLocked(d, r, scratch)
 				s.mu.Unlock()
+				if busy != nil {
+					// A change to the run is on its way to the disk: copy
+					// once it has landed.
+					if s.onCopyWait != nil {
+						s.onCopyWait()
+					}
+					select {
+					case <-busy:
+					case <-s.done:
+						return
+					}
+					continue
+				}
 				if err != nil {
 					s.logger.Error("resync: copying region failed; retrying", "disk", d.idx, "region", r, "err", err)
 					if !s.sleep(time.Second) {
@@ -250,8 +263,12 @@ func (s *Stream) copyLen() int64 {
 // (found with SEEK_DATA) becomes one Zero record of any length without
 // reading; a run holding data, of at most len(scratch) bytes, is read and
 // appended as a Write (or a Zero if it reads all zero). It returns the
-// region to look at next. Called with s.mu held.
-func (s *Stream) copyRegionLocked(d *Disk, r int64, scratch []byte) (int64, error) {
+// region to look at next. If a committed change to the run has not yet
+// reached the disk, it copies nothing and returns a channel closed when
+// that change lands: holding s.mu, no other change can be committed, so
+// once none is in flight the run on disk is exactly its state at the
+// copy's seq. Called with s.mu held.
+func (s *Stream) copyRegionLocked(d *Disk, r int64, scratch []byte) (int64, chan struct{}, error) {
 	rs := s.opts.RegionSize
 	size := d.fd.size
 	off := r * rs
@@ -263,18 +280,24 @@ func (s *Stream) copyRegionLocked(d *Disk, r int64, scratch []byte) (int64, erro
 			last++
 		}
 		rec = &rebound.Record{Kind: rebound.RecordZero, Disk: d.idx, Offset: off, Length: min((last+1)*rs, size) - off}
+		if busy := s.busyLocked(d, off, off+rec.Length); busy != nil {
+			return r, busy, nil
+		}
 	} else {
 		maxRun := max(int64(len(scratch))/rs, 1)
 		for last+1 < d.dirty.regions && last+1-r < maxRun && d.dirty.isDirty(last+1) {
 			last++
 		}
 		buf := scratch[:min((last+1)*rs, size)-off]
+		if busy := s.busyLocked(d, off, off+int64(len(buf))); busy != nil {
+			return r, busy, nil
+		}
 		read := d.fd.ReadAt
 		if s.opts.ReadDisk != nil {
 			read = func(p []byte, off int64) (int, error) { return s.opts.ReadDisk(int(d.idx), p, off) }
 		}
 		if _, err := read(buf, off); err != nil {
-			return r, err
+			return r, nil, err
 		}
 		if allZero(buf) {
 			rec = &rebound.Record{Kind: rebound.RecordZero, Disk: d.idx, Offset: off, Length: int64(len(buf))}
@@ -283,14 +306,28 @@ func (s *Stream) copyRegionLocked(d *Disk, r int64, scratch []byte) (int64, erro
 		}
 	}
 	if err := s.appendLocked(rec); err != nil {
-		return r, err
+		return r, nil, err
 	}
 	if err := d.dirty.clearRange(r, last); err != nil {
 		// In memory the bits are clear; a restart would only copy again.
 		s.logger.Error("persisting dirty map failed", "disk", d.idx, "err", err)
 	}
 	s.syncDone += rec.Length
-	return last + 1, nil
+	return last + 1, nil, nil
+}
+
+// busyLocked returns a channel closed when an in-flight change of d
+// overlapping [off, end) lands, or nil if none is in flight. Called with
+// s.mu held.
+func (s *Stream) busyLocked(d *Disk, off, end int64) chan struct{} {
+	s.fmu.Lock()
+	defer s.fmu.Unlock()
+	for _, f := range d.flights {
+		if f.off < end && off < f.end {
+			return f.waitChan()
+		}
+	}
+	return nil
 }
 
 // nextData returns the offset of the first data (non-hole) byte at or after

@@ -146,10 +146,24 @@ type Stream struct {
 	spool  *wal.Log
 	disks  []*Disk
 
-	// mu orders the stream: a change is appended to the spool and applied
-	// to its disk file under mu, so stream order is disk order.
+	// mu orders the stream: a change takes its seq and is appended to the
+	// spool (or marked dirty) and registered in flight under mu; it is
+	// applied to its disk file outside mu, after the earlier in-flight
+	// changes it overlaps (see change).
 	mu     sync.Mutex
 	closed bool
+
+	// fmu guards the disks' in-flight changes (Disk.flights). Lock order:
+	// mu, then fmu.
+	fmu sync.Mutex
+	// applying counts registered changes not yet applied; Close waits.
+	applying sync.WaitGroup
+	// beforeApply, if set, runs before a change is applied to its disk
+	// (tests hold a change in flight with it).
+	beforeApply func(*rebound.Record)
+	// onCopyWait, if set, runs when a resync copy waits for an in-flight
+	// change of its run (tests).
+	onCopyWait func()
 
 	// qmu guards the queue of changes waiting for the leader (see change).
 	qmu     sync.Mutex
@@ -457,14 +471,32 @@ type change struct {
 	apply  func() error
 	logged bool
 	err    error
-	done   chan struct{}
+	// done is closed by the leader once the change is committed, or to
+	// hand the change the lead (lead set).
+	done chan struct{}
+	lead bool
+	fl   *flight   // in flight on d until applied; nil if refused
+	wait []*flight // earlier in-flight changes it overlaps
+}
+
+// flight is a change registered on its disk between its commit and the
+// end of its disk write. Guarded by s.fmu.
+type flight struct {
+	seq      uint64 // 0 if tracked as a dirty region instead of spooled
+	off, end int64
+	landed   bool
+	ch       chan struct{} // made by the first waiter, closed when landed
 }
 
 // change records one change of disk d and applies it with apply. Changes
-// arriving together are combined: one goroutine appends all their records
-// to the spool with a single write, then applies them to the disks in the
-// same order, all under the stream mutex, so stream order stays disk order
-// while concurrent writers share the spool's syscall.
+// arriving together are combined: one goroutine, the leader, appends all
+// their records to the spool with a single write (taking consecutive
+// seqs) and registers each as in flight on its disk, under the stream
+// mutex; then it hands the lead to the next queued change, and every
+// writer applies its own change to the disk file outside the mutex, once
+// the earlier in-flight changes it overlaps have landed. So the spool and
+// the stream hold changes in seq order, overlapping changes reach the
+// disk in seq order, and disjoint ones are written concurrently.
 func (s *Stream) change(d *Disk, rec *rebound.Record, apply func() error) error {
 	if s.throttle.Load() {
 		s.throttleWait(int64(len(rec.Data)) + recOverhead)
@@ -476,32 +508,142 @@ func (s *Stream) change(d *Disk, rec *rebound.Record, apply func() error) error 
 		c.done = make(chan struct{})
 		s.qmu.Unlock()
 		<-c.done
+	} else {
+		s.leading = true
+		c.lead = true
+		s.qmu.Unlock()
+	}
+	if c.lead {
+		s.lead(c)
+	}
+	return s.land(c)
+}
+
+// lead commits the queued changes (c's among them) as one batch and hands
+// the lead to the next queued change, if any.
+func (s *Stream) lead(c *change) {
+	s.qmu.Lock()
+	batch := s.queue
+	s.queue, s.spare = s.spare[:0], nil
+	s.qmu.Unlock()
+
+	s.mu.Lock()
+	s.commitLocked(batch)
+	s.mu.Unlock()
+
+	s.qmu.Lock()
+	if len(s.queue) > 0 {
+		next := s.queue[0]
+		next.lead = true
+		close(next.done)
+	} else {
+		s.leading = false
+	}
+	s.qmu.Unlock()
+	for i, x := range batch {
+		if x != c {
+			close(x.done)
+		}
+		batch[i] = nil
+	}
+	s.qmu.Lock()
+	if s.spare == nil {
+		s.spare = batch[:0]
+	}
+	s.qmu.Unlock()
+}
+
+// land applies a committed change to its disk file after the earlier
+// in-flight changes it overlaps, then takes it out of flight. A failed
+// disk write leaves its regions dirty (the disk may or may not hold the
+// change; the resync sends whatever it has); if even the map cannot say
+// so, they are kept in memory and Flush fails until they are saved.
+func (s *Stream) land(c *change) error {
+	if c.fl == nil {
 		return c.err
 	}
-	s.leading = true
-	for {
-		batch := s.queue
-		s.queue = s.spare[:0]
-		s.qmu.Unlock()
-
-		s.mu.Lock()
-		s.commitLocked(batch)
-		s.mu.Unlock()
-		for i, x := range batch {
-			if x.done != nil {
-				close(x.done)
-			}
-			batch[i] = nil
-		}
-
-		s.qmu.Lock()
-		s.spare = batch[:0]
-		if len(s.queue) == 0 {
-			s.leading = false
-			s.qmu.Unlock()
-			return c.err
+	for _, w := range c.wait {
+		s.fmu.Lock()
+		ch := w.waitChan()
+		s.fmu.Unlock()
+		if ch != nil {
+			<-ch
 		}
 	}
+	if s.beforeApply != nil {
+		s.beforeApply(c.rec)
+	}
+	err := c.apply()
+	if err != nil {
+		s.mu.Lock()
+		if merr := s.markLocked(c.d, c.rec.Offset, c.rec.Length); merr != nil {
+			c.d.dirty.markUnsaved(c.rec.Offset, c.rec.Length)
+			s.logger.Error("disk write failed and the dirty map cannot record it; kept in memory", "disk", c.d.idx, "err", err, "map", merr)
+		}
+		s.mu.Unlock()
+	}
+	s.fmu.Lock()
+	c.d.unflight(c.fl)
+	s.fmu.Unlock()
+	s.applying.Done()
+	return err
+}
+
+// waitChan returns a channel closed when f has landed, or nil if it has.
+// Called with s.fmu held.
+func (f *flight) waitChan() chan struct{} {
+	if f.landed {
+		return nil
+	}
+	if f.ch == nil {
+		f.ch = make(chan struct{})
+	}
+	return f.ch
+}
+
+// unflight takes f out of d's in-flight changes and wakes its waiters.
+// Called with s.fmu held.
+func (d *Disk) unflight(f *flight) {
+	for i, x := range d.flights {
+		if x == f {
+			last := len(d.flights) - 1
+			d.flights[i] = d.flights[last]
+			d.flights[last] = nil
+			d.flights = d.flights[:last]
+			break
+		}
+	}
+	f.landed = true
+	if f.ch != nil {
+		close(f.ch)
+	}
+}
+
+// overlapping returns the in-flight changes of d that overlap [off, end).
+// Called with s.fmu held.
+func (d *Disk) overlapping(off, end int64, out []*flight) []*flight {
+	for _, f := range d.flights {
+		if f.off < end && off < f.end {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// oldestFlightLocked returns the lowest seq of a spooled change not yet
+// applied to its disk, or 0. Called with s.mu held.
+func (s *Stream) oldestFlightLocked() uint64 {
+	s.fmu.Lock()
+	defer s.fmu.Unlock()
+	var oldest uint64
+	for _, d := range s.disks {
+		for _, f := range d.flights {
+			if f.seq != 0 && (oldest == 0 || f.seq < oldest) {
+				oldest = f.seq
+			}
+		}
+	}
+	return oldest
 }
 
 // highWater is the spool level above which throttled writes wait.
@@ -577,7 +719,8 @@ func (s *Stream) throttleWait(n int64) {
 }
 
 // commitLocked appends the records of a batch of changes to the spool, or
-// marks their regions dirty in overflow, then applies them in order.
+// marks their regions dirty in overflow, and registers them in flight;
+// each is applied by its writer (land).
 func (s *Stream) commitLocked(batch []*change) {
 	if s.closed {
 		for _, c := range batch {
@@ -618,20 +761,26 @@ func (s *Stream) commitLocked(batch []*change) {
 				// refuse it before it reaches the disk, so nothing is
 				// acknowledged that the peer could miss.
 				c.err = s.refuseLocked(c.d, err)
-				continue
 			}
-		}
-		if err := c.apply(); err != nil {
-			// The disk may or may not hold the change; resync whatever it
-			// has. If even the map cannot say so, keep the regions in
-			// memory: Flush fails until they are saved.
-			if merr := s.markLocked(c.d, c.rec.Offset, c.rec.Length); merr != nil {
-				c.d.dirty.markUnsaved(c.rec.Offset, c.rec.Length)
-				s.logger.Error("disk write failed and the dirty map cannot record it; kept in memory", "disk", c.d.idx, "err", err, "map", merr)
-			}
-			c.err = err
 		}
 	}
+	s.fmu.Lock()
+	for _, c := range batch {
+		if c.err != nil {
+			continue
+		}
+		// In flight from here until land: a later overlapping change
+		// waits for it, and so do resync copies of its regions.
+		f := &flight{off: c.rec.Offset, end: c.rec.Offset + c.rec.Length}
+		if c.logged {
+			f.seq = c.rec.Seq
+		}
+		c.wait = c.d.overlapping(f.off, f.end, c.wait)
+		c.d.flights = append(c.d.flights, f)
+		c.fl = f
+		s.applying.Add(1)
+	}
+	s.fmu.Unlock()
 }
 
 // markLocked marks a range dirty, persisting the map before the disk
@@ -946,16 +1095,28 @@ func (s *Stream) housekeep() {
 				s.logger.Error("saving dirty map failed; retrying", "disk", d.idx, "err", err)
 			}
 		}
-		acked := s.acked
 		s.mu.Unlock()
 		if err := s.saveMeta(); err != nil {
 			s.logger.Error("saving stream state failed", "err", err)
 			continue
 		}
-		if err := s.spool.TruncateFront(acked); err != nil {
+		if err := s.trimSpool(); err != nil {
 			s.logger.Error("truncating spool failed", "err", err)
 		}
 	}
+}
+
+// trimSpool drops the spool segments the peer has acked, except those
+// holding a record still on its way to the local disk: a restart after a
+// kill replays it from the spool.
+func (s *Stream) trimSpool() error {
+	s.mu.Lock()
+	keep := s.acked
+	if f := s.oldestFlightLocked(); f != 0 && f <= keep {
+		keep = f - 1
+	}
+	s.mu.Unlock()
+	return s.spool.TruncateFront(keep)
 }
 
 // syncer fsyncs the spool in the background every quarter segment. The wal
@@ -1034,6 +1195,7 @@ func (s *Stream) Close() error {
 	close(s.done)
 	s.mu.Unlock()
 	s.wg.Wait()
+	s.applying.Wait() // changes committed before closed land first
 	err := s.saveMeta()
 	if ferr := s.flushAll(); err == nil {
 		err = ferr
