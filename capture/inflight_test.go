@@ -340,3 +340,48 @@ func TestAckedInFlightSurvivesKill(t *testing.T) {
 		t.Fatal("the spool kept segments that are acked and on disk")
 	}
 }
+
+// TestFlushGroupCommit: flushes called while a flush round runs cannot be
+// served by it (it may have started before their writes completed); they
+// wait and share one next round.
+func TestFlushGroupCommit(t *testing.T) {
+	h := newHarness(t, 1, 1<<20, Options{})
+	held, release, open := gate(t)
+	var rounds atomic.Int32
+	h.s.beforeFlush = func() {
+		if rounds.Add(1) == 1 {
+			close(held)
+			<-release
+		}
+	}
+	const n = 8
+	waiting := make(chan struct{}, 2*n)
+	h.s.onFlushWait = func() { waiting <- struct{}{} }
+	errs := make(chan error, n+1)
+	go func() { errs <- h.s.Flush() }()
+	<-held
+	for i := range n {
+		go func() {
+			if _, err := h.s.Disk(0).WriteAt([]byte{byte(i)}, int64(i)); err != nil {
+				errs <- err
+				return
+			}
+			errs <- h.s.Flush()
+		}()
+	}
+	for range n {
+		<-waiting
+	}
+	open()
+	for range n + 1 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := rounds.Load(); r != 2 {
+		t.Fatalf("%d flush rounds for %d flushes during the first: want 2", r, n)
+	}
+	if err := h.s.Flush(); err != nil || rounds.Load() != 3 {
+		t.Fatalf("a later flush: err %v, %d rounds; want its own round", err, rounds.Load())
+	}
+}

@@ -161,6 +161,19 @@ type Stream struct {
 	// beforeApply, if set, runs before a change is applied to its disk
 	// (tests hold a change in flight with it).
 	beforeApply func(*rebound.Record)
+	// beforeFlush, if set, runs at the start of each flush round, and
+	// onFlushWait when a flush waits for a round, with flushMu held
+	// (tests).
+	beforeFlush func()
+	onFlushWait func()
+
+	// flushMu guards the flush rounds (group commit, see Flush).
+	flushMu      sync.Mutex
+	flushCond    *sync.Cond
+	flushing     bool   // a round is running
+	flushStarted uint64 // rounds started
+	flushDone    uint64 // the last round finished
+	flushErr     error  // its result
 	// onCopyWait, if set, runs when a resync copy waits for an in-flight
 	// change of its run (tests).
 	onCopyWait func()
@@ -255,6 +268,7 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 		done:     make(chan struct{}),
 		syncKick: make(chan struct{}, 1),
 	}
+	s.flushCond = sync.NewCond(&s.flushMu)
 	s.throttle.Store(opts.Congestion == CongestionThrottle)
 	m, err := s.readMeta()
 	if err != nil {
@@ -996,8 +1010,44 @@ func (s *Stream) Head() uint64 {
 
 // Flush makes every completed change durable: the spool, then the dirty
 // maps, then the disks (so a synced disk never holds a change the synced
-// spool and map do not account for).
+// spool and map do not account for). Concurrent flushes share rounds
+// (group commit): a flush waits for a round that starts after it was
+// called, so that round covers every change completed before the call,
+// and flushes arriving during one round are all served by the next.
 func (s *Stream) Flush() error {
+	s.flushMu.Lock()
+	want := s.flushStarted + 1
+	for s.flushDone < want && s.flushing {
+		if s.onFlushWait != nil {
+			s.onFlushWait()
+		}
+		s.flushCond.Wait()
+	}
+	if s.flushDone >= want {
+		err := s.flushErr
+		s.flushMu.Unlock()
+		return err
+	}
+	s.flushing = true
+	s.flushStarted++
+	round := s.flushStarted
+	s.flushMu.Unlock()
+
+	err := s.flushRound()
+
+	s.flushMu.Lock()
+	s.flushing = false
+	s.flushDone, s.flushErr = round, err
+	s.flushCond.Broadcast()
+	s.flushMu.Unlock()
+	return err
+}
+
+// flushRound is one round of Flush.
+func (s *Stream) flushRound() error {
+	if s.beforeFlush != nil {
+		s.beforeFlush()
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
