@@ -3,6 +3,7 @@ package capture
 import (
 	"bytes"
 	"context"
+	"log/slog"
 	"math/rand/v2"
 	"path/filepath"
 	"sync"
@@ -385,3 +386,48 @@ func TestFlushGroupCommit(t *testing.T) {
 		t.Fatalf("a later flush: err %v, %d rounds; want its own round", err, rounds.Load())
 	}
 }
+
+// benchWriteQD writes size-byte blocks from qd goroutines at once (random
+// block-aligned offsets of a 1 GiB disk), the load an NBD client at that
+// queue depth puts on the stream.
+func benchWriteQD(b *testing.B, size, qd int) {
+	dir := b.TempDir()
+	const diskSize = 1 << 30
+	s, err := Open(filepath.Join(dir, "stream"), []DiskSpec{{Path: filepath.Join(dir, "disk"), Size: diskSize}}, Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	var n atomic.Int64
+	var wg sync.WaitGroup
+	b.SetBytes(int64(size))
+	b.ResetTimer()
+	for w := range qd {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 5))
+			p := make([]byte, size)
+			for i := range p {
+				p[i] = byte(rng.Uint32())
+			}
+			for {
+				i := n.Add(1)
+				if i > int64(b.N) {
+					return
+				}
+				if _, err := s.Disk(0).WriteAt(p, rng.Int64N(diskSize/int64(size))*int64(size)); err != nil {
+					b.Error(err)
+					return
+				}
+				if i%64 == 0 {
+					s.Acked(s.Head()) // a peer keeping up
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func BenchmarkWrite4KQD32(b *testing.B) { benchWriteQD(b, 4096, 32) }
+func BenchmarkWrite1MQD8(b *testing.B)  { benchWriteQD(b, 1<<20, 8) }
