@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -796,28 +797,157 @@ func WithEvents(ch <-chan rebound.Event) ControlOption {
 // calls concurrently on local and pushes local.Status every reportEvery.
 // It returns ctx's error.
 func RunControl(ctx context.Context, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, opts ...ControlOption) error {
+	return RunControls(ctx, []string{addr}, tlsConf, local, reportEvery, opts...)
+}
+
+// RunControls keeps one control channel open to each server in addrs (the
+// servers of one control plane, sharing a CA and a database), each
+// reconnecting on its own as RunControl does, so any of them can call the
+// site. Status reports go on every channel; each event goes on one live
+// channel only (the first in addrs' order; on a send failure, the next),
+// so the store gets it once. It returns ctx's error.
+func RunControls(ctx context.Context, addrs []string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, opts ...ControlOption) error {
+	if len(addrs) == 0 {
+		return rebound.Errorf(rebound.EINVALID, "no server address to open a control channel to (--server-addr)")
+	}
 	var o controlOpts
 	for _, f := range opts {
 		f(&o)
 	}
+	r := newEventRouter(len(addrs))
+	var wg sync.WaitGroup
+	if o.events != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.run(ctx, o.events)
+		}()
+	}
+	for i, addr := range addrs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runControlLoop(ctx, i, addr, tlsConf, local, reportEvery, o, r)
+		}()
+	}
+	wg.Wait()
+	return ctx.Err()
+}
+
+// runControlLoop keeps the channel to addr (the i-th server) open until ctx
+// is done.
+func runControlLoop(ctx context.Context, i int, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, o controlOpts, r *eventRouter) {
 	for attempt := 0; ; attempt++ {
-		welcomed, err := runControlOnce(ctx, addr, tlsConf, local, reportEvery, o)
+		welcomed, err := runControlOnce(ctx, i, addr, tlsConf, local, reportEvery, o, r)
 		if ctx.Err() != nil {
-			return ctx.Err()
+			return
 		}
 		if welcomed {
 			attempt = 0
 		}
-		slog.Warn("control channel to server closed; reconnecting", "addr", addr, "err", err)
-		if err := sleepCtx(ctx, backoff(attempt, controlMaxBackoff)); err != nil {
-			return err
+		slog.Warn("control channel to server closed; reconnecting", "addr", addr, "err", explainHandshake(addr, err))
+		if sleepCtx(ctx, backoff(attempt, controlMaxBackoff)) != nil {
+			return
 		}
 	}
 }
 
-// runControlOnce serves one channel; welcomed reports whether the server
-// accepted the hello.
-func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, o controlOpts) (welcomed bool, err error) {
+// explainHandshake names the fix when a server's certificate is not from
+// the site's CA: a server of another control plane, or one started with
+// its own CA instead of a copy of the shared one.
+func explainHandshake(addr string, err error) error {
+	if err == nil || !strings.Contains(err.Error(), "certificate signed by unknown authority") {
+		return err
+	}
+	return rebound.Errorf(rebound.EUNAVAILABLE, "the server at %s shows a certificate not issued by this site's CA (tls/ca.crt in its data directory): "+
+		"every server of one control plane must run with the same CA: copy the first server's ca directory (DATA/ca) to that server and start it with --ca-dir DIR, or remove %s from --server-addr (%v)", addr, addr, err)
+}
+
+// channelSender is one live control channel's send.
+type channelSender struct {
+	send func(*pb.SiteMessage) error
+}
+
+// eventRouter sends each event on one live channel: the first in the
+// servers' order, the next on a send failure. While no channel is live
+// the events wait in the site's channel.
+type eventRouter struct {
+	mu      sync.Mutex
+	live    []*channelSender // by server index; nil while down
+	changed chan struct{}    // closed and replaced when live changes
+}
+
+func newEventRouter(n int) *eventRouter {
+	return &eventRouter{live: make([]*channelSender, n), changed: make(chan struct{})}
+}
+
+// set makes s the i-th server's live channel (nil: down), unless it was
+// already replaced by a newer one (old must match).
+func (r *eventRouter) set(i int, old, s *channelSender) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.live[i] != old {
+		return
+	}
+	r.live[i] = s
+	close(r.changed)
+	r.changed = make(chan struct{})
+}
+
+// snapshot returns the live channels in order and what closes on a change.
+func (r *eventRouter) snapshot() ([]int, []*channelSender, <-chan struct{}) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var idx []int
+	var live []*channelSender
+	for i, s := range r.live {
+		if s != nil {
+			idx = append(idx, i)
+			live = append(live, s)
+		}
+	}
+	return idx, live, r.changed
+}
+
+func (r *eventRouter) run(ctx context.Context, events <-chan rebound.Event) {
+	var pending *pb.SiteMessage
+	for {
+		idx, live, changed := r.snapshot()
+		if len(live) == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			}
+			continue
+		}
+		if pending == nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+				continue
+			case e := <-events:
+				pending = &pb.SiteMessage{Body: &pb.SiteMessage_Event{Event: &pb.SiteEvent{Time: e.Time.UnixNano(), Machine: e.Machine, Kind: e.Kind, Message: e.Message}}}
+			}
+		}
+		for k, s := range live {
+			err := s.send(pending)
+			if err == nil {
+				pending = nil
+				break
+			}
+			// That channel is broken: its Recv sees it too and reconnects.
+			ev := pending.GetEvent()
+			slog.Warn("event not delivered on a control channel; trying the next server", "kind", ev.Kind, "machine", ev.Machine, "err", err)
+			r.set(idx[k], s, nil)
+		}
+	}
+}
+
+// runControlOnce serves one channel to the i-th server; welcomed reports
+// whether the server accepted the hello.
+func runControlOnce(ctx context.Context, i int, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, o controlOpts, r *eventRouter) (welcomed bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -857,6 +987,10 @@ func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local
 	if err := checkVersion("control", m.GetWelcome().Version); err != nil {
 		return false, err
 	}
+	// Events may go on this channel until it ends.
+	sender := &channelSender{send: send}
+	r.set(i, nil, sender)
+	defer r.set(i, sender, nil)
 
 	var wg sync.WaitGroup
 	defer wg.Wait() // after cancel (deferred earlier, runs later): calls stop
@@ -884,25 +1018,6 @@ func runControlOnce(ctx context.Context, addr string, tlsConf *tls.Config, local
 			}
 		}
 	}()
-
-	if o.events != nil {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case e := <-o.events:
-					m := &pb.SiteEvent{Time: e.Time.UnixNano(), Machine: e.Machine, Kind: e.Kind, Message: e.Message}
-					if err := send(&pb.SiteMessage{Body: &pb.SiteMessage_Event{Event: m}}); err != nil {
-						slog.Warn("event not delivered to the server", "kind", e.Kind, "machine", e.Machine, "message", e.Message, "err", err)
-						return // Recv below sees the broken stream
-					}
-				}
-			}
-		}()
-	}
 
 	var mu sync.Mutex
 	calls := make(map[uint64]context.CancelFunc)

@@ -2,6 +2,7 @@ package grpc
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/rebound-dr/rebound"
@@ -115,4 +116,26 @@ func EnrollAs(ctx context.Context, addr, joinToken, siteName string, role pki.Ro
 		return nil, nil, nil, rebound.Errorf(rebound.EINTERNAL, "enroll: asked for a %s certificate, the server issued one with role %q; upgrade the server", role, got)
 	}
 	return resp.CertPem, keyPEM, resp.CaPem, nil
+}
+
+// EnrollAny is EnrollAs with the servers of one control plane: it enrolls
+// with the first in addrs that answers, and moves to the next only when
+// one cannot be reached (refused, timed out, TLS handshake failed). An
+// answer (a refused token) is final: the servers share the token store.
+func EnrollAny(ctx context.Context, addrs []string, joinToken, siteName string, role pki.Role) (certPEM, keyPEM, caPEM []byte, err error) {
+	if len(addrs) == 0 {
+		return nil, nil, nil, rebound.Errorf(rebound.EINVALID, "enroll: no server address (--server-addr)")
+	}
+	var errs []error
+	for _, addr := range addrs {
+		certPEM, keyPEM, caPEM, err = EnrollAs(ctx, addr, joinToken, siteName, role)
+		if err == nil || rebound.ErrorCode(err) != rebound.EUNAVAILABLE || ctx.Err() != nil {
+			return certPEM, keyPEM, caPEM, err
+		}
+		errs = append(errs, err)
+	}
+	if len(errs) == 1 {
+		return nil, nil, nil, errs[0]
+	}
+	return nil, nil, nil, rebound.Errorf(rebound.EUNAVAILABLE, "enroll: no server answered: %v", errors.Join(errs...))
 }

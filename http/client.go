@@ -10,9 +10,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -26,6 +28,13 @@ type Client struct {
 	BaseURL    string // "https://host:port", no trailing slash
 	Token      string // bearer token
 	HTTPClient *http.Client
+	// Fallback are the other servers of the control plane, tried in order
+	// when one cannot be reached (refused, timed out, TLS handshake
+	// failed), never after an HTTP answer. The one that answered is tried
+	// first by the next request.
+	Fallback []string
+
+	current int32 // index into BaseURL+Fallback that answered last (atomic)
 }
 
 var (
@@ -37,13 +46,25 @@ var (
 // maxResponseBytes bounds what the client reads of an answer.
 const maxResponseBytes = 64 << 20
 
-// NewClient returns a client of the server at baseURL. If caPEM is given,
+// NewClient returns a client of the server at baseURL, or of the servers
+// at several URLs separated by commas (see Fallback). If caPEM is given,
 // TLS trusts only the certificates in it (the Rebound CA); otherwise the
 // system roots.
 func NewClient(baseURL, token string, caPEM []byte) (*Client, error) {
-	u, err := url.Parse(baseURL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, rebound.Errorf(rebound.EINVALID, "server URL %q must look like https://host:port", baseURL)
+	var urls []string
+	for _, b := range strings.Split(baseURL, ",") {
+		b = strings.TrimSpace(b)
+		if b == "" && strings.Contains(baseURL, ",") {
+			continue
+		}
+		u, err := url.Parse(b)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return nil, rebound.Errorf(rebound.EINVALID, "server URL %q must look like https://host:port (several servers: comma-separated)", b)
+		}
+		urls = append(urls, strings.TrimRight(b, "/"))
+	}
+	if len(urls) == 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "server URL %q must look like https://host:port (several servers: comma-separated)", baseURL)
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
@@ -55,8 +76,9 @@ func NewClient(baseURL, token string, caPEM []byte) (*Client, error) {
 		tr.TLSClientConfig.RootCAs = pool
 	}
 	return &Client{
-		BaseURL: strings.TrimRight(baseURL, "/"),
-		Token:   token,
+		BaseURL:  urls[0],
+		Fallback: urls[1:],
+		Token:    token,
 		// A generous bound so a hung server does not hang the CLI; job
 		// verbs answer at once and CreatePoint waits only for one point.
 		HTTPClient: &http.Client{Transport: tr, Timeout: 2 * time.Minute},
@@ -88,50 +110,84 @@ func (c *Client) exchange(ctx context.Context, method, path string, in any, acce
 	if p, _, _ := strings.Cut(path, "?"); strings.Contains(p, "//") || strings.HasSuffix(p, "/") {
 		return nil, nil, rebound.Errorf(rebound.EINVALID, "a name in %s %s is empty", method, path)
 	}
-	var body io.Reader
+	var reqBody []byte
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
 			return nil, nil, fmt.Errorf("encode request: %w", err)
 		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
-	if err != nil {
-		return nil, nil, rebound.Errorf(rebound.EINVALID, "bad request %s %s: %v", method, path, err)
-	}
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	req.Header.Set("Accept", accept)
-	if c.Token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.Token)
+		reqBody = b
 	}
 	hc := c.HTTPClient
 	if hc == nil {
 		hc = http.DefaultClient
 	}
-	resp, err := hc.Do(req)
-	if err != nil {
+	urls := append([]string{c.BaseURL}, c.Fallback...)
+	start := int(atomic.LoadInt32(&c.current)) % len(urls)
+	var resp *http.Response
+	var base string
+	var errs []error
+	for k := range urls {
+		i := (start + k) % len(urls)
+		base = urls[i]
+		var body io.Reader
+		if in != nil {
+			body = bytes.NewReader(reqBody)
+		}
+		req, err := http.NewRequestWithContext(ctx, method, base+path, body)
+		if err != nil {
+			return nil, nil, rebound.Errorf(rebound.EINVALID, "bad request %s %s: %v", method, path, err)
+		}
+		if in != nil {
+			req.Header.Set("Content-Type", "application/json")
+		}
+		req.Header.Set("Accept", accept)
+		if c.Token != "" {
+			req.Header.Set("Authorization", "Bearer "+c.Token)
+		}
+		// A request that reached a server may have been acted on: only
+		// one that was never written goes to the next server.
+		var wrote atomic.Bool
+		req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteRequest: func(httptrace.WroteRequestInfo) { wrote.Store(true) }}))
+		resp, err = hc.Do(req)
+		if err == nil {
+			atomic.StoreInt32(&c.current, int32(i))
+			break
+		}
 		if ctx.Err() != nil {
 			return nil, nil, ctx.Err()
 		}
-		return nil, nil, c.transportError(err)
+		err = (&Client{BaseURL: base}).transportError(err)
+		if len(urls) == 1 {
+			return nil, nil, err
+		}
+		errs = append(errs, err)
+		if wrote.Load() && method != http.MethodGet && method != http.MethodHead {
+			return nil, nil, rebound.Errorf(rebound.EUNAVAILABLE, "%s %s: the connection to %s failed after the request was sent, so it is not sent to another server (it may have been done): check with rebound job list, then retry (%s)", method, path, base, rebound.ErrorMessage(err))
+		}
 	}
+	if resp == nil {
+		msgs := make([]string, len(errs))
+		for i, e := range errs {
+			msgs[i] = rebound.ErrorMessage(e)
+		}
+		return nil, nil, rebound.Errorf(rebound.EUNAVAILABLE, "no Rebound server answered (%s): %s", strings.Join(urls, ", "), strings.Join(msgs, "; "))
+	}
+	at := &Client{BaseURL: base} // the errors below name the server that answered
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBytes))
 	if err != nil {
-		return nil, nil, rebound.Errorf(rebound.EUNAVAILABLE, "reading the answer of the Rebound server at %s: %v", c.BaseURL, err)
+		return nil, nil, rebound.Errorf(rebound.EUNAVAILABLE, "reading the answer of the Rebound server at %s: %v", at.BaseURL, err)
 	}
 	if resp.StatusCode >= 300 {
 		var e errorResponse
 		if json.Unmarshal(b, &e) == nil && e.Error.Code != "" {
 			return nil, nil, &rebound.Error{Code: e.Error.Code, Message: e.Error.Message}
 		}
-		return nil, nil, c.foreignAnswer(resp, b)
+		return nil, nil, at.foreignAnswer(resp, b)
 	}
 	if accept == "application/json" && len(b) > 0 && !isJSON(resp.Header) {
-		return nil, nil, c.foreignAnswer(resp, b)
+		return nil, nil, at.foreignAnswer(resp, b)
 	}
 	return b, resp.Header, nil
 }

@@ -77,6 +77,10 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 	if cfg.DataDir == "" {
 		return rebound.Errorf(rebound.EINVALID, "the agent needs a data directory (--data)")
 	}
+	addrs, err := serverAddrs(cfg.Server)
+	if err != nil {
+		return err
+	}
 	if m.Agent, err = agent.New(agent.Config{
 		Machine: cfg.Name, Disks: cfg.Disks, FreezeMount: cfg.FreezeMount, Interval: cfg.Interval,
 		StateDir: filepath.Join(cfg.DataDir, "agent"), Logger: m.Logger,
@@ -148,7 +152,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 		every = 2 * time.Second
 	}
 	serve("control", func() error {
-		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, svc, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(func(list []string) {
+		err := rgrpc.RunControls(rctx, addrs, controlTLS, svc, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(func(list []string) {
 			setRevoked(list)
 			if n := creds.CloseRevoked(); n > 0 {
 				m.Logger.Warn("closed replication connections of revoked certificates", "count", n)
@@ -251,7 +255,7 @@ protect it like any machine:
 	f := cmd.Flags()
 	f.StringVar(&cfg.Name, "name", "", "the server's name: the agent's site and machine (runs the agent)")
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (default ./rebound-data/agents/NAME)")
-	f.StringVar(&cfg.Server, "server-addr", "127.0.0.1:8441", "the server's address for sites")
+	f.StringVar(&cfg.Server, "server-addr", "127.0.0.1:8441", "the servers' addresses, comma-separated (a control channel to each; enrolment with the first that answers)")
 	f.StringVar(&cfg.JoinToken, "token", os.Getenv("REBOUND_JOIN_TOKEN"), "one-time enrollment token from `rebound site token NAME --agent` (first start only; default $REBOUND_JOIN_TOKEN; --token-file keeps it out of ps)")
 	f.StringVar(&cfg.JoinTokenFile, "token-file", "", "read the one-time enrollment token from FILE (first start only)")
 	f.StringVar(&cfg.ReplAddr, "repl-addr", "127.0.0.1:0", "replication listen address")

@@ -14,6 +14,9 @@ import (
 
 // ClientConfig is how the CLI reaches the server. On disk it is a small JSON
 // file: {"server":"https://127.0.0.1:8440","token":"...","caFile":"/path/ca.crt"}.
+// Server may name several servers of one control plane, comma-separated
+// ("https://vault1:8440,https://vault2:8440"): the client uses the first
+// that answers (http.Client.Fallback).
 type ClientConfig struct {
 	Server string `json:"server"`
 	Token  string `json:"token,omitempty"`

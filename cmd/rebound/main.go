@@ -248,7 +248,7 @@ REBOUND_CA, or by --server, --token and --ca (later ones win).
 	})
 	pf := root.PersistentFlags()
 	pf.StringVarP(&c.output, "output", "o", "table", "output format: table or json")
-	pf.StringVar(&c.server, "server", "", "server URL (overrides REBOUND_SERVER and the config file)")
+	pf.StringVar(&c.server, "server", "", "server URL; several servers of one control plane: comma-separated, the first that answers is used (overrides REBOUND_SERVER and the config file)")
 	pf.StringVar(&c.token, "token", "", "API token (overrides REBOUND_TOKEN and the config file)")
 	pf.StringVar(&c.caFile, "ca", "", "CA certificate file (overrides REBOUND_CA and the config file)")
 

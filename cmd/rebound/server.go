@@ -51,6 +51,9 @@ type ServerConfig struct {
 	// DB is the store: "" for SQLite in DataDir, or a PostgreSQL address
 	// (postgres://USER@HOST/DB) that several servers share.
 	DB string
+	// CADir holds the CA (ca.crt, ca.key); "" is DataDir/ca. The servers
+	// of one control plane share it: a copy of the first server's.
+	CADir string
 }
 
 // openStore opens the store dsn names: SQLite in dataDir for "", else
@@ -131,8 +134,12 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	if m.DB, err = openStore(ctx, cfg.DataDir, cfg.DB); err != nil {
 		return fmt.Errorf("open database: %w", err)
 	}
-	if m.CA, err = pki.LoadOrCreateCA(filepath.Join(cfg.DataDir, "ca")); err != nil {
-		return fmt.Errorf("load CA: %w", err)
+	caDir := cfg.CADir
+	if caDir == "" {
+		caDir = filepath.Join(cfg.DataDir, "ca")
+	}
+	if m.CA, err = pki.LoadOrCreateCA(caDir); err != nil {
+		return fmt.Errorf("load CA from %s: %w", caDir, err)
 	}
 	hosts := append([]string{"127.0.0.1", "::1", "localhost"}, cfg.Hosts...)
 	for _, a := range []string{cfg.APIAddr, cfg.GRPCAddr} {
@@ -339,6 +346,7 @@ func newServerCommand(c *CLI) *cobra.Command {
 	f.StringSliceVar(&cfg.Hosts, "host", nil, "extra host names or IPs for the server certificate")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "also serve /metrics over plain HTTP without authentication at this address, for Prometheus (the API serves it with a token either way)")
 	f.StringVar(&cfg.DB, "db", "", "store: a PostgreSQL address (postgres://USER@HOST/DB; also $REBOUND_DB) shared by several servers; default SQLite in --data")
+	f.StringVar(&cfg.CADir, "ca-dir", "", "the CA's directory (ca.crt, ca.key; created at the first start if empty); default DATA/ca. Several servers of one control plane use copies of the first server's (docs/ha.md)")
 	f.BoolVar(&checkDB, "check-db", false, "report the store's schema version, pending migrations and connectivity, and exit (applies nothing)")
 	f.StringVar(&tokenFile, "admin-token-file", "", "create an API token of user admin (role admin; the user too, if missing) if this file does not hold a valid token, and write it there (0600)")
 	addConfigFlag(cmd, "server")

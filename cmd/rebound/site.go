@@ -33,7 +33,7 @@ func init() { extraCommands = append(extraCommands, newSiteCommand) }
 type SiteConfig struct {
 	Name      string
 	DataDir   string
-	Server    string // the server's gRPC address
+	Server    string // the servers' gRPC addresses, comma-separated
 	JoinToken string // needed only for the first start
 	// JoinTokenFile holds the join token when JoinToken is empty (keeps
 	// it off the command line and out of the environment).
@@ -91,6 +91,10 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	}
 	if _, err := nbdTLSMode(cfg.NBDTLS); err != nil {
 		return err // before enrolment uses the token
+	}
+	addrs, err := serverAddrs(cfg.Server)
+	if err != nil {
+		return err
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return err
@@ -176,7 +180,7 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 		every = 2 * time.Second
 	}
 	serve("control", func() error {
-		err := rgrpc.RunControl(rctx, cfg.Server, controlTLS, m.Site, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(func(list []string) {
+		err := rgrpc.RunControls(rctx, addrs, controlTLS, m.Site, every, rgrpc.WithEvents(m.Site.Events()), rgrpc.WithRevocations(func(list []string) {
 			setRevoked(list)
 			if n := creds.CloseRevoked(); n > 0 {
 				m.Logger.Warn("closed replication connections of revoked certificates", "count", n)
@@ -192,6 +196,30 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	})
 	m.Logger.Info("site listening", "site", cfg.Name, "nbd", m.NBDAddr, "replication", m.ReplAddr, "server", cfg.Server)
 	return nil
+}
+
+// serverAddrs splits --server-addr: one address, or several (the servers
+// of one control plane) separated by commas.
+func serverAddrs(s string) ([]string, error) {
+	var out []string
+	seen := map[string]bool{}
+	for _, a := range strings.Split(s, ",") {
+		a = strings.TrimSpace(a)
+		if a == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return nil, rebound.Errorf(rebound.EINVALID, "--server-addr %q: %q is not HOST:PORT (give the servers' gRPC addresses, comma-separated, e.g. vault1:8441,vault2:8441)", s, a)
+		}
+		if !seen[a] {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	if len(out) == 0 {
+		return nil, rebound.Errorf(rebound.EINVALID, "no server address: pass --server-addr HOST:PORT (several: comma-separated)")
+	}
+	return out, nil
 }
 
 // siteTLS returns a site's TLS configs: its replication listener (peers
@@ -274,7 +302,11 @@ func (m *SiteMain) credentials(ctx context.Context) (certPEM, keyPEM, caPEM []by
 	}
 	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	certPEM, keyPEM, caPEM, err = rgrpc.EnrollAs(ectx, m.Config.Server, joinToken, m.Config.Name, role)
+	addrs, err := serverAddrs(m.Config.Server)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	certPEM, keyPEM, caPEM, err = rgrpc.EnrollAny(ectx, addrs, joinToken, m.Config.Name, role)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("enroll site %s with %s: %w", m.Config.Name, m.Config.Server, err)
 	}
@@ -360,7 +392,7 @@ func newSiteCommand(c *CLI) *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&cfg.Name, "name", "", "site name (runs the appliance)")
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (default ./rebound-data/sites/NAME)")
-	f.StringVar(&cfg.Server, "server-addr", "127.0.0.1:8441", "the server's address for sites")
+	f.StringVar(&cfg.Server, "server-addr", "127.0.0.1:8441", "the servers' addresses for sites, comma-separated (a control channel to each; enrolment with the first that answers)")
 	f.StringVar(&cfg.JoinToken, "token", os.Getenv("REBOUND_JOIN_TOKEN"), "one-time enrollment token (first start only; default $REBOUND_JOIN_TOKEN; --token-file keeps it out of ps)")
 	f.StringVar(&cfg.JoinTokenFile, "token-file", "", "read the one-time enrollment token from FILE (first start only)")
 	f.StringVar(&cfg.NBDAddr, "nbd-addr", "127.0.0.1:10809", "NBD listen address")
