@@ -1,0 +1,222 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/internal/pgtest"
+)
+
+// TestSeveralServers: two servers on one PostgreSQL with one CA (a copy
+// of the first's, --ca-dir), two sites given both addresses, a machine
+// protected through server 1. With server 1 closed, server 2 answers the
+// API, gets the sites' reports and calls them; replication goes on (bytes
+// written after server 1 closed are in a new point, checked over NBD);
+// a CLI given both URLs, server 1 first, works.
+func TestSeveralServers(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dsn := pgtest.DSN(t)
+	dir := t.TempDir()
+	logger := fixedUpLogger()
+
+	// Server 1 creates the CA; server 2 runs with a copy of it.
+	startServer := func(name, caDir string) *ServerMain {
+		t.Helper()
+		m := &ServerMain{Logger: logger.With("server", name), Config: ServerConfig{
+			DataDir: filepath.Join(dir, name), APIAddr: freePort(t), GRPCAddr: freePort(t), DB: dsn, CADir: caDir,
+		}}
+		if err := m.Run(ctx); err != nil {
+			t.Fatalf("start %s: %v", name, err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	s1 := startServer("s1", filepath.Join(dir, "s1-ca"))
+	copyDir(t, filepath.Join(dir, "s1-ca"), filepath.Join(dir, "s2-ca"))
+	s2 := startServer("s2", filepath.Join(dir, "s2-ca"))
+	if s1.CA.Fingerprint() != s2.CA.Fingerprint() {
+		t.Fatal("the servers hold different CAs")
+	}
+	tokenPath := filepath.Join(dir, "admin-token")
+	if err := ensureAdminToken(ctx, s1.DB, tokenPath); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := os.ReadFile(tokenPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	token := strings.TrimSpace(string(tok))
+	client := func(urls ...string) *rhttp.Client {
+		t.Helper()
+		c, err := rhttp.NewClient(strings.Join(urls, ","), token, s1.CA.CertPEM())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	svc1, svc2 := client(s1.APIURL), client(s2.APIURL)
+
+	// Two sites, each with both servers' addresses; enrolled through
+	// server 1 with a token server 2 knows as well (one database).
+	sites := map[string]*SiteMain{}
+	for _, name := range []string{"primary", "recovery"} {
+		jt, err := s1.JoinToken(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sd := filepath.Join(dir, "sites", name)
+		sm := &SiteMain{Logger: logger.With("site", name), Config: SiteConfig{
+			Name: name, DataDir: sd, Server: s1.GRPCAddr + "," + s2.GRPCAddr, JoinToken: jt,
+			NBDAddr: freePort(t), NBDSocket: filepath.Join(sd, "nbd.sock"), ReplAddr: freePort(t),
+		}}
+		if err := sm.Run(ctx); err != nil {
+			t.Fatalf("site %s: %v", name, err)
+		}
+		t.Cleanup(func() { sm.Close() })
+		sites[name] = sm
+	}
+	for _, s := range []*ServerMain{s1, s2} {
+		waitUntil(t, 30*time.Second, "both sites connected to "+s.APIURL, func() bool {
+			_, a := s.Control.Site("primary")
+			_, b := s.Control.Site("recovery")
+			return a && b
+		})
+	}
+
+	const size = 8 << 20
+	o := newOracle(t, size, 12)
+	m, err := svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := m.Disks[0].NBD
+	o.write(src, 50)
+	waitJob(t, svc1)(svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+	o.write(src, 20)
+	before := o.point(svc1, "vm1", false)
+
+	// Server 1 goes away.
+	if err := s1.Close(); err != nil {
+		t.Fatalf("close server 1: %v", err)
+	}
+	closed := time.Now()
+
+	// The API answers through server 2, from the shared store.
+	got := getMachine(t, svc2, "vm1")
+	if got.State != rebound.MachineProtected || got.Protection == nil || got.Protection.TargetSite != "recovery" {
+		t.Fatalf("vm1 through server 2: state %s protection %+v", got.State, got.Protection)
+	}
+	if ms, err := svc2.ListMachines(ctx); err != nil || len(ms) != 1 {
+		t.Fatalf("machine list through server 2: %v %v", ms, err)
+	}
+
+	// Replication goes on: bytes written now are in a new point, cut
+	// through server 2 (its own channel to the site).
+	o.write(src, 40)
+	after := o.point(svc2, "vm1", false)
+	if after.Seq <= before.Seq {
+		t.Fatalf("point after server 1 closed: seq %d, before %d", after.Seq, before.Seq)
+	}
+	points, err := svc2.ListPoints(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !hasPoint(points, before.ID) || !hasPoint(points, after.ID) {
+		t.Fatalf("points through server 2 miss %s or %s: %+v", before.ID, after.ID, points)
+	}
+	// A test failover (a job of server 2) to that point holds its bytes.
+	tp, sum := testFailoverSum(t, svc2, "vm1", after.ID)
+	if tp.ID != after.ID || sum != o.points[after.ID] {
+		t.Fatalf("test failover to %s (got %s): bytes differ from the model", after.ID, tp.ID)
+	}
+
+	// The sites' reports reach server 2: seen after server 1 closed, the
+	// machine's health kept from them.
+	waitUntil(t, 20*time.Second, "reports on server 2 after server 1 closed", func() bool {
+		ss, err := svc2.ListSites(ctx)
+		if err != nil || len(ss) != 2 {
+			return false
+		}
+		for _, s := range ss {
+			if s.Status != rebound.SiteOnline || !s.LastSeen.After(closed) {
+				return false
+			}
+		}
+		return true
+	})
+	waitMachine(t, svc2, "vm1", 20*time.Second, "streaming and normal through server 2", func(m *rebound.Machine) bool {
+		return m.Health == rebound.HealthNormal && m.Protection != nil && m.Protection.ReplState == "streaming"
+	})
+
+	// A CLI given both URLs, the dead one first, works.
+	caFile := filepath.Join(dir, "ca.crt")
+	if err := os.WriteFile(caFile, s2.CA.CertPEM(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb bytes.Buffer
+	c := NewCLI(strings.NewReader(""), &out, &errb)
+	c.IsTerminal = func(io.Writer) bool { return false }
+	code := c.Run(ctx, []string{"machine", "show", "vm1", "-o", "json", "--server", s1.APIURL + "," + s2.APIURL, "--token", token, "--ca", caFile})
+	if code != 0 {
+		t.Fatalf("CLI with both servers: exit %d\n%s", code, errb.String())
+	}
+	if shown := decode[rebound.Machine](t, out.String()); shown.Name != "vm1" || shown.State != rebound.MachineProtected {
+		t.Fatalf("CLI machine show: %+v", shown)
+	}
+	// And the client kept the server that answered: a second call too.
+	both := client(s1.APIURL, s2.APIURL)
+	for range 2 {
+		if _, err := both.GetMachine(ctx, "vm1"); err != nil {
+			t.Fatalf("client with both servers: %v", err)
+		}
+	}
+}
+
+func hasPoint(points []rebound.RecoveryPoint, id string) bool {
+	for _, p := range points {
+		if p.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// copyDir copies the files of src into dst (a server's CA directory).
+func copyDir(t *testing.T, src, dst string) {
+	t.Helper()
+	if err := os.MkdirAll(dst, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	es, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range es {
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// fixedUpLogger logs as fixedUp does: to stderr with -v, else nowhere.
+func fixedUpLogger() *slog.Logger {
+	var out io.Writer = io.Discard
+	if testing.Verbose() {
+		out = os.Stderr
+	}
+	return slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
