@@ -32,7 +32,7 @@ func (c *Client) transportError(err error) error {
 	case errors.As(err, &recordErr):
 		return rebound.Errorf(rebound.EUNAVAILABLE, "%s is not a Rebound API (it does not speak TLS): %s", c.BaseURL, apiHint)
 	case errors.As(err, &unknownCA):
-		return rebound.Errorf(rebound.EUNAVAILABLE, "the certificate of %s is not signed by the configured CA (--ca, REBOUND_CA or the config file): use the server's ca.crt (in the ca directory under its --data) or the one `rebound up` wrote next to its config (%v)", c.BaseURL, err)
+		return rebound.Errorf(rebound.EUNAVAILABLE, "the certificate of %s is not signed by the configured CA (--ca, REBOUND_CA or the config file): use the server's ca.crt (in the ca directory under its --data) or the one `rebound up` wrote next to its config; with several servers, every one must run with a copy of the first's CA (rebound server --ca-dir) (%v)", c.BaseURL, err)
 	case errors.As(err, &hostErr):
 		return rebound.Errorf(rebound.EUNAVAILABLE, "the certificate of %s does not cover that name: use an address the server certificate names, or add it with `rebound server --host NAME` (%v)", c.BaseURL, err)
 	}

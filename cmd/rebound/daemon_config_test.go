@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/rebound-dr/rebound"
 )
 
 // daemonCommand returns the root's daemon command with args parsed.
@@ -96,7 +98,7 @@ token = rbd1.file
 
 func TestDaemonConfigErrors(t *testing.T) {
 	for _, c := range []struct{ daemon, text, want string }{
-		{"server", "api-addr = x\nbogus = 1\n", `daemon.conf:2: "bogus" is not a setting of rebound server (settings: admin-token-file, api-addr, data, db, grpc-addr, host, metrics-addr)`},
+		{"server", "api-addr = x\nbogus = 1\n", `daemon.conf:2: "bogus" is not a setting of rebound server (settings: admin-token-file, api-addr, ca-dir, data, db, grpc-addr, host, metrics-addr)`},
 		{"site", "name primary\n", `daemon.conf:1: want "flag-name = value", not "name primary"`},
 		{"agent", "interval = soon\n", `daemon.conf:1: interval = soon: invalid argument`},
 		{"site", "config = other.conf\n", `"config" is not a setting`},
@@ -148,4 +150,47 @@ func (s *syncWriter) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.w.Write(p)
+}
+
+// TestSiteServerAddrs: --server-addr takes one address as before, or
+// several comma-separated, from the file, the environment or the flag,
+// for sites and agents; a bad one is refused naming the form.
+func TestSiteServerAddrs(t *testing.T) {
+	for in, want := range map[string][]string{
+		"vault:8441":                         {"vault:8441"},
+		"vault1:8441,vault2:8441":            {"vault1:8441", "vault2:8441"},
+		" vault1:8441 , vault2:8441,":        {"vault1:8441", "vault2:8441"},
+		"vault1:8441,vault1:8441,[::1]:8441": {"vault1:8441", "[::1]:8441"},
+	} {
+		got, err := serverAddrs(in)
+		if err != nil || !reflect.DeepEqual(got, want) {
+			t.Fatalf("serverAddrs(%q) = %v %v, want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", ",", "vault1:8441,vault2", "vault"} {
+		if _, err := serverAddrs(in); rebound.ErrorCode(err) != rebound.EINVALID || !strings.Contains(err.Error(), "HOST:PORT") {
+			t.Fatalf("serverAddrs(%q): %v", in, err)
+		}
+	}
+	path := writeConfig(t, "name = primary\nserver-addr = vault1:8441,vault2:8441\n")
+	cmd := daemonCommand(t, "site", "--config", path)
+	if err := loadDaemonConfig(cmd, "site"); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := cmd.Flags().GetString("server-addr"); v != "vault1:8441,vault2:8441" {
+		t.Fatalf("server-addr from the file: %q", v)
+	}
+	t.Setenv("REBOUND_AGENT_SERVER_ADDR", "a:8441,b:8441")
+	cmd = daemonCommand(t, "agent")
+	if err := loadDaemonConfig(cmd, "agent"); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := cmd.Flags().GetString("server-addr"); v != "a:8441,b:8441" {
+		t.Fatalf("agent server-addr from REBOUND_AGENT_SERVER_ADDR: %q", v)
+	}
+	// A site with a bad list stops before it enrolls or opens anything.
+	m := &SiteMain{Config: SiteConfig{Name: "s", DataDir: t.TempDir(), Server: "vault1:8441,vault2"}}
+	if err := m.Run(context.Background()); rebound.ErrorCode(err) != rebound.EINVALID || !strings.Contains(err.Error(), "vault2") {
+		t.Fatalf("site with a bad --server-addr: %v", err)
+	}
 }
