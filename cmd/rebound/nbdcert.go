@@ -68,7 +68,11 @@ pose as a site): revoke it with rebound site remove NAME.`,
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
 			defer cancel()
-			certPEM, keyPEM, caPEM, err := rgrpc.EnrollAs(ctx, server, token, name, pki.RoleNBD)
+			addrs, err := serverAddrs(server)
+			if err != nil {
+				return err
+			}
+			certPEM, keyPEM, caPEM, err := rgrpc.EnrollAny(ctx, addrs, token, name, pki.RoleNBD)
 			if err != nil {
 				return fmt.Errorf("enroll %s with %s: %w", name, server, err)
 			}
@@ -87,7 +91,7 @@ pose as a site): revoke it with rebound site remove NAME.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&server, "server-addr", "127.0.0.1:8441", "the server's address for sites (enrolment)")
+	f.StringVar(&server, "server-addr", "127.0.0.1:8441", "the server's address for sites (enrolment); several: comma-separated, the first that answers")
 	f.StringVar(&token, "token", os.Getenv("REBOUND_JOIN_TOKEN"), "one-time enrollment token (default $REBOUND_JOIN_TOKEN; --token-file keeps it out of ps)")
 	f.StringVar(&tokenFile, "token-file", "", "read the one-time enrollment token from FILE")
 	f.StringVar(&out, "out", "", "directory to write ca-cert.pem, client-cert.pem and client-key.pem to")
