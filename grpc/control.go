@@ -778,6 +778,9 @@ type ControlOption func(*controlOpts)
 type controlOpts struct {
 	events  <-chan rebound.Event
 	revoked func(serials []string)
+	// onChannel, for tests, hears the i-th server's channel go up and
+	// down for events.
+	onChannel func(i int, up bool)
 }
 
 // WithRevocations hands the revocation lists the server pushes to set
@@ -815,6 +818,7 @@ func RunControls(ctx context.Context, addrs []string, tlsConf *tls.Config, local
 		f(&o)
 	}
 	r := newEventRouter(len(addrs))
+	r.onChange = o.onChannel
 	var wg sync.WaitGroup
 	if o.events != nil {
 		wg.Add(1)
@@ -872,9 +876,10 @@ type channelSender struct {
 // servers' order, the next on a send failure. While no channel is live
 // the events wait in the site's channel.
 type eventRouter struct {
-	mu      sync.Mutex
-	live    []*channelSender // by server index; nil while down
-	changed chan struct{}    // closed and replaced when live changes
+	mu       sync.Mutex
+	live     []*channelSender // by server index; nil while down
+	changed  chan struct{}    // closed and replaced when live changes
+	onChange func(i int, up bool)
 }
 
 func newEventRouter(n int) *eventRouter {
@@ -885,13 +890,17 @@ func newEventRouter(n int) *eventRouter {
 // already replaced by a newer one (old must match).
 func (r *eventRouter) set(i int, old, s *channelSender) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if r.live[i] != old {
+		r.mu.Unlock()
 		return
 	}
 	r.live[i] = s
 	close(r.changed)
 	r.changed = make(chan struct{})
+	r.mu.Unlock()
+	if r.onChange != nil {
+		r.onChange(i, s != nil)
+	}
 }
 
 // snapshot returns the live channels in order and what closes on a change.
