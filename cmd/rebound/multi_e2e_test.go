@@ -17,7 +17,8 @@ import (
 )
 
 // TestSeveralServers: two servers on one PostgreSQL with one CA (a copy
-// of the first's, --ca-dir), two sites given both addresses, a machine
+// of the first's, --ca-dir; a third with its own CA is told to copy it),
+// two sites given both addresses, a machine
 // protected through server 1. With server 1 closed, server 2 answers the
 // API, gets the sites' reports and calls them; replication goes on (bytes
 // written after server 1 closed are in a new point, checked over NBD);
@@ -47,6 +48,19 @@ func TestSeveralServers(t *testing.T) {
 	if s1.CA.Fingerprint() != s2.CA.Fingerprint() {
 		t.Fatal("the servers hold different CAs")
 	}
+	// A third server with a CA of its own says so at its start.
+	var log3 syncBuffer
+	s3 := &ServerMain{Logger: slog.New(slog.NewTextHandler(&log3, nil)), Config: ServerConfig{
+		DataDir: filepath.Join(dir, "s3"), APIAddr: freePort(t), GRPCAddr: freePort(t), DB: dsn,
+	}}
+	if err := s3.Run(ctx); err != nil {
+		t.Fatalf("start s3: %v", err)
+	}
+	s3.Close()
+	if !strings.Contains(log3.String(), "is not the one the servers of this database use (fingerprint "+s1.CA.Fingerprint()+")") || !strings.Contains(log3.String(), "--ca-dir") {
+		t.Fatalf("a server with its own CA did not say so:\n%s", log3.String())
+	}
+
 	tokenPath := filepath.Join(dir, "admin-token")
 	if err := ensureAdminToken(ctx, s1.DB, tokenPath); err != nil {
 		t.Fatal(err)

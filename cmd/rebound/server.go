@@ -141,6 +141,9 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	if m.CA, err = pki.LoadOrCreateCA(caDir); err != nil {
 		return fmt.Errorf("load CA from %s: %w", caDir, err)
 	}
+	if cfg.DB != "" {
+		m.checkSharedCA(ctx, caDir)
+	}
 	hosts := append([]string{"127.0.0.1", "::1", "localhost"}, cfg.Hosts...)
 	for _, a := range []string{cfg.APIAddr, cfg.GRPCAddr} {
 		if h, _, err := net.SplitHostPort(a); err == nil && h != "" {
@@ -261,6 +264,31 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		m.Logger.Warn("serving /metrics without authentication", "url", m.MetricsURL)
 	}
 	return nil
+}
+
+// caSetting records in a shared store the fingerprint of the CA its
+// servers use.
+const caSetting = "ca-fingerprint"
+
+// checkSharedCA records this server's CA in a shared store, or warns when
+// the store names another: sites and the CLI trust one CA, so a server
+// started with a CA of its own cannot serve them. A warning, not a refusal:
+// the server still answers the API for clients given its CA.
+func (m *ServerMain) checkSharedCA(ctx context.Context, caDir string) {
+	mine := m.CA.Fingerprint()
+	theirs, ok, err := m.DB.GetSetting(ctx, caSetting)
+	if err == nil && !ok {
+		if err = m.DB.PutSetting(ctx, caSetting, mine); err == nil {
+			theirs, ok, err = m.DB.GetSetting(ctx, caSetting) // a server started at the same time may have won
+		}
+	}
+	switch {
+	case err != nil:
+		m.Logger.Warn("cannot compare this server's CA with the other servers'", "err", err)
+	case ok && theirs != mine:
+		m.Logger.Error(fmt.Sprintf("this server's CA (%s, fingerprint %s) is not the one the servers of this database use (fingerprint %s): sites will refuse its handshake and the CLI its certificate. "+
+			"Stop it, copy the first server's ca directory (DATA/ca) to this host and start it with --ca-dir DIR", caDir, mine, theirs))
+	}
 }
 
 // serverCertName is the name sites verify the server's certificate for.
