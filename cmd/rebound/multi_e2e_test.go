@@ -234,3 +234,109 @@ func fixedUpLogger() *slog.Logger {
 	}
 	return slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
+
+// TestSeveralServersKill is TestSeveralServers with the real binaries:
+// `rebound server --db ... --ca-dir` twice (the second with a copy of the
+// first's CA), `rebound site --server-addr a,b` twice, a machine protected
+// through server 1, then server 1 killed with SIGKILL. A client given
+// both URLs, server 1 first, keeps answering through server 2, which cuts
+// a point holding the bytes written after the kill, and runs a test
+// failover to it.
+func TestSeveralServersKill(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dsn := pgtest.DSN(t)
+	dir := t.TempDir()
+	api1, grpc1, api2, grpc2 := freePort(t), freePort(t), freePort(t), freePort(t)
+	ca1, ca2 := filepath.Join(dir, "ca1"), filepath.Join(dir, "ca2")
+	tokenFile := filepath.Join(dir, "admin-token")
+	srv1 := startProc(t, dir, "server1", nil, "server", "--db", dsn, "--data", filepath.Join(dir, "s1"), "--ca-dir", ca1,
+		"--api-addr", api1, "--grpc-addr", grpc1, "--admin-token-file", tokenFile)
+	var token, caPEM []byte
+	waitUntil(t, 60*time.Second, "server 1 to start", func() bool {
+		token, _ = os.ReadFile(tokenFile)
+		caPEM, _ = os.ReadFile(filepath.Join(ca1, "ca.crt"))
+		return len(token) > 0 && len(caPEM) > 0
+	})
+	copyDir(t, ca1, ca2)
+	startProc(t, dir, "server2", nil, "server", "--db", dsn, "--data", filepath.Join(dir, "s2"), "--ca-dir", ca2,
+		"--api-addr", api2, "--grpc-addr", grpc2)
+	client := func(urls ...string) *rhttp.Client {
+		t.Helper()
+		c, err := rhttp.NewClient(strings.Join(urls, ","), strings.TrimSpace(string(token)), caPEM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	svc1, svc2 := client("https://"+api1), client("https://"+api2)
+	both := client("https://"+api1, "https://"+api2)
+	// Server 2's certificate is from the shared CA: the client trusts it.
+	waitUntil(t, 60*time.Second, "server 2 to answer", func() bool { _, err := svc2.ListSites(ctx); return err == nil })
+
+	for _, name := range []string{"primary", "recovery"} {
+		tok, err := svc1.CreateEnrollToken(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		startProc(t, dir, name, nil, "site", "--name", name, "--data", filepath.Join(dir, name),
+			"--server-addr", grpc1+","+grpc2, "--token", tok, "--nbd-addr", freePort(t), "--repl-addr", freePort(t))
+	}
+	online := func(svc rebound.Service, after time.Time) func() bool {
+		return func() bool {
+			ss, err := svc.ListSites(ctx)
+			if err != nil || len(ss) != 2 {
+				return false
+			}
+			for _, s := range ss {
+				if s.Status != rebound.SiteOnline || !s.LastSeen.After(after) {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	start := time.Now()
+	waitUntil(t, 60*time.Second, "sites online on server 1", online(svc1, start))
+	waitUntil(t, 60*time.Second, "sites online on server 2", online(svc2, start))
+
+	const size = 8 << 20
+	o := newOracle(t, size, 13)
+	m, err := svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := m.Disks[0].NBD
+	o.write(src, 50)
+	waitJob(t, svc1)(svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+	o.write(src, 20)
+	before := o.point(both, "vm1", false)
+
+	srv1.kill()
+	killed := time.Now()
+	if _, err := svc1.GetMachine(ctx, "vm1"); rebound.ErrorCode(err) != rebound.EUNAVAILABLE {
+		t.Fatalf("server 1 still answers after SIGKILL: %v", err)
+	}
+
+	// Through the client with both URLs, server 1 first.
+	if got := getMachine(t, both, "vm1"); got.State != rebound.MachineProtected {
+		t.Fatalf("vm1 after server 1 died: %s", got.State)
+	}
+	waitUntil(t, 30*time.Second, "site reports on server 2 after the kill", online(both, killed))
+	o.write(src, 40)
+	after := o.point(both, "vm1", false)
+	if after.Seq <= before.Seq {
+		t.Fatalf("point after the kill: seq %d, before %d", after.Seq, before.Seq)
+	}
+	tp, sum := testFailoverSum(t, both, "vm1", after.ID)
+	if tp.ID != after.ID || sum != o.points[after.ID] {
+		t.Fatalf("test failover to %s after the kill: bytes differ from the model", after.ID)
+	}
+	waitMachine(t, both, "vm1", 20*time.Second, "streaming and normal through server 2", func(m *rebound.Machine) bool {
+		return m.Health == rebound.HealthNormal && m.Protection != nil && m.Protection.ReplState == "streaming"
+	})
+	// Server 2 runs with the shared CA: no complaint about it.
+	if b, err := os.ReadFile(filepath.Join(dir, "server2.log")); err != nil || strings.Contains(string(b), "is not the one the servers of this database use") {
+		t.Fatalf("server 2 log (%v):\n%s", err, b)
+	}
+}
