@@ -208,7 +208,7 @@ func newAgentCommand(c *CLI) *cobra.Command {
 	cfg := AgentConfig{}
 	var spool string
 	cmd := &cobra.Command{
-		Use:   "agent --name NAME --server-addr ADDR --token-file FILE --disk PATH...",
+		Use:   "agent --name NAME --server-addr ADDR[,ADDR...] --token-file FILE --disk PATH...",
 		Short: "Protect this Linux server's block devices or files (no kernel module)",
 		Long: `Run on a Linux server: the agent enrolls like a site named after the server
 and holds one machine of that name whose disks are the given devices, used
