@@ -897,10 +897,10 @@ func (r *eventRouter) set(i int, old, s *channelSender) {
 	r.live[i] = s
 	close(r.changed)
 	r.changed = make(chan struct{})
-	r.mu.Unlock()
 	if r.onChange != nil {
-		r.onChange(i, s != nil)
+		r.onChange(i, s != nil) // under mu: heard in order
 	}
+	r.mu.Unlock()
 }
 
 // snapshot returns the live channels in order and what closes on a change.
@@ -948,7 +948,7 @@ func (r *eventRouter) run(ctx context.Context, events <-chan rebound.Event) {
 			}
 			// That channel is broken: its Recv sees it too and reconnects.
 			ev := pending.GetEvent()
-			slog.Warn("event not delivered on a control channel; trying the next server", "kind", ev.Kind, "machine", ev.Machine, "err", err)
+			slog.Warn("event not delivered on a control channel; trying the next server", "kind", ev.Kind, "machine", ev.Machine, "message", ev.Message, "err", err)
 			r.set(idx[k], s, nil)
 		}
 	}
