@@ -101,7 +101,7 @@ func (m *AgentMain) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	rev, setRevoked := siteRevocations(cfg.DataDir, m.Logger, func() *site.Site { return m.Site })
+	rev, setRevoked := siteRevocations(cfg.DataDir, m.Logger, func() *site.Site { return m.Site }, len(addrs) > 1)
 	rev.Apply(serverTLS)
 	rev.Apply(peerTLS)
 	m.Site = site.New(site.Config{

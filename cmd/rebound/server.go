@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	nethttp "net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -115,6 +117,8 @@ type ServerMain struct {
 	grpc    *ggrpc.Server
 	wg      sync.WaitGroup
 	close   sync.Once
+	// stopFollow ends followRevocations (several servers on one store).
+	stopFollow context.CancelFunc
 }
 
 // Run opens everything and starts serving; it returns once listening.
@@ -174,6 +178,16 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	m.Service.PushRevocations = m.Control.PushRevocations
 	m.Control.Admit = m.Service.AdmitSite
 	m.Control.Revocations = m.Service.RevocationList
+	if cfg.DB != "" {
+		// Another server may have revoked a certificate: a channel opening
+		// here is judged on the store's list, not on this server's copy.
+		m.Control.Admit = func(site string, cert *x509.Certificate) (bool, error) {
+			rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			m.reloadRevocations(rctx)
+			cancel()
+			return m.Service.AdmitSite(site, cert)
+		}
+	}
 	if err := m.Service.Open(reg); err != nil {
 		return err
 	}
@@ -246,6 +260,15 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 		}()
 	}
 
+	if cfg.DB != "" {
+		fctx, stop := context.WithCancel(context.Background())
+		m.stopFollow = stop
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			m.followRevocations(fctx)
+		}()
+	}
 	m.wg.Add(2)
 	go func() {
 		defer m.wg.Done()
@@ -291,6 +314,54 @@ func (m *ServerMain) checkSharedCA(ctx context.Context, caDir string) {
 	}
 }
 
+// revocationsEvery is how often a server on a shared store reloads the
+// revocation list; a var for tests.
+var revocationsEvery = 5 * time.Second
+
+// followRevocations keeps this server's revocation list up to date with a
+// shared store: a site removed or rotated through another server is then
+// refused here too, its channels to this server close, and the sites get
+// the new list from this server as well.
+func (m *ServerMain) followRevocations(ctx context.Context) {
+	t := time.NewTicker(revocationsEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		list, changed := m.reloadRevocations(ctx)
+		if !changed {
+			continue
+		}
+		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		if err := m.Control.PushRevocations(pctx, list); err != nil {
+			m.Logger.Warn("revocation list from the store not delivered to every site; they get it when they reconnect", "err", err)
+		}
+		cancel()
+	}
+}
+
+// reloadRevocations takes the store's revocation list, and reports
+// whether it differs from the one the server held. A store error keeps
+// the old list (the store's health is reported elsewhere).
+func (m *ServerMain) reloadRevocations(ctx context.Context) ([]string, bool) {
+	list, err := m.DB.RevokedSerials(ctx)
+	if err != nil {
+		return nil, false
+	}
+	old := m.Service.Revocations.List()
+	list = slices.Clone(list)
+	slices.Sort(list)
+	slices.Sort(old)
+	if slices.Equal(list, old) {
+		return list, false
+	}
+	m.Service.Revocations.Set(list)
+	return list, true
+}
+
 // serverCertName is the name sites verify the server's certificate for.
 const serverCertName = "rebound-server"
 
@@ -318,6 +389,9 @@ func (m *ServerMain) Close() error {
 		}
 		if m.grpc != nil {
 			m.grpc.Stop()
+		}
+		if m.stopFollow != nil {
+			m.stopFollow()
 		}
 		m.wg.Wait()
 		if m.Service != nil {

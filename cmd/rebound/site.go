@@ -107,7 +107,7 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	rev, setRevoked := siteRevocations(cfg.DataDir, m.Logger, func() *site.Site { return m.Site })
+	rev, setRevoked := siteRevocations(cfg.DataDir, m.Logger, func() *site.Site { return m.Site }, len(addrs) > 1)
 	rev.Apply(serverTLS)
 	rev.Apply(peerTLS)
 	nbdTLS, nbdRequire, nbdCreds, err := siteNBDTLS(cfg, certPEM, keyPEM, caPEM, rev)
@@ -241,8 +241,11 @@ func siteTLS(certPEM, keyPEM, caPEM []byte) (server, peer, control *tls.Config, 
 // against, as last pushed by the server (kept in tls/revoked.json so a
 // restarted site refuses revoked peers before the server is back), and
 // the function that takes a new push. Refusals are reported through the
-// site that site returns once it is open.
-func siteRevocations(dataDir string, logger *slog.Logger, site func() *site.Site) (*pki.Revocations, func([]string)) {
+// site that site returns once it is open. With several servers (merge),
+// a push adds to the list instead of replacing it: a server that has not
+// yet read a revocation another made must not lift it (the store's list
+// only grows).
+func siteRevocations(dataDir string, logger *slog.Logger, site func() *site.Site, merge bool) (*pki.Revocations, func([]string)) {
 	path := filepath.Join(dataDir, "tls", "revoked.json")
 	rev := &pki.Revocations{OnRefuse: func(peer pki.Identity, serial string) {
 		if s := site(); s != nil {
@@ -256,7 +259,13 @@ func siteRevocations(dataDir string, logger *slog.Logger, site func() *site.Site
 		}
 		rev.Set(list)
 	}
+	var mu sync.Mutex // pushes come from several channels
 	set := func(list []string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if merge {
+			list = append(rev.List(), list...)
+		}
 		rev.Set(list)
 		b, _ := json.Marshal(rev.List())
 		if err := fsutil.WriteFileAtomic(path, b, 0o600); err != nil {
