@@ -2,6 +2,9 @@ package rebound
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
 	"strconv"
 	"strings"
 	"time"
@@ -159,6 +162,31 @@ type Cert struct {
 	Rotates   bool
 	RevokedAt time.Time
 	Reason    string
+}
+
+// PrepareJob fills in what CreateJob sets on a new job: an ID ("j-" and
+// 8 hex digits) when empty, CreatedAt when zero and UpdatedAt to now, the
+// state queued when empty, no steps as an empty list; and no lease.
+func PrepareJob(j *Job, now time.Time) error {
+	if j.ID == "" {
+		var b [4]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return fmt.Errorf("job id: %w", err)
+		}
+		j.ID = "j-" + hex.EncodeToString(b[:])
+	}
+	if j.CreatedAt.IsZero() {
+		j.CreatedAt = now
+	}
+	j.UpdatedAt = now
+	if j.State == "" {
+		j.State = JobQueued
+	}
+	if j.Steps == nil {
+		j.Steps = []JobStep{}
+	}
+	j.Owner, j.LeaseUntil, j.Fence = "", nil, 0
+	return nil
 }
 
 // BusyError is the ECONFLICT of a job refused because job id holds key

@@ -2,8 +2,6 @@ package postgres
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -58,25 +56,9 @@ func (db *DB) jobs(ctx context.Context, q string, args ...any) ([]rebound.Job, e
 
 // CreateJob inserts a job (see rebound.Store).
 func (db *DB) CreateJob(ctx context.Context, j *rebound.Job) error {
-	if j.ID == "" {
-		var b [4]byte
-		if _, err := rand.Read(b[:]); err != nil {
-			return fmt.Errorf("job id: %w", err)
-		}
-		j.ID = "j-" + hex.EncodeToString(b[:])
+	if err := rebound.PrepareJob(j, db.now().UTC()); err != nil {
+		return err
 	}
-	now := db.now().UTC()
-	if j.CreatedAt.IsZero() {
-		j.CreatedAt = now
-	}
-	j.UpdatedAt = now
-	if j.State == "" {
-		j.State = rebound.JobQueued
-	}
-	if j.Steps == nil {
-		j.Steps = []rebound.JobStep{}
-	}
-	j.Owner, j.LeaseUntil, j.Fence = "", nil, 0
 	doc, err := marshal(j)
 	if err != nil {
 		return err

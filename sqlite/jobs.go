@@ -2,9 +2,7 @@ package sqlite
 
 import (
 	"context"
-	"crypto/rand"
 	"database/sql"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
@@ -66,25 +64,9 @@ func (db *DB) busyError(ctx context.Context, key string) error {
 
 // CreateJob inserts a job (see rebound.Store).
 func (db *DB) CreateJob(ctx context.Context, j *rebound.Job) error {
-	if j.ID == "" {
-		var b [4]byte
-		if _, err := rand.Read(b[:]); err != nil {
-			return fmt.Errorf("job id: %w", err)
-		}
-		j.ID = "j-" + hex.EncodeToString(b[:])
+	if err := rebound.PrepareJob(j, db.now().UTC()); err != nil {
+		return err
 	}
-	now := db.now().UTC()
-	if j.CreatedAt.IsZero() {
-		j.CreatedAt = now
-	}
-	j.UpdatedAt = now
-	if j.State == "" {
-		j.State = rebound.JobQueued
-	}
-	if j.Steps == nil {
-		j.Steps = []rebound.JobStep{}
-	}
-	j.Owner, j.LeaseUntil, j.Fence = "", nil, 0
 	doc, err := marshal(j)
 	if err != nil {
 		return err

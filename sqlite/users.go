@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -27,24 +26,11 @@ func noUser(name string) error {
 // CreateUser creates a user; with no password given it generates one,
 // returned once in the result.
 func (db *DB) CreateUser(ctx context.Context, req rebound.CreateUserRequest) (*rebound.CreateUserResult, error) {
-	if err := secret.ValidUserName(req.Name); err != nil {
-		return nil, err
-	}
-	if _, err := rebound.ParseRole(string(req.Role)); err != nil {
-		return nil, err
-	}
-	res := &rebound.CreateUserResult{}
-	pw := req.Password
-	if pw == "" {
-		pw = secret.GeneratePassword()
-		res.Password = pw
-	} else if err := secret.ValidPassword(pw); err != nil {
-		return nil, err
-	}
-	hash, err := secret.HashPassword(pw)
+	hash, generated, err := secret.NewUser(req)
 	if err != nil {
 		return nil, err
 	}
+	res := &rebound.CreateUserResult{Password: generated}
 	r, err := db.exec(ctx, `INSERT INTO users (name, role, password, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING`,
 		req.Name, string(req.Role), hash, db.now().UnixNano())
 	if err != nil {
@@ -53,7 +39,7 @@ func (db *DB) CreateUser(ctx context.Context, req rebound.CreateUserRequest) (*r
 	if n, err := r.RowsAffected(); err != nil {
 		return nil, fmt.Errorf("create user: %w", err)
 	} else if n != 1 {
-		return nil, rebound.Errorf(rebound.ECONFLICT, "user %q already exists: change it with rebound user set-role or rebound user passwd", req.Name)
+		return nil, secret.UserExists(req.Name)
 	}
 	u, err := db.GetUser(ctx, req.Name)
 	if err != nil {
@@ -229,12 +215,9 @@ func (db *DB) CheckPassword(ctx context.Context, name, password string) (*reboun
 // CreateToken creates an API token of user named name and returns its
 // secret, which only its hash is kept of.
 func (db *DB) CreateToken(ctx context.Context, user, name string) (*rebound.CreateTokenResult, error) {
-	name = strings.TrimSpace(name)
-	if name == "" {
-		return nil, rebound.Errorf(rebound.EINVALID, "token name is empty: name it after its use (--name ci)")
-	}
-	if len(name) > 100 {
-		return nil, rebound.Errorf(rebound.EINVALID, "token name is longer than 100 characters")
+	name, err := secret.TokenName(name)
+	if err != nil {
+		return nil, err
 	}
 	sec, err := secret.New(secret.APITokenPrefix)
 	if err != nil {

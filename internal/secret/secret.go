@@ -146,6 +146,46 @@ func checkPHC(encoded, pw string) bool {
 	return subtle.ConstantTimeCompare(got, want) == 1
 }
 
+// NewUser checks a new user's name, role and password and returns the
+// password's hash and, when req gave none, the generated password (shown
+// once).
+func NewUser(req rebound.CreateUserRequest) (hash, generated string, err error) {
+	if err := ValidUserName(req.Name); err != nil {
+		return "", "", err
+	}
+	if _, err := rebound.ParseRole(string(req.Role)); err != nil {
+		return "", "", err
+	}
+	pw := req.Password
+	if pw == "" {
+		pw = GeneratePassword()
+		generated = pw
+	} else if err := ValidPassword(pw); err != nil {
+		return "", "", err
+	}
+	if hash, err = HashPassword(pw); err != nil {
+		return "", "", err
+	}
+	return hash, generated, nil
+}
+
+// UserExists is the ECONFLICT of a user name that is taken.
+func UserExists(name string) error {
+	return rebound.Errorf(rebound.ECONFLICT, "user %q already exists: change it with rebound user set-role or rebound user passwd", name)
+}
+
+// TokenName checks an API token's name and returns it trimmed.
+func TokenName(name string) (string, error) {
+	name = strings.TrimSpace(name)
+	if name == "" {
+		return "", rebound.Errorf(rebound.EINVALID, "token name is empty: name it after its use (--name ci)")
+	}
+	if len(name) > 100 {
+		return "", rebound.Errorf(rebound.EINVALID, "token name is longer than 100 characters")
+	}
+	return name, nil
+}
+
 // GeneratePassword returns a random password of 26 characters (128 bits).
 func GeneratePassword() string { return rand.Text() }
 
