@@ -1,6 +1,9 @@
 package rebound
 
-import "time"
+import (
+	"encoding/json"
+	"time"
+)
 
 // Site is one Rebound site appliance, enrolled with the server.
 type Site struct {
@@ -66,6 +69,9 @@ type Machine struct {
 	// Members is set on a group's own record (the server stores a group's
 	// lifecycle like a machine's; the API shows it as a Group).
 	Members []string `json:"members,omitempty"`
+	// Revision goes up with every stored change; an update carrying an
+	// older one is refused (compare-and-swap between servers).
+	Revision int64 `json:"revision"`
 }
 
 // DetachedCopy is a machine's replica kept at a site when its protection
@@ -221,6 +227,9 @@ type Job struct {
 	Owner      string     `json:"owner,omitempty"`
 	LeaseUntil *time.Time `json:"leaseUntil,omitempty"`
 	Fence      int64      `json:"fence,omitempty"`
+	// Request is the verb's request, from which a server that takes the
+	// job over runs it again (docs/design/ha.md).
+	Request json.RawMessage `json:"request,omitempty"`
 }
 
 // LockKey is what a job holds while it has not ended: its machine (or

@@ -36,7 +36,10 @@ type Store interface {
 	GetMachine(ctx context.Context, name string) (*Machine, error)
 	// ListMachines lists the machines by name.
 	ListMachines(ctx context.Context) ([]Machine, error)
-	// UpdateMachine replaces a stored machine (ENOTFOUND if none).
+	// UpdateMachine replaces a stored machine (ENOTFOUND if none) if its
+	// stored Revision is still m.Revision, and bumps m.Revision; ECONFLICT
+	// (MachineChangedError) when another writer changed it since it was
+	// read: read it again and redo the change.
 	UpdateMachine(ctx context.Context, m *Machine) error
 	// DeleteMachine removes a machine; its jobs and events stay.
 	DeleteMachine(ctx context.Context, name string) error
@@ -197,6 +200,12 @@ func BusyError(key, id string) error {
 		what = "plan " + strconv.Quote(p)
 	}
 	return Errorf(ECONFLICT, "%s has job %s running; wait for it (rebound job wait %s) or cancel it", what, id, id)
+}
+
+// MachineChangedError is the ECONFLICT of an UpdateMachine whose revision
+// is no longer the stored one.
+func MachineChangedError(name string) error {
+	return Errorf(ECONFLICT, "machine %q was changed by another server meanwhile; retry the command", name)
 }
 
 // LeaseLostError is the ECONFLICT of a write by a server whose lease on

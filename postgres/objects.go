@@ -124,6 +124,7 @@ func (db *DB) CreateMachine(ctx context.Context, m *rebound.Machine) error {
 	if m.CreatedAt.IsZero() {
 		m.CreatedAt = db.now().UTC()
 	}
+	m.Revision = 0
 	doc, err := marshal(m)
 	if err != nil {
 		return err
@@ -157,17 +158,29 @@ func (db *DB) ListMachines(ctx context.Context) ([]rebound.Machine, error) {
 	return out, nil
 }
 
-// UpdateMachine replaces a stored machine; ENOTFOUND if it does not exist.
+// UpdateMachine replaces a stored machine whose revision is still
+// m.Revision and bumps it (see rebound.Store).
 func (db *DB) UpdateMachine(ctx context.Context, m *rebound.Machine) error {
+	old := m.Revision
+	m.Revision++
 	doc, err := marshal(m)
 	if err != nil {
+		m.Revision = old
 		return err
 	}
-	tag, err := db.exec(ctx, `UPDATE machines SET doc = $1 WHERE name = $2`, doc, m.Name)
+	tag, err := db.exec(ctx, `UPDATE machines SET doc = $1, revision = $2 WHERE name = $3 AND revision = $4`, doc, m.Revision, m.Name, old)
 	if err != nil {
+		m.Revision = old
 		return fmt.Errorf("update machine %q: %w", m.Name, err)
 	}
-	return notFoundIfNone(tag, "machine %q not found", m.Name)
+	if tag.RowsAffected() == 0 {
+		m.Revision = old
+		if _, err := db.GetMachine(ctx, m.Name); err != nil {
+			return err
+		}
+		return rebound.MachineChangedError(m.Name)
+	}
+	return nil
 }
 
 // DeleteMachine removes a machine; its jobs and events stay.

@@ -135,6 +135,8 @@ var migrations = []string{
 	ALTER TABLE jobs ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;
 	CREATE UNIQUE INDEX jobs_lock ON jobs (lock_key)
 		WHERE lock_key != '' AND state IN ('queued', 'running', 'suspended');`,
+	// 3: a machine's revision, for compare-and-swap (UpdateMachine).
+	`ALTER TABLE machines ADD COLUMN revision BIGINT NOT NULL DEFAULT 0;`,
 }
 
 // migrateLock is the advisory lock key migrations hold ("rebound").

@@ -129,9 +129,28 @@ func (s *Server) vmMachines(ctx context.Context, m *rebound.Machine) []*rebound.
 func (s *Server) mirrorMembers(ctx context.Context, g *rebound.Machine) error {
 	off := 0
 	for _, name := range g.Members {
+		var n int
+		var err error
+		for try := 0; try < machineRetries; try++ {
+			if n, err = s.mirrorMember(ctx, g, name, off); !isMachineChanged(err) {
+				break
+			}
+		}
+		if err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+// mirrorMember is mirrorMembers for one member whose disks start at off in
+// the group's; it returns the member's disk count.
+func (s *Server) mirrorMember(ctx context.Context, g *rebound.Machine, name string, off int) (int, error) {
+	{
 		m, err := s.DB.GetMachine(ctx, name)
 		if err != nil {
-			return fmt.Errorf("group %s: member %s: %w", g.Name, name, err)
+			return 0, fmt.Errorf("group %s: member %s: %w", g.Name, name, err)
 		}
 		s.live.overlay(m)
 		n := len(m.Disks)
@@ -159,12 +178,11 @@ func (s *Server) mirrorMembers(ctx context.Context, g *rebound.Machine) error {
 			s.setHealth(ctx, m)
 		}
 		if err := s.DB.UpdateMachine(ctx, m); err != nil {
-			return err
+			return 0, err
 		}
 		s.live.record(m)
-		off += n
+		return n, nil
 	}
-	return nil
 }
 
 // mirrorProtection is the group's protection with the member's own

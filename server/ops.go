@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/rebound-dr/rebound"
@@ -42,8 +43,11 @@ func (s *Server) CreateMachine(ctx context.Context, req rebound.CreateMachineReq
 		_ = s.DB.DeleteMachine(context.Background(), m.Name)
 		return nil, err
 	}
-	applyDisks(m, siteDisks(ctx, site, m.Name))
-	if err := s.DB.UpdateMachine(ctx, m); err != nil {
+	disks := siteDisks(ctx, site, m.Name)
+	if err := s.updateMachine(ctx, m.Name, func(sm *rebound.Machine) {
+		applyDisks(sm, disks)
+		*m = *sm
+	}); err != nil {
 		return nil, err
 	}
 	s.event(m.Name, req.Site, "machine.created", fmt.Sprintf("machine %s created at %s with %d disk(s)", m.Name, req.Site, len(m.Disks)))
@@ -373,9 +377,34 @@ func (s *Server) updateLive(ctx context.Context, name string, fn func(m *rebound
 // telemetry (lag, backlog, throughput: telemetryOnly) is not written: the
 // sites report every 2 s, and a machine's durable record changes only with
 // its state, health or replication state (docs/design/store.md).
+//
+// The store's write is a compare-and-swap on the machine's revision: when
+// another server changed the machine since it was read, the change is
+// applied again to the new record (fn is a function of the record, so
+// running it again is safe), a few times before giving up.
 func (s *Server) updateMachineLive(ctx context.Context, name string, fn func(m *rebound.Machine), live bool) error {
 	s.machMu.Lock()
 	defer s.machMu.Unlock()
+	var err error
+	for try := 0; try < machineRetries; try++ {
+		if err = s.updateMachineOnce(ctx, name, fn, live); !isMachineChanged(err) {
+			return err
+		}
+		s.Logger.Debug("machine changed by another server; applying the change again", "machine", name)
+	}
+	return err
+}
+
+// machineRetries bounds updateMachineLive's retries of a conflict.
+const machineRetries = 5
+
+// isMachineChanged says whether err is a lost compare-and-swap on a
+// machine (the store's ECONFLICT of UpdateMachine).
+func isMachineChanged(err error) bool {
+	return err != nil && rebound.ErrorCode(err) == rebound.ECONFLICT && strings.Contains(err.Error(), "changed by another server")
+}
+
+func (s *Server) updateMachineOnce(ctx context.Context, name string, fn func(m *rebound.Machine), live bool) error {
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
 		return err
@@ -391,6 +420,9 @@ func (s *Server) updateMachineLive(ctx context.Context, name string, fn func(m *
 		return nil
 	}
 	err = s.DB.UpdateMachine(ctx, m)
+	if isMachineChanged(err) {
+		return err
+	}
 	if err == nil || live && rebound.ErrorCode(err) != rebound.ENOTFOUND {
 		s.live.record(m)
 	}

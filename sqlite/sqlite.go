@@ -159,6 +159,8 @@ var migrations = []string{
 	ALTER TABLE jobs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
 	CREATE UNIQUE INDEX jobs_lock ON jobs (lock_key)
 		WHERE lock_key != '' AND state IN ('queued', 'running', 'suspended');`,
+	// 6: a machine's revision, for compare-and-swap (UpdateMachine).
+	`ALTER TABLE machines ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // Open opens (creating if needed) the database at path, applies pending

@@ -61,6 +61,7 @@ func Run(t *testing.T, h Harness) {
 		{"Settings", testSettings}, {"CertsAndRevocation", testCertsAndRevocation}, {"Users", testUsers},
 		{"LastAdmin", testLastAdmin}, {"UserTokens", testUserTokens}, {"Sessions", testSessions},
 		{"Audit", testAudit}, {"JobLocks", testJobLocks}, {"JobLeases", testJobLeases},
+		{"MachineRevisions", testMachineRevisions},
 	} {
 		t.Run(c.name, func(t *testing.T) { c.fn(t, h) })
 	}
@@ -157,6 +158,85 @@ func testMachines(t *testing.T, h Harness) {
 	// The name is free again.
 	if err := db.CreateMachine(ctx, testMachine("web")); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// testMachineRevisions: UpdateMachine is a compare-and-swap on Revision;
+// of two writers that read the same revision, one wins and the other is
+// refused naming the machine, and racing writers never lose an update.
+func testMachineRevisions(t *testing.T, h Harness) {
+	ctx := context.Background()
+	db := h.open(t)
+	if err := db.CreateMachine(ctx, testMachine("web")); err != nil {
+		t.Fatal(err)
+	}
+	a, err := db.GetMachine(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := db.GetMachine(ctx, "web")
+	if a.Revision != 0 {
+		t.Fatalf("new machine at revision %d", a.Revision)
+	}
+	a.State = rebound.MachineProtected
+	if err := db.UpdateMachine(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	if a.Revision != 1 {
+		t.Fatalf("revision after update %d, want 1", a.Revision)
+	}
+	b.State = rebound.MachineFailingOver
+	err = db.UpdateMachine(ctx, b)
+	wantCode(t, err, rebound.ECONFLICT)
+	if !strings.Contains(err.Error(), `machine "web"`) || b.Revision != 0 {
+		t.Fatalf("stale update: %v (revision %d)", err, b.Revision)
+	}
+	got, _ := db.GetMachine(ctx, "web")
+	if got.State != rebound.MachineProtected || got.Revision != 1 {
+		t.Fatalf("stored %s at revision %d after a refused write", got.State, got.Revision)
+	}
+	db = h.reopen(t, db)
+	if got, _ = db.GetMachine(ctx, "web"); got.Revision != 1 {
+		t.Fatalf("revision after reopen %d", got.Revision)
+	}
+
+	// Racing read-modify-write loops that retry on a conflict: every
+	// increment lands once.
+	const workers, each = 4, 5
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				for {
+					m, err := db.GetMachine(ctx, "web")
+					if err != nil {
+						errs <- err
+						return
+					}
+					m.Disks[0].Size++
+					err = db.UpdateMachine(ctx, m)
+					if err == nil {
+						break
+					}
+					if rebound.ErrorCode(err) != rebound.ECONFLICT {
+						errs <- err
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	got, _ = db.GetMachine(ctx, "web")
+	if want := got.Disks[0].Size; want != testMachine("web").Disks[0].Size+workers*each || got.Revision != 1+workers*each {
+		t.Fatalf("after racing updates: size %d revision %d", want, got.Revision)
 	}
 }
 
