@@ -164,7 +164,40 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "preflight failed: peer reachable: %s (or pass --wait-ready 15m to wait for it)", rebound.ErrorMessage(err))
 	}
 	steps := []string{"readiness", "preflight", "compare", "prepare target", "start source", "resync"}
-	return s.startJob(ctx, "reprotect", m.Name, steps, func(ctx context.Context, r *jobRun) error {
+	req.To = target // stored in the job: a server taking it over needs it
+	return s.startJobRequest(ctx, "reprotect", m.Name, steps, req, s.reprotectRun(m, req, target, pol, wait))
+}
+
+// takeOverReprotect continues a reprotect job another server (or this
+// one's previous life) left. Once the stream started (the machine is
+// syncing) it follows the resync, which the sites carry on by themselves;
+// before that it runs the reprotect again, whose steps are idempotent (the
+// stream is named after the source copy's generation).
+func (s *Server) takeOverReprotect(ctx context.Context, j rebound.Job) (*rebound.Job, error) {
+	req, err := request[rebound.ReprotectRequest](j)
+	if err != nil {
+		return nil, err
+	}
+	m, err := s.DB.GetMachine(ctx, j.Machine)
+	if err != nil {
+		return nil, err
+	}
+	if m.State == rebound.MachineSyncing && m.Protection != nil {
+		return s.runJob(ctx, j, m.Name, false, s.resyncRun(*m.Protection))
+	}
+	if m.State != rebound.MachineUnprotected || req.To == "" || req.To == m.ActiveSite {
+		return nil, stateConflict(m, "continue a reprotect")
+	}
+	pol, err := s.DB.GetPolicy(ctx, req.Policy)
+	if err != nil {
+		return nil, err
+	}
+	return s.runJob(ctx, j, m.Name, false, s.reprotectRun(m, req, req.To, pol, time.Duration(req.WaitReady)))
+}
+
+// reprotectRun is the reprotect job's function.
+func (s *Server) reprotectRun(m *rebound.Machine, req rebound.ReprotectRequest, target string, pol *rebound.Policy, wait time.Duration) func(ctx context.Context, r *jobRun) error {
+	return func(ctx context.Context, r *jobRun) error {
 		r.Step("readiness")
 		active := m.ActiveSite
 		src, err := s.readiness(ctx, active, wait)
@@ -255,7 +288,7 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 		s.event(m.Name, target, "reprotect.started", fmt.Sprintf("reprotecting %s from %s to %s (%s)", m.Name, active, target, plan.why))
 
 		return s.finishResync(ctx, r, m.Name, active, target, src, dst)
-	})
+	}
 }
 
 // diskShapes returns the disks without their NBD URIs.
@@ -729,9 +762,16 @@ func (s *Server) failoverPreflight(ctx context.Context, m *rebound.Machine, op s
 // resumeReprotect follows the resync of a reprotect whose job ended before
 // the first point and marks the machine protected.
 func (s *Server) resumeReprotect(ctx context.Context, m *rebound.Machine) (*rebound.Job, error) {
-	p := *m.Protection
-	return s.startJob(ctx, "reprotect", m.Name, []string{"readiness", "resync"}, func(ctx context.Context, r *jobRun) error {
-		r.Step("readiness")
+	return s.startJob(ctx, "reprotect", m.Name, []string{"readiness", "resync"}, s.resyncRun(*m.Protection))
+}
+
+// resyncRun follows a resync the sites carry on by themselves.
+func (s *Server) resyncRun(p rebound.Protection) func(ctx context.Context, r *jobRun) error {
+	return func(ctx context.Context, r *jobRun) error {
+		name := jobOf(ctx).job.Machine
+		if !r.completed("readiness") {
+			r.Step("readiness")
+		}
 		src, err := s.readiness(ctx, p.SourceSite, 0)
 		if err != nil {
 			return err
@@ -741,8 +781,8 @@ func (s *Server) resumeReprotect(ctx context.Context, m *rebound.Machine) (*rebo
 			return rebound.Errorf(rebound.EUNAVAILABLE, "the target site %q is not connected: %s", p.TargetSite, rebound.ErrorMessage(err))
 		}
 		r.Message("resuming the resync from %s to %s started by an earlier reprotect", p.SourceSite, p.TargetSite)
-		return s.finishResync(ctx, r, m.Name, p.SourceSite, p.TargetSite, src, dst)
-	})
+		return s.finishResync(ctx, r, name, p.SourceSite, p.TargetSite, src, dst)
+	}
 }
 
 // finishResync follows a reprotect's resync to the target's first point and

@@ -405,6 +405,9 @@ func isMachineChanged(err error) bool {
 }
 
 func (s *Server) updateMachineOnce(ctx context.Context, name string, fn func(m *rebound.Machine), live bool) error {
+	if err := checkLease(ctx); err != nil {
+		return err
+	}
 	m, err := s.DB.GetMachine(ctx, name)
 	if err != nil {
 		return err
@@ -644,43 +647,69 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 	} else {
 		src, _ = s.site(from)
 	}
-	return s.startJob(ctx, typ, m.Name, []string{"preflight", "drain", "activate"}, func(ctx context.Context, r *jobRun) error {
-		r.Step("preflight")
-		if rep := s.failoverPreflight(ctx, m, typ); !rep.OK {
-			return rebound.Errorf(rebound.ECONFLICT, "preflight failed: %s", failedChecks(rep))
-		}
-		r.Message("preflight passed")
-		if err := s.setState(ctx, m.Name, rebound.MachineFailingOver); err != nil {
-			return err
-		}
-		for _, vm := range s.vmMachines(ctx, m) {
-			if src == nil {
-				break
+	return s.startJobRequest(ctx, typ, m.Name, []string{"preflight", "drain", "activate"}, req, s.failoverRun(m, req, typ, from, to, src, dst, shutdown))
+}
+
+// resumeFailover continues a failover (or failback) job another server
+// (or this one's previous life) left: the steps it completed are not run
+// again, and the others are idempotent (docs/design/ha.md).
+func (s *Server) resumeFailover(ctx context.Context, j rebound.Job) (*rebound.Job, error) {
+	req, err := request[rebound.FailoverRequest](j)
+	if err != nil {
+		return nil, err
+	}
+	m, err := s.DB.GetMachine(ctx, j.Machine)
+	if err != nil {
+		return nil, err
+	}
+	if m.Protection == nil {
+		return nil, stateConflict(m, "continue a failover")
+	}
+	from, to := m.Protection.SourceSite, m.Protection.TargetSite
+	if m.Failover != nil {
+		from, to = m.Failover.FromSite, m.Failover.ToSite
+	}
+	dst, err := s.site(to)
+	if err != nil {
+		return nil, err
+	}
+	src, err := s.site(from)
+	if err != nil && req.Planned {
+		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "planned failover needs the source site %q, which is not connected to this server: %s", from, rebound.ErrorMessage(err))
+	}
+	shutdown, err := shutdownOptions(req.Shutdown, m.Settings)
+	if err != nil {
+		return nil, err
+	}
+	return s.runJob(ctx, j, m.Name, false, s.failoverRun(m, req, j.Type, from, to, src, dst, shutdown))
+}
+
+// failoverRun is the failover job's function; a job taken over runs it
+// again and skips the steps its previous owner completed.
+func (s *Server) failoverRun(m *rebound.Machine, req rebound.FailoverRequest, typ, from, to string, src, dst rebound.SiteService, shutdown rebound.ShutdownOptions) func(ctx context.Context, r *jobRun) error {
+	return func(ctx context.Context, r *jobRun) error {
+		if r.completed("activate") {
+			// Taken over after the activation was recorded: only the
+			// power-on is left.
+			if cur, err := s.DB.GetMachine(ctx, m.Name); err == nil && cur.State == rebound.MachineFailedOver {
+				r.Step("activate")
+				return s.powerOn(ctx, r, m, dst, to, false)
 			}
-			// Planned: the guest shuts down cleanly before the drain (or
-			// is powered off after the timeout, with --shutdown force);
-			// unplanned: the source VM is stopped where it can be reached.
-			if req.Planned {
-				r.Message("shutting the VM of %s down at %s (%s, timeout %s)", vm.Name, from, shutdown.Mode, shutdown.Timeout)
-				if err := src.Shutdown(ctx, vm.Name, shutdown); err != nil {
-					return s.rollbackFailover(m.Name, from, nil, fmt.Errorf("shut down the VM of %s at %s: %w", vm.Name, from, err))
-				}
-			} else {
-				r.Message("stopping the VM of %s at %s (kill)", vm.Name, from)
-				if err := src.Power(ctx, vm.Name, rebound.PowerKill, false); err != nil {
-					r.Message("VM of %s at %s not stopped: %s", vm.Name, from, rebound.ErrorMessage(err))
-				}
+		}
+		if !r.completed("preflight") {
+			if err := s.failoverPrepare(ctx, r, m, req, typ, from, src, shutdown); err != nil {
+				return err
 			}
 		}
 		var fenced bool
 		point, err := s.drainAndResolve(ctx, r, m.Name, req, src, dst, &fenced)
 		if err != nil {
-			return s.rollbackFailover(m.Name, from, src, err)
+			return s.rollbackFailover(ctx, m.Name, from, src, err)
 		}
 		r.Step("activate")
 		disks, err := dst.Activate(ctx, rebound.ActivateSpec{Machine: m.Name, PointID: point.ID, Seq: point.Seq})
 		if err != nil {
-			return s.rollbackFailover(m.Name, from, src, err)
+			return s.rollbackFailover(ctx, m.Name, from, src, err)
 		}
 		r.SetResult(point)
 		r.Message("machine active at %s on point %s (%s)", to, point.ID, point.Time.Format(time.RFC3339Nano))
@@ -706,7 +735,42 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 			}
 		}
 		return nil
-	})
+	}
+}
+
+// failoverPrepare is a failover's preflight step: the checks, the machine
+// marked failing over, and its source VMs stopped.
+func (s *Server) failoverPrepare(ctx context.Context, r *jobRun, m *rebound.Machine, req rebound.FailoverRequest, typ, from string, src rebound.SiteService, shutdown rebound.ShutdownOptions) error {
+	{
+		r.Step("preflight")
+		if rep := s.failoverPreflight(ctx, m, typ); !rep.OK {
+			return rebound.Errorf(rebound.ECONFLICT, "preflight failed: %s", failedChecks(rep))
+		}
+		r.Message("preflight passed")
+		if err := s.setState(ctx, m.Name, rebound.MachineFailingOver); err != nil {
+			return err
+		}
+		for _, vm := range s.vmMachines(ctx, m) {
+			if src == nil {
+				break
+			}
+			// Planned: the guest shuts down cleanly before the drain (or
+			// is powered off after the timeout, with --shutdown force);
+			// unplanned: the source VM is stopped where it can be reached.
+			if req.Planned {
+				r.Message("shutting the VM of %s down at %s (%s, timeout %s)", vm.Name, from, shutdown.Mode, shutdown.Timeout)
+				if err := src.Shutdown(ctx, vm.Name, shutdown); err != nil {
+					return s.rollbackFailover(ctx, m.Name, from, nil, fmt.Errorf("shut down the VM of %s at %s: %w", vm.Name, from, err))
+				}
+			} else {
+				r.Message("stopping the VM of %s at %s (kill)", vm.Name, from)
+				if err := src.Power(ctx, vm.Name, rebound.PowerKill, false); err != nil {
+					r.Message("VM of %s at %s not stopped: %s", vm.Name, from, rebound.ErrorMessage(err))
+				}
+			}
+		}
+		return nil
+	}
 }
 
 // rollbackFailover undoes a failover that failed before it activated: the
@@ -714,7 +778,13 @@ func (s *Server) failover(ctx context.Context, req rebound.FailoverRequest, typ 
 // returns cause joined with what the undo could not do, which is also
 // logged and recorded as an event: the operator must know the source may
 // still be fenced.
-func (s *Server) rollbackFailover(name, from string, src rebound.SiteService, cause error) error {
+//
+// A job that is handed over (its lease lost, or the server closing with a
+// resumable job) undoes nothing: the next owner continues it.
+func (s *Server) rollbackFailover(jctx context.Context, name, from string, src rebound.SiteService, cause error) error {
+	if r := jobOf(jctx); r != nil && (r.stopWrites() || s.ctx.Err() != nil && resumable(&r.job)) {
+		return cause
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var errs []error

@@ -374,25 +374,6 @@ func (s *Server) RetryJob(ctx context.Context, id string) (*rebound.Job, error) 
 	return s.runJob(ctx, *j, "plan:"+j.Plan.Name, false, s.runPlan)
 }
 
-// resumePlanJobs runs again the plan jobs a previous process left running
-// or suspended.
-func (s *Server) resumePlanJobs(ctx context.Context) error {
-	jobs, err := s.DB.PlanJobs(ctx)
-	if err != nil {
-		return err
-	}
-	for _, j := range jobs {
-		if j.State != rebound.JobSuspended {
-			j.State = rebound.JobRunning
-		}
-		if _, err := s.runJob(ctx, j, "plan:"+j.Plan.Name, false, s.runPlan); err != nil {
-			return fmt.Errorf("resume plan job %s: %w", j.ID, err)
-		}
-		s.Logger.Info("plan job resumed after a restart", "job", j.ID, "plan", j.Plan.Name, "state", j.State)
-	}
-	return nil
-}
-
 // planUpdate changes the job's plan progress under its lock and saves it.
 func (r *jobRun) planUpdate(fn func(p *rebound.PlanProgress)) {
 	r.mu.Lock()

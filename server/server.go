@@ -5,12 +5,14 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -28,6 +30,13 @@ const SiteOfflineAfter = 15 * time.Second
 // Server implements rebound.Service.
 type Server struct {
 	DB rebound.Store
+	// ID names this server in the leases of the jobs it runs (several
+	// servers on one store); it must differ between live servers.
+	ID string
+	// LeaseTTL is how long a job's lease lasts unless renewed; the server
+	// renews it every LeaseTTL/3 and takes over jobs whose lease expired
+	// as often (docs/design/ha.md). Zero means DefaultLeaseTTL.
+	LeaseTTL time.Duration
 	// Site returns the connected site's service.
 	Site   func(name string) (rebound.SiteService, bool)
 	Logger *slog.Logger
@@ -55,6 +64,13 @@ type Server struct {
 	// job's context; tests block a job inside a step with it.
 	StepHook func(ctx context.Context, job *rebound.Job, step string)
 
+	// killed makes Close stop like a kill: running jobs write nothing
+	// more, neither their job nor their machine (tests of takeover).
+	killed atomic.Bool
+	// pauseLeases stops renewing leases, as a paused or partitioned
+	// server would (tests of fencing).
+	pauseLeases atomic.Bool
+
 	// Revocations is the revocation list the server's listener checks
 	// (Open loads it from the store); PushRevocations hands it to the
 	// connected sites (grpc.ControlServer.PushRevocations). See sites.go.
@@ -64,8 +80,13 @@ type Server struct {
 	refusedAt       map[string]time.Time // revoked serial -> last refusal reported
 }
 
+// DefaultLeaseTTL is a job's lease: a job whose server died is taken over
+// within this time by another.
+const DefaultLeaseTTL = 15 * time.Second
+
 // runningJob is a job's goroutine as CancelJob sees it.
 type runningJob struct {
+	run    *jobRun
 	cancel context.CancelFunc
 	done   chan struct{} // closed once the job's state is saved
 	resume chan string   // ResumeJob's signal to a suspended job: who resumed it, and the note
@@ -77,6 +98,10 @@ var _ rebound.Service = (*Server)(nil)
 // closed cleanly or was killed.
 const interruptedMsg = "interrupted: the server restarted while the job ran; run the command again"
 
+// stoppedMsg is the error of a job another server (or this one, restarted)
+// took over and cannot continue: its type is not resumable.
+const stoppedMsg = "interrupted: the server running it stopped; run the command again"
+
 // Open prepares the server: jobs left running by a previous process are
 // failed, and the health watchdog starts.
 func (s *Server) Open(reg prometheus.Registerer) error {
@@ -86,26 +111,31 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 	if s.WaitTimeout == 0 {
 		s.WaitTimeout = 2 * time.Minute
 	}
+	if s.ID == "" {
+		s.ID = "server"
+	}
+	if s.LeaseTTL <= 0 {
+		s.LeaseTTL = DefaultLeaseTTL
+	}
 	s.busy = map[string]string{}
 	s.running = map[string]*runningJob{}
 	s.live = newLive()
 	s.store.remind = lograte.Limiter{Every: time.Minute, Burst: 1}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.metrics = newMetrics(reg)
-	n, err := s.DB.FailInterruptedJobs(s.ctx, interruptedMsg)
-	if err != nil {
-		return err
-	}
-	if n > 0 {
-		s.Logger.Warn("failed jobs interrupted by a restart", "count", n)
-	}
-	if err := s.resumePlanJobs(s.ctx); err != nil {
+	// Jobs of this server's previous life, and jobs from before leases,
+	// are taken over at once; others' when their lease expires.
+	if err := s.takeOverJobs(s.ctx, true); err != nil {
 		return err
 	}
 	if err := s.loadRevocations(s.ctx); err != nil {
 		return err
 	}
-	s.wg.Add(2)
+	s.wg.Add(3)
+	go func() {
+		defer s.wg.Done()
+		s.leaseLoop()
+	}()
 	go func() {
 		defer s.wg.Done()
 		s.watchdog()
@@ -159,13 +189,74 @@ func (s *Server) site(name string) (rebound.SiteService, error) {
 type jobRun struct {
 	s        *Server
 	ctx      context.Context
+	cancel   context.CancelFunc
 	mu       sync.Mutex
 	job      rebound.Job
 	lastSave time.Time
 	resume   <-chan string
+	// done holds the steps a previous owner completed (a job taken over).
+	done map[string]bool
+	// lost is set once another server holds the job's lease: the job
+	// stops and writes nothing more.
+	lost atomic.Bool
+}
+
+type jobRunKey struct{}
+
+// jobOf returns the job running under ctx, or nil.
+func jobOf(ctx context.Context) *jobRun {
+	r, _ := ctx.Value(jobRunKey{}).(*jobRun)
+	return r
+}
+
+// completed says whether step was completed before this server took the
+// job over: a resumed job skips it.
+func (r *jobRun) completed(step string) bool { return r.done[step] }
+
+// loseLease stops the job at once: another server runs it now.
+func (r *jobRun) loseLease(err error) {
+	if r.lost.Swap(true) {
+		return
+	}
+	r.s.Logger.Warn("job lease lost: stopping the job without writing it", "job", r.job.ID, "server", r.s.ID, "err", err)
+	r.cancel()
+}
+
+// stopWrites says whether the job must not write anything more: its lease
+// is lost, or the server was killed (a test's stand-in for kill -9).
+func (r *jobRun) stopWrites() bool { return r.lost.Load() || r.s.killed.Load() }
+
+// checkLease renews the job's lease before a write of its machine, so a
+// job whose lease another server took does not write it. ctx not of a
+// job passes.
+func checkLease(ctx context.Context) error {
+	r := jobOf(ctx)
+	if r == nil {
+		return nil
+	}
+	if r.stopWrites() {
+		return rebound.LeaseLostError(r.job.ID)
+	}
+	r.mu.Lock()
+	id, fence := r.job.ID, r.job.Fence
+	r.mu.Unlock()
+	if fence == 0 {
+		return nil
+	}
+	if err := r.s.DB.RenewJob(context.WithoutCancel(ctx), id, r.s.ID, fence, r.s.LeaseTTL); err != nil {
+		if rebound.ErrorCode(err) == rebound.ECONFLICT {
+			r.loseLease(err)
+		}
+		return err
+	}
+	return nil
 }
 
 // Step marks the current step done and starts the named one.
+//
+// A step begins under a live lease: a job paused here (a stopped process,
+// a step hook) whose lease another server took meanwhile stops before it
+// calls a site again (checkLease cancels its context).
 func (r *jobRun) Step(name string) {
 	defer func() {
 		if h := r.s.StepHook; h != nil {
@@ -174,6 +265,7 @@ func (r *jobRun) Step(name string) {
 			r.mu.Unlock()
 			h(r.ctx, &j, name)
 		}
+		_ = checkLease(r.ctx)
 	}()
 	r.mu.Lock()
 	for i := range r.job.Steps {
@@ -225,6 +317,9 @@ func (r *jobRun) SetResult(v any) {
 }
 
 func (r *jobRun) save(force bool) {
+	if r.stopWrites() {
+		return
+	}
 	r.mu.Lock()
 	if !force && time.Since(r.lastSave) < 300*time.Millisecond {
 		r.mu.Unlock()
@@ -235,6 +330,10 @@ func (r *jobRun) save(force bool) {
 	j := cloneJob(r.job)
 	r.mu.Unlock()
 	if err := r.s.DB.UpdateJob(context.Background(), &j); err != nil {
+		if rebound.ErrorCode(err) == rebound.ECONFLICT {
+			r.loseLease(err)
+			return
+		}
 		r.s.storeFailed("save job", err, "job", j.ID)
 	}
 }
@@ -242,8 +341,22 @@ func (r *jobRun) save(force bool) {
 // startJob creates a job, reserves its machine and runs fn in the
 // background. Only one job runs per machine at a time.
 func (s *Server) startJob(ctx context.Context, typ, machine string, steps []string, fn func(ctx context.Context, r *jobRun) error) (*rebound.Job, error) {
+	return s.startJobRequest(ctx, typ, machine, steps, nil, fn)
+}
+
+// startJobRequest is startJob for a resumable job: req is stored in the
+// job, and the resumers entry of typ runs it again from there on the
+// server that takes the job over.
+func (s *Server) startJobRequest(ctx context.Context, typ, machine string, steps []string, req any, fn func(ctx context.Context, r *jobRun) error) (*rebound.Job, error) {
 	now := time.Now().UTC()
 	job := rebound.Job{Type: typ, Machine: machine, State: rebound.JobRunning, CreatedAt: now, UpdatedAt: now}
+	if req != nil {
+		b, err := json.Marshal(req)
+		if err != nil {
+			return nil, fmt.Errorf("job request: %w", err)
+		}
+		job.Request = b
+	}
 	for _, name := range steps {
 		job.Steps = append(job.Steps, rebound.JobStep{Name: name, State: rebound.JobQueued})
 	}
@@ -266,13 +379,34 @@ func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create
 		}
 		return nil, rebound.Errorf(rebound.ECONFLICT, "%s has job %s running; wait for it (rebound job wait %s) or cancel it", what, id, id)
 	}
+	done := map[string]bool{}
 	if create {
 		if err := s.DB.CreateJob(ctx, &job); err != nil {
 			return nil, err
 		}
-	} else if err := s.DB.UpdateJob(ctx, &job); err != nil {
+	} else {
+		if err := s.DB.UpdateJob(ctx, &job); err != nil {
+			return nil, err
+		}
+		for i, st := range job.Steps {
+			done[st.Name] = st.State == rebound.JobSucceeded
+			if st.State == rebound.JobRunning && job.Plan == nil {
+				// The step a previous owner was in runs again.
+				job.Steps[i].State = rebound.JobQueued
+			}
+		}
+	}
+	// The job runs under this server's lease (docs/design/ha.md).
+	c, err := s.DB.ClaimJob(ctx, job.ID, s.ID, s.LeaseTTL)
+	if err != nil {
+		if create {
+			now := time.Now().UTC()
+			rebound.FailJob(&job, "claim the job: "+rebound.ErrorMessage(err), now)
+			_ = s.DB.UpdateJob(context.WithoutCancel(ctx), &job)
+		}
 		return nil, err
 	}
+	job.Owner, job.LeaseUntil, job.Fence = c.Owner, c.LeaseUntil, c.Fence
 	jctx, cancel := context.WithCancel(s.ctx)
 	if key != "" {
 		s.busy[key] = job.ID
@@ -282,7 +416,10 @@ func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create
 
 	// The job goroutine owns r.job.Steps; the caller gets its own copy.
 	out := cloneJob(job)
-	r := &jobRun{s: s, ctx: jctx, job: job, resume: rj.resume}
+	r := &jobRun{s: s, job: job, resume: rj.resume, cancel: cancel, done: done}
+	r.ctx = context.WithValue(jctx, jobRunKey{}, r)
+	jctx = r.ctx
+	rj.run = r
 	verb := "started"
 	if !create {
 		verb = "resumed"
@@ -304,10 +441,17 @@ func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create
 }
 
 func (s *Server) finishJob(r *jobRun, err, ctxErr error) {
+	if r.stopWrites() {
+		// Another server runs the job now, or this one was killed: the
+		// job's record is theirs.
+		s.Logger.Warn("job stopped without saving: its lease is lost or the server was killed", "job", r.job.ID, "err", err)
+		return
+	}
 	r.mu.Lock()
-	if r.job.Plan != nil && s.ctx.Err() != nil {
-		// The server is closing: a plan job stays as it is (running or
-		// suspended) and the next start resumes it.
+	if s.ctx.Err() != nil && resumable(&r.job) {
+		// The server is closing: a resumable job stays as it is (running
+		// or suspended) and the next owner (another server when its lease
+		// expires, or this one's next start) continues it.
 		r.mu.Unlock()
 		r.save(true)
 		return

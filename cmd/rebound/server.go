@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -56,7 +58,23 @@ type ServerConfig struct {
 	// CADir holds the CA (ca.crt, ca.key); "" is DataDir/ca. The servers
 	// of one control plane share it: a copy of the first server's.
 	CADir string
+	// ServerID names this server in job leases; "" takes processServerID.
+	ServerID string
 }
+
+// processServerID is the default server ID: the host name and a random
+// suffix drawn once per process, so a server restarted in the same process
+// takes its own jobs back at once, and another process (a kill, a restart)
+// is another server whose jobs are taken over when their leases expire.
+var processServerID = sync.OnceValue(func() string {
+	host, _ := os.Hostname()
+	if host == "" {
+		host = "server"
+	}
+	var b [3]byte
+	_, _ = rand.Read(b[:])
+	return host + "-" + hex.EncodeToString(b[:])
+})
 
 // openStore opens the store dsn names: SQLite in dataDir for "", else
 // PostgreSQL.
@@ -166,7 +184,10 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Control = &rgrpc.ControlServer{}
-	m.Service = &server.Server{DB: m.DB, Site: m.Control.Site, Logger: m.Logger, CAFingerprint: m.CA.Fingerprint()}
+	m.Service = &server.Server{DB: m.DB, Site: m.Control.Site, Logger: m.Logger, CAFingerprint: m.CA.Fingerprint(), ID: m.Config.ServerID}
+	if m.Service.ID == "" {
+		m.Service.ID = processServerID()
+	}
 	m.Control.OnReport = m.Service.SiteReport
 	m.Control.OnConnect = m.Service.SiteConnected // runs its work in a goroutine the server owns
 	m.Control.OnDisconnect = m.Service.SiteDisconnected
@@ -449,6 +470,7 @@ func newServerCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "also serve /metrics over plain HTTP without authentication at this address, for Prometheus (the API serves it with a token either way)")
 	f.StringVar(&cfg.DB, "db", "", "store: a PostgreSQL address (postgres://USER@HOST/DB; also $REBOUND_DB) shared by several servers; default SQLite in --data")
 	f.StringVar(&cfg.CADir, "ca-dir", "", "the CA's directory (ca.crt, ca.key; created at the first start if empty); default DATA/ca. Several servers of one control plane use copies of the first server's (docs/ha.md)")
+	f.StringVar(&cfg.ServerID, "server-id", "", "this server's name in job leases, unique among the servers on one --db (default: host name and a random suffix)")
 	f.BoolVar(&checkDB, "check-db", false, "report the store's schema version, pending migrations and connectivity, and exit (applies nothing)")
 	f.StringVar(&tokenFile, "admin-token-file", "", "create an API token of user admin (role admin; the user too, if missing) if this file does not hold a valid token, and write it there (0600)")
 	addConfigFlag(cmd, "server")

@@ -1,0 +1,330 @@
+package server
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rebound-dr/rebound"
+	"github.com/rebound-dr/rebound/internal/pgtest"
+	"github.com/rebound-dr/rebound/postgres"
+	"github.com/rebound-dr/rebound/sqlite"
+)
+
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+
+// fakeSite is a narrow stand-in for a site: it answers a failover's calls
+// (idempotently, as sites do) and records them. A call whose context has
+// ended is refused unrecorded, as over a control channel that closed.
+type fakeSite struct {
+	rebound.SiteService // any other call panics: the tests do not make it
+	name                string
+
+	mu    sync.Mutex
+	calls []string
+}
+
+func (f *fakeSite) call(ctx context.Context, what string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	f.calls = append(f.calls, what)
+	f.mu.Unlock()
+	return nil
+}
+
+func (f *fakeSite) count(what string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, c := range f.calls {
+		if c == what {
+			n++
+		}
+	}
+	return n
+}
+
+var testPoint = rebound.RecoveryPoint{ID: "p10", Seq: 10, Kind: rebound.PointCrash, Time: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+
+func (f *fakeSite) Status(ctx context.Context) (*rebound.SiteStatus, error) {
+	return &rebound.SiteStatus{Site: f.name}, f.call(ctx, "status")
+}
+func (f *fakeSite) ListPoints(ctx context.Context, m string) (*rebound.PointList, error) {
+	return &rebound.PointList{Points: []rebound.RecoveryPoint{testPoint}}, f.call(ctx, "list-points")
+}
+func (f *fakeSite) ResolvePoint(ctx context.Context, m, sel string) (rebound.RecoveryPoint, error) {
+	return testPoint, f.call(ctx, "resolve")
+}
+func (f *fakeSite) CopyInfo(ctx context.Context, m string) (*rebound.CopyInfo, error) {
+	return &rebound.CopyInfo{Generation: "g1"}, f.call(ctx, "copy-info")
+}
+func (f *fakeSite) Fence(ctx context.Context, m string) (uint64, error) {
+	return testPoint.Seq, f.call(ctx, "fence")
+}
+func (f *fakeSite) Unfence(ctx context.Context, m string) error { return f.call(ctx, "unfence") }
+func (f *fakeSite) Replicated(ctx context.Context, m string) (uint64, error) {
+	return testPoint.Seq, f.call(ctx, "replicated")
+}
+func (f *fakeSite) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebound.Disk, error) {
+	return []rebound.Disk{{Name: "d0", Size: 1 << 20, NBD: "nbd://" + f.name + "/vm1"}}, f.call(ctx, "activate")
+}
+func (f *fakeSite) Power(ctx context.Context, m, state string, test bool) error {
+	return f.call(ctx, "power")
+}
+
+// haFixture is two servers on one store, with two fake sites both reach.
+type haFixture struct {
+	s1, s2 *Server
+	a, b   *fakeSite
+	db     rebound.Store // a third handle, for the test's own reads
+}
+
+func openStores(t *testing.T, kind string) (open func() rebound.Store) {
+	switch kind {
+	case "sqlite":
+		path := filepath.Join(t.TempDir(), "rebound.db")
+		return func() rebound.Store {
+			db, err := sqlite.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { db.Close() })
+			return db
+		}
+	default:
+		dsn := pgtest.DSN(t)
+		return func() rebound.Store {
+			db, err := postgres.Open(context.Background(), dsn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { db.Close() })
+			return db
+		}
+	}
+}
+
+func newHA(t *testing.T, kind string, ttl time.Duration, hook1, hook2 func(ctx context.Context, j *rebound.Job, step string)) *haFixture {
+	t.Helper()
+	open := openStores(t, kind)
+	f := &haFixture{a: &fakeSite{name: "a"}, b: &fakeSite{name: "b"}, db: open()}
+	ctx := context.Background()
+	m := &rebound.Machine{Name: "vm1", Driver: rebound.DriverNone, State: rebound.MachineProtected, ActiveSite: "a", HomeSite: "a",
+		Health: rebound.HealthNormal, Disks: []rebound.Disk{{Name: "d0", Size: 1 << 20}},
+		Protection: &rebound.Protection{SourceSite: "a", TargetSite: "b", Policy: "default", ReplState: "streaming"}}
+	if err := f.db.CreateMachine(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	sites := func(name string) (rebound.SiteService, bool) {
+		switch name {
+		case "a":
+			return f.a, true
+		case "b":
+			return f.b, true
+		}
+		return nil, false
+	}
+	for i, hook := range []func(context.Context, *rebound.Job, string){hook1, hook2} {
+		s := &Server{DB: open(), Site: sites, ID: []string{"s1", "s2"}[i], LeaseTTL: ttl, StepHook: hook, WaitTimeout: time.Minute}
+		if err := s.Open(prometheus.NewRegistry()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		if i == 0 {
+			f.s1 = s
+		} else {
+			f.s2 = s
+		}
+	}
+	return f
+}
+
+// waitEnded waits for job id to end, as a client waiting on it would
+// (bounded: a job that never ends fails the test).
+func waitEnded(t *testing.T, db rebound.Store, id string) *rebound.Job {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		j, err := db.GetJob(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if j.EndedAt != nil {
+			return j
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("job %s did not end: %s at step %s, owner %s", id, j.State, j.Step, j.Owner)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestJobTakeover: server 1 runs a failover and stops inside its activate
+// step (killed: it writes nothing more, or paused: it stops renewing its
+// lease). Server 2 takes the job over once the lease expired and continues
+// it from its last completed step under the same job ID, and the job
+// succeeds. A paused server 1 that wakes up is fenced: it writes neither
+// the job nor the machine, and calls no site again. On SQLite (two handles
+// on one file) and on PostgreSQL.
+func TestJobTakeover(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		for _, how := range []string{"killed", "paused"} {
+			t.Run(kind+"/"+how, func(t *testing.T) { testJobTakeover(t, kind, how) })
+		}
+	}
+}
+
+func testJobTakeover(t *testing.T, kind, how string) {
+	ctx := context.Background()
+	reached, release := make(chan struct{}), make(chan struct{})
+	hook1 := func(ctx context.Context, j *rebound.Job, step string) {
+		if step == "activate" {
+			close(reached)
+			select {
+			case <-ctx.Done():
+			case <-release:
+			}
+		}
+	}
+	var mu sync.Mutex
+	var steps2 []string
+	hook2 := func(ctx context.Context, j *rebound.Job, step string) {
+		mu.Lock()
+		steps2 = append(steps2, step)
+		mu.Unlock()
+	}
+	f := newHA(t, kind, 1500*time.Millisecond, hook1, hook2)
+	job, err := f.s1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-reached
+	held, err := f.db.GetJob(ctx, job.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if held.Owner != "s1" || held.Fence == 0 || len(held.Request) == 0 {
+		t.Fatalf("job at server 1: owner %q fence %d request %s", held.Owner, held.Fence, held.Request)
+	}
+	// Server 2 refuses a command on the machine while the job holds it.
+	if _, err := f.s2.Failover(ctx, rebound.FailoverRequest{Machine: "vm1"}); rebound.ErrorCode(err) != rebound.ECONFLICT {
+		t.Fatalf("failover on server 2 while server 1 runs one: %v, want a conflict", err)
+	}
+	activates := f.b.count("activate")
+	switch how {
+	case "killed":
+		f.s1.killed.Store(true)
+		f.s1.Close()
+	case "paused":
+		f.s1.pauseLeases.Store(true)
+	}
+
+	j := waitEnded(t, f.db, job.ID)
+	if j.State != rebound.JobSucceeded || j.Owner != "s2" || j.Fence <= held.Fence {
+		t.Fatalf("job after takeover: %s (%s), owner %q fence %d (was %d)", j.State, j.Error, j.Owner, j.Fence, held.Fence)
+	}
+	mu.Lock()
+	got := slices.Clone(steps2)
+	mu.Unlock()
+	if want := []string{"drain", "activate"}; !slices.Equal(got, want) {
+		t.Fatalf("server 2 ran steps %v, want %v: it continues after the completed preflight", got, want)
+	}
+	for _, st := range j.Steps {
+		if st.State != rebound.JobSucceeded {
+			t.Fatalf("step %s is %s after the takeover", st.Name, st.State)
+		}
+	}
+	m, err := f.db.GetMachine(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.State != rebound.MachineFailedOver || m.ActiveSite != "b" || m.Failover == nil || m.Failover.Point.ID != testPoint.ID {
+		t.Fatalf("machine after takeover: %s at %s, failover %+v", m.State, m.ActiveSite, m.Failover)
+	}
+	if n := f.b.count("activate"); n != activates+1 {
+		t.Fatalf("activations at b: %d, want %d (server 2's)", n, activates+1)
+	}
+
+	if how == "paused" {
+		// Server 1 wakes up inside its step: it finds the lease lost and
+		// stops without writing or calling a site.
+		close(release)
+		f.s1.Close()
+		if n := f.b.count("activate"); n != activates+1 {
+			t.Fatalf("activations at b after server 1 woke: %d, want %d", n, activates+1)
+		}
+		if n := f.a.count("unfence"); n != 0 {
+			t.Fatalf("server 1 rolled the failover back (%d unfence)", n)
+		}
+		after, _ := f.db.GetJob(ctx, job.ID)
+		if after.State != rebound.JobSucceeded || after.Owner != "s2" || !after.UpdatedAt.Equal(j.UpdatedAt) {
+			t.Fatalf("job after server 1 woke: %s owner %q updated %s (was %s)", after.State, after.Owner, after.UpdatedAt, j.UpdatedAt)
+		}
+		if m2, _ := f.db.GetMachine(ctx, "vm1"); m2.Revision != m.Revision {
+			t.Fatalf("machine written after server 1 woke: revision %d, was %d", m2.Revision, m.Revision)
+		}
+	}
+	// A write with server 1's fence is refused by the store.
+	held.State = rebound.JobFailed
+	if err := f.db.UpdateJob(ctx, held); rebound.ErrorCode(err) != rebound.ECONFLICT {
+		t.Fatalf("write with the old fence: %v, want the lease-lost conflict", err)
+	}
+}
+
+// TestConflictingCommandsOnTwoServers: two servers receive commands on one
+// machine at once (a failover on one, a test failover on the other):
+// exactly one starts, the other answers conflict naming the winner's job.
+func TestConflictingCommandsOnTwoServers(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			ctx := context.Background()
+			hold := make(chan struct{})
+			hook := func(ctx context.Context, j *rebound.Job, step string) {
+				select {
+				case <-ctx.Done():
+				case <-hold:
+				}
+			}
+			f := newHA(t, kind, DefaultLeaseTTL, hook, hook)
+			defer close(hold)
+			var wg sync.WaitGroup
+			var jobs [2]*rebound.Job
+			var errs [2]error
+			wg.Add(2)
+			go func() {
+				defer wg.Done()
+				jobs[0], errs[0] = f.s1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
+			}()
+			go func() {
+				defer wg.Done()
+				jobs[1], errs[1] = f.s2.TestFailover(ctx, "vm1", "latest-processed")
+			}()
+			wg.Wait()
+			won := -1
+			for i := range errs {
+				if errs[i] == nil {
+					if won >= 0 {
+						t.Fatalf("both commands started: %s and %s", jobs[0].ID, jobs[1].ID)
+					}
+					won = i
+				}
+			}
+			if won < 0 {
+				t.Fatalf("neither command started: %v; %v", errs[0], errs[1])
+			}
+			lost := errs[1-won]
+			if rebound.ErrorCode(lost) != rebound.ECONFLICT || !strings.Contains(lost.Error(), jobs[won].ID) {
+				t.Fatalf("the other command: %v, want a conflict naming job %s", lost, jobs[won].ID)
+			}
+		})
+	}
+}
