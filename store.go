@@ -81,6 +81,9 @@ type Store interface {
 	// FailInterruptedJobs fails every queued or running job that is not
 	// a plan's, with reason, and returns how many.
 	FailInterruptedJobs(ctx context.Context, reason string) (int, error)
+	// ActiveJobs lists the jobs not ended (queued, running or
+	// suspended), oldest first: at start a server takes back its own.
+	ActiveJobs(ctx context.Context) ([]Job, error)
 	// PlanJobs lists the plan jobs not ended (queued, running or
 	// suspended), oldest first.
 	PlanJobs(ctx context.Context) ([]Job, error)

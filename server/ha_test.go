@@ -77,6 +77,9 @@ func (f *fakeSite) Replicated(ctx context.Context, m string) (uint64, error) {
 func (f *fakeSite) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebound.Disk, error) {
 	return []rebound.Disk{{Name: "d0", Size: 1 << 20, NBD: "nbd://" + f.name + "/vm1"}}, f.call(ctx, "activate")
 }
+func (f *fakeSite) StartReplication(ctx context.Context, spec rebound.ReplicationSpec) error {
+	return f.call(ctx, "start-replication")
+}
 func (f *fakeSite) Power(ctx context.Context, m, state string, test bool) error {
 	return f.call(ctx, "power")
 }
@@ -326,5 +329,123 @@ func TestConflictingCommandsOnTwoServers(t *testing.T) {
 				t.Fatalf("the other command: %v, want a conflict naming job %s", lost, jobs[won].ID)
 			}
 		})
+	}
+}
+
+// TestTakeoverReprotectAndUnresumable: jobs of a server that died (their
+// lease expired) are taken over: a reprotect whose resync is in flight is
+// followed to its end under the same job ID; a job whose type cannot be
+// continued (commit) is failed with the message to run it again.
+func TestTakeoverReprotectAndUnresumable(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			ctx := context.Background()
+			f := newHA(t, kind, 900*time.Millisecond, nil, nil)
+			now := time.Now().UTC()
+			for _, name := range []string{"a", "b"} {
+				if err := f.db.PutSite(ctx, rebound.Site{Name: name, Status: "online", LastSeen: now.Add(time.Hour)}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// vm1 resyncs from b back to a: the dead server's reprotect
+			// started the stream and was following it.
+			m, _ := f.db.GetMachine(ctx, "vm1")
+			m.State, m.ActiveSite, m.PreviousSite = rebound.MachineSyncing, "b", "a"
+			m.Protection = &rebound.Protection{SourceSite: "b", TargetSite: "a", Policy: "default", ReplState: "resyncing"}
+			if err := f.db.UpdateMachine(ctx, m); err != nil {
+				t.Fatal(err)
+			}
+			steps := func(done int, names ...string) []rebound.JobStep {
+				var out []rebound.JobStep
+				for i, n := range names {
+					st := rebound.JobQueued
+					if i < done {
+						st = rebound.JobSucceeded
+					} else if i == done {
+						st = rebound.JobRunning
+					}
+					out = append(out, rebound.JobStep{Name: n, State: st})
+				}
+				return out
+			}
+			rp := &rebound.Job{Type: "reprotect", Machine: "vm1", State: rebound.JobRunning, Step: "resync",
+				Steps:   steps(5, "readiness", "preflight", "compare", "prepare target", "start source", "resync"),
+				Request: []byte(`{"machine":"vm1","to":"a","policy":"default"}`)}
+			cm := &rebound.Job{Type: "commit", Machine: "vm2", State: rebound.JobRunning, Step: "flatten",
+				Steps: steps(0, "flatten", "release source"), Request: []byte(`{}`)}
+			for _, j := range []*rebound.Job{rp, cm} {
+				if err := f.db.CreateJob(ctx, j); err != nil {
+					t.Fatal(err)
+				}
+				// The dead server's lease ends at once.
+				if _, err := f.db.ClaimJob(ctx, j.ID, "dead", time.Nanosecond); err != nil {
+					t.Fatal(err)
+				}
+			}
+			j := waitEnded(t, f.db, rp.ID)
+			if j.State != rebound.JobSucceeded || j.Owner == "dead" || j.Owner == "" {
+				t.Fatalf("reprotect after takeover: %s (%s) owner %q", j.State, j.Error, j.Owner)
+			}
+			if m, _ := f.db.GetMachine(ctx, "vm1"); m.State != rebound.MachineProtected || m.Protection.SourceSite != "b" {
+				t.Fatalf("machine after the resync was followed: %s from %s", m.State, m.Protection.SourceSite)
+			}
+			if n := f.b.count("start-replication"); n != 0 {
+				t.Fatalf("the stream was started again (%d calls)", n)
+			}
+			c := waitEnded(t, f.db, cm.ID)
+			if c.State != rebound.JobFailed || c.Error != stoppedMsg {
+				t.Fatalf("commit after takeover: %s %q, want failed with %q", c.State, c.Error, stoppedMsg)
+			}
+		})
+	}
+}
+
+// racingStore changes a machine behind the server's back just before the
+// server's first write of it, as another server would.
+type racingStore struct {
+	rebound.Store
+	raced bool
+}
+
+func (r *racingStore) UpdateMachine(ctx context.Context, m *rebound.Machine) error {
+	if !r.raced {
+		r.raced = true
+		other, err := r.Store.GetMachine(ctx, m.Name)
+		if err != nil {
+			return err
+		}
+		other.PreviousSite = "other-server"
+		if err := r.Store.UpdateMachine(ctx, other); err != nil {
+			return err
+		}
+	}
+	return r.Store.UpdateMachine(ctx, m)
+}
+
+// TestUpdateMachineRetriesConflict: a write that lost the compare-and-swap
+// to another server's is applied again to the new record: neither change
+// is lost.
+func TestUpdateMachineRetriesConflict(t *testing.T) {
+	ctx := context.Background()
+	db, err := sqlite.Open(filepath.Join(t.TempDir(), "rebound.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.CreateMachine(ctx, &rebound.Machine{Name: "vm1", State: rebound.MachineProtected, Disks: []rebound.Disk{}}); err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{DB: &racingStore{Store: db}, ID: "s1"}
+	if err := s.Open(prometheus.NewRegistry()); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	calls := 0
+	if err := s.updateMachine(ctx, "vm1", func(m *rebound.Machine) { calls++; m.State = rebound.MachineFailingOver }); err != nil {
+		t.Fatal(err)
+	}
+	m, _ := db.GetMachine(ctx, "vm1")
+	if calls != 2 || m.State != rebound.MachineFailingOver || m.PreviousSite != "other-server" || m.Revision != 2 {
+		t.Fatalf("after a lost compare-and-swap: %d applications, state %s, previous site %q, revision %d", calls, m.State, m.PreviousSite, m.Revision)
 	}
 }

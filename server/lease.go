@@ -99,11 +99,7 @@ func (s *Server) takeOverJobs(ctx context.Context, open bool) error {
 		return err
 	}
 	if open {
-		plans, err := s.DB.PlanJobs(ctx)
-		if err != nil {
-			return err
-		}
-		all, err := s.DB.ListJobs(ctx, "", 0)
+		all, err := s.DB.ActiveJobs(ctx)
 		if err != nil {
 			return err
 		}
@@ -111,12 +107,7 @@ func (s *Server) takeOverJobs(ctx context.Context, open bool) error {
 		for _, j := range jobs {
 			seen[j.ID] = true
 		}
-		for _, j := range append(plans, all...) {
-			switch j.State {
-			case rebound.JobQueued, rebound.JobRunning, rebound.JobSuspended:
-			default:
-				continue
-			}
+		for _, j := range all {
 			if !seen[j.ID] && (j.Owner == "" || j.Owner == s.ID) {
 				seen[j.ID] = true
 				jobs = append(jobs, j)

@@ -540,8 +540,15 @@ func (s *Server) runMember(ctx context.Context, r *jobRun, i, k int) error {
 		return fmt.Errorf("machine %s: %w", name, err)
 	}
 	var job *rebound.Job
+	// A member job the plan started before it was taken over (or its
+	// server restarted) is itself continued: wait for it.
+	if id := p.Stages[i].Members[k].JobID; id != "" {
+		if j, err := s.DB.GetJob(ctx, id); err == nil && j.EndedAt == nil {
+			job = j
+		}
+	}
 	deadline := time.Now().Add(memberSiteWait)
-	for {
+	for job == nil {
 		m, err := s.DB.GetMachine(ctx, name)
 		if err != nil {
 			return fail(err)
@@ -632,22 +639,37 @@ func (s *Server) startMember(ctx context.Context, p *rebound.PlanProgress, m *re
 	return nil, rebound.Errorf(rebound.EINVALID, "unknown plan verb %q", p.Verb)
 }
 
-// awaitJob waits for a job to end and returns it.
+// awaitJob waits for a job to end and returns it. A job this server does
+// not run (another server's, or one not taken over yet) is read from the
+// store until it ends.
 func (s *Server) awaitJob(ctx context.Context, id string) (*rebound.Job, error) {
-	s.mu.Lock()
-	rj, ok := s.running[id]
-	s.mu.Unlock()
-	if ok {
+	for {
+		s.mu.Lock()
+		rj, ok := s.running[id]
+		s.mu.Unlock()
+		if ok {
+			select {
+			case <-rj.done:
+			case <-ctx.Done():
+				// Cancelling the plan cancels the member's job too.
+				rj.cancel()
+				<-rj.done
+				return nil, ctx.Err()
+			}
+		}
+		j, err := s.DB.GetJob(context.WithoutCancel(ctx), id)
+		if err != nil || j.EndedAt != nil {
+			return j, err
+		}
+		if ok && s.ctx.Err() != nil {
+			return nil, context.Canceled // closing: the job stays to be continued
+		}
 		select {
-		case <-rj.done:
 		case <-ctx.Done():
-			// Cancelling the plan cancels the member's job too.
-			rj.cancel()
-			<-rj.done
 			return nil, ctx.Err()
+		case <-time.After(s.LeaseTTL / 3):
 		}
 	}
-	return s.DB.GetJob(context.WithoutCancel(ctx), id)
 }
 
 // waitBooted waits until the VMs of stage i's qemu members count as booted.

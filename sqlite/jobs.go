@@ -139,6 +139,15 @@ func (db *DB) ListJobs(ctx context.Context, machine string, limit int) ([]reboun
 	return out, nil
 }
 
+// ActiveJobs returns the jobs that have not ended, oldest first.
+func (db *DB) ActiveJobs(ctx context.Context) ([]rebound.Job, error) {
+	out, err := db.jobs(ctx, `WHERE state IN `+active+` ORDER BY seq`)
+	if err != nil {
+		return nil, fmt.Errorf("list active jobs: %w", err)
+	}
+	return out, nil
+}
+
 // PlanJobs returns the plan jobs that have not ended, oldest first.
 func (db *DB) PlanJobs(ctx context.Context) ([]rebound.Job, error) {
 	all, err := db.jobs(ctx, `WHERE state IN `+active+` ORDER BY seq`)

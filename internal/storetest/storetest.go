@@ -1138,9 +1138,17 @@ func testJobLeases(t *testing.T, h Harness) {
 	db := h.open(t)
 	now := time.Date(2026, 11, 30, 5, 0, 0, 0, time.UTC)
 	h.SetClock(db, func() time.Time { return now })
-	j := &rebound.Job{Type: "failover", Machine: "vm1", State: rebound.JobRunning, Steps: []rebound.JobStep{{Name: "drain", State: rebound.JobRunning}}}
+	j := &rebound.Job{Type: "failover", Machine: "vm1", State: rebound.JobRunning, Steps: []rebound.JobStep{{Name: "drain", State: rebound.JobRunning}},
+		Request: []byte(`{"machine":"vm1","planned":true}`)}
 	if err := db.CreateJob(ctx, j); err != nil {
 		t.Fatal(err)
+	}
+	ended := &rebound.Job{Type: "commit", Machine: "vm2", State: rebound.JobSucceeded}
+	if err := db.CreateJob(ctx, ended); err != nil {
+		t.Fatal(err)
+	}
+	if act, err := db.ActiveJobs(ctx); err != nil || len(act) != 1 || act[0].ID != j.ID || string(act[0].Request) != string(j.Request) {
+		t.Fatalf("active jobs: %+v %v, want %s with its request", act, err, j.ID)
 	}
 	if exp, err := db.ExpiredJobs(ctx); err != nil || len(exp) != 0 {
 		t.Fatalf("a job never claimed counts as expired: %+v %v", exp, err)
