@@ -102,8 +102,9 @@ const interruptedMsg = "interrupted: the server restarted while the job ran; run
 // took over and cannot continue: its type is not resumable.
 const stoppedMsg = "interrupted: the server running it stopped; run the command again"
 
-// Open prepares the server: jobs left running by a previous process are
-// failed, and the health watchdog starts.
+// Open prepares the server: jobs of its previous life (its ID) and jobs
+// without an owner are continued or failed (lease.go), and the lease loop
+// and the health watchdog start.
 func (s *Server) Open(reg prometheus.Registerer) error {
 	if s.Logger == nil {
 		s.Logger = slog.Default()
