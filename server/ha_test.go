@@ -449,3 +449,41 @@ func TestUpdateMachineRetriesConflict(t *testing.T) {
 		t.Fatalf("after a lost compare-and-swap: %d applications, state %s, previous site %q, revision %d", calls, m.State, m.PreviousSite, m.Revision)
 	}
 }
+
+// TestCancelOnOtherServerConflicts: while server 1's failover drains,
+// server 2 is asked to cancel the failover and to commit it: both answer
+// conflict, and the failover goes on untouched.
+func TestCancelOnOtherServerConflicts(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			ctx := context.Background()
+			reached, release := make(chan struct{}), make(chan struct{})
+			hook := func(ctx context.Context, j *rebound.Job, step string) {
+				if step == "drain" {
+					close(reached)
+					<-release
+				}
+			}
+			f := newHA(t, kind, DefaultLeaseTTL, hook, nil)
+			job, err := f.s1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			<-reached
+			_, err = f.s2.CancelFailover(ctx, "vm1")
+			if rebound.ErrorCode(err) != rebound.ECONFLICT || !strings.Contains(err.Error(), job.ID) {
+				t.Fatalf("cancel on server 2 during server 1's failover: %v, want a conflict naming %s", err, job.ID)
+			}
+			if _, err := f.s2.Commit(ctx, "vm1"); rebound.ErrorCode(err) != rebound.ECONFLICT {
+				t.Fatalf("commit on server 2 during server 1's failover: %v, want a conflict", err)
+			}
+			close(release)
+			if j := waitEnded(t, f.db, job.ID); j.State != rebound.JobSucceeded || j.Owner != "s1" {
+				t.Fatalf("failover after the refused commands: %s (%s) owner %q", j.State, j.Error, j.Owner)
+			}
+			if n := f.a.count("unfence"); n != 0 {
+				t.Fatalf("the source was unfenced %d times", n)
+			}
+		})
+	}
+}
