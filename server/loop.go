@@ -183,7 +183,7 @@ func (s *Server) takeOverReprotect(ctx context.Context, j rebound.Job) (*rebound
 		return nil, err
 	}
 	if m.State == rebound.MachineSyncing && m.Protection != nil {
-		return s.runJob(ctx, j, m.Name, false, s.resyncRun(*m.Protection))
+		return s.runJob(ctx, j, m.Name, false, s.resyncRun(*m.Protection, memberSiteWait))
 	}
 	if m.State != rebound.MachineUnprotected || req.To == "" || req.To == m.ActiveSite {
 		return nil, stateConflict(m, "continue a reprotect")
@@ -192,7 +192,8 @@ func (s *Server) takeOverReprotect(ctx context.Context, j rebound.Job) (*rebound
 	if err != nil {
 		return nil, err
 	}
-	return s.runJob(ctx, j, m.Name, false, s.reprotectRun(m, req, req.To, pol, time.Duration(req.WaitReady)))
+	// The sites may not be connected to this server yet.
+	return s.runJob(ctx, j, m.Name, false, s.reprotectRun(m, req, req.To, pol, max(time.Duration(req.WaitReady), memberSiteWait)))
 }
 
 // reprotectRun is the reprotect job's function.
@@ -762,21 +763,22 @@ func (s *Server) failoverPreflight(ctx context.Context, m *rebound.Machine, op s
 // resumeReprotect follows the resync of a reprotect whose job ended before
 // the first point and marks the machine protected.
 func (s *Server) resumeReprotect(ctx context.Context, m *rebound.Machine) (*rebound.Job, error) {
-	return s.startJob(ctx, "reprotect", m.Name, []string{"readiness", "resync"}, s.resyncRun(*m.Protection))
+	return s.startJob(ctx, "reprotect", m.Name, []string{"readiness", "resync"}, s.resyncRun(*m.Protection, 0))
 }
 
-// resyncRun follows a resync the sites carry on by themselves.
-func (s *Server) resyncRun(p rebound.Protection) func(ctx context.Context, r *jobRun) error {
+// resyncRun follows a resync the sites carry on by themselves, waiting up
+// to wait for them to be connected.
+func (s *Server) resyncRun(p rebound.Protection, wait time.Duration) func(ctx context.Context, r *jobRun) error {
 	return func(ctx context.Context, r *jobRun) error {
 		name := jobOf(ctx).job.Machine
 		if !r.completed("readiness") {
 			r.Step("readiness")
 		}
-		src, err := s.readiness(ctx, p.SourceSite, 0)
+		src, err := s.readiness(ctx, p.SourceSite, wait)
 		if err != nil {
 			return err
 		}
-		dst, err := s.readiness(ctx, p.TargetSite, 0)
+		dst, err := s.readiness(ctx, p.TargetSite, wait)
 		if err != nil {
 			return rebound.Errorf(rebound.EUNAVAILABLE, "the target site %q is not connected: %s", p.TargetSite, rebound.ErrorMessage(err))
 		}

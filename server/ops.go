@@ -669,19 +669,41 @@ func (s *Server) resumeFailover(ctx context.Context, j rebound.Job) (*rebound.Jo
 	if m.Failover != nil {
 		from, to = m.Failover.FromSite, m.Failover.ToSite
 	}
-	dst, err := s.site(to)
-	if err != nil {
-		return nil, err
-	}
-	src, err := s.site(from)
-	if err != nil && req.Planned {
-		return nil, rebound.Errorf(rebound.EUNAVAILABLE, "planned failover needs the source site %q, which is not connected to this server: %s", from, rebound.ErrorMessage(err))
-	}
 	shutdown, err := shutdownOptions(req.Shutdown, m.Settings)
 	if err != nil {
 		return nil, err
 	}
-	return s.runJob(ctx, j, m.Name, false, s.failoverRun(m, req, j.Type, from, to, src, dst, shutdown))
+	return s.runJob(ctx, j, m.Name, false, func(ctx context.Context, r *jobRun) error {
+		// A server that just started (or took the job over) may not have
+		// the sites' channels yet: wait for them, as plan members do.
+		dst, err := s.waitSite(ctx, r, to, memberSiteWait)
+		if err != nil {
+			return err
+		}
+		src, err := s.waitSite(ctx, r, from, memberSiteWait)
+		if err != nil && req.Planned {
+			return rebound.Errorf(rebound.EUNAVAILABLE, "planned failover needs the source site %q, which is not connected to this server: %s; run an unplanned failover instead (rebound failover %s --point latest)", from, rebound.ErrorMessage(err), m.Name)
+		}
+		return s.failoverRun(m, req, j.Type, from, to, src, dst, shutdown)(ctx, r)
+	})
+}
+
+// waitSite returns a site's service once it is connected, waiting up to
+// wait for it; the job's message says what it waits for.
+func (s *Server) waitSite(ctx context.Context, r *jobRun, name string, wait time.Duration) (rebound.SiteService, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		svc, err := s.site(name)
+		if err == nil || !time.Now().Before(deadline) {
+			return svc, err
+		}
+		r.Message("waiting for site %s to connect", name)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
 
 // failoverRun is the failover job's function; a job taken over runs it

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -665,6 +666,61 @@ func TestServerRestartFailsRunningJobs(t *testing.T) {
 	p := o.point(svc, "vm1", false)
 	if got, sum := testFailoverSum(t, svc, "vm1", p.ID); sum != o.points[p.ID] {
 		t.Fatalf("point %s after the restart: hash %s, want %s", got.ID, sum, o.points[p.ID])
+	}
+}
+
+// TestServerRestartContinuesFailover: a failover job running when the
+// server stops is continued by the restarted server (the same server ID)
+// under the same job ID, from its last completed step, and the recovery
+// site's disk holds every write the source acknowledged. Not parallel:
+// its failpoint is process-wide.
+func TestServerRestartContinuesFailover(t *testing.T) {
+	ctx := context.Background()
+	up, svc := fixedUp(t, nil)
+	const size = 8 << 20
+	o := newOracle(t, size, 83)
+	src := createProtected(t, svc, "vm1", size, o)
+	o.write(src, 40)
+	full := o.model.Sum()
+	waitReplicatedAll(t, up, "vm1")
+
+	// The first time the job enters activate it holds there until the
+	// server closes; the continued job passes.
+	reached := make(chan struct{})
+	var hits atomic.Int32
+	release := failpoint.Enable("server/job/failover/activate", func(ctx context.Context) {
+		if hits.Add(1) == 1 {
+			close(reached)
+			<-ctx.Done()
+		}
+	})
+	defer release()
+	job, err := svc.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		t.Fatal("the failover job never reached its activate step")
+	}
+	restartServer(t, up, nil)
+
+	j := waitJob(t, svc)(job, nil)
+	if j.ID != job.ID || hits.Load() != 2 {
+		t.Fatalf("job %s after the restart, activate entered %d times", j.ID, hits.Load())
+	}
+	for _, st := range j.Steps {
+		if st.State != rebound.JobSucceeded {
+			t.Fatalf("step %s is %s", st.Name, st.State)
+		}
+	}
+	m := getMachine(t, svc, "vm1")
+	if m.State != rebound.MachineFailedOver || m.ActiveSite != "recovery" || m.Failover == nil {
+		t.Fatalf("after the continued failover: %s at %s", m.State, m.ActiveSite)
+	}
+	if got := diskSum(t, m.Disks[0].NBD); got != full {
+		t.Fatalf("recovery disk after the continued failover: hash %s, want %s", got, full)
 	}
 }
 
