@@ -724,6 +724,52 @@ func TestServerRestartContinuesFailover(t *testing.T) {
 	}
 }
 
+// TestServerRestartContinuesReprotect: a reprotect whose resync is in
+// flight when the server stops is continued by the restarted server under
+// the same job ID, which follows the resync to its end; the machine then
+// fails back with every byte. Not parallel: its failpoint is process-wide.
+func TestServerRestartContinuesReprotect(t *testing.T) {
+	ctx := context.Background()
+	up, svc := fixedUp(t, nil)
+	o := loopOracle(t, loopDisk, 29)
+	failedOverAndCommitted(t, svc, o)
+	want := o.model.Sum()
+
+	reached := make(chan struct{})
+	var hits atomic.Int32
+	release := failpoint.Enable("server/job/reprotect/resync", func(ctx context.Context) {
+		if hits.Add(1) == 1 {
+			close(reached)
+			<-ctx.Done()
+		}
+	})
+	defer release()
+	job, err := svc.(rebound.LoopService).Reprotect(ctx, rebound.ReprotectRequest{Machine: "vm1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		t.Fatal("the reprotect job never reached its resync")
+	}
+	restartServer(t, up, nil)
+
+	j := waitJob(t, svc)(job, nil)
+	if j.ID != job.ID || hits.Load() != 2 {
+		t.Fatalf("job %s after the restart, resync entered %d times", j.ID, hits.Load())
+	}
+	for _, st := range j.Steps {
+		if st.State != rebound.JobSucceeded {
+			t.Fatalf("step %s is %s", st.Name, st.State)
+		}
+	}
+	if m := getMachine(t, svc, "vm1"); m.State != rebound.MachineProtected || m.Protection.SourceSite != "recovery" {
+		t.Fatalf("after the continued reprotect: %s", m.State)
+	}
+	failbackAndCheck(t, svc, want, "primary")
+}
+
 // TestTestFailoverIsolation: a test failover neither sees later source
 // writes nor leaks its own writes to the source or the journal.
 func TestTestFailoverIsolation(t *testing.T) {
