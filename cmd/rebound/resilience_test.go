@@ -596,8 +596,10 @@ func TestInvalidAPICalls(t *testing.T) {
 	}
 }
 
-// TestServerRestartFailsRunningJobs: a job running when the server stops is
-// failed with the interrupted message after the restart, nothing stays
+// TestServerRestartFailsRunningJobs: a job of a type no server continues
+// (protect; see server/lease.go's registry and the two tests below for the
+// ones continued) running when the server stops is failed with the
+// interrupted message after the restart, nothing stays
 // running, and running the command again finishes the work. Not parallel:
 // its failpoint is process-wide.
 func TestServerRestartFailsRunningJobs(t *testing.T) {
