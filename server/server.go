@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -386,15 +387,16 @@ func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create
 			return nil, err
 		}
 	} else {
-		if err := s.DB.UpdateJob(ctx, &job); err != nil {
-			return nil, err
-		}
+		job.Steps = slices.Clone(job.Steps)
 		for i, st := range job.Steps {
 			done[st.Name] = st.State == rebound.JobSucceeded
 			if st.State == rebound.JobRunning && job.Plan == nil {
 				// The step a previous owner was in runs again.
 				job.Steps[i].State = rebound.JobQueued
 			}
+		}
+		if err := s.DB.UpdateJob(ctx, &job); err != nil {
+			return nil, err
 		}
 	}
 	// The job runs under this server's lease (docs/design/ha.md).
