@@ -58,15 +58,17 @@ type ServerConfig struct {
 	// CADir holds the CA (ca.crt, ca.key); "" is DataDir/ca. The servers
 	// of one control plane share it: a copy of the first server's.
 	CADir string
-	// ServerID names this server in job leases; "" takes processServerID.
+	// ServerID names this server in job leases; Run sets "" to
+	// newServerID's, which the Config keeps for a restart in the process.
 	ServerID string
 }
 
-// processServerID is the default server ID: the host name and a random
-// suffix drawn once per process, so a server restarted in the same process
-// takes its own jobs back at once, and another process (a kill, a restart)
-// is another server whose jobs are taken over when their leases expire.
-var processServerID = sync.OnceValue(func() string {
+// newServerID is the default server ID: the host name and a random
+// suffix. Each process (and each ServerMain in one) is another server,
+// whose jobs others take over when their leases expire; a ServerMain
+// started again with the same Config (an in-process restart) keeps its ID
+// and takes its own jobs back at once.
+func newServerID() string {
 	host, _ := os.Hostname()
 	if host == "" {
 		host = "server"
@@ -74,7 +76,7 @@ var processServerID = sync.OnceValue(func() string {
 	var b [3]byte
 	_, _ = rand.Read(b[:])
 	return host + "-" + hex.EncodeToString(b[:])
-})
+}
 
 // openStore opens the store dsn names: SQLite in dataDir for "", else
 // PostgreSQL.
@@ -184,10 +186,10 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Control = &rgrpc.ControlServer{}
-	m.Service = &server.Server{DB: m.DB, Site: m.Control.Site, Logger: m.Logger, CAFingerprint: m.CA.Fingerprint(), ID: m.Config.ServerID}
-	if m.Service.ID == "" {
-		m.Service.ID = processServerID()
+	if m.Config.ServerID == "" {
+		m.Config.ServerID = newServerID()
 	}
+	m.Service = &server.Server{DB: m.DB, Site: m.Control.Site, Logger: m.Logger, CAFingerprint: m.CA.Fingerprint(), ID: m.Config.ServerID}
 	m.Control.OnReport = m.Service.SiteReport
 	m.Control.OnConnect = m.Service.SiteConnected // runs its work in a goroutine the server owns
 	m.Control.OnDisconnect = m.Service.SiteDisconnected
