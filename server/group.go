@@ -262,7 +262,7 @@ func (s *Server) protectGroup(ctx context.Context, req rebound.ProtectRequest) (
 	case g.Protection == nil || g.Protection.TargetSite != req.To:
 		return nil, rebound.Errorf(rebound.ECONFLICT, "group %s is protected to %s, not %s", g.Name, g.Protection.TargetSite, req.To)
 	}
-	if err := s.checkIdle(m.Name); err != nil {
+	if err := s.checkIdle(ctx, m.Name); err != nil {
 		return nil, err
 	}
 	polName := req.Policy

@@ -65,7 +65,7 @@ func (s *Server) Failback(ctx context.Context, req rebound.FailoverRequest) (*re
 	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
-	if err := s.checkIdle(m.Name); err != nil {
+	if err := s.checkIdle(ctx, m.Name); err != nil {
 		return nil, err
 	}
 	switch {
@@ -117,7 +117,7 @@ func (s *Server) Reprotect(ctx context.Context, req rebound.ReprotectRequest) (*
 	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
-	if err := s.checkIdle(m.Name); err != nil {
+	if err := s.checkIdle(ctx, m.Name); err != nil {
 		return nil, err
 	}
 	target := req.To

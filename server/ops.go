@@ -145,11 +145,18 @@ func (s *Server) DeleteMachine(ctx context.Context, name string) error {
 
 // checkIdle refuses a verb while a job runs on the machine, naming the job,
 // before any state check could give a less helpful answer.
-func (s *Server) checkIdle(name string) error {
+//
+// Another server's job is found in the store: the machine's newest job not
+// ended.
+func (s *Server) checkIdle(ctx context.Context, name string) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if id, ok := s.busy[name]; ok {
+	id, ok := s.busy[name]
+	s.mu.Unlock()
+	if ok {
 		return rebound.Errorf(rebound.ECONFLICT, "machine %q has job %s running; wait for it (rebound job wait %s) or cancel it", name, id, id)
+	}
+	if js, err := s.DB.ListJobs(ctx, name, 1); err == nil && len(js) == 1 && js[0].EndedAt == nil && js[0].LockKey() == name {
+		return rebound.BusyError(name, js[0].ID)
 	}
 	return nil
 }
@@ -185,7 +192,7 @@ func (s *Server) Protect(ctx context.Context, req rebound.ProtectRequest) (*rebo
 	if len(m.Members) > 0 {
 		return nil, rebound.Errorf(rebound.EINVALID, "%s is a group; add machines with rebound protect NAME --to SITE --group %s", m.Name, m.Name)
 	}
-	if err := s.checkIdle(m.Name); err != nil {
+	if err := s.checkIdle(ctx, m.Name); err != nil {
 		return nil, err
 	}
 	explicit := req.Policy != "" // only a named policy changes a protected machine's
@@ -473,7 +480,7 @@ func (s *Server) idleProtection(ctx context.Context, name, verb string) (*reboun
 	if err != nil {
 		return nil, err
 	}
-	if err := s.checkIdle(name); err != nil {
+	if err := s.checkIdle(ctx, name); err != nil {
 		return nil, err
 	}
 	return m, nil
@@ -996,7 +1003,7 @@ func (s *Server) Commit(ctx context.Context, name string) (*rebound.Job, error) 
 	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
-	if err := s.checkIdle(name); err != nil {
+	if err := s.checkIdle(ctx, name); err != nil {
 		return nil, err
 	}
 	if m.State == rebound.MachineUnprotected && m.Protection == nil {
@@ -1152,7 +1159,7 @@ func (s *Server) TestFailoverCleanup(ctx context.Context, name string) (*rebound
 	if err := memberRefused(m); err != nil {
 		return nil, err
 	}
-	if err := s.checkIdle(name); err != nil {
+	if err := s.checkIdle(ctx, name); err != nil {
 		return nil, err
 	}
 	if m.TestFailover == nil {

@@ -26,7 +26,7 @@ func (s *Server) Unprotect(ctx context.Context, req rebound.UnprotectRequest) (*
 	if len(m.Members) > 0 && req.KeepReplica {
 		return nil, rebound.Errorf(rebound.EINVALID, "--keep-replica keeps one machine's replica; take the machines out of group %s first (rebound group remove-machine %s NAME)", name, name)
 	}
-	if err := s.checkIdle(name); err != nil {
+	if err := s.checkIdle(ctx, name); err != nil {
 		return nil, err
 	}
 	switch {

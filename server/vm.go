@@ -104,7 +104,7 @@ func (s *Server) power(ctx context.Context, name, state, typ string) (*rebound.J
 	if err != nil {
 		return nil, err
 	}
-	if err := s.checkIdle(name); err != nil {
+	if err := s.checkIdle(ctx, name); err != nil {
 		return nil, err
 	}
 	if st := m.VMStatus; st != nil && st.Running == (state == rebound.PowerOn) {

@@ -1,0 +1,137 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/internal/failpoint"
+	"github.com/rebound-dr/rebound/internal/pgtest"
+)
+
+// TestSeveralServersJobTakeover: two servers on one PostgreSQL, two sites
+// given both addresses, a protected machine. Server 1 starts a planned
+// failover and stops inside its activate step; server 2 takes the job over
+// once its lease expired (15 s), continues it under the same job ID and
+// finishes it; a client waiting through server 2 sees it succeed, and the
+// recovery site's disk holds every acknowledged write. Not parallel: its
+// failpoint is process-wide.
+func TestSeveralServersJobTakeover(t *testing.T) {
+	ctx := context.Background()
+	dsn := pgtest.DSN(t)
+	dir := t.TempDir()
+	logger := fixedUpLogger()
+	startServer := func(name, caDir string) *ServerMain {
+		t.Helper()
+		m := &ServerMain{Logger: logger.With("server", name), Config: ServerConfig{
+			DataDir: filepath.Join(dir, name), APIAddr: freePort(t), GRPCAddr: freePort(t), DB: dsn, CADir: caDir,
+			ServerID: name,
+		}}
+		if err := m.Run(ctx); err != nil {
+			t.Fatalf("start %s: %v", name, err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	s1 := startServer("s1", filepath.Join(dir, "s1-ca"))
+	copyDir(t, filepath.Join(dir, "s1-ca"), filepath.Join(dir, "s2-ca"))
+	s2 := startServer("s2", filepath.Join(dir, "s2-ca"))
+
+	tokenPath := filepath.Join(dir, "admin-token")
+	if err := ensureAdminToken(ctx, s1.DB, tokenPath); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := os.ReadFile(tokenPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := func(url string) *rhttp.Client {
+		t.Helper()
+		c, err := rhttp.NewClient(url, strings.TrimSpace(string(tok)), s1.CA.CertPEM())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	svc1, svc2 := client(s1.APIURL), client(s2.APIURL)
+	for _, name := range []string{"primary", "recovery"} {
+		jt, err := s1.JoinToken(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sd := filepath.Join(dir, "sites", name)
+		sm := &SiteMain{Logger: logger.With("site", name), Config: SiteConfig{
+			Name: name, DataDir: sd, Server: s1.GRPCAddr + "," + s2.GRPCAddr, JoinToken: jt,
+			NBDAddr: freePort(t), NBDSocket: filepath.Join(sd, "nbd.sock"), ReplAddr: freePort(t),
+		}}
+		if err := sm.Run(ctx); err != nil {
+			t.Fatalf("site %s: %v", name, err)
+		}
+		t.Cleanup(func() { sm.Close() })
+	}
+	for _, s := range []*ServerMain{s1, s2} {
+		waitUntil(t, 30*time.Second, "the sites connected to "+s.APIURL, func() bool {
+			_, a := s.Control.Site("primary")
+			_, b := s.Control.Site("recovery")
+			return a && b
+		})
+	}
+
+	const size = 8 << 20
+	o := newOracle(t, size, 17)
+	m, err := svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.write(m.Disks[0].NBD, 50)
+	waitJob(t, svc1)(svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+	o.write(m.Disks[0].NBD, 30)
+	full := o.model.Sum()
+
+	reached := make(chan struct{})
+	var hits atomic.Int32
+	release := failpoint.Enable("server/job/failover/activate", func(ctx context.Context) {
+		if hits.Add(1) == 1 {
+			close(reached)
+			<-ctx.Done() // server 1 closes
+		}
+	})
+	defer release()
+	job, err := svc1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		t.Fatal("the failover never reached its activate step")
+	}
+	// Server 2 refuses another command on the machine meanwhile.
+	if _, err := svc2.TestFailover(ctx, "vm1", ""); rebound.ErrorCode(err) != rebound.ECONFLICT || !strings.Contains(err.Error(), job.ID) {
+		t.Fatalf("test failover through server 2 during server 1's failover: %v, want a conflict naming %s", err, job.ID)
+	}
+	if err := s1.Close(); err != nil {
+		t.Fatalf("close server 1: %v", err)
+	}
+	stopped := time.Now()
+
+	j := waitJob(t, svc2)(job, nil)
+	took := time.Since(stopped)
+	if j.ID != job.ID || j.Owner != "s2" || hits.Load() != 2 {
+		t.Fatalf("job after server 1 stopped: %s owner %q, activate entered %d times", j.ID, j.Owner, hits.Load())
+	}
+	t.Logf("server 2 finished the failover %s after server 1 stopped", took.Round(100*time.Millisecond))
+	got := getMachine(t, svc2, "vm1")
+	if got.State != rebound.MachineFailedOver || got.ActiveSite != "recovery" {
+		t.Fatalf("vm1 after the takeover: %s at %s", got.State, got.ActiveSite)
+	}
+	if sum := diskSum(t, got.Disks[0].NBD); sum != full {
+		t.Fatalf("recovery disk after the takeover: hash %s, want %s", sum, full)
+	}
+}
