@@ -98,7 +98,7 @@ token = rbd1.file
 
 func TestDaemonConfigErrors(t *testing.T) {
 	for _, c := range []struct{ daemon, text, want string }{
-		{"server", "api-addr = x\nbogus = 1\n", `daemon.conf:2: "bogus" is not a setting of rebound server (settings: admin-token-file, api-addr, ca-dir, data, db, grpc-addr, host, metrics-addr)`},
+		{"server", "api-addr = x\nbogus = 1\n", `daemon.conf:2: "bogus" is not a setting of rebound server (settings: admin-token-file, api-addr, ca-dir, data, db, grpc-addr, host, metrics-addr, server-id)`},
 		{"site", "name primary\n", `daemon.conf:1: want "flag-name = value", not "name primary"`},
 		{"agent", "interval = soon\n", `daemon.conf:1: interval = soon: invalid argument`},
 		{"site", "config = other.conf\n", `"config" is not a setting`},
