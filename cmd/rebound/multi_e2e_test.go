@@ -91,20 +91,7 @@ func TestSeveralServers(t *testing.T) {
 	// server 1 with a token server 2 knows as well (one database).
 	sites := map[string]*SiteMain{}
 	for _, name := range []string{"primary", "recovery", "edge"} {
-		jt, err := s1.JoinToken(ctx, name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sd := filepath.Join(dir, "sites", name)
-		sm := &SiteMain{Logger: logger.With("site", name), Config: SiteConfig{
-			Name: name, DataDir: sd, Server: s1.GRPCAddr + "," + s2.GRPCAddr, JoinToken: jt,
-			NBDAddr: freePort(t), NBDSocket: filepath.Join(sd, "nbd.sock"), ReplAddr: freePort(t),
-		}}
-		if err := sm.Run(ctx); err != nil {
-			t.Fatalf("site %s: %v", name, err)
-		}
-		t.Cleanup(func() { sm.Close() })
-		sites[name] = sm
+		sites[name] = startSiteOn(t, dir, logger, name, s1, s2)
 	}
 	for _, s := range []*ServerMain{s1, s2} {
 		waitUntil(t, 30*time.Second, "the sites connected to "+s.APIURL, func() bool {
@@ -378,4 +365,29 @@ func TestSeveralServersKill(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(dir, "server2.log")); err != nil || strings.Contains(string(b), "is not the one the servers of this database use") {
 		t.Fatalf("server 2 log (%v):\n%s", err, b)
 	}
+}
+
+// startSiteOn enrolls site name through the first server and runs it with
+// every server's address, under dir/sites/name; the test closes it.
+func startSiteOn(t *testing.T, dir string, logger *slog.Logger, name string, servers ...*ServerMain) *SiteMain {
+	t.Helper()
+	ctx := context.Background()
+	jt, err := servers[0].JoinToken(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var addrs []string
+	for _, s := range servers {
+		addrs = append(addrs, s.GRPCAddr)
+	}
+	sd := filepath.Join(dir, "sites", name)
+	sm := &SiteMain{Logger: logger.With("site", name), Config: SiteConfig{
+		Name: name, DataDir: sd, Server: strings.Join(addrs, ","), JoinToken: jt,
+		NBDAddr: freePort(t), NBDSocket: filepath.Join(sd, "nbd.sock"), ReplAddr: freePort(t),
+	}}
+	if err := sm.Run(ctx); err != nil {
+		t.Fatalf("site %s: %v", name, err)
+	}
+	t.Cleanup(func() { sm.Close() })
+	return sm
 }

@@ -61,19 +61,7 @@ func TestSeveralServersJobTakeover(t *testing.T) {
 	}
 	svc1, svc2 := client(s1.APIURL), client(s2.APIURL)
 	for _, name := range []string{"primary", "recovery"} {
-		jt, err := s1.JoinToken(ctx, name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sd := filepath.Join(dir, "sites", name)
-		sm := &SiteMain{Logger: logger.With("site", name), Config: SiteConfig{
-			Name: name, DataDir: sd, Server: s1.GRPCAddr + "," + s2.GRPCAddr, JoinToken: jt,
-			NBDAddr: freePort(t), NBDSocket: filepath.Join(sd, "nbd.sock"), ReplAddr: freePort(t),
-		}}
-		if err := sm.Run(ctx); err != nil {
-			t.Fatalf("site %s: %v", name, err)
-		}
-		t.Cleanup(func() { sm.Close() })
+		startSiteOn(t, dir, logger, name, s1, s2)
 	}
 	for _, s := range []*ServerMain{s1, s2} {
 		waitUntil(t, 30*time.Second, "the sites connected to "+s.APIURL, func() bool {
