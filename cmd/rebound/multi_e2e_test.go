@@ -14,6 +14,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/internal/pgtest"
 	"github.com/rebound-dr/rebound/pki"
 )
@@ -271,60 +272,8 @@ func fixedUpLogger() *slog.Logger {
 func TestSeveralServersKill(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	dsn := pgtest.DSN(t)
-	dir := t.TempDir()
-	api1, grpc1, api2, grpc2 := freePort(t), freePort(t), freePort(t), freePort(t)
-	ca1, ca2 := filepath.Join(dir, "ca1"), filepath.Join(dir, "ca2")
-	tokenFile := filepath.Join(dir, "admin-token")
-	srv1 := startProc(t, dir, "server1", nil, "server", "--db", dsn, "--data", filepath.Join(dir, "s1"), "--ca-dir", ca1,
-		"--api-addr", api1, "--grpc-addr", grpc1, "--admin-token-file", tokenFile)
-	var token, caPEM []byte
-	waitUntil(t, 60*time.Second, "server 1 to start", func() bool {
-		token, _ = os.ReadFile(tokenFile)
-		caPEM, _ = os.ReadFile(filepath.Join(ca1, "ca.crt"))
-		return len(token) > 0 && len(caPEM) > 0
-	})
-	copyDir(t, ca1, ca2)
-	startProc(t, dir, "server2", nil, "server", "--db", dsn, "--data", filepath.Join(dir, "s2"), "--ca-dir", ca2,
-		"--api-addr", api2, "--grpc-addr", grpc2)
-	client := func(urls ...string) *rhttp.Client {
-		t.Helper()
-		c, err := rhttp.NewClient(strings.Join(urls, ","), strings.TrimSpace(string(token)), caPEM)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
-	svc1, svc2 := client("https://"+api1), client("https://"+api2)
-	both := client("https://"+api1, "https://"+api2)
-	// Server 2's certificate is from the shared CA: the client trusts it.
-	waitUntil(t, 60*time.Second, "server 2 to answer", func() bool { _, err := svc2.ListSites(ctx); return err == nil })
-
-	for _, name := range []string{"primary", "recovery"} {
-		tok, err := svc1.CreateEnrollToken(ctx, name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		startProc(t, dir, name, nil, "site", "--name", name, "--data", filepath.Join(dir, name),
-			"--server-addr", grpc1+","+grpc2, "--token", tok, "--nbd-addr", freePort(t), "--repl-addr", freePort(t))
-	}
-	online := func(svc rebound.Service, after time.Time) func() bool {
-		return func() bool {
-			ss, err := svc.ListSites(ctx)
-			if err != nil || len(ss) != 2 {
-				return false
-			}
-			for _, s := range ss {
-				if s.Status != rebound.SiteOnline || !s.LastSeen.After(after) {
-					return false
-				}
-			}
-			return true
-		}
-	}
-	start := time.Now()
-	waitUntil(t, 60*time.Second, "sites online on server 1", online(svc1, start))
-	waitUntil(t, 60*time.Second, "sites online on server 2", online(svc2, start))
+	tc := startTwoServers(t, nil)
+	dir, srv1, svc1, both, online := tc.dir, tc.srv1, tc.svc1, tc.both, tc.online
 
 	const size = 8 << 20
 	o := newOracle(t, size, 13)
@@ -390,4 +339,126 @@ func startSiteOn(t *testing.T, dir string, logger *slog.Logger, name string, ser
 	}
 	t.Cleanup(func() { sm.Close() })
 	return sm
+}
+
+// twoServers is two `rebound server` processes on one PostgreSQL with one
+// CA (server 1's, copied), and sites primary and recovery given both.
+type twoServers struct {
+	dir              string
+	srv1             *proc
+	svc1, svc2, both *rhttp.Client // server 1, server 2, both (server 1 first)
+	// online says whether svc sees both sites online with a report after.
+	online func(svc rebound.Service, after time.Time) func() bool
+}
+
+// startTwoServers starts them, with env1 added to server 1's environment
+// (failpoints), server IDs s1 and s2, and waits for the sites on both.
+func startTwoServers(t *testing.T, env1 []string) *twoServers {
+	t.Helper()
+	ctx := context.Background()
+	dsn := pgtest.DSN(t)
+	dir := t.TempDir()
+	api1, grpc1, api2, grpc2 := freePort(t), freePort(t), freePort(t), freePort(t)
+	ca1, ca2 := filepath.Join(dir, "ca1"), filepath.Join(dir, "ca2")
+	tokenFile := filepath.Join(dir, "admin-token")
+	srv1 := startProc(t, dir, "server1", env1, "server", "--db", dsn, "--data", filepath.Join(dir, "s1"), "--ca-dir", ca1,
+		"--api-addr", api1, "--grpc-addr", grpc1, "--admin-token-file", tokenFile, "--server-id", "s1")
+	var token, caPEM []byte
+	waitUntil(t, 60*time.Second, "server 1 to start", func() bool {
+		token, _ = os.ReadFile(tokenFile)
+		caPEM, _ = os.ReadFile(filepath.Join(ca1, "ca.crt"))
+		return len(token) > 0 && len(caPEM) > 0
+	})
+	copyDir(t, ca1, ca2)
+	startProc(t, dir, "server2", nil, "server", "--db", dsn, "--data", filepath.Join(dir, "s2"), "--ca-dir", ca2,
+		"--api-addr", api2, "--grpc-addr", grpc2, "--server-id", "s2")
+	client := func(urls ...string) *rhttp.Client {
+		t.Helper()
+		c, err := rhttp.NewClient(strings.Join(urls, ","), strings.TrimSpace(string(token)), caPEM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	tc := &twoServers{dir: dir, srv1: srv1, svc1: client("https://" + api1), svc2: client("https://" + api2),
+		both: client("https://"+api1, "https://"+api2)}
+	// Server 2's certificate is from the shared CA: the client trusts it.
+	waitUntil(t, 60*time.Second, "server 2 to answer", func() bool { _, err := tc.svc2.ListSites(ctx); return err == nil })
+
+	for _, name := range []string{"primary", "recovery"} {
+		tok, err := tc.svc1.CreateEnrollToken(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		startProc(t, dir, name, nil, "site", "--name", name, "--data", filepath.Join(dir, name),
+			"--server-addr", grpc1+","+grpc2, "--token", tok, "--nbd-addr", freePort(t), "--repl-addr", freePort(t))
+	}
+	tc.online = func(svc rebound.Service, after time.Time) func() bool {
+		return func() bool {
+			ss, err := svc.ListSites(ctx)
+			if err != nil || len(ss) != 2 {
+				return false
+			}
+			for _, s := range ss {
+				if s.Status != rebound.SiteOnline || !s.LastSeen.After(after) {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	start := time.Now()
+	waitUntil(t, 60*time.Second, "sites online on server 1", tc.online(tc.svc1, start))
+	waitUntil(t, 60*time.Second, "sites online on server 2", tc.online(tc.svc2, start))
+	return tc
+}
+
+// TestSeveralServersKillDuringFailover: the real binaries, two servers on
+// one PostgreSQL; server 1 runs an unplanned failover to a point and is
+// killed (SIGKILL, by a failpoint) as the job enters its activate step.
+// The API answers through server 2 meanwhile; server 2 takes the job over
+// under the same ID once the lease expires and finishes it; the failed-over
+// disk holds exactly the point's bytes.
+func TestSeveralServersKillDuringFailover(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	tc := startTwoServers(t, []string{failpoint.Env + "=server/job/failover/activate=kill"})
+	const size = 8 << 20
+	o := newOracle(t, size, 19)
+	m, err := tc.svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.write(m.Disks[0].NBD, 50)
+	waitJob(t, tc.svc1)(tc.svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+	o.write(m.Disks[0].NBD, 30)
+	p := o.point(tc.both, "vm1", false)
+	o.write(m.Disks[0].NBD, 20) // after the point: must not be in the failed-over disk
+
+	job, err := tc.svc1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Point: p.ID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-tc.srv1.done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("server 1 did not die at the failover's activate step")
+	}
+	died := time.Now()
+	// The API answers through server 2 while the job waits for its lease.
+	if got := getMachine(t, tc.both, "vm1"); got.Name != "vm1" {
+		t.Fatalf("machine through server 2: %+v", got)
+	}
+	j := waitJobDone(t, tc.svc2, job, nil)
+	t.Logf("server 2 finished job %s %.1fs after server 1 died", j.ID, time.Since(died).Seconds())
+	if j.ID != job.ID || j.Owner != "s2" {
+		t.Fatalf("job %s owned by %q after the takeover, want %s by s2", j.ID, j.Owner, job.ID)
+	}
+	got := getMachine(t, tc.both, "vm1")
+	if got.ActiveSite != "recovery" || got.State != rebound.MachineFailedOver {
+		t.Fatalf("vm1 after the taken-over failover: %s at %s", got.State, got.ActiveSite)
+	}
+	if sum := diskSum(t, got.Disks[0].NBD); sum != o.points[p.ID] {
+		t.Fatalf("the failed-over disk differs from point %s", p.ID)
+	}
 }
