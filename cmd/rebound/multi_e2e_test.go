@@ -38,21 +38,7 @@ func TestSeveralServers(t *testing.T) {
 	dir := t.TempDir()
 	logger := fixedUpLogger()
 
-	// Server 1 creates the CA; server 2 runs with a copy of it.
-	startServer := func(name, caDir string) *ServerMain {
-		t.Helper()
-		m := &ServerMain{Logger: logger.With("server", name), Config: ServerConfig{
-			DataDir: filepath.Join(dir, name), APIAddr: freePort(t), GRPCAddr: freePort(t), DB: dsn, CADir: caDir,
-		}}
-		if err := m.Run(ctx); err != nil {
-			t.Fatalf("start %s: %v", name, err)
-		}
-		t.Cleanup(func() { m.Close() })
-		return m
-	}
-	s1 := startServer("s1", filepath.Join(dir, "s1-ca"))
-	copyDir(t, filepath.Join(dir, "s1-ca"), filepath.Join(dir, "s2-ca"))
-	s2 := startServer("s2", filepath.Join(dir, "s2-ca"))
+	s1, s2 := startSharedServers(t, dir, logger, dsn)
 	if s1.CA.Fingerprint() != s2.CA.Fingerprint() {
 		t.Fatal("the servers hold different CAs")
 	}
@@ -461,4 +447,25 @@ func TestSeveralServersKillDuringFailover(t *testing.T) {
 	if sum := diskSum(t, got.Disks[0].NBD); sum != o.points[p.ID] {
 		t.Fatalf("the failed-over disk differs from point %s", p.ID)
 	}
+}
+
+// startSharedServers runs in-process servers s1 and s2 on the database
+// dsn: s1 creates the CA under dir, s2 runs with a copy of it.
+func startSharedServers(t *testing.T, dir string, logger *slog.Logger, dsn string) (s1, s2 *ServerMain) {
+	t.Helper()
+	start := func(name, caDir string) *ServerMain {
+		t.Helper()
+		m := &ServerMain{Logger: logger.With("server", name), Config: ServerConfig{
+			DataDir: filepath.Join(dir, name), APIAddr: freePort(t), GRPCAddr: freePort(t), DB: dsn, CADir: caDir,
+			ServerID: name,
+		}}
+		if err := m.Run(context.Background()); err != nil {
+			t.Fatalf("start %s: %v", name, err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	s1 = start("s1", filepath.Join(dir, "s1-ca"))
+	copyDir(t, filepath.Join(dir, "s1-ca"), filepath.Join(dir, "s2-ca"))
+	return s1, start("s2", filepath.Join(dir, "s2-ca"))
 }

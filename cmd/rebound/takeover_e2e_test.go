@@ -18,7 +18,7 @@ import (
 // TestSeveralServersJobTakeover: two servers on one PostgreSQL, two sites
 // given both addresses, a protected machine. Server 1 starts a planned
 // failover and stops inside its activate step; server 2 takes the job over
-// once its lease expired (15 s), continues it under the same job ID and
+// once its lease expired (10 s), continues it under the same job ID and
 // finishes it; a client waiting through server 2 sees it succeed, and the
 // recovery site's disk holds every acknowledged write. Not parallel: its
 // failpoint is process-wide.
@@ -27,21 +27,7 @@ func TestSeveralServersJobTakeover(t *testing.T) {
 	dsn := pgtest.DSN(t)
 	dir := t.TempDir()
 	logger := fixedUpLogger()
-	startServer := func(name, caDir string) *ServerMain {
-		t.Helper()
-		m := &ServerMain{Logger: logger.With("server", name), Config: ServerConfig{
-			DataDir: filepath.Join(dir, name), APIAddr: freePort(t), GRPCAddr: freePort(t), DB: dsn, CADir: caDir,
-			ServerID: name,
-		}}
-		if err := m.Run(ctx); err != nil {
-			t.Fatalf("start %s: %v", name, err)
-		}
-		t.Cleanup(func() { m.Close() })
-		return m
-	}
-	s1 := startServer("s1", filepath.Join(dir, "s1-ca"))
-	copyDir(t, filepath.Join(dir, "s1-ca"), filepath.Join(dir, "s2-ca"))
-	s2 := startServer("s2", filepath.Join(dir, "s2-ca"))
+	s1, s2 := startSharedServers(t, dir, logger, dsn)
 
 	tokenPath := filepath.Join(dir, "admin-token")
 	if err := ensureAdminToken(ctx, s1.DB, tokenPath); err != nil {
