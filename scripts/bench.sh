@@ -31,27 +31,45 @@ tmp=$(mktemp -d)
 # are kept from the previous file.
 notes=""
 [ -f "$out" ] && notes=$(sed -n '/^## CPU per written byte/,$p' "$out")
-pid=""
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$tmp"; }
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 
 go build -o "$tmp/rebound" ./cmd/rebound
 export XDG_CONFIG_HOME="$tmp/config"
 rb() { "$tmp/rebound" "$@"; }
 
-# 1. NBD through a protected machine's export.
-"$tmp/rebound" up --data "$tmp/data" --api-addr 127.0.0.1:18440 --grpc-addr 127.0.0.1:18441 \
-	--primary-nbd-addr 127.0.0.1:18809 --primary-repl-addr 127.0.0.1:18451 \
-	--recovery-nbd-addr 127.0.0.1:18810 --recovery-repl-addr 127.0.0.1:18452 >"$tmp/up.log" 2>&1 &
-pid=$!
-for _ in $(seq 300); do [ -s "$XDG_CONFIG_HOME/rebound/config" ] && break; sleep 0.1; done
+# 1. NBD through a protected machine's export. The server and the two sites
+# run as separate processes (as deployed), so the CPU each spends per byte
+# is counted apart: the source site's share against qemu-nbd's.
+"$tmp/rebound" server --data "$tmp/server" --api-addr 127.0.0.1:18440 --grpc-addr 127.0.0.1:18441 \
+	--admin-token-file "$tmp/admin-token" >"$tmp/server.log" 2>&1 &
+pids+=($!)
+spid=$!
+for _ in $(seq 300); do [ -s "$tmp/admin-token" ] && [ -s "$tmp/server/ca/ca.crt" ] && break; sleep 0.1; done
+export REBOUND_SERVER=https://127.0.0.1:18440 REBOUND_TOKEN="$(cat "$tmp/admin-token")" REBOUND_CA="$tmp/server/ca/ca.crt"
+site() { # site NAME NBD_PORT REPL_PORT
+	"$tmp/rebound" site --name "$1" --data "$tmp/$1" --server-addr 127.0.0.1:18441 \
+		--nbd-addr "127.0.0.1:$2" --repl-addr "127.0.0.1:$3" --token "$(rb site token "$1")" >"$tmp/$1.log" 2>&1 &
+	pids+=($!)
+}
+site primary 18809 18451
+ppid=$!
+site recovery 18810 18452
+rpid=$!
+for _ in $(seq 300); do [ "$(rb site list -o json | python3 -c 'import json,sys; print(sum(s.get("status") == "online" for s in json.load(sys.stdin)))')" = 2 ] && break; sleep 0.1; done
 rb machine create bench --site primary --disk 4G >/dev/null
 rb protect bench --to recovery --wait >/dev/null
-uri="nbd+unix:///bench-disk0?socket=$tmp/data/sites/primary/nbd.sock"
-scripts/bench_nbd.sh --uri "$uri" --size 4G --runtime "$runtime" 2>"$tmp/nbd.err" | sed 's/| rebound (.*) |/| rebound export, replication on |/' >"$tmp/nbd.md"
+uri="nbd+unix:///bench-disk0?socket=$tmp/primary/nbd.sock"
+scripts/bench_nbd.sh --uri "$uri" --size 4G --runtime "$runtime" \
+	--cpu "source site=$ppid" --cpu "receiving site=$rpid" --cpu "server=$spid" --cpu-out "$tmp/cpu.md" \
+	2>"$tmp/nbd.err" | sed 's/| rebound (.*) |/| rebound export, replication on |/' >"$tmp/nbd.md"
 nbd_tool=$(cat "$tmp/nbd.err")
 rb machine show bench -o json >"$tmp/bench.json"
-kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+wait 2>/dev/null || true
+pids=()
+unset REBOUND_SERVER REBOUND_TOKEN REBOUND_CA
 
 # 2. Replication throughput and lag.
 : >"$tmp/repl.md"
@@ -95,11 +113,15 @@ PY
 	echo
 	echo "## NBD writes through a protected machine's export"
 	echo
-	echo "$nbd_tool. Both servers on a unix socket; Rebound's export is the disk of a machine protected to a second site in the same process, so every write is also captured, spooled and replicated."
+	echo "$nbd_tool. Both servers on a unix socket; Rebound's export is the disk of a machine protected to a second site (\\`rebound server\\` and two \\`rebound site\\` processes on this machine), so every write is also captured, spooled and replicated."
 	echo
 	cat "$tmp/nbd.md"
 	echo
 	ratio
+	echo
+	echo "CPU per GiB written in the same runs (utime+stime of each process from /proc, before and after each fio run). Where the two cores shared with the receiving site keep the throughput targets out of reach, the issue asks that they be met for the source site's share: it is met when the source site writes at least the target share of qemu-nbd's bytes per CPU-second."
+	echo
+	cat "$tmp/cpu.md"
 	echo
 	echo "## Replication"
 	echo

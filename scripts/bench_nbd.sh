@@ -10,9 +10,15 @@
 #   (--depth is the random writes' queue depth, --seq-depth the 1 MiB
 #   sequential writes', as issue 10's targets are stated)
 #   (BENCH_NBD_TOOL=qemu-img forces the qemu-img bench fallback)
+#   --cpu NAME=PID (repeatable) and --cpu-out FILE: with fio, also count the
+#   CPU time (utime+stime in /proc/PID/stat) that qemu-nbd and each named
+#   Rebound process spend during each measurement, and write a markdown
+#   table of CPU-seconds per GiB written to FILE: the issue-10 comparison
+#   of the source site's share with qemu-nbd, by the same tool in one run.
 set -euo pipefail
 
-uri="" size="1G" runtime=10 depth=32 seqdepth=8
+uri="" size="1G" runtime=10 depth=32 seqdepth=8 cpuout=""
+cpus=()
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--uri) uri="$2"; shift 2 ;;
@@ -20,6 +26,8 @@ while [ $# -gt 0 ]; do
 	--runtime) runtime="$2"; shift 2 ;;
 	--depth) depth="$2"; shift 2 ;;
 	--seq-depth) seqdepth="$2"; shift 2 ;;
+	--cpu) cpus+=("$2"); shift 2 ;;
+	--cpu-out) cpuout="$2"; shift 2 ;;
 	-h|--help) sed -n '2,12p' "$0"; exit 0 ;;
 	*) echo "unknown argument $1" >&2; exit 2 ;;
 	esac
@@ -55,11 +63,26 @@ wait_uri() { # wait until an NBD URI answers
 	exit 1
 }
 
-# fio_run URI RW BS BYTES DEPTH -> prints "bw_bytes iops"
+# cputicks PID -> utime+stime of the process, in clock ticks (the fields
+# after the command name, which may hold spaces).
+cputicks() { python3 -c 'import sys; f=open("/proc/%s/stat" % sys.argv[1]).read().rsplit(")", 1)[1].split(); print(int(f[11]) + int(f[12]))' "$1"; }
+
+# cpu_watch NAME=PID... : the processes whose CPU a measurement counts
+watch=()
+
+# fio_run URI RW BS BYTES DEPTH -> prints "bw_bytes iops"; with --cpu-out,
+# appends "RW|NAME|TICKS|HZ|BYTES" lines to $tmp/cpu.txt.
 fio_run() {
+	local before=() w i=0 hz
+	for w in "${watch[@]}"; do before+=("$(cputicks "${w#*=}")"); done
 	fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" \
 		--iodepth="$5" --size="$4" --time_based --runtime="$runtime" \
 		--output-format=json --output="$tmp/fio.json" >/dev/null
+	hz=$(getconf CLK_TCK)
+	for w in "${watch[@]}"; do
+		echo "$2|${w%%=*}|$(( $(cputicks "${w#*=}") - before[i] ))|$hz|$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["io_bytes"])' "$tmp/fio.json")" >>"$tmp/cpu.txt"
+		i=$((i + 1))
+	done
 	python3 -c 'import json,sys; w=json.load(open(sys.argv[1]))["jobs"][0]["write"]; print(w["bw_bytes"], w["iops"])' "$tmp/fio.json"
 }
 
@@ -112,5 +135,33 @@ tool=$([ "$use_fio" = 1 ] && echo "fio nbd engine, iodepth $seqdepth (sequential
 echo "NBD write benchmark: $tool, $size disk" >&2
 echo "| server | seq write 1 MiB (MB/s) | random write 4 KiB (IOPS) |"
 echo "|---|---|---|"
+[ -n "$cpuout" ] && watch=("qemu-nbd=${pids[0]}")
 measure "qemu-nbd" "$quri"
+[ -n "$cpuout" ] && watch=("${cpus[@]}")
 measure "$name" "$uri"
+if [ -n "$cpuout" ]; then
+	[ "$use_fio" = 1 ] || { echo "bench_nbd: --cpu-out needs fio" >&2; exit 1; }
+	python3 - "$tmp/cpu.txt" "$cpuout" <<'PY'
+import sys, collections
+rows = collections.OrderedDict()
+names = []
+for line in open(sys.argv[1]):
+    rw, name, ticks, hz, nbytes = line.strip().split("|")
+    per_gib = int(ticks) / int(hz) / (int(nbytes) / 2**30) if int(nbytes) else float("nan")
+    rows.setdefault(rw, {})[name] = per_gib
+    if name not in names:
+        names.append(name)
+label = {"write": "1 MiB sequential write", "randwrite": "4 KiB random write"}
+# The source site's share meets the throughput target when, per CPU-second,
+# it writes at least the target share of what qemu-nbd writes per CPU-second.
+target = {"write": 0.9, "randwrite": 0.8}
+src = [n for n in names if n.startswith("source")]
+with open(sys.argv[2], "w") as out:
+    out.write("| workload | " + " | ".join(n + " (CPU-s/GiB)" for n in names) + " | source site's bytes per CPU-s ÷ qemu-nbd's | target | met? |\n")
+    out.write("|---" * (len(names) + 4) + "|\n")
+    for rw, r in rows.items():
+        ratio = r["qemu-nbd"] / r[src[0]] if src else float("nan")
+        cells = " | ".join("%.2f" % r.get(n, float("nan")) for n in names)
+        out.write("| %s | %s | %.2f | ≥ %.1f | %s |\n" % (label.get(rw, rw), cells, ratio, target[rw], "met" if ratio >= target[rw] else "missed"))
+PY
+fi
