@@ -25,6 +25,7 @@ import (
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/capture"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/internal/fsutil"
 	"github.com/rebound-dr/rebound/journal"
 	"github.com/rebound-dr/rebound/nbd"
@@ -447,6 +448,7 @@ func (s *Site) startSourceSeed(u *unit, seed [][]rebound.Region) error {
 	go func() {
 		defer s.wg.Done()
 		defer close(sent)
+		failpoint.Hit(ctx, "site/sender/start") // tests hold a new stream's sending (a resync) here
 		if err := sender.Run(ctx); err != nil && ctx.Err() == nil {
 			s.logger.Error("replication sender stopped", "machine", name, "err", err)
 		}

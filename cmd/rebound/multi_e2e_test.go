@@ -341,6 +341,13 @@ type twoServers struct {
 // (failpoints), server IDs s1 and s2, and waits for the sites on both.
 func startTwoServers(t *testing.T, env1 []string) *twoServers {
 	t.Helper()
+	return startTwoServersEnv(t, env1, nil)
+}
+
+// startTwoServersEnv is startTwoServers with siteEnv[name] added to site
+// name's environment (site failpoints).
+func startTwoServersEnv(t *testing.T, env1 []string, siteEnv map[string][]string) *twoServers {
+	t.Helper()
 	ctx := context.Background()
 	dsn := pgtest.DSN(t)
 	dir := t.TempDir()
@@ -376,7 +383,7 @@ func startTwoServers(t *testing.T, env1 []string) *twoServers {
 		if err != nil {
 			t.Fatal(err)
 		}
-		startProc(t, dir, name, nil, "site", "--name", name, "--data", filepath.Join(dir, name),
+		startProc(t, dir, name, siteEnv[name], "site", "--name", name, "--data", filepath.Join(dir, name),
 			"--server-addr", grpc1+","+grpc2, "--token", tok, "--nbd-addr", freePort(t), "--repl-addr", freePort(t))
 	}
 	tc.online = func(svc rebound.Service, after time.Time) func() bool {
