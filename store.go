@@ -71,8 +71,14 @@ type Store interface {
 	// RenewJob extends owner's lease to now+ttl while fence is the job's
 	// (ECONFLICT otherwise: the lease was lost).
 	RenewJob(ctx context.Context, id, owner string, fence int64, ttl time.Duration) error
-	// ExpiredJobs lists the jobs not ended whose owner's lease expired,
-	// oldest first: the jobs another server takes over.
+	// ReleaseJob hands owner's lease on a job over at once (a server
+	// stopping cleanly): owner and lease end are cleared and the fence is
+	// incremented, so the releasing server's later writes are refused and
+	// the next claim takes it without waiting for the lease to expire.
+	// ECONFLICT (the lease was lost) unless owner holds fence.
+	ReleaseJob(ctx context.Context, id, owner string, fence int64) error
+	// ExpiredJobs lists the jobs not ended whose owner's lease expired or
+	// was released, oldest first: the jobs another server takes over.
 	ExpiredJobs(ctx context.Context) ([]Job, error)
 	GetJob(ctx context.Context, id string) (*Job, error)
 	// ListJobs lists jobs newest first, of machine unless "", at most

@@ -487,3 +487,81 @@ func TestCancelOnOtherServerConflicts(t *testing.T) {
 		})
 	}
 }
+
+// TestCleanStopLeaseHandover: server 1 stops cleanly (Close) inside a
+// failover's activate step. It hands the job's lease over at once: the
+// store shows the job running with no owner and a higher fence, although
+// the lease (an hour) is far from expiring, and server 2's next scan
+// claims it and continues it after the completed preflight, under the
+// same job ID. Server 1 undoes nothing on its way out.
+func TestCleanStopLeaseHandover(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			ctx := context.Background()
+			reached := make(chan struct{})
+			hook1 := func(ctx context.Context, j *rebound.Job, step string) {
+				if step == "activate" {
+					close(reached)
+					<-ctx.Done() // Close cancels the job
+				}
+			}
+			var mu sync.Mutex
+			var steps2 []string
+			hook2 := func(ctx context.Context, j *rebound.Job, step string) {
+				mu.Lock()
+				steps2 = append(steps2, step)
+				mu.Unlock()
+			}
+			// An hour's lease: the servers' own scans (every 20 min) and
+			// an expiry play no part; the test scans for server 2.
+			f := newHA(t, kind, time.Hour, hook1, hook2)
+			job, err := f.s1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			<-reached
+			held, err := f.db.GetJob(ctx, job.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if exp, err := f.db.ExpiredJobs(ctx); err != nil || len(exp) != 0 {
+				t.Fatalf("jobs listed for takeover while server 1 holds the lease: %+v %v", exp, err)
+			}
+			f.s1.Close()
+
+			rel, err := f.db.GetJob(ctx, job.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rel.State != rebound.JobRunning || rel.Owner != "" || rel.LeaseUntil != nil || rel.Fence != held.Fence+1 {
+				t.Fatalf("job after server 1's clean stop: %s owner %q lease %v fence %d (held %d), want running, released",
+					rel.State, rel.Owner, rel.LeaseUntil, rel.Fence, held.Fence)
+			}
+			if exp, err := f.db.ExpiredJobs(ctx); err != nil || len(exp) != 1 || exp[0].ID != job.ID {
+				t.Fatalf("released job not listed for takeover: %+v %v", exp, err)
+			}
+			if n := f.a.count("unfence"); n != 0 {
+				t.Fatalf("server 1 rolled the failover back on its way out (%d unfence)", n)
+			}
+			if err := f.s2.takeOverJobs(ctx, false); err != nil { // server 2's scan
+				t.Fatal(err)
+			}
+			if c, _ := f.db.GetJob(ctx, job.ID); c.Owner != "s2" || c.Fence <= rel.Fence {
+				t.Fatalf("after server 2's scan: owner %q fence %d, want server 2's claim above %d", c.Owner, c.Fence, rel.Fence)
+			}
+			j := waitEnded(t, f.db, job.ID)
+			if j.State != rebound.JobSucceeded || j.Owner != "s2" {
+				t.Fatalf("job after the handover: %s (%s), owner %q", j.State, j.Error, j.Owner)
+			}
+			mu.Lock()
+			got := slices.Clone(steps2)
+			mu.Unlock()
+			if want := []string{"drain", "activate"}; !slices.Equal(got, want) {
+				t.Fatalf("server 2 ran steps %v, want %v", got, want)
+			}
+			if m, _ := f.db.GetMachine(ctx, "vm1"); m.State != rebound.MachineFailedOver || m.ActiveSite != "b" {
+				t.Fatalf("machine after the handover: %s at %s", m.State, m.ActiveSite)
+			}
+		})
+	}
+}

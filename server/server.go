@@ -152,7 +152,8 @@ func (s *Server) Open(reg prometheus.Registerer) error {
 }
 
 // Close cancels running jobs and the server's other goroutines and waits
-// for them.
+// for them. Resumable jobs are left running and their leases released
+// for another server to continue them at once (finishJob).
 func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true
@@ -224,6 +225,28 @@ func (r *jobRun) loseLease(err error) {
 	}
 	r.s.Logger.Warn("job lease lost: stopping the job without writing it", "job", r.job.ID, "server", r.s.ID, "err", err)
 	r.cancel()
+}
+
+// release hands the job's lease over (a clean stop): the job writes
+// nothing more.
+func (r *jobRun) release() {
+	if r.stopWrites() {
+		return
+	}
+	r.mu.Lock()
+	id, fence := r.job.ID, r.job.Fence
+	r.mu.Unlock()
+	if fence == 0 {
+		return
+	}
+	r.lost.Store(true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.s.DB.ReleaseJob(ctx, id, r.s.ID, fence); err != nil {
+		r.s.Logger.Warn("release job lease: the next owner waits for it to expire", "job", id, "err", err)
+		return
+	}
+	r.s.Logger.Info("job lease released for another server to continue it", "job", id, "server", r.s.ID)
 }
 
 // stopWrites says whether the job must not write anything more: its lease
@@ -455,10 +478,12 @@ func (s *Server) finishJob(r *jobRun, err, ctxErr error) {
 	r.mu.Lock()
 	if s.ctx.Err() != nil && resumable(&r.job) {
 		// The server is closing: a resumable job stays as it is (running
-		// or suspended) and the next owner (another server when its lease
-		// expires, or this one's next start) continues it.
+		// or suspended), and its lease is handed over at once, so another
+		// server's next scan (or this one's next start) continues it
+		// without waiting for the lease to expire.
 		r.mu.Unlock()
 		r.save(true)
+		r.release()
 		return
 	}
 	now := time.Now().UTC()

@@ -257,11 +257,28 @@ func (db *DB) RenewJob(ctx context.Context, id, owner string, fence int64, ttl t
 	return nil
 }
 
-// ExpiredJobs lists the jobs not ended whose lease expired, oldest first.
+// ExpiredJobs lists the jobs not ended whose lease expired or was
+// released, oldest first. A job never claimed (fence 0) has no owner
+// either: it is its creator's, or from before leases.
 func (db *DB) ExpiredJobs(ctx context.Context) ([]rebound.Job, error) {
-	out, err := db.jobs(ctx, `WHERE state IN `+active+` AND owner != '' AND lease_until <= ? ORDER BY seq`, db.now().UnixNano())
+	out, err := db.jobs(ctx, `WHERE state IN `+active+` AND (owner != '' AND lease_until <= ? OR owner = '' AND fence > 0) ORDER BY seq`, db.now().UnixNano())
 	if err != nil {
 		return nil, fmt.Errorf("expired jobs: %w", err)
 	}
 	return out, nil
+}
+
+// ReleaseJob hands owner's lease over at once (see rebound.Store).
+func (db *DB) ReleaseJob(ctx context.Context, id, owner string, fence int64) error {
+	res, err := db.exec(ctx, `UPDATE jobs SET owner = '', lease_until = 0, fence = fence + 1 WHERE id = ? AND owner = ? AND fence = ? AND state IN `+active, id, owner, fence)
+	if err != nil {
+		return fmt.Errorf("release the lease of job %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		if _, err := db.GetJob(ctx, id); err != nil {
+			return err
+		}
+		return rebound.LeaseLostError(id)
+	}
+	return nil
 }

@@ -60,7 +60,7 @@ func Run(t *testing.T, h Harness) {
 		{"Events", testEvents}, {"QueryEvents", testQueryEvents}, {"EnrollTokens", testEnrollTokens},
 		{"Settings", testSettings}, {"CertsAndRevocation", testCertsAndRevocation}, {"Users", testUsers},
 		{"LastAdmin", testLastAdmin}, {"UserTokens", testUserTokens}, {"Sessions", testSessions},
-		{"Audit", testAudit}, {"JobLocks", testJobLocks}, {"JobLeases", testJobLeases},
+		{"Audit", testAudit}, {"JobLocks", testJobLocks}, {"JobLeases", testJobLeases}, {"JobRelease", testJobRelease},
 		{"MachineRevisions", testMachineRevisions},
 	} {
 		t.Run(c.name, func(t *testing.T) { c.fn(t, h) })
@@ -1234,4 +1234,66 @@ func testJobLeases(t *testing.T, h Harness) {
 	wantCode(t, db.RenewJob(ctx, "j-none", "s1", 1, time.Second), rebound.ENOTFOUND)
 	_, err = db.ClaimJob(ctx, "j-none", "s1", time.Second)
 	wantCode(t, err, rebound.ENOTFOUND)
+}
+
+// testJobRelease: a lease released by its owner (a clean stop) is listed
+// for takeover at once, long before it would have expired; the fence goes
+// on rising, so the releasing owner's writes are refused, and only the
+// owner holding the fence may release.
+func testJobRelease(t *testing.T, h Harness) {
+	ctx := context.Background()
+	db := h.open(t)
+	now := time.Date(2026, 11, 30, 6, 0, 0, 0, time.UTC)
+	h.SetClock(db, func() time.Time { return now })
+	j := &rebound.Job{Type: "failover", Machine: "vm1", State: rebound.JobRunning, Request: []byte(`{"machine":"vm1"}`)}
+	if err := db.CreateJob(ctx, j); err != nil {
+		t.Fatal(err)
+	}
+	a, err := db.ClaimJob(ctx, j.ID, "s1", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantCode(t, db.ReleaseJob(ctx, j.ID, "s2", a.Fence), rebound.ECONFLICT)
+	wantCode(t, db.ReleaseJob(ctx, j.ID, "s1", a.Fence-1), rebound.ECONFLICT)
+	wantCode(t, db.ReleaseJob(ctx, "j-none", "s1", 1), rebound.ENOTFOUND)
+	if exp, _ := db.ExpiredJobs(ctx); len(exp) != 0 {
+		t.Fatalf("a held lease is listed for takeover: %+v", exp)
+	}
+	if err := db.ReleaseJob(ctx, j.ID, "s1", a.Fence); err != nil {
+		t.Fatal(err)
+	}
+	got, err := db.GetJob(ctx, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Owner != "" || got.LeaseUntil != nil || got.Fence != a.Fence+1 || got.State != rebound.JobRunning {
+		t.Fatalf("released job: owner %q lease %v fence %d (was %d) state %s", got.Owner, got.LeaseUntil, got.Fence, a.Fence, got.State)
+	}
+	// The clock has not moved: the hour-long lease would still hold.
+	exp, err := db.ExpiredJobs(ctx)
+	if err != nil || len(exp) != 1 || exp[0].ID != j.ID {
+		t.Fatalf("released job not listed for takeover: %+v %v", exp, err)
+	}
+	a.Progress = 0.5
+	wantCode(t, db.UpdateJob(ctx, a), rebound.ECONFLICT)
+	wantCode(t, db.RenewJob(ctx, j.ID, "s1", a.Fence, time.Hour), rebound.ECONFLICT)
+	wantCode(t, db.ReleaseJob(ctx, j.ID, "s1", a.Fence), rebound.ECONFLICT)
+	b, err := db.ClaimJob(ctx, j.ID, "s2", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Owner != "s2" || b.Fence != a.Fence+2 {
+		t.Fatalf("claimed after the release: owner %q fence %d", b.Owner, b.Fence)
+	}
+	if exp, _ := db.ExpiredJobs(ctx); len(exp) != 0 {
+		t.Fatalf("a claimed job is still listed: %+v", exp)
+	}
+	// A job created and not yet claimed is its creator's, not listed.
+	k := &rebound.Job{Type: "commit", Machine: "vm2", State: rebound.JobRunning}
+	if err := db.CreateJob(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	if exp, _ := db.ExpiredJobs(ctx); len(exp) != 0 {
+		t.Fatalf("an unclaimed new job is listed: %+v", exp)
+	}
 }
