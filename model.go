@@ -227,10 +227,21 @@ type Job struct {
 	Owner      string     `json:"owner,omitempty"`
 	LeaseUntil *time.Time `json:"leaseUntil,omitempty"`
 	Fence      int64      `json:"fence,omitempty"`
+	// Cancel is CancelRequested once a cancel was asked through any
+	// server (the owner cancels the job at its next lease renewal or
+	// step), or CancelRefused once the job passed its point of no return
+	// (a failover's activation): a cancel is refused from then on.
+	Cancel string `json:"cancel,omitempty"`
 	// Request is the verb's request, from which a server that takes the
 	// job over runs it again (docs/design/ha.md).
 	Request json.RawMessage `json:"request,omitempty"`
 }
+
+// Job.Cancel values.
+const (
+	CancelRequested = "requested"
+	CancelRefused   = "refused"
+)
 
 // LockKey is what a job holds while it has not ended: its machine (or
 // group), "plan:NAME" for a plan job, or "" for a job that holds nothing.

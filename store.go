@@ -69,8 +69,20 @@ type Store interface {
 	// lease is live or the job ended.
 	ClaimJob(ctx context.Context, id, owner string, ttl time.Duration) (*Job, error)
 	// RenewJob extends owner's lease to now+ttl while fence is the job's
-	// (ECONFLICT otherwise: the lease was lost).
-	RenewJob(ctx context.Context, id, owner string, fence int64, ttl time.Duration) error
+	// (ECONFLICT otherwise: the lease was lost), and says whether a cancel
+	// was requested (RequestCancel): the owner then cancels the job.
+	RenewJob(ctx context.Context, id, owner string, fence int64, ttl time.Duration) (cancel bool, err error)
+	// RequestCancel asks whichever server runs job id to cancel it
+	// (Job.Cancel CancelRequested) and returns the job; an ended job is
+	// returned unchanged. ECONFLICT once the job passed its point of no
+	// return (PassNoReturn).
+	RequestCancel(ctx context.Context, id string) (*Job, error)
+	// PassNoReturn records that owner's job (while fence is its) passed
+	// its point of no return: RequestCancel is refused from then on. When
+	// a cancel was requested first, nothing is recorded and cancel is
+	// true: the job must stop. Of a cancel and the point of no return,
+	// exactly one wins, whichever servers they come through.
+	PassNoReturn(ctx context.Context, id, owner string, fence int64) (cancel bool, err error)
 	// ReleaseJob hands owner's lease on a job over at once (a server
 	// stopping cleanly): owner and lease end are cleared and the fence is
 	// incremented, so the releasing server's later writes are refused and
@@ -197,7 +209,7 @@ func PrepareJob(j *Job, now time.Time) error {
 	if j.Steps == nil {
 		j.Steps = []JobStep{}
 	}
-	j.Owner, j.LeaseUntil, j.Fence = "", nil, 0
+	j.Owner, j.LeaseUntil, j.Fence, j.Cancel = "", nil, 0, ""
 	return nil
 }
 
@@ -215,6 +227,12 @@ func BusyError(key, id string) error {
 // is no longer the stored one.
 func MachineChangedError(name string) error {
 	return Errorf(ECONFLICT, "machine %q was changed by another server meanwhile; retry the command", name)
+}
+
+// NoReturnError is the ECONFLICT of a cancel that came after job id
+// passed its point of no return.
+func NoReturnError(id string) error {
+	return Errorf(ECONFLICT, "job %s is past its point of no return and can no longer be cancelled; wait for it (rebound job wait %s) and undo its result (for a failover: rebound failover cancel MACHINE)", id, id)
 }
 
 // LeaseLostError is the ECONFLICT of a write by a server whose lease on

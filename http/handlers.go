@@ -246,7 +246,13 @@ func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, j)
+	// A job not ended yet (another server runs it) is cancelled by its
+	// owner shortly: the cancel is accepted.
+	status := http.StatusOK
+	if j.EndedAt == nil {
+		status = http.StatusAccepted
+	}
+	writeJSON(w, status, j)
 	return nil
 }
 

@@ -137,6 +137,8 @@ var migrations = []string{
 		WHERE lock_key != '' AND state IN ('queued', 'running', 'suspended');`,
 	// 3: a machine's revision, for compare-and-swap (UpdateMachine).
 	`ALTER TABLE machines ADD COLUMN revision BIGINT NOT NULL DEFAULT 0;`,
+	// 4: a job's cancel request or point of no return (RequestCancel).
+	`ALTER TABLE jobs ADD COLUMN cancel TEXT NOT NULL DEFAULT '';`,
 }
 
 // migrateLock is the advisory lock key migrations hold ("rebound").

@@ -450,41 +450,99 @@ func TestUpdateMachineRetriesConflict(t *testing.T) {
 	}
 }
 
-// TestCancelOnOtherServerConflicts: while server 1's failover drains,
-// server 2 is asked to cancel the failover and to commit it: both answer
-// conflict, and the failover goes on untouched.
-func TestCancelOnOtherServerConflicts(t *testing.T) {
+// TestCancelOnOtherServer: failover on server 1, cancel on server 2:
+// exactly one wins. While server 1's failover drains (before its point of
+// no return), `job cancel` through server 2 is accepted: it answers with
+// the job, not ended, and server 1 cancels it at its next lease renewal
+// or at its next step; the failover ends cancelled, rolled back (the
+// source unfenced, the machine protected), the target never activated.
+// Once the failover passed its point of no return (activate), a cancel
+// through either server is refused with a conflict, and the failover
+// succeeds. The state-changing verbs on the machine (failover cancel,
+// commit) answer conflict on server 2 throughout.
+func TestCancelOnOtherServer(t *testing.T) {
 	for _, kind := range []string{"sqlite", "postgres"} {
-		t.Run(kind, func(t *testing.T) {
-			ctx := context.Background()
-			reached, release := make(chan struct{}), make(chan struct{})
-			hook := func(ctx context.Context, j *rebound.Job, step string) {
-				if step == "drain" {
-					close(reached)
-					<-release
-				}
+		for _, when := range []string{"renewal", "step", "no-return"} {
+			t.Run(kind+"/"+when, func(t *testing.T) { testCancelOnOtherServer(t, kind, when) })
+		}
+	}
+}
+
+func testCancelOnOtherServer(t *testing.T, kind, when string) {
+	ctx := context.Background()
+	at := map[string]string{"renewal": "drain", "step": "drain", "no-return": "activate"}[when]
+	reached, release := make(chan struct{}), make(chan struct{})
+	hook := func(ctx context.Context, j *rebound.Job, step string) {
+		if step == at {
+			close(reached)
+			select {
+			case <-ctx.Done(): // the cancel, seen at a lease renewal
+			case <-release:
 			}
-			f := newHA(t, kind, DefaultLeaseTTL, hook, nil)
-			job, err := f.s1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			<-reached
-			_, err = f.s2.CancelFailover(ctx, "vm1")
-			if rebound.ErrorCode(err) != rebound.ECONFLICT || !strings.Contains(err.Error(), job.ID) {
-				t.Fatalf("cancel on server 2 during server 1's failover: %v, want a conflict naming %s", err, job.ID)
-			}
-			if _, err := f.s2.Commit(ctx, "vm1"); rebound.ErrorCode(err) != rebound.ECONFLICT {
-				t.Fatalf("commit on server 2 during server 1's failover: %v, want a conflict", err)
-			}
-			close(release)
-			if j := waitEnded(t, f.db, job.ID); j.State != rebound.JobSucceeded || j.Owner != "s1" {
-				t.Fatalf("failover after the refused commands: %s (%s) owner %q", j.State, j.Error, j.Owner)
-			}
-			if n := f.a.count("unfence"); n != 0 {
-				t.Fatalf("the source was unfenced %d times", n)
-			}
-		})
+		}
+	}
+	// An hour's lease: server 1's own renewals (every 20 min) play no
+	// part; the test renews for it.
+	f := newHA(t, kind, time.Hour, hook, nil)
+	job, err := f.s1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-reached
+	_, err = f.s2.CancelFailover(ctx, "vm1")
+	if rebound.ErrorCode(err) != rebound.ECONFLICT || !strings.Contains(err.Error(), job.ID) {
+		t.Fatalf("failover cancel on server 2 during server 1's failover: %v, want a conflict naming %s", err, job.ID)
+	}
+	if _, err := f.s2.Commit(ctx, "vm1"); rebound.ErrorCode(err) != rebound.ECONFLICT {
+		t.Fatalf("commit on server 2 during server 1's failover: %v, want a conflict", err)
+	}
+
+	c, err := f.s2.CancelJob(ctx, job.ID)
+	if when == "no-return" {
+		if rebound.ErrorCode(err) != rebound.ECONFLICT || !strings.Contains(err.Error(), "point of no return") {
+			t.Fatalf("job cancel on server 2 after the point of no return: %+v %v, want a conflict", c, err)
+		}
+		if _, err := f.s1.CancelJob(ctx, job.ID); rebound.ErrorCode(err) != rebound.ECONFLICT {
+			t.Fatalf("job cancel on server 1 after the point of no return: %v, want a conflict", err)
+		}
+		close(release)
+		j := waitEnded(t, f.db, job.ID)
+		if j.State != rebound.JobSucceeded || j.Owner != "s1" || j.Cancel != rebound.CancelRefused {
+			t.Fatalf("failover after the refused cancel: %s (%s) owner %q cancel %q", j.State, j.Error, j.Owner, j.Cancel)
+		}
+		if n := f.a.count("unfence"); n != 0 {
+			t.Fatalf("the source was unfenced %d times", n)
+		}
+		if m, _ := f.db.GetMachine(ctx, "vm1"); m.State != rebound.MachineFailedOver || m.ActiveSite != "b" {
+			t.Fatalf("machine: %s at %s, want failed over to b", m.State, m.ActiveSite)
+		}
+		return
+	}
+	if err != nil || c.EndedAt != nil || c.State != rebound.JobRunning || c.Cancel != rebound.CancelRequested {
+		t.Fatalf("job cancel on server 2: %+v %v, want the job running with its cancel requested", c, err)
+	}
+	switch when {
+	case "renewal":
+		f.s1.renewLeases(ctx) // what server 1's lease loop does every TTL/3
+	case "step":
+		close(release) // server 1 goes on to its next step's lease check
+	}
+	j := waitEnded(t, f.db, job.ID)
+	if j.State != rebound.JobCancelled || j.Owner != "s1" {
+		t.Fatalf("failover after the cancel on server 2: %s (%s) owner %q, want cancelled", j.State, j.Error, j.Owner)
+	}
+	if n := f.b.count("activate"); n != 0 {
+		t.Fatalf("the target was activated %d times after the cancel", n)
+	}
+	if n := f.a.count("unfence"); n != 1 {
+		t.Fatalf("the source was unfenced %d times, want 1 (the rollback)", n)
+	}
+	if m, _ := f.db.GetMachine(ctx, "vm1"); m.State != rebound.MachineProtected || m.ActiveSite != "a" {
+		t.Fatalf("machine after the cancel: %s at %s, want protected at a", m.State, m.ActiveSite)
+	}
+	// Cancelling an ended job, through either server, answers it unchanged.
+	if e, err := f.s2.CancelJob(ctx, job.ID); err != nil || e.State != rebound.JobCancelled {
+		t.Fatalf("cancel of the ended job: %+v %v", e, err)
 	}
 }
 

@@ -59,7 +59,8 @@ func (s *Server) leaseLoop() {
 }
 
 // renewLeases extends the lease of every job this server runs; a job whose
-// lease another server took is stopped at once.
+// lease another server took is stopped at once, and a job whose cancel was
+// asked through another server (RequestCancel) is cancelled.
 func (s *Server) renewLeases(ctx context.Context) {
 	if s.pauseLeases.Load() {
 		return
@@ -79,9 +80,12 @@ func (s *Server) renewLeases(ctx context.Context) {
 		r.mu.Lock()
 		id, fence := r.job.ID, r.job.Fence
 		r.mu.Unlock()
-		err := s.DB.RenewJob(ctx, id, s.ID, fence, s.LeaseTTL)
+		cancel, err := s.DB.RenewJob(ctx, id, s.ID, fence, s.LeaseTTL)
 		switch {
 		case err == nil:
+			if cancel {
+				r.cancelRequested()
+			}
 		case rebound.ErrorCode(err) == rebound.ECONFLICT:
 			r.loseLease(err)
 		default:

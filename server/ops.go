@@ -732,6 +732,11 @@ func (s *Server) failoverRun(m *rebound.Machine, req rebound.FailoverRequest, ty
 		}
 		var fenced bool
 		point, err := s.drainAndResolve(ctx, r, m.Name, req, src, dst, &fenced)
+		if err == nil {
+			// Activating the target is the point of no return: a cancel
+			// (through any server) wins before it and is refused after.
+			err = r.passNoReturn()
+		}
 		if err != nil {
 			return s.rollbackFailover(ctx, m.Name, from, src, err)
 		}

@@ -270,13 +270,54 @@ func checkLease(ctx context.Context) error {
 	if fence == 0 {
 		return nil
 	}
-	if err := r.s.DB.RenewJob(context.WithoutCancel(ctx), id, r.s.ID, fence, r.s.LeaseTTL); err != nil {
+	cancel, err := r.s.DB.RenewJob(context.WithoutCancel(ctx), id, r.s.ID, fence, r.s.LeaseTTL)
+	if err != nil {
 		if rebound.ErrorCode(err) == rebound.ECONFLICT {
 			r.loseLease(err)
 		}
 		return err
 	}
+	if cancel {
+		// The job's context ends; a write under another context (an
+		// undo's) goes on, as after a cancel on this server.
+		r.cancelRequested()
+	}
 	return nil
+}
+
+// cancelRequested cancels the job: a cancel was asked for it through any
+// server (RequestCancel), and this server owns it.
+func (r *jobRun) cancelRequested() {
+	if r.ctx.Err() == nil {
+		r.s.Logger.Info("job cancel requested: cancelling it", "job", r.job.ID, "server", r.s.ID)
+	}
+	r.cancel()
+}
+
+// passNoReturn records that the job passed its point of no return (a
+// failover about to activate its target): from then on a cancel is
+// refused through every server. A cancel asked before wins: the job's
+// context ends and context.Canceled is returned, for the job to undo what
+// it did and end cancelled.
+func (r *jobRun) passNoReturn() error {
+	if r.stopWrites() {
+		return rebound.LeaseLostError(r.job.ID)
+	}
+	r.mu.Lock()
+	id, fence := r.job.ID, r.job.Fence
+	r.mu.Unlock()
+	cancel, err := r.s.DB.PassNoReturn(context.WithoutCancel(r.ctx), id, r.s.ID, fence)
+	switch {
+	case err != nil:
+		if rebound.ErrorCode(err) == rebound.ECONFLICT {
+			r.loseLease(err)
+		}
+		return err
+	case cancel:
+		r.cancelRequested()
+		return fmt.Errorf("job %s cancelled before its point of no return: %w", id, context.Canceled)
+	}
+	return r.ctx.Err()
 }
 
 // Step marks the current step done and starts the named one.
@@ -434,8 +475,11 @@ func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create
 		}
 		return nil, err
 	}
-	job.Owner, job.LeaseUntil, job.Fence = c.Owner, c.LeaseUntil, c.Fence
+	job.Owner, job.LeaseUntil, job.Fence, job.Cancel = c.Owner, c.LeaseUntil, c.Fence, c.Cancel
 	jctx, cancel := context.WithCancel(s.ctx)
+	if c.Cancel == rebound.CancelRequested {
+		cancel() // asked before this server claimed it
+	}
 	if key != "" {
 		s.busy[key] = job.ID
 	}
@@ -550,8 +594,16 @@ func (s *Server) GetJob(ctx context.Context, id string) (*rebound.Job, error) {
 
 // CancelJob cancels a running job and returns it once it has ended (its
 // undo included), or as it is when ctx ends first; an ended job is
-// returned unchanged.
+// returned unchanged. The cancel is recorded in the store first
+// (RequestCancel), so it works through any server: a job another server
+// runs is returned at once, not ended, and its owner cancels it at its
+// next lease renewal or step. A job past its point of no return is not
+// cancelled: ECONFLICT.
 func (s *Server) CancelJob(ctx context.Context, id string) (*rebound.Job, error) {
+	j, err := s.DB.RequestCancel(context.WithoutCancel(ctx), id)
+	if err != nil || j.EndedAt != nil {
+		return j, err
+	}
 	s.mu.Lock()
 	rj, ok := s.running[id]
 	s.mu.Unlock()

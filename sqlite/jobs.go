@@ -13,22 +13,22 @@ import (
 
 // A job's lease is in its columns (owner, lease_until, fence), which win
 // over the copy in its document; lock_key is set at creation.
-const jobCols = `doc, owner, lease_until, fence`
+const jobCols = `doc, owner, lease_until, fence, cancel`
 
 // active is the SQL list of the states of a job that has not ended.
 const active = `('queued', 'running', 'suspended')`
 
 func scanJob(row interface{ Scan(...any) error }) (*rebound.Job, error) {
-	var doc, owner string
+	var doc, owner, cancel string
 	var until, fence int64
-	if err := row.Scan(&doc, &owner, &until, &fence); err != nil {
+	if err := row.Scan(&doc, &owner, &until, &fence, &cancel); err != nil {
 		return nil, err
 	}
 	var j rebound.Job
 	if err := unmarshal(doc, &j); err != nil {
 		return nil, err
 	}
-	j.Owner, j.Fence, j.LeaseUntil = owner, fence, nil
+	j.Owner, j.Fence, j.LeaseUntil, j.Cancel = owner, fence, nil, cancel
 	if until != 0 {
 		t := unixNano(until)
 		j.LeaseUntil = &t
@@ -242,19 +242,41 @@ func (db *DB) ClaimJob(ctx context.Context, id, owner string, ttl time.Duration)
 }
 
 // RenewJob extends owner's lease (see rebound.Store).
-func (db *DB) RenewJob(ctx context.Context, id, owner string, fence int64, ttl time.Duration) error {
-	res, err := db.exec(ctx, `UPDATE jobs SET lease_until = ? WHERE id = ? AND owner = ? AND fence = ?`,
-		db.now().Add(ttl).UnixNano(), id, owner, fence)
-	if err != nil {
-		return fmt.Errorf("renew the lease of job %s: %w", id, err)
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
+func (db *DB) RenewJob(ctx context.Context, id, owner string, fence int64, ttl time.Duration) (bool, error) {
+	var cancel string
+	err := db.note(db.db.QueryRowContext(ctx, `UPDATE jobs SET lease_until = ? WHERE id = ? AND owner = ? AND fence = ? RETURNING cancel`,
+		db.now().Add(ttl).UnixNano(), id, owner, fence).Scan(&cancel))
+	if errors.Is(err, sql.ErrNoRows) {
 		if _, err := db.GetJob(ctx, id); err != nil {
-			return err
+			return false, err
 		}
-		return rebound.LeaseLostError(id)
+		return false, rebound.LeaseLostError(id)
+	} else if err != nil {
+		return false, fmt.Errorf("renew the lease of job %s: %w", id, err)
 	}
-	return nil
+	return cancel == rebound.CancelRequested, nil
+}
+
+// RequestCancel asks the job's owner to cancel it (see rebound.Store).
+func (db *DB) RequestCancel(ctx context.Context, id string) (*rebound.Job, error) {
+	if _, err := db.exec(ctx, `UPDATE jobs SET cancel = ? WHERE id = ? AND state IN `+active+` AND cancel = ''`,
+		rebound.CancelRequested, id); err != nil {
+		return nil, fmt.Errorf("request the cancel of job %s: %w", id, err)
+	}
+	return requestedCancel(db.GetJob(ctx, id))
+}
+
+// PassNoReturn records the job's point of no return (see rebound.Store).
+func (db *DB) PassNoReturn(ctx context.Context, id, owner string, fence int64) (bool, error) {
+	res, err := db.exec(ctx, `UPDATE jobs SET cancel = ? WHERE id = ? AND owner = ? AND fence = ? AND cancel != ?`,
+		rebound.CancelRefused, id, owner, fence, rebound.CancelRequested)
+	if err != nil {
+		return false, fmt.Errorf("record the point of no return of job %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 1 {
+		return false, nil
+	}
+	return passedNoReturn(db.GetJob(ctx, id))
 }
 
 // ExpiredJobs lists the jobs not ended whose lease expired or was
@@ -281,4 +303,29 @@ func (db *DB) ReleaseJob(ctx context.Context, id, owner string, fence int64) err
 		return rebound.LeaseLostError(id)
 	}
 	return nil
+}
+
+// requestedCancel is RequestCancel's answer from the job read after its
+// update: a job not ended whose cancel was not recorded passed its point
+// of no return.
+func requestedCancel(j *rebound.Job, err error) (*rebound.Job, error) {
+	if err != nil {
+		return nil, err
+	}
+	if j.EndedAt == nil && j.Cancel == rebound.CancelRefused {
+		return nil, rebound.NoReturnError(j.ID)
+	}
+	return j, nil
+}
+
+// passedNoReturn is PassNoReturn's answer when its update matched no row:
+// a cancel came first, or the lease was lost.
+func passedNoReturn(j *rebound.Job, err error) (bool, error) {
+	switch {
+	case err != nil:
+		return false, err
+	case j.Cancel == rebound.CancelRequested:
+		return true, nil
+	}
+	return false, rebound.LeaseLostError(j.ID)
 }

@@ -161,6 +161,8 @@ var migrations = []string{
 		WHERE lock_key != '' AND state IN ('queued', 'running', 'suspended');`,
 	// 6: a machine's revision, for compare-and-swap (UpdateMachine).
 	`ALTER TABLE machines ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;`,
+	// 7: a job's cancel request or point of no return (RequestCancel).
+	`ALTER TABLE jobs ADD COLUMN cancel TEXT NOT NULL DEFAULT '';`,
 }
 
 // Open opens (creating if needed) the database at path, applies pending

@@ -174,6 +174,9 @@ func writeJob(w io.Writer, j *rebound.Job) {
 	if r := fmtResync(j); r != "" {
 		row(w, "Resync:", r)
 	}
+	if j.Cancel == rebound.CancelRequested && j.EndedAt == nil {
+		row(w, "Cancel:", "requested; the server running the job stops it shortly (rebound job wait "+j.ID+")")
+	}
 	if j.Error != "" {
 		row(w, "Error:", j.Error)
 	}

@@ -60,12 +60,15 @@ func Run(t *testing.T, h Harness) {
 		{"Events", testEvents}, {"QueryEvents", testQueryEvents}, {"EnrollTokens", testEnrollTokens},
 		{"Settings", testSettings}, {"CertsAndRevocation", testCertsAndRevocation}, {"Users", testUsers},
 		{"LastAdmin", testLastAdmin}, {"UserTokens", testUserTokens}, {"Sessions", testSessions},
-		{"Audit", testAudit}, {"JobLocks", testJobLocks}, {"JobLeases", testJobLeases}, {"JobRelease", testJobRelease},
+		{"Audit", testAudit}, {"JobLocks", testJobLocks}, {"JobLeases", testJobLeases}, {"JobRelease", testJobRelease}, {"JobCancel", testJobCancel},
 		{"MachineRevisions", testMachineRevisions},
 	} {
 		t.Run(c.name, func(t *testing.T) { c.fn(t, h) })
 	}
 }
+
+// second is a call's error, for wantCode.
+func second[T any](_ T, err error) error { return err }
 
 func wantCode(t *testing.T, err error, code string) {
 	t.Helper()
@@ -1170,7 +1173,7 @@ func testJobLeases(t *testing.T, h Harness) {
 		t.Fatalf("message %q", err)
 	}
 	now = now.Add(10 * time.Second)
-	if err := db.RenewJob(ctx, j.ID, "s1", a.Fence, 15*time.Second); err != nil {
+	if _, err := db.RenewJob(ctx, j.ID, "s1", a.Fence, 15*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	now = now.Add(14 * time.Second) // 1 s left: still s1's
@@ -1220,7 +1223,7 @@ func testJobLeases(t *testing.T, h Harness) {
 	if !strings.Contains(err.Error(), "lease on job "+j.ID+" was lost") {
 		t.Fatalf("message %q", err)
 	}
-	wantCode(t, db.RenewJob(ctx, j.ID, "s1", a.Fence, 15*time.Second), rebound.ECONFLICT)
+	wantCode(t, second(db.RenewJob(ctx, j.ID, "s1", a.Fence, 15*time.Second)), rebound.ECONFLICT)
 	got, _ := db.GetJob(ctx, j.ID)
 	if got.Progress == 0.9 || got.Owner != b.Owner || got.Fence != 3 {
 		t.Fatalf("stored %+v", got)
@@ -1231,7 +1234,7 @@ func testJobLeases(t *testing.T, h Harness) {
 	}
 	_, err = db.ClaimJob(ctx, j.ID, "s9", 15*time.Second)
 	wantCode(t, err, rebound.ECONFLICT)
-	wantCode(t, db.RenewJob(ctx, "j-none", "s1", 1, time.Second), rebound.ENOTFOUND)
+	wantCode(t, second(db.RenewJob(ctx, "j-none", "s1", 1, time.Second)), rebound.ENOTFOUND)
 	_, err = db.ClaimJob(ctx, "j-none", "s1", time.Second)
 	wantCode(t, err, rebound.ENOTFOUND)
 }
@@ -1276,7 +1279,7 @@ func testJobRelease(t *testing.T, h Harness) {
 	}
 	a.Progress = 0.5
 	wantCode(t, db.UpdateJob(ctx, a), rebound.ECONFLICT)
-	wantCode(t, db.RenewJob(ctx, j.ID, "s1", a.Fence, time.Hour), rebound.ECONFLICT)
+	wantCode(t, second(db.RenewJob(ctx, j.ID, "s1", a.Fence, time.Hour)), rebound.ECONFLICT)
 	wantCode(t, db.ReleaseJob(ctx, j.ID, "s1", a.Fence), rebound.ECONFLICT)
 	b, err := db.ClaimJob(ctx, j.ID, "s2", time.Hour)
 	if err != nil {
@@ -1295,5 +1298,120 @@ func testJobRelease(t *testing.T, h Harness) {
 	}
 	if exp, _ := db.ExpiredJobs(ctx); len(exp) != 0 {
 		t.Fatalf("an unclaimed new job is listed: %+v", exp)
+	}
+}
+
+// testJobCancel: a cancel asked through any server is kept on the job
+// until its owner sees it (RenewJob), survives the owner's writes and a
+// change of owner; once the job passed its point of no return, a cancel is
+// refused; of a cancel and the point of no return racing, exactly one
+// wins.
+func testJobCancel(t *testing.T, h Harness) {
+	ctx := context.Background()
+	db := h.open(t)
+	newJob := func(machine string) *rebound.Job {
+		t.Helper()
+		j := &rebound.Job{Type: "failover", Machine: machine, State: rebound.JobRunning, Request: []byte(`{}`)}
+		if err := db.CreateJob(ctx, j); err != nil {
+			t.Fatal(err)
+		}
+		c, err := db.ClaimJob(ctx, j.ID, "s1", time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a := newJob("vm1")
+	if c, err := db.RenewJob(ctx, a.ID, "s1", a.Fence, time.Hour); err != nil || c {
+		t.Fatalf("renew before any cancel: cancel %v, %v", c, err)
+	}
+	got, err := db.RequestCancel(ctx, a.ID)
+	if err != nil || got.Cancel != rebound.CancelRequested || got.State != rebound.JobRunning || got.EndedAt != nil {
+		t.Fatalf("cancel requested: %+v %v", got, err)
+	}
+	if again, err := db.RequestCancel(ctx, a.ID); err != nil || again.Cancel != rebound.CancelRequested {
+		t.Fatalf("a second request: %+v %v", again, err)
+	}
+	a.Progress = 0.5 // the owner's write, from its copy without the request
+	if err := db.UpdateJob(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := db.RenewJob(ctx, a.ID, "s1", a.Fence, time.Hour); err != nil || !c {
+		t.Fatalf("renew after the request: cancel %v, %v; want true", c, err)
+	}
+	if c, err := db.PassNoReturn(ctx, a.ID, "s1", a.Fence); err != nil || !c {
+		t.Fatalf("point of no return after the request: cancel %v, %v; want the cancel to win", c, err)
+	}
+	if err := db.ReleaseJob(ctx, a.ID, "s1", a.Fence); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := db.ClaimJob(ctx, a.ID, "s2", time.Hour); err != nil || b.Cancel != rebound.CancelRequested {
+		t.Fatalf("the next owner's claim: %+v %v; want the request kept", b, err)
+	}
+
+	p := newJob("vm2")
+	if _, err := db.PassNoReturn(ctx, p.ID, "s1", p.Fence+1); rebound.ErrorCode(err) != rebound.ECONFLICT {
+		t.Fatalf("point of no return with another fence: %v, want the lease-lost conflict", err)
+	}
+	if c, err := db.PassNoReturn(ctx, p.ID, "s1", p.Fence); err != nil || c {
+		t.Fatalf("point of no return: cancel %v, %v", c, err)
+	}
+	if c, err := db.PassNoReturn(ctx, p.ID, "s1", p.Fence); err != nil || c {
+		t.Fatalf("point of no return again (a job continued): cancel %v, %v", c, err)
+	}
+	_, err = db.RequestCancel(ctx, p.ID)
+	wantCode(t, err, rebound.ECONFLICT)
+	if !strings.Contains(err.Error(), "point of no return") || !strings.Contains(err.Error(), "rebound job wait "+p.ID) {
+		t.Fatalf("message %q", err)
+	}
+	if got, _ := db.GetJob(ctx, p.ID); got.Cancel != rebound.CancelRefused {
+		t.Fatalf("cancel %q after the point of no return", got.Cancel)
+	}
+	p.State = rebound.JobSucceeded
+	now := time.Now().UTC()
+	p.EndedAt = &now
+	if err := db.UpdateJob(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := db.RequestCancel(ctx, p.ID); err != nil || got.State != rebound.JobSucceeded {
+		t.Fatalf("cancel of an ended job: %+v %v, want it unchanged", got, err)
+	}
+	_, err = db.RequestCancel(ctx, "j-none")
+	wantCode(t, err, rebound.ENOTFOUND)
+
+	// Cancels through four servers race the owner's point of no return.
+	r := newJob("vm3")
+	var wg sync.WaitGroup
+	var cancelled bool
+	var passErr error
+	var accepted, refused int
+	var mu sync.Mutex
+	wg.Add(5)
+	go func() {
+		defer wg.Done()
+		cancelled, passErr = db.PassNoReturn(ctx, r.ID, "s1", r.Fence)
+	}()
+	for range 4 {
+		go func() {
+			defer wg.Done()
+			_, err := db.RequestCancel(ctx, r.ID)
+			mu.Lock()
+			defer mu.Unlock()
+			switch rebound.ErrorCode(err) {
+			case "":
+				accepted++
+			case rebound.ECONFLICT:
+				refused++
+			default:
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if passErr != nil {
+		t.Fatal(passErr)
+	}
+	if cancelled && (accepted == 0 || refused != 0) || !cancelled && accepted != 0 {
+		t.Fatalf("race: point of no return cancelled=%v, cancels accepted %d refused %d: both sides won", cancelled, accepted, refused)
 	}
 }
