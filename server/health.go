@@ -294,7 +294,8 @@ func (s *Server) siteOffline(ctx context.Context, name string) bool {
 	return true
 }
 
-// watchdog marks silent sites offline and re-derives health.
+// watchdog forgets sites removed through another server, marks silent
+// sites offline and re-derives health.
 func (s *Server) watchdog() {
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
@@ -305,10 +306,11 @@ func (s *Server) watchdog() {
 		case <-t.C:
 		}
 		ctx := s.ctx
-		sites, err := s.listSites(ctx)
+		stored, err := s.DB.ListSites(ctx)
 		if err != nil {
 			continue
 		}
+		sites := s.live.overlaySites(s.forgetRemovedSites(ctx, stored))
 		for _, st := range sites {
 			if st.Status == rebound.SiteOnline && s.siteOffline(ctx, st.Name) {
 				st.Status = rebound.SiteOffline

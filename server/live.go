@@ -106,6 +106,19 @@ func (l *live) putSite(st rebound.Site) (store bool) {
 		old.Version != st.Version || st.LastSeen.Sub(at) >= siteStoreEvery
 }
 
+// siteNames lists the sites held in memory, and whether this server
+// stored each (siteStored).
+func (l *live) siteNames() map[string]bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make(map[string]bool, len(l.sites))
+	for name := range l.sites {
+		_, stored := l.siteAt[name]
+		out[name] = stored
+	}
+	return out
+}
+
 // siteStored notes that the store holds st.
 func (l *live) siteStored(st rebound.Site) {
 	l.mu.Lock()

@@ -238,6 +238,68 @@ func (s *Server) RemoveSite(ctx context.Context, name string, force bool) (*rebo
 	return out, nil
 }
 
+// forgetRemovedSites drops what this server holds in memory of the sites
+// removed through another server (rebound site remove): a site whose row
+// this server stored is gone from the store, or every certificate it was
+// issued is revoked. From then on its late reports are dropped, as on the
+// server that removed it, and a row such a report stored again meanwhile
+// is deleted. The watchdog calls it every 5 s with the stored sites, and
+// returns those left.
+func (s *Server) forgetRemovedSites(ctx context.Context, stored []rebound.Site) []rebound.Site {
+	inStore := map[string]bool{}
+	for _, st := range stored {
+		inStore[st.Name] = true
+	}
+	var gone map[string]bool
+	for name, wasStored := range s.live.siteNames() {
+		removed := !inStore[name] && wasStored
+		if !removed {
+			certs, err := s.DB.Certs(ctx, name)
+			if err != nil {
+				continue
+			}
+			removed = len(certs) > 0
+			for _, c := range certs {
+				if c.RevokedAt.IsZero() {
+					removed = false
+				}
+			}
+		}
+		if !removed {
+			continue
+		}
+		s.mu.Lock()
+		if s.removed == nil {
+			s.removed = map[string]bool{}
+		}
+		s.removed[name] = true
+		s.mu.Unlock()
+		s.live.dropSite(name)
+		s.metrics.siteUp.DeleteLabelValues(name)
+		if inStore[name] {
+			// A report raced the removal and stored the site again.
+			if err := s.DB.DeleteSite(ctx, name); err != nil && rebound.ErrorCode(err) != rebound.ENOTFOUND {
+				s.Logger.Warn("delete removed site", "site", name, "err", err)
+			}
+		}
+		if gone == nil {
+			gone = map[string]bool{}
+		}
+		gone[name] = true
+		s.Logger.Info("site removed through another server: forgotten", "site", name)
+	}
+	if gone == nil {
+		return stored
+	}
+	out := stored[:0:0]
+	for _, st := range stored {
+		if !gone[st.Name] {
+			out = append(out, st)
+		}
+	}
+	return out
+}
+
 // listEnrolledSites returns the sites that reported, then those that
 // never did: enrolled (a certificate not revoked) or invited (a join token
 // not used yet).
