@@ -164,8 +164,6 @@ func TestSeveralServers(t *testing.T) {
 	// The sites' reports reach server 2: seen after server 1 closed, the
 	// machine's health kept from them.
 	waitUntil(t, 20*time.Second, "reports on server 2 after server 1 closed", func() bool {
-		// (Server 2 still lists the removed edge from its memory: see
-		// docs/ha.md.)
 		ss, err := svc2.ListSites(ctx)
 		if err != nil {
 			return false
