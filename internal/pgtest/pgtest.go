@@ -104,10 +104,27 @@ func start() (*server, error) {
 	if err != nil {
 		return nil, err
 	}
+	return startIn(bin, os.TempDir(), os.Getpid())
+}
+
+// startIn starts a server for the test binary of PID owner in a new folder
+// under root, after stopping the servers of killed test binaries there
+// (stale.go).
+func startIn(bin, root string, owner int) (*server, error) {
+	reapStale(root)
 	// Not t.TempDir: the postgres user must reach the folder, and it
-	// outlives the first test that asked for it.
-	dir, err := os.MkdirTemp("", "rebound-pg-")
+	// outlives the first test that asked for it. Its name and "owner"
+	// file say which test binary runs it.
+	dir, err := os.MkdirTemp(root, fmt.Sprintf("%s%d-", dirPrefix, owner))
 	if err != nil {
+		return nil, err
+	}
+	rec, err := ownerOf(owner)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, "owner"), []byte(rec+"\n"), 0o644)
+	}
+	if err != nil {
+		os.RemoveAll(dir)
 		return nil, err
 	}
 	s := &server{bin: bin, dir: dir}
