@@ -506,7 +506,9 @@ func jobWithin(t *testing.T, svc rebound.Service, id string, d time.Duration) (*
 			return j, rebound.Errorf(rebound.EINTERNAL, "job %s %s: %s", j.ID, j.State, j.Error)
 		}
 		if time.Now().After(deadline) {
-			j, _ = svc.CancelJob(ctx, id)
+			if c, err := svc.CancelJob(ctx, id); err == nil {
+				j = c // a job past its point of no return refuses it
+			}
 			return j, rebound.Errorf(rebound.EINTERNAL, "job %s still running after %s at step %q: cancelled", id, d, j.Step)
 		}
 		time.Sleep(100 * time.Millisecond)
