@@ -578,6 +578,15 @@ func TestCleanStopLeaseHandover(t *testing.T) {
 				t.Fatal(err)
 			}
 			<-reached
+			// A job no other server can continue (commit), running too.
+			other, err := f.s1.startJob(ctx, "commit", "vm2", []string{"flatten"}, func(ctx context.Context, r *jobRun) error {
+				r.Step("flatten")
+				<-ctx.Done()
+				return ctx.Err()
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
 			held, err := f.db.GetJob(ctx, job.ID)
 			if err != nil {
 				t.Fatal(err)
@@ -586,6 +595,9 @@ func TestCleanStopLeaseHandover(t *testing.T) {
 				t.Fatalf("jobs listed for takeover while server 1 holds the lease: %+v %v", exp, err)
 			}
 			f.s1.Close()
+			if o, _ := f.db.GetJob(ctx, other.ID); o.State != rebound.JobFailed || o.Error != interruptedMsg {
+				t.Fatalf("commit job after the clean stop: %s %q, want failed as interrupted, as before", o.State, o.Error)
+			}
 
 			rel, err := f.db.GetJob(ctx, job.ID)
 			if err != nil {
