@@ -154,13 +154,13 @@ PY
 	echo
 	echo "## NBD writes through a protected machine's export"
 	echo
-	echo "$nbd_tool. Both servers on a unix socket; Rebound's export is the disk of a machine protected to a second site (\\`rebound server\\` and two \\`rebound site\\` processes on this machine), so every write is also captured, spooled and replicated."
+	echo "$nbd_tool. Both servers on a unix socket; Rebound's export is the disk of a machine protected to a second site (\`rebound server\` and two \`rebound site\` processes on this machine), so every write is also captured, spooled and replicated."
 	echo
 	cat "$tmp/nbd.md"
 	echo
 	ratio
 	echo
-	echo "A 30 s sequential write (fio, 1 MiB at iodepth 8) on the same protected disk at full speed, under each congestion policy of the default policy (docs/concepts.md, \\`congestion\\`), with the source's default 1 GiB spool; the replication state, lag and backlog as the source reported them during the write (sampled every 0.5 s from \\`machine show\\`). Target: the disk sustains the write for 30 s without overflowing, or the policy says what happens (track: a dirty-region map and a resync; throttle: writers slowed, lag bounded)."
+	echo "A 30 s sequential write (fio, 1 MiB at iodepth 8) on the same protected disk at full speed, under each congestion policy of the default policy (docs/concepts.md, \`congestion\`), with the source's default 1 GiB spool; the replication state, lag and backlog as the source reported them during the write (sampled every 0.5 s from \`machine show\`). Target: the disk sustains the write for 30 s without overflowing, or the policy says what happens (track: a dirty-region map and a resync; throttle: writers slowed, lag bounded)."
 	echo
 	echo "| congestion | write throughput | replication states seen | max lag | max backlog | throttled writes | target |"
 	echo "|---|---|---|---|---|---|---|"
