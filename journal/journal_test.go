@@ -721,3 +721,58 @@ func TestDiskMismatch(t *testing.T) {
 	}
 	_ = bytes.Equal
 }
+
+// TestNewestPoint: NewestPoint is the last of Points at every stage: none
+// during the initial copy (a mark inside it is no point), the newest mark
+// after it (a mark inside a later resync is none), the base once a fold
+// took every mark into it, and the same after a reopen.
+func TestNewestPoint(t *testing.T) {
+	m := newModel(9, 64<<10)
+	dir := t.TempDir()
+	j := openJ(t, dir, m)
+	defer func() { j.Close() }()
+	same := func(want uint64) {
+		t.Helper()
+		p, ok := j.NewestPoint()
+		pl := j.Points()
+		if want == 0 {
+			if ok || len(pl.Points) != 0 {
+				t.Fatalf("NewestPoint %+v %v, points %+v; want none", p, ok, pl.Points)
+			}
+			return
+		}
+		if !ok || p.Seq != want || len(pl.Points) == 0 || p != pl.Points[len(pl.Points)-1] {
+			t.Fatalf("NewestPoint %+v %v, points %+v; want p%d, the last of the list", p, ok, pl.Points, want)
+		}
+	}
+	same(0)
+	m.add(&rebound.Record{Kind: rebound.RecordResyncBegin})                             // 1
+	m.add(&rebound.Record{Kind: rebound.RecordWrite, Length: 3, Data: []byte{1, 2, 3}}) // 2
+	m.add(&rebound.Record{Kind: rebound.RecordMark, PointKind: rebound.PointCrash})     // 3 inside
+	m.feed(t, j, 1, 3)
+	same(0)
+	m.add(&rebound.Record{Kind: rebound.RecordResyncEnd})                           // 4
+	m.add(&rebound.Record{Kind: rebound.RecordMark, PointKind: rebound.PointApp})   // 5
+	m.add(&rebound.Record{Kind: rebound.RecordWrite, Length: 1, Data: []byte{9}})   // 6
+	m.add(&rebound.Record{Kind: rebound.RecordMark, PointKind: rebound.PointCrash}) // 7
+	m.add(&rebound.Record{Kind: rebound.RecordResyncBegin})                         // 8
+	m.add(&rebound.Record{Kind: rebound.RecordMark, PointKind: rebound.PointApp})   // 9 inside
+	m.feed(t, j, 4, 9)
+	same(7)
+	m.add(&rebound.Record{Kind: rebound.RecordResyncEnd}) // 10
+	m.feed(t, j, 10, 10)
+	same(7)
+	// A fold of everything keeps the newest mark as the base.
+	if n, err := j.Expire(t0.Add(time.Hour)); err != nil || n == 0 {
+		t.Fatalf("expire: %d %v", n, err)
+	}
+	same(7)
+	if p, _ := j.NewestPoint(); p.Kind != rebound.PointCrash {
+		t.Fatalf("newest point after the fold: %+v", p)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	j = openJ(t, dir, m)
+	same(7)
+}

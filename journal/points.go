@@ -129,6 +129,21 @@ func (j *Journal) Points() rebound.PointList {
 	return pl
 }
 
+// NewestPoint returns the newest recovery point (the last of Points)
+// without building the list: the site reports it for every journal every
+// 2 s, and a list is one point per mark.
+func (j *Journal) NewestPoint() (rebound.RecoveryPoint, bool) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if n := len(j.marks); n > 0 {
+		return j.pointAt(j.marks[n-1]), true
+	}
+	if j.base > 0 && j.meta.BaseKind != "" {
+		return j.pointAt(j.base), true
+	}
+	return rebound.RecoveryPoint{}, false
+}
+
 var errNoPoint = rebound.Errorf(rebound.ENOTFOUND, "no recovery point yet: initial replication has not completed")
 
 // Resolve turns a selector into a consistent retained position:

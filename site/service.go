@@ -67,10 +67,8 @@ func (s *Site) Status(ctx context.Context) (*rebound.SiteStatus, error) {
 		}
 		if u.journal != nil {
 			ms.DurableSeq = u.journal.Durable()
-			pl := u.journal.Points()
-			ms.Consistent = len(pl.Points) > 0
-			if n := len(pl.Points); n > 0 {
-				ms.LastPointTime = pl.Points[n-1].Time
+			if p, ok := u.journal.NewestPoint(); ok {
+				ms.Consistent, ms.LastPointTime = true, p.Time
 			}
 			ms.Activated, ms.TestActivated = u.act != nil, u.test != nil
 			if _, _, _, repairing := u.journal.Repairing(); repairing || u.journal.Corrupt() != nil {

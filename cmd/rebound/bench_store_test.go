@@ -2,27 +2,42 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/rebound-dr/rebound"
 	rhttp "github.com/rebound-dr/rebound/http"
 	"github.com/rebound-dr/rebound/internal/pgtest"
+	"github.com/rebound-dr/rebound/journal"
 )
 
-// benchMachines is how many machines BenchmarkAPIStore's store holds.
-const benchMachines = 2000
+// benchMachines is how many machines BenchmarkAPIStore's store holds, and
+// benchPoints how many recovery points each has at the recovery site.
+const (
+	benchMachines = 2000
+	benchPoints   = 100
+)
 
-// BenchmarkAPIStore measures the API's machine list and machine show, over
-// HTTPS with a token, with 2,000 protected machines in the store, on
-// SQLite and on PostgreSQL (a real server on a unix socket).
+// BenchmarkAPIStore measures the API's machine list and machine show, and
+// a machine's recovery point list, over HTTPS with a token, with 2,000
+// protected machines in the store and 100 points each (200,000) in the
+// recovery site's journals, on SQLite and on PostgreSQL (a real server on
+// a unix socket). Both sites are real in-process sites on the server's
+// control channel; the points are listed by the recovery site from its
+// journals, as every point list is.
 func BenchmarkAPIStore(b *testing.B) {
 	for _, kind := range []string{"sqlite", "postgres"} {
 		b.Run(kind, func(b *testing.B) {
 			ctx := context.Background()
-			cfg := ServerConfig{DataDir: b.TempDir(), APIAddr: "127.0.0.1:0", GRPCAddr: "127.0.0.1:0"}
+			dir := b.TempDir()
+			cfg := ServerConfig{DataDir: filepath.Join(dir, "server"), APIAddr: "127.0.0.1:0", GRPCAddr: "127.0.0.1:0"}
 			if kind == "postgres" {
 				cfg.DB = pgtest.DSN(b)
 			}
@@ -31,9 +46,12 @@ func BenchmarkAPIStore(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer m.Close()
+			fixture := time.Now()
 			ts := time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)
+			names := make([]string, benchMachines)
 			for i := range benchMachines {
 				name := fmt.Sprintf("vm%04d", i)
+				names[i] = name
 				if err := m.DB.CreateMachine(ctx, &rebound.Machine{
 					Name: name, Driver: "qemu", State: rebound.MachineProtected, ActiveSite: "primary", HomeSite: "primary",
 					Disks: []rebound.Disk{{Name: "disk0", Size: 32 << 30, NBD: "nbd://127.0.0.1:10809/" + name + "-disk0"},
@@ -44,6 +62,7 @@ func BenchmarkAPIStore(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+			storeFilled := time.Since(fixture)
 			if _, err := m.DB.EnsureUser(ctx, "admin", rebound.RoleAdmin); err != nil {
 				b.Fatal(err)
 			}
@@ -55,6 +74,13 @@ func BenchmarkAPIStore(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
+			pts := benchRecoverySite(b, dir, m, cl)
+			b.Logf("%s: fixture built in %s (store %s, target journals %s, site start with %d journals %s)", kind,
+				time.Since(fixture).Round(time.Millisecond), storeFilled.Round(time.Millisecond),
+				pts.created.Round(time.Millisecond), benchMachines, pts.opened.Round(time.Millisecond))
+			benchReport(b, "| %s | the recovery site's start, opening %d journals of %d points | %.0f ms |\n", kind, benchMachines, benchPoints, float64(pts.opened.Microseconds())/1000)
+
+			perCall := func(b *testing.B) float64 { return float64(b.Elapsed().Microseconds()) / 1000 / float64(b.N) }
 			b.Run("list", func(b *testing.B) {
 				for b.Loop() {
 					ms, err := cl.ListMachines(ctx)
@@ -62,23 +88,291 @@ func BenchmarkAPIStore(b *testing.B) {
 						b.Fatalf("list: %d machines, %v", len(ms), err)
 					}
 				}
-				ms := float64(b.Elapsed().Microseconds()) / 1000 / float64(b.N)
+				ms := perCall(b)
 				b.ReportMetric(ms, "ms/list")
 				benchReport(b, "| %s | list %d machines | %.1f ms |\n", kind, benchMachines, ms)
 			})
 			b.Run("show", func(b *testing.B) {
 				i := 0
 				for b.Loop() {
-					name := fmt.Sprintf("vm%04d", i%benchMachines)
+					name := names[i%benchMachines]
 					if got, err := cl.GetMachine(ctx, name); err != nil || got.Name != name {
 						b.Fatalf("show %s: %v", name, err)
 					}
 					i++
 				}
-				ms := float64(b.Elapsed().Microseconds()) / 1000 / float64(b.N)
+				ms := perCall(b)
 				b.ReportMetric(ms, "ms/show")
 				benchReport(b, "| %s | show one of %d machines | %.2f ms |\n", kind, benchMachines, ms)
 			})
+			// GET /api/v1/machines/NAME/points: the server asks the
+			// recovery site over the control channel, the site lists the
+			// machine's journal. The default limit (1,000) holds all 100.
+			points := func(q rebound.ListQuery, want int, next bool) func(b *testing.B) {
+				return func(b *testing.B) {
+					i := 0
+					for b.Loop() {
+						name := names[i%benchMachines]
+						p, err := cl.QueryPoints(ctx, name, q)
+						if err != nil || len(p.Points) != want || p.Points[0].ID != pts.first[name] || (p.Next != "") != next {
+							b.Fatalf("points of %s: %+v, %v; want %d from %s", name, p, err, want, pts.first[name])
+						}
+						i++
+					}
+				}
+			}
+			b.Run("points", func(b *testing.B) {
+				points(rebound.ListQuery{}, benchPoints, false)(b)
+				ms := perCall(b)
+				b.ReportMetric(ms, "ms/points")
+				benchReport(b, "| %s | list one machine's points (default limit: all %d, one page) | %.2f ms |\n", kind, benchPoints, ms)
+			})
+			b.Run("points-page10", func(b *testing.B) {
+				points(rebound.ListQuery{Limit: 10}, 10, true)(b)
+				ms := perCall(b)
+				b.ReportMetric(ms, "ms/page")
+				benchReport(b, "| %s | first page of 10 of one machine's %d points | %.2f ms |\n", kind, benchPoints, ms)
+			})
+			// The site's report, every 2 s, holds the site's lock while it
+			// reads each journal's points.
+			b.Run("site-status", func(b *testing.B) {
+				for b.Loop() {
+					st, err := pts.site.Site.Status(ctx)
+					if err != nil || len(st.Machines) != benchMachines {
+						b.Fatalf("status: %v", err)
+					}
+				}
+				ms := perCall(b)
+				b.ReportMetric(ms, "ms/status")
+				benchReport(b, "| %s | the recovery site's status report (%d journals; sent every 2 s) | %.1f ms |\n", kind, benchMachines, ms)
+			})
+			// What protect's "prepare target" costs at a site holding
+			// 2,000 targets: the site opens a journal and saves its state
+			// of every unit; stop saves it again.
+			b.Run("site-add-target", func(b *testing.B) {
+				dst := benchTargetSite(b, m)
+				pol, err := m.DB.GetPolicy(ctx, "default")
+				if err != nil {
+					b.Fatal(err)
+				}
+				extra, err := m.DB.GetMachine(ctx, names[0])
+				if err != nil {
+					b.Fatal(err)
+				}
+				extra.Name = "extra"
+				spec := benchTargetSpec(*extra, *pol)
+				for b.Loop() {
+					if err := dst.StartReplication(ctx, spec); err != nil {
+						b.Fatal(err)
+					}
+					if err := dst.StopReplication(ctx, spec.Machine); err != nil {
+						b.Fatal(err)
+					}
+				}
+				ms := perCall(b)
+				b.ReportMetric(ms, "ms/start+stop")
+				benchReport(b, "| %s | a target's start and stop at the recovery site holding %d (protect's and unprotect's site calls) | %.0f ms |\n", kind, benchMachines, ms)
+			})
 		})
 	}
+}
+
+// benchPointsSite is the recovery site of BenchmarkAPIStore.
+type benchPointsSite struct {
+	site    *SiteMain
+	first   map[string]string // machine → its oldest point's ID
+	created time.Duration     // the site's state and journals written
+	opened  time.Duration     // the site's start with them
+}
+
+// benchRecoverySite runs sites primary (empty) and recovery on m; the
+// recovery site is the target of every machine in m's store, each journal
+// holding benchPoints points. Making 2,000 target units one by one through
+// the site (StartReplication, as protect does) takes minutes: each call
+// opens a journal and rewrites the site's state of every unit (fsync'd).
+// So the site makes the first one itself, through the server's control
+// channel; with the site closed, its state entry is copied for the others,
+// and every journal gets the records of an initial copy and of 100 crash
+// points with the journal package, as the replication receiver appends
+// them. The site then starts again and opens the 2,000 journals.
+func benchRecoverySite(b *testing.B, dir string, m *ServerMain, cl *rhttp.Client) *benchPointsSite {
+	b.Helper()
+	ctx := context.Background()
+	quiet := slog.New(slog.DiscardHandler)
+	startSiteOn(b, dir, quiet, "primary", m)
+	rs := startSiteOn(b, dir, quiet, "recovery", m)
+	dst := benchTargetSite(b, m)
+	pol, err := m.DB.GetPolicy(ctx, "default")
+	if err != nil {
+		b.Fatal(err)
+	}
+	ms, err := m.DB.ListMachines(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	if err := dst.StartReplication(ctx, benchTargetSpec(ms[0], *pol)); err != nil {
+		b.Fatalf("target %s: %v", ms[0].Name, err)
+	}
+	if err := rs.Close(); err != nil {
+		b.Fatal(err)
+	}
+	// The others' state: a copy of the first one's, renamed.
+	sitePath := filepath.Join(dir, "sites", "recovery")
+	var state struct {
+		Version int              `json:"version"`
+		Units   []map[string]any `json:"units"`
+	}
+	raw, err := os.ReadFile(filepath.Join(sitePath, "state.json"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := json.Unmarshal(raw, &state); err != nil || len(state.Units) != 1 {
+		b.Fatalf("the site's state after one target: %v\n%s", err, raw)
+	}
+	tmpl, _ := json.Marshal(state.Units[0])
+	for _, mc := range ms[1:] {
+		var u map[string]any
+		if err := json.Unmarshal(tmpl, &u); err != nil {
+			b.Fatal(err)
+		}
+		spec, _ := u["spec"].(map[string]any)
+		members, _ := u["members"].([]any)
+		if spec == nil || len(members) != 1 {
+			b.Fatalf("the site's state has changed; a target unit is now %s", tmpl)
+		}
+		gen := fmt.Sprintf("g-bench%09d", len(state.Units))
+		u["name"], u["generation"], spec["machine"], spec["streamId"], spec["generation"] = mc.Name, gen, mc.Name, mc.Name+".bench", gen
+		members[0].(map[string]any)["name"] = mc.Name
+		state.Units = append(state.Units, u)
+	}
+	raw, err = json.Marshal(state)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(sitePath, "state.json"), raw, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	// The records: an initial copy (resync begin, a write, resync end),
+	// then a 4 KiB write and a crash point every 5 s, the newest a
+	// minute ago.
+	t0 := time.Now().Add(-time.Minute - benchPoints*5*time.Second)
+	first := map[string]string{}
+	var mu sync.Mutex
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= len(ms) {
+					return
+				}
+				id, err := benchJournal(filepath.Join(sitePath, "machines", ms[i].Name, "journal"), ms[i].Disks, t0)
+				if err != nil {
+					errs <- fmt.Errorf("journal of %s: %w", ms[i].Name, err)
+					return
+				}
+				mu.Lock()
+				first[ms[i].Name] = id
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		b.Fatal(err)
+	}
+	created := time.Since(start)
+	// The same site starts again, enrolled already.
+	rs = &SiteMain{Logger: rs.Logger, Config: rs.Config}
+	rs.Config.JoinToken = ""
+	start = time.Now()
+	if err := rs.Run(ctx); err != nil {
+		b.Fatal(err)
+	}
+	opened := time.Since(start)
+	b.Cleanup(func() { rs.Close() })
+	// The server has the site's report of every machine: its newest
+	// point, health normal.
+	newest := t0.Add(benchPoints * 5 * time.Second).UTC()
+	waitUntil(b, 2*time.Minute, "the recovery site's report of 2,000 machines", func() bool {
+		all, err := cl.ListMachines(ctx)
+		if err != nil {
+			return false
+		}
+		for _, mc := range all {
+			if mc.Protection == nil || !mc.Protection.LastPointTime.Equal(newest) || mc.Health != rebound.HealthNormal {
+				return false
+			}
+		}
+		return true
+	})
+	return &benchPointsSite{site: rs, first: first, created: created, opened: opened}
+}
+
+// benchTargetSite waits for the recovery site on m's control channel.
+func benchTargetSite(b *testing.B, m *ServerMain) rebound.SiteService {
+	b.Helper()
+	var dst rebound.SiteService
+	waitUntil(b, 30*time.Second, "the recovery site on the server", func() bool {
+		var ok bool
+		dst, ok = m.Control.Site("recovery")
+		return ok
+	})
+	return dst
+}
+
+// benchTargetSpec is the spec protect gives the target of mc.
+func benchTargetSpec(mc rebound.Machine, pol rebound.Policy) rebound.ReplicationSpec {
+	var disks []rebound.Disk
+	for _, d := range mc.Disks {
+		disks = append(disks, rebound.Disk{Name: d.Name, Size: d.Size})
+	}
+	return rebound.ReplicationSpec{Machine: mc.Name, Role: "target", StreamID: mc.Name + ".bench", Disks: disks, VM: mc.VM,
+		PeerSite: "primary", Policy: pol, Generation: "g-bench-" + mc.Name}
+}
+
+// benchJournal writes a journal of an initial copy and benchPoints crash
+// points into dir, and returns its oldest point's ID.
+func benchJournal(dir string, disks []rebound.Disk, t0 time.Time) (string, error) {
+	shapes := make([]rebound.Disk, len(disks))
+	for i, d := range disks {
+		shapes[i] = rebound.Disk{Name: d.Name, Size: d.Size}
+	}
+	j, err := journal.Open(dir, shapes, journal.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return "", err
+	}
+	data := make([]byte, 4096)
+	copy(data, dir)
+	at := t0.UnixNano()
+	recs := []*rebound.Record{
+		{Seq: 1, Time: at, Kind: rebound.RecordResyncBegin},
+		{Seq: 2, Time: at, Kind: rebound.RecordWrite, Offset: 0, Length: 4096, Data: data},
+		{Seq: 3, Time: at, Kind: rebound.RecordResyncEnd},
+	}
+	for i := range benchPoints {
+		at := t0.Add(time.Duration(i+1) * 5 * time.Second).UnixNano()
+		seq := uint64(len(recs) + 1)
+		recs = append(recs,
+			&rebound.Record{Seq: seq, Time: at, Kind: rebound.RecordWrite, Disk: uint32(i % len(shapes)), Offset: int64(i+1) << 20, Length: 4096, Data: data},
+			&rebound.Record{Seq: seq + 1, Time: at, Kind: rebound.RecordMark, PointKind: rebound.PointCrash})
+	}
+	if err := j.Append(recs); err != nil {
+		j.Close()
+		return "", err
+	}
+	pl := j.Points()
+	if err := j.Close(); err != nil {
+		return "", err
+	}
+	if len(pl.Points) != benchPoints {
+		return "", fmt.Errorf("%d points, want %d", len(pl.Points), benchPoints)
+	}
+	return pl.Points[0].ID, nil
 }

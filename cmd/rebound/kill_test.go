@@ -55,7 +55,7 @@ func reboundBinary(t *testing.T) string {
 // and a restart; parallel tests each get their own.
 var nextPort atomic.Int32
 
-func freePort(t *testing.T) string {
+func freePort(t testing.TB) string {
 	t.Helper()
 	nextPort.CompareAndSwap(0, int32(20000+os.Getpid()%400*25))
 	for range 12000 {

@@ -217,7 +217,7 @@ func hasPoint(points []rebound.RecoveryPoint, id string) bool {
 }
 
 // copyDir copies the files of src into dst (a server's CA directory).
-func copyDir(t *testing.T, src, dst string) {
+func copyDir(t testing.TB, src, dst string) {
 	t.Helper()
 	if err := os.MkdirAll(dst, 0o700); err != nil {
 		t.Fatal(err)
@@ -302,7 +302,7 @@ func TestSeveralServersKill(t *testing.T) {
 
 // startSiteOn enrolls site name through the first server and runs it with
 // every server's address, under dir/sites/name; the test closes it.
-func startSiteOn(t *testing.T, dir string, logger *slog.Logger, name string, servers ...*ServerMain) *SiteMain {
+func startSiteOn(t testing.TB, dir string, logger *slog.Logger, name string, servers ...*ServerMain) *SiteMain {
 	t.Helper()
 	ctx := context.Background()
 	jt, err := servers[0].JoinToken(ctx, name)
@@ -456,7 +456,7 @@ func TestSeveralServersKillDuringFailover(t *testing.T) {
 
 // startSharedServers runs in-process servers s1 and s2 on the database
 // dsn: s1 creates the CA under dir, s2 runs with a copy of it.
-func startSharedServers(t *testing.T, dir string, logger *slog.Logger, dsn string) (s1, s2 *ServerMain) {
+func startSharedServers(t testing.TB, dir string, logger *slog.Logger, dsn string) (s1, s2 *ServerMain) {
 	t.Helper()
 	start := func(name, caDir string) *ServerMain {
 		t.Helper()

@@ -95,7 +95,7 @@ func startSite(t *testing.T, up *UpMain, cfg SiteConfig) {
 	})
 }
 
-func waitUntil(t *testing.T, d time.Duration, what string, ok func() bool) {
+func waitUntil(t testing.TB, d time.Duration, what string, ok func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !ok() {
