@@ -1,0 +1,112 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rebound-dr/rebound"
+	rhttp "github.com/rebound-dr/rebound/http"
+	"github.com/rebound-dr/rebound/internal/failpoint"
+	"github.com/rebound-dr/rebound/internal/pgtest"
+)
+
+// BenchmarkJobTakeover measures how long a job waits when the server
+// running it stops: two in-process servers on one PostgreSQL (each
+// iteration a new database, servers and sites), a protected machine;
+// server 1 runs a planned failover and stops inside its activate step;
+// server 2 claims the job once its lease expired and finishes it. The
+// metric takeover-s is from the start of server 1's stop to the job's end
+// by the server's clock; close-s is how long the stop itself took. Not
+// parallel with other tests: its failpoint is process-wide.
+func BenchmarkJobTakeover(b *testing.B) {
+	var took, closing time.Duration
+	for range b.N {
+		t, c := jobTakeover(b)
+		took += t
+		closing += c
+	}
+	b.ReportMetric(took.Seconds()/float64(b.N), "takeover-s")
+	b.ReportMetric(closing.Seconds()/float64(b.N), "close-s")
+	b.ReportMetric(0, "ns/op") // the setup dominates the iteration's time
+	benchReport(b, "| %d | %.1f s | %.1f s |\n", b.N, took.Seconds()/float64(b.N), closing.Seconds()/float64(b.N))
+}
+
+// jobTakeover runs one takeover and returns its time and server 1's stop.
+func jobTakeover(b *testing.B) (took, closing time.Duration) {
+	ctx := context.Background()
+	dir := b.TempDir()
+	logger := slog.New(slog.DiscardHandler)
+	s1, s2 := startSharedServers(b, dir, logger, pgtest.DSN(b))
+	tokenPath := filepath.Join(dir, "admin-token")
+	if err := ensureAdminToken(ctx, s1.DB, tokenPath); err != nil {
+		b.Fatal(err)
+	}
+	tok, err := os.ReadFile(tokenPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	svc1, err := rhttp.NewClient(s1.APIURL, strings.TrimSpace(string(tok)), s1.CA.CertPEM())
+	if err != nil {
+		b.Fatal(err)
+	}
+	svc2, err := rhttp.NewClient(s2.APIURL, strings.TrimSpace(string(tok)), s1.CA.CertPEM())
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, name := range []string{"primary", "recovery"} {
+		startSiteOn(b, dir, logger, name, s1, s2)
+	}
+	for _, s := range []*ServerMain{s1, s2} {
+		waitUntil(b, 30*time.Second, "the sites connected to "+s.APIURL, func() bool {
+			_, a := s.Control.Site("primary")
+			_, c := s.Control.Site("recovery")
+			return a && c
+		})
+	}
+	m, err := svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{8 << 20}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	writeRandom(b, m.Disks[0].NBD, 4<<20)
+	waitJob(b, svc1)(svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+	writeRandom(b, m.Disks[0].NBD, 1<<20)
+
+	reached := make(chan struct{})
+	var hits atomic.Int32
+	release := failpoint.Enable("server/job/failover/activate", func(ctx context.Context) {
+		if hits.Add(1) == 1 {
+			close(reached)
+			<-ctx.Done() // server 1 stops
+		}
+	})
+	defer release()
+	job, err := svc1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		b.Fatal("the failover never reached its activate step")
+	}
+	stopped := time.Now()
+	if err := s1.Close(); err != nil {
+		b.Fatalf("close server 1: %v", err)
+	}
+	closing = time.Since(stopped)
+	j := waitJob(b, svc2)(job, nil)
+	if j.ID != job.ID || j.Owner != "s2" || hits.Load() != 2 || j.EndedAt == nil {
+		b.Fatalf("job after server 1 stopped: %s owner %q, activate entered %d times", j.ID, j.Owner, hits.Load())
+	}
+	got, err := svc2.GetMachine(ctx, "vm1")
+	if err != nil || got.State != rebound.MachineFailedOver || got.ActiveSite != "recovery" {
+		b.Fatalf("vm1 after the takeover: %+v %v", got, err)
+	}
+	return j.EndedAt.Sub(stopped), closing
+}
