@@ -10,8 +10,10 @@
 #      (go test -bench Resync; needs rsync and ~16 GiB free in $TMPDIR);
 #   7. bytes on the wire reading out a sparse disk with nbdcopy and qemu-img
 #      convert, Rebound against qemu-nbd (go test ./nbd -bench SparseReadOut);
-#   7. the API's machine list and show with 2,000 machines, on SQLite and on
-#      PostgreSQL (go test -bench APIStore; needs postgresql installed).
+#   7. the API's machine list and show with 2,000 machines and a machine's
+#      point list with 200,000 points at the recovery site, on SQLite and on
+#      PostgreSQL (go test -bench APIStore; needs postgresql installed);
+#   8. a surviving server taking over a job (go test -bench JobTakeover).
 #
 #   scripts/bench.sh [--out docs/benchmarks.md] [--runtime 10]
 set -euo pipefail
@@ -132,8 +134,10 @@ go test ./cmd/rebound -run '^$' -bench 'PlanFailover' -benchtime 1x -count=1 -ti
 command -v b3sum >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq b3sum >/dev/null 2>&1 || true; }
 go test ./agent -run '^$' -bench 'Scan' -benchtime 1x -count=1 >"$tmp/scan.txt" 2>&1 || { cat "$tmp/scan.txt" >&2; exit 1; }
 
-# 7. Reading out a sparse disk: bytes on the wire, Rebound against qemu-nbd.
-REBOUND_BENCH_OUT="$tmp/store.md" go test ./cmd/rebound -run '^$' -bench 'APIStore' -benchtime 3s -count=1 -timeout 15m >"$tmp/store.txt" 2>&1 || { cat "$tmp/store.txt" >&2; exit 1; }
+# 7. The API with 2,000 machines and 200,000 points; 8. a job's takeover.
+REBOUND_BENCH_OUT="$tmp/store.md" go test ./cmd/rebound -run '^$' -bench 'APIStore' -benchtime 3s -count=1 -timeout 15m -v >"$tmp/store.txt" 2>&1 || { cat "$tmp/store.txt" >&2; exit 1; }
+REBOUND_BENCH_OUT="$tmp/takeover.md" go test ./cmd/rebound -run '^$' -bench 'JobTakeover' -benchtime 1x -count=3 -timeout 15m >"$tmp/takeover.txt" 2>&1 || { cat "$tmp/takeover.txt" >&2; exit 1; }
+# Reading out a sparse disk: bytes on the wire, Rebound against qemu-nbd.
 REBOUND_BENCH_OUT="$tmp/sparse.md" go test ./nbd -run '^$' -bench 'SparseReadOut' -benchtime 1x -count=1 >"$tmp/sparse.txt" 2>&1 || { cat "$tmp/sparse.txt" >&2; exit 1; }
 
 ratio() { python3 - "$tmp/nbd.md" <<'PY'
@@ -240,11 +244,21 @@ PY
 	echo
 	echo "## The server's store: API latency"
 	echo
-	echo "\`go test ./cmd/rebound -run '^\$' -bench APIStore -benchtime 3s\`: \`rebound server\` in-process with 2,000 protected machines (two disks and a VM each) in its store, on SQLite (its file in the data directory) and on PostgreSQL 15 (a local server on a unix socket, started by the test); the API's machine list and machine show over HTTPS with a token, by the Go client, one call at a time."
+	echo "\`go test ./cmd/rebound -run '^\$' -bench APIStore -benchtime 3s\`: \`rebound server\` in-process with 2,000 protected machines (two disks of 32 and 64 GiB and a VM each) in its store, on SQLite (its file in the data directory) and on PostgreSQL 15 (a local server on a unix socket, started by the test), and two real in-process sites on its control channel. The recovery site is the target of all 2,000 machines: 2,000 journals of 100 crash points each, 200,000 points. The site makes the first target itself (StartReplication through the server, as protect does); with the site closed the test copies that unit's state for the other 1,999 and appends an initial copy and 100 points (a 4 KiB write and a mark every 5 s) to each journal with the journal package, then starts the site again (fixture: $(grep -o 'fixture built in [0-9.ms]*' "$tmp/store.txt" | head -1 | sed 's/fixture built in //') on SQLite). The API's calls go over HTTPS with a token, by the Go client, one at a time; a point list is the server asking the recovery site over the control channel, the site listing the machine's journal. The API has no call that shows one point."
 	echo
-	echo "| store | call | latency |"
+	echo "| store | measurement | time |"
 	echo "|---|---|---|"
 	cat "$tmp/store.md"
+	echo
+	echo "The site's start, its status report and a target's start and stop are the recovery site's own costs at this scale, measured in the same run."
+	echo
+	echo "## A surviving server takes over a job"
+	echo
+	echo "\`go test ./cmd/rebound -run '^\$' -bench JobTakeover -benchtime 1x -count 3\`: two in-process \`rebound server\`s on one PostgreSQL with real sites, a protected machine; server 1 runs a planned failover and stops (Close) inside its activate step; server 2 claims the job once its lease (10 s) expired and finishes it under the same ID. Time from the start of server 1's stop to the job's end by the server's clock, and how long the stop took; one row per run."
+	echo
+	echo "| from server 1's stop to the job's end | server 1's stop |"
+	echo "|---|---|"
+	cat "$tmp/takeover.md"
 	if [ -n "$notes" ]; then
 		echo
 		echo "$notes"

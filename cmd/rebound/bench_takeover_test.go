@@ -34,7 +34,7 @@ func BenchmarkJobTakeover(b *testing.B) {
 	b.ReportMetric(took.Seconds()/float64(b.N), "takeover-s")
 	b.ReportMetric(closing.Seconds()/float64(b.N), "close-s")
 	b.ReportMetric(0, "ns/op") // the setup dominates the iteration's time
-	benchReport(b, "| %d | %.1f s | %.1f s |\n", b.N, took.Seconds()/float64(b.N), closing.Seconds()/float64(b.N))
+	benchReport(b, "| %.1f s | %.1f s |\n", took.Seconds()/float64(b.N), closing.Seconds()/float64(b.N))
 }
 
 // jobTakeover runs one takeover and returns its time and server 1's stop.
