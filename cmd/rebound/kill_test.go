@@ -29,7 +29,7 @@ var (
 )
 
 // reboundBinary builds the real binary once per test run.
-func reboundBinary(t *testing.T) string {
+func reboundBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "rebound-bin")
@@ -77,7 +77,7 @@ func freePort(t testing.TB) string {
 
 // proc is a real rebound process that can be killed and restarted.
 type proc struct {
-	t    *testing.T
+	t    testing.TB
 	name string
 	args []string
 	env  []string // added to the environment of every start
@@ -86,7 +86,7 @@ type proc struct {
 	done chan struct{}
 }
 
-func startProc(t *testing.T, dir, name string, env []string, args ...string) *proc {
+func startProc(t testing.TB, dir, name string, env []string, args ...string) *proc {
 	t.Helper()
 	f, err := os.OpenFile(filepath.Join(dir, name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {

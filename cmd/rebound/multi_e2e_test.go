@@ -337,14 +337,14 @@ type twoServers struct {
 
 // startTwoServers starts them, with env1 added to server 1's environment
 // (failpoints), server IDs s1 and s2, and waits for the sites on both.
-func startTwoServers(t *testing.T, env1 []string) *twoServers {
+func startTwoServers(t testing.TB, env1 []string) *twoServers {
 	t.Helper()
 	return startTwoServersEnv(t, env1, nil)
 }
 
 // startTwoServersEnv is startTwoServers with siteEnv[name] added to site
 // name's environment (site failpoints).
-func startTwoServersEnv(t *testing.T, env1 []string, siteEnv map[string][]string) *twoServers {
+func startTwoServersEnv(t testing.TB, env1 []string, siteEnv map[string][]string) *twoServers {
 	t.Helper()
 	ctx := context.Background()
 	dsn := pgtest.DSN(t)
