@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -23,6 +24,7 @@ import (
 const (
 	benchMachines = 2000
 	benchPoints   = 100
+	dayPoints     = 17000 // 23.6 h of the default policy's points, 5 s apart
 )
 
 // BenchmarkAPIStore measures the API's machine list and machine show, and
@@ -173,6 +175,40 @@ func BenchmarkAPIStore(b *testing.B) {
 				b.ReportMetric(ms, "ms/start+stop")
 				benchReport(b, "| %s | a target's start and stop at the recovery site holding %d (protect's and unprotect's site calls) | %.0f ms |\n", kind, benchMachines, ms)
 			})
+			// One machine more, with a day's points: a page of it costs
+			// its whole list at the site.
+			dayFirst := benchDayMachine(b, m, pts, dir)
+			day := func(b *testing.B, q rebound.ListQuery, want int, next bool) {
+				for b.Loop() {
+					p, err := cl.QueryPoints(ctx, "day", q)
+					if err != nil || len(p.Points) != want || p.Points[0].ID != dayFirst || (p.Next != "") != next {
+						b.Fatalf("points of day: %d, %v; want %d from %s", len(p.Points), err, want, dayFirst)
+					}
+				}
+			}
+			b.Run("day-page10", func(b *testing.B) {
+				day(b, rebound.ListQuery{Limit: 10}, 10, true)
+				ms := perCall(b)
+				b.ReportMetric(ms, "ms/page")
+				benchReport(b, "| %s | first page of 10 of one machine's %d points | %.1f ms |\n", kind, dayPoints, ms)
+			})
+			b.Run("day-page", func(b *testing.B) {
+				day(b, rebound.ListQuery{}, rebound.DefaultPageSize, true)
+				ms := perCall(b)
+				b.ReportMetric(ms, "ms/page")
+				benchReport(b, "| %s | first page (default limit, %d) of one machine's %d points | %.1f ms |\n", kind, rebound.DefaultPageSize, dayPoints, ms)
+			})
+			b.Run("day-all", func(b *testing.B) {
+				for b.Loop() {
+					all, err := cl.ListPoints(ctx, "day")
+					if err != nil || len(all) != dayPoints || all[0].ID != dayFirst {
+						b.Fatalf("all points of day: %d, %v", len(all), err)
+					}
+				}
+				ms := perCall(b)
+				b.ReportMetric(ms, "ms/list")
+				benchReport(b, "| %s | all %d points of one machine (the client follows %d pages of %d) | %.1f ms |\n", kind, dayPoints, (dayPoints+rebound.MaxPageSize-1)/rebound.MaxPageSize, rebound.MaxPageSize, ms)
+			})
 		})
 	}
 }
@@ -271,7 +307,7 @@ func benchRecoverySite(b *testing.B, dir string, m *ServerMain, cl *rhttp.Client
 				if i >= len(ms) {
 					return
 				}
-				id, err := benchJournal(filepath.Join(sitePath, "machines", ms[i].Name, "journal"), ms[i].Disks, t0)
+				id, err := benchJournal(filepath.Join(sitePath, "machines", ms[i].Name, "journal"), ms[i].Disks, t0, benchPoints)
 				if err != nil {
 					errs <- fmt.Errorf("journal of %s: %w", ms[i].Name, err)
 					return
@@ -288,15 +324,7 @@ func benchRecoverySite(b *testing.B, dir string, m *ServerMain, cl *rhttp.Client
 		b.Fatal(err)
 	}
 	created := time.Since(start)
-	// The same site starts again, enrolled already.
-	rs = &SiteMain{Logger: rs.Logger, Config: rs.Config}
-	rs.Config.JoinToken = ""
-	start = time.Now()
-	if err := rs.Run(ctx); err != nil {
-		b.Fatal(err)
-	}
-	opened := time.Since(start)
-	b.Cleanup(func() { rs.Close() })
+	rs, opened := benchRestartSite(b, rs)
 	// The server has the site's report of every machine: its newest
 	// point, health normal.
 	newest := t0.Add(benchPoints * 5 * time.Second).UTC()
@@ -313,6 +341,59 @@ func benchRecoverySite(b *testing.B, dir string, m *ServerMain, cl *rhttp.Client
 		return true
 	})
 	return &benchPointsSite{site: rs, first: first, created: created, opened: opened}
+}
+
+// benchRestartSite starts the closed site rs again (it is enrolled) and
+// returns it and how long its start took.
+func benchRestartSite(b *testing.B, rs *SiteMain) (*SiteMain, time.Duration) {
+	b.Helper()
+	rs = &SiteMain{Logger: rs.Logger, Config: rs.Config}
+	rs.Config.JoinToken = ""
+	start := time.Now()
+	if err := rs.Run(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	took := time.Since(start)
+	b.Cleanup(func() { rs.Close() })
+	return rs, took
+}
+
+// benchDayMachine adds machine "day" to the store, a target at the
+// recovery site like the others but with dayPoints points, 5 s apart (the
+// default policy's crash interval, within its 24 h retention), and
+// returns its oldest point's ID. The site restarts for it.
+func benchDayMachine(b *testing.B, m *ServerMain, pts *benchPointsSite, dir string) string {
+	b.Helper()
+	ctx := context.Background()
+	mc, err := m.DB.GetMachine(ctx, "vm0000")
+	if err != nil {
+		b.Fatal(err)
+	}
+	mc.Name = "day"
+	for i := range mc.Disks {
+		mc.Disks[i].NBD = strings.Replace(mc.Disks[i].NBD, "vm0000", "day", 1)
+	}
+	if err := m.DB.CreateMachine(ctx, mc); err != nil {
+		b.Fatal(err)
+	}
+	pol, err := m.DB.GetPolicy(ctx, "default")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := benchTargetSite(b, m).StartReplication(ctx, benchTargetSpec(*mc, *pol)); err != nil {
+		b.Fatal(err)
+	}
+	if err := pts.site.Close(); err != nil {
+		b.Fatal(err)
+	}
+	t0 := time.Now().Add(-time.Minute - dayPoints*5*time.Second)
+	first, err := benchJournal(filepath.Join(dir, "sites", "recovery", "machines", "day", "journal"), mc.Disks, t0, dayPoints)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pts.site, _ = benchRestartSite(b, pts.site)
+	benchTargetSite(b, m)
+	return first
 }
 
 // benchTargetSite waits for the recovery site on m's control channel.
@@ -337,9 +418,9 @@ func benchTargetSpec(mc rebound.Machine, pol rebound.Policy) rebound.Replication
 		PeerSite: "primary", Policy: pol, Generation: "g-bench-" + mc.Name}
 }
 
-// benchJournal writes a journal of an initial copy and benchPoints crash
-// points into dir, and returns its oldest point's ID.
-func benchJournal(dir string, disks []rebound.Disk, t0 time.Time) (string, error) {
+// benchJournal writes a journal of an initial copy and n crash points
+// into dir, and returns its oldest point's ID.
+func benchJournal(dir string, disks []rebound.Disk, t0 time.Time, n int) (string, error) {
 	shapes := make([]rebound.Disk, len(disks))
 	for i, d := range disks {
 		shapes[i] = rebound.Disk{Name: d.Name, Size: d.Size}
@@ -356,7 +437,7 @@ func benchJournal(dir string, disks []rebound.Disk, t0 time.Time) (string, error
 		{Seq: 2, Time: at, Kind: rebound.RecordWrite, Offset: 0, Length: 4096, Data: data},
 		{Seq: 3, Time: at, Kind: rebound.RecordResyncEnd},
 	}
-	for i := range benchPoints {
+	for i := range n {
 		at := t0.Add(time.Duration(i+1) * 5 * time.Second).UnixNano()
 		seq := uint64(len(recs) + 1)
 		recs = append(recs,
@@ -371,8 +452,8 @@ func benchJournal(dir string, disks []rebound.Disk, t0 time.Time) (string, error
 	if err := j.Close(); err != nil {
 		return "", err
 	}
-	if len(pl.Points) != benchPoints {
-		return "", fmt.Errorf("%d points, want %d", len(pl.Points), benchPoints)
+	if len(pl.Points) != n {
+		return "", fmt.Errorf("%d points, want %d", len(pl.Points), n)
 	}
 	return pl.Points[0].ID, nil
 }
