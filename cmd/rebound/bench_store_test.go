@@ -19,8 +19,9 @@ import (
 	"github.com/rebound-dr/rebound/journal"
 )
 
-// benchMachines is how many machines BenchmarkAPIStore's store holds, and
-// benchPoints how many recovery points each has at the recovery site.
+// benchMachines is how many machines BenchmarkAPIStore's store holds,
+// benchPoints how many recovery points each has at the recovery site, and
+// dayPoints how many the extra machine "day" has.
 const (
 	benchMachines = 2000
 	benchPoints   = 100
@@ -33,7 +34,10 @@ const (
 // recovery site's journals, on SQLite and on PostgreSQL (a real server on
 // a unix socket). Both sites are real in-process sites on the server's
 // control channel; the points are listed by the recovery site from its
-// journals, as every point list is.
+// journals, as every point list is. At that scale it also measures the
+// recovery site's start, status report and a target's start and stop,
+// and last, with one machine more holding dayPoints points, that
+// machine's point list.
 func BenchmarkAPIStore(b *testing.B) {
 	for _, kind := range []string{"sqlite", "postgres"} {
 		b.Run(kind, func(b *testing.B) {
