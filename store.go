@@ -107,6 +107,10 @@ type Store interface {
 	PlanJobs(ctx context.Context) ([]Job, error)
 
 	// AddEvent appends an event; its ID is assigned, a zero Time is now.
+	// An event whose EventID the store already holds is not added again
+	// and the answer is nil: exactly once, even when two servers add it
+	// at the same time (a unique index, not a read before the write).
+	// Events without an EventID are all kept.
 	AddEvent(ctx context.Context, e Event) error
 	// ListEvents lists events newest first, of machine unless "", at most
 	// limit unless limit <= 0.

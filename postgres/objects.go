@@ -232,13 +232,19 @@ func (db *DB) DeletePolicy(ctx context.Context, name string) error {
 	return notFoundIfNone(tag, "policy %q not found", name)
 }
 
-// AddEvent appends an event.
+// AddEvent appends an event, unless one with its EventID is stored: of
+// two servers adding it at once, the unique index keeps one row.
 func (db *DB) AddEvent(ctx context.Context, e rebound.Event) error {
 	if e.Time.IsZero() {
 		e.Time = db.now().UTC()
 	}
-	if _, err := db.exec(ctx, `INSERT INTO events (time, machine, site, kind, message) VALUES ($1, $2, $3, $4, $5)`,
-		e.Time.UnixNano(), e.Machine, e.Site, e.Kind, e.Message); err != nil {
+	var id any // NULL without an EventID: never collides
+	if e.EventID != "" {
+		id = e.EventID
+	}
+	if _, err := db.exec(ctx, `INSERT INTO events (time, machine, site, kind, message, event_id) VALUES ($1, $2, $3, $4, $5, $6)
+		ON CONFLICT (event_id) DO NOTHING`,
+		e.Time.UnixNano(), e.Machine, e.Site, e.Kind, e.Message, id); err != nil {
 		return fmt.Errorf("add event: %w", err)
 	}
 	return nil

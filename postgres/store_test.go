@@ -66,6 +66,7 @@ func TestStoreContract(t *testing.T) {
 			}
 			return n
 		},
+		Second: func(t *testing.T, s rebound.Store) rebound.Store { return open(t, dsns[s]) },
 	})
 }
 

@@ -215,16 +215,27 @@ func (db *DB) ListPolicies(ctx context.Context) ([]rebound.Policy, error) {
 
 // Events
 
-// AddEvent appends an event. The ID is assigned; a zero Time is now.
+// AddEvent appends an event. The ID is assigned; a zero Time is now. An
+// event whose EventID is already stored is not added again.
 func (db *DB) AddEvent(ctx context.Context, e rebound.Event) error {
 	if e.Time.IsZero() {
 		e.Time = db.now().UTC()
 	}
-	if _, err := db.exec(ctx, `INSERT INTO events (time, machine, site, kind, message) VALUES (?, ?, ?, ?, ?)`,
-		e.Time.UnixNano(), e.Machine, e.Site, e.Kind, e.Message); err != nil {
+	if _, err := db.exec(ctx, `INSERT INTO events (time, machine, site, kind, message, event_id) VALUES (?, ?, ?, ?, ?, ?)
+		ON CONFLICT (event_id) DO NOTHING`,
+		e.Time.UnixNano(), e.Machine, e.Site, e.Kind, e.Message, eventID(e)); err != nil {
 		return fmt.Errorf("add event: %w", err)
 	}
 	return nil
+}
+
+// eventID is e's EventID for its column: NULL when empty, so events
+// without one never collide.
+func eventID(e rebound.Event) any {
+	if e.EventID == "" {
+		return nil
+	}
+	return e.EventID
 }
 
 // ListEvents returns events newest first, only those of machine unless it

@@ -163,6 +163,10 @@ var migrations = []string{
 	`ALTER TABLE machines ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;`,
 	// 7: a job's cancel request or point of no return (RequestCancel).
 	`ALTER TABLE jobs ADD COLUMN cancel TEXT NOT NULL DEFAULT '';`,
+	// 8: the ID a site gave its event (AddEvent keeps one row per ID;
+	// NULL, for events without one, never collides).
+	`ALTER TABLE events ADD COLUMN event_id TEXT;
+	CREATE UNIQUE INDEX events_event_id ON events (event_id);`,
 }
 
 // Open opens (creating if needed) the database at path, applies pending

@@ -59,5 +59,12 @@ func TestStoreContract(t *testing.T) {
 			}
 			return n
 		},
+		Second: func(t *testing.T, s rebound.Store) rebound.Store {
+			db, err := Open(s.(*DB).path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return db
+		},
 	})
 }

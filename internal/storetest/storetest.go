@@ -33,6 +33,9 @@ type Harness struct {
 	PasswordHash func(t *testing.T, s rebound.Store, user string) string
 	// Rows counts the rows of table.
 	Rows func(t *testing.T, s rebound.Store, table string) int
+	// Second opens another handle on s's database, as a second server
+	// does; the suite closes it.
+	Second func(t *testing.T, s rebound.Store) rebound.Store
 }
 
 func (h Harness) open(t *testing.T) rebound.Store {
@@ -57,7 +60,7 @@ func Run(t *testing.T, h Harness) {
 	}{
 		{"Machines", testMachines}, {"Sites", testSites}, {"Policies", testPolicies},
 		{"DeletePolicy", testDeletePolicy}, {"Jobs", testJobs}, {"ConcurrentUpdateJob", testConcurrentUpdateJob},
-		{"Events", testEvents}, {"QueryEvents", testQueryEvents}, {"EnrollTokens", testEnrollTokens},
+		{"Events", testEvents}, {"EventIDs", testEventIDs}, {"QueryEvents", testQueryEvents}, {"EnrollTokens", testEnrollTokens},
 		{"Settings", testSettings}, {"CertsAndRevocation", testCertsAndRevocation}, {"Users", testUsers},
 		{"LastAdmin", testLastAdmin}, {"UserTokens", testUserTokens}, {"Sessions", testSessions},
 		{"Audit", testAudit}, {"JobLocks", testJobLocks}, {"JobLeases", testJobLeases}, {"JobRelease", testJobRelease}, {"JobCancel", testJobCancel},
@@ -493,6 +496,75 @@ func testEvents(t *testing.T, h Harness) {
 	}
 	if len(as) != 1 || as[0].Message != "m2" || as[0].Site != "s" || as[0].Kind != "health" {
 		t.Fatalf("filtered %+v", as)
+	}
+}
+
+// testEventIDs: an event whose EventID is stored is not stored again,
+// even when two servers (two handles on one database) add it at the same
+// time, many times over; events without an EventID are all kept.
+func testEventIDs(t *testing.T, h Harness) {
+	ctx := context.Background()
+	db1 := h.open(t)
+	db2 := h.Second(t, db1)
+	t.Cleanup(func() { db2.Close() })
+	const ids, tries = 6, 4
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*tries*(ids+1))
+	for w, db := range []rebound.Store{db1, db2, db1, db2} {
+		for range tries / 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				for i := range ids {
+					e := rebound.Event{Site: "s", Kind: "site.test", Message: fmt.Sprint("once ", i), EventID: fmt.Sprintf("s/p-%d", i)}
+					if err := db.AddEvent(ctx, e); err != nil {
+						errs <- err
+					}
+				}
+				// Without an ID: every one is kept.
+				if err := db.AddEvent(ctx, rebound.Event{Site: "s", Kind: "site.test", Message: fmt.Sprint("each ", w)}); err != nil {
+					errs <- err
+				}
+			}()
+		}
+	}
+	close(start)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	all, err := db2.ListEvents(ctx, "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	once, each := map[string]int{}, 0
+	for _, e := range all {
+		if strings.HasPrefix(e.Message, "once ") {
+			once[e.Message]++
+		} else {
+			each++
+		}
+	}
+	if len(once) != ids || each != 4*(tries/2) {
+		t.Fatalf("want %d events with an ID and %d without, got %d and %d: %+v", ids, 4*(tries/2), len(once), each, all)
+	}
+	for m, n := range once {
+		if n != 1 {
+			t.Fatalf("event %q stored %d times", m, n)
+		}
+	}
+	if n := h.Rows(t, db1, "events"); n != ids+4*(tries/2) {
+		t.Fatalf("events table has %d rows, want %d", n, ids+4*(tries/2))
+	}
+	// Later, one more time: still one.
+	if err := db1.AddEvent(ctx, rebound.Event{Site: "s", Kind: "site.test", Message: "once 0", EventID: "s/p-0"}); err != nil {
+		t.Fatal(err)
+	}
+	if n := h.Rows(t, db2, "events"); n != ids+4*(tries/2) {
+		t.Fatalf("a resent event was stored again: %d rows", n)
 	}
 }
 
