@@ -37,8 +37,19 @@ type ControlServer struct {
 	// OnConnect and OnDisconnect fire as a site's channel opens and closes.
 	OnConnect, OnDisconnect func(site string)
 	// OnEvent receives the events a site reports (e.g. a replication
-	// stream it refused), for the server's event log.
+	// stream it refused), for the server's event log, and the control
+	// server's own (site.duplicate).
 	OnEvent func(site string, e rebound.Event)
+	// StoreEvent, if set, receives the sites' events instead of OnEvent
+	// and stores them: nil means the store holds the event (stored now or
+	// before, by its EventID), and the site gets an ack for it; an error
+	// leaves it unacked, so the site keeps it and sends it again. The
+	// welcome tells sites that this server acks.
+	StoreEvent func(site string, e rebound.Event) error
+	// eventHook, for tests, runs as an event with an ID is received
+	// (stage "received") and once it is stored (stage "stored"), before
+	// the ack; an error ends the channel there.
+	eventHook func(stage string, e rebound.Event) error
 	// Admit, if set, decides whether a site's certificate may open its
 	// channel (an error refuses it with PermissionDenied), and whether the
 	// channel replaces the site's open one (a rotated certificate's first
@@ -156,7 +167,7 @@ func (c *ControlServer) Connect(stream pb.Control_ConnectServer) error {
 		s.sendMu.Unlock()
 		return err
 	}
-	err = s.stream.Send(&pb.ServerMessage{Body: &pb.ServerMessage_Welcome{Welcome: &pb.Welcome{Version: ProtocolVersion}}})
+	err = s.stream.Send(&pb.ServerMessage{Body: &pb.ServerMessage_Welcome{Welcome: &pb.Welcome{Version: ProtocolVersion, EventAcks: c.StoreEvent != nil}}})
 	s.sendMu.Unlock()
 	if err != nil {
 		c.release(s)
@@ -368,13 +379,8 @@ func (c *ControlServer) serve(s *session) error {
 				c.OnReport(s.site, st)
 			}
 		case *pb.SiteMessage_Event:
-			e := rebound.Event{Time: time.Unix(0, b.Event.Time).UTC(), Machine: b.Event.Machine, Site: s.site, Kind: b.Event.Kind, Message: b.Event.Message}
-			if s.agent != "" && e.Machine != "" && e.Machine != s.agent {
-				slog.Warn("control: agent reported an event of another machine; dropped", "agent", s.site, "machine", e.Machine)
-				continue
-			}
-			if c.OnEvent != nil && e.Kind != "" {
-				c.OnEvent(s.site, e)
+			if err := c.siteEvent(s, b.Event); err != nil {
+				return err
 			}
 		case *pb.SiteMessage_Progress:
 			s.mu.Lock()
@@ -405,6 +411,53 @@ func (c *ControlServer) serve(s *session) error {
 			return status.Errorf(codes.InvalidArgument, "control: unexpected message %T from site %s", m.Body, s.site)
 		}
 	}
+}
+
+// siteEvent records a site's event and acks it once stored. The store key
+// is the channel's authenticated name and the site's ID: a site cannot
+// shadow another's events.
+func (c *ControlServer) siteEvent(s *session, ev *pb.SiteEvent) error {
+	e := rebound.Event{Time: time.Unix(0, ev.Time).UTC(), Machine: ev.Machine, Site: s.site, Kind: ev.Kind, Message: ev.Message}
+	if ev.Id != "" {
+		e.EventID = s.site + "/" + ev.Id
+	}
+	ack := func() error {
+		if ev.Id == "" || c.StoreEvent == nil {
+			return nil
+		}
+		// A failed send ends the channel: the site sends it again.
+		_ = s.send(&pb.ServerMessage{Body: &pb.ServerMessage_EventAck{EventAck: &pb.EventAck{Ids: []string{ev.Id}}}})
+		return nil
+	}
+	if s.agent != "" && e.Machine != "" && e.Machine != s.agent {
+		slog.Warn("control: agent reported an event of another machine; dropped", "agent", s.site, "machine", e.Machine)
+		return ack() // refused for good: the agent need not keep it
+	}
+	if e.Kind == "" {
+		return ack()
+	}
+	if c.StoreEvent == nil {
+		if c.OnEvent != nil {
+			c.OnEvent(s.site, e)
+		}
+		return nil
+	}
+	if c.eventHook != nil && e.EventID != "" {
+		if err := c.eventHook("received", e); err != nil {
+			return err
+		}
+	}
+	if err := c.StoreEvent(s.site, e); err != nil {
+		// Not acked: the site keeps the event and sends it again.
+		slog.Warn("control: a site's event was not stored; the site keeps it", "site", s.site, "kind", e.Kind, "err", err)
+		return nil
+	}
+	if c.eventHook != nil && e.EventID != "" {
+		if err := c.eventHook("stored", e); err != nil {
+			return err
+		}
+	}
+	return ack()
 }
 
 // decodeStatus decodes a site's status. An agent speaks only of its own
@@ -781,6 +834,8 @@ type controlOpts struct {
 	// onChannel, for tests, hears the i-th server's channel go up and
 	// down for events.
 	onChannel func(i int, up bool)
+	// onAck, for tests, hears the event IDs servers acked.
+	onAck func(ids []string)
 }
 
 // WithRevocations hands the revocation lists the server pushes to set
@@ -818,7 +873,7 @@ func RunControls(ctx context.Context, addrs []string, tlsConf *tls.Config, local
 		f(&o)
 	}
 	r := newEventRouter(len(addrs))
-	r.onChange = o.onChannel
+	r.onChange, r.onAck = o.onChannel, o.onAck
 	var wg sync.WaitGroup
 	if o.events != nil {
 		wg.Add(1)
@@ -867,93 +922,6 @@ func explainHandshake(addr string, err error) error {
 		"every server of one control plane must run with the same CA: copy the first server's ca directory (DATA/ca) to that server and start it with --ca-dir DIR, or remove %s from --server-addr (%v)", addr, addr, err)
 }
 
-// channelSender is one live control channel's send.
-type channelSender struct {
-	send func(*pb.SiteMessage) error
-}
-
-// eventRouter sends each event on one live channel: the first in the
-// servers' order, the next on a send failure. While no channel is live
-// the events wait in the site's channel.
-type eventRouter struct {
-	mu       sync.Mutex
-	live     []*channelSender // by server index; nil while down
-	changed  chan struct{}    // closed and replaced when live changes
-	onChange func(i int, up bool)
-}
-
-func newEventRouter(n int) *eventRouter {
-	return &eventRouter{live: make([]*channelSender, n), changed: make(chan struct{})}
-}
-
-// set makes s the i-th server's live channel (nil: down), unless it was
-// already replaced by a newer one (old must match).
-func (r *eventRouter) set(i int, old, s *channelSender) {
-	r.mu.Lock()
-	if r.live[i] != old {
-		r.mu.Unlock()
-		return
-	}
-	r.live[i] = s
-	close(r.changed)
-	r.changed = make(chan struct{})
-	if r.onChange != nil {
-		r.onChange(i, s != nil) // under mu: heard in order
-	}
-	r.mu.Unlock()
-}
-
-// snapshot returns the live channels in order and what closes on a change.
-func (r *eventRouter) snapshot() ([]int, []*channelSender, <-chan struct{}) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var idx []int
-	var live []*channelSender
-	for i, s := range r.live {
-		if s != nil {
-			idx = append(idx, i)
-			live = append(live, s)
-		}
-	}
-	return idx, live, r.changed
-}
-
-func (r *eventRouter) run(ctx context.Context, events <-chan rebound.Event) {
-	var pending *pb.SiteMessage
-	for {
-		idx, live, changed := r.snapshot()
-		if len(live) == 0 {
-			select {
-			case <-ctx.Done():
-				return
-			case <-changed:
-			}
-			continue
-		}
-		if pending == nil {
-			select {
-			case <-ctx.Done():
-				return
-			case <-changed:
-				continue
-			case e := <-events:
-				pending = &pb.SiteMessage{Body: &pb.SiteMessage_Event{Event: &pb.SiteEvent{Time: e.Time.UnixNano(), Machine: e.Machine, Kind: e.Kind, Message: e.Message}}}
-			}
-		}
-		for k, s := range live {
-			err := s.send(pending)
-			if err == nil {
-				pending = nil
-				break
-			}
-			// That channel is broken: its Recv sees it too and reconnects.
-			ev := pending.GetEvent()
-			slog.Warn("event not delivered on a control channel; trying the next server", "kind", ev.Kind, "machine", ev.Machine, "message", ev.Message, "err", err)
-			r.set(idx[k], s, nil)
-		}
-	}
-}
-
 // runControlOnce serves one channel to the i-th server; welcomed reports
 // whether the server accepted the hello.
 func runControlOnce(ctx context.Context, i int, addr string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, o controlOpts, r *eventRouter) (welcomed bool, err error) {
@@ -997,7 +965,7 @@ func runControlOnce(ctx context.Context, i int, addr string, tlsConf *tls.Config
 		return false, err
 	}
 	// Events may go on this channel until it ends.
-	sender := &channelSender{send: send}
+	sender := &channelSender{idx: i, send: send, acks: m.GetWelcome().EventAcks}
 	r.set(i, nil, sender)
 	defer r.set(i, sender, nil)
 
@@ -1036,6 +1004,8 @@ func runControlOnce(ctx context.Context, i int, addr string, tlsConf *tls.Config
 			return true, fromStatus("control", err)
 		}
 		switch b := m.Body.(type) {
+		case *pb.ServerMessage_EventAck:
+			r.ack(b.EventAck.Ids)
 		case *pb.ServerMessage_Cancel:
 			mu.Lock()
 			if cancelCall := calls[m.Id]; cancelCall != nil {

@@ -194,6 +194,7 @@ func (m *ServerMain) Run(ctx context.Context) (err error) {
 	m.Control.OnConnect = m.Service.SiteConnected // runs its work in a goroutine the server owns
 	m.Control.OnDisconnect = m.Service.SiteDisconnected
 	m.Control.OnEvent = m.Service.SiteEvent
+	m.Control.StoreEvent = m.Service.StoreSiteEvent
 	// Removed and rotated certificates: refused at the handshake, their
 	// channels closed, the list pushed to every site (docs/design/security.md).
 	m.Service.Revocations = &pki.Revocations{OnRefuse: m.Service.RevokedRefused}

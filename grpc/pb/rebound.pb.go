@@ -315,11 +315,16 @@ func (*SiteMessage_Event) isSiteMessage_Body() {}
 // SiteEvent is something the server records in its event log, e.g. a
 // replication stream the site refused.
 type SiteEvent struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Time          int64                  `protobuf:"varint,1,opt,name=time,proto3" json:"time,omitempty"` // unix nanoseconds at the site
-	Machine       string                 `protobuf:"bytes,2,opt,name=machine,proto3" json:"machine,omitempty"`
-	Kind          string                 `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
-	Message       string                 `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Time    int64                  `protobuf:"varint,1,opt,name=time,proto3" json:"time,omitempty"` // unix nanoseconds at the site
+	Machine string                 `protobuf:"bytes,2,opt,name=machine,proto3" json:"machine,omitempty"`
+	Kind    string                 `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
+	Message string                 `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	// id is unique across the site's life (a random per-process prefix and
+	// a counter). A server whose welcome has event_acks answers it with an
+	// EventAck once the event is stored; the store keeps one event per site
+	// and id, so the site may resend it. Empty from older sites.
+	Id            string `protobuf:"bytes,5,opt,name=id,proto3" json:"id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -378,6 +383,13 @@ func (x *SiteEvent) GetKind() string {
 func (x *SiteEvent) GetMessage() string {
 	if x != nil {
 		return x.Message
+	}
+	return ""
+}
+
+func (x *SiteEvent) GetId() string {
+	if x != nil {
+		return x.Id
 	}
 	return ""
 }
@@ -598,6 +610,7 @@ type ServerMessage struct {
 	//	*ServerMessage_Call
 	//	*ServerMessage_Cancel
 	//	*ServerMessage_Welcome
+	//	*ServerMessage_EventAck
 	Body          isServerMessage_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -674,6 +687,15 @@ func (x *ServerMessage) GetWelcome() *Welcome {
 	return nil
 }
 
+func (x *ServerMessage) GetEventAck() *EventAck {
+	if x != nil {
+		if x, ok := x.Body.(*ServerMessage_EventAck); ok {
+			return x.EventAck
+		}
+	}
+	return nil
+}
+
 type isServerMessage_Body interface {
 	isServerMessage_Body()
 }
@@ -690,11 +712,63 @@ type ServerMessage_Welcome struct {
 	Welcome *Welcome `protobuf:"bytes,4,opt,name=welcome,proto3,oneof"` // answer to Hello
 }
 
+type ServerMessage_EventAck struct {
+	EventAck *EventAck `protobuf:"bytes,5,opt,name=event_ack,json=eventAck,proto3,oneof"` // events stored
+}
+
 func (*ServerMessage_Call) isServerMessage_Body() {}
 
 func (*ServerMessage_Cancel) isServerMessage_Body() {}
 
 func (*ServerMessage_Welcome) isServerMessage_Body() {}
+
+func (*ServerMessage_EventAck) isServerMessage_Body() {}
+
+// EventAck names site events the store holds (stored now or before): the
+// site forgets them.
+type EventAck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventAck) Reset() {
+	*x = EventAck{}
+	mi := &file_rebound_v1_rebound_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventAck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventAck) ProtoMessage() {}
+
+func (x *EventAck) ProtoReflect() protoreflect.Message {
+	mi := &file_rebound_v1_rebound_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventAck.ProtoReflect.Descriptor instead.
+func (*EventAck) Descriptor() ([]byte, []int) {
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *EventAck) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
 
 type Call struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -706,7 +780,7 @@ type Call struct {
 
 func (x *Call) Reset() {
 	*x = Call{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[9]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -718,7 +792,7 @@ func (x *Call) String() string {
 func (*Call) ProtoMessage() {}
 
 func (x *Call) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[9]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -731,7 +805,7 @@ func (x *Call) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Call.ProtoReflect.Descriptor instead.
 func (*Call) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{9}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Call) GetMethod() string {
@@ -749,15 +823,19 @@ func (x *Call) GetArgs() []byte {
 }
 
 type Welcome struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Version uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	// event_acks: this server acks the events that carry an id (EventAck).
+	// Older servers leave it false: the site then counts a sent event as
+	// delivered, as before.
+	EventAcks     bool `protobuf:"varint,2,opt,name=event_acks,json=eventAcks,proto3" json:"event_acks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[10]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -769,7 +847,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[10]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -782,7 +860,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{10}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Welcome) GetVersion() uint32 {
@@ -790,6 +868,13 @@ func (x *Welcome) GetVersion() uint32 {
 		return x.Version
 	}
 	return 0
+}
+
+func (x *Welcome) GetEventAcks() bool {
+	if x != nil {
+		return x.EventAcks
+	}
+	return false
 }
 
 type ReplicateRequest struct {
@@ -805,7 +890,7 @@ type ReplicateRequest struct {
 
 func (x *ReplicateRequest) Reset() {
 	*x = ReplicateRequest{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[11]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -817,7 +902,7 @@ func (x *ReplicateRequest) String() string {
 func (*ReplicateRequest) ProtoMessage() {}
 
 func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[11]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -830,7 +915,7 @@ func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateRequest.ProtoReflect.Descriptor instead.
 func (*ReplicateRequest) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{11}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ReplicateRequest) GetBody() isReplicateRequest_Body {
@@ -888,7 +973,7 @@ type ReplHello struct {
 
 func (x *ReplHello) Reset() {
 	*x = ReplHello{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[12]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +985,7 @@ func (x *ReplHello) String() string {
 func (*ReplHello) ProtoMessage() {}
 
 func (x *ReplHello) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[12]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +998,7 @@ func (x *ReplHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplHello.ProtoReflect.Descriptor instead.
 func (*ReplHello) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{12}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReplHello) GetVersion() uint32 {
@@ -953,7 +1038,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[13]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -965,7 +1050,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[13]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -978,7 +1063,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{13}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Batch) GetRecords() []*Record {
@@ -1005,7 +1090,7 @@ type Record struct {
 
 func (x *Record) Reset() {
 	*x = Record{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[14]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1017,7 +1102,7 @@ func (x *Record) String() string {
 func (*Record) ProtoMessage() {}
 
 func (x *Record) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[14]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1030,7 +1115,7 @@ func (x *Record) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Record.ProtoReflect.Descriptor instead.
 func (*Record) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{14}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Record) GetSeq() uint64 {
@@ -1102,7 +1187,7 @@ type ReplicateResponse struct {
 
 func (x *ReplicateResponse) Reset() {
 	*x = ReplicateResponse{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[15]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1199,7 @@ func (x *ReplicateResponse) String() string {
 func (*ReplicateResponse) ProtoMessage() {}
 
 func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[15]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1212,7 @@ func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateResponse.ProtoReflect.Descriptor instead.
 func (*ReplicateResponse) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{15}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ReplicateResponse) GetBody() isReplicateResponse_Body {
@@ -1185,7 +1270,7 @@ type HelloAck struct {
 
 func (x *HelloAck) Reset() {
 	*x = HelloAck{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[16]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1197,7 +1282,7 @@ func (x *HelloAck) String() string {
 func (*HelloAck) ProtoMessage() {}
 
 func (x *HelloAck) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[16]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1210,7 +1295,7 @@ func (x *HelloAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloAck.ProtoReflect.Descriptor instead.
 func (*HelloAck) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{16}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *HelloAck) GetVersion() uint32 {
@@ -1247,7 +1332,7 @@ type RepairRequest struct {
 
 func (x *RepairRequest) Reset() {
 	*x = RepairRequest{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1259,7 +1344,7 @@ func (x *RepairRequest) String() string {
 func (*RepairRequest) ProtoMessage() {}
 
 func (x *RepairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[17]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1272,7 +1357,7 @@ func (x *RepairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RepairRequest.ProtoReflect.Descriptor instead.
 func (*RepairRequest) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{17}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RepairRequest) GetLostFrom() uint64 {
@@ -1312,7 +1397,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_rebound_v1_rebound_proto_msgTypes[18]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1324,7 +1409,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_rebound_v1_rebound_proto_msgTypes[18]
+	mi := &file_rebound_v1_rebound_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1337,7 +1422,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{18}
+	return file_rebound_v1_rebound_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Ack) GetDurableSeq() uint64 {
@@ -1370,12 +1455,13 @@ const file_rebound_v1_rebound_proto_rawDesc = "" +
 	"\x05error\x18\x05 \x01(\v2\x15.rebound.v1.CallErrorH\x00R\x05error\x122\n" +
 	"\bprogress\x18\x06 \x01(\v2\x14.rebound.v1.ProgressH\x00R\bprogress\x12-\n" +
 	"\x05event\x18\a \x01(\v2\x15.rebound.v1.SiteEventH\x00R\x05eventB\x06\n" +
-	"\x04body\"g\n" +
+	"\x04body\"w\n" +
 	"\tSiteEvent\x12\x12\n" +
 	"\x04time\x18\x01 \x01(\x03R\x04time\x12\x18\n" +
 	"\amachine\x18\x02 \x01(\tR\amachine\x12\x12\n" +
 	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x18\n" +
-	"\amessage\x18\x04 \x01(\tR\amessage\"M\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\x12\x0e\n" +
+	"\x02id\x18\x05 \x01(\tR\x02id\"M\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x12\n" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x12\x16\n" +
@@ -1387,18 +1473,23 @@ const file_rebound_v1_rebound_proto_rawDesc = "" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"4\n" +
 	"\bProgress\x12\x12\n" +
 	"\x04done\x18\x01 \x01(\x03R\x04done\x12\x14\n" +
-	"\x05total\x18\x02 \x01(\x03R\x05total\"\x9a\x01\n" +
+	"\x05total\x18\x02 \x01(\x03R\x05total\"\xcf\x01\n" +
 	"\rServerMessage\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12&\n" +
 	"\x04call\x18\x02 \x01(\v2\x10.rebound.v1.CallH\x00R\x04call\x12\x18\n" +
 	"\x06cancel\x18\x03 \x01(\bH\x00R\x06cancel\x12/\n" +
-	"\awelcome\x18\x04 \x01(\v2\x13.rebound.v1.WelcomeH\x00R\awelcomeB\x06\n" +
-	"\x04body\"2\n" +
+	"\awelcome\x18\x04 \x01(\v2\x13.rebound.v1.WelcomeH\x00R\awelcome\x123\n" +
+	"\tevent_ack\x18\x05 \x01(\v2\x14.rebound.v1.EventAckH\x00R\beventAckB\x06\n" +
+	"\x04body\"\x1c\n" +
+	"\bEventAck\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03ids\"2\n" +
 	"\x04Call\x12\x16\n" +
 	"\x06method\x18\x01 \x01(\tR\x06method\x12\x12\n" +
-	"\x04args\x18\x02 \x01(\fR\x04args\"#\n" +
+	"\x04args\x18\x02 \x01(\fR\x04args\"B\n" +
 	"\aWelcome\x12\x18\n" +
-	"\aversion\x18\x01 \x01(\rR\aversion\"t\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1d\n" +
+	"\n" +
+	"event_acks\x18\x02 \x01(\bR\teventAcks\"t\n" +
 	"\x10ReplicateRequest\x12-\n" +
 	"\x05hello\x18\x01 \x01(\v2\x15.rebound.v1.ReplHelloH\x00R\x05hello\x12)\n" +
 	"\x05batch\x18\x02 \x01(\v2\x11.rebound.v1.BatchH\x00R\x05batchB\x06\n" +
@@ -1461,7 +1552,7 @@ func file_rebound_v1_rebound_proto_rawDescGZIP() []byte {
 	return file_rebound_v1_rebound_proto_rawDescData
 }
 
-var file_rebound_v1_rebound_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_rebound_v1_rebound_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_rebound_v1_rebound_proto_goTypes = []any{
 	(*EnrollRequest)(nil),     // 0: rebound.v1.EnrollRequest
 	(*EnrollResponse)(nil),    // 1: rebound.v1.EnrollResponse
@@ -1472,16 +1563,17 @@ var file_rebound_v1_rebound_proto_goTypes = []any{
 	(*CallError)(nil),         // 6: rebound.v1.CallError
 	(*Progress)(nil),          // 7: rebound.v1.Progress
 	(*ServerMessage)(nil),     // 8: rebound.v1.ServerMessage
-	(*Call)(nil),              // 9: rebound.v1.Call
-	(*Welcome)(nil),           // 10: rebound.v1.Welcome
-	(*ReplicateRequest)(nil),  // 11: rebound.v1.ReplicateRequest
-	(*ReplHello)(nil),         // 12: rebound.v1.ReplHello
-	(*Batch)(nil),             // 13: rebound.v1.Batch
-	(*Record)(nil),            // 14: rebound.v1.Record
-	(*ReplicateResponse)(nil), // 15: rebound.v1.ReplicateResponse
-	(*HelloAck)(nil),          // 16: rebound.v1.HelloAck
-	(*RepairRequest)(nil),     // 17: rebound.v1.RepairRequest
-	(*Ack)(nil),               // 18: rebound.v1.Ack
+	(*EventAck)(nil),          // 9: rebound.v1.EventAck
+	(*Call)(nil),              // 10: rebound.v1.Call
+	(*Welcome)(nil),           // 11: rebound.v1.Welcome
+	(*ReplicateRequest)(nil),  // 12: rebound.v1.ReplicateRequest
+	(*ReplHello)(nil),         // 13: rebound.v1.ReplHello
+	(*Batch)(nil),             // 14: rebound.v1.Batch
+	(*Record)(nil),            // 15: rebound.v1.Record
+	(*ReplicateResponse)(nil), // 16: rebound.v1.ReplicateResponse
+	(*HelloAck)(nil),          // 17: rebound.v1.HelloAck
+	(*RepairRequest)(nil),     // 18: rebound.v1.RepairRequest
+	(*Ack)(nil),               // 19: rebound.v1.Ack
 }
 var file_rebound_v1_rebound_proto_depIdxs = []int32{
 	4,  // 0: rebound.v1.SiteMessage.hello:type_name -> rebound.v1.Hello
@@ -1489,25 +1581,26 @@ var file_rebound_v1_rebound_proto_depIdxs = []int32{
 	6,  // 2: rebound.v1.SiteMessage.error:type_name -> rebound.v1.CallError
 	7,  // 3: rebound.v1.SiteMessage.progress:type_name -> rebound.v1.Progress
 	3,  // 4: rebound.v1.SiteMessage.event:type_name -> rebound.v1.SiteEvent
-	9,  // 5: rebound.v1.ServerMessage.call:type_name -> rebound.v1.Call
-	10, // 6: rebound.v1.ServerMessage.welcome:type_name -> rebound.v1.Welcome
-	12, // 7: rebound.v1.ReplicateRequest.hello:type_name -> rebound.v1.ReplHello
-	13, // 8: rebound.v1.ReplicateRequest.batch:type_name -> rebound.v1.Batch
-	14, // 9: rebound.v1.Batch.records:type_name -> rebound.v1.Record
-	16, // 10: rebound.v1.ReplicateResponse.hello_ack:type_name -> rebound.v1.HelloAck
-	18, // 11: rebound.v1.ReplicateResponse.ack:type_name -> rebound.v1.Ack
-	17, // 12: rebound.v1.HelloAck.repair:type_name -> rebound.v1.RepairRequest
-	0,  // 13: rebound.v1.Enrollment.Enroll:input_type -> rebound.v1.EnrollRequest
-	2,  // 14: rebound.v1.Control.Connect:input_type -> rebound.v1.SiteMessage
-	11, // 15: rebound.v1.Replication.Replicate:input_type -> rebound.v1.ReplicateRequest
-	1,  // 16: rebound.v1.Enrollment.Enroll:output_type -> rebound.v1.EnrollResponse
-	8,  // 17: rebound.v1.Control.Connect:output_type -> rebound.v1.ServerMessage
-	15, // 18: rebound.v1.Replication.Replicate:output_type -> rebound.v1.ReplicateResponse
-	16, // [16:19] is the sub-list for method output_type
-	13, // [13:16] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	10, // 5: rebound.v1.ServerMessage.call:type_name -> rebound.v1.Call
+	11, // 6: rebound.v1.ServerMessage.welcome:type_name -> rebound.v1.Welcome
+	9,  // 7: rebound.v1.ServerMessage.event_ack:type_name -> rebound.v1.EventAck
+	13, // 8: rebound.v1.ReplicateRequest.hello:type_name -> rebound.v1.ReplHello
+	14, // 9: rebound.v1.ReplicateRequest.batch:type_name -> rebound.v1.Batch
+	15, // 10: rebound.v1.Batch.records:type_name -> rebound.v1.Record
+	17, // 11: rebound.v1.ReplicateResponse.hello_ack:type_name -> rebound.v1.HelloAck
+	19, // 12: rebound.v1.ReplicateResponse.ack:type_name -> rebound.v1.Ack
+	18, // 13: rebound.v1.HelloAck.repair:type_name -> rebound.v1.RepairRequest
+	0,  // 14: rebound.v1.Enrollment.Enroll:input_type -> rebound.v1.EnrollRequest
+	2,  // 15: rebound.v1.Control.Connect:input_type -> rebound.v1.SiteMessage
+	12, // 16: rebound.v1.Replication.Replicate:input_type -> rebound.v1.ReplicateRequest
+	1,  // 17: rebound.v1.Enrollment.Enroll:output_type -> rebound.v1.EnrollResponse
+	8,  // 18: rebound.v1.Control.Connect:output_type -> rebound.v1.ServerMessage
+	16, // 19: rebound.v1.Replication.Replicate:output_type -> rebound.v1.ReplicateResponse
+	17, // [17:20] is the sub-list for method output_type
+	14, // [14:17] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_rebound_v1_rebound_proto_init() }
@@ -1527,12 +1620,13 @@ func file_rebound_v1_rebound_proto_init() {
 		(*ServerMessage_Call)(nil),
 		(*ServerMessage_Cancel)(nil),
 		(*ServerMessage_Welcome)(nil),
+		(*ServerMessage_EventAck)(nil),
 	}
-	file_rebound_v1_rebound_proto_msgTypes[11].OneofWrappers = []any{
+	file_rebound_v1_rebound_proto_msgTypes[12].OneofWrappers = []any{
 		(*ReplicateRequest_Hello)(nil),
 		(*ReplicateRequest_Batch)(nil),
 	}
-	file_rebound_v1_rebound_proto_msgTypes[15].OneofWrappers = []any{
+	file_rebound_v1_rebound_proto_msgTypes[16].OneofWrappers = []any{
 		(*ReplicateResponse_HelloAck)(nil),
 		(*ReplicateResponse_Ack)(nil),
 	}
@@ -1542,7 +1636,7 @@ func file_rebound_v1_rebound_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rebound_v1_rebound_proto_rawDesc), len(file_rebound_v1_rebound_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
