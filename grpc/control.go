@@ -17,6 +17,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/grpc/pb"
+	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/pki"
 	ggrpc "google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -442,22 +443,35 @@ func (c *ControlServer) siteEvent(s *session, ev *pb.SiteEvent) error {
 		}
 		return nil
 	}
-	if c.eventHook != nil && e.EventID != "" {
-		if err := c.eventHook("received", e); err != nil {
-			return err
-		}
+	if err := c.atEvent(s, "received", e); err != nil {
+		return err
 	}
 	if err := c.StoreEvent(s.site, e); err != nil {
 		// Not acked: the site keeps the event and sends it again.
 		slog.Warn("control: a site's event was not stored; the site keeps it", "site", s.site, "kind", e.Kind, "err", err)
 		return nil
 	}
-	if c.eventHook != nil && e.EventID != "" {
-		if err := c.eventHook("stored", e); err != nil {
+	if err := c.atEvent(s, "stored", e); err != nil {
+		return err
+	}
+	return ack()
+}
+
+// atEvent is where tests stop a server as it handles an event with an ID:
+// eventHook, and the failpoint grpc/control/event/STAGE/KIND. An error, or
+// the channel ended meanwhile, ends the channel without an ack.
+func (c *ControlServer) atEvent(s *session, stage string, e rebound.Event) error {
+	if e.EventID == "" {
+		return nil
+	}
+	if c.eventHook != nil {
+		if err := c.eventHook(stage, e); err != nil {
 			return err
 		}
 	}
-	return ack()
+	ctx := s.stream.Context()
+	failpoint.Hit(ctx, "grpc/control/event/"+stage+"/"+e.Kind)
+	return ctx.Err()
 }
 
 // decodeStatus decodes a site's status. An agent speaks only of its own
