@@ -274,6 +274,6 @@ type Event struct {
 	// EventID is the ID its emitter gave it ("SITE/" and the site's own
 	// ID, for a site's or agent's event): the store keeps one event per
 	// EventID, so a resent event is recorded once. Empty for the
-	// server's own events and older sites'.
-	EventID string `json:"event_id,omitempty"`
+	// server's own events and older sites'. Written, not listed.
+	EventID string `json:"-"`
 }

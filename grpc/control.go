@@ -858,8 +858,9 @@ func WithRevocations(set func(serials []string)) ControlOption {
 	return func(o *controlOpts) { o.revoked = set }
 }
 
-// WithEvents forwards the events read from ch to the server (they wait in
-// ch while the channel is down).
+// WithEvents forwards the events read from ch to the servers, exactly
+// once: each gets an ID and waits in a bounded outbox until a server acks
+// that its store holds it (events.go).
 func WithEvents(ch <-chan rebound.Event) ControlOption {
 	return func(o *controlOpts) { o.events = ch }
 }
@@ -876,8 +877,9 @@ func RunControl(ctx context.Context, addr string, tlsConf *tls.Config, local reb
 // servers of one control plane, sharing a CA and a database), each
 // reconnecting on its own as RunControl does, so any of them can call the
 // site. Status reports go on every channel; each event goes on one live
-// channel only (the first in addrs' order; on a send failure, the next),
-// so the store gets it once. It returns ctx's error.
+// channel (the first in addrs' order) and again on another when that one
+// goes down before the server acked it; the store keeps one event per ID.
+// It returns ctx's error.
 func RunControls(ctx context.Context, addrs []string, tlsConf *tls.Config, local rebound.SiteService, reportEvery time.Duration, opts ...ControlOption) error {
 	if len(addrs) == 0 {
 		return rebound.Errorf(rebound.EINVALID, "no server address to open a control channel to (--server-addr)")
