@@ -448,7 +448,7 @@ func (c *ControlServer) siteEvent(s *session, ev *pb.SiteEvent) error {
 	}
 	if err := c.StoreEvent(s.site, e); err != nil {
 		// Not acked: the site keeps the event and sends it again.
-		slog.Warn("control: a site's event was not stored; the site keeps it", "site", s.site, "kind", e.Kind, "err", err)
+		// StoreEvent logs why (at a bounded rate for a full disk).
 		return nil
 	}
 	if err := c.atEvent(s, "stored", e); err != nil {

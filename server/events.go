@@ -30,8 +30,8 @@ func (s *Server) StoreSiteEvent(site string, e rebound.Event) error {
 	if !strings.Contains(kind, ".") {
 		kind = "site." + kind
 	}
-	s.Logger.Warn("site event", "site", site, "machine", e.Machine, "kind", kind, "message", e.Message, "id", e.EventID)
 	if e.EventID == "" {
+		s.Logger.Warn("site event", "site", site, "machine", e.Machine, "kind", kind, "message", e.Message)
 		s.event(e.Machine, site, kind, e.Message)
 		return nil
 	}
@@ -47,8 +47,11 @@ func (s *Server) StoreSiteEvent(site string, e rebound.Event) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := s.DB.AddEvent(ctx, ev); err != nil {
-		s.storeFailed("site event not stored; the site keeps it", err, "site", site, "kind", kind, "id", e.EventID)
+		// At a bounded rate: the site resends every unacked event.
+		s.store.log.Warn(s.Logger, "site event not stored; the site keeps it and sends it again", "site", site, "kind", kind, "id", e.EventID, "err", err)
 		return fmt.Errorf("store event %s of site %s: %w", e.EventID, site, err)
 	}
+	// Logged once stored: a site resends what a full store refused.
+	s.Logger.Warn("site event", "site", site, "machine", e.Machine, "kind", kind, "message", e.Message, "id", e.EventID)
 	return nil
 }
