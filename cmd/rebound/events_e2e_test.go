@@ -20,12 +20,21 @@ import (
 
 // TestSeveralServersEventExactlyOnce: two in-process servers on one
 // PostgreSQL, a site given both. A site event goes to server 1 (the first
-// address), which dies (closed, failpoint grpc/control/event/received/...)
-// as it receives the event, before storing or acking it. The site sends it
-// again on its channel to server 2, which stores it: the event list shows
-// it exactly once, through server 2, and events after it too.
+// address), which dies (closed, at failpoint grpc/control/event/STAGE/...)
+// before acking it: as it receives the event (nothing stored), or once it
+// stored it. The site sends the event again on its channel to server 2,
+// which stores it (or finds it stored: it acks it all the same): the
+// event list shows it exactly once, through server 2, and a later event
+// too.
 func TestSeveralServersEventExactlyOnce(t *testing.T) {
 	t.Parallel()
+	for _, stage := range []string{"received", "stored"} {
+		// One after the other: a failpoint is the process's.
+		t.Run("died-after-"+stage, func(t *testing.T) { testEventExactlyOnce(t, stage) })
+	}
+}
+
+func testEventExactlyOnce(t *testing.T, stage string) {
 	ctx := context.Background()
 	dsn := pgtest.DSN(t)
 	dir := t.TempDir()
@@ -39,22 +48,32 @@ func TestSeveralServersEventExactlyOnce(t *testing.T) {
 		})
 	}
 
-	// Server 1 dies as the event reaches it: only this test's server 1
-	// (other tests of the package may run alongside).
+	// Server 1 dies as the event reaches STAGE there; server 2 passing
+	// the same point is recorded. Only this test's servers: other tests
+	// of the package may run alongside.
 	var once sync.Once
 	killed := make(chan struct{})
-	disable := failpoint.Enable("grpc/control/event/received/replication.refused", func(ctx context.Context) {
+	var mu sync.Mutex
+	at2 := 0
+	disable := failpoint.Enable("grpc/control/event/"+stage+"/replication.refused", func(ctx context.Context) {
 		p, ok := peer.FromContext(ctx)
-		if !ok || p.LocalAddr == nil || p.LocalAddr.String() != s1.GRPCAddr {
+		if !ok || p.LocalAddr == nil {
 			return
 		}
-		once.Do(func() {
-			go func() {
-				s1.Close()
-				close(killed)
-			}()
-			<-ctx.Done() // the channel ends with the server: no store, no ack
-		})
+		switch p.LocalAddr.String() {
+		case s2.GRPCAddr:
+			mu.Lock()
+			at2++
+			mu.Unlock()
+		case s1.GRPCAddr:
+			once.Do(func() {
+				go func() {
+					s1.Close()
+					close(killed)
+				}()
+				<-ctx.Done() // the channel ends with the server: no ack
+			})
+		}
 	})
 	defer disable()
 
@@ -91,13 +110,17 @@ func TestSeveralServersEventExactlyOnce(t *testing.T) {
 		}
 		return n
 	}
-	waitUntil(t, 60*time.Second, "the event through server 2", func() bool { return count("test event one") > 0 })
+	waitUntil(t, 60*time.Second, "the event through server 2", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return at2 > 0
+	})
 	// A later event from the same site: stored after the first in the
-	// site's order, so by then any resend of the first has been made.
+	// site's order.
 	sm.Site.Refused(rgrpc.Refusal{StreamID: "s-ev2", Machine: "vm-ev", Peer: pki.Identity{Name: "intruder", Role: pki.RoleSite},
 		Reason: "test event two"})
 	waitUntil(t, 60*time.Second, "the second event through server 2", func() bool { return count("test event two") > 0 })
 	if n, m := count("test event one"), count("test event two"); n != 1 || m != 1 {
-		t.Fatalf("events stored %d and %d times, want once each", n, m)
+		t.Fatalf("events listed %d and %d times, want once each", n, m)
 	}
 }
