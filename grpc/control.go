@@ -422,20 +422,20 @@ func (c *ControlServer) siteEvent(s *session, ev *pb.SiteEvent) error {
 	if ev.Id != "" {
 		e.EventID = s.site + "/" + ev.Id
 	}
-	ack := func() error {
-		if ev.Id == "" || c.StoreEvent == nil {
-			return nil
+	ack := func() {
+		if ev.Id != "" && c.StoreEvent != nil {
+			// A failed send breaks the channel: the site sends it again.
+			_ = s.send(&pb.ServerMessage{Body: &pb.ServerMessage_EventAck{EventAck: &pb.EventAck{Ids: []string{ev.Id}}}})
 		}
-		// A failed send ends the channel: the site sends it again.
-		_ = s.send(&pb.ServerMessage{Body: &pb.ServerMessage_EventAck{EventAck: &pb.EventAck{Ids: []string{ev.Id}}}})
-		return nil
 	}
 	if s.agent != "" && e.Machine != "" && e.Machine != s.agent {
 		slog.Warn("control: agent reported an event of another machine; dropped", "agent", s.site, "machine", e.Machine)
-		return ack() // refused for good: the agent need not keep it
+		ack() // refused for good: the agent need not keep it
+		return nil
 	}
 	if e.Kind == "" {
-		return ack()
+		ack()
+		return nil
 	}
 	if c.StoreEvent == nil {
 		if c.OnEvent != nil {
@@ -454,7 +454,8 @@ func (c *ControlServer) siteEvent(s *session, ev *pb.SiteEvent) error {
 	if err := c.atEvent(s, "stored", e); err != nil {
 		return err
 	}
-	return ack()
+	ack()
+	return nil
 }
 
 // atEvent is where tests stop a server as it handles an event with an ID:
