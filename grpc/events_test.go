@@ -277,3 +277,61 @@ func TestEventRouter_Outbox(t *testing.T) {
 		t.Fatalf("an event sent to a server that does not ack is kept: pending %d", r.pending())
 	}
 }
+
+// TestControl_EventFromOlderSite: a site that sends no event ID (an older
+// one) has its event stored as before, without an ID, and gets no ack; the
+// welcome tells a site that this server acks.
+func TestControl_EventFromOlderSite(t *testing.T) {
+	e := newEnv(t)
+	st := newEventStore()
+	s := newMultiServer(t, e)
+	s.ctl.StoreEvent = st.storeAs("s")
+	_, cli := e.site(t, "site-a", "127.0.0.1")
+	cc, err := Dial(s.ts.addr, cli)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	stream, err := pb.NewControlClient(cc).Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&pb.SiteMessage{Body: &pb.SiteMessage_Hello{Hello: &pb.Hello{Version: ProtocolVersion, Site: "site-a", Status: []byte(`{"site":"site-a"}`)}}}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := m.GetWelcome(); w == nil || !w.EventAcks {
+		t.Fatalf("welcome %+v: want event_acks", m)
+	}
+	if err := stream.Send(&pb.SiteMessage{Body: &pb.SiteMessage_Event{Event: &pb.SiteEvent{Time: time.Now().UnixNano(), Kind: "site.old", Message: "no id"}}}); err != nil {
+		t.Fatal(err)
+	}
+	// Then one with an ID: its ack is the first message back, so none
+	// came for the first.
+	if err := stream.Send(&pb.SiteMessage{Body: &pb.SiteMessage_Event{Event: &pb.SiteEvent{Time: time.Now().UnixNano(), Kind: "site.new", Message: "id", Id: "p-1"}}}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		m, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.GetCall() != nil {
+			continue // the revocation list, unanswered
+		}
+		if a := m.GetEventAck(); a == nil || strings.Join(a.Ids, ",") != "p-1" {
+			t.Fatalf("first message after the events: %+v, want the ack of p-1 only", m)
+		}
+		break
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.plain != 1 || len(st.rows) != 1 || st.rows["site-a/p-1"].Kind != "site.new" {
+		t.Fatalf("stored %d without ID and %+v", st.plain, st.rows)
+	}
+}
