@@ -716,8 +716,10 @@ func (s *Site) refused(f rgrpc.Refusal) {
 // stream.
 func (s *Site) Refused(f rgrpc.Refusal) { s.refused(f) }
 
-// emit queues an event for the server; when the queue is full (the server
-// has been unreachable long) the event is only logged.
+// emit queues an event for the server. The control router drains the
+// queue into its outbox even while no server is reachable (the outbox
+// bounds and counts what it drops: docs/design/ha.md, "Events"), so a
+// full queue means the router itself is stuck: the event is only logged.
 func (s *Site) emit(e rebound.Event) {
 	select {
 	case s.events <- e:
