@@ -635,3 +635,38 @@ func TestCleanStopLeaseHandover(t *testing.T) {
 		})
 	}
 }
+
+// A plan whose job runs on another server (found in the store, not in
+// this server's memory) is not deleted: conflict naming the job; once the
+// job ended the delete goes through.
+func TestDeletePlanWithJobOnOtherServer(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			ctx := context.Background()
+			f := newHA(t, kind, DefaultLeaseTTL, nil, nil)
+			if _, err := f.s1.ApplyPlan(ctx, rebound.Plan{Name: "app", Stages: []rebound.PlanStage{{Name: "db", Machines: []string{"vm1"}}}}); err != nil {
+				t.Fatal(err)
+			}
+			// Server 1's plan job, as the store holds it while s1 runs it.
+			j := &rebound.Job{Type: "plan-failover", State: rebound.JobRunning, Plan: &rebound.PlanProgress{Name: "app"}}
+			if err := f.db.CreateJob(ctx, j); err != nil {
+				t.Fatal(err)
+			}
+			err := f.s2.DeletePlan(ctx, "app")
+			if rebound.ErrorCode(err) != rebound.ECONFLICT || !strings.Contains(err.Error(), j.ID) {
+				t.Fatalf("delete through server 2 while server 1 runs %s: %v, want a conflict naming it", j.ID, err)
+			}
+			if _, err := f.s2.GetPlan(ctx, "app"); err != nil {
+				t.Fatalf("the plan after the refused delete: %v", err)
+			}
+			now := time.Now()
+			j.State, j.EndedAt = rebound.JobSucceeded, &now
+			if err := f.db.UpdateJob(ctx, j); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.s2.DeletePlan(ctx, "app"); err != nil {
+				t.Fatalf("delete once the job ended: %v", err)
+			}
+		})
+	}
+}

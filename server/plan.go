@@ -98,11 +98,24 @@ func (s *Server) GetPlan(ctx context.Context, name string) (*rebound.Plan, error
 	return s.DB.GetPlan(ctx, name)
 }
 
-// DeletePlan removes a plan that has no job running.
+// DeletePlan removes a plan that has no job running, on this server or
+// (found in the store) on another one sharing the database.
 func (s *Server) DeletePlan(ctx context.Context, name string) error {
 	s.mu.Lock()
 	id, busy := s.busy["plan:"+name]
 	s.mu.Unlock()
+	if !busy {
+		jobs, err := s.DB.PlanJobs(ctx)
+		if err != nil {
+			return err
+		}
+		for _, j := range jobs {
+			if j.LockKey() == "plan:"+name {
+				id, busy = j.ID, true
+				break
+			}
+		}
+	}
 	if busy {
 		return rebound.Errorf(rebound.ECONFLICT, "plan %s has job %s running; wait for it or cancel it (rebound job cancel %s)", name, id, id)
 	}
