@@ -32,6 +32,13 @@ const (
 // its disks with the target's digests.
 const ResyncRepair PointKind = "repair"
 
+// ResyncSourceCrash tags (in PointKind) the ResyncBegin a source appends
+// when it restarts after a crash that lost records it held only in memory
+// (capture's protocol A). Its seq may jump past seqs the target never got:
+// the target records them as a gap whose window the matching ResyncEnd
+// closes (docs/design/journal.md, "Source crash").
+const ResyncSourceCrash PointKind = "source-crash"
+
 func (k RecordKind) String() string {
 	switch k {
 	case RecordWrite:

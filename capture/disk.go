@@ -13,6 +13,9 @@ type Disk struct {
 	idx   uint32
 	fd    *FileDisk
 	dirty *dirtyMap // guarded by s.mu
+	// active is the activity map (direct mode; nil otherwise). Guarded
+	// by s.mu.
+	active *activeMap
 	// flights are the changes committed to the stream and not yet
 	// applied to fd. Guarded by s.fmu.
 	flights []*flight
@@ -95,19 +98,28 @@ func (d *Disk) replay(rec *rebound.Record) error {
 		return d.fd.rezero(off, end, rec.Kind == rebound.RecordZero)
 	}
 	end := rec.Offset + rec.Length
-	if d.dirty.count == 0 {
+	active := d.active != nil && d.active.m.count > 0
+	if d.dirty.count == 0 && !active {
 		return apply(rec.Offset, end)
 	}
+	// Active regions (a clean reopen of a direct stream) hold records
+	// newer than the spool's, all landed: skipped like dirty ones.
+	skip := func(r int64) bool { return d.dirty.isDirty(r) || active && d.active.m.isDirty(r) }
 	rs := d.dirty.regionSize
 	for pos := rec.Offset; pos < end; {
 		r := pos / rs
-		if d.dirty.isDirty(r) {
+		if skip(r) {
 			pos = (r + 1) * rs
 			continue
 		}
 		runEnd := end
 		if nd := d.dirty.next(r); nd >= 0 && nd*rs < end {
 			runEnd = nd * rs
+		}
+		if active {
+			if nd := d.active.m.next(r); nd >= 0 && nd*rs < runEnd {
+				runEnd = nd * rs
+			}
 		}
 		if err := apply(pos, runEnd); err != nil {
 			return err

@@ -58,7 +58,12 @@ func PendingRegions(dir string, disks []DiskSpec) (regions [][]rebound.Region, l
 		if err != nil {
 			return nil, time.Time{}, err
 		}
-		regions[i] = rs
+		// Direct mode: regions of records held only in memory.
+		as, err := dirtyRegions(filepath.Join(dir, fmt.Sprintf("active.%d", i)), d.Size, m.RegionSize)
+		if err != nil {
+			return nil, time.Time{}, err
+		}
+		regions[i] = append(rs, as...)
 	}
 	var last int64
 	err = scanSpool(filepath.Join(dir, "spool"), func(seq uint64, t int64, kind rebound.RecordKind, disk uint32, off, length int64) error {

@@ -102,19 +102,31 @@ func (s *Stream) startResyncLocked() {
 	// Open the window now, under the same lock that saw the dirty
 	// regions, so no record lands between them and the window. If the
 	// spool fails, the goroutine retries.
-	begun := s.appendLocked(&rebound.Record{Kind: rebound.RecordResyncBegin}) == nil
+	var pk rebound.PointKind
+	if s.crashResync {
+		pk = rebound.ResyncSourceCrash
+	}
+	begun := s.appendLocked(&rebound.Record{Kind: rebound.RecordResyncBegin, PointKind: pk}) == nil
+	if begun {
+		s.crashResync = false
+	}
 	s.wg.Add(1)
-	go s.resync(begun)
+	go s.resync(begun, pk)
 }
 
 // resync sends every dirty region, inside a ResyncBegin/ResyncEnd window,
 // until no region is dirty. Each region is read and appended under the
 // stream mutex, so it lands in the stream at the position where the disk
 // had exactly that content.
-func (s *Stream) resync(begun bool) {
+func (s *Stream) resync(begun bool, pk rebound.PointKind) {
 	defer s.wg.Done()
-	if !begun && !s.appendMarker(rebound.RecordResyncBegin) {
-		return
+	if !begun {
+		if !s.appendMarker(rebound.RecordResyncBegin, pk) {
+			return
+		}
+		s.mu.Lock()
+		s.crashResync = false
+		s.mu.Unlock()
 	}
 	if err := s.saveMeta(); err != nil {
 		s.logger.Error("saving stream state failed", "err", err)
@@ -194,14 +206,14 @@ func (s *Stream) resync(begun bool) {
 
 // appendMarker appends a resync marker, waiting for spool space and
 // retrying failed appends. It returns false if the stream closed.
-func (s *Stream) appendMarker(kind rebound.RecordKind) bool {
+func (s *Stream) appendMarker(kind rebound.RecordKind, pk rebound.PointKind) bool {
 	for {
 		s.mu.Lock()
 		if !s.waitSpaceLocked(recOverhead) {
 			s.mu.Unlock()
 			return false
 		}
-		err := s.appendLocked(&rebound.Record{Kind: kind})
+		err := s.appendLocked(&rebound.Record{Kind: kind, PointKind: pk})
 		s.mu.Unlock()
 		if err == nil {
 			return true
@@ -217,7 +229,13 @@ func (s *Stream) appendMarker(kind rebound.RecordKind) bool {
 // limit, leaving the other half to live writes so they need not overflow.
 // It returns false if the stream closed. Called with s.mu held; may unlock.
 func (s *Stream) waitSpaceLocked(n int64) bool {
-	for !s.closed && s.spoolBytes > 0 && s.spoolBytes+n > s.opts.SpoolLimit/2 {
+	limit := s.opts.SpoolLimit / 2
+	if s.direct {
+		// Copies stay within half the ring, so live writes are not
+		// spilled to the spool by the resync's own records.
+		limit = min(limit, int64(len(s.cache.buf))/2)
+	}
+	for !s.closed && s.spoolBytes > 0 && s.spoolBytes+n > limit {
 		if s.ackCh == nil {
 			s.ackCh = make(chan struct{})
 		}

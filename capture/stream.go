@@ -94,6 +94,15 @@ type Options struct {
 	ThrottleStall time.Duration
 	// OnThrottle, if set, is called when a write starts waiting (tests).
 	OnThrottle func()
+	// Direct is protocol A (docs/design/capture.md, "Direct mode"): while
+	// the peer keeps up, records go only to the in-memory ring and a
+	// persisted activity map covers them; the spool is written only on
+	// congestion. A kill -9 then costs a delta resync of the active
+	// regions. Ignored for External streams.
+	Direct bool
+	// RingSize is the bytes of the in-memory ring of recent records
+	// (the send buffer in direct mode); default min(SpoolLimit, 64 MiB).
+	RingSize int64
 }
 
 // Stats is a snapshot of a stream's replication state.
@@ -132,9 +141,18 @@ type meta struct {
 	Resync     bool    `json:"resync"`  // a resync window is open
 	Initial    bool    `json:"initial"` // the open resync is the initial copy
 	// DirtyTime is the time of the newest change kept only as a dirty
-	// region (overflow): such changes have no record, so PendingRegions
-	// reports their time from here. Persisted within metaInterval.
+	// region (overflow) or only in memory (direct mode): such changes
+	// have no spooled record, so PendingRegions reports their time from
+	// here. Persisted within metaInterval.
 	DirtyTime int64 `json:"dirtyTime,omitempty"`
+	// Landed: every record <= Landed is acked by the peer and on the
+	// disk files. Open replays only spooled records above it, and the
+	// activity maps forget a record's regions only once it is persisted
+	// here (direct mode).
+	Landed uint64 `json:"landed,omitempty"`
+	// Gaps are seqs a crash lost (direct mode) that the peer may still be
+	// below: Read skips them. Dropped once acked.
+	Gaps [][2]uint64 `json:"gaps,omitempty"`
 }
 
 // Stream is the ordered outbound stream of a set of disks. Disk indexes are
@@ -214,7 +232,17 @@ type Stream struct {
 	stalled    bool         // a throttled write got no ack in ThrottleStall; cleared by the next ack
 
 	samples [12]sample // throughput samples, one per second, ring
-	nsample int
+
+	// Direct mode (protocol A). direct is fixed at Open; spooling says
+	// records currently go to the spool (congestion), always true when
+	// not direct.
+	direct      bool
+	spooling    bool
+	seqf        *seqFile
+	landed      uint64      // last computed Landed (meta)
+	gaps        [][2]uint64 // seqs lost in a crash, skipped by Read
+	crashResync bool        // the next ResyncBegin is tagged ResyncSourceCrash
+	nsample     int
 
 	metaMu   sync.Mutex // serializes meta writes
 	lastMeta meta       // as last persisted
@@ -248,6 +276,9 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.RingSize <= 0 {
+		opts.RingSize = min(opts.SpoolLimit, maxCacheBytes)
+	}
 	if opts.ThrottleStall <= 0 {
 		opts.ThrottleStall = DefaultThrottleStall
 	}
@@ -264,11 +295,13 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 		dir:      dir,
 		opts:     opts,
 		logger:   opts.Logger.With("stream", dir),
-		cache:    newRing(min(opts.SpoolLimit, maxCacheBytes)),
+		cache:    newRing(opts.RingSize),
 		done:     make(chan struct{}),
 		syncKick: make(chan struct{}, 1),
 	}
 	s.flushCond = sync.NewCond(&s.flushMu)
+	s.direct = opts.Direct && !opts.External
+	s.spooling = !s.direct
 	s.throttle.Store(opts.Congestion == CongestionThrottle)
 	m, err := s.readMeta()
 	if err != nil {
@@ -309,6 +342,27 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 		if d.dirty, err = openDirtyMap(filepath.Join(dir, fmt.Sprintf("dirty.%d", i)), spec.Size, opts.RegionSize); err != nil {
 			return nil, fmt.Errorf("capture: %w", err)
 		}
+		apath := filepath.Join(dir, fmt.Sprintf("active.%d", i))
+		if _, err := os.Stat(apath); s.direct || err == nil {
+			if d.active, err = openActiveMap(apath, spec.Size, opts.RegionSize); err != nil {
+				return nil, fmt.Errorf("capture: %w", err)
+			}
+		}
+	}
+	if s.seqf, err = openSeqFile(filepath.Join(dir, "seq")); err != nil {
+		return nil, fmt.Errorf("capture: %w", err)
+	}
+	// A direct stream that did not close lost the records it held only in
+	// memory: their regions (the activity maps) must be resynced.
+	crashed := s.seqf.flags&seqDirect != 0
+	if crashed {
+		for _, d := range s.disks {
+			if d.active != nil {
+				if err := d.active.drainInto(d.dirty); err != nil {
+					return nil, fmt.Errorf("capture: %w", err)
+				}
+			}
+		}
 	}
 	if s.spool, err = wal.Open(filepath.Join(dir, "spool"), wal.Options{SegmentSize: opts.SegmentSize, Logger: s.logger}); err != nil {
 		return nil, fmt.Errorf("capture: open spool: %w", err)
@@ -330,13 +384,37 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 	}
 	s.initial = m.Initial
 	s.dirtyTime = m.DirtyTime
-	open, err := s.replay()
+	s.landed = m.Landed
+	for _, g := range m.Gaps {
+		if g[1] > s.acked {
+			s.gaps = append(s.gaps, g)
+		}
+	}
+	open, err := s.replay(m.Landed)
 	if err != nil {
 		return nil, err
 	}
-	s.head = max(s.spool.LastSeq(), s.acked)
+	spoolLast := s.spool.LastSeq()
+	s.head = max(spoolLast, s.acked, s.seqf.mark)
+	if crashed && s.head > spoolLast {
+		// Seqs up to the watermark may have been handed out and are gone
+		// with the ring: the peer skips them (a gap), and the resync
+		// below, tagged as a source crash, resends their regions.
+		s.gaps = append(s.gaps, [2]uint64{spoolLast + 1, s.head})
+		s.logger.Warn("stream restarted after a crash: records held only in memory are lost; resyncing their regions", "lost_after", spoolLast, "head", s.head)
+	}
 	if s.acked > s.head {
 		s.acked = s.head
+	}
+	if s.direct {
+		s.spooling = spoolLast > s.acked
+		if err := s.seqf.set(s.head+seqAhead, seqDirect); err != nil {
+			return nil, fmt.Errorf("capture: %w", err)
+		}
+	} else if s.seqf.flags != 0 {
+		if err := s.seqf.set(s.head, 0); err != nil {
+			return nil, fmt.Errorf("capture: %w", err)
+		}
 	}
 	if s.lastTime == 0 {
 		s.lastTime = opts.Now().UnixNano()
@@ -345,6 +423,9 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 	// was running, else (overflow) once the backlog has drained.
 	dirty := s.dirtyBytesLocked() > 0
 	switch {
+	case crashed:
+		s.crashResync = true
+		s.startResyncLocked()
 	case m.Resync || open:
 		s.startResyncLocked()
 	case dirty && s.spoolBytes >= s.opts.SpoolLimit/2:
@@ -359,10 +440,10 @@ func Open(dir string, disks []DiskSpec, opts Options) (*Stream, error) {
 	return s, nil
 }
 
-// replay applies every spooled record to the disks in order and rebuilds
-// the unacked accounting. It reports whether the spool ends inside a resync
-// window.
-func (s *Stream) replay() (open bool, err error) {
+// replay applies the spooled records above landed (those may not be on
+// the disks) in order and rebuilds the unacked accounting. It reports
+// whether the spool ends inside a resync window.
+func (s *Stream) replay(landed uint64) (open bool, err error) {
 	first := s.spool.FirstSeq()
 	if first == 0 {
 		return false, nil
@@ -391,7 +472,7 @@ func (s *Stream) replay() (open bool, err error) {
 			if int(rec.Disk) >= len(s.disks) {
 				return false, rebound.Errorf(rebound.ECONFLICT, "capture: spooled record %d is for disk %d of %d", rec.Seq, rec.Disk, len(s.disks))
 			}
-			if !s.opts.External {
+			if !s.opts.External && rec.Seq > landed {
 				if err := s.disks[rec.Disk].replay(rec); err != nil {
 					return false, fmt.Errorf("capture: replay record %d: %w", rec.Seq, err)
 				}
@@ -439,13 +520,46 @@ func (s *Stream) appendLocked(rec *rebound.Record) error {
 // appendBatchLocked appends recs with one write to the spool; on error
 // none of them is appended. Called with s.mu held.
 func (s *Stream) appendBatchLocked(recs []*rebound.Record) error {
+	if err := s.reserveSeqsLocked(len(recs)); err != nil {
+		s.spoolErr = err
+		return err
+	}
 	for i, rec := range recs {
 		rec.Seq = s.head + 1 + uint64(i)
 		rec.Time = s.nowLocked()
 	}
-	if _, err := s.spool.Append(recs...); err != nil {
-		s.spoolErr = err
-		return err
+	if !s.spooling && !s.cache.room(s.firstUnackedLocked(), recs) {
+		// The peer is behind by more than the ring: congestion. The
+		// unacked records move to the spool, which takes the rest.
+		if err := s.spillLocked(); err != nil {
+			s.spoolErr = err
+			return err
+		}
+	}
+	if s.spooling {
+		// After a crash or the ring the head may be past the spool's
+		// last record: those seqs are not in the spool.
+		s.spool.Skip(recs[0].Seq - 1)
+		if _, err := s.spool.Append(recs...); err != nil {
+			s.spoolErr = err
+			return err
+		}
+		for _, rec := range recs {
+			s.unsynced += int64(len(rec.Data)) + recOverhead
+		}
+	} else {
+		// Direct: the record lives in the ring only. Its regions are
+		// marked active (persisted) before its disk write.
+		for _, rec := range recs {
+			switch rec.Kind {
+			case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
+				if err := s.disks[rec.Disk].active.mark(rec.Offset, rec.Length); err != nil {
+					s.spoolErr = err
+					return err
+				}
+				s.dirtyTime = rec.Time
+			}
+		}
 	}
 	s.spoolErr, s.refusing = nil, ""
 	for _, rec := range recs {
@@ -455,7 +569,6 @@ func (s *Stream) appendBatchLocked(recs []*rebound.Record) error {
 		s.spoolBytes += n + recOverhead
 		s.spoolLevel.Store(s.spoolBytes)
 		s.backlog += n
-		s.unsynced += n + recOverhead
 		s.cache.add(rec)
 	}
 	if s.unsynced >= s.opts.SegmentSize/4 {
@@ -469,6 +582,48 @@ func (s *Stream) appendBatchLocked(recs []*rebound.Record) error {
 		close(s.readCh)
 		s.readCh = nil
 	}
+	return nil
+}
+
+// reserveSeqsLocked persists a seq watermark ahead of the next n seqs
+// (direct mode): a restart after a kill starts above every seq handed out.
+func (s *Stream) reserveSeqsLocked(n int) error {
+	if !s.direct || s.head+uint64(n) <= s.seqf.mark {
+		return nil
+	}
+	return s.seqf.set(s.head+uint64(n)+seqAhead, seqDirect)
+}
+
+// firstUnackedLocked is the oldest seq the peer may still read: after
+// acked, skipping seqs a crash lost.
+func (s *Stream) firstUnackedLocked() uint64 {
+	next := s.acked + 1
+	for _, g := range s.gaps {
+		if next >= g[0] && next <= g[1] {
+			next = g[1] + 1
+		}
+	}
+	return next
+}
+
+// spillLocked switches a direct stream to the spool (congestion): the
+// records the peer has not acked, until now only in the ring, are
+// appended to the spool, and so is every record after them until the
+// peer has acked the spool (Acked switches back).
+func (s *Stream) spillLocked() error {
+	first := s.firstUnackedLocked()
+	recs := s.cache.from(first)
+	if first <= s.head && (len(recs) == 0 || recs[0].Seq != first) {
+		return rebound.Errorf(rebound.EINTERNAL, "capture: ring lost unacked record %d", first)
+	}
+	s.spool.Skip(first - 1)
+	if len(recs) > 0 {
+		if _, err := s.spool.Append(recs...); err != nil {
+			return err
+		}
+	}
+	s.spooling = true
+	s.logger.Info("peer is behind by more than the ring: spooling", "from", first, "backlog", s.backlog)
 	return nil
 }
 
@@ -849,6 +1004,11 @@ func (s *Stream) Read(ctx context.Context, from uint64, maxBytes int) ([]*reboun
 		return nil, rebound.Errorf(rebound.EINVALID, "capture: read from seq 0; seqs start at 1")
 	}
 	s.mu.Lock()
+	for _, g := range s.gaps {
+		if from >= g[0] && from <= g[1] {
+			from = g[1] + 1 // lost in a crash: the next record is the resync's begin
+		}
+	}
 	for from > s.head {
 		if s.closed {
 			s.mu.Unlock()
@@ -872,12 +1032,20 @@ func (s *Stream) Read(ctx context.Context, from uint64, maxBytes int) ([]*reboun
 		s.mu.Unlock()
 		return recs, nil
 	}
+	// A batch ends before a crash gap: the peer takes the jump only at
+	// the start of one.
+	until := ^uint64(0)
+	for _, g := range s.gaps {
+		if g[0] > from {
+			until = min(until, g[0]-1)
+		}
+	}
 	s.mu.Unlock()
-	return s.readSpool(from, maxBytes)
+	return s.readSpool(from, until, maxBytes)
 }
 
-// readSpool serves a Read the cache cannot.
-func (s *Stream) readSpool(from uint64, maxBytes int) ([]*rebound.Record, error) {
+// readSpool serves a Read the cache cannot, up to seq until at most.
+func (s *Stream) readSpool(from, until uint64, maxBytes int) ([]*rebound.Record, error) {
 	s.rdMu.Lock()
 	defer s.rdMu.Unlock()
 	if first := s.spool.FirstSeq(); first == 0 || from < first {
@@ -897,6 +1065,9 @@ func (s *Stream) readSpool(from uint64, maxBytes int) ([]*rebound.Record, error)
 	var recs []*rebound.Record
 	size := 0
 	for {
+		if s.rdNext > until && len(recs) > 0 {
+			break
+		}
 		rec, _, err := s.rd.Next()
 		if err == io.EOF && len(recs) > 0 {
 			break
@@ -950,6 +1121,13 @@ func (s *Stream) Acked(seq uint64) {
 	s.spoolLevel.Store(s.spoolBytes)
 	if len(s.unacked) == 0 {
 		s.unacked = s.unacked[:0:0] // let the backing array go
+	}
+	if s.direct && s.spooling && !s.overflow && seq >= s.spool.LastSeq() {
+		// The peer holds everything spooled: back to the ring only.
+		s.spooling = false
+	}
+	for len(s.gaps) > 0 && s.gaps[0][1] <= seq {
+		s.gaps = s.gaps[1:]
 	}
 	s.maybeLeaveOverflowLocked()
 	if s.ackCh != nil {
@@ -1069,6 +1247,11 @@ func (s *Stream) flushRound() error {
 		if err := d.dirty.sync(); err != nil {
 			return fmt.Errorf("capture: sync dirty map: %w", err)
 		}
+		if d.active != nil {
+			if err := d.active.m.sync(); err != nil {
+				return fmt.Errorf("capture: sync activity map: %w", err)
+			}
+		}
 	}
 	for _, d := range s.disks {
 		if err := d.fd.Flush(); err != nil {
@@ -1146,13 +1329,47 @@ func (s *Stream) housekeep() {
 			}
 		}
 		s.mu.Unlock()
-		if err := s.saveMeta(); err != nil {
-			s.logger.Error("saving stream state failed", "err", err)
+		s.persistProgress()
+	}
+}
+
+// persistProgress persists the acked seq and how far records have landed,
+// then lets the activity maps and the spool forget what that covers.
+func (s *Stream) persistProgress() {
+	s.mu.Lock()
+	s.landed = s.acked
+	if f := s.oldestFlightLocked(); f != 0 && f <= s.landed {
+		s.landed = f - 1
+	}
+	s.mu.Unlock()
+	if err := s.saveMeta(); err != nil {
+		s.logger.Error("saving stream state failed", "err", err)
+		return
+	}
+	s.retireActive()
+	if err := s.trimSpool(); err != nil {
+		s.logger.Error("truncating spool failed", "err", err)
+	}
+}
+
+// retireActive clears the activity maps' bits of records that are acked
+// and landed, as persisted in the meta (so a restart never replays a
+// spooled record over a region whose newer record's bit is gone), and
+// starts the next generation.
+func (s *Stream) retireActive() {
+	s.metaMu.Lock()
+	landed := s.lastMeta.Landed
+	s.metaMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, d := range s.disks {
+		if d.active == nil {
 			continue
 		}
-		if err := s.trimSpool(); err != nil {
-			s.logger.Error("truncating spool failed", "err", err)
+		if err := d.active.retire(landed); err != nil {
+			s.logger.Error("clearing activity map failed", "disk", d.idx, "err", err)
 		}
+		d.active.rotate(s.head)
 	}
 }
 
@@ -1191,12 +1408,13 @@ func (s *Stream) saveMeta() error {
 	s.metaMu.Lock()
 	defer s.metaMu.Unlock()
 	s.mu.Lock()
-	m := meta{Version: 1, RegionSize: s.opts.RegionSize, Acked: s.acked, Resync: s.resyncing, Initial: s.initial && s.resyncing, DirtyTime: s.dirtyTime}
+	m := meta{Version: 1, RegionSize: s.opts.RegionSize, Acked: s.acked, Resync: s.resyncing, Initial: s.initial && s.resyncing, DirtyTime: s.dirtyTime, Landed: s.landed, Gaps: append([][2]uint64(nil), s.gaps...)}
 	for _, d := range s.disks {
 		m.Disks = append(m.Disks, d.fd.Size())
 	}
 	s.mu.Unlock()
-	if m.Acked == s.lastMeta.Acked && m.Resync == s.lastMeta.Resync && m.Initial == s.lastMeta.Initial && m.DirtyTime == s.lastMeta.DirtyTime && len(s.lastMeta.Disks) > 0 {
+	if m.Acked == s.lastMeta.Acked && m.Resync == s.lastMeta.Resync && m.Initial == s.lastMeta.Initial && m.DirtyTime == s.lastMeta.DirtyTime &&
+		m.Landed == s.lastMeta.Landed && len(m.Gaps) == len(s.lastMeta.Gaps) && len(s.lastMeta.Disks) > 0 {
 		return nil
 	}
 	return s.writeMeta(&m)
@@ -1246,9 +1464,31 @@ func (s *Stream) Close() error {
 	s.mu.Unlock()
 	s.wg.Wait()
 	s.applying.Wait() // changes committed before closed land first
-	err := s.saveMeta()
+	var err error
+	clean := true
+	if s.direct {
+		// The ring goes with the process: what the peer lacks goes to
+		// the spool, so the next Open serves it without a resync.
+		s.mu.Lock()
+		if !s.spooling {
+			if err = s.spillLocked(); err != nil {
+				clean = false
+			}
+		}
+		s.landed = s.acked
+		s.mu.Unlock()
+	}
+	if merr := s.saveMeta(); err == nil {
+		err = merr
+	}
 	if ferr := s.flushAll(); err == nil {
 		err = ferr
+	}
+	if s.direct && clean && err == nil {
+		// Last: a crash before this reopens as a crash (resync).
+		if serr := s.seqf.set(s.head, 0); err == nil {
+			err = serr
+		}
 	}
 	if cerr := s.closeFiles(); err == nil {
 		err = cerr
@@ -1264,6 +1504,11 @@ func (s *Stream) flushAll() error {
 	for _, d := range s.disks {
 		if e := d.dirty.sync(); err == nil {
 			err = e
+		}
+		if d.active != nil {
+			if e := d.active.m.sync(); err == nil {
+				err = e
+			}
 		}
 		if e := d.fd.Flush(); err == nil {
 			err = e
@@ -1283,9 +1528,19 @@ func (s *Stream) closeFiles() error {
 	if s.spool != nil {
 		err = s.spool.Close()
 	}
+	if s.seqf != nil {
+		if e := s.seqf.f.Close(); err == nil {
+			err = e
+		}
+	}
 	for _, d := range s.disks {
 		if d.dirty != nil {
 			if e := d.dirty.close(); err == nil {
+				err = e
+			}
+		}
+		if d.active != nil {
+			if e := d.active.m.close(); err == nil {
 				err = e
 			}
 		}
@@ -1303,7 +1558,9 @@ func Remove(dir string) error {
 		return fmt.Errorf("capture: remove: %w", err)
 	}
 	names, _ := filepath.Glob(filepath.Join(dir, "dirty.*"))
-	names = append(names, filepath.Join(dir, "meta.json"), filepath.Join(dir, "meta.json.tmp"))
+	active, _ := filepath.Glob(filepath.Join(dir, "active.*"))
+	names = append(names, active...)
+	names = append(names, filepath.Join(dir, "meta.json"), filepath.Join(dir, "meta.json.tmp"), filepath.Join(dir, "seq"))
 	for _, n := range names {
 		if err := os.Remove(n); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("capture: remove: %w", err)

@@ -256,9 +256,10 @@ func validateBatch(in []*pb.Record, next uint64) ([]*rebound.Record, uint64, err
 		if p.Seq < next {
 			continue // already durable: a resend after reconnect
 		}
-		if p.Seq != next {
+		if p.Seq != next && !crashJump(p.Seq, next, rebound.RecordKind(p.Kind), rebound.PointKind(p.PointKind)) {
 			return nil, 0, fmt.Errorf("replicate: gap: record %d follows %d", p.Seq, next-1)
 		}
+		next = p.Seq
 		rec := &rebound.Record{
 			Seq: p.Seq, Time: p.Time, Kind: rebound.RecordKind(p.Kind), Disk: p.Disk,
 			Offset: p.Offset, Length: p.Length, Data: p.Data, PointKind: rebound.PointKind(p.PointKind),
@@ -270,6 +271,14 @@ func validateBatch(in []*pb.Record, next uint64) ([]*rebound.Record, uint64, err
 		next++
 	}
 	return out, next, nil
+}
+
+// crashJump reports whether a record at seq may follow next-1 with a
+// gap: a source restarted after a crash (capture, direct mode) lost the
+// seqs in between and continues with a ResyncBegin tagged
+// ResyncSourceCrash; the journal records the gap (docs/design/journal.md).
+func crashJump(seq, next uint64, kind rebound.RecordKind, pk rebound.PointKind) bool {
+	return seq > next && kind == rebound.RecordResyncBegin && pk == rebound.ResyncSourceCrash
 }
 
 func validateRecord(r *rebound.Record, kind uint32) error {
@@ -585,7 +594,7 @@ func (s *Sender) runOnce(ctx context.Context) (connected bool, err error) {
 		}
 		if len(recs) == 0 {
 			continue
-		} else if recs[0].Seq != next {
+		} else if recs[0].Seq != next && !crashJump(recs[0].Seq, next, recs[0].Kind, recs[0].PointKind) {
 			return fail(stop("replication of stream %s stopped: the source returned record %d where %d was next", s.StreamID, recs[0].Seq, next))
 		}
 		for i := 1; i < len(recs); i++ {

@@ -81,6 +81,11 @@ type window struct {
 	// regions stale.
 	gap, armed bool
 	lost       [2]uint64 // first and last seq the gap dropped
+	// crash: the gap is seqs a restarted source lost (a gap record
+	// tagged ResyncSourceCrash), not damage: the source's crash resync
+	// (a ResyncBegin tagged so) arms it and its ResyncEnd closes it; no
+	// repair is asked for.
+	crash bool
 }
 
 type meta struct {
@@ -395,14 +400,27 @@ func (j *Journal) Append(recs []*rebound.Record) error {
 		return nil
 	}
 	next := durable + 1
+	// A source restarted after a crash continues above seqs it lost
+	// (docs/design/journal.md, "Source crash"): its tagged ResyncBegin
+	// may jump, and a gap record stands for the seqs skipped.
+	out := make([]*rebound.Record, 0, len(recs)+1)
 	for _, r := range recs {
+		if r.Seq > next && r.Kind == rebound.RecordResyncBegin && r.PointKind == rebound.ResyncSourceCrash {
+			out = append(out, &rebound.Record{Seq: r.Seq - 1, Time: r.Time, Kind: rebound.RecordGap, Offset: int64(next), PointKind: rebound.ResyncSourceCrash})
+			next = r.Seq
+		}
 		if r.Seq != next {
 			return rebound.Errorf(rebound.EINVALID, "journal expects seq %d, got %d (records must continue durable seq %d without a gap)", next, r.Seq, durable)
 		}
 		if err := j.validate(r); err != nil {
 			return err
 		}
+		out = append(out, r)
 		next++
+	}
+	recs = out
+	if recs[0].Kind == rebound.RecordGap {
+		j.log.Skip(recs[0].Seq - 1)
 	}
 	locs, err := j.log.Append(recs...)
 	if err == nil {
@@ -451,14 +469,14 @@ func (j *Journal) index(r *rebound.Record, loc wal.Location) {
 	case rebound.RecordResyncBegin:
 		if !open {
 			j.windows = append(j.windows, window{lo: r.Seq + 1, open: true})
-		} else if w := &j.windows[len(j.windows)-1]; w.gap && r.PointKind == rebound.ResyncRepair {
+		} else if w := &j.windows[len(j.windows)-1]; w.gap && (r.PointKind == rebound.ResyncRepair && !w.crash || r.PointKind == rebound.ResyncSourceCrash && w.crash) {
 			w.armed = true
 		}
 	case rebound.RecordResyncEnd:
 		if w := &j.windows[len(j.windows)-1]; open && (!w.gap || w.armed) {
 			w.open = false
 			w.hi = r.Seq - 1
-			if w.gap {
+			if w.gap && !w.crash {
 				j.repaired = append(j.repaired, w.lost)
 			}
 			if w.hi < w.lo {
@@ -468,14 +486,26 @@ func (j *Journal) index(r *rebound.Record, loc wal.Location) {
 	case rebound.RecordGap:
 		// Seqs r.Offset..r.Seq are lost: no position from the first of
 		// them on is consistent until a repair resync ends.
+		// A source-crash gap lost seqs the target never had; the
+		// source's resync resends their regions.
 		lost := [2]uint64{uint64(r.Offset), r.Seq}
+		crash := r.PointKind == rebound.ResyncSourceCrash
 		if open {
 			w := &j.windows[len(j.windows)-1]
-			w.gap, w.armed, w.lost = true, false, lost
+			switch {
+			case crash && w.gap && !w.crash:
+				// A repair is pending: its end closes the window.
+			case crash && w.gap:
+				w.lost[1], w.armed = r.Seq, false
+			default:
+				w.gap, w.crash, w.armed, w.lost = true, crash, false, lost
+			}
 		} else {
-			j.windows = append(j.windows, window{lo: max(uint64(r.Offset), j.base+1), open: true, gap: true, lost: lost})
+			j.windows = append(j.windows, window{lo: max(uint64(r.Offset), j.base+1), open: true, gap: true, crash: crash, lost: lost})
 		}
-		j.gaps = append(j.gaps, r.Seq)
+		if !crash {
+			j.gaps = append(j.gaps, r.Seq)
+		}
 	}
 	j.durable.Store(r.Seq)
 	if r.Seq-j.checkpoints[len(j.checkpoints)-1].seq >= j.cpEvery {

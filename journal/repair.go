@@ -105,7 +105,7 @@ func (j *Journal) Repairing() (from, to uint64, armed, ok bool) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	for i := len(j.windows) - 1; i >= 0; i-- {
-		if w := j.windows[i]; w.open && w.gap {
+		if w := j.windows[i]; w.open && w.gap && !w.crash {
 			return w.lost[0], w.lost[1], w.armed, true
 		}
 	}

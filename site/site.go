@@ -396,7 +396,8 @@ func (s *Site) startSourceSeed(u *unit, seed [][]rebound.Region) error {
 	if ext && !u.lone() {
 		return rebound.Errorf(rebound.EINVALID, "machine %s is a server's own disks (rebound agent): it replicates alone, not in a group", extName)
 	}
-	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Logger: s.logger.With("machine", u.name)}
+	// Direct: protocol A, the spool only on congestion (capture.md).
+	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Direct: !ext, Logger: s.logger.With("machine", u.name)}
 	if st.Spec != nil {
 		opts.Congestion = st.Spec.Policy.Congestion
 	}
