@@ -132,6 +132,14 @@ func (a *activeMap) drainInto(d *dirtyMap) error {
 	if _, err := d.f.WriteAt(d.bits, 0); err != nil {
 		return fmt.Errorf("persist dirty map: %w", err)
 	}
+	return a.reset()
+}
+
+// reset clears every bit, in memory and in the file.
+func (a *activeMap) reset() error {
+	if a.empty() {
+		return nil
+	}
 	clear(a.m.bits)
 	a.m.count = 0
 	a.prev = nil

@@ -1485,6 +1485,16 @@ func (s *Stream) Close() error {
 		err = ferr
 	}
 	if s.direct && clean && err == nil {
+		// Every record has landed and the unacked ones are spooled: the
+		// activity maps have nothing left to cover (a reprotect's
+		// PendingRegions then sends no acked region again).
+		for _, d := range s.disks {
+			if d.active != nil && err == nil {
+				err = d.active.reset()
+			}
+		}
+	}
+	if s.direct && clean && err == nil {
 		// Last: a crash before this reopens as a crash (resync).
 		if serr := s.seqf.set(s.head, 0); err == nil {
 			err = serr
