@@ -390,10 +390,18 @@ func TestFlushGroupCommit(t *testing.T) {
 // benchWriteQD writes size-byte blocks from qd goroutines at once (random
 // block-aligned offsets of a 1 GiB disk), the load an NBD client at that
 // queue depth puts on the stream.
+// benchWriteQD runs the spool path (today's default Options) and direct
+// mode (protocol A, as the site opens its streams: 4 KiB regions).
 func benchWriteQD(b *testing.B, size, qd int) {
+	b.Run("spool", func(b *testing.B) { benchWriteQDOpts(b, size, qd, Options{}) })
+	b.Run("direct", func(b *testing.B) { benchWriteQDOpts(b, size, qd, Options{Direct: true, RegionSize: 4096}) })
+}
+
+func benchWriteQDOpts(b *testing.B, size, qd int, opts Options) {
 	dir := b.TempDir()
 	const diskSize = 1 << 30
-	s, err := Open(filepath.Join(dir, "stream"), []DiskSpec{{Path: filepath.Join(dir, "disk"), Size: diskSize}}, Options{Logger: slog.New(slog.DiscardHandler)})
+	opts.Logger = slog.New(slog.DiscardHandler)
+	s, err := Open(filepath.Join(dir, "stream"), []DiskSpec{{Path: filepath.Join(dir, "disk"), Size: diskSize}}, opts)
 	if err != nil {
 		b.Fatal(err)
 	}
