@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/bits"
 	"os"
+	"slices"
 )
 
 // activeMap is a disk's activity map (protocol A, Options.Direct): the
@@ -31,6 +32,15 @@ type activeMap struct {
 	curHi   int64
 	prevLo  int64
 	prevHi  int64
+	// staged: bytes of the file image changed by stage and not yet
+	// persisted (commit), with their old values.
+	staged []stagedByte
+	added  int64
+}
+
+type stagedByte struct {
+	i   int64
+	old byte
 }
 
 func openActiveMap(path string, diskSize, regionSize int64) (*activeMap, error) {
@@ -48,21 +58,63 @@ func openActiveMap(path string, diskSize, regionSize int64) (*activeMap, error) 
 	return a, nil
 }
 
-// mark sets the bits of [off, off+length) in cur and persists the file's
-// changed bytes before it returns.
-func (a *activeMap) mark(off, length int64) error {
+// stage sets the bits of [off, off+length) in cur and the file image, in
+// memory only;
+// commit persists every staged change with as few writes as it can (a
+// batch of records costs one pwrite, not one per record).
+func (a *activeMap) stage(off, length int64) {
 	if length == 0 {
-		return nil
+		return
 	}
 	first, last := off/a.m.regionSize, (off+length-1)/a.m.regionSize
-	lo, hi, _ := setBits(a.cur, first, last)
-	if lo >= 0 {
-		a.curLo, a.curHi = min(a.curLo, lo), max(a.curHi, hi)
-		if a.curLo > a.curHi { // first bits of this generation
+	if lo, hi, _ := setBits(a.cur, first, last); lo >= 0 {
+		if a.curLo > a.curHi {
 			a.curLo, a.curHi = lo, hi
+		} else {
+			a.curLo, a.curHi = min(a.curLo, lo), max(a.curHi, hi)
 		}
 	}
-	_, err := a.m.markRange(off, length)
+	fb, lb := first/8, last/8
+	old := append(a.m.old[:0], a.m.bits[fb:lb+1]...)
+	a.m.old = old[:0]
+	lo, hi, added := setBits(a.m.bits, first, last)
+	if lo < 0 {
+		return
+	}
+	for i := lo; i <= hi; i++ {
+		if o := old[i-fb]; o != a.m.bits[i] {
+			a.staged = append(a.staged, stagedByte{i: i, old: o})
+		}
+	}
+	a.m.count += added
+	a.added += added
+}
+
+// commit persists the staged bytes: one write per cluster of nearby
+// bytes. On error every staged change is undone in memory (a bit set only
+// in memory would let the next record of its region skip the write).
+func (a *activeMap) commit() error {
+	if len(a.staged) == 0 {
+		return nil
+	}
+	st := a.staged
+	slices.SortFunc(st, func(x, y stagedByte) int { return int(x.i - y.i) })
+	var err error
+	for k := 0; k < len(st) && err == nil; {
+		lo, hi := st[k].i, st[k].i
+		for k++; k < len(st) && st[k].i-hi <= 512; k++ {
+			hi = st[k].i
+		}
+		_, err = a.m.f.WriteAt(a.m.bits[lo:hi+1], lo)
+	}
+	if err != nil {
+		for k := len(st) - 1; k >= 0; k-- {
+			a.m.bits[st[k].i] = st[k].old
+		}
+		a.m.count -= a.added
+		err = fmt.Errorf("persist activity map: %w", err)
+	}
+	a.staged, a.added = st[:0], 0
 	return err
 }
 

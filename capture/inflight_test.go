@@ -435,6 +435,10 @@ func benchWriteQDOpts(b *testing.B, size, qd int, opts Options) {
 		}()
 	}
 	wg.Wait()
+	b.StopTimer()
+	if st := s.Stats(); opts.Direct {
+		b.ReportMetric(float64(st.Spills), "spills")
+	}
 }
 
 func BenchmarkWrite4KQD32(b *testing.B) { benchWriteQD(b, 4096, 32) }

@@ -123,6 +123,11 @@ type Stats struct {
 	// Throttled counts the writes that waited for the spool to drain
 	// (congestion policy throttle).
 	Throttled int64
+	// Spills counts the times a direct stream moved to the spool because
+	// the peer fell behind by more than the ring; Spooling says it is
+	// there now (always true for a stream that is not direct).
+	Spills   int64
+	Spooling bool
 }
 
 // pending is an unacked record, for backlog, lag and spool accounting.
@@ -242,6 +247,7 @@ type Stream struct {
 	landed      uint64      // last computed Landed (meta)
 	gaps        [][2]uint64 // seqs lost in a crash, skipped by Read
 	crashResync bool        // the next ResyncBegin is tagged ResyncSourceCrash
+	spills      int64       // Stats.Spills
 	nsample     int
 
 	metaMu   sync.Mutex // serializes meta writes
@@ -550,15 +556,26 @@ func (s *Stream) appendBatchLocked(recs []*rebound.Record) error {
 	} else {
 		// Direct: the record lives in the ring only. Its regions are
 		// marked active (persisted) before its disk write.
+		changes := false
 		for _, rec := range recs {
 			switch rec.Kind {
 			case rebound.RecordWrite, rebound.RecordZero, rebound.RecordTrim:
-				if err := s.disks[rec.Disk].active.mark(rec.Offset, rec.Length); err != nil {
-					s.spoolErr = err
-					return err
-				}
-				s.dirtyTime = rec.Time
+				s.disks[rec.Disk].active.stage(rec.Offset, rec.Length)
+				changes = true
 			}
+		}
+		var err error
+		for _, d := range s.disks {
+			if e := d.active.commit(); err == nil {
+				err = e
+			}
+		}
+		if err != nil {
+			s.spoolErr = err
+			return err
+		}
+		if changes {
+			s.dirtyTime = recs[len(recs)-1].Time
 		}
 	}
 	s.spoolErr, s.refusing = nil, ""
@@ -623,6 +640,7 @@ func (s *Stream) spillLocked() error {
 		}
 	}
 	s.spooling = true
+	s.spills++
 	s.logger.Info("peer is behind by more than the ring: spooling", "from", first, "backlog", s.backlog)
 	return nil
 }
@@ -1275,6 +1293,8 @@ func (s *Stream) Stats() Stats {
 		SyncTotal:    s.syncTotal,
 		Error:        s.refusing,
 		Throttled:    s.throttled,
+		Spills:       s.spills,
+		Spooling:     s.spooling,
 	}
 	switch {
 	case s.resyncing && s.initial:
