@@ -61,6 +61,12 @@ type Config struct {
 	FreezeHook, ThawHook string
 	HookTimeout          time.Duration
 	SpoolLimit           int64
+	// DirectCapture opens the source streams in capture's direct mode
+	// (protocol A: the spool only on congestion; docs/design/capture.md).
+	// Off by default until the tests that assert spool behaviour
+	// (TestStreamStateDirFull) are updated; REBOUND_DIRECT_CAPTURE=1 in
+	// the environment turns it on as well.
+	DirectCapture bool
 	// JournalSegment is the target journals' wal segment size (0: the
 	// wal's default); tests make it small to get many segments.
 	JournalSegment int64
@@ -397,7 +403,8 @@ func (s *Site) startSourceSeed(u *unit, seed [][]rebound.Region) error {
 		return rebound.Errorf(rebound.EINVALID, "machine %s is a server's own disks (rebound agent): it replicates alone, not in a group", extName)
 	}
 	// Direct: protocol A, the spool only on congestion (capture.md).
-	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Direct: !ext, Logger: s.logger.With("machine", u.name)}
+	direct := !ext && (s.cfg.DirectCapture || os.Getenv("REBOUND_DIRECT_CAPTURE") == "1")
+	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Direct: direct, Logger: s.logger.With("machine", u.name)}
 	if st.Spec != nil {
 		opts.Congestion = st.Spec.Policy.Congestion
 	}
