@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -240,5 +242,93 @@ func TestDirectSpillsOnCongestion(t *testing.T) {
 		}
 	}
 	m.apply(t, recs)
+	m.check(t, h)
+}
+
+// TestDirectKillUnderLoad: 8 writers of overlapping writes, zeroes and
+// trims on a direct stream whose small ring spills now and then, a peer
+// reading and acking as it goes and then falling behind, and a kill -9
+// in the middle of it all.
+// After the restart and its source-crash resync the peer's copy, built
+// from every record it received before and after the kill, equals the
+// disks: whatever the kill cut (records the peer never got, writes in
+// flight) lies in regions the activity map had set.
+func TestDirectKillUnderLoad(t *testing.T) {
+	// A small ring: the lagging peer makes the stream spill, the kill
+	// finds the unacked records spooled. A large one: the kill loses the
+	// last ~100 records, held only in the ring.
+	t.Run("spilled", func(t *testing.T) { directKillUnderLoad(t, 512<<10, 1000) })
+	t.Run("ring", func(t *testing.T) { directKillUnderLoad(t, 16<<20, 1400) })
+}
+
+func directKillUnderLoad(t *testing.T, ring int64, peerStops int64) {
+	const size = 2 << 20
+	h := newHarness(t, 2, size, Options{Direct: true, RegionSize: 4096, SpoolLimit: 64 << 20, RingSize: ring, SegmentSize: 256 << 10})
+	m := newModel(2, size)
+	s := h.s
+	next := uint64(1)
+	var done atomic.Int64
+	readerDone := make(chan struct{})
+	go func() {
+		defer close(readerDone)
+		for done.Load() < peerStops { // then the peer falls behind until the kill
+			recs, err := s.Read(context.Background(), next, 256<<10)
+			if err != nil {
+				return // closed by the kill
+			}
+			m.apply(t, recs)
+			next = recs[len(recs)-1].Seq + 1
+			s.Acked(next - 1)
+		}
+	}()
+	var wg sync.WaitGroup
+	var stop atomic.Bool
+	enough := make(chan struct{})
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 99))
+			for !stop.Load() {
+				d := s.Disk(rng.IntN(2))
+				off := rng.Int64N(size - 64<<10)
+				n := 1 + rng.Int64N(48<<10)
+				var err error
+				switch rng.IntN(6) {
+				case 0:
+					err = d.WriteZeroes(off, n)
+				case 1:
+					err = d.Trim(off, n)
+				default:
+					_, err = d.WriteAt(bytes.Repeat([]byte{byte(rng.Uint32())}, int(n)), off)
+				}
+				if err != nil {
+					return // the kill
+				}
+				if done.Add(1) == 1500 {
+					close(enough)
+				}
+			}
+		}()
+	}
+	<-enough
+	// The kill: the stream takes nothing more and its goroutines stop;
+	// the writes already committed finish (or not: either is allowed)
+	// before the files close, so no writer uses a closed descriptor.
+	s.mu.Lock()
+	s.closed = true
+	close(s.done)
+	s.mu.Unlock()
+	s.wg.Wait()
+	stop.Store(true)
+	wg.Wait()
+	s.closeFiles()
+	h.s = nil
+	<-readerDone
+	st := s.Stats()
+	t.Logf("killed after %d writes at head %d, peer at %d, %d spills, spooling %v", done.Load(), st.HeadSeq, next-1, st.Spills, st.Spooling)
+
+	h.open()
+	m.apply(t, drainResync(t, h.s, next))
 	m.check(t, h)
 }

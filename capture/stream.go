@@ -237,6 +237,7 @@ type Stream struct {
 	stalled    bool         // a throttled write got no ack in ThrottleStall; cleared by the next ack
 
 	samples [12]sample // throughput samples, one per second, ring
+	nsample int
 
 	// Direct mode (protocol A). direct is fixed at Open; spooling says
 	// records currently go to the spool (congestion), always true when
@@ -248,7 +249,6 @@ type Stream struct {
 	gaps        [][2]uint64 // seqs lost in a crash, skipped by Read
 	crashResync bool        // the next ResyncBegin is tagged ResyncSourceCrash
 	spills      int64       // Stats.Spills
-	nsample     int
 
 	metaMu   sync.Mutex // serializes meta writes
 	lastMeta meta       // as last persisted
