@@ -47,6 +47,12 @@ const (
 	RoleDetached = "detached" // a replica kept by unprotect --keep-replica: disks kept, not served
 )
 
+// The capture modes of Config.Capture.
+const (
+	CaptureDirect = "direct"
+	CaptureSpool  = "spool"
+)
+
 // Config configures a Site.
 type Config struct {
 	Name    string
@@ -61,12 +67,12 @@ type Config struct {
 	FreezeHook, ThawHook string
 	HookTimeout          time.Duration
 	SpoolLimit           int64
-	// DirectCapture opens the source streams in capture's direct mode
-	// (protocol A: the spool only on congestion; docs/design/capture.md).
-	// Off by default until the tests that assert spool behaviour
-	// (TestStreamStateDirFull) are updated; REBOUND_DIRECT_CAPTURE=1 in
-	// the environment turns it on as well.
-	DirectCapture bool
+	// Capture is how source streams keep the records the peer has not
+	// acked: CaptureDirect ("" too: in memory, the spool only on
+	// congestion, an activity map for a crash; docs/design/capture.md) or
+	// CaptureSpool (every record appended to the spool before the write
+	// is acknowledged).
+	Capture string
 	// JournalSegment is the target journals' wal segment size (0: the
 	// wal's default); tests make it small to get many segments.
 	JournalSegment int64
@@ -403,7 +409,7 @@ func (s *Site) startSourceSeed(u *unit, seed [][]rebound.Region) error {
 		return rebound.Errorf(rebound.EINVALID, "machine %s is a server's own disks (rebound agent): it replicates alone, not in a group", extName)
 	}
 	// Direct: protocol A, the spool only on congestion (capture.md).
-	direct := !ext && (s.cfg.DirectCapture || os.Getenv("REBOUND_DIRECT_CAPTURE") == "1")
+	direct := !ext && s.cfg.Capture != CaptureSpool
 	opts := capture.Options{SpoolLimit: s.cfg.SpoolLimit, RegionSize: 4096, External: ext, Direct: direct, Logger: s.logger.With("machine", u.name)}
 	if st.Spec != nil {
 		opts.Congestion = st.Spec.Policy.Congestion

@@ -12,6 +12,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/internal/failpoint"
+	"github.com/rebound-dr/rebound/site"
 )
 
 // TestJournalDamage flips 16 bytes in the middle of a journal segment of
@@ -245,7 +246,9 @@ func newestSegment(t *testing.T, dir string) int64 {
 func TestSpoolDamageReprotect(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	up, svc := fixedUp(t, nil)
+	// The spool capture mode: every record is in a spool segment to damage
+	// (direct mode spools only when the peer falls behind).
+	up, svc := fixedUp(t, func(c *UpConfig) { c.Capture = site.CaptureSpool })
 	loop := svc.(rebound.LoopService)
 	o := loopOracle(t, loopDisk, 13)
 	failedOverAndCommitted(t, svc, o)

@@ -29,3 +29,16 @@ func TestCPUProfile(t *testing.T) {
 		t.Fatalf("an unwritable profile path was not reported: %q", stderr.String())
 	}
 }
+
+// --capture takes direct and spool; anything else stops site and up at
+// start with a usage error (exit 2) naming both, before any enrolment.
+func TestCaptureMode(t *testing.T) {
+	r := runCLI(t, nil, "site", "--name", "edge", "--data", t.TempDir(), "--capture", "memory", "--token", "rbd1.x.y")
+	if r.code != ExitUsage || !strings.Contains(r.stderr, `--capture "memory"`) || !strings.Contains(r.stderr, "direct") || !strings.Contains(r.stderr, "spool") {
+		t.Fatalf("site --capture memory: exit %d\n%s", r.code, r.stderr)
+	}
+	r = runCLI(t, nil, "up", "--data", t.TempDir(), "--capture", "ring")
+	if r.code != ExitUsage || !strings.Contains(r.stderr, `--capture "ring"`) {
+		t.Fatalf("up --capture ring: exit %d\n%s", r.code, r.stderr)
+	}
+}

@@ -45,7 +45,9 @@ type SiteConfig struct {
 	FreezeHook    string
 	ThawHook      string
 	SpoolLimit    int64
-	ReportEvery   time.Duration
+	// Capture is site.Config.Capture: direct (default) or spool.
+	Capture     string
+	ReportEvery time.Duration
 	// JournalSegment is the journals' wal segment size (0: default).
 	JournalSegment int64
 	// Networks is the network mapping: logical network -> local NIC.
@@ -117,7 +119,7 @@ func (m *SiteMain) Run(ctx context.Context) (err error) {
 
 	m.Site = site.New(site.Config{
 		Name: cfg.Name, DataDir: cfg.DataDir, PeerTLS: peerTLS, NBDHost: cfg.NBDHost,
-		FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook, SpoolLimit: cfg.SpoolLimit,
+		FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook, SpoolLimit: cfg.SpoolLimit, Capture: cfg.Capture,
 		NBDSocket: cfg.NBDSocket, Networks: cfg.Networks, JournalSegment: cfg.JournalSegment,
 		NBDTLS: nbdCreds,
 		QEMU:   &qemu.Driver{Logger: m.Logger},
@@ -378,6 +380,9 @@ func newSiteCommand(c *CLI) *cobra.Command {
 				return err
 			}
 			cfg.SpoolLimit = n
+			if err := checkCapture(cfg.Capture); err != nil {
+				return err
+			}
 			if cfg.Networks, err = parseNetworks(networks); err != nil {
 				return err
 			}
@@ -412,6 +417,7 @@ func newSiteCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.FreezeHook, "freeze-hook", "", "script run before an app-consistent point (argument: machine name)")
 	f.StringVar(&cfg.ThawHook, "thaw-hook", "", "script run after an app-consistent point, always")
 	f.StringVar(&spool, "spool-limit", "1GiB", "local spool bound per machine before only a dirty-region map is kept")
+	f.StringVar(&cfg.Capture, "capture", site.CaptureDirect, "how a source keeps what the peer has not acked: direct (in memory, the spool only when the peer falls behind) or spool (every write appended to the spool first)")
 	f.StringToStringVar(&networks, "network", nil, "network mapping LOGICAL=user|tap:IFNAME|bridge:BRIDGE for VM NICs (repeatable)")
 	addConfigFlag(cmd, "site")
 	return cmd
@@ -465,4 +471,13 @@ func parseNetworks(in map[string]string) (map[string]qemu.NICConfig, error) {
 		}
 	}
 	return out, nil
+}
+
+// checkCapture refuses a --capture value other than the two modes.
+func checkCapture(mode string) error {
+	switch mode {
+	case "", site.CaptureDirect, site.CaptureSpool:
+		return nil
+	}
+	return usagef("--capture %q: use direct (the default) or spool", mode)
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/internal/loopfs"
 	"github.com/rebound-dr/rebound/nbd"
+	"github.com/rebound-dr/rebound/site"
 	"github.com/rebound-dr/rebound/workload"
 )
 
@@ -40,6 +41,10 @@ func streamStateDirFull(t *testing.T, fstype string) {
 	ctx := context.Background()
 	refused := fstype == "btrfs"
 	up, svc := fixedUp(t, func(c *UpConfig) {
+		// The spool capture mode, where every write needs the spool; in
+		// direct mode a write needs no space in this directory until the
+		// peer falls behind.
+		c.Capture = site.CaptureSpool
 		loopfs.Mount(t, filepath.Join(c.DataDir, "sites", "primary", "machines", "vm1", "stream"), 128<<20, fstype)
 	})
 	const size = 16 << 20

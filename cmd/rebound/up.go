@@ -15,6 +15,7 @@ import (
 
 	"github.com/rebound-dr/rebound"
 	"github.com/rebound-dr/rebound/nbd"
+	"github.com/rebound-dr/rebound/site"
 	"github.com/rebound-dr/rebound/workload"
 )
 
@@ -32,6 +33,8 @@ type UpConfig struct {
 	// Sites maps a site name to its NBD and replication addresses.
 	Sites      []UpSite
 	SpoolLimit int64
+	// Capture is every site's SiteConfig.Capture.
+	Capture string
 	// FreezeHook and ThawHook are given to every site (app-consistent points).
 	FreezeHook, ThawHook string
 	// WriteConfig writes the CLI's connection settings.
@@ -114,7 +117,7 @@ func (m *UpMain) Run(ctx context.Context) (err error) {
 		dir := filepath.Join(cfg.DataDir, "sites", s.Name)
 		sc := SiteConfig{
 			Name: s.Name, DataDir: dir, Server: m.Server.GRPCAddr, NBDAddr: s.NBDAddr,
-			NBDSocket: filepath.Join(dir, "nbd.sock"), ReplAddr: s.ReplAddr, SpoolLimit: cfg.SpoolLimit,
+			NBDSocket: filepath.Join(dir, "nbd.sock"), ReplAddr: s.ReplAddr, SpoolLimit: cfg.SpoolLimit, Capture: cfg.Capture,
 			FreezeHook: cfg.FreezeHook, ThawHook: cfg.ThawHook, NBDTLS: s.NBDTLS,
 		}
 		if _, err := os.Stat(filepath.Join(dir, "tls", "site.crt")); err != nil {
@@ -209,6 +212,9 @@ func newUpCommand(c *CLI) *cobra.Command {
 				return err
 			}
 			cfg.SpoolLimit = n
+			if err := checkCapture(cfg.Capture); err != nil {
+				return err
+			}
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
 			logf, err := openUpLog(cfg.DataDir)
@@ -243,6 +249,7 @@ func newUpCommand(c *CLI) *cobra.Command {
 	f.StringVar(&cfg.GRPCAddr, "grpc-addr", cfg.GRPCAddr, "listen address for sites")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "also serve /metrics over plain HTTP without authentication at this address, for Prometheus")
 	f.StringVar(&spool, "spool-limit", "1GiB", "spool bound per machine")
+	f.StringVar(&cfg.Capture, "capture", site.CaptureDirect, "the sites' capture mode: direct (the spool only when the peer falls behind) or spool (every write spooled first)")
 	f.StringVar(&cfg.DB, "db", os.Getenv("REBOUND_DB"), "the server's store: a PostgreSQL address (postgres://USER@HOST/DB; default $REBOUND_DB); default SQLite in --data")
 	f.StringVar(&cfg.Sites[0].NBDAddr, "primary-nbd-addr", cfg.Sites[0].NBDAddr, "primary site's NBD listen address")
 	f.StringVar(&cfg.Sites[0].ReplAddr, "primary-repl-addr", cfg.Sites[0].ReplAddr, "primary site's replication listen address")
