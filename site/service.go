@@ -580,6 +580,16 @@ func (s *Site) ListPoints(ctx context.Context, name string) (*rebound.PointList,
 	return &pl, nil
 }
 
+// QueryPoints returns one page of the target journal's points.
+func (s *Site) QueryPoints(ctx context.Context, name string, q rebound.PointQuery) (*rebound.PointList, error) {
+	j, err := s.targetJournal(name)
+	if err != nil {
+		return nil, err
+	}
+	pl := j.PointsPage(q)
+	return &pl, nil
+}
+
 // ResolvePoint turns a selector into a point of the target journal.
 func (s *Site) ResolvePoint(ctx context.Context, name, selector string) (rebound.RecoveryPoint, error) {
 	j, err := s.targetJournal(name)

@@ -179,6 +179,37 @@ func BenchmarkAPIStore(b *testing.B) {
 				b.ReportMetric(ms, "ms/start+stop")
 				benchReport(b, "| %s | a target's start and stop at the recovery site holding %d (protect's and unprotect's site calls) | %.0f ms |\n", kind, benchMachines, ms)
 			})
+			// One target's start alone (protect's "prepare target"), its
+			// stop outside the measured time.
+			b.Run("site-start-target", func(b *testing.B) {
+				dst := benchTargetSite(b, m)
+				pol, err := m.DB.GetPolicy(ctx, "default")
+				if err != nil {
+					b.Fatal(err)
+				}
+				extra, err := m.DB.GetMachine(ctx, names[0])
+				if err != nil {
+					b.Fatal(err)
+				}
+				extra.Name = "extra"
+				spec := benchTargetSpec(*extra, *pol)
+				var took time.Duration
+				n := 0
+				for b.Loop() {
+					start := time.Now()
+					if err := dst.StartReplication(ctx, spec); err != nil {
+						b.Fatal(err)
+					}
+					took += time.Since(start)
+					n++
+					if err := dst.StopReplication(ctx, spec.Machine); err != nil {
+						b.Fatal(err)
+					}
+				}
+				ms := float64(took.Microseconds()) / 1000 / float64(n)
+				b.ReportMetric(ms, "ms/start")
+				benchReport(b, "| %s | one target's start at the recovery site holding %d units | %.1f ms |\n", kind, benchMachines, ms)
+			})
 			// One machine more, with a day's points: a page of it costs
 			// its whole list at the site.
 			dayFirst := benchDayMachine(b, m, pts, dir)
@@ -349,7 +380,7 @@ func benchRecoverySite(b *testing.B, dir string, m *ServerMain, cl *rhttp.Client
 
 // benchRestartSite starts the closed site rs again (it is enrolled) and
 // returns it and how long its start took.
-func benchRestartSite(b *testing.B, rs *SiteMain) (*SiteMain, time.Duration) {
+func benchRestartSite(b testing.TB, rs *SiteMain) (*SiteMain, time.Duration) {
 	b.Helper()
 	rs = &SiteMain{Logger: rs.Logger, Config: rs.Config}
 	rs.Config.JoinToken = ""
@@ -401,7 +432,7 @@ func benchDayMachine(b *testing.B, m *ServerMain, pts *benchPointsSite, dir stri
 }
 
 // benchTargetSite waits for the recovery site on m's control channel.
-func benchTargetSite(b *testing.B, m *ServerMain) rebound.SiteService {
+func benchTargetSite(b testing.TB, m *ServerMain) rebound.SiteService {
 	b.Helper()
 	var dst rebound.SiteService
 	waitUntil(b, 30*time.Second, "the recovery site on the server", func() bool {
