@@ -333,3 +333,15 @@ func (st *stateStore) openLog() error {
 // checkState makes every site check, at Close, that its state files hold
 // each unit as it is (tests set it).
 var checkState bool
+
+// SavedState returns what a start of the site at dataDir would read, as
+// one state.json (version 3) holding every unit: the snapshot with the
+// log's records applied. It changes no file.
+func SavedState(dataDir string) ([]byte, error) {
+	st := stateStore{dir: dataDir}
+	units, _, _, err := st.load()
+	if err != nil {
+		return nil, err
+	}
+	return json.MarshalIndent(siteState{Version: stateVersion, Seq: st.seq, Units: units}, "", "  ")
+}
