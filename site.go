@@ -35,6 +35,12 @@ type SiteService interface {
 	CutPoint(ctx context.Context, machine string, kind PointKind) (RecoveryPoint, error)
 	// ListPoints returns the target journal's recovery points, oldest first.
 	ListPoints(ctx context.Context, machine string) (*PointList, error)
+	// QueryPoints returns one page of them: the points after q.After that
+	// pass q's filters, at most q.Limit, and Next when more pass. Over the
+	// control channel it is ListPoints with the query in its arguments: a
+	// site from before the query ignores it and sends every point, so the
+	// caller pages the answer again (docs/design/wire.md).
+	QueryPoints(ctx context.Context, machine string, q PointQuery) (*PointList, error)
 	// ResolvePoint turns a selector ("latest", "latest-processed",
 	// "latest-app-consistent", a point ID, an RFC 3339 time) into a point
 	// of the target journal.
@@ -217,6 +223,27 @@ type PointList struct {
 	// Any second in [Oldest, Newest] can be recovered.
 	Oldest time.Time `json:"oldest"`
 	Newest time.Time `json:"newest"`
+	// Next, in a page (QueryPoints), is the sequence of its last point
+	// when more points pass the query: the next page goes on after it.
+	Next uint64 `json:"next,omitempty"`
+}
+
+// PointQuery asks a target for one page of its points, oldest first:
+// those with a sequence above After, of kind Kind, Since <= time < Until
+// (zero fields do not filter), at most Limit (0: all).
+type PointQuery struct {
+	After uint64    `json:"after,omitempty"`
+	Limit int       `json:"limit,omitempty"`
+	Kind  PointKind `json:"kind,omitempty"`
+	Since time.Time `json:"since,omitzero"`
+	Until time.Time `json:"until,omitzero"`
+}
+
+// Match reports whether p passes q's filters (not After or Limit).
+func (q PointQuery) Match(p RecoveryPoint) bool {
+	return (q.Kind == "" || p.Kind == q.Kind) &&
+		(q.Since.IsZero() || !p.Time.Before(q.Since)) &&
+		(q.Until.IsZero() || p.Time.Before(q.Until))
 }
 
 // ReplSource is the sending side of a stream (capture.Stream).

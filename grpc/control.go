@@ -604,6 +604,8 @@ type machineArgs struct {
 	Hooks     *rebound.Hooks           `json:"hooks,omitempty"`
 	Shutdown  *rebound.ShutdownOptions `json:"shutdown,omitempty"`
 	Seq       uint64                   `json:"seq,omitempty"`
+	// Page makes ListPoints QueryPoints; a site before it sends all.
+	Page *rebound.PointQuery `json:"page,omitempty"`
 }
 
 // siteProxy is the server's view of one site's SiteService.
@@ -648,6 +650,14 @@ func (p *siteProxy) CutPoint(ctx context.Context, machine string, kind rebound.P
 func (p *siteProxy) ListPoints(ctx context.Context, machine string) (*rebound.PointList, error) {
 	var pl rebound.PointList
 	if err := p.c.call(ctx, p.site, "ListPoints", machineArgs{Machine: machine}, &pl, nil); err != nil {
+		return nil, err
+	}
+	return &pl, nil
+}
+
+func (p *siteProxy) QueryPoints(ctx context.Context, machine string, q rebound.PointQuery) (*rebound.PointList, error) {
+	var pl rebound.PointList
+	if err := p.c.call(ctx, p.site, "ListPoints", machineArgs{Machine: machine, Page: &q}, &pl, nil); err != nil {
 		return nil, err
 	}
 	return &pl, nil
@@ -796,6 +806,9 @@ func dispatch(ctx context.Context, local rebound.SiteService, method string, arg
 	case "CutPoint":
 		return local.CutPoint(ctx, a.Machine, a.Kind)
 	case "ListPoints":
+		if a.Page != nil {
+			return local.QueryPoints(ctx, a.Machine, *a.Page)
+		}
 		return local.ListPoints(ctx, a.Machine)
 	case "ResolvePoint":
 		return local.ResolvePoint(ctx, a.Machine, a.Selector)

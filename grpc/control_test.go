@@ -65,6 +65,12 @@ func (f *fakeSite) ListPoints(_ context.Context, m string) (*rebound.PointList, 
 	}
 	return &rebound.PointList{Points: []rebound.RecoveryPoint{{ID: "p1", Seq: 9, Kind: rebound.PointCrash}}, Oldest: time.Unix(50, 0).UTC()}, nil
 }
+func (f *fakeSite) QueryPoints(_ context.Context, m string, q rebound.PointQuery) (*rebound.PointList, error) {
+	if err := f.rec(fmt.Sprintf("QueryPoints:%s:%d:%d:%s:%s:%s", m, q.After, q.Limit, q.Kind, q.Since.Format(time.RFC3339), q.Until.Format(time.RFC3339)), m); err != nil {
+		return nil, err
+	}
+	return &rebound.PointList{Points: []rebound.RecoveryPoint{{ID: "p12", Seq: 12, Kind: q.Kind}}, Next: 12}, nil
+}
 func (f *fakeSite) ResolvePoint(_ context.Context, m, sel string) (rebound.RecoveryPoint, error) {
 	return rebound.RecoveryPoint{ID: sel, Seq: 3}, f.rec("ResolvePoint:"+m, m)
 }
@@ -209,6 +215,11 @@ func TestControl_AllMethods(t *testing.T) {
 	if err != nil || len(pl.Points) != 1 || pl.Points[0].Seq != 9 || !pl.Oldest.Equal(time.Unix(50, 0)) {
 		t.Fatalf("ListPoints %+v %v", pl, err)
 	}
+	// A page's query travels in ListPoints' arguments.
+	pl, err = s.QueryPoints(ctx, "vm1", rebound.PointQuery{After: 9, Limit: 1, Kind: rebound.PointApp, Since: time.Unix(60, 0), Until: time.Unix(70, 0)})
+	if err != nil || len(pl.Points) != 1 || pl.Points[0].Seq != 12 || pl.Next != 12 {
+		t.Fatalf("QueryPoints %+v %v", pl, err)
+	}
 	rp, err = s.ResolvePoint(ctx, "vm1", "latest")
 	if err != nil || rp.ID != "latest" || rp.Seq != 3 {
 		t.Fatalf("ResolvePoint %+v %v", rp, err)
@@ -259,6 +270,7 @@ func TestControl_AllMethods(t *testing.T) {
 	must(s.DeleteMachine(ctx, "vm1"))
 
 	want := []string{"CreateMachine:vm1:d0", "StartReplication:vm1:source:default", "CutPoint:vm1", "ListPoints:vm1",
+		"QueryPoints:vm1:9:1:app:" + time.Unix(60, 0).Format(time.RFC3339) + ":" + time.Unix(70, 0).Format(time.RFC3339),
 		"ResolvePoint:vm1", "Fence:vm1", "Unfence:vm1", "Replicated:vm1", "Activate:vm1", "Deactivate:test:vm1",
 		"Commit:vm1", "CopyInfo:vm1", "Digests:vm1", "Reactivate:vm1", "Detach:vm1", "Power:vm1:off:true", "Console:vm1", "SetPolicy:vm1:gold:2s", "SetHooks:vm1:/f:/t", "Shutdown:vm1:force:30s", "StopReplication:vm1", "DeleteMachine:vm1"}
 	h.site.mu.Lock()

@@ -129,6 +129,47 @@ func (j *Journal) Points() rebound.PointList {
 	return pl
 }
 
+// PointsPage returns one page of Points (rebound.SiteService.QueryPoints)
+// without building the whole list: the marks after q.After are found by
+// binary search, and only the page's points are described.
+func (j *Journal) PointsPage(q rebound.PointQuery) rebound.PointList {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	pl := rebound.PointList{Points: []rebound.RecoveryPoint{}}
+	if lo, ok := j.oldestConsistent(); ok {
+		hi, _ := j.consistentAtOrBefore(j.durable.Load())
+		pl.Oldest, pl.Newest = j.timeOf(lo), j.timeOf(hi)
+	}
+	// The candidates in order: the base's folded mark, then the marks.
+	var seqs []uint64
+	if j.base > 0 && j.meta.BaseKind != "" && j.base > q.After {
+		seqs = append(seqs, j.base)
+	}
+	i := sort.Search(len(j.marks), func(i int) bool { return j.marks[i] > q.After })
+	add := func(p rebound.RecoveryPoint) bool {
+		if !q.Match(p) {
+			return true
+		}
+		if q.Limit > 0 && len(pl.Points) == q.Limit {
+			pl.Next = pl.Points[q.Limit-1].Seq
+			return false
+		}
+		pl.Points = append(pl.Points, p)
+		return true
+	}
+	for _, s := range seqs {
+		if !add(j.pointAt(s)) {
+			return pl
+		}
+	}
+	for _, s := range j.marks[i:] {
+		if !add(j.pointAt(s)) {
+			return pl
+		}
+	}
+	return pl
+}
+
 // NewestPoint returns the newest recovery point (the last of Points)
 // without building the list: the site reports it for every journal every
 // 2 s, and a list is one point per mark.

@@ -244,13 +244,13 @@ PY
 	echo
 	echo "## The server's store: API latency"
 	echo
-	echo "\`go test ./cmd/rebound -run '^\$' -bench APIStore -benchtime 3s\`: \`rebound server\` in-process with 2,000 protected machines (two disks of 32 and 64 GiB and a VM each) in its store, on SQLite (its file in the data directory) and on PostgreSQL 15 (a local server on a unix socket, started by the test), and two real in-process sites on its control channel. The recovery site is the target of all 2,000 machines: 2,000 journals of 100 crash points each, 200,000 points. The site makes the first target itself (StartReplication through the server, as protect does); with the site closed the test copies that unit's state for the other 1,999 and appends an initial copy and 100 points (a 4 KiB write and a mark every 5 s) to each journal with the journal package, then starts the site again (fixture: $(grep -o 'fixture built in [0-9.ms]*' "$tmp/store.txt" | head -1 | sed 's/fixture built in //') on SQLite). The API's calls go over HTTPS with a token, by the Go client, one at a time; a point list is the server asking the recovery site over the control channel, the site listing the machine's journal. The API has no call that shows one point. Last, one more machine is added whose journal holds 17,000 points (23.6 h of the default policy's points, 5 s apart), and its points are listed."
+	echo "\`go test ./cmd/rebound -run '^\$' -bench APIStore -benchtime 3s\`: \`rebound server\` in-process with 2,000 protected machines (two disks of 32 and 64 GiB and a VM each) in its store, on SQLite (its file in the data directory) and on PostgreSQL 15 (a local server on a unix socket, started by the test), and two real in-process sites on its control channel. The recovery site is the target of all 2,000 machines: 2,000 journals of 100 crash points each, 200,000 points. The site makes every target itself (StartReplication through the server, as protect does, four calls at a time); with the site closed the test appends an initial copy and 100 points (a 4 KiB write and a mark every 5 s) to each journal with the journal package, then starts the site again (fixture: $(grep -o 'fixture built in [0-9.ms]*' "$tmp/store.txt" | head -1 | sed 's/fixture built in //') on SQLite). The API's calls go over HTTPS with a token, by the Go client, one at a time; a point list is the server asking the recovery site over the control channel for a page, the site paging the machine's journal. The API has no call that shows one point. Last, one more machine is added whose journal holds 17,000 points (23.6 h of the default policy's points, 5 s apart), and its points are listed."
 	echo
 	echo "| store | measurement | time |"
 	echo "|---|---|---|"
 	cat "$tmp/store.md"
 	echo
-	echo "The site's start, its status report and a target's start and stop are the recovery site's own costs at this scale, measured in the same run."
+	echo "The site's start, its status report, its 2,000 targets' making and a target's start and stop are the recovery site's own costs at this scale, measured in the same run."
 	echo
 	echo "## A surviving server takes over a job"
 	echo

@@ -235,24 +235,34 @@ func (s *Server) QueryPoints(ctx context.Context, name string, q rebound.ListQue
 	if q.Kind != "" && q.Kind != string(rebound.PointCrash) && q.Kind != string(rebound.PointApp) {
 		return nil, rebound.Errorf(rebound.EINVALID, "point kind must be crash or app, not %q", q.Kind)
 	}
-	all, err := s.ListPoints(ctx, name)
+	dst, err := s.pointsSite(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	// The site pages its journal. A site from before the query sends
+	// every point (wire.md): the answer is paged here again, which
+	// leaves a site's page as it is.
+	pq := rebound.PointQuery{After: after, Limit: limit, Kind: rebound.PointKind(q.Kind), Since: q.Since, Until: q.Until}
+	pl, err := dst.QueryPoints(ctx, name, pq)
 	if err != nil {
 		return nil, err
 	}
 	// The journal lists by sequence; a cursor continues after one.
-	start := sort.Search(len(all), func(i int) bool { return all[i].Seq > after })
+	start := sort.Search(len(pl.Points), func(i int) bool { return pl.Points[i].Seq > after })
 	page := &rebound.PointPage{Points: []rebound.RecoveryPoint{}}
-	for _, p := range all[start:] {
-		if q.Kind != "" && string(p.Kind) != q.Kind ||
-			!q.Since.IsZero() && p.Time.Before(q.Since) ||
-			!q.Until.IsZero() && !p.Time.Before(q.Until) {
+	for _, p := range pl.Points[start:] {
+		if !pq.Match(p) {
 			continue
 		}
 		if len(page.Points) == limit {
 			page.Next = strconv.FormatUint(page.Points[limit-1].Seq, 10)
-			break
+			return page, nil
 		}
 		page.Points = append(page.Points, p)
+	}
+	// A site's page says whether more follow.
+	if n := len(page.Points); pl.Next != 0 && n > 0 {
+		page.Next = strconv.FormatUint(page.Points[n-1].Seq, 10)
 	}
 	return page, nil
 }

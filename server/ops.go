@@ -504,13 +504,18 @@ func resolvePoint(ctx context.Context, dst rebound.SiteService, name, sel string
 	return p, err
 }
 
-// ListPoints returns the recovery points the target site holds.
-func (s *Server) ListPoints(ctx context.Context, name string) ([]rebound.RecoveryPoint, error) {
+// pointsSite is the site that holds a protected machine's points.
+func (s *Server) pointsSite(ctx context.Context, name string) (rebound.SiteService, error) {
 	m, err := s.protection(ctx, name, "list recovery points")
 	if err != nil {
 		return nil, err
 	}
-	dst, err := s.site(m.Protection.TargetSite)
+	return s.site(m.Protection.TargetSite)
+}
+
+// ListPoints returns the recovery points the target site holds.
+func (s *Server) ListPoints(ctx context.Context, name string) ([]rebound.RecoveryPoint, error) {
+	dst, err := s.pointsSite(ctx, name)
 	if err != nil {
 		return nil, err
 	}

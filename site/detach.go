@@ -75,7 +75,7 @@ func (s *Site) Detach(ctx context.Context, name string, seq uint64) ([]string, e
 		}
 	}
 	u.state.Role, u.state.Spec, u.state.Act, u.state.Test, u.state.Fenced = RoleDetached, nil, nil, nil, false
-	if err := s.saveLocked(); err != nil {
+	if err := s.saveLocked(u); err != nil {
 		return nil, err
 	}
 	_ = os.RemoveAll(dir)

@@ -227,7 +227,7 @@ func (s *Site) regroupSourceLocked(spec rebound.ReplicationSpec) error {
 	for _, lu := range left {
 		s.addUnitLocked(lu)
 	}
-	if err := s.saveLocked(); err != nil {
+	if err := s.saveLocked(u); err != nil {
 		return err
 	}
 	// The stream's dirty map holds the members' tracked regions now.
@@ -370,7 +370,7 @@ func (s *Site) regroupTargetLocked(spec rebound.ReplicationSpec) error {
 	for _, lu := range left {
 		s.addUnitLocked(lu)
 	}
-	if err := s.saveLocked(); err != nil {
+	if err := s.saveLocked(u); err != nil {
 		return err
 	}
 	if s.regroupCrash != nil && s.regroupCrash() {
@@ -380,7 +380,7 @@ func (s *Site) regroupTargetLocked(spec rebound.ReplicationSpec) error {
 	if err != nil {
 		return err
 	}
-	if err := s.saveLocked(); err != nil {
+	if err := s.saveLocked(u); err != nil {
 		return err
 	}
 	if err := s.openTargetJournal(u); err != nil {

@@ -210,7 +210,7 @@ func (s *Site) Reactivate(ctx context.Context, name string) error {
 	}
 	u.state.Role, u.state.Fenced, u.state.Spec = RoleActive, false, nil
 	u.state.Parent, u.state.Generation, u.state.Diverged = u.state.Generation, newGeneration(), false
-	return s.saveLocked()
+	return s.saveLocked(u)
 }
 
 // trackerPath is the change map of a disk of an active copy.

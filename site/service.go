@@ -128,7 +128,7 @@ func (s *Site) CreateMachine(ctx context.Context, req rebound.SiteMachine) error
 		return err
 	}
 	s.addUnitLocked(u)
-	return s.saveLocked()
+	return s.saveLocked(u)
 }
 
 func sameDisks(a, b []rebound.Disk) bool {
@@ -202,7 +202,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 		}
 		if len(spec.Members) == 0 && spec.Hooks != nil && m.state.Hooks != *spec.Hooks {
 			m.state.Hooks = *spec.Hooks
-			if err := s.saveLocked(); err != nil {
+			if err := s.saveLocked(m.unit); err != nil {
 				return err
 			}
 		}
@@ -238,7 +238,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 			u.state.Role, u.state.Spec = RoleActive, nil
 			return errors.Join(err, s.openUnitFiles(u))
 		}
-		if err := s.saveLocked(); err != nil {
+		if err := s.saveLocked(u); err != nil {
 			return err
 		}
 		// The stream's dirty map holds the regions now.
@@ -275,7 +275,7 @@ func (s *Site) StartReplication(ctx context.Context, spec rebound.ReplicationSpe
 			s.dropUnitLocked(old)
 		}
 		s.addUnitLocked(u)
-		return s.saveLocked()
+		return s.saveLocked(u)
 	}
 	return rebound.Errorf(rebound.EINVALID, "unknown replication role %q", spec.Role)
 }
@@ -398,7 +398,7 @@ func (s *Site) SetPolicy(ctx context.Context, name string, p rebound.Policy) err
 	}
 	old := u.state.Spec.Policy
 	u.state.Spec.Policy = p
-	if err := s.saveLocked(); err != nil {
+	if err := s.saveLocked(u); err != nil {
 		u.state.Spec.Policy = old
 		return err
 	}
@@ -444,7 +444,7 @@ func (s *Site) StopReplication(ctx context.Context, name string) error {
 		if err := s.openUnitFiles(u); err != nil {
 			return err
 		}
-		if err := s.saveLocked(); err != nil {
+		if err := s.saveLocked(u); err != nil {
 			return err
 		}
 		if !u.lone() {
@@ -554,7 +554,7 @@ func (s *Site) SetHooks(ctx context.Context, name string, hooks rebound.Hooks) e
 		return nil
 	}
 	m.state.Hooks = hooks
-	return s.saveLocked()
+	return s.saveLocked(m.unit)
 }
 
 func (s *Site) targetJournal(name string) (*journal.Journal, error) {
@@ -577,6 +577,16 @@ func (s *Site) ListPoints(ctx context.Context, name string) (*rebound.PointList,
 		return nil, err
 	}
 	pl := j.Points()
+	return &pl, nil
+}
+
+// QueryPoints returns one page of the target journal's points.
+func (s *Site) QueryPoints(ctx context.Context, name string, q rebound.PointQuery) (*rebound.PointList, error) {
+	j, err := s.targetJournal(name)
+	if err != nil {
+		return nil, err
+	}
+	pl := j.PointsPage(q)
 	return &pl, nil
 }
 
@@ -603,7 +613,7 @@ func (s *Site) Fence(ctx context.Context, name string) (uint64, error) {
 		return 0, rebound.Errorf(rebound.ECONFLICT, "machine %q is not served at site %s", name, s.cfg.Name)
 	}
 	u.state.Fenced = true
-	if err := s.saveLocked(); err != nil {
+	if err := s.saveLocked(u); err != nil {
 		s.mu.Unlock()
 		return 0, err
 	}
@@ -644,7 +654,7 @@ func (s *Site) Unfence(ctx context.Context, name string) error {
 		return nil
 	}
 	u.state.Fenced = false
-	return s.saveLocked()
+	return s.saveLocked(u)
 }
 
 // Replicated returns the highest sequence the target holds durably.
@@ -705,7 +715,7 @@ func (s *Site) Activate(ctx context.Context, spec rebound.ActivateSpec) ([]rebou
 		u.act, u.state.Act = a, &sp
 		s.setLiveLocked(u)
 	}
-	if err := s.saveLocked(); err != nil {
+	if err := s.saveLocked(u); err != nil {
 		return nil, err
 	}
 	return s.unitDisksWithURIs(u, spec.Test), nil
@@ -779,7 +789,7 @@ func (s *Site) Deactivate(ctx context.Context, name string, test bool) error {
 	for _, m := range u.members {
 		s.killVMLocked(m, test)
 	}
-	err := s.saveLocked()
+	err := s.saveLocked(u)
 	dir := s.activationDir(u, test)
 	s.mu.Unlock()
 	for _, m := range u.members {
@@ -887,7 +897,7 @@ func (s *Site) Commit(ctx context.Context, name string, progress func(done, tota
 	if err := s.openUnitFiles(u); err != nil {
 		return err
 	}
-	if err := s.saveLocked(); err != nil {
+	if err := s.saveLocked(u); err != nil {
 		return err
 	}
 	_ = os.RemoveAll(dir)
@@ -932,5 +942,5 @@ func (s *Site) Release(ctx context.Context, name string, failoverTime time.Time)
 		u.state.Parent, u.state.Generation, u.state.Diverged = u.state.Generation, newGeneration(), true
 		s.logger.Warn("released copy took writes after the failover: split brain", "machine", u.name, "lastWrite", last, "failover", failoverTime)
 	}
-	return errors.Join(err, s.saveLocked())
+	return errors.Join(err, s.saveLocked(u))
 }

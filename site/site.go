@@ -26,7 +26,6 @@ import (
 	"github.com/rebound-dr/rebound/capture"
 	rgrpc "github.com/rebound-dr/rebound/grpc"
 	"github.com/rebound-dr/rebound/internal/failpoint"
-	"github.com/rebound-dr/rebound/internal/fsutil"
 	"github.com/rebound-dr/rebound/journal"
 	"github.com/rebound-dr/rebound/nbd"
 	"github.com/rebound-dr/rebound/overlay"
@@ -120,6 +119,8 @@ type Site struct {
 	mu       sync.Mutex
 	machines map[string]*machine
 	units    map[string]*unit
+	store    stateStore      // the state files (state.go)
+	dirty    map[string]bool // units added or dropped since the last save
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -176,7 +177,7 @@ func New(cfg Config) *Site {
 	if cfg.ExpireEvery == 0 {
 		cfg.ExpireEvery = 10 * time.Second
 	}
-	s := &Site{cfg: cfg, logger: cfg.Logger.With("site", cfg.Name), machines: map[string]*machine{}, units: map[string]*unit{},
+	s := &Site{cfg: cfg, logger: cfg.Logger.With("site", cfg.Name), machines: map[string]*machine{}, units: map[string]*unit{}, dirty: map[string]bool{},
 		events: make(chan rebound.Event, 64), evLast: map[string]time.Time{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.NBD = &nbd.Server{Lookup: s.lookupExport, List: s.listExports, Logger: s.logger}
@@ -197,19 +198,18 @@ func (s *Site) Open() error {
 	if err := os.MkdirAll(filepath.Join(s.cfg.DataDir, "machines"), 0o700); err != nil {
 		return err
 	}
-	var states []unitState
-	migrated := false
-	b, err := os.ReadFile(s.statePath())
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+	s.store = stateStore{dir: s.cfg.DataDir}
+	if checkState {
+		s.store.written = map[string][]byte{}
+	}
+	states, migrated, logged, err := s.store.load()
+	if err != nil {
 		return err
-	} else if err == nil {
-		if states, migrated, err = decodeState(b); err != nil {
-			return fmt.Errorf("read site state %s: %w", s.statePath(), err)
-		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	save := migrated
+	// A migrated state and a log's records become a snapshot at once.
+	save := migrated || logged
 	var cleanup []string
 	for _, st := range states {
 		if st.Generation == "" { // state from before generations
@@ -233,14 +233,22 @@ func (s *Site) Open() error {
 		}
 		s.addUnitLocked(u)
 	}
+	clear(s.dirty)
 	if save {
 		// A generation must not change at the next start; a migrated
 		// state is written in the current version at once.
-		if err := s.saveLocked(); err != nil {
+		if err := s.snapshotLocked(); err != nil {
 			return err
 		}
 		if err := removeAll(cleanup); err != nil {
 			s.logger.Warn("regroup: remove old journals", "err", err)
+		}
+	} else if err := s.store.openLog(); err != nil {
+		return err
+	}
+	if s.store.written != nil && !save {
+		for _, u := range s.units {
+			s.store.written[u.name], _ = json.Marshal(unitStateOf(u))
 		}
 	}
 	return nil
@@ -257,10 +265,12 @@ func (s *Site) Close() error {
 	for _, u := range s.units {
 		errs = append(errs, s.closeUnit(u))
 	}
+	if s.store.written != nil {
+		s.checkWrittenLocked()
+	}
+	errs = append(errs, s.closeState())
 	return errors.Join(errs...)
 }
-
-func (s *Site) statePath() string { return filepath.Join(s.cfg.DataDir, "state.json") }
 
 func (s *Site) machineDir(name string) string {
 	return filepath.Join(s.cfg.DataDir, "machines", name)
@@ -271,24 +281,6 @@ func (s *Site) diskPath(name string, i int) string {
 		return p[i]
 	}
 	return filepath.Join(s.machineDir(name), fmt.Sprintf("disk%d.raw", i))
-}
-
-// saveLocked writes state.json atomically: temp file, fsync, rename, fsync dir.
-func (s *Site) saveLocked() error {
-	st := siteState{Version: stateVersion, Units: make([]unitState, 0, len(s.units))}
-	for _, u := range s.units {
-		us := unitState{Name: u.name, unitFields: u.state}
-		for _, m := range u.members {
-			us.Members = append(us.Members, m.state)
-		}
-		st.Units = append(st.Units, us)
-	}
-	sort.Slice(st.Units, func(i, j int) bool { return st.Units[i].Name < st.Units[j].Name })
-	b, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return err
-	}
-	return fsutil.WriteFileAtomic(s.statePath(), b, 0o600)
 }
 
 // openUnit opens the files of u according to its persisted role.

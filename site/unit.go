@@ -54,17 +54,20 @@ type unitFields struct {
 	Regroup *regroupIntent `json:"regroup,omitempty"`
 }
 
-// unitState is a unit as state.json holds it.
+// unitState is a unit as the state files hold it (state.go).
 type unitState struct {
 	Name    string         `json:"name"`
 	Members []machineState `json:"members"`
 	unitFields
 }
 
-// siteState is state.json. Version 1 (a JSON array of machines, each with
-// its stream's fields) is read and rewritten as version 2.
+// siteState is state.json, the snapshot (state.go). Version 3 adds Seq,
+// the last change of state.log it holds. Version 2 (the whole state, no
+// log) and version 1 (a JSON array of machines, each with its stream's
+// fields) are read and rewritten as version 3.
 type siteState struct {
 	Version int         `json:"version"`
+	Seq     uint64      `json:"seq,omitempty"`
 	Units   []unitState `json:"units"`
 }
 
@@ -74,34 +77,31 @@ type legacyState struct {
 	unitFields
 }
 
-// decodeState reads state.json of either version; migrated reports a
-// version 1 file.
-func decodeState(b []byte) (units []unitState, migrated bool, err error) {
+// decodeState reads state.json of any version.
+func decodeState(b []byte) (units []unitState, version int, seq uint64, err error) {
 	var v any
 	if err := json.Unmarshal(b, &v); err != nil {
-		return nil, false, err
+		return nil, 0, 0, err
 	}
 	if _, ok := v.([]any); ok {
 		var old []legacyState
 		if err := json.Unmarshal(b, &old); err != nil {
-			return nil, false, err
+			return nil, 0, 0, err
 		}
 		for _, o := range old {
 			units = append(units, unitState{Name: o.Name, Members: []machineState{o.machineState}, unitFields: o.unitFields})
 		}
-		return units, true, nil
+		return units, 1, 0, nil
 	}
 	var st siteState
 	if err := json.Unmarshal(b, &st); err != nil {
-		return nil, false, err
+		return nil, 0, 0, err
 	}
-	if st.Version != stateVersion {
-		return nil, false, fmt.Errorf("state version %d is not %d: this site was written by another rebound version", st.Version, stateVersion)
+	if st.Version != 2 && st.Version != stateVersion {
+		return nil, 0, 0, fmt.Errorf("state version %d is not %d: this site was written by another rebound version", st.Version, stateVersion)
 	}
-	return st.Units, false, nil
+	return st.Units, st.Version, st.Seq, nil
 }
-
-const stateVersion = 2
 
 // newUnit links a unit and its members and sets their disk offsets.
 func newUnit(name string, f unitFields, members []*machine) *unit {
@@ -193,6 +193,7 @@ func (s *Site) scopeLocked(name string) (*unit, []*machine, bool) {
 // addUnitLocked holds a unit and its members (not yet opened).
 func (s *Site) addUnitLocked(u *unit) {
 	s.units[u.name] = u
+	s.dirty[u.name] = true
 	for _, m := range u.members {
 		s.machines[m.state.Name] = m
 	}
@@ -202,6 +203,7 @@ func (s *Site) addUnitLocked(u *unit) {
 func (s *Site) dropUnitLocked(u *unit) {
 	if s.units[u.name] == u {
 		delete(s.units, u.name)
+		s.dirty[u.name] = true
 	}
 	for _, m := range u.members {
 		if s.machines[m.state.Name] == m {

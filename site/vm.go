@@ -117,14 +117,14 @@ func (s *Site) Power(ctx context.Context, name, state string, test bool) error {
 			m.vm, m.state.Power = vm, rebound.PowerOn
 		}
 		s.logger.Info("vm started", "machine", name, "test", test, "pid", vm.PID(), "accel", vm.Accel())
-		return s.saveLocked()
+		return s.saveLocked(m.unit)
 	}
 	if test {
 		m.state.TestPower = rebound.PowerOff
 	} else {
 		m.state.Power = rebound.PowerOff
 	}
-	err = s.saveLocked()
+	err = s.saveLocked(m.unit)
 	s.mu.Unlock()
 	if err != nil || cur == nil {
 		return err
@@ -155,7 +155,7 @@ func (s *Site) Shutdown(ctx context.Context, name string, opts rebound.ShutdownO
 	// Off first: a site restart while the guest shuts down does not
 	// start it again.
 	m.state.Power = rebound.PowerOff
-	err = s.saveLocked()
+	err = s.saveLocked(m.unit)
 	s.mu.Unlock()
 	if err != nil || vm == nil || !vm.Running() {
 		return err
@@ -175,7 +175,7 @@ func (s *Site) Shutdown(ctx context.Context, name string, opts rebound.ShutdownO
 	s.mu.Lock()
 	if m.vm == vm {
 		m.state.Power = rebound.PowerOn
-		if serr := s.saveLocked(); serr != nil {
+		if serr := s.saveLocked(m.unit); serr != nil {
 			s.logger.Warn("save state", "err", serr)
 		}
 	}

@@ -5,8 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -16,6 +14,7 @@ import (
 	rgrpc "github.com/rebound-dr/rebound/grpc"
 	"github.com/rebound-dr/rebound/grpc/pb"
 	"github.com/rebound-dr/rebound/pki"
+	"github.com/rebound-dr/rebound/site"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -91,7 +90,7 @@ func targetStream(t *testing.T, dataDir, machine string) (streamID, generation s
 // state.json: what survives a restart.
 func siteSpec(t *testing.T, dataDir, machine string) *rebound.ReplicationSpec {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(dataDir, "state.json"))
+	b, err := site.SavedState(dataDir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -108,7 +108,7 @@ func reopenDetached(t *testing.T, up *UpMain, name string) {
 	t.Helper()
 	from := filepath.Join(up.Config.DataDir, "sites", "recovery")
 	dir := t.TempDir()
-	b, err := os.ReadFile(filepath.Join(from, "state.json"))
+	b, err := site.SavedState(from)
 	if err != nil {
 		t.Fatal(err)
 	}
