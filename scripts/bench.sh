@@ -75,6 +75,11 @@ rb machine show bench -o json >"$tmp/bench.json"
 : >"$tmp/sustain.md"
 for policy in track throttle; do
 	rb policy set default --congestion "$policy" >/dev/null
+	# Start from a stream that caught up (the previous run's resync done).
+	for _ in $(seq 600); do
+		rb machine show bench -o json | python3 -c 'import json,sys; p=json.load(sys.stdin)["protection"]; sys.exit(0 if p.get("replState") == "streaming" and p.get("backlogBytes", 0) == 0 else 1)' && break
+		sleep 0.5
+	done
 	before=$(rb machine show bench -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["protection"].get("throttledWrites", 0))')
 	: >"$tmp/samples"
 	( while :; do rb machine show bench -o json >>"$tmp/samples" 2>/dev/null && echo >>"$tmp/samples"; sleep 0.5; done ) &
