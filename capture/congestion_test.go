@@ -16,19 +16,24 @@ import (
 // stream's final stats, once the peer holds the head and the stream
 // streams again.
 func congestionRun(t *testing.T, mode string) ([]*rebound.Record, int64, Stats, *harness) {
+	return congestionRunOpts(t, mode, Options{})
+}
+
+// congestionRunOpts is congestionRun on a stream opened with opts
+// (Direct, RingSize) besides the run's own options.
+func congestionRunOpts(t *testing.T, mode string, opts Options) ([]*rebound.Record, int64, Stats, *harness) {
 	const limit = 8 << 20
 	const size = 4 * limit
 	throttled := make(chan struct{}, 1)
-	h := newHarness(t, 1, size, Options{
-		SpoolLimit: limit, SegmentSize: 1 << 20, Congestion: mode,
-		ThrottleStall: time.Minute, // the peer is slow only on a loaded box, never stalled
-		OnThrottle: func() {
-			select {
-			case throttled <- struct{}{}:
-			default:
-			}
-		},
-	})
+	opts.SpoolLimit, opts.SegmentSize, opts.Congestion = limit, 1<<20, mode
+	opts.ThrottleStall = time.Minute // the peer is slow only on a loaded box, never stalled
+	opts.OnThrottle = func() {
+		select {
+		case throttled <- struct{}{}:
+		default:
+		}
+	}
+	h := newHarness(t, 1, size, opts)
 	wrote := make(chan error, 1)
 	go func() {
 		rng := rand.New(rand.NewPCG(7, 8))
@@ -113,6 +118,32 @@ func TestCongestionThrottle(t *testing.T) {
 	}
 	if writes != 32 || st.DirtyBytes != 0 {
 		t.Fatalf("%d write records, stats %+v", writes, st)
+	}
+	m := newModel(1, 4*h.opts.SpoolLimit)
+	m.apply(t, recs)
+	m.check(t, h)
+}
+
+// A direct stream under throttle holds the writer before its ring would
+// spill: the same write of 4x the spool limit, through a 4 MiB ring, is
+// never spooled (no spill, no spool record), the backlog stays within the
+// ring, and the peer's copy equals the disk.
+func TestCongestionThrottleDirect(t *testing.T) {
+	const ring = 4 << 20
+	recs, maxBacklog, st, h := congestionRunOpts(t, CongestionThrottle, Options{Direct: true, RegionSize: 4096, RingSize: ring})
+	if st.Throttled == 0 {
+		t.Fatalf("no write waited: %+v", st)
+	}
+	if st.Spills != 0 || h.s.spool.LastSeq() != 0 {
+		t.Fatalf("the throttled direct stream spooled: %d spills, spool up to seq %d", st.Spills, h.s.spool.LastSeq())
+	}
+	if maxBacklog > ring {
+		t.Fatalf("backlog %d above the ring's %d", maxBacklog, ring)
+	}
+	for _, r := range recs {
+		if r.Kind != rebound.RecordWrite {
+			t.Fatalf("record %d is %v: the stream overflowed or resynced", r.Seq, r.Kind)
+		}
 	}
 	m := newModel(1, 4*h.opts.SpoolLimit)
 	m.apply(t, recs)

@@ -836,6 +836,19 @@ func (s *Stream) oldestFlightLocked() uint64 {
 // highWater is the spool level above which throttled writes wait.
 func (s *Stream) highWater() int64 { return s.opts.SpoolLimit / 4 * 3 }
 
+// throttleLevelLocked is the backlog a throttled write waits on, and its
+// high-water mark. A direct stream that is not spooling waits on its
+// unacked bytes against 3/4 of the ring, before the ring would spill:
+// DRBD's on-congestion block, so under throttle the spool is not written
+// while the peer acks at all. Otherwise the spool level against 3/4 of
+// SpoolLimit.
+func (s *Stream) throttleLevelLocked() (lvl, high int64) {
+	if s.direct && !s.spooling {
+		return s.backlog, s.opts.RingSize / 4 * 3
+	}
+	return s.spoolBytes, s.highWater()
+}
+
 // SetCongestion sets the congestion policy (CongestionTrack or
 // CongestionThrottle) of an open stream.
 func (s *Stream) SetCongestion(mode string) error {
@@ -857,23 +870,29 @@ func (s *Stream) SetCongestion(mode string) error {
 }
 
 // throttleWait holds a change of n spool bytes, before it is queued and
-// outside every lock, while the spool is above the high-water mark: the
-// NBD write is acknowledged only once the peer has drained the backlog.
+// outside every lock, while the backlog is above its high-water mark
+// (throttleLevelLocked: the spool's, or a direct stream's ring): the NBD
+// write is acknowledged only once the peer has drained the backlog.
 // It gives up (and the write goes on, tracked if the spool is full) when
 // no ack comes for ThrottleStall, and then no write waits until an ack
 // comes (a dead link costs one stall, not one per write); also in
 // overflow (tracking is already on) and on close. Concurrent writers may
-// each pass the check, so the spool can pass the mark by the writes in
-// flight; the quarter of SpoolLimit above it absorbs them.
+// each pass the check, so the backlog can pass the mark by the writes in
+// flight; the quarter above it absorbs them (past the ring's, a direct
+// stream spills).
 func (s *Stream) throttleWait(n int64) {
-	high := s.highWater()
-	if lvl := s.spoolLevel.Load(); lvl == 0 || lvl+n <= high {
-		return
+	if !s.direct {
+		if lvl := s.spoolLevel.Load(); lvl == 0 || lvl+n <= s.highWater() {
+			return
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	waited := false
-	for s.throttle.Load() && !s.closed && !s.overflow && !s.stalled && s.spoolBytes > 0 && s.spoolBytes+n > high {
+	for s.throttle.Load() && !s.closed && !s.overflow && !s.stalled {
+		if lvl, high := s.throttleLevelLocked(); lvl == 0 || lvl+n <= high {
+			return
+		}
 		first := !waited
 		if first {
 			waited = true
