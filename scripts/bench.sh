@@ -163,7 +163,7 @@ PY
 	echo
 	echo "## NBD writes through a protected machine's export"
 	echo
-	echo "$nbd_tool. Both servers on a unix socket; Rebound's export is the disk of a machine protected to a second site (\`rebound server\` and two \`rebound site\` processes on this machine), so every write is also captured, spooled and replicated."
+	echo "$nbd_tool. Both servers on a unix socket; Rebound's export is the disk of a machine protected to a second site (\`rebound server\` and two \`rebound site\` processes on this machine), so every write is also captured and replicated (and spooled while the receiving site falls behind by more than the in-memory send buffer)."
 	echo
 	cat "$tmp/nbd.md"
 	echo
