@@ -3,15 +3,11 @@ package main
 import (
 	"context"
 	"log/slog"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/rebound-dr/rebound"
-	rhttp "github.com/rebound-dr/rebound/http"
 	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/internal/pgtest"
 )
@@ -92,32 +88,9 @@ func jobTakeover(b *testing.B) (took, closing time.Duration) {
 	dir := b.TempDir()
 	logger := slog.New(slog.DiscardHandler)
 	s1, s2 := startSharedServers(b, dir, logger, pgtest.DSN(b))
-	tokenPath := filepath.Join(dir, "admin-token")
-	if err := ensureAdminToken(ctx, s1.DB, tokenPath); err != nil {
-		b.Fatal(err)
-	}
-	tok, err := os.ReadFile(tokenPath)
-	if err != nil {
-		b.Fatal(err)
-	}
-	svc1, err := rhttp.NewClient(s1.APIURL, strings.TrimSpace(string(tok)), s1.CA.CertPEM())
-	if err != nil {
-		b.Fatal(err)
-	}
-	svc2, err := rhttp.NewClient(s2.APIURL, strings.TrimSpace(string(tok)), s1.CA.CertPEM())
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, name := range []string{"primary", "recovery"} {
-		startSiteOn(b, dir, logger, name, s1, s2)
-	}
-	for _, s := range []*ServerMain{s1, s2} {
-		waitUntil(b, 30*time.Second, "the sites connected to "+s.APIURL, func() bool {
-			_, a := s.Control.Site("primary")
-			_, c := s.Control.Site("recovery")
-			return a && c
-		})
-	}
+	_, client := sharedClients(b, dir, s1)
+	svc1, svc2 := client(s1.APIURL), client(s2.APIURL)
+	startSitesOn(b, dir, logger, s1, s2, "primary", "recovery")
 	m, err := svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{8 << 20}})
 	if err != nil {
 		b.Fatal(err)

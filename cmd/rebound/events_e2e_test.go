@@ -40,13 +40,7 @@ func testEventExactlyOnce(t *testing.T, stage string) {
 	dir := t.TempDir()
 	logger := fixedUpLogger()
 	s1, s2 := startSharedServers(t, dir, logger, dsn)
-	sm := startSiteOn(t, dir, logger, "primary", s1, s2)
-	for _, s := range []*ServerMain{s1, s2} {
-		waitUntil(t, 30*time.Second, "the site connected to "+s.APIURL, func() bool {
-			_, ok := s.Control.Site("primary")
-			return ok
-		})
-	}
+	sm := startSitesOn(t, dir, logger, s1, s2, "primary")["primary"]
 
 	// Server 1 dies as the event reaches STAGE there; server 2 passing
 	// the same point is recorded. Only this test's servers: other tests

@@ -55,39 +55,13 @@ func TestSeveralServers(t *testing.T) {
 		t.Fatalf("a server with its own CA did not say so:\n%s", log3.String())
 	}
 
-	tokenPath := filepath.Join(dir, "admin-token")
-	if err := ensureAdminToken(ctx, s1.DB, tokenPath); err != nil {
-		t.Fatal(err)
-	}
-	tok, err := os.ReadFile(tokenPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	token := strings.TrimSpace(string(tok))
-	client := func(urls ...string) *rhttp.Client {
-		t.Helper()
-		c, err := rhttp.NewClient(strings.Join(urls, ","), token, s1.CA.CertPEM())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	token, client := sharedClients(t, dir, s1)
 	svc1, svc2 := client(s1.APIURL), client(s2.APIURL)
 
 	// Two sites, each with both servers' addresses; enrolled through
 	// server 1 with a token server 2 knows as well (one database).
-	sites := map[string]*SiteMain{}
-	for _, name := range []string{"primary", "recovery", "edge"} {
-		sites[name] = startSiteOn(t, dir, logger, name, s1, s2)
-	}
-	for _, s := range []*ServerMain{s1, s2} {
-		waitUntil(t, 30*time.Second, "the sites connected to "+s.APIURL, func() bool {
-			_, a := s.Control.Site("primary")
-			_, b := s.Control.Site("recovery")
-			_, c := s.Control.Site("edge")
-			return a && b && c
-		})
-	}
+	sites := startSitesOn(t, dir, logger, s1, s2, "primary", "recovery", "edge")
+
 	// A site removed through server 1 is cut off by server 2 as well: it
 	// reads the revocation from the store, closes the site's channel and
 	// refuses it from then on.
@@ -473,4 +447,48 @@ func startSharedServers(t testing.TB, dir string, logger *slog.Logger, dsn strin
 	s1 = start("s1", filepath.Join(dir, "s1-ca"))
 	copyDir(t, filepath.Join(dir, "s1-ca"), filepath.Join(dir, "s2-ca"))
 	return s1, start("s2", filepath.Join(dir, "s2-ca"))
+}
+
+// sharedClients gives s1's admin token (written under dir) and a client
+// factory for any list of the shared servers' URLs, trusting their CA.
+func sharedClients(t testing.TB, dir string, s1 *ServerMain) (token string, client func(urls ...string) *rhttp.Client) {
+	t.Helper()
+	tokenPath := filepath.Join(dir, "admin-token")
+	if err := ensureAdminToken(context.Background(), s1.DB, tokenPath); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := os.ReadFile(tokenPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	token = strings.TrimSpace(string(tok))
+	return token, func(urls ...string) *rhttp.Client {
+		t.Helper()
+		c, err := rhttp.NewClient(strings.Join(urls, ","), token, s1.CA.CertPEM())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+}
+
+// startSitesOn starts the named sites on s1 and s2 (startSiteOn) and
+// waits until both servers hold every one's control channel.
+func startSitesOn(t testing.TB, dir string, logger *slog.Logger, s1, s2 *ServerMain, names ...string) map[string]*SiteMain {
+	t.Helper()
+	sites := map[string]*SiteMain{}
+	for _, name := range names {
+		sites[name] = startSiteOn(t, dir, logger, name, s1, s2)
+	}
+	for _, s := range []*ServerMain{s1, s2} {
+		waitUntil(t, 30*time.Second, "the sites connected to "+s.APIURL, func() bool {
+			for _, name := range names {
+				if _, ok := s.Control.Site(name); !ok {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	return sites
 }

@@ -2,15 +2,12 @@ package main
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/rebound-dr/rebound"
-	rhttp "github.com/rebound-dr/rebound/http"
 	"github.com/rebound-dr/rebound/internal/failpoint"
 	"github.com/rebound-dr/rebound/internal/pgtest"
 )
@@ -30,33 +27,9 @@ func TestSeveralServersJobTakeover(t *testing.T) {
 	logger := fixedUpLogger()
 	s1, s2 := startSharedServers(t, dir, logger, dsn)
 
-	tokenPath := filepath.Join(dir, "admin-token")
-	if err := ensureAdminToken(ctx, s1.DB, tokenPath); err != nil {
-		t.Fatal(err)
-	}
-	tok, err := os.ReadFile(tokenPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	client := func(url string) *rhttp.Client {
-		t.Helper()
-		c, err := rhttp.NewClient(url, strings.TrimSpace(string(tok)), s1.CA.CertPEM())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	_, client := sharedClients(t, dir, s1)
 	svc1, svc2 := client(s1.APIURL), client(s2.APIURL)
-	for _, name := range []string{"primary", "recovery"} {
-		startSiteOn(t, dir, logger, name, s1, s2)
-	}
-	for _, s := range []*ServerMain{s1, s2} {
-		waitUntil(t, 30*time.Second, "the sites connected to "+s.APIURL, func() bool {
-			_, a := s.Control.Site("primary")
-			_, b := s.Control.Site("recovery")
-			return a && b
-		})
-	}
+	startSitesOn(t, dir, logger, s1, s2, "primary", "recovery")
 
 	const size = 8 << 20
 	o := newOracle(t, size, 17)
