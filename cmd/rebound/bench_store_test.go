@@ -157,10 +157,9 @@ func BenchmarkAPIStore(b *testing.B) {
 				b.ReportMetric(ms, "ms/status")
 				benchReport(b, "| %s | the recovery site's status report (%d journals; sent every 2 s) | %.1f ms |\n", kind, benchMachines, ms)
 			})
-			// What protect's "prepare target" costs at a site holding
-			// 2,000 targets: the site opens a journal and appends the
-			// unit to its state log; stop removes both.
-			b.Run("site-add-target", func(b *testing.B) {
+			// extraTarget is the recovery site and the spec of one more
+			// target like the first machine's, named "extra".
+			extraTarget := func(b *testing.B) (rebound.SiteService, rebound.ReplicationSpec) {
 				dst := benchTargetSite(b, m)
 				pol, err := m.DB.GetPolicy(ctx, "default")
 				if err != nil {
@@ -171,7 +170,13 @@ func BenchmarkAPIStore(b *testing.B) {
 					b.Fatal(err)
 				}
 				extra.Name = "extra"
-				spec := benchTargetSpec(*extra, *pol)
+				return dst, benchTargetSpec(*extra, *pol)
+			}
+			// What protect's "prepare target" costs at a site holding
+			// 2,000 targets: the site opens a journal and appends the
+			// unit to its state log; stop removes both.
+			b.Run("site-add-target", func(b *testing.B) {
+				dst, spec := extraTarget(b)
 				for b.Loop() {
 					if err := dst.StartReplication(ctx, spec); err != nil {
 						b.Fatal(err)
@@ -187,17 +192,7 @@ func BenchmarkAPIStore(b *testing.B) {
 			// One target's start alone (protect's "prepare target"), its
 			// stop outside the measured time.
 			b.Run("site-start-target", func(b *testing.B) {
-				dst := benchTargetSite(b, m)
-				pol, err := m.DB.GetPolicy(ctx, "default")
-				if err != nil {
-					b.Fatal(err)
-				}
-				extra, err := m.DB.GetMachine(ctx, names[0])
-				if err != nil {
-					b.Fatal(err)
-				}
-				extra.Name = "extra"
-				spec := benchTargetSpec(*extra, *pol)
+				dst, spec := extraTarget(b)
 				var took time.Duration
 				n := 0
 				for b.Loop() {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"log/slog"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -99,24 +98,8 @@ func jobTakeover(b *testing.B) (took, closing time.Duration) {
 	waitJob(b, svc1)(svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
 	writeRandom(b, m.Disks[0].NBD, 1<<20)
 
-	reached := make(chan struct{})
-	var hits atomic.Int32
-	release := failpoint.Enable("server/job/failover/activate", func(ctx context.Context) {
-		if hits.Add(1) == 1 {
-			close(reached)
-			<-ctx.Done() // server 1 stops
-		}
-	})
+	job, hits, release := failoverHeldAtActivate(b, svc1, rebound.FailoverRequest{Machine: "vm1", Planned: true})
 	defer release()
-	job, err := svc1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	select {
-	case <-reached:
-	case <-time.After(time.Minute):
-		b.Fatal("the failover never reached its activate step")
-	}
 	stopped := time.Now()
 	if err := s1.Close(); err != nil {
 		b.Fatalf("close server 1: %v", err)

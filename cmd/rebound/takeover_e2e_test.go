@@ -42,24 +42,8 @@ func TestSeveralServersJobTakeover(t *testing.T) {
 	o.write(m.Disks[0].NBD, 30)
 	full := o.model.Sum()
 
-	reached := make(chan struct{})
-	var hits atomic.Int32
-	release := failpoint.Enable("server/job/failover/activate", func(ctx context.Context) {
-		if hits.Add(1) == 1 {
-			close(reached)
-			<-ctx.Done() // server 1 closes
-		}
-	})
+	job, hits, release := failoverHeldAtActivate(t, svc1, rebound.FailoverRequest{Machine: "vm1", Planned: true})
 	defer release()
-	job, err := svc1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Planned: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-reached:
-	case <-time.After(time.Minute):
-		t.Fatal("the failover never reached its activate step")
-	}
 	// Server 2 refuses another command on the machine meanwhile.
 	if _, err := svc2.TestFailover(ctx, "vm1", ""); rebound.ErrorCode(err) != rebound.ECONFLICT || !strings.Contains(err.Error(), job.ID) {
 		t.Fatalf("test failover through server 2 during server 1's failover: %v, want a conflict naming %s", err, job.ID)
@@ -82,4 +66,32 @@ func TestSeveralServersJobTakeover(t *testing.T) {
 	if sum := diskSum(t, got.Disks[0].NBD); sum != full {
 		t.Fatalf("recovery disk after the takeover: hash %s, want %s", sum, full)
 	}
+}
+
+// failoverHeldAtActivate starts req through svc with the process-wide
+// failpoint server/job/failover/activate holding the job's first entry
+// into activate until the server running it stops, and returns once it is
+// held, with the count of entries and the failpoint's release.
+func failoverHeldAtActivate(t testing.TB, svc rebound.Service, req rebound.FailoverRequest) (*rebound.Job, *atomic.Int32, func()) {
+	t.Helper()
+	reached := make(chan struct{})
+	hits := new(atomic.Int32)
+	release := failpoint.Enable("server/job/failover/activate", func(ctx context.Context) {
+		if hits.Add(1) == 1 {
+			close(reached)
+			<-ctx.Done() // the server stops
+		}
+	})
+	job, err := svc.Failover(context.Background(), req)
+	if err != nil {
+		release()
+		t.Fatal(err)
+	}
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		release()
+		t.Fatal("the failover never reached its activate step")
+	}
+	return job, hits, release
 }
