@@ -199,7 +199,7 @@ func (s *Site) Open() error {
 		return err
 	}
 	s.store = stateStore{dir: s.cfg.DataDir}
-	if checkState {
+	if checkState || os.Getenv(checkStateEnv) == "1" {
 		s.store.written = map[string][]byte{}
 	}
 	states, migrated, logged, err := s.store.load()

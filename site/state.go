@@ -330,9 +330,15 @@ func (st *stateStore) openLog() error {
 	return nil
 }
 
-// checkState makes every site check, at Close, that its state files hold
-// each unit as it is (tests set it).
+// checkState makes every site check, at each save and at Close, that its
+// state files hold each unit as it is: a unit changed without a save
+// naming it panics. The site's tests set it; REBOUND_SITE_CHECK_STATE=1
+// sets it for a process (cmd/rebound's end-to-end tests, and the real
+// binaries they start, which inherit it).
 var checkState bool
+
+// checkStateEnv is the environment variable that turns checkState on.
+const checkStateEnv = "REBOUND_SITE_CHECK_STATE"
 
 // SavedState returns what a start of the site at dataDir would read, as
 // one state.json (version 3) holding every unit: the snapshot with the

@@ -16,7 +16,12 @@ import (
 )
 
 // TestMain stops the PostgreSQL server the store tests start.
-func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+// TestMain starts the tests' PostgreSQL, and has every site, in-process or
+// a real binary, check its saved state against its units at each save.
+func TestMain(m *testing.M) {
+	os.Setenv("REBOUND_SITE_CHECK_STATE", "1")
+	os.Exit(pgtest.Main(m))
+}
 
 // TestRoundTripPostgres: `rebound up --db postgres://...` runs the whole
 // loop (failover, commit, reprotect with a delta, failback, reprotect
