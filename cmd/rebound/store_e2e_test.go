@@ -15,9 +15,9 @@ import (
 	"github.com/rebound-dr/rebound/sqlite"
 )
 
-// TestMain stops the PostgreSQL server the store tests start.
-// TestMain starts the tests' PostgreSQL, and has every site, in-process or
-// a real binary, check its saved state against its units at each save.
+// TestMain starts the tests' PostgreSQL (and stops it at the end), and has
+// every site, in-process or a real binary, check its saved state against
+// its units at each save.
 func TestMain(m *testing.M) {
 	os.Setenv("REBOUND_SITE_CHECK_STATE", "1")
 	os.Exit(pgtest.Main(m))
