@@ -15,7 +15,7 @@ import (
 	"github.com/rebound-dr/rebound/sqlite"
 )
 
-// TestMain starts the tests' PostgreSQL (and stops it at the end), and has
+// TestMain stops the PostgreSQL server the store tests start, and has
 // every site, in-process or a real binary, check its saved state against
 // its units at each save.
 func TestMain(m *testing.M) {
