@@ -233,6 +233,9 @@ type Stream struct {
 
 	throttle   atomic.Bool  // congestion policy is throttle
 	spoolLevel atomic.Int64 // spoolBytes, readable without mu
+	// backlogLevel is backlog, readable without mu: a throttled write
+	// checks both levels before it takes the mutex (throttleWait).
+	backlogLevel atomic.Int64
 	throttled  int64        // Stats.Throttled
 	stalled    bool         // a throttled write got no ack in ThrottleStall; cleared by the next ack
 
@@ -492,7 +495,7 @@ func (s *Stream) replay(landed uint64) (open bool, err error) {
 			s.backlog += int64(len(rec.Data))
 		}
 	}
-	s.spoolLevel.Store(s.spoolBytes)
+	s.storeLevelsLocked()
 	if n > 0 {
 		s.logger.Info("replayed spool onto disks", "records", n, "from", first)
 	}
@@ -584,8 +587,8 @@ func (s *Stream) appendBatchLocked(recs []*rebound.Record) error {
 		n := int64(len(rec.Data))
 		s.unacked = append(s.unacked, pending{seq: rec.Seq, bytes: n, time: rec.Time})
 		s.spoolBytes += n + recOverhead
-		s.spoolLevel.Store(s.spoolBytes)
 		s.backlog += n
+		s.storeLevelsLocked()
 		s.cache.add(rec)
 	}
 	if s.unsynced >= s.opts.SegmentSize/4 {
@@ -833,8 +836,18 @@ func (s *Stream) oldestFlightLocked() uint64 {
 	return oldest
 }
 
+// storeLevelsLocked publishes spoolBytes and backlog for throttleWait.
+func (s *Stream) storeLevelsLocked() {
+	s.spoolLevel.Store(s.spoolBytes)
+	s.backlogLevel.Store(s.backlog)
+}
+
 // highWater is the spool level above which throttled writes wait.
 func (s *Stream) highWater() int64 { return s.opts.SpoolLimit / 4 * 3 }
+
+// ringHighWater is a direct stream's backlog above which throttled
+// writes wait, before the ring would spill.
+func (s *Stream) ringHighWater() int64 { return s.opts.RingSize / 4 * 3 }
 
 // throttleLevelLocked is the backlog a throttled write waits on, and its
 // high-water mark. A direct stream that is not spooling waits on its
@@ -844,7 +857,7 @@ func (s *Stream) highWater() int64 { return s.opts.SpoolLimit / 4 * 3 }
 // SpoolLimit.
 func (s *Stream) throttleLevelLocked() (lvl, high int64) {
 	if s.direct && !s.spooling {
-		return s.backlog, s.opts.RingSize / 4 * 3
+		return s.backlog, s.ringHighWater()
 	}
 	return s.spoolBytes, s.highWater()
 }
@@ -881,10 +894,11 @@ func (s *Stream) SetCongestion(mode string) error {
 // flight; the quarter above it absorbs them (past the ring's, a direct
 // stream spills).
 func (s *Stream) throttleWait(n int64) {
-	if !s.direct {
-		if lvl := s.spoolLevel.Load(); lvl == 0 || lvl+n <= s.highWater() {
-			return
-		}
+	// Below both marks no write waits, whichever level applies: the
+	// common case takes no lock.
+	sp, bl := s.spoolLevel.Load(), s.backlogLevel.Load()
+	if (sp == 0 || sp+n <= s.highWater()) && (!s.direct || bl == 0 || bl+n <= s.ringHighWater()) {
+		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1155,7 +1169,7 @@ func (s *Stream) Acked(seq uint64) {
 		s.ackedBytes += p.bytes
 	}
 	s.unacked = s.unacked[i:]
-	s.spoolLevel.Store(s.spoolBytes)
+	s.storeLevelsLocked()
 	if len(s.unacked) == 0 {
 		s.unacked = s.unacked[:0:0] // let the backing array go
 	}
