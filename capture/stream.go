@@ -236,8 +236,8 @@ type Stream struct {
 	// backlogLevel is backlog, readable without mu: a throttled write
 	// checks both levels before it takes the mutex (throttleWait).
 	backlogLevel atomic.Int64
-	throttled  int64        // Stats.Throttled
-	stalled    bool         // a throttled write got no ack in ThrottleStall; cleared by the next ack
+	throttled    int64 // Stats.Throttled
+	stalled      bool  // a throttled write got no ack in ThrottleStall; cleared by the next ack
 
 	samples [12]sample // throughput samples, one per second, ring
 	nsample int
