@@ -239,6 +239,32 @@ func NoReturnError(id string) error {
 	return Errorf(ECONFLICT, "job %s is past its point of no return and can no longer be cancelled; wait for it (rebound job wait %s) and undo its result (for a failover: rebound failover cancel MACHINE)", id, id)
 }
 
+// RequestedCancel is a store's RequestCancel answer from the job it read
+// after its update: a job not ended whose cancel was refused passed its
+// point of no return (NoReturnError).
+func RequestedCancel(j *Job, err error) (*Job, error) {
+	if err != nil {
+		return nil, err
+	}
+	if j.EndedAt == nil && j.Cancel == CancelRefused {
+		return nil, NoReturnError(j.ID)
+	}
+	return j, nil
+}
+
+// PassedNoReturn is a store's PassNoReturn answer, from the job it read,
+// when its update matched no row: a cancel came first (true), or the
+// lease was lost.
+func PassedNoReturn(j *Job, err error) (bool, error) {
+	switch {
+	case err != nil:
+		return false, err
+	case j.Cancel == CancelRequested:
+		return true, nil
+	}
+	return false, LeaseLostError(j.ID)
+}
+
 // LeaseLostError is the ECONFLICT of a write by a server whose lease on
 // job id another server took over.
 func LeaseLostError(id string) error {

@@ -256,7 +256,7 @@ func (db *DB) RequestCancel(ctx context.Context, id string) (*rebound.Job, error
 		rebound.CancelRequested, id); err != nil {
 		return nil, fmt.Errorf("request the cancel of job %s: %w", id, err)
 	}
-	return requestedCancel(db.GetJob(ctx, id))
+	return rebound.RequestedCancel(db.GetJob(ctx, id))
 }
 
 // PassNoReturn records the job's point of no return (see rebound.Store).
@@ -269,7 +269,7 @@ func (db *DB) PassNoReturn(ctx context.Context, id, owner string, fence int64) (
 	if tag.RowsAffected() == 1 {
 		return false, nil
 	}
-	return passedNoReturn(db.GetJob(ctx, id))
+	return rebound.PassedNoReturn(db.GetJob(ctx, id))
 }
 
 // ExpiredJobs lists the jobs not ended whose lease expired or was
@@ -296,29 +296,4 @@ func (db *DB) ReleaseJob(ctx context.Context, id, owner string, fence int64) err
 		return rebound.LeaseLostError(id)
 	}
 	return nil
-}
-
-// requestedCancel is RequestCancel's answer from the job read after its
-// update: a job not ended whose cancel was not recorded passed its point
-// of no return.
-func requestedCancel(j *rebound.Job, err error) (*rebound.Job, error) {
-	if err != nil {
-		return nil, err
-	}
-	if j.EndedAt == nil && j.Cancel == rebound.CancelRefused {
-		return nil, rebound.NoReturnError(j.ID)
-	}
-	return j, nil
-}
-
-// passedNoReturn is PassNoReturn's answer when its update matched no row:
-// a cancel came first, or the lease was lost.
-func passedNoReturn(j *rebound.Job, err error) (bool, error) {
-	switch {
-	case err != nil:
-		return false, err
-	case j.Cancel == rebound.CancelRequested:
-		return true, nil
-	}
-	return false, rebound.LeaseLostError(j.ID)
 }
