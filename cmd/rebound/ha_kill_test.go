@@ -37,15 +37,10 @@ func TestSeveralServersKillDuringPlan(t *testing.T) {
 	oracles := map[string]*oracle{}
 	for i, name := range []string{"vm1", "vm2"} {
 		o := newOracle(t, size, int64(31+i))
-		m, err := tc.svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: name, Site: "primary", Disks: []int64{size}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.write(m.Disks[0].NBD, 50)
-		waitJob(t, tc.svc1)(tc.svc1.Protect(ctx, rebound.ProtectRequest{Machine: name, To: "recovery"}))
-		o.write(m.Disks[0].NBD, 30)
+		src := createProtected(t, tc.svc1, name, size, o)
+		o.write(src, 30)
 		o.point(tc.svc1, name, false)
-		o.write(m.Disks[0].NBD, 20) // after the point: in the latest state
+		o.write(src, 20) // after the point: in the latest state
 		oracles[name] = o
 	}
 	if _, err := tc.svc1.ApplyPlan(ctx, rebound.Plan{Name: "ha", Stages: []rebound.PlanStage{

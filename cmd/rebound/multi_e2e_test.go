@@ -90,13 +90,7 @@ func TestSeveralServers(t *testing.T) {
 
 	const size = 8 << 20
 	o := newOracle(t, size, 12)
-	m, err := svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	src := m.Disks[0].NBD
-	o.write(src, 50)
-	waitJob(t, svc1)(svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+	src := createProtected(t, svc1, "vm1", size, o)
 	o.write(src, 20)
 	before := o.point(svc1, "vm1", false)
 
@@ -235,13 +229,7 @@ func TestSeveralServersKill(t *testing.T) {
 
 	const size = 8 << 20
 	o := newOracle(t, size, 13)
-	m, err := svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	src := m.Disks[0].NBD
-	o.write(src, 50)
-	waitJob(t, svc1)(svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
+	src := createProtected(t, svc1, "vm1", size, o)
 	o.write(src, 20)
 	before := o.point(both, "vm1", false)
 
@@ -390,15 +378,10 @@ func TestSeveralServersKillDuringFailover(t *testing.T) {
 	tc := startTwoServers(t, []string{failpoint.Env + "=server/job/failover/activate=kill"})
 	const size = 8 << 20
 	o := newOracle(t, size, 19)
-	m, err := tc.svc1.CreateMachine(ctx, rebound.CreateMachineRequest{Name: "vm1", Site: "primary", Disks: []int64{size}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	o.write(m.Disks[0].NBD, 50)
-	waitJob(t, tc.svc1)(tc.svc1.Protect(ctx, rebound.ProtectRequest{Machine: "vm1", To: "recovery"}))
-	o.write(m.Disks[0].NBD, 30)
+	src := createProtected(t, tc.svc1, "vm1", size, o)
+	o.write(src, 30)
 	p := o.point(tc.both, "vm1", false)
-	o.write(m.Disks[0].NBD, 20) // after the point: must not be in the failed-over disk
+	o.write(src, 20) // after the point: must not be in the failed-over disk
 
 	job, err := tc.svc1.Failover(ctx, rebound.FailoverRequest{Machine: "vm1", Point: p.ID})
 	if err != nil {
