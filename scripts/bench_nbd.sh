@@ -15,9 +15,19 @@
 #   Rebound process spend during each measurement, and write a markdown
 #   table of CPU-seconds per GiB written to FILE: the issue-10 comparison
 #   of the source site's share with qemu-nbd, by the same tool in one run.
+#   --settle-cmd CMD: with --cpu-out, after each fio run on --uri, run CMD
+#   (bash -c) and count CPU until it returns: it waits until the replication
+#   has caught up, so work the write deferred (the backlog's send, a resync)
+#   is charged to the bytes that caused it. The table then also gives the
+#   rate from fio's start until caught up.
+#   --cpu-label TEXT: names the Rebound rows in that table (e.g. the policy).
+#   --prefill: before measuring, write each server's whole disk once (and
+#   wait for the settle command), so both measure overwrites of allocated
+#   blocks, as a disk in use does, not the first write of a sparse file,
+#   whose page-cache and block allocation costs more and varies.
 set -euo pipefail
 
-uri="" size="1G" runtime=10 depth=32 seqdepth=8 cpuout=""
+uri="" size="1G" runtime=10 depth=32 seqdepth=8 cpuout="" settlecmd="" cpulabel="" prefill=0
 cpus=()
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -28,7 +38,10 @@ while [ $# -gt 0 ]; do
 	--seq-depth) seqdepth="$2"; shift 2 ;;
 	--cpu) cpus+=("$2"); shift 2 ;;
 	--cpu-out) cpuout="$2"; shift 2 ;;
-	-h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+	--settle-cmd) settlecmd="$2"; shift 2 ;;
+	--cpu-label) cpulabel="$2"; shift 2 ;;
+	--prefill) prefill=1; shift ;;
+	-h|--help) sed -n '2,28p' "$0"; exit 0 ;;
 	*) echo "unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -71,16 +84,22 @@ cputicks() { python3 -c 'import sys; f=open("/proc/%s/stat" % sys.argv[1]).read(
 watch=()
 
 # fio_run URI RW BS BYTES DEPTH -> prints "bw_bytes iops"; with --cpu-out,
-# appends "RW|NAME|TICKS|HZ|BYTES" lines to $tmp/cpu.txt.
+# appends "RW|NAME|TICKS|HZ|BYTES|SECONDS" lines to $tmp/cpu.txt (SECONDS:
+# from fio's start until the settle command returned, 0 without one).
 fio_run() {
-	local before=() w i=0 hz
+	local before=() w i=0 hz start secs=0
 	for w in "${watch[@]}"; do before+=("$(cputicks "${w#*=}")"); done
+	start=$(date +%s.%N)
 	fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" \
 		--iodepth="$5" --size="$4" --time_based --runtime="$runtime" \
 		--output-format=json --output="$tmp/fio.json" >/dev/null
+	if [ -n "$settlecmd" ] && [ "$1" = "$uri" ] && [ ${#watch[@]} -gt 0 ]; then
+		bash -c "$settlecmd" >&2 || { echo "bench_nbd: the settle command failed" >&2; exit 1; }
+		secs=$(python3 -c "import sys; print('%.2f' % ($(date +%s.%N) - $start))")
+	fi
 	hz=$(getconf CLK_TCK)
 	for w in "${watch[@]}"; do
-		echo "$2|${w%%=*}|$(( $(cputicks "${w#*=}") - before[i] ))|$hz|$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["io_bytes"])' "$tmp/fio.json")" >>"$tmp/cpu.txt"
+		echo "$2|${w%%=*}|$(( $(cputicks "${w#*=}") - before[i] ))|$hz|$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["io_bytes"])' "$tmp/fio.json")|$secs" >>"$tmp/cpu.txt"
 		i=$((i + 1))
 	done
 	python3 -c 'import json,sys; w=json.load(open(sys.argv[1]))["jobs"][0]["write"]; print(w["bw_bytes"], w["iops"])' "$tmp/fio.json"
@@ -101,6 +120,14 @@ settle() { qemu-io -f raw -c flush "$1" >/dev/null; }
 measure() { # measure NAME URI
 	local name="$1" u="$2" seq rnd bytes
 	bytes=$(qemu-img info -f raw --output=json "$u" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+	if [ "$prefill" = 1 ]; then
+		[ "$use_fio" = 1 ] || { echo "bench_nbd: --prefill needs fio" >&2; exit 1; }
+		fio --name=prefill --ioengine=nbd --uri="$u" --rw=write --bs=1M --iodepth="$seqdepth" \
+			--size="$bytes" --output-format=json --output="$tmp/prefill.json" >/dev/null
+		if [ -n "$settlecmd" ] && [ "$u" = "$uri" ]; then
+			bash -c "$settlecmd" >&2 || { echo "bench_nbd: the settle command failed" >&2; exit 1; }
+		fi
+	fi
 	if [ "$use_fio" = 1 ]; then
 		settle "$u"; seq=$(fio_run "$u" write 1M "$bytes" "$seqdepth")
 		settle "$u"; rnd=$(fio_run "$u" randwrite 4k "$bytes" "$depth")
@@ -141,27 +168,32 @@ measure "qemu-nbd" "$quri"
 measure "$name" "$uri"
 if [ -n "$cpuout" ]; then
 	[ "$use_fio" = 1 ] || { echo "bench_nbd: --cpu-out needs fio" >&2; exit 1; }
-	python3 - "$tmp/cpu.txt" "$cpuout" <<'PY'
+	python3 - "$tmp/cpu.txt" "$cpuout" "$cpulabel" <<'PY'
 import sys, collections
 rows = collections.OrderedDict()
+secs = {}
 names = []
 for line in open(sys.argv[1]):
-    rw, name, ticks, hz, nbytes = line.strip().split("|")
+    rw, name, ticks, hz, nbytes, s = line.strip().split("|")
     per_gib = int(ticks) / int(hz) / (int(nbytes) / 2**30) if int(nbytes) else float("nan")
     rows.setdefault(rw, {})[name] = per_gib
+    if float(s) > 0:
+        secs[rw] = int(nbytes) / float(s)
     if name not in names:
         names.append(name)
 label = {"write": "1 MiB sequential write", "randwrite": "4 KiB random write"}
+tag = " (%s)" % sys.argv[3] if sys.argv[3] else ""
 # The source site's share meets the throughput target when, per CPU-second,
 # it writes at least the target share of what qemu-nbd writes per CPU-second.
 target = {"write": 0.9, "randwrite": 0.8}
 src = [n for n in names if n.startswith("source")]
 with open(sys.argv[2], "w") as out:
-    out.write("| workload | " + " | ".join(n + " (CPU-s/GiB)" for n in names) + " | source site's bytes per CPU-s ÷ qemu-nbd's | target | met? |\n")
-    out.write("|---" * (len(names) + 4) + "|\n")
+    out.write("| workload | " + " | ".join(n + " (CPU-s/GiB)" for n in names) + " | fio start → caught up | source site's bytes per CPU-s ÷ qemu-nbd's | target | met? |\n")
+    out.write("|---" * (len(names) + 5) + "|\n")
     for rw, r in rows.items():
         ratio = r["qemu-nbd"] / r[src[0]] if src else float("nan")
         cells = " | ".join("%.2f" % r.get(n, float("nan")) for n in names)
-        out.write("| %s | %s | %.2f | ≥ %.1f | %s |\n" % (label.get(rw, rw), cells, ratio, target[rw], "met" if ratio >= target[rw] else "missed"))
+        rate = "%.0f MB/s" % (secs[rw] / 1e6) if rw in secs else "not measured"
+        out.write("| %s%s | %s | %s | %.2f | ≥ %.1f | %s |\n" % (label.get(rw, rw), tag, cells, rate, ratio, target[rw], "met" if ratio >= target[rw] else "missed"))
 PY
 fi
