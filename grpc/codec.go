@@ -110,7 +110,7 @@ func (codec) Marshal(v any) (mem.BufferSlice, error) {
 	}
 	if len(hdr) != framing || out.Len() != total {
 		// A record changed under Marshal: the caller broke the contract.
-		return nil, fmt.Errorf("grpc codec: batch changed while it was marshalled (%d bytes, expected %d)", out.Len(), total)
+		return nil, fmt.Errorf("grpc codec: a record changed while its batch was marshalled (%d bytes of framing, expected %d)", len(hdr), framing)
 	}
 	return out, nil
 }
