@@ -79,7 +79,7 @@ func (codec) Marshal(v any) (mem.BufferSlice, error) {
 	hdr = protowire.AppendVarint(hdr, uint64(batchSize))
 	// hdr is cut at each referenced payload; the pieces are capped slices
 	// of it, so the appends after a cut do not touch them.
-	out := make(mem.BufferSlice, 0, 2*nrefd+1)
+	pieces := make([]mem.SliceBuffer, 0, 2*nrefd+1)
 	last := 0
 	for i, r := range recs {
 		hdr = protowire.AppendTag(hdr, fBatchRecords, protowire.BytesType)
@@ -96,7 +96,7 @@ func (codec) Marshal(v any) (mem.BufferSlice, error) {
 			if n < inlineData {
 				hdr = append(hdr, r.Data...)
 			} else {
-				out = append(out, mem.SliceBuffer(hdr[last:len(hdr):len(hdr)]), mem.SliceBuffer(r.Data))
+				pieces = append(pieces, hdr[last:len(hdr):len(hdr)], r.Data)
 				last = len(hdr)
 			}
 		}
@@ -106,7 +106,13 @@ func (codec) Marshal(v any) (mem.BufferSlice, error) {
 		}
 	}
 	if len(hdr) > last {
-		out = append(out, mem.SliceBuffer(hdr[last:]))
+		pieces = append(pieces, hdr[last:])
+	}
+	// Pointers into one array: a SliceBuffer put in an interface as a value
+	// would be one allocation per piece.
+	out := make(mem.BufferSlice, len(pieces))
+	for i := range pieces {
+		out[i] = &pieces[i]
 	}
 	if len(hdr) != framing || out.Len() != total {
 		// A record changed under Marshal: the caller broke the contract.
