@@ -251,7 +251,9 @@ type ReplSource interface {
 	// Read blocks until a record with Seq >= from exists or ctx is done, and
 	// returns consecutive records starting at from, about maxBytes of
 	// payload at most (at least one record). Records are not modified by
-	// the caller.
+	// the caller, and the source must not modify or reuse them or their
+	// Data afterwards: the sender hands Data to gRPC without a copy, and
+	// gRPC may write it after Send returns, until the peer acks it.
 	Read(ctx context.Context, from uint64, maxBytes int) ([]*Record, error)
 	// Acked tells the source the peer holds every record <= seq durably, so
 	// its spool may drop them.

@@ -1050,6 +1050,9 @@ func (s *Stream) dirtyBytesLocked() int64 {
 // returns consecutive records starting at from, about maxBytes of payload
 // at most (at least one record). from below the oldest retained record is
 // an error: the peer lost data the source no longer has and must resync.
+// The records are fresh copies (of the ring cache, or read from the
+// spool), never reused here: the sender's codec does not copy them
+// (rebound.ReplSource).
 func (s *Stream) Read(ctx context.Context, from uint64, maxBytes int) ([]*rebound.Record, error) {
 	if from == 0 {
 		return nil, rebound.Errorf(rebound.EINVALID, "capture: read from seq 0; seqs start at 1")

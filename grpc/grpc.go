@@ -59,6 +59,7 @@ func NewServer(tlsConf *tls.Config, log *slog.Logger, opts ...ggrpc.ServerOption
 		ggrpc.ConnectionTimeout(10 * time.Second),
 		ggrpc.ChainUnaryInterceptor(authUnary),
 		ggrpc.ChainStreamInterceptor(authStream),
+		ggrpc.ForceServerCodecV2(codec{}),
 	}
 	return ggrpc.NewServer(append(o, opts...)...)
 }
@@ -126,6 +127,7 @@ func Dial(addr string, tlsConf *tls.Config) (*ggrpc.ClientConn, error) {
 			ggrpc.UseCompressor(Compressor),
 			ggrpc.MaxCallRecvMsgSize(MaxMessageSize),
 			ggrpc.MaxCallSendMsgSize(MaxMessageSize),
+			ggrpc.ForceCodecV2(codec{}),
 		),
 		ggrpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: keepaliveTimeout, PermitWithoutStream: true}),
 	)

@@ -55,7 +55,11 @@ func (w *zstdWriter) Close() error {
 	}
 	_, err := w.w.Write(w.dst)
 	w.w, w.src = nil, w.src[:0]
-	if cap(w.src) <= 4<<20 { // do not pin huge buffers in the pool
+	// Do not pin huge buffers in the pool, but keep a full batch's (4 MiB
+	// of payload and its framing): growing one afresh for every message
+	// costs more than compressing it, the more so as the codec writes a
+	// batch in many pieces.
+	if cap(w.src) <= 8<<20 {
 		w.c.writers.Put(w)
 	}
 	return err
