@@ -51,7 +51,7 @@ func NewServer(tlsConf *tls.Config, log *slog.Logger, opts ...ggrpc.ServerOption
 		log = slog.Default()
 	}
 	o := []ggrpc.ServerOption{
-		ggrpc.Creds(&loggedCreds{TransportCredentials: credentials.NewTLS(tlsConf), log: log, limit: &lograte.Limiter{}}),
+		ggrpc.Creds(&loggedCreds{TransportCredentials: coalesced(credentials.NewTLS(tlsConf)), log: log, limit: &lograte.Limiter{}}),
 		ggrpc.MaxRecvMsgSize(MaxMessageSize),
 		ggrpc.MaxSendMsgSize(MaxMessageSize),
 		ggrpc.KeepaliveParams(keepalive.ServerParameters{Time: keepaliveTime, Timeout: keepaliveTimeout}),
@@ -122,7 +122,7 @@ func (c *loggedCreds) Clone() credentials.TransportCredentials {
 // call, keepalive and message size limits. It does not connect yet.
 func Dial(addr string, tlsConf *tls.Config) (*ggrpc.ClientConn, error) {
 	return ggrpc.NewClient(addr,
-		ggrpc.WithTransportCredentials(credentials.NewTLS(tlsConf)),
+		ggrpc.WithTransportCredentials(coalesced(credentials.NewTLS(tlsConf))),
 		ggrpc.WithDefaultCallOptions(
 			ggrpc.UseCompressor(Compressor),
 			ggrpc.MaxCallRecvMsgSize(MaxMessageSize),

@@ -35,7 +35,7 @@ func NewRevocableServer(tlsConf *tls.Config, log *slog.Logger, rev *pki.Revocati
 		log = slog.Default()
 	}
 	creds := &RevocableCreds{
-		TransportCredentials: &loggedCreds{TransportCredentials: credentials.NewTLS(tlsConf), log: log, limit: &lograte.Limiter{}},
+		TransportCredentials: &loggedCreds{TransportCredentials: coalesced(credentials.NewTLS(tlsConf)), log: log, limit: &lograte.Limiter{}},
 		rev:                  rev, conns: map[*trackedConn]string{},
 	}
 	// The last Creds option wins: these replace NewServer's.
