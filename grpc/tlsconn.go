@@ -41,7 +41,13 @@ type coalescedCreds struct {
 	credentials.TransportCredentials
 }
 
+// coalesceTLS is false only in benchmarks comparing with plain tls.Conn.
+var coalesceTLS = true
+
 func coalesced(c credentials.TransportCredentials) credentials.TransportCredentials {
+	if !coalesceTLS {
+		return c
+	}
 	return &coalescedCreds{TransportCredentials: c}
 }
 
