@@ -296,6 +296,36 @@ func TestTLSConnCloseBreaksWrite(t *testing.T) {
 	}
 }
 
+// TestTLSConnDeadlines: deadlines reach the socket. An expired read
+// deadline times the Read out and, once cleared, the data still comes; an
+// expired write deadline fails the Write and every later one, as tls.Conn
+// does (a torn record would corrupt the stream).
+func TestTLSConnDeadlines(t *testing.T) {
+	p := coalescedPair(t)
+	p.server.SetReadDeadline(time.Now().Add(-time.Second))
+	var ne net.Error
+	if _, err := p.server.Read(make([]byte, 10)); !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("read past its deadline: %v, want a timeout", err)
+	}
+	p.server.SetReadDeadline(time.Now().Add(guard))
+	if _, err := p.client.Write([]byte("after")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(p.server, got); err != nil || string(got) != "after" {
+		t.Fatalf("read %q, %v after a timeout, want \"after\"", got, err)
+	}
+
+	p.client.SetWriteDeadline(time.Now().Add(-time.Second))
+	if _, err := p.client.Write(make([]byte, 100_000)); !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("write past its deadline: %v, want a timeout", err)
+	}
+	p.client.SetWriteDeadline(time.Time{})
+	if _, err := p.client.Write([]byte("x")); err == nil {
+		t.Fatal("a write after a timed-out write succeeded")
+	}
+}
+
 // TestTLSConnAlerts: alerts reach the peer through the wrapper: a client
 // certificate from another CA (sent by the server's handshake), and a bad
 // record MAC (sent by the receiver's Read, not from a Write).
