@@ -208,7 +208,7 @@ func Open(dir string, disks []rebound.Disk, opts Options) (*Journal, error) {
 	}
 	// The wal's verifying pass at open also rebuilds the index.
 	j.prepare()
-	j.log, err = wal.Open(filepath.Join(dir, walDir), wal.Options{SegmentSize: opts.SegmentSize, Logger: j.logger, Visit: j.visit})
+	j.log, err = wal.Open(filepath.Join(dir, walDir), wal.Options{SegmentSize: opts.SegmentSize, Logger: j.logger, Visit: j.visit, Direct: true})
 	if err != nil {
 		j.closeFiles()
 		return nil, fmt.Errorf("journal: %w", err)

@@ -27,6 +27,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"unsafe"
 
 	"github.com/rebound-dr/rebound"
 	"golang.org/x/sys/unix"
@@ -66,6 +67,15 @@ type Options struct {
 	// Logger receives warnings such as a truncated torn tail. Default
 	// slog.Default().
 	Logger *slog.Logger
+	// Direct appends with O_DIRECT where the filesystem allows it: each
+	// append is staged in aligned memory and written from the start of its
+	// first block, the block holding the previous tail rewritten with the
+	// same bytes, so the segment file ends in zero padding past its last
+	// record until it is cut or closed (Open drops such padding as a torn
+	// tail). On a VM, writing fresh page-cache pages costs 1-3 CPU-s per
+	// GiB against ~0.1 staged and direct, and the journal only appends
+	// fresh bytes. Reads stay buffered (the kernel keeps them coherent).
+	Direct bool
 	// Visit, if set, is called by Open for every good record in log
 	// order, up to (not including) the first corrupt or torn one, so a
 	// caller can build its state from the same pass that verifies the
@@ -94,6 +104,10 @@ type segment struct {
 	// corrupt is set when a bad record was found at offset size: readers
 	// reaching the end of this segment get ErrCorrupt instead of moving on.
 	corrupt error
+	// dio is the O_DIRECT handle appends use (Options.Direct), nil until
+	// the first direct append; padded says the file may end in padding.
+	dio    *os.File
+	padded bool
 }
 
 // Log is an append-only record log. Methods are safe for concurrent use.
@@ -115,6 +129,12 @@ type Log struct {
 	err      error  // sticky error after a failed write that could not be undone
 	dirDirty bool   // a segment was created or removed since the last dir fsync
 	closed   bool
+	// direct staging (Options.Direct): stage is aligned memory kept between
+	// appends; tail holds the bytes of tailSeg's last partial block.
+	direct   bool
+	stage    []byte
+	tail     []byte
+	tailSeg  *segment
 	visiting bool // Open is calling opts.Visit
 }
 
@@ -126,7 +146,7 @@ func Open(dir string, opts Options) (*Log, error) {
 	if opts.SegmentSize <= 0 {
 		opts.SegmentSize = defaultSegSize
 	}
-	l := &Log{dir: dir, opts: opts, logger: opts.Logger, visiting: opts.Visit != nil}
+	l := &Log{dir: dir, opts: opts, logger: opts.Logger, visiting: opts.Visit != nil, direct: opts.Direct}
 	if l.logger == nil {
 		l.logger = slog.Default()
 	}
@@ -253,7 +273,11 @@ func (l *Log) openSegment(first uint64, isLast bool) (*segment, error) {
 			if st != nil {
 				fileSize = st.Size()
 			}
-			l.logger.Warn("wal: truncating torn tail", "segment", path, "offset", end, "dropped_bytes", fileSize-end, "reason", badErr)
+			if zeroPadding(f, end, fileSize) {
+				l.logger.Debug("wal: dropping a direct append's zero padding", "segment", path, "offset", end, "bytes", fileSize-end)
+			} else {
+				l.logger.Warn("wal: truncating torn tail", "segment", path, "offset", end, "dropped_bytes", fileSize-end, "reason", badErr)
+			}
 			if end < segHeaderSize {
 				end = 0
 			}
@@ -568,13 +592,21 @@ func (l *Log) Append(recs ...*rebound.Record) ([]Location, error) {
 	} else {
 		l.buf = nil
 	}
-	err = pwritev(seg.f, iov, seg.size)
+	if l.direct {
+		err = l.writeDirect(seg, iov, total)
+	}
+	if !l.direct {
+		err = pwritev(seg.f, iov, seg.size)
+	}
 	clear(iov) // do not pin the caller's data
 	l.iov = iov[:0]
 	if err != nil {
 		// Undo a partial write so the segment stays well formed.
+		l.tailSeg = nil
 		if terr := seg.f.Truncate(seg.size); terr != nil {
 			l.err = fmt.Errorf("wal: write failed and could not be undone: %w", err)
+		} else {
+			seg.padded = false
 		}
 		return nil, fmt.Errorf("wal: write: %w", err)
 	}
@@ -593,7 +625,11 @@ var ErrSeq = errors.New("wal: sequence must continue the log")
 // follows an unsynced earlier one. Called with l.mu held.
 func (l *Log) cut(first uint64) (*segment, error) {
 	if n := len(l.segs); n > 0 {
-		if err := l.segs[n-1].f.Sync(); err != nil {
+		prev := l.segs[n-1]
+		if err := l.unpad(prev); err != nil {
+			return nil, fmt.Errorf("wal: sync segment: %w", err)
+		}
+		if err := prev.f.Sync(); err != nil {
 			return nil, fmt.Errorf("wal: sync segment: %w", err)
 		}
 	}
@@ -677,6 +713,9 @@ func (l *Log) release(seg *segment) {
 	l.mu.Unlock()
 	if n == 0 {
 		seg.f.Close()
+		if seg.dio != nil {
+			seg.dio.Close()
+		}
 	}
 }
 
@@ -803,6 +842,7 @@ func (l *Log) DropCorrupt() (from, to uint64, err error) {
 		drop = l.segs[i:] // nothing good in it: it goes too
 		l.segs = l.segs[:i]
 	} else {
+		l.tailSeg = nil
 		if err := seg.f.Truncate(seg.size); err != nil {
 			l.mu.Unlock()
 			return 0, 0, fmt.Errorf("wal: drop corrupt: %w", err)
@@ -865,9 +905,17 @@ func (l *Log) Close() error {
 	l.closed = true
 	segs := l.segs
 	l.segs = nil
+	var err error
+	if n := len(segs); n > 0 {
+		// A clean close leaves no padding for the next Open to drop.
+		err = l.unpad(segs[n-1])
+	}
 	l.mu.Unlock()
 	for _, s := range segs {
 		l.release(s)
+	}
+	if err != nil {
+		return fmt.Errorf("wal: close: %w", err)
 	}
 	return nil
 }
@@ -875,6 +923,9 @@ func (l *Log) Close() error {
 func (l *Log) closeAll() {
 	for _, s := range l.segs {
 		s.f.Close()
+		if s.dio != nil {
+			s.dio.Close()
+		}
 	}
 	l.segs = nil
 }
@@ -918,4 +969,116 @@ func pwritev(f *os.File, iov [][]byte, off int64) error {
 		}
 	}
 	return nil
+}
+
+// openDirect opens a segment for direct writes (a variable so tests can
+// refuse it as a filesystem without O_DIRECT does).
+var openDirect = func(path string) (*os.File, error) {
+	return os.OpenFile(path, os.O_WRONLY|unix.O_DIRECT, 0)
+}
+
+// directAlign is the offset, length and memory alignment of direct writes:
+// a page, which covers the logical block size of the devices we meet.
+const directAlign = 4096
+
+// writeDirect writes iov (total bytes) at seg.size through seg's O_DIRECT
+// handle: staged after the bytes of the partial block it continues, padded
+// with zeros to whole blocks. A filesystem that refuses O_DIRECT, or an
+// alignment it refuses, turns direct writes off for the log (l.direct
+// false, nothing written) and the caller writes buffered. Called with l.mu
+// held.
+func (l *Log) writeDirect(seg *segment, iov [][]byte, total int64) error {
+	if seg.dio == nil {
+		f, err := openDirect(seg.path)
+		if err != nil {
+			l.logger.Debug("wal: appending through the page cache", "dir", l.dir, "reason", err)
+			l.direct = false
+			return nil
+		}
+		seg.dio = f
+	}
+	base := seg.size &^ (directAlign - 1)
+	head := int(seg.size - base)
+	if l.tailSeg != seg {
+		l.tail = l.tail[:0]
+		if head > 0 {
+			l.tail = append(l.tail, make([]byte, head)...)
+			if _, err := seg.f.ReadAt(l.tail, base); err != nil {
+				return fmt.Errorf("read the tail block: %w", err)
+			}
+		}
+		l.tailSeg = seg
+	}
+	end := head + int(total)
+	padded := (end + directAlign - 1) &^ (directAlign - 1)
+	if cap(l.stage) < padded {
+		l.stage = alignedBuf(padded)
+	}
+	st := l.stage[:padded]
+	n := copy(st, l.tail)
+	for _, b := range iov {
+		n += copy(st[n:], b)
+	}
+	clear(st[n:])
+	if err := pwritev(seg.dio, [][]byte{st}, base); err != nil {
+		if errors.Is(err, unix.EINVAL) && !seg.padded {
+			// Alignment refused before anything was written this way.
+			l.logger.Debug("wal: appending through the page cache", "dir", l.dir, "reason", err)
+			l.direct = false
+			seg.dio.Close()
+			seg.dio = nil
+			l.tailSeg = nil
+			return nil
+		}
+		return err
+	}
+	seg.padded = padded > end
+	keep := end &^ (directAlign - 1)
+	l.tail = append(l.tail[:0], st[keep:end]...)
+	if cap(l.stage) > maxKeptBuf {
+		l.stage = nil
+	}
+	return nil
+}
+
+// unpad cuts the zero padding direct appends left after seg's last record.
+// Called with l.mu held.
+func (l *Log) unpad(seg *segment) error {
+	if !seg.padded {
+		return nil
+	}
+	if err := seg.f.Truncate(seg.size); err != nil {
+		return err
+	}
+	seg.padded = false
+	return nil
+}
+
+// alignedBuf returns n bytes of zeroed memory aligned for O_DIRECT.
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+directAlign)
+	off := 0
+	if r := int(uintptr(unsafe.Pointer(&b[0])) & (directAlign - 1)); r != 0 {
+		off = directAlign - r
+	}
+	return b[off : off+n : off+n]
+}
+
+// zeroPadding reports whether f holds only zeros from off to end, fewer
+// than a direct block of them: the padding of a direct append that a crash
+// left behind, not a torn record.
+func zeroPadding(f *os.File, off, end int64) bool {
+	if end <= off || end-off >= directAlign {
+		return false
+	}
+	b := make([]byte, end-off)
+	if _, err := f.ReadAt(b, off); err != nil {
+		return false
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }

@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/rebound-dr/rebound"
+	"golang.org/x/sys/unix"
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -119,10 +120,12 @@ func segFiles(t *testing.T, dir string) []string {
 	return m
 }
 
-func TestRoundTripAndReopen(t *testing.T) {
+func TestRoundTripAndReopen(t *testing.T) { bothModes(t, testRoundTripAndReopen) }
+
+func testRoundTripAndReopen(t *testing.T) {
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(1, 2))
-	l, err := Open(dir, Options{SegmentSize: 16 << 10})
+	l, err := testOpen(dir, Options{SegmentSize: 16 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +166,7 @@ func TestRoundTripAndReopen(t *testing.T) {
 		visited = append(visited, &c)
 		return nil
 	}
-	l, err = Open(dir, Options{SegmentSize: 16 << 10, Visit: visit})
+	l, err = testOpen(dir, Options{SegmentSize: 16 << 10, Visit: visit})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,28 +178,39 @@ func TestRoundTripAndReopen(t *testing.T) {
 	want = append(want, fill(t, l, 310, 50, rng)...)
 	got, _ = readAll(t, l, 0)
 	checkRecs(t, got, want)
-	var total int64
-	for _, f := range segFiles(t, dir) {
-		st, _ := os.Stat(f)
-		total += st.Size()
+	files := func() (total int64) {
+		for _, f := range segFiles(t, dir) {
+			st, _ := os.Stat(f)
+			total += st.Size()
+		}
+		return total
 	}
-	if total != l.Size() {
-		t.Fatalf("Size %d, files %d", l.Size(), total)
+	// Direct appends pad the last segment to a whole block while it is
+	// open; Close cuts the padding.
+	if pad := files() - l.Size(); pad != 0 && (!testDirect || pad < 0 || pad >= directAlign) {
+		t.Fatalf("Size %d, files %d", l.Size(), files())
+	}
+	size = l.Size()
+	l.Close()
+	if files() != size {
+		t.Fatalf("closed: Size %d, files %d", size, files())
 	}
 }
 
-func TestTornTail(t *testing.T) {
+func TestTornTail(t *testing.T) { bothModes(t, testTornTail) }
+
+func testTornTail(t *testing.T) {
 	// 8 KiB: the last record starts a new segment; 1 MiB: it follows
 	// others in the same segment.
 	for _, segSize := range []int64{8 << 10, 1 << 20} {
-		t.Run(fmt.Sprint(segSize), func(t *testing.T) { testTornTail(t, segSize) })
+		t.Run(fmt.Sprint(segSize), func(t *testing.T) { tornTailCase(t, segSize) })
 	}
 }
 
-func testTornTail(t *testing.T, segSize int64) {
+func tornTailCase(t *testing.T, segSize int64) {
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(3, 4))
-	l, err := Open(dir, Options{SegmentSize: segSize, Logger: quiet})
+	l, err := testOpen(dir, Options{SegmentSize: segSize, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,7 +232,7 @@ func testTornTail(t *testing.T, segSize int64) {
 		if err := os.WriteFile(lastFile, full[:cut], 0o644); err != nil {
 			t.Fatal(err)
 		}
-		l, err := Open(dir, Options{SegmentSize: segSize, Logger: quiet})
+		l, err := testOpen(dir, Options{SegmentSize: segSize, Logger: quiet})
 		if err != nil {
 			t.Fatalf("cut %d: %v", cut, err)
 		}
@@ -244,23 +258,25 @@ func testTornTail(t *testing.T, segSize int64) {
 	bad := append([]byte(nil), full...)
 	bad[len(bad)-5] ^= 0x10
 	os.WriteFile(lastFile, bad, 0o644)
-	l, err = Open(dir, Options{SegmentSize: segSize, Logger: quiet})
+	l, err = testOpen(dir, Options{SegmentSize: segSize, Logger: quiet})
 	if err != nil || l.Corrupt() != nil || l.LastSeq() != 40 {
 		t.Fatalf("flipped tail: %v %v %d", err, l.Corrupt(), l.LastSeq())
 	}
 	l.Close()
 }
 
-func TestTornNewSegment(t *testing.T) {
+func TestTornNewSegment(t *testing.T) { bothModes(t, testTornNewSegment) }
+
+func testTornNewSegment(t *testing.T) {
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(5, 6))
-	l, _ := Open(dir, Options{})
+	l, _ := testOpen(dir, Options{})
 	fill(t, l, 1, 10, rng)
 	l.Close()
 	// A segment created but with no record (crash after rename).
 	os.WriteFile(filepath.Join(dir, segName(11)), []byte(magic), 0o644)
 	os.WriteFile(filepath.Join(dir, tmpPrefix+segName(12)), []byte("junk"), 0o644)
-	l, err := Open(dir, Options{})
+	l, err := testOpen(dir, Options{})
 	if err != nil || l.Corrupt() != nil || l.LastSeq() != 10 {
 		t.Fatalf("%v %v %d", err, l.Corrupt(), l.LastSeq())
 	}
@@ -273,10 +289,12 @@ func TestTornNewSegment(t *testing.T) {
 	}
 }
 
-func TestBitFlipMiddle(t *testing.T) {
+func TestBitFlipMiddle(t *testing.T) { bothModes(t, testBitFlipMiddle) }
+
+func testBitFlipMiddle(t *testing.T) {
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(7, 8))
-	l, _ := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	l, _ := testOpen(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
 	want := fill(t, l, 1, 100, rng)
 	l.Close()
 	files := segFiles(t, dir)
@@ -290,7 +308,7 @@ func TestBitFlipMiddle(t *testing.T) {
 	os.WriteFile(victim, b, 0o644)
 
 	visited := 0
-	l, err := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet, Visit: func(r *rebound.Record, _ Location) error {
+	l, err := testOpen(dir, Options{SegmentSize: 8 << 10, Logger: quiet, Visit: func(r *rebound.Record, _ Location) error {
 		if !equalRec(r, want[visited]) {
 			return fmt.Errorf("visited seq %d, want %d", r.Seq, want[visited].Seq)
 		}
@@ -329,10 +347,12 @@ func TestBitFlipMiddle(t *testing.T) {
 	}
 }
 
-func TestTruncateFront(t *testing.T) {
+func TestTruncateFront(t *testing.T) { bothModes(t, testTruncateFront) }
+
+func testTruncateFront(t *testing.T) {
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(9, 10))
-	l, _ := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	l, _ := testOpen(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
 	want := fill(t, l, 1, 200, rng)
 	nseg := len(segFiles(t, dir))
 	// A reader positioned at the start keeps working across truncation.
@@ -389,16 +409,18 @@ func TestTruncateFront(t *testing.T) {
 	}
 	fill(t, l, 201, 5, rng)
 	l.Close()
-	l, _ = Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	l, _ = testOpen(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
 	defer l.Close()
 	if l.LastSeq() != 205 || l.FirstSeq() == 0 {
 		t.Fatalf("reopen after truncate: %d %d", l.FirstSeq(), l.LastSeq())
 	}
 }
 
-func TestConcurrentReader(t *testing.T) {
+func TestConcurrentReader(t *testing.T) { bothModes(t, testConcurrentReader) }
+
+func testConcurrentReader(t *testing.T) {
 	dir := t.TempDir()
-	l, _ := Open(dir, Options{SegmentSize: 32 << 10})
+	l, _ := testOpen(dir, Options{SegmentSize: 32 << 10})
 	defer l.Close()
 	const n = 2000
 	var wg sync.WaitGroup
@@ -441,7 +463,7 @@ func TestConcurrentReader(t *testing.T) {
 }
 
 func BenchmarkAppend(b *testing.B) {
-	l, _ := Open(b.TempDir(), Options{})
+	l, _ := testOpen(b.TempDir(), Options{})
 	defer l.Close()
 	data := make([]byte, 64<<10)
 	batch := make([]*rebound.Record, 16)
@@ -463,10 +485,12 @@ func BenchmarkAppend(b *testing.B) {
 
 // A bad record in the last segment with good ones after it is damage, not a
 // torn tail: Open keeps the file, reports it, and serves nothing past it.
-func TestDamagedLastSegment(t *testing.T) {
+func TestDamagedLastSegment(t *testing.T) { bothModes(t, testDamagedLastSegment) }
+
+func testDamagedLastSegment(t *testing.T) {
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(9, 10))
-	l, _ := Open(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
+	l, _ := testOpen(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
 	want := fill(t, l, 1, 60, rng)
 	l.Close()
 	files := segFiles(t, dir)
@@ -478,7 +502,7 @@ func TestDamagedLastSegment(t *testing.T) {
 	b[len(b)/2] ^= 0x20
 	os.WriteFile(victim, b, 0o644)
 
-	l, err := Open(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
+	l, err := testOpen(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -505,7 +529,7 @@ func TestDamagedLastSegment(t *testing.T) {
 	// damage, now in a middle segment.
 	fill(t, l, 61, 5, rng)
 	l.Close()
-	l, err = Open(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
+	l, err = testOpen(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
 	if err != nil || !errors.Is(l.Corrupt(), ErrCorrupt) || l.LastSeq() != 65 {
 		t.Fatalf("reopen: %v %v last %d", err, l.Corrupt(), l.LastSeq())
 	}
@@ -522,7 +546,7 @@ func TestDamagedLastSegment(t *testing.T) {
 		t.Fatalf("append after drop: %v", err)
 	}
 	l.Close()
-	l, err = Open(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
+	l, err = testOpen(dir, Options{SegmentSize: 1 << 20, Logger: quiet})
 	if err != nil || l.Corrupt() != nil || l.LastSeq() != good+1 {
 		t.Fatalf("reopen after drop: %v %v last %d", err, l.Corrupt(), l.LastSeq())
 	}
@@ -536,17 +560,19 @@ func TestDamagedLastSegment(t *testing.T) {
 
 // DropCorrupt on damage in an older segment removes it and every later one
 // and keeps the older segments whole.
-func TestDropCorruptMiddle(t *testing.T) {
+func TestDropCorruptMiddle(t *testing.T) { bothModes(t, testDropCorruptMiddle) }
+
+func testDropCorruptMiddle(t *testing.T) {
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(11, 12))
-	l, _ := Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	l, _ := testOpen(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
 	want := fill(t, l, 1, 100, rng)
 	l.Close()
 	files := segFiles(t, dir)
 	b, _ := os.ReadFile(files[1])
 	b[len(b)/2] ^= 0x01
 	os.WriteFile(files[1], b, 0o644)
-	l, _ = Open(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
+	l, _ = testOpen(dir, Options{SegmentSize: 8 << 10, Logger: quiet})
 	defer l.Close()
 	got, _ := readAll(t, l, 0)
 	good := got[len(got)-1].Seq
@@ -570,9 +596,11 @@ func TestDropCorruptMiddle(t *testing.T) {
 // One Append of more large records (written from the caller's slices,
 // not copied) than one pwritev takes, mixed with small inline ones: every
 // record reads back and survives a reopen.
-func TestAppendVectored(t *testing.T) {
+func TestAppendVectored(t *testing.T) { bothModes(t, testAppendVectored) }
+
+func testAppendVectored(t *testing.T) {
 	dir := t.TempDir()
-	l, err := Open(dir, Options{})
+	l, err := testOpen(dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -602,11 +630,118 @@ func TestAppendVectored(t *testing.T) {
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if l, err = Open(dir, Options{}); err != nil {
+	if l, err = testOpen(dir, Options{}); err != nil {
 		t.Fatal(err)
 	}
 	defer l.Close()
 	got, err := readAll(t, l, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRecs(t, got, want)
+}
+
+// testDirect makes testOpen open logs with Options.Direct: every test runs
+// in both modes (bothModes), not in parallel.
+var testDirect bool
+
+func testOpen(dir string, o Options) (*Log, error) {
+	o.Direct = o.Direct || testDirect
+	return Open(dir, o)
+}
+
+func bothModes(t *testing.T, f func(*testing.T)) {
+	for _, direct := range []bool{false, true} {
+		name := "buffered"
+		if direct {
+			name = "direct"
+		}
+		t.Run(name, func(t *testing.T) {
+			testDirect = direct
+			defer func() { testDirect = false }()
+			f(t)
+		})
+	}
+}
+
+// A crash while a direct log is open leaves its last segment padded with
+// zeros past the last record: Open keeps every synced record and drops the
+// padding without calling it a torn tail.
+func TestDirectCrashLeavesPadding(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(3, 4))
+	l, err := Open(dir, Options{SegmentSize: 64 << 10, Direct: true, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	want := fill(t, l, 1, 200, rng)
+	if err := l.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !l.direct {
+		t.Fatal("the log fell back to buffered appends on this filesystem")
+	}
+	segs := segFiles(t, dir)
+	st, err := os.Stat(segs[len(segs)-1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Size()%directAlign != 0 {
+		t.Fatalf("last segment is %d bytes: direct writes are whole blocks", st.Size())
+	}
+	// "Crash": open the directory again while l still has it open.
+	var logged bytes.Buffer
+	warn := slog.New(slog.NewTextHandler(&logged, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	var visited []*rebound.Record
+	l2, err := Open(dir, Options{SegmentSize: 64 << 10, Direct: true, Logger: warn, Visit: func(r *rebound.Record, _ Location) error {
+		c := *r
+		c.Data = append([]byte(nil), r.Data...)
+		visited = append(visited, &c)
+		return nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l2.Close()
+	checkRecs(t, visited, want)
+	if l2.Corrupt() != nil {
+		t.Fatalf("padding reported as damage: %v", l2.Corrupt())
+	}
+	if logged.Len() != 0 {
+		t.Fatalf("padding logged as a torn tail: %s", logged.String())
+	}
+	// Appends continue after the last record, rewriting its partial block.
+	want = append(want, fill(t, l2, 201, 50, rng)...)
+	got, err := readAll(t, l2, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRecs(t, got, want)
+}
+
+// Where O_DIRECT is refused, a direct log appends through the page cache.
+func TestDirectRefusedFallsBack(t *testing.T) {
+	defer func(f func(string) (*os.File, error)) { openDirect = f }(openDirect)
+	openDirect = func(string) (*os.File, error) { return nil, unix.EINVAL }
+	dir := t.TempDir()
+	l, err := Open(dir, Options{SegmentSize: 16 << 10, Direct: true, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fill(t, l, 1, 100, rand.New(rand.NewPCG(5, 6)))
+	if l.direct {
+		t.Fatal("still direct after O_DIRECT was refused")
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l, err = Open(dir, Options{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got, err := readAll(t, l, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
