@@ -266,7 +266,8 @@ type ReplSink interface {
 	Durable() uint64
 	// Append writes records that continue Durable() without a gap and
 	// returns once they are durable (fsynced). Records at or below
-	// Durable() are ignored, so a resent batch does no harm.
+	// Durable() are ignored, so a resent batch does no harm. Append keeps
+	// no record's Data after it returns: the receiver reuses that memory.
 	Append(recs []*Record) error
 }
 

@@ -311,6 +311,52 @@ func TestCodec_UnmarshalAliases(t *testing.T) {
 	}
 }
 
+// A released batch's buffer is reused by the next batch decoded; one not
+// released keeps its data, whatever is decoded after it.
+func TestCodec_ReleaseReuses(t *testing.T) {
+	decode := func(seed uint64) (*pb.Batch, []*pb.Record) {
+		t.Helper()
+		var recs []*pb.Record
+		for i := range 8 {
+			n := 64<<10 + i
+			recs = append(recs, &pb.Record{Seq: seed*100 + uint64(i), Kind: 1, Length: int64(n), Data: randData(n, seed*100+uint64(i))})
+		}
+		wire, err := proto.Marshal(batchReq(recs...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := &pb.ReplicateRequest{}
+		if err := (codec{}).Unmarshal(chunked(wire, 16<<10), got); err != nil {
+			t.Fatal(err)
+		}
+		return got.GetBatch(), recs
+	}
+	same := func(t *testing.T, b *pb.Batch, want []*pb.Record) {
+		t.Helper()
+		for i, r := range b.Records {
+			if r.Seq != want[i].Seq || !bytes.Equal(r.Data, want[i].Data) {
+				t.Fatalf("record %d of batch %d changed", i, want[0].Seq/100)
+			}
+		}
+	}
+	a, _ := decode(1)
+	releaseBatch(a)
+	b, bw := decode(2) // most likely in a's buffer
+	same(t, b, bw)
+	c, cw := decode(3) // b still held: c must not get its buffer
+	same(t, b, bw)
+	same(t, c, cw)
+	if _, ok := batchBufs.Load(b); !ok {
+		t.Fatal("an unreleased batch lost its buffer's entry")
+	}
+	releaseBatch(b)
+	releaseBatch(c)
+	releaseBatch(c) // twice: harmless
+	if _, ok := batchBufs.Load(b); ok {
+		t.Fatal("a released batch is still mapped")
+	}
+}
+
 // malformed are inputs both proto.Unmarshal and the codec must refuse.
 func malformed() map[string][]byte {
 	good, _ := proto.Marshal(batchReq(&pb.Record{Seq: 1, Kind: 1, Length: 3, Data: []byte("abc"), PointKind: "app"}, &pb.Record{Seq: 2}))
@@ -550,6 +596,7 @@ func BenchmarkCodecBatch(b *testing.B) {
 					if len(got.GetBatch().Records) != len(recs) {
 						b.Fatal("records lost")
 					}
+					releaseBatch(got.GetBatch()) // as the server does once applied
 				}
 			})
 		}

@@ -137,6 +137,15 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 	defer cancel()
 	batches := make(chan *pb.Batch, 8)
 	recvErr := make(chan error, 1)
+	// Every batch received goes back to the codec's pool once applied or
+	// dropped; the receiver closes batches when it ends.
+	defer func() {
+		go func() {
+			for b := range batches {
+				releaseBatch(b)
+			}
+		}()
+	}()
 	go func() {
 		defer close(batches)
 		for {
@@ -153,6 +162,7 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 			select {
 			case batches <- b:
 			case <-ctx.Done():
+				releaseBatch(b)
 				recvErr <- ctx.Err()
 				return
 			}
@@ -174,6 +184,9 @@ func (r *ReplicationServer) Replicate(stream pb.Replication_ReplicateServer) err
 			}
 		}
 		durable, err := r.apply(lock, sink, group)
+		for _, b := range group {
+			releaseBatch(b)
+		}
 		if err != nil {
 			return err
 		}

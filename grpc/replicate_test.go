@@ -112,6 +112,11 @@ func (s *memSink) Append(recs []*rebound.Record) error {
 		}
 		if !s.keep {
 			r = &rebound.Record{Seq: r.Seq, Length: r.Length}
+		} else {
+			// The contract: no Data kept past Append (the codec reuses it).
+			c := *r
+			c.Data = append([]byte(nil), r.Data...)
+			r = &c
 		}
 		s.recs = append(s.recs, r)
 	}
