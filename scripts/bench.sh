@@ -146,6 +146,9 @@ rb policy set default --congestion track >/dev/null
 for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 wait 2>/dev/null || true
 pids=()
+# The journal keeps every byte written above (tens of GiB): free the space
+# for the resync benchmark's disks.
+rm -rf "$tmp/primary" "$tmp/recovery" "$tmp/server"
 unset REBOUND_SERVER REBOUND_TOKEN REBOUND_CA
 
 # The floor of an encrypting source: what sending a byte over TLS costs the
