@@ -22,6 +22,7 @@ import (
 	ggrpc "google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -60,6 +61,7 @@ func NewServer(tlsConf *tls.Config, log *slog.Logger, opts ...ggrpc.ServerOption
 		ggrpc.ChainUnaryInterceptor(authUnary),
 		ggrpc.ChainStreamInterceptor(authStream),
 		ggrpc.ForceServerCodecV2(codec{}),
+		experimental.BufferPool(bufferPool),
 	}
 	return ggrpc.NewServer(append(o, opts...)...)
 }
@@ -130,6 +132,7 @@ func Dial(addr string, tlsConf *tls.Config) (*ggrpc.ClientConn, error) {
 			ggrpc.ForceCodecV2(codec{}),
 		),
 		ggrpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: keepaliveTimeout, PermitWithoutStream: true}),
+		experimental.WithBufferPool(bufferPool),
 	)
 }
 
