@@ -3,7 +3,9 @@
 # docs/benchmarks.md (or the file given with --out):
 #   1. NBD write throughput and 4 KiB IOPS through a Rebound export with
 #      replication on, against qemu-nbd on the same kind of raw file, with
-#      the same client (scripts/bench_nbd.sh);
+#      the same client (scripts/bench_nbd.sh), under each congestion
+#      policy, with each process's CPU per byte until the stream caught up
+#      and the floor of an encrypting source (go test ./grpc -bench TLSConn);
 #   2. replication throughput and lag under churn (go test -bench Replication);
 #   3. reprotect resync of a 4 GiB disk with 1/10/50% of its blocks changed,
 #      tracked and with digest compare, against rsync over loopback
