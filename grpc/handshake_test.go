@@ -42,14 +42,7 @@ func untilClosed(t *testing.T, c net.Conn) {
 // logged; good clients still get in.
 func TestBadHandshakesLogRate(t *testing.T) {
 	e := newEnv(t)
-	other, err := pki.LoadOrCreateCA(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	fcert, fkey, err := other.Issue("site-a", []string{"127.0.0.1"}, pki.Site)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, fcert, fkey := foreignSite(t, "site-a")
 	siteTLS, _ := e.site(t, "site-b", "")
 	_, siteA := e.site(t, "site-a", "site-b")
 	tk := &tokens{live: map[string]bool{"good": true}}
@@ -144,4 +137,19 @@ func TestBadHandshakesLogRate(t *testing.T) {
 			}
 		})
 	}
+}
+
+// foreignSite issues a site certificate for name from a CA of its own, one
+// the servers under test do not trust.
+func foreignSite(t testing.TB, name string) (*pki.CA, []byte, []byte) {
+	t.Helper()
+	other, err := pki.LoadOrCreateCA(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, key, err := other.Issue(name, []string{"127.0.0.1"}, pki.Site)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return other, cert, key
 }

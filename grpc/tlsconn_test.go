@@ -331,14 +331,7 @@ func TestTLSConnDeadlines(t *testing.T) {
 // record MAC (sent by the receiver's Read, not from a Write).
 func TestTLSConnAlerts(t *testing.T) {
 	s, c := siteConfs(t)
-	other, err := pki.LoadOrCreateCA(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	fcert, fkey, err := other.Issue("site-a", []string{"127.0.0.1"}, pki.Site)
-	if err != nil {
-		t.Fatal(err)
-	}
+	other, fcert, fkey := foreignSite(t, "site-a")
 	foreign, err := pki.ClientTLS(fcert, fkey, other.CertPEM(), "site-b")
 	if err != nil {
 		t.Fatal(err)
