@@ -263,14 +263,17 @@ func TestReplicate_Chaos(t *testing.T) {
 		}
 		kills++
 	}
-	if kills < 10 || sink.appends < 10 {
-		t.Fatalf("only %d kills, %d appends: the test did not exercise reconnects", kills, sink.appends)
+	sink.mu.Lock()
+	appends := sink.appends
+	sink.mu.Unlock()
+	if kills < 10 || appends < 10 {
+		t.Fatalf("only %d kills, %d appends: the test did not exercise reconnects", kills, appends)
 	}
 	waitFor(t, 30*time.Second, "all records durable", func() bool { return sink.Durable() == n && s.Stats().AckedSeq == n })
 	cancel()
 	<-done
 	checkSink(t, sink, src, n)
-	t.Logf("%d kills, %d appends", kills, sink.appends)
+	t.Logf("%d kills, %d appends", kills, appends)
 }
 
 // Raw protocol: hello checks and bad batches.
