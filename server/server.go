@@ -502,9 +502,9 @@ func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create
 		defer s.wg.Done()
 		defer cancel()
 		err := fn(jctx, r)
-		s.finishJob(r, err, jctx.Err())
+		s.finishJob(r, key, err, jctx.Err())
 		s.mu.Lock()
-		delete(s.busy, key)
+		s.unbusyLocked(key, job.ID)
 		delete(s.running, job.ID)
 		s.mu.Unlock()
 		close(rj.done)
@@ -512,7 +512,15 @@ func (s *Server) runJob(ctx context.Context, job rebound.Job, key string, create
 	return &out, nil
 }
 
-func (s *Server) finishJob(r *jobRun, err, ctxErr error) {
+// unbusyLocked frees key if job still holds it (a job started on the key
+// since it was freed keeps it). Called with s.mu held.
+func (s *Server) unbusyLocked(key, job string) {
+	if key != "" && s.busy[key] == job {
+		delete(s.busy, key)
+	}
+}
+
+func (s *Server) finishJob(r *jobRun, key string, err, ctxErr error) {
 	if r.stopWrites() {
 		// Another server runs the job now, or this one was killed: the
 		// job's record is theirs.
@@ -553,7 +561,14 @@ func (s *Server) finishJob(r *jobRun, err, ctxErr error) {
 	}
 	typ, machine, id := r.job.Type, r.job.Machine, r.job.ID
 	r.mu.Unlock()
+	// The machine is free before the job reads as ended: whoever waits for
+	// the end may start the next verb at once. Until the save, a verb is
+	// still refused by the store's not-ended job (checkIdle).
+	s.mu.Lock()
+	s.unbusyLocked(key, id)
+	s.mu.Unlock()
 	r.save(true)
+	failpoint.Hit(r.ctx, "server/job/ended") // the job reads as ended from here
 	s.metrics.jobs.WithLabelValues(typ, state).Inc()
 	msg := fmt.Sprintf("job %s (%s) %s", id, typ, state)
 	if err != nil {

@@ -339,3 +339,53 @@ func TestGroupJoinRetry(t *testing.T) {
 		t.Fatalf("member b's policy: %+v", m.Protection)
 	}
 }
+
+// TestJobEndedFreesMachine: once a job reads as ended, the next verb on its
+// machine or group is taken at once. A client waiting for the end (the CLI's
+// --wait) used to be refused "has job ... running" in the moment between
+// the job's final save and its machine being freed.
+func TestJobEndedFreesMachine(t *testing.T) {
+	ctx := context.Background()
+	_, svc := fixedUp(t, nil)
+	for _, n := range []string{"a", "b"} {
+		if _, err := svc.CreateMachine(ctx, rebound.CreateMachineRequest{Name: n, Site: "primary", Disks: []int64{4 << 20}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var once sync.Once
+	var ended string
+	var next *rebound.Job
+	var nextErr error
+	first := make(chan string, 1)
+	disable := failpoint.Enable("server/job/ended", func(context.Context) {
+		once.Do(func() {
+			// Right after the first job's final save: it reads as ended.
+			j, err := svc.GetJob(ctx, <-first)
+			if err != nil {
+				nextErr = err
+				return
+			}
+			ended = j.State
+			next, nextErr = svc.Protect(ctx, rebound.ProtectRequest{Machine: "b", To: "recovery", Group: "g"})
+		})
+	})
+	defer disable()
+	j, err := svc.Protect(ctx, rebound.ProtectRequest{Machine: "a", To: "recovery", Group: "g"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first <- j.ID
+	if j = jobEnd(t, svc, j, nil); j.State != rebound.JobSucceeded {
+		t.Fatalf("protect a: %s %s", j.State, j.Error)
+	}
+	once.Do(func() {}) // the hook ran (jobEnd saw the save it follows)
+	if ended != rebound.JobSucceeded {
+		t.Fatalf("at the hook the first job reads %q, want succeeded", ended)
+	}
+	if nextErr != nil {
+		t.Fatalf("the verb right after the job ended was refused: %v", nextErr)
+	}
+	if j := jobEnd(t, svc, next, nil); j.State != rebound.JobSucceeded {
+		t.Fatalf("protect b: %s %s", j.State, j.Error)
+	}
+}
