@@ -7,20 +7,18 @@ import (
 	"os"
 	"sync"
 	"syscall"
-	"unsafe"
+
+	"github.com/rebound-dr/rebound/internal/fsutil"
 )
 
-// directAlign is the alignment of O_DIRECT offsets, lengths and buffers
-// (a page: at least any device's logical block size).
-const directAlign = 4096
+// directAlign is the alignment of O_DIRECT offsets, lengths and buffers.
+const directAlign = fsutil.DirectAlign
 
 // directChunk is the most one pread of a directDisk reads.
 const directChunk = 4 << 20
 
 var directPool = sync.Pool{New: func() any {
-	raw := make([]byte, directChunk+directAlign)
-	pad := (directAlign - int(uintptr(unsafe.Pointer(&raw[0]))%directAlign)) % directAlign
-	b := raw[pad : pad+directChunk]
+	b := fsutil.AlignedBuf(directChunk)
 	return &b
 }}
 

@@ -83,6 +83,13 @@ cputicks() { python3 -c 'import sys; f=open("/proc/%s/stat" % sys.argv[1]).read(
 # cpu_watch NAME=PID... : the processes whose CPU a measurement counts
 watch=()
 
+# caught_up URI: for the Rebound export, run the settle command (wait until
+# the replication caught up); false for any other URI or without one.
+caught_up() {
+	[ -n "$settlecmd" ] && [ "$1" = "$uri" ] || return 1
+	bash -c "$settlecmd" >&2 || { echo "bench_nbd: the settle command failed" >&2; exit 1; }
+}
+
 # fio_run URI RW BS BYTES DEPTH -> prints "bw_bytes iops"; with --cpu-out,
 # appends "RW|NAME|TICKS|HZ|BYTES|SECONDS" lines to $tmp/cpu.txt (SECONDS:
 # from fio's start until the settle command returned, 0 without one).
@@ -93,8 +100,7 @@ fio_run() {
 	fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" \
 		--iodepth="$5" --size="$4" --time_based --runtime="$runtime" \
 		--output-format=json --output="$tmp/fio.json" >/dev/null
-	if [ -n "$settlecmd" ] && [ "$1" = "$uri" ] && [ ${#watch[@]} -gt 0 ]; then
-		bash -c "$settlecmd" >&2 || { echo "bench_nbd: the settle command failed" >&2; exit 1; }
+	if [ ${#watch[@]} -gt 0 ] && caught_up "$1"; then
 		secs=$(python3 -c "import sys; print('%.2f' % ($(date +%s.%N) - $start))")
 	fi
 	hz=$(getconf CLK_TCK)
@@ -124,9 +130,7 @@ measure() { # measure NAME URI
 		[ "$use_fio" = 1 ] || { echo "bench_nbd: --prefill needs fio" >&2; exit 1; }
 		fio --name=prefill --ioengine=nbd --uri="$u" --rw=write --bs=1M --iodepth="$seqdepth" \
 			--size="$bytes" --output-format=json --output="$tmp/prefill.json" >/dev/null
-		if [ -n "$settlecmd" ] && [ "$u" = "$uri" ]; then
-			bash -c "$settlecmd" >&2 || { echo "bench_nbd: the settle command failed" >&2; exit 1; }
-		fi
+		caught_up "$u" || true
 	fi
 	if [ "$use_fio" = 1 ]; then
 		settle "$u"; seq=$(fio_run "$u" write 1M "$bytes" "$seqdepth")

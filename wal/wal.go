@@ -27,7 +27,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"unsafe"
 
 	"github.com/rebound-dr/rebound"
 	"golang.org/x/sys/unix"
@@ -571,7 +570,9 @@ func (l *Log) Append(recs ...*rebound.Record) ([]Location, error) {
 	chunk := 0 // start of buf not yet in iov
 	for i, r := range recs {
 		start := len(buf)
-		inline := len(r.Data) < inlineData
+		// Direct appends copy everything into their staging once: small
+		// records are not copied into buf first.
+		inline := len(r.Data) < inlineData && !l.direct
 		var dataOff int
 		if buf, dataOff, err = encodeFrame(buf, r, inline); err != nil {
 			return nil, err
@@ -977,9 +978,8 @@ var openDirect = func(path string) (*os.File, error) {
 	return os.OpenFile(path, os.O_WRONLY|unix.O_DIRECT, 0)
 }
 
-// directAlign is the offset, length and memory alignment of direct writes:
-// a page, which covers the logical block size of the devices we meet.
-const directAlign = 4096
+// directAlign is the offset, length and memory alignment of direct writes.
+const directAlign = fsutil.DirectAlign
 
 // writeDirect writes iov (total bytes) at seg.size through seg's O_DIRECT
 // handle: staged after the bytes of the partial block it continues, padded
@@ -1012,7 +1012,7 @@ func (l *Log) writeDirect(seg *segment, iov [][]byte, total int64) error {
 	end := head + int(total)
 	padded := (end + directAlign - 1) &^ (directAlign - 1)
 	if cap(l.stage) < padded {
-		l.stage = alignedBuf(padded)
+		l.stage = fsutil.AlignedBuf(padded)
 	}
 	st := l.stage[:padded]
 	n := copy(st, l.tail)
@@ -1052,16 +1052,6 @@ func (l *Log) unpad(seg *segment) error {
 	}
 	seg.padded = false
 	return nil
-}
-
-// alignedBuf returns n bytes of zeroed memory aligned for O_DIRECT.
-func alignedBuf(n int) []byte {
-	b := make([]byte, n+directAlign)
-	off := 0
-	if r := int(uintptr(unsafe.Pointer(&b[0])) & (directAlign - 1)); r != 0 {
-		off = directAlign - r
-	}
-	return b[off : off+n : off+n]
 }
 
 // zeroPadding reports whether f holds only zeros from off to end, fewer

@@ -5,7 +5,20 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"unsafe"
 )
+
+// DirectAlign is the alignment of O_DIRECT offsets, lengths and buffers:
+// a page, at least any device's logical block size.
+const DirectAlign = 4096
+
+// AlignedBuf returns n bytes of zeroed memory aligned for O_DIRECT (the Go
+// heap does not move it).
+func AlignedBuf(n int) []byte {
+	raw := make([]byte, n+DirectAlign)
+	pad := (DirectAlign - int(uintptr(unsafe.Pointer(&raw[0]))%DirectAlign)) % DirectAlign
+	return raw[pad : pad+n : pad+n]
+}
 
 // WriteFileAtomic replaces path with data so that a crash leaves either
 // the old or the new content: write a temp file in the same directory,
